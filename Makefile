@@ -1,0 +1,37 @@
+# Every target works on a fresh clone: it creates .venv when absent, installs torch==2.13.0 there
+# when no torch is importable (the CPU wheel on disk; a bare `torch` would pull a CUDA build),
+# installs the project, then runs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: demo test bench lint venv install install-dev clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+venv: $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==2.13.0"
+
+install: venv
+	$(PIP) install -q -e ".[exp]"
+
+install-dev: venv
+	$(PIP) install -q -e ".[dev]"
+
+demo: install
+	$(VENV)/bin/steadystep demo --out runs/demo
+
+test: install-dev
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: install-dev
+	$(PY) benchmarks/run_all.py --out benchmarks/results
+
+lint: install-dev
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,96 @@
+"""Argument checks shared by every public class.
+
+Each check names the argument, shows the value and states the rule, and is written so that
+NaN fails it (``not (lo <= x < hi)`` is True for NaN).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+__all__ = [
+    "check_choice",
+    "check_finite",
+    "check_nonnegative",
+    "check_positive",
+    "check_probability",
+    "check_unit_interval",
+    "check_param_tensors",
+]
+
+
+def _as_float(name: str, value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {name}={value!r}")
+    return float(value)
+
+
+def check_finite(name: str, value: Any) -> float:
+    """``value`` must be a finite real number."""
+    x = _as_float(name, value)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {name}={value}")
+    return x
+
+
+def check_positive(name: str, value: Any, *, allow_inf: bool = False) -> float:
+    """``value > 0`` (and finite unless ``allow_inf``)."""
+    x = _as_float(name, value)
+    if not (x > 0.0) or (not allow_inf and math.isinf(x)):
+        rule = "> 0" if allow_inf else "> 0 and finite"
+        raise ValueError(f"{name} must be {rule}, got {name}={value}")
+    return x
+
+
+def check_nonnegative(name: str, value: Any) -> float:
+    """``0 <= value < inf``."""
+    x = _as_float(name, value)
+    if not (0.0 <= x < math.inf):
+        raise ValueError(f"{name} must be >= 0 and finite, got {name}={value}")
+    return x
+
+
+def check_unit_interval(name: str, value: Any) -> float:
+    """``0 <= value < 1``: decay rates of moving averages."""
+    x = _as_float(name, value)
+    if not (0.0 <= x < 1.0):
+        raise ValueError(f"{name} must be in [0, 1), got {name}={value}")
+    return x
+
+
+def check_probability(name: str, value: Any) -> float:
+    """``0 < value <= 1``: rates and factors that must leave something."""
+    x = _as_float(name, value)
+    if not (0.0 < x <= 1.0):
+        raise ValueError(f"{name} must be in (0, 1], got {name}={value}")
+    return x
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
+    """``value`` must be one of ``choices``."""
+    options = tuple(choices)
+    if value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {name}={value!r}")
+    return value
+
+
+def check_param_tensors(params: Iterable[torch.Tensor], owner: str) -> None:
+    """Parameters must be real floating-point tensors (no complex, no integer)."""
+    for p in params:
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{owner} got a parameter of type {type(p).__name__}; expected a Tensor")
+        if p.is_complex():
+            raise ValueError(
+                f"{owner} does not support complex parameters (dtype={p.dtype}); "
+                "view them as real with torch.view_as_real"
+            )
+        if not p.is_floating_point():
+            raise ValueError(f"{owner} needs floating-point parameters, got dtype={p.dtype}")
