@@ -1,0 +1,351 @@
+r"""Adaptive learning rate clipping (ALRC) of loss spikes.
+
+Ede & Beanland, "Adaptive Learning Rate Clipping Stabilizes Learning" (2020), Algorithm 1, with the
+authors' ``alrc.py`` as the tie-breaker. For each loss element :math:`L` (a scalar loss, one loss
+per sample, or one per pixel):
+
+.. math::
+
+    \sigma &= \sqrt{\max(\mu_2 - \mu_1^2, 0) + \epsilon}, \qquad
+    L_{\max} = \mu_1 + n\,\sigma \\
+    \tilde L &= \begin{cases}
+        L \cdot \operatorname{sg}(L_{\max} / L) & L > L_{\max} \\ L & \text{otherwise}\end{cases} \\
+    \mu_1 &\leftarrow \beta_1 \mu_1 + (1 - \beta_1)\,\overline{x}, \qquad
+    \mu_2 \leftarrow \beta_2 \mu_2 + (1 - \beta_2)\,\overline{x^2}
+
+where :math:`\operatorname{sg}` stops the gradient, the threshold uses the moments *before* this
+step's update, and :math:`x = \operatorname{sg}(\tilde L)` (``update="clipped"``, the authors' code)
+or :math:`x = \operatorname{sg}(L)` (``update="raw"``, Algorithm 1 as printed); the bars are means
+over all elements. Symbols map to arguments as :math:`n` = ``n_sigma``, :math:`\beta_{1,2}` =
+``beta1``/``beta2``, :math:`\epsilon` = ``eps``, initial :math:`\mu_{1,2}` = ``mu1_init``/``mu2_init``.
+
+Note [why a stop-gradient scale and not a clamp]
+    ``clamp(L, max=L_max)`` would zero the gradient of a clipped element: the sample is thrown
+    away. ALRC keeps its direction and scales its magnitude by ``L_max / L``, which is an adaptive
+    learning rate for that element. The forward value equals ``L_max`` exactly; we build it as
+    ``L_max + (L - sg(L)) * sg(L_max / L)`` so the value is exact in floating point and the
+    gradient is ``L_max / L`` times the raw one.
+
+Note [no host sync]
+    Every decision (clip or not, first batch or not, finite batch or not) is a tensor applied with
+    ``torch.where``; the moments are updated in place. Nothing in ``forward`` reads a value on the
+    host, so the module is free on CUDA and traces under ``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from steadystep._distributed import all_reduce_sum, is_distributed, world_size
+from steadystep._validation import (
+    check_choice,
+    check_finite,
+    check_nonnegative,
+    check_positive,
+    check_unit_interval,
+)
+
+__all__ = ["ALRC", "alrc_bounds", "alrc_clip", "alrc_moment_update"]
+
+_UPDATES = ("clipped", "raw")
+
+
+def alrc_bounds(
+    mu1: Tensor,
+    mu2: Tensor,
+    *,
+    n_sigma: float,
+    eps: float,
+    n_sigma_lower: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Return ``(threshold, sigma, lower)`` from the running moments (``lower`` is None unless asked).
+
+    ``n_sigma = inf`` gives an infinite threshold (no clipping) even where ``sigma`` is 0.
+    """
+    sigma = torch.sqrt(torch.clamp_min(mu2 - mu1 * mu1, 0.0) + eps)
+    if math.isinf(n_sigma):
+        threshold = torch.full_like(mu1, math.inf)
+    else:
+        threshold = mu1 + n_sigma * sigma
+    lower = None
+    if n_sigma_lower is not None:
+        lower = (
+            torch.full_like(mu1, -math.inf)
+            if math.isinf(n_sigma_lower)
+            else mu1 - n_sigma_lower * sigma
+        )
+    return threshold, sigma, lower
+
+
+def alrc_clip(
+    loss: Tensor,
+    threshold: Tensor,
+    lower: Tensor | None = None,
+    *,
+    active: Tensor | bool = True,
+    shift: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Clip loss elements to ``[lower, threshold]`` by a stop-gradient scale.
+
+    The bounds are in units of the shifted loss ``z = loss + shift``; elements with ``z <= 0`` are
+    never scaled (the scale ``bound / z`` would flip or blow up their gradient), and neither is
+    anything while ``active`` is False.
+
+    Returns:
+        ``(out, scaled, bound)``: ``out`` has the shape and dtype of ``loss``; ``scaled`` is the
+        boolean mask of scaled elements; ``bound`` is the value (in shifted units) each scaled
+        element was set to (``z`` elsewhere, detached), i.e. the clipped shifted loss.
+
+    Example:
+        >>> loss = torch.tensor([1.0, 10.0], requires_grad=True)
+        >>> out, scaled, _ = alrc_clip(loss, torch.tensor(4.0))
+        >>> out.detach(), scaled
+        (tensor([1., 4.]), tensor([False,  True]))
+    """
+    z = loss + shift if shift != 0.0 else loss
+    zd = z.detach()
+    thr = threshold.to(loss.dtype)
+    # Non-finite elements pass through unscaled: inf * sg(thr / inf) would make a NaN gradient.
+    eligible = (zd > 0) & torch.isfinite(zd) & active
+    upper = eligible & (zd > thr)
+    bound = torch.where(upper, thr, zd)
+    scaled = upper
+    if lower is not None:
+        low = lower.to(loss.dtype)
+        below = eligible & (zd < low) & ~upper
+        bound = torch.where(below, low, bound)
+        scaled = upper | below
+    # Safe denominator: unscaled elements (zeros, negatives, NaN) never divide.
+    factor = torch.where(scaled, bound / torch.where(scaled, zd, torch.ones_like(zd)), 1.0)
+    clipped = (bound - shift) + (z - zd) * factor
+    return torch.where(scaled, clipped, loss), scaled, bound
+
+
+def alrc_moment_update(
+    mu1: Tensor,
+    mu2: Tensor,
+    initialized: Tensor,
+    batch_mean: Tensor,
+    batch_mean_sq: Tensor,
+    *,
+    beta1: float,
+    beta2: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One moment update from the batch statistics ``mean(x)`` and ``mean(x**2)``.
+
+    A non-finite batch leaves everything unchanged. Before initialisation, the first finite batch
+    sets ``mu1 = mean(x)`` and ``mu2 = mean(x**2) + mean(x)**2`` (so ``sigma >= |mu1|``: a
+    deliberate overestimate, the threshold starts at ``(1 + n_sigma)`` times the first loss or
+    more, and the EMA decays it to the true value, as the authors advise).
+
+    Returns the new ``(mu1, mu2, initialized)``.
+    """
+    finite = torch.isfinite(batch_mean) & torch.isfinite(batch_mean_sq)
+    # lerp(mu, x, 1 - beta) = beta * mu + (1 - beta) * x, written as mu + (1 - beta) * (x - mu) so a
+    # constant loss sequence keeps mu1 exactly at the constant (no false clipping from rounding).
+    ema1 = torch.lerp(mu1, batch_mean, 1.0 - beta1)
+    ema2 = torch.lerp(mu2, batch_mean_sq, 1.0 - beta2)
+    new1 = torch.where(initialized, ema1, batch_mean)
+    new2 = torch.where(initialized, ema2, batch_mean_sq + batch_mean * batch_mean)
+    return (
+        torch.where(finite, new1, mu1),
+        torch.where(finite, new2, mu2),
+        initialized | finite,
+    )
+
+
+class ALRC(nn.Module):
+    r"""Adaptive learning rate clipping: limit each loss to ``mu1 + n_sigma * sigma``.
+
+    Apply it to the unreduced loss, then reduce::
+
+        alrc = ALRC()
+        loss = alrc(F.mse_loss(pred, target, reduction="none")).mean()
+
+    Any shape in, same shape out: a scalar, per-sample losses ``[B]`` or per-element losses
+    ``[B, C, H, W]``; the moments are updated with means over all elements. In ``eval()`` mode it is
+    the identity, so reported validation losses stay raw. The moments are buffers: ``.to(device)``,
+    ``state_dict()`` and checkpoints carry them. Under ``torch.distributed`` the batch statistics
+    are averaged over ranks (one all-reduce of three scalars per call), so every rank holds the
+    same moments and clips alike.
+
+    Args:
+        n_sigma: clip to this many running standard deviations above the running mean
+            (default 3; ``float("inf")`` disables clipping but keeps the statistics).
+        beta1, beta2: decay rates of the running first and second raw moments (default 0.999).
+        mu1_init, mu2_init: initial moments, both or neither; must satisfy
+            ``mu2_init > mu1_init**2``. Left as None (default), the first finite training batch
+            initialises them as an overestimate (``mu1 = mean(L)``, ``mu2 = mean(L**2) +
+            mean(L)**2``, i.e. ``sigma >= mu1``) and is not clipped.
+        eps: added to the variance under the square root (default 1e-8).
+        update: ``"clipped"`` (default, the authors' code) updates the moments with the clipped
+            losses; ``"raw"`` (Algorithm 1 as printed) with the raw ones.
+        n_sigma_lower: if given, also raise losses below ``mu1 - n_sigma_lower * sigma`` to that
+            bound by the same stop-gradient scale (the paper's discussion; off by default).
+        shift: a constant added to the loss before clipping, for losses that can be negative
+            (the paper's suggestion). Moments and bounds are of ``L + shift``; shifted losses
+            ``<= 0`` are never scaled.
+
+    Non-finite losses never enter the moments: a batch whose mean or mean square is not finite
+    leaves them bitwise unchanged (its elements pass through unclipped).
+
+    Example:
+        >>> alrc = ALRC(n_sigma=3.0)
+        >>> for step in range(30):
+        ...     loss = alrc(torch.rand(8) + 1.0).mean()
+        >>> spike = alrc(torch.full((8,), 50.0))
+        >>> bool(spike.max() < 50.0), float(alrc.stats()["clipped_fraction"])
+        (True, 1.0)
+    """
+
+    mu1: Tensor
+    mu2: Tensor
+    initialized: Tensor
+    num_updates: Tensor
+    clipped_total: Tensor
+    clipped_fraction: Tensor
+
+    def __init__(
+        self,
+        n_sigma: float = 3.0,
+        beta1: float = 0.999,
+        beta2: float = 0.999,
+        mu1_init: float | None = None,
+        mu2_init: float | None = None,
+        eps: float = 1e-8,
+        update: str = "clipped",
+        n_sigma_lower: float | None = None,
+        shift: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.n_sigma = check_positive("n_sigma", n_sigma, allow_inf=True)
+        self.beta1 = check_unit_interval("beta1", beta1)
+        self.beta2 = check_unit_interval("beta2", beta2)
+        self.eps = check_nonnegative("eps", eps)
+        self.update = check_choice("update", update, _UPDATES)
+        self.n_sigma_lower = (
+            None
+            if n_sigma_lower is None
+            else check_positive("n_sigma_lower", n_sigma_lower, allow_inf=True)
+        )
+        self.shift = check_finite("shift", shift)
+        if (mu1_init is None) != (mu2_init is None):
+            raise ValueError(
+                "mu1_init and mu2_init must be given together or both left as None, got "
+                f"mu1_init={mu1_init}, mu2_init={mu2_init}"
+            )
+        initialized = mu1_init is not None
+        if mu1_init is not None and mu2_init is not None:
+            m1 = check_finite("mu1_init", mu1_init)
+            m2 = check_finite("mu2_init", mu2_init)
+            if not (m2 > m1 * m1):
+                raise ValueError(
+                    "mu2_init must be greater than mu1_init**2 (a positive variance), got "
+                    f"mu1_init={mu1_init}, mu2_init={mu2_init}"
+                )
+        else:
+            m1 = m2 = 0.0
+        self.register_buffer("mu1", torch.tensor(m1))
+        self.register_buffer("mu2", torch.tensor(m2))
+        self.register_buffer("initialized", torch.tensor(initialized))
+        self.register_buffer("num_updates", torch.tensor(0, dtype=torch.int64))
+        self.register_buffer("clipped_total", torch.tensor(0, dtype=torch.int64))
+        self.register_buffer("clipped_fraction", torch.tensor(0.0))
+
+    def extra_repr(self) -> str:
+        parts = [f"n_sigma={self.n_sigma}", f"beta1={self.beta1}", f"beta2={self.beta2}"]
+        if self.update != "clipped":
+            parts.append(f"update={self.update!r}")
+        if self.n_sigma_lower is not None:
+            parts.append(f"n_sigma_lower={self.n_sigma_lower}")
+        if self.shift != 0.0:
+            parts.append(f"shift={self.shift}")
+        return ", ".join(parts)
+
+    def _bounds(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        return alrc_bounds(
+            self.mu1,
+            self.mu2,
+            n_sigma=self.n_sigma,
+            eps=self.eps,
+            n_sigma_lower=self.n_sigma_lower,
+        )
+
+    def forward(self, loss: Tensor) -> Tensor:
+        """Clip ``loss`` (any shape) and, in training mode, update the running moments."""
+        if not isinstance(loss, Tensor) or not loss.is_floating_point():
+            raise TypeError(
+                f"ALRC expects a floating-point loss tensor, got {type(loss).__name__}"
+                + (f" of dtype {loss.dtype}" if isinstance(loss, Tensor) else "")
+            )
+        if not self.training:
+            return loss
+        threshold, _, lower = self._bounds()
+        out, scaled, bound = alrc_clip(
+            loss, threshold, lower, active=self.initialized, shift=self.shift
+        )
+        with torch.no_grad():
+            stat_dtype = self.mu1.dtype
+            if self.update == "clipped":
+                x = bound.to(stat_dtype)
+            else:
+                x = loss.detach().to(stat_dtype) + self.shift
+            batch = torch.stack([x.mean(), (x * x).mean()])
+            # An inf loss clipped to the threshold is still a non-finite loss: judge the raw batch.
+            batch = torch.where(torch.isfinite(loss.detach()).all(), batch, math.nan)
+            if is_distributed():
+                # Note [ALRC under DDP]: a rank with a non-finite batch contributes zeros and a
+                # flag; any flag makes every rank skip the update, so the moments stay equal.
+                finite = torch.isfinite(batch).all()
+                packed = torch.cat([torch.where(finite, batch, 0.0), (~finite).to(batch)[None]])
+                packed = all_reduce_sum(packed)
+                batch = torch.where(packed[2] > 0, math.nan, packed[:2] / world_size())
+            mu1, mu2, initialized = alrc_moment_update(
+                self.mu1,
+                self.mu2,
+                self.initialized,
+                batch[0],
+                batch[1],
+                beta1=self.beta1,
+                beta2=self.beta2,
+            )
+            updated = torch.isfinite(batch).all()
+            n_scaled = scaled.sum()
+            # Note [rebind, don't mutate]: the moments feed the saved scale of this call's
+            # backward. An in-place update lets torch.compile's partitioner recompute that scale
+            # in backward from the *updated* buffer (a wrong gradient on clipping steps), so new
+            # values are bound as new buffer tensors and the old ones stay intact.
+            self.mu1 = mu1
+            self.mu2 = mu2
+            self.initialized = initialized
+            self.num_updates = self.num_updates + updated.to(self.num_updates.dtype)
+            self.clipped_total = self.clipped_total + n_scaled
+            self.clipped_fraction = (n_scaled / max(scaled.numel(), 1)).to(self.clipped_fraction)
+        return out
+
+    @torch.no_grad()
+    def stats(self) -> dict[str, Tensor]:
+        """Device-side statistics as 0-d tensors (no host sync).
+
+        ``threshold`` and ``sigma`` are those the next training call will use (``threshold`` in
+        loss units, i.e. minus ``shift``; ``inf`` before initialisation); ``clipped_fraction`` is the
+        fraction of elements scaled by the last training call and ``clipped_total`` the count
+        since construction; ``num_updates`` counts moment updates (non-finite batches excluded).
+        """
+        threshold, sigma, lower = self._bounds()
+        threshold = torch.where(self.initialized, threshold - self.shift, math.inf)
+        out = {
+            "threshold": threshold,
+            "sigma": sigma,
+            "mu1": self.mu1.clone(),
+            "mu2": self.mu2.clone(),
+            "clipped_fraction": self.clipped_fraction.clone(),
+            "clipped_total": self.clipped_total.clone(),
+            "num_updates": self.num_updates.clone(),
+        }
+        if lower is not None:
+            out["lower"] = torch.where(self.initialized, lower - self.shift, -math.inf)
+        return out
