@@ -38,4 +38,6 @@ def run_distributed(fn: Callable, world: int = 2, args: tuple = ()) -> list[Any]
             join=True,
             start_method="spawn",
         )
-        return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+        return [
+            torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)
+        ]

@@ -61,9 +61,7 @@ def test_matches_reference_algorithm(update, batch, inits):
     kwargs = dict(n_sigma=3.0, beta1=0.99, beta2=0.995, eps=1e-8, update=update)
     batches = spiky_batches(200, batch)
     module = ss.ALRC(mu1_init=mu1, mu2_init=mu2, **kwargs).double()
-    ref_out, ref_moments = reference_alrc(
-        [b.tolist() for b in batches], mu1=mu1, mu2=mu2, **kwargs
-    )
+    ref_out, ref_moments = reference_alrc([b.tolist() for b in batches], mu1=mu1, mu2=mu2, **kwargs)
     n_clipped = 0
     for t, losses in enumerate(batches):
         # batch 1 is fed as a scalar loss: the scalar path must match too

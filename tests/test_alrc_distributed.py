@@ -13,7 +13,9 @@ from tests.dist_utils import run_distributed
 
 def _rank_batches(rank: int, steps: int = 25) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(100 + rank)  # different data on every rank
-    batches = [torch.rand(8, generator=g, dtype=torch.float64) * (1 + rank) + 0.5 for _ in range(steps)]
+    batches = [
+        torch.rand(8, generator=g, dtype=torch.float64) * (1 + rank) + 0.5 for _ in range(steps)
+    ]
     if rank == 1:
         batches[15] = batches[15] * 30.0  # a spike on one rank only
         batches[20] = batches[20].clone()

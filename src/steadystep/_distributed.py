@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "all_reduce_mean", "all_reduce_sum", "world_size"]
+__all__ = ["all_reduce_mean", "all_reduce_sum", "is_distributed", "world_size"]
 
 
 def is_distributed() -> bool:

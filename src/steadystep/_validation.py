@@ -16,10 +16,10 @@ __all__ = [
     "check_choice",
     "check_finite",
     "check_nonnegative",
+    "check_param_tensors",
     "check_positive",
     "check_probability",
     "check_unit_interval",
-    "check_param_tensors",
 ]
 
 
@@ -86,7 +86,9 @@ def check_param_tensors(params: Iterable[torch.Tensor], owner: str) -> None:
     """Parameters must be real floating-point tensors (no complex, no integer)."""
     for p in params:
         if not isinstance(p, torch.Tensor):
-            raise TypeError(f"{owner} got a parameter of type {type(p).__name__}; expected a Tensor")
+            raise TypeError(
+                f"{owner} got a parameter of type {type(p).__name__}; expected a Tensor"
+            )
         if p.is_complex():
             raise ValueError(
                 f"{owner} does not support complex parameters (dtype={p.dtype}); "

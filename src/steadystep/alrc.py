@@ -16,8 +16,9 @@ per sample, or one per pixel):
 where :math:`\operatorname{sg}` stops the gradient, the threshold uses the moments *before* this
 step's update, and :math:`x = \operatorname{sg}(\tilde L)` (``update="clipped"``, the authors' code)
 or :math:`x = \operatorname{sg}(L)` (``update="raw"``, Algorithm 1 as printed); the bars are means
-over all elements. Symbols map to arguments as :math:`n` = ``n_sigma``, :math:`\beta_{1,2}` =
-``beta1``/``beta2``, :math:`\epsilon` = ``eps``, initial :math:`\mu_{1,2}` = ``mu1_init``/``mu2_init``.
+over all elements. Symbols map to arguments as :math:`n` = ``n_sigma``,
+:math:`\beta_{1,2}` = ``beta1``/``beta2``, :math:`\epsilon` = ``eps``, and the initial
+:math:`\mu_{1,2}` = ``mu1_init``/``mu2_init``.
 
 Note [why a stop-gradient scale and not a clamp]
     ``clamp(L, max=L_max)`` would zero the gradient of a clipped element: the sample is thrown
@@ -61,7 +62,7 @@ def alrc_bounds(
     eps: float,
     n_sigma_lower: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Return ``(threshold, sigma, lower)`` from the running moments (``lower`` is None unless asked).
+    """Return ``(threshold, sigma, lower)`` from the running moments (``lower`` only if asked).
 
     ``n_sigma = inf`` gives an infinite threshold (no clipping) even where ``sigma`` is 0.
     """
@@ -331,8 +332,8 @@ class ALRC(nn.Module):
         """Device-side statistics as 0-d tensors (no host sync).
 
         ``threshold`` and ``sigma`` are those the next training call will use (``threshold`` in
-        loss units, i.e. minus ``shift``; ``inf`` before initialisation); ``clipped_fraction`` is the
-        fraction of elements scaled by the last training call and ``clipped_total`` the count
+        loss units, i.e. minus ``shift``; ``inf`` before initialisation); ``clipped_fraction`` is
+        the fraction of elements scaled by the last training call and ``clipped_total`` the count
         since construction; ``num_updates`` counts moment updates (non-finite batches excluded).
         """
         threshold, sigma, lower = self._bounds()
