@@ -1,0 +1,250 @@
+"""The ``steadystep`` command: a demo and the reproductions of the three papers.
+
+::
+
+    steadystep demo                      # one quick experiment per method, a one-page report
+    steadystep reproduce alrc|salera|cprop [--scale quick|paper] [--data-dir DIR] ...
+    steadystep report RUN_DIR            # rebuild report.md / results.json / figures
+
+Each run directory holds ``config.json``, per-run CSV logs and JSON summaries under ``runs/``,
+``figures/*.png``, ``report.md``, ``results.json`` and ``timings.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+_EXIT_USAGE = 2
+_EXIT_INTERRUPTED = 130
+
+
+def _add_run_options(p: argparse.ArgumentParser, default_scale: str) -> None:
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="run directory to write (default: runs/<name>-<timestamp>/). Giving the directory "
+        "of an interrupted run continues it: finished runs are kept and not run again.",
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where to train: 'auto' (default) uses CUDA when available, else the CPU.",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        metavar="N",
+        help="number of seeds per configuration (seeds 0..N-1; default: the scale's, "
+        "2 for demo/quick on ALRC, 3 for CProp, 1-5 elsewhere; see docs/experiments.md).",
+    )
+    p.add_argument(
+        "--scale",
+        choices=("tiny", "demo", "quick", "paper"),
+        default=default_scale,
+        metavar="{demo,quick,paper}",
+        help=f"how much to run (default: {default_scale}). 'demo': about a minute per "
+        "experiment on a 2-core CPU; 'quick': a larger grid, minutes to tens of minutes on a "
+        "CPU; 'paper': the paper's grid, iterations and model sizes (hours to days: use a GPU "
+        "and --data-dir with the paper's dataset).",
+    )
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="folder with real datasets, never downloaded: MNIST / Fashion-MNIST IDX files "
+        "(DIR/MNIST/raw/train-images-idx3-ubyte[.gz], DIR/FashionMNIST/raw/...) and CIFAR-10 "
+        "python batches (DIR/cifar-10-batches-py/data_batch_1..5, test_batch).",
+    )
+    p.add_argument(
+        "--dataset",
+        choices=("mnist1d", "digits", "crops", "mnist", "fashion-mnist", "cifar10"),
+        help="dataset instead of the experiment's default. Embedded (no files needed): "
+        "mnist1d, digits (classification), crops (natural-image crops, supersampling). Real "
+        "(need --data-dir): mnist, fashion-mnist, cifar10. Defaults: alrc crops, salera and "
+        "cprop mnist1d; at --scale paper the paper's own (cifar10, mnist, fashion-mnist).",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="steadystep",
+        description="Reproduce ALRC, SALeRA and CProp with steadystep: training runs, tables, "
+        "figures and a report that puts each paper's claim next to what was measured.",
+        epilog="Examples:\n  steadystep demo --out runs/demo\n"
+        "  steadystep reproduce cprop --seeds 3\n"
+        "  steadystep reproduce salera --scale paper --device cuda --data-dir ~/data\n"
+        "  steadystep report runs/demo",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = sub.add_parser(
+        "demo",
+        help="one quick experiment per method and a one-page report (a few minutes on a CPU)",
+        description="Run one small experiment per method (ALRC, SALeRA, CProp) and write a "
+        "one-page report with tables and figures.",
+    )
+    _add_run_options(demo, "demo")
+    rep = sub.add_parser(
+        "reproduce",
+        help="reproduce one paper's experiment: alrc, salera or cprop",
+        description="Reproduce one paper's experiment at the chosen scale.",
+    )
+    rep.add_argument(
+        "experiment",
+        choices=("alrc", "salera", "cprop"),
+        help="alrc: 2x supersampling, squared/quartic errors, thresholds 2/3/4/inf by batch "
+        "size. salera: NAG/Adagrad/Adam/Ag-Adam/ALeRA/SALeRA/SPALeRA on models M0/M2/M2b/M4. "
+        "cprop: SGD/Adam/RMSprop/AMSGrad with and without CProp, FC and CNN, scale histogram, c "
+        "sweep.",
+    )
+    _add_run_options(rep, "quick")
+    report = sub.add_parser(
+        "report",
+        help="rebuild report.md, results.json and figures of a run directory",
+        description="Rebuild report.md, results.json, timings.json and figures/ from the "
+        "finished runs in RUN_DIR (e.g. after Ctrl-C).",
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by demo/reproduce")
+    return parser
+
+
+def _error(msg: str) -> int:
+    print(f"steadystep: error: {msg}", file=sys.stderr)
+    return _EXIT_USAGE
+
+
+def _device(choice: str) -> Any:
+    import torch
+
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+    return torch.device(choice)
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from steadystep.experiments import get_experiment, missing_api
+    from steadystep.experiments.datasets import DatasetNotFoundError
+    from steadystep.experiments.report import build_report
+    from steadystep.experiments.runner import RunContext, Settings, run_all
+
+    names = ["alrc", "salera", "cprop"] if args.command == "demo" else [args.experiment]
+    if args.seeds is not None and args.seeds < 1:
+        return _error(f"--seeds must be >= 1, got {args.seeds}")
+    try:
+        device = _device(args.device)
+    except RuntimeError as e:
+        return _error(str(e))
+    label = "demo" if args.command == "demo" else args.experiment
+    out = Path(args.out or f"runs/{label}-{time.strftime('%Y%m%d-%H%M%S')}")
+    settings = Settings(
+        scale=args.scale,
+        seeds=args.seeds,
+        device=device.type,
+        data_dir=args.data_dir,
+        dataset=args.dataset,
+    )
+    modules = {n: get_experiment(n) for n in names}
+    unavailable: dict[str, str] = {}
+    for n in names:
+        missing = missing_api(n)
+        if missing:
+            reason = (
+                f"this steadystep lacks {', '.join(missing)}, which the {n} experiment needs "
+                "(the method has not landed in this version)"
+            )
+            if args.command == "reproduce":
+                return _error(f"cannot reproduce {n}: {reason}")
+            unavailable[n] = reason
+    ctx = RunContext(settings=settings, device=device)
+    plans: list[tuple[Any, list[Any]]] = []
+    try:
+        for n in names:
+            if n in unavailable:
+                continue
+            specs = modules[n].plan(settings)
+            modules[n].prepare(specs, ctx)  # loads data now, so a missing file fails early
+            plans.append((modules[n], specs))
+    except DatasetNotFoundError as e:
+        return _error(str(e))
+    except ValueError as e:
+        return _error(str(e))
+
+    config = {
+        "command": label,
+        "argv": "steadystep " + " ".join(shlex.quote(a) for a in argv),
+        "experiments": names,
+        "settings": settings.to_json(),
+        "planned": {m.name: [s.run_id for s in specs] for m, specs in plans},
+        "unavailable": unavailable,
+    }
+    config_path = out / "config.json"
+    if config_path.is_file():
+        with open(config_path) as f:
+            old = json.load(f)
+        keys = ("command", "experiments", "settings", "planned")
+        if any(old.get(k) != config[k] for k in keys):
+            return _error(
+                f"{out} holds a run with other settings ({old.get('argv')}); "
+                "choose another --out or the same options to continue it"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=1)
+    for n, reason in unavailable.items():
+        print(f"steadystep: {n} skipped: {reason}", file=sys.stderr)
+    total = sum(len(s) for _, s in plans)
+    print(
+        f"steadystep {label}: {total} runs ({', '.join(f'{m.name} {len(s)}' for m, s in plans)}) "
+        f"at scale {settings.scale} on {device}; writing {out}",
+        file=sys.stderr,
+    )
+    start = time.perf_counter()
+    interrupted = False
+    try:
+        run_all(plans, out, ctx)
+    except KeyboardInterrupt:
+        interrupted = True
+        print(
+            "\nsteadystep: interrupted; finished runs are kept. Building the report from them "
+            f"(continue with the same command and --out {out}).",
+            file=sys.stderr,
+        )
+    _, text = build_report(out)
+    print(text)
+    print(
+        f"\nreport: {out / 'report.md'}\nresults: {out / 'results.json'}\n"
+        f"figures: {out / 'figures'}\nwall time: {time.perf_counter() - start:.0f} s"
+    )
+    return _EXIT_INTERRUPTED if interrupted else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``steadystep`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    if args.command == "report":
+        from steadystep.experiments.report import build_report
+
+        try:
+            _, text = build_report(Path(args.run_dir))
+        except FileNotFoundError as e:
+            return _error(str(e))
+        print(text)
+        print(f"\nreport: {Path(args.run_dir) / 'report.md'}")
+        return 0
+    return _run(args, argv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

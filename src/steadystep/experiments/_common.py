@@ -1,0 +1,117 @@
+"""Small helpers shared by the experiments: statistics, verdicts, plotting, markdown."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "band_plot",
+    "boxcar",
+    "claim",
+    "finite_or_none",
+    "markdown_table",
+    "mean_std",
+    "plt",
+]
+
+
+def plt() -> Any:
+    """matplotlib.pyplot with the non-interactive Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as pyplot
+
+    return pyplot
+
+
+def finite_or_none(x: Any) -> Any:
+    """Floats that are NaN/inf become None so results.json stays standard JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: finite_or_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite_or_none(v) for v in x]
+    return x
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
+    """Mean and sample std (ddof=1; 0 for a single value) over finite values, and their count."""
+    arr = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if arr.size == 0:
+        return math.nan, math.nan, 0
+    std = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+    return float(arr.mean()), std, int(arr.size)
+
+
+def boxcar(x: np.ndarray, window: int) -> np.ndarray:
+    """Trailing boxcar average (the papers smooth their learning curves this way); NaN-aware."""
+    window = max(1, min(int(window), len(x)))
+    if window == 1 or len(x) == 0:
+        return np.asarray(x, dtype=np.float64)
+    x = np.asarray(x, dtype=np.float64)
+    ok = np.isfinite(x)
+    cs = np.concatenate([[0.0], np.cumsum(np.where(ok, x, 0.0))])
+    cn = np.concatenate([[0.0], np.cumsum(ok)])
+    idx = np.arange(1, len(x) + 1)
+    lo = np.maximum(idx - window, 0)
+    n = cn[idx] - cn[lo]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, (cs[idx] - cs[lo]) / np.maximum(n, 1), np.nan)
+
+
+def claim(paper: str, measured: str, verdict: str) -> dict[str, str]:
+    """A paper claim next to what this run measured; verdict is one of the three below."""
+    if verdict not in ("reproduced", "not reproduced", "inconclusive"):
+        raise ValueError(f"bad verdict {verdict!r}")
+    return {"paper": paper, "measured": measured, "verdict": verdict}
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def text_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A plain aligned table for the terminal."""
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)
+    ]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*r) for r in rows]
+    return "\n".join(out)
+
+
+def band_plot(ax: Any, x: np.ndarray, curves: Sequence[np.ndarray], label: str, color: Any) -> None:
+    """Mean over seeds with a +-1 std band (NaN-aware; all curves on the same x)."""
+    n = min(len(c) for c in curves)
+    y = np.stack([np.asarray(c[:n], dtype=np.float64) for c in curves])
+    with np.errstate(invalid="ignore"), np.testing.suppress_warnings() as sup:
+        sup.filter(RuntimeWarning)
+        mean = np.nanmean(y, axis=0)
+        std = np.nanstd(y, axis=0) if len(curves) > 1 else np.zeros(n)
+    ax.plot(x[:n], mean, label=label, color=color, lw=1.2)
+    if len(curves) > 1:
+        ax.fill_between(x[:n], mean - std, mean + std, color=color, alpha=0.2, lw=0)
+
+
+def fmt(x: float | None, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "—"
+    return f"{x:.{digits}f}"
+
+
+def save(fig: Any, path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt().close(fig)
+    return str(path)
