@@ -9,10 +9,12 @@ Three published methods as one toolkit for PyTorch:
 """
 
 from steadystep.alrc import ALRC, alrc_clip
+from steadystep.telemetry import Monitor
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ALRC",
+    "Monitor",
     "alrc_clip",
 ]

@@ -1,0 +1,227 @@
+"""Monitor: rows equal the components' stats, one host read per flush, CSV / TensorBoard output,
+and WARNING events (rollback, LR cut, sustained clipping, non-finite) logged once with the step."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+import steadystep as ss
+from steadystep.telemetry import read_csv
+
+
+class Scripted:
+    """A component whose stats follow a script: ``values[name][step]``."""
+
+    def __init__(self, **series):
+        self.series = series
+        self.t = 0
+
+    def stats(self):
+        out = {}
+        for k, v in self.series.items():
+            value = v[min(self.t, len(v) - 1)]
+            dtype = torch.int64 if isinstance(value, int) else torch.float64
+            out[k] = torch.tensor(value, dtype=dtype)
+        return out
+
+    def advance(self):
+        self.t += 1
+
+
+def _run(monitor, comp, steps):
+    for _ in range(steps):
+        monitor.step()
+        comp.advance()
+    monitor.close()
+
+
+def test_rows_equal_stats_and_extra_scalars():
+    torch.manual_seed(0)
+    alrc = ss.ALRC(beta1=0.9, beta2=0.9)
+    monitor = ss.Monitor(alrc, every=4)
+    expected = []
+    for step in range(10):
+        loss = alrc(torch.rand(8) + (100.0 if step == 7 else 1.0)).mean()
+        expected.append({k: v.clone() for k, v in alrc.stats().items()})
+        monitor.step(loss=loss.detach())
+    monitor.close()
+    assert monitor.columns[:2] == ["step", "loss"]
+    assert [r["step"] for r in monitor.history] == list(range(10))
+    for row, stats in zip(monitor.history, expected, strict=True):
+        for k, v in stats.items():
+            got = row[f"alrc/{k}"]
+            if v.is_floating_point():
+                assert got == float(v) or (math.isinf(got) and math.isinf(float(v)))
+            else:
+                assert isinstance(got, int) and got == int(v)
+    assert monitor.history[7]["alrc/clipped_fraction"] == 1.0
+    assert monitor.history[0]["alrc/num_updates"] == 1
+
+
+def test_one_host_read_per_flush_none_between(monkeypatch):
+    alrc = ss.ALRC()
+    monitor = ss.Monitor(alrc, every=5)
+    calls = {"tolist": 0, "other": 0}
+    orig_tolist = torch.Tensor.tolist
+
+    def counting_tolist(self):
+        calls["tolist"] += 1
+        return orig_tolist(self)
+
+    def forbidden(self, *a, **k):
+        calls["other"] += 1
+        raise AssertionError("host read outside a flush")
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+    for name in ("item", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    for step in range(12):
+        alrc(torch.full((4,), 1.0 + step))
+        monitor.step(loss=torch.tensor(1.0))
+        assert calls["tolist"] == (step + 1) // 5
+    monkeypatch.undo()
+    assert calls["other"] == 0
+    monitor.close()
+    assert len(monitor.history) == 12
+
+
+def test_csv_format_round_trip(tmp_path):
+    path = tmp_path / "m.csv"
+    comp = Scripted(count=[0, 1, 2, 3, 4, 5, 6], value=[0.5, 1e-8, math.nan, math.inf, 2.0])
+    monitor = ss.Monitor(("c", comp), every=3, csv_path=path)
+    for _ in range(7):
+        monitor.step(lr=0.1)
+        comp.advance()
+    monitor.close()
+    lines = path.read_text().splitlines()
+    assert lines[0] == "step,lr,c/count,c/value"
+    assert lines[1] == "0,0.1,0,0.5"
+    assert lines[2] == "1,0.1,1,1e-08"  # floats as repr, ints exact
+    assert lines[3].endswith(",2,nan") and lines[4].endswith(",3,inf")
+    assert len(lines) == 8  # header + 7 rows written over three flushes (3 + 3 + 1 at close)
+    cols = read_csv(path)
+    assert cols["step"] == [0, 1, 2, 3, 4, 5, 6]
+    assert cols["c/count"] == [0, 1, 2, 3, 4, 5, 6]
+    assert math.isnan(cols["c/value"][2])
+
+
+def test_vector_stats_are_flattened_and_names_deduplicated():
+    class Vec:
+        def stats(self):
+            return {"lr_multiplier": torch.tensor([1.0, 0.5])}
+
+    a, b = Vec(), Vec()
+    monitor = ss.Monitor(a, b, every=1)
+    monitor.step()
+    assert monitor.columns == [
+        "step",
+        "vec/lr_multiplier/0",
+        "vec/lr_multiplier/1",
+        "vec_1/lr_multiplier/0",
+        "vec_1/lr_multiplier/1",
+    ]
+    assert monitor.history[0]["vec_1/lr_multiplier/1"] == 0.5
+
+
+def test_layout_change_and_bad_arguments_raise():
+    comp = Scripted(a=[1.0])
+    monitor = ss.Monitor(comp, every=10)
+    monitor.step()
+    comp.series["b"] = [2.0]
+    with pytest.raises(RuntimeError, match="changed shape or keys"):
+        monitor.step()
+    with pytest.raises(ValueError, match="every"):
+        ss.Monitor(comp, every=0)
+    with pytest.raises(ValueError, match="clip_patience"):
+        ss.Monitor(comp, clip_patience=0)
+    with pytest.raises(ValueError, match="lr_cut_ratio"):
+        ss.Monitor(comp, lr_cut_ratio=math.nan)
+    with pytest.raises(TypeError, match="stats"):
+        ss.Monitor(object())
+
+
+def _warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_rollback_and_lr_cut_logged_once_with_step(caplog):
+    comp = Scripted(
+        rollbacks=[0] * 7 + [1] * 10 + [2],
+        lr_multiplier=[1.0, 1.01, 1.02] + [0.51] * 20,
+    )
+    with caplog.at_level(logging.WARNING, logger="steadystep"):
+        _run(ss.Monitor(("guard", comp), every=4), comp, 30)
+    msgs = _warnings(caplog)
+    assert len(msgs) == 3, msgs
+    assert "step 3" in msgs[0] and "learning rate cut" in msgs[0]
+    assert "step 7" in msgs[1] and "rolled back" in msgs[1]
+    assert "step 17" in msgs[2] and "rollbacks = 2" in msgs[2]
+
+
+def test_lr_cut_counter_preferred_over_lr_drop(caplog):
+    comp = Scripted(lr_cuts=[0, 0, 1], lr=[1.0, 1.0, 0.5])
+    with caplog.at_level(logging.WARNING, logger="steadystep"):
+        _run(ss.Monitor(comp, every=2), comp, 5)
+    msgs = _warnings(caplog)
+    assert len(msgs) == 1 and "step 2" in msgs[0] and "cut the learning rate" in msgs[0]
+
+
+def test_sustained_clipping_warned_once_per_stretch(caplog):
+    fraction = [0.75] * 150 + [0.0] + [0.6] * 120
+    comp = Scripted(clipped_fraction=fraction)
+    with caplog.at_level(logging.WARNING, logger="steadystep"):
+        _run(ss.Monitor(comp, every=50, clip_patience=100), comp, len(fraction))
+    msgs = _warnings(caplog)
+    assert len(msgs) == 2, msgs
+    assert "step 99" in msgs[0] and "over half" in msgs[0]
+    assert "step 250" in msgs[1]
+
+
+def test_short_clipping_bursts_not_reported(caplog):
+    fraction = ([0.9] * 99 + [0.1]) * 3
+    comp = Scripted(clipped_fraction=fraction)
+    with caplog.at_level(logging.WARNING, logger="steadystep"):
+        _run(ss.Monitor(comp, every=64), comp, len(fraction))
+    assert _warnings(caplog) == []
+
+
+def test_non_finite_stat_reported(caplog):
+    comp = Scripted(mu1=[1.0, 1.0, math.nan, math.nan])
+    with caplog.at_level(logging.WARNING, logger="steadystep"):
+        _run(ss.Monitor(comp, every=10), comp, 4)
+    msgs = _warnings(caplog)
+    assert len(msgs) == 1 and "step 2" in msgs[0] and "nan" in msgs[0]
+
+
+def test_log_fn_and_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logged = []
+    comp = Scripted(value=[0.5, 1.5, 2.5])
+    monitor = ss.Monitor(
+        ("c", comp),
+        every=2,
+        tensorboard_dir=tmp_path / "tb",
+        log_fn=lambda metrics, step: logged.append((step, metrics)),
+    )
+    _run(monitor, comp, 3)
+    assert logged == [(0, {"c/value": 0.5}), (1, {"c/value": 1.5}), (2, {"c/value": 2.5})]
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    events = acc.Scalars("c/value")
+    assert [e.step for e in events] == [0, 1, 2]
+    assert [e.value for e in events] == [0.5, 1.5, 2.5]
+
+
+def test_explicit_step_numbers_used():
+    comp = Scripted(x=[1.0])
+    monitor = ss.Monitor(comp, every=2)
+    for s in (10, 20, 30):
+        monitor.step(step=s)
+    monitor.close()
+    assert [r["step"] for r in monitor.history] == [10, 20, 30]
