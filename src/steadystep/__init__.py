@@ -8,13 +8,27 @@ Three published methods as one toolkit for PyTorch:
 * :class:`CProp` scales any optimizer's update by the confidence that past gradients agree.
 """
 
+from steadystep import agnostic
 from steadystep.alrc import ALRC, alrc_clip
+from steadystep.detect import PageHinkley
+from steadystep.groups import layer_groups
+from steadystep.guard import CatastropheGuard, SALeRA, SPALeRA, TrainingDiverged
+from steadystep.optim import AgAdam, ALeRA
 from steadystep.telemetry import Monitor
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ALRC",
+    "ALeRA",
+    "AgAdam",
+    "CatastropheGuard",
     "Monitor",
+    "PageHinkley",
+    "SALeRA",
+    "SPALeRA",
+    "TrainingDiverged",
+    "agnostic",
     "alrc_clip",
+    "layer_groups",
 ]

@@ -1,0 +1,116 @@
+"""The random-walk reference of ALeRA, as pure functions.
+
+ALeRA (Schoenauer Sebag, Schoenauer & Sebag, "Stochastic Gradient Descent: Going As Fast As
+Possible But Not Faster", section 2.1) keeps the relaxed path of normalised gradients
+
+.. math::
+    r_0 = 0, \\qquad r_t = (1 - \\alpha)\\, r_{t-1} + \\alpha\\, g_t / \\lVert g_t \\rVert
+
+and compares :math:`\\lVert r_t \\rVert^2` with the same recursion driven by independent uniform
+random unit vectors :math:`u_t \\in \\mathbb{R}^d`. For that random walk
+
+.. math::
+    \\mathbb{E}\\lVert r_t \\rVert^2 = \\frac{\\alpha}{2 - \\alpha}\\,[1 - (1 - \\alpha)^{2t}]
+    \\quad \\text{(eq. 4)}
+
+    \\operatorname{Var}\\lVert r_t \\rVert^2 = \\frac{1}{d}\\,
+    \\frac{4 \\alpha^2 (1 - \\alpha)^2}{(2 - \\alpha)^2 ((1 - \\alpha)^2 + 1)}\\,
+    [1 - (1 - \\alpha)^{2t}]\\,[1 - (1 - \\alpha)^{2(t - 1)}]
+
+Note [eq. 5 as printed]: the paper prints the variance with a factor 2 instead of 4 and exponents
+``t`` and ``t - 1`` instead of ``2t`` and ``2(t - 1)``. Writing
+``||r_t||^2 = a^2 (sum_l w_l^2 + 2 sum_{l<k} w_l w_k <u_l, u_k>)`` with ``w_l = (1-a)^(t-l)``, the
+cross terms are uncorrelated with variance ``1/d`` each, which gives the expression above; the
+Monte Carlo test in ``tests/test_agnostic.py`` confirms it and rejects the printed one.
+
+The update itself does not use that variance: following the authors' code (DESIGN.md), the
+reference standard deviation is ``std = alpha / sqrt(d)`` and the learning rate moves by
+
+.. math::
+    \\eta \\leftarrow \\eta
+        \\exp\\big(C\\, (\\lVert r_t \\rVert^2 - \\mathbb{E}_t) / \\mathrm{std}\\big)
+
+with :math:`\\mathbb{E}_t` the mean of eq. 4 at the current step ``t`` (not its limit).
+
+Example:
+    >>> from steadystep.agnostic import random_walk_mean
+    >>> round(random_walk_mean(0.01, 1), 6)  # one unit vector times alpha: alpha**2
+    0.0001
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "apply_log_change",
+    "log_lr_change",
+    "random_walk_mean",
+    "random_walk_variance",
+    "random_walk_variance_limit",
+    "reference_std",
+]
+
+Number = float | torch.Tensor
+
+
+def random_walk_mean(alpha: float, step: Number) -> Number:
+    """Mean of ``||r_t||^2`` for the random walk, eq. (4): ``alpha/(2-alpha) * (1-(1-alpha)^(2t))``.
+
+    Args:
+        alpha: memory rate of the relaxed path, in (0, 1).
+        step: ``t >= 0`` (a float or a tensor; a tensor gives a tensor of its dtype).
+    """
+    return alpha / (2.0 - alpha) * (1.0 - (1.0 - alpha) ** (2 * step))
+
+
+def random_walk_variance(alpha: float, step: Number, numel: Number) -> Number:
+    """Variance of ``||r_t||^2`` for the random walk in ``d = numel`` dimensions (eq. 5, corrected).
+
+    ``4 a^2 (1-a)^2 / (d (2-a)^2 ((1-a)^2+1)) * (1-(1-a)^(2t)) * (1-(1-a)^(2(t-1)))``; zero at
+    ``t = 1`` (a single unit vector has a deterministic norm). See Note [eq. 5 as printed].
+    """
+    q = (1.0 - alpha) ** 2
+    factor = 4.0 * alpha**2 * q / ((2.0 - alpha) ** 2 * (q + 1.0))
+    return factor / numel * (1.0 - q**step) * (1.0 - q ** (step - 1))
+
+
+def random_walk_variance_limit(alpha: float, numel: Number) -> Number:
+    """``lim_{t->inf}`` of :func:`random_walk_variance`; ``~ alpha^2 / (2 d)`` for small alpha."""
+    q = (1.0 - alpha) ** 2
+    return 4.0 * alpha**2 * q / ((2.0 - alpha) ** 2 * (q + 1.0)) / numel
+
+
+def reference_std(alpha: float, numel: Number) -> Number:
+    """The standard deviation ALeRA divides by: ``alpha / sqrt(d)`` (the authors' code)."""
+    if isinstance(numel, torch.Tensor):
+        return alpha / numel.sqrt()
+    return alpha / math.sqrt(numel)
+
+
+def log_lr_change(
+    sq_norm: torch.Tensor, step: torch.Tensor, *, alpha: float, C: float, numel: Number
+) -> torch.Tensor:
+    """The exponent ``C * (||r_t||^2 - E_t) / (alpha / sqrt(d))`` of one ALeRA update.
+
+    ``sq_norm`` is ``||r_t||^2`` of the unit (any shape: per element for SPALeRA, where the
+    caller passes ``D * r_i^2`` and ``numel = 1``), ``step`` is ``t >= 1``.
+    """
+    mean = random_walk_mean(alpha, step.to(sq_norm.dtype))
+    return (sq_norm - mean) * (C / reference_std(alpha, numel))
+
+
+def apply_log_change(multiplier: torch.Tensor, log_change: torch.Tensor) -> torch.Tensor:
+    """``multiplier * exp(log_change)``, never inf and never 0 (out of place).
+
+    The exponent is clipped to ``[-log(max), log(max)]`` of the dtype before ``exp`` and the
+    product to ``[tiny, max]``: a long run of agreeing gradients saturates the multiplier at the
+    largest finite value instead of reaching ``inf`` (then ``inf * 0 = nan``), and a long run of
+    disagreeing ones cannot reach an exact 0 from which it could never grow back.
+    """
+    info = torch.finfo(multiplier.dtype)
+    bound = math.log(info.max) - 1.0  # exp(bound) is finite after rounding
+    factor = torch.exp(log_change.clamp(-bound, bound))
+    return (multiplier * factor).clamp(info.tiny, info.max)

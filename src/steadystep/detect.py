@@ -1,0 +1,181 @@
+"""Page-Hinkley change detection on the minibatch loss, with tensor state and no host sync.
+
+The test of SALeRA (Algorithm 1, lines 3-9 of the paper; decisions in DESIGN.md). With ``n`` the
+number of observations since the last reset and ``L_n`` the n-th loss:
+
+.. math::
+    \\Delta &= \\lambda\\, |L_{\\text{first}}|  \\quad\\text{(set once, kept across resets)}\\\\
+    \\ell_n &= \\ell_{n-1} + \\max(1/n, \\rho)\\,(L_n - \\ell_{n-1})
+        \\quad\\text{(cumulative mean while } n \\le 1/\\rho\\text{, then an EMA)}\\\\
+    \\bar\\ell_n &= \\bar\\ell_{n-1} + (\\ell_n - \\bar\\ell_{n-1}) / n\\\\
+    U_n &= U_{n-1} + (\\ell_n - \\bar\\ell_n), \\qquad U^{\\min}_n = \\min(U^{\\min}_{n-1}, U_n)\\\\
+    \\text{alarm} &= (U_n - U^{\\min}_n > \\Delta) \\wedge (n > 1)
+
+``lambda`` is ``ph_lambda`` and ``rho`` is ``rho``; ``ell`` is ``relaxed_loss``, ``ell_bar`` is
+``mean``, ``U`` is ``cusum`` and ``U_min`` is ``cusum_min``. An alarm resets ``n, ell, ell_bar, U,
+U_min`` to 0 (Delta is kept), so the next observation starts a fresh test and never alarms.
+
+A non-finite loss is an alarm too (the clearest catastrophe there is) and leaves every statistic
+untouched, Delta included; it does not reset the test.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from steadystep._distributed import all_reduce_mean
+from steadystep._validation import check_positive, check_probability
+
+__all__ = ["PageHinkley"]
+
+_STAT_NAMES = ("count", "relaxed_loss", "mean", "cusum", "cusum_min")
+
+
+class PageHinkley:
+    """Page-Hinkley test for an increase of the (relaxed) minibatch loss.
+
+    Args:
+        ph_lambda: threshold as a fraction of the first observed loss, ``Delta = ph_lambda *
+            |first loss|`` (default 0.1, the paper's ``1/10``).
+        rho: weight of the loss EMA, ``batch_size / dataset_size`` in the paper (default 0.01).
+            The first ``1/rho`` observations after a reset are averaged cumulatively.
+        dtype: dtype of the statistics (default float32).
+        device: where the statistics start; they move to the loss's device at the first
+            :meth:`update` (a metadata check, no sync).
+
+    Under ``torch.distributed`` the loss is averaged over ranks first (one all-reduce of a
+    scalar), so every rank takes the same decision.
+
+    Example:
+        >>> import torch, steadystep as ss
+        >>> ph = ss.PageHinkley(ph_lambda=0.1, rho=0.5)
+        >>> [bool(ph.update(torch.tensor(x))) for x in (1.0, 1.0, 1.0, 3.0)]
+        [False, False, False, True]
+    """
+
+    def __init__(
+        self,
+        ph_lambda: float = 0.1,
+        rho: float = 0.01,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.ph_lambda = check_positive("ph_lambda", ph_lambda)
+        self.rho = check_probability("rho", rho)
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point dtype, got dtype={dtype}")
+        self.dtype = dtype
+        dev = torch.device("cpu") if device is None else torch.device(device)
+        self.threshold = torch.zeros((), dtype=dtype, device=dev)  # Delta
+        self.initialized = torch.zeros((), dtype=torch.bool, device=dev)
+        self.count = torch.zeros((), dtype=torch.int64, device=dev)
+        self.relaxed_loss = torch.zeros((), dtype=dtype, device=dev)
+        self.mean = torch.zeros((), dtype=dtype, device=dev)
+        self.cusum = torch.zeros((), dtype=dtype, device=dev)
+        self.cusum_min = torch.zeros((), dtype=dtype, device=dev)
+        self.observations = torch.zeros((), dtype=torch.int64, device=dev)
+        self.alarms = torch.zeros((), dtype=torch.int64, device=dev)
+
+    # -- state ------------------------------------------------------------------------------
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "threshold": self.threshold,
+            "initialized": self.initialized,
+            **{name: getattr(self, name) for name in _STAT_NAMES},
+            "observations": self.observations,
+            "alarms": self.alarms,
+        }
+
+    def _to(self, device: torch.device) -> None:
+        for name, value in self._tensors().items():
+            setattr(self, name, value.to(device))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Hyperparameters and every statistic (0-d tensors, cloned)."""
+        return {
+            "ph_lambda": self.ph_lambda,
+            "rho": self.rho,
+            **{k: v.clone() for k, v in self._tensors().items()},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; tensors land on this detector's device and dtypes."""
+        self.ph_lambda = check_positive("ph_lambda", state_dict["ph_lambda"])
+        self.rho = check_probability("rho", state_dict["rho"])
+        for name, value in self._tensors().items():
+            setattr(self, name, state_dict[name].to(device=value.device, dtype=value.dtype))
+
+    def reset(self, mask: torch.Tensor | None = None) -> None:
+        """Restart the test (``n, relaxed_loss, mean, cusum, cusum_min <- 0``); Delta is kept.
+
+        ``mask`` (0-d bool tensor) resets only where True, without a host sync.
+        """
+        for name in _STAT_NAMES:
+            value = getattr(self, name)
+            if mask is None:
+                value.zero_()
+            else:
+                value.copy_(torch.where(mask, torch.zeros_like(value), value))
+
+    # -- the test ---------------------------------------------------------------------------
+    def update(self, loss: torch.Tensor | float) -> torch.Tensor:
+        """Observe one minibatch loss; return the alarm as a 0-d bool tensor (no host sync).
+
+        On a change alarm the test resets itself; on a non-finite loss it alarms and keeps its
+        statistics as they were.
+        """
+        if not isinstance(loss, torch.Tensor):
+            loss = torch.tensor(float(loss), dtype=self.dtype, device=self.threshold.device)
+        if loss.numel() != 1:
+            raise ValueError(
+                f"PageHinkley.update needs a scalar loss, got shape {tuple(loss.shape)}; "
+                "reduce it first (e.g. loss.mean())"
+            )
+        if loss.device != self.threshold.device:
+            self._to(loss.device)
+        x = all_reduce_mean(loss.detach().reshape(()).to(self.dtype))
+        finite = torch.isfinite(x)
+        x = torch.where(finite, x, torch.zeros_like(x))
+
+        # Delta from the first finite loss ever seen; |.| so a negative loss gives a usable test.
+        first = finite & ~self.initialized
+        threshold = torch.where(first, self.ph_lambda * x.abs(), self.threshold)
+
+        count = self.count + 1
+        inv_count = count.to(self.dtype).reciprocal()
+        weight = torch.clamp(inv_count, min=self.rho)
+        relaxed = self.relaxed_loss + weight * (x - self.relaxed_loss)
+        mean = self.mean + (relaxed - self.mean) * inv_count
+        cusum = self.cusum + (relaxed - mean)
+        cusum_min = torch.minimum(self.cusum_min, cusum)
+        change = (cusum - cusum_min > threshold) & (count > 1) & finite
+        alarm = change | ~finite
+
+        # finite & no change: commit; change: reset to 0; non-finite: keep everything.
+        keep = ~finite
+        for name, new in zip(_STAT_NAMES, (count, relaxed, mean, cusum, cusum_min), strict=True):
+            old = getattr(self, name)
+            old.copy_(torch.where(keep, old, torch.where(change, torch.zeros_like(new), new)))
+        self.threshold.copy_(threshold)
+        self.initialized.logical_or_(finite)
+        self.observations.add_(1)
+        self.alarms.add_(alarm.to(self.alarms.dtype))
+        return alarm
+
+    def stats(self) -> dict[str, torch.Tensor]:
+        """0-d tensors: threshold, relaxed_loss, mean, cusum, gap (U - U_min), count, alarms."""
+        return {
+            "threshold": self.threshold,
+            "relaxed_loss": self.relaxed_loss,
+            "mean": self.mean,
+            "cusum": self.cusum,
+            "gap": self.cusum - self.cusum_min,
+            "count": self.count,
+            "alarms": self.alarms,
+        }
+
+    def __repr__(self) -> str:
+        return f"PageHinkley(ph_lambda={self.ph_lambda}, rho={self.rho})"

@@ -1,0 +1,455 @@
+"""CatastropheGuard: detect a catastrophe on the loss, roll back one step, cut the learning rate.
+
+SALeRA's recovery (Algorithm 1, lines 7-11 of the paper; DESIGN.md) around any optimizer.
+Each step the minibatch loss goes to a change detector (:class:`~steadystep.PageHinkley` by
+default). On an alarm:
+
+* the parameters return to their value before the last update (``backtrack=True``; with
+  ``backtrack=False`` they stay, as in the authors' published runs),
+* every learning rate is multiplied by ``lr_factor`` (0.5),
+* the detector restarts (its threshold is kept) and no update is taken this step.
+
+Otherwise the parameters are saved (one copy, the rollback snapshot) and the wrapped optimizer
+steps. A NaN or inf loss is an alarm too, and leaves the detector's statistics untouched.
+
+Note [host syncs]: around steadystep's own optimizers (:class:`~steadystep.ALeRA`,
+:class:`~steadystep.AgAdam`: anything with ``scale_lr_`` and a maskable ``_step(skip)``) every
+decision stays on the device: the rollback is ``torch.where(alarm, snapshot, p)``, the cut
+multiplies the 0-d multipliers by ``where(alarm, lr_factor, 1)`` and the base step runs masked.
+The only host read is the ``min_lr`` check, once every ``check_every`` steps. Any other optimizer
+(torch's, CProp) keeps state the guard cannot mask, so the guard reads the alarm on the host once
+per step and skips ``optimizer.step()`` on alarms; that read is the cost of wrapping a
+third-party optimizer (``benchmarks/bench_alera.py`` measures it). ``snapshot_device="cpu"``
+also takes the host path (a rollback from host memory is only worth paying on an alarm).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from steadystep._validation import check_nonnegative, check_positive, check_probability
+from steadystep.detect import PageHinkley
+from steadystep.optim.alera import ALeRA
+
+__all__ = ["CatastropheGuard", "SALeRA", "SPALeRA", "TrainingDiverged"]
+
+_HISTORY = 64  # alarms remembered for TrainingDiverged (a ring buffer on the device)
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised when alarms have driven the learning rate below ``min_lr``.
+
+    ``history`` lists the last alarms (up to 64) as dicts ``{"step", "loss"}``, oldest first.
+    """
+
+    def __init__(self, message: str, history: list[dict[str, float]]) -> None:
+        super().__init__(message)
+        self.history = history
+
+
+def _missing_loss(owner: str) -> RuntimeError:
+    return RuntimeError(
+        f"{owner} needs the minibatch loss to watch for catastrophes: call "
+        "opt.step(loss=loss.detach()), or opt.observe_loss(loss) before opt.step(), "
+        "or pass a closure that returns the loss: opt.step(closure)"
+    )
+
+
+class CatastropheGuard(Optimizer):
+    """Wrap any optimizer with detect -> roll back -> cut the learning rate (SALeRA's recovery).
+
+    With ``theta_b`` the parameters saved before the last update and ``A_t`` the detector's alarm
+    on loss ``L_t``:
+
+    .. math::
+        A_t:\\ \\theta \\leftarrow \\theta_b,\\ \\eta \\leftarrow \\texttt{lr\\_factor}\\cdot\\eta,
+        \\ \\text{no update};\\qquad
+        \\neg A_t:\\ \\theta_b \\leftarrow \\theta,
+        \\ \\theta \\leftarrow \\text{optimizer.step}(\\theta)
+
+    Args:
+        optimizer: the optimizer to protect (any ``torch.optim.Optimizer``; steadystep's ALeRA
+            and AgAdam stay sync-free, see Note [host syncs]).
+        detector: change detector with ``update(loss) -> alarm``; default
+            ``PageHinkley(ph_lambda=0.1, rho=0.01)``.
+        lr_factor: factor applied to every learning rate on an alarm (default 0.5, in (0, 1]).
+            For ALeRA/AgAdam it multiplies ``group["lr_multiplier"]``; otherwise ``group["lr"]``
+            (in place when it is a tensor). A scheduler that recomputes ``lr`` from its base
+            values (LambdaLR, OneCycleLR) overwrites the cut; chainable ones keep it.
+        backtrack: roll the parameters back on an alarm (default True); False only skips and
+            cuts, as the authors' published runs did, and keeps no snapshot.
+        min_lr: when an alarm leaves the largest effective learning rate below this, raise
+            :class:`TrainingDiverged` with the alarm history (default 1e-15).
+        snapshot_device: where the rollback snapshot lives (default: beside each parameter).
+            ``"cpu"`` halves the device memory cost for models that do not fit twice, at one
+            device-to-host copy of the parameters per step plus a host read of the alarm.
+        check_every: steps between ``min_lr`` checks on the sync-free path (default 100; each
+            check is one host read).
+
+    The loss comes from ``step(loss=...)``, :meth:`observe_loss` or a closure; a step without
+    one raises a RuntimeError that says how to pass it. ``param_groups``, ``state``,
+    ``zero_grad`` and ``add_param_group`` are the wrapped optimizer's; ``state_dict`` nests it
+    with the guard's own state (detector, counters, snapshot).
+
+    Example:
+        >>> import torch, steadystep as ss
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = ss.CatastropheGuard(torch.optim.AdamW(model.parameters(), lr=1e-3))
+        >>> loss = model(torch.randn(8, 4)).pow(2).mean()
+        >>> loss.backward()
+        >>> _ = opt.step(loss=loss.detach())
+        >>> int(opt.stats()["alarms"])
+        0
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        detector: PageHinkley | None = None,
+        *,
+        lr_factor: float = 0.5,
+        backtrack: bool = True,
+        min_lr: float = 1e-15,
+        snapshot_device: torch.device | str | None = None,
+        check_every: int = 100,
+    ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if isinstance(optimizer, CatastropheGuard):
+            raise ValueError("optimizer is already a CatastropheGuard; wrap the base optimizer")
+        self.lr_factor = check_probability("lr_factor", lr_factor)
+        self.min_lr = check_nonnegative("min_lr", min_lr)
+        if not isinstance(backtrack, bool):
+            raise TypeError(f"backtrack must be a bool, got backtrack={backtrack!r}")
+        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+            raise ValueError(f"check_every must be an int >= 1, got check_every={check_every!r}")
+        self.backtrack = backtrack
+        self.check_every = check_every
+        self.snapshot_device = None if snapshot_device is None else torch.device(snapshot_device)
+        self.optimizer = optimizer
+        self.detector = PageHinkley() if detector is None else detector
+        self._device_side = (
+            hasattr(optimizer, "scale_lr_")
+            and hasattr(optimizer, "_step")
+            and self.snapshot_device is None
+        )
+        self._optimizer_step_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_step_post_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
+        self._patch_step_function()
+
+        params = self._params()
+        device = params[0].device if params else torch.device("cpu")
+        self.alarms = torch.zeros((), dtype=torch.int64, device=device)
+        self.rollbacks = torch.zeros((), dtype=torch.int64, device=device)
+        self.steps = torch.zeros((), dtype=torch.int64, device=device)
+        self.lr_scale = torch.ones((), dtype=torch.float64, device=device)
+        self.history_step = torch.full((_HISTORY,), -1, dtype=torch.int64, device=device)
+        self.history_loss = torch.full((_HISTORY,), math.nan, dtype=torch.float32, device=device)
+        self.snapshots: list[torch.Tensor] = []
+        self._calls = 0
+        self._pending_loss: torch.Tensor | None = None
+
+    # -- delegation -------------------------------------------------------------------------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.optimizer.state
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the wrapped optimizer; its snapshot is taken at the next step."""
+        self.optimizer.add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.optimizer!r}, detector={self.detector!r}, "
+            f"lr_factor={self.lr_factor}, backtrack={self.backtrack}, min_lr={self.min_lr})"
+        )
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    # -- state ------------------------------------------------------------------------------
+    def _counters(self) -> dict[str, torch.Tensor]:
+        return {
+            "alarms": self.alarms,
+            "rollbacks": self.rollbacks,
+            "steps": self.steps,
+            "lr_scale": self.lr_scale,
+            "history_step": self.history_step,
+            "history_loss": self.history_loss,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"optimizer": wrapped state_dict, "guard": detector, counters, snapshot}``."""
+        guard = {
+            "detector": self.detector.state_dict(),
+            **{k: v.clone() for k, v in self._counters().items()},
+            "snapshots": list(self.snapshots),
+            "calls": self._calls,
+            "lr_factor": self.lr_factor,
+            "backtrack": self.backtrack,
+            "min_lr": self.min_lr,
+        }
+        return {"optimizer": self.optimizer.state_dict(), "guard": guard}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; resuming continues bitwise as the saved run would."""
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        guard = state_dict["guard"]
+        self.detector.load_state_dict(guard["detector"])
+        for name, value in self._counters().items():
+            setattr(self, name, guard[name].to(device=value.device, dtype=value.dtype))
+        params = self._params()
+        self.snapshots = [
+            s.to(device=self._snapshot_device(p), dtype=p.dtype, copy=True)
+            for s, p in zip(guard["snapshots"], params, strict=False)
+        ]
+        self._calls = int(guard["calls"])
+        self.lr_factor = check_probability("lr_factor", guard["lr_factor"])
+        self.backtrack = bool(guard["backtrack"])
+        self.min_lr = check_nonnegative("min_lr", guard["min_lr"])
+
+    def stats(self) -> dict[str, torch.Tensor]:
+        """0-d tensors: alarms, rollbacks, steps, lr_scale (product of cuts), detector_* stats."""
+        out = {k: v for k, v in self._counters().items() if not k.startswith("history")}
+        out.update({f"detector_{k}": v for k, v in self.detector.stats().items()})
+        return out
+
+    def history(self) -> list[dict[str, float]]:
+        """The last alarms, oldest first, as ``{"step", "loss"}`` (a host read)."""
+        steps = self.history_step.tolist()
+        losses = self.history_loss.tolist()
+        rows = [{"step": s, "loss": l} for s, l in zip(steps, losses, strict=True) if s >= 0]
+        return sorted(rows, key=lambda row: row["step"])
+
+    # -- stepping ---------------------------------------------------------------------------
+    def observe_loss(self, loss: torch.Tensor | float) -> None:
+        """Give the loss of this step's minibatch to the next :meth:`step`."""
+        self._pending_loss = loss.detach() if isinstance(loss, torch.Tensor) else loss
+
+    @torch.no_grad()
+    def step(
+        self, closure: Callable[[], Any] | None = None, *, loss: torch.Tensor | float | None = None
+    ) -> Any:
+        """Watch the loss, then roll back and cut, or step the wrapped optimizer.
+
+        The loss is the closure's result, else ``loss``, else the one given to
+        :meth:`observe_loss`; it is returned.
+        """
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if loss is None:
+            loss = self._pending_loss
+        if loss is None:
+            raise _missing_loss(type(self).__name__)
+        self._pending_loss = None
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach()
+        alarm = self.detector.update(loss)
+        loss_t = loss if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        params = self._params()
+        self._ensure_snapshots(params)
+        alarm = alarm.to(self.alarms.device)
+        if self._device_side:
+            self._device_step(alarm, params)
+            self._record(alarm, loss_t)
+            self._calls += 1
+            if self._calls % self.check_every == 0:
+                self._check_min_lr()
+        else:
+            alarmed = self._host_step(alarm, params)
+            self._record(alarm, loss_t)
+            self._calls += 1
+            if alarmed:
+                self._check_min_lr()
+        return loss
+
+    def _snapshot_device(self, p: torch.Tensor) -> torch.device:
+        return p.device if self.snapshot_device is None else self.snapshot_device
+
+    def _ensure_snapshots(self, params: list[torch.Tensor]) -> None:
+        """A snapshot per parameter (groups added later get theirs when first seen)."""
+        if not self.backtrack:
+            return
+        for p in params[len(self.snapshots) :]:
+            device = self._snapshot_device(p)
+            pin = device.type == "cpu" and p.is_cuda
+            snap = torch.empty(p.shape, dtype=p.dtype, device=device, pin_memory=pin)
+            self.snapshots.append(snap.copy_(p))
+
+    def _device_step(self, alarm: torch.Tensor, params: list[torch.Tensor]) -> None:
+        if self.backtrack:
+            for p, snap in zip(params, self.snapshots, strict=True):
+                torch.where(alarm, snap, p, out=p)  # the masked rollback: bitwise, sync-free
+            torch._foreach_copy_(self.snapshots, params)
+        factor = torch.where(alarm, self.lr_factor, 1.0).to(torch.float64)
+        self.optimizer.scale_lr_(factor)  # type: ignore[attr-defined]
+        self.lr_scale.mul_(factor)
+        self.optimizer._step(skip=alarm)  # type: ignore[attr-defined]
+
+    def _host_step(self, alarm: torch.Tensor, params: list[torch.Tensor]) -> bool:
+        # Note [host syncs]: the one read per step a third-party optimizer costs.
+        alarmed = bool(alarm)
+        if alarmed:
+            if self.backtrack:
+                for p, snap in zip(params, self.snapshots, strict=True):
+                    p.copy_(snap, non_blocking=True)
+            self._cut_lr()
+            self.lr_scale.mul_(self.lr_factor)
+        else:
+            if self.backtrack:
+                for snap, p in zip(self.snapshots, params, strict=True):
+                    snap.copy_(p, non_blocking=True)
+            self.optimizer.step()
+        return alarmed
+
+    def _cut_lr(self) -> None:
+        if hasattr(self.optimizer, "scale_lr_"):
+            self.optimizer.scale_lr_(torch.tensor(self.lr_factor, dtype=torch.float64))
+            return
+        for group in self.optimizer.param_groups:
+            lr = group["lr"]
+            if isinstance(lr, torch.Tensor):
+                lr.mul_(self.lr_factor)
+            else:
+                group["lr"] = lr * self.lr_factor
+
+    def _record(self, alarm: torch.Tensor, loss: torch.Tensor) -> None:
+        """Counters and the alarm ring buffer, written with masks (no host sync)."""
+        index = (self.alarms % _HISTORY).view(1)
+        old_step = self.history_step.gather(0, index)
+        old_loss = self.history_loss.gather(0, index)
+        loss = loss.to(device=old_loss.device, dtype=old_loss.dtype).reshape(1)
+        self.history_step.scatter_(0, index, torch.where(alarm, self.steps, old_step))
+        self.history_loss.scatter_(0, index, torch.where(alarm, loss, old_loss))
+        self.alarms.add_(alarm.long())
+        if self.backtrack:
+            self.rollbacks.add_(alarm.long())
+        self.steps.add_(1)
+
+    def _max_lr(self) -> float:
+        if hasattr(self.optimizer, "max_lr"):
+            return float(self.optimizer.max_lr())
+        return max(float(g["lr"]) for g in self.optimizer.param_groups)
+
+    def _check_min_lr(self) -> None:
+        """Raise TrainingDiverged when alarms left every learning rate below ``min_lr``."""
+        if not bool(self.alarms > 0):
+            return
+        max_lr = self._max_lr()
+        if max_lr < self.min_lr:
+            history = self.history()
+            raise TrainingDiverged(
+                f"{type(self).__name__}: after {int(self.alarms)} alarms the largest learning "
+                f"rate is {max_lr:.3g} < min_lr={self.min_lr:g}; training diverged. Last alarms "
+                f"(step, loss): {[(h['step'], h['loss']) for h in history[-5:]]}. Lower the "
+                "initial lr, or raise ph_lambda if the alarms come from a noisy plateau.",
+                history,
+            )
+
+
+class SALeRA(CatastropheGuard):
+    """SALeRA (Algorithm 1): :class:`~steadystep.ALeRA` inside a Page-Hinkley
+    :class:`CatastropheGuard`, with the paper's robust defaults ``alpha=0.01, C=3e-6``.
+
+    Equivalent to ``CatastropheGuard(ALeRA(params, lr, alpha=alpha, C=C, ...),
+    PageHinkley(ph_lambda, rho), lr_factor=lr_factor, backtrack=backtrack, min_lr=min_lr)``;
+    every step is sync-free (Note [host syncs]). ``rho`` is ``batch_size / dataset_size`` in
+    the paper. ``opt.optimizer`` is the ALeRA inside.
+
+    Example:
+        >>> import torch, steadystep as ss
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = ss.SALeRA(ss.layer_groups(model), lr=0.1)
+        >>> loss = model(torch.randn(8, 4)).pow(2).mean()
+        >>> loss.backward()
+        >>> _ = opt.step(loss=loss.detach())
+    """
+
+    _alpha, _C, _granularity = 0.01, 3e-6, "group"
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float,
+        *,
+        alpha: float | None = None,
+        C: float | None = None,
+        granularity: str | None = None,
+        weight_decay: float = 0.0,
+        norm_eps: float = 1e-6,
+        ph_lambda: float = 0.1,
+        rho: float = 0.01,
+        lr_factor: float = 0.5,
+        backtrack: bool = True,
+        min_lr: float = 1e-15,
+        snapshot_device: torch.device | str | None = None,
+        check_every: int = 100,
+        foreach: bool | None = None,
+    ) -> None:
+        check_positive("lr", lr)
+        base = ALeRA(
+            params,
+            lr,
+            alpha=self._alpha if alpha is None else alpha,
+            C=self._C if C is None else C,
+            granularity=self._granularity if granularity is None else granularity,
+            weight_decay=weight_decay,
+            norm_eps=norm_eps,
+            foreach=foreach,
+        )
+        super().__init__(
+            base,
+            PageHinkley(ph_lambda=ph_lambda, rho=rho),
+            lr_factor=lr_factor,
+            backtrack=backtrack,
+            min_lr=min_lr,
+            snapshot_device=snapshot_device,
+            check_every=check_every,
+        )
+
+
+class SPALeRA(SALeRA):
+    """SPALeRA (Algorithm 2): SALeRA with one learning rate per element
+    (``granularity="param"``) and the paper's defaults ``alpha=0.1, C=3e-8``.
+
+    Same arguments as :class:`SALeRA`.
+
+    Example:
+        >>> import torch, steadystep as ss
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = ss.SPALeRA(model.parameters(), lr=0.1)
+        >>> opt.optimizer.granularity
+        'param'
+    """
+
+    _alpha, _C, _granularity = 0.1, 3e-8, "param"

@@ -1,0 +1,167 @@
+"""Ag-Adam: the agnostic learning-rate multipliers of ALeRA on top of Adam (paper, section 3.1)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from steadystep._validation import check_nonnegative, check_positive, check_unit_interval
+from steadystep.agnostic import apply_log_change
+from steadystep.optim.alera import GRANULARITIES, ALeRA, _check_alpha, agnostic_update
+
+__all__ = ["AgAdam", "agadam"]
+
+
+def agadam(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    lrs: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    ok: torch.Tensor,
+) -> None:
+    """Adam's step with per-parameter learning rates ``lrs`` (already times the multipliers).
+
+    ``grads`` are finite-masked; where ``ok`` is False moments and parameters stay bitwise
+    unchanged (``beta -> 1``, increment and step size -> 0). ``steps`` (after this step's
+    increment) drive the bias corrections.
+    """
+    for p, g, m, v, lr, t in zip(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, strict=True):
+        b1 = torch.where(ok, torch.full_like(t, beta1, dtype=m.dtype), 1.0)
+        b2 = torch.where(ok, torch.full_like(t, beta2, dtype=v.dtype), 1.0)
+        m.mul_(b1).addcmul_(g, 1.0 - b1)
+        v.mul_(b2).addcmul_(g.square(), 1.0 - b2)
+        t_safe = t.clamp(min=1.0).to(m.dtype)  # bias corrections stay > 0 before the first step
+        bias_correction1 = 1.0 - beta1**t_safe
+        bias_correction2 = 1.0 - beta2**t_safe
+        denom = (v.sqrt() / bias_correction2.sqrt()).add_(eps)
+        step_size = torch.where(ok, lr / bias_correction1, 0.0)
+        p.addcmul_(m / denom, -step_size)
+
+
+class AgAdam(ALeRA):
+    """Adam whose learning rate is adapted by ALeRA's agnostic rule (the paper's Ag-Adam).
+
+    The relaxed path and the multipliers come from the raw gradient and are updated first,
+    exactly as in :class:`~steadystep.ALeRA` (same ``granularity`` choices, same clipping of
+    the exponent); then Adam's step is taken with learning rate ``lr * m``:
+
+    .. math::
+        m_1 &\\leftarrow \\beta_1 m_1 + (1-\\beta_1) g, \\qquad
+        m_2 \\leftarrow \\beta_2 m_2 + (1-\\beta_2) g^2\\\\
+        \\theta &\\leftarrow \\theta - \\texttt{lr}\\, m\\,
+            \\frac{m_1 / (1-\\beta_1^t)}{\\sqrt{m_2 / (1-\\beta_2^t)} + \\epsilon}
+
+    ``m_1, m_2`` are ``state["exp_avg"], state["exp_avg_sq"]``, ``(beta1, beta2)`` is ``betas``,
+    ``epsilon`` is ``eps``, ``t`` is ``group["step"]`` (the finite steps taken) and ``m`` the
+    multiplier. A non-finite gradient leaves every state and parameter unchanged.
+
+    Args:
+        params: parameters or param groups (``ss.layer_groups(model)`` for the paper's layers).
+        lr: initial learning rate (default 1e-3).
+        betas: Adam's moment decays (default (0.9, 0.999)).
+        eps: Adam's denominator term (default 1e-8).
+        alpha: memory rate of the relaxed path (default 0.001, the paper's Ag-Adam setting).
+        C: adaptation speed (default 3e-6).
+        granularity: ``"global" | "group" | "tensor" | "param"`` (default ``"group"``).
+        norm_eps: below this gradient norm ``r`` only decays (default 1e-6).
+        foreach: ``torch._foreach`` kernels for the agnostic part (default: on CUDA).
+
+    Example:
+        >>> import torch, steadystep as ss
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = ss.AgAdam(ss.layer_groups(model), lr=1e-3)
+        >>> model(torch.randn(8, 4)).pow(2).mean().backward()
+        >>> opt.step()
+    """
+
+    _wide_keys = (*ALeRA._wide_keys, "betas", "eps")
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        *,
+        alpha: float = 0.001,
+        C: float = 3e-6,
+        granularity: str = "group",
+        norm_eps: float = 1e-6,
+        foreach: bool | None = None,
+    ) -> None:
+        check_positive("lr", lr)
+        beta1 = check_unit_interval("betas[0]", betas[0])
+        beta2 = check_unit_interval("betas[1]", betas[1])
+        defaults = dict(
+            lr=lr,
+            betas=(beta1, beta2),
+            eps=check_positive("eps", eps),
+            alpha=_check_alpha(alpha),
+            C=check_nonnegative("C", C),
+            weight_decay=0.0,
+            norm_eps=check_nonnegative("norm_eps", norm_eps),
+            foreach=foreach,
+        )
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        self.granularity = granularity
+        Optimizer.__init__(self, params, defaults)
+
+    def _step(self, skip: torch.Tensor | None) -> None:
+        work = self._prepare(skip)
+        if work is None:
+            return
+        ok, params, grads = work["ok"], work["params"], work["grads"]
+        log_changes = agnostic_update(
+            grads,
+            work["norms"],
+            work["relaxed_paths"],
+            work["units"],
+            work["unit_steps"],
+            ok=ok,
+            foreach=work["foreach"],
+            **self._hyper(),
+        )
+        multipliers = work["multipliers"]
+        for m, change in zip(multipliers, log_changes, strict=True):
+            m.copy_(torch.where(ok, apply_log_change(m, change), m))
+        if self.granularity == "param":
+            per_param_m = multipliers
+        else:
+            per_param_m = [multipliers[0]] * len(params)
+            for unit, m in zip(work["units"], multipliers, strict=True):
+                for i in unit:
+                    per_param_m[i] = m
+        exp_avgs, exp_avg_sqs = [], []
+        for p in params:
+            state = self.state[p]
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(state["relaxed_path"])
+                state["exp_avg_sq"] = torch.zeros_like(state["relaxed_path"])
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+        groups = self.param_groups
+        index = work["param_group_index"]
+        beta1, beta2 = self.defaults["betas"]
+        agadam(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            [m * lr for m, lr in zip(per_param_m, work["lrs"], strict=True)],
+            [groups[gi]["step"] for gi in index],
+            beta1=beta1,
+            beta2=beta2,
+            eps=self.defaults["eps"],
+            ok=ok,
+        )
+        self._sync_global()

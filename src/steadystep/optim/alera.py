@@ -1,0 +1,447 @@
+"""ALeRA: agnostic learning-rate adaptation (Schoenauer Sebag, Schoenauer & Sebag, section 2.1).
+
+The class validates and holds state; :func:`alera` is the functional core, with a readable
+per-tensor reference path and a ``torch._foreach`` path that tests hold equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from steadystep._validation import (
+    check_choice,
+    check_nonnegative,
+    check_param_tensors,
+    check_positive,
+)
+from steadystep.agnostic import apply_log_change, log_lr_change
+
+__all__ = ["GRANULARITIES", "ALeRA", "agnostic_update", "alera", "grad_norms"]
+
+GRANULARITIES = ("global", "group", "tensor", "param")
+_WIDE_KEYS = ("alpha", "C", "norm_eps")  # optimizer-wide: a unit may span several groups
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics stay in at least float32: a multiplier step of ``exp(3e-6)`` vanishes in bf16."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _check_alpha(alpha: float) -> float:
+    alpha = check_positive("alpha", alpha)
+    if not alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got alpha={alpha}")
+    return alpha
+
+
+# Note [units]: a "unit" is the set of elements that share one learning-rate multiplier and one
+# normalisation ``g / ||g||``: all parameters ("global"), one param group ("group", a layer with
+# ss.layer_groups), one tensor ("tensor"). For "param" (SPALeRA) the normalisation is global but
+# every element has its own multiplier, compared with mean ``E_t / D`` and std ``alpha / D``.
+def grad_norms(
+    grads: list[torch.Tensor], dtypes: list[torch.dtype], *, foreach: bool
+) -> list[torch.Tensor]:
+    """Per-tensor L2 norms, accumulated in the statistics' dtype (0-d tensors)."""
+    if foreach and len(set(dtypes)) == 1:
+        return list(torch._foreach_norm(grads, 2, dtypes[0]))
+    return [torch.linalg.vector_norm(g, dtype=dt) for g, dt in zip(grads, dtypes, strict=True)]
+
+
+def agnostic_update(
+    grads: list[torch.Tensor],
+    norms: list[torch.Tensor],
+    relaxed_paths: list[torch.Tensor],
+    units: list[list[int]],
+    unit_steps: list[torch.Tensor],
+    *,
+    alpha: float,
+    C: float,
+    norm_eps: float,
+    param_wise: bool,
+    ok: torch.Tensor,
+    foreach: bool,
+) -> list[torch.Tensor]:
+    """Advance the relaxed paths in place and return the multipliers' log changes (sync-free).
+
+    For each unit ``u`` with gradient ``g_u`` (finite-masked: 0 where ``ok`` is False) and
+    per-tensor norms ``norms``:
+
+        r_i <- (1 - alpha) r_i + alpha g_i / ||g_u||   if ||g_u|| > norm_eps, else (1 - alpha) r_i
+        log_change_u = C (||r_u||^2 - E_t) / (alpha / sqrt(d_u)),   t = unit_steps[u]
+
+    and, with ``param_wise``, per element ``log_change_i = C (D r_i^2 - E_t) / alpha`` (one
+    tensor shaped like each parameter). Where ``ok`` is False every relaxed path stays as it was.
+    """
+    r0 = relaxed_paths[0]
+    decay = torch.where(ok, torch.full((), 1.0 - alpha, dtype=r0.dtype, device=r0.device), 1.0)
+    scales: list[torch.Tensor] = [decay] * len(grads)
+    numels = []
+    for unit in units:
+        dtype = relaxed_paths[unit[0]].dtype
+        unit_norm = torch.stack([norms[i].to(dtype) for i in unit]).square().sum().sqrt()
+        # alpha / ||g|| only where the gradient has a direction; never a division by ~0.
+        has_direction = (unit_norm > norm_eps) & ok
+        scale = torch.where(has_direction, alpha / torch.where(has_direction, unit_norm, 1.0), 0.0)
+        for i in unit:
+            scales[i] = scale
+        numels.append(sum(grads[i].numel() for i in unit))
+
+    if foreach:
+        torch._foreach_mul_(relaxed_paths, decay)
+        torch._foreach_addcmul_(relaxed_paths, grads, scales)
+    else:
+        for r, g, s in zip(relaxed_paths, grads, scales, strict=True):
+            r.mul_(decay).addcmul_(g, s)
+
+    if param_wise:
+        total = float(sum(numels))
+        return [
+            log_lr_change(total * r.square(), unit_steps[0], alpha=alpha, C=C, numel=1.0)
+            for r in relaxed_paths
+        ]
+    r_sq = grad_norms(relaxed_paths, [r.dtype for r in relaxed_paths], foreach=foreach)
+    log_changes = []
+    for unit, step, numel in zip(units, unit_steps, numels, strict=True):
+        sq = torch.stack([r_sq[i] for i in unit]).square().sum()
+        log_changes.append(log_lr_change(sq, step, alpha=alpha, C=C, numel=float(numel)))
+    return log_changes
+
+
+def alera(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    norms: list[torch.Tensor],
+    relaxed_paths: list[torch.Tensor],
+    multipliers: list[torch.Tensor],
+    units: list[list[int]],
+    unit_steps: list[torch.Tensor],
+    lrs: list[float | torch.Tensor],
+    *,
+    alpha: float,
+    C: float,
+    norm_eps: float,
+    param_wise: bool,
+    ok: torch.Tensor,
+    foreach: bool = False,
+) -> None:
+    """Functional ALeRA step: relaxed paths, multipliers, then ``theta_i -= lr_i m_i d_i``.
+
+    ``multipliers[u]`` is unit ``u``'s adapted multiplier (with ``param_wise``: one per-element
+    tensor per parameter); ``lrs[i]`` is parameter ``i``'s learning rate without it. ``grads``
+    must be finite-masked and include weight decay; ``norms`` are their per-tensor norms.
+    Everything stays unchanged where ``ok`` (0-d bool) is False.
+    """
+    log_changes = agnostic_update(
+        grads,
+        norms,
+        relaxed_paths,
+        units,
+        unit_steps,
+        alpha=alpha,
+        C=C,
+        norm_eps=norm_eps,
+        param_wise=param_wise,
+        ok=ok,
+        foreach=foreach,
+    )
+    for m, change in zip(multipliers, log_changes, strict=True):
+        m.copy_(torch.where(ok, apply_log_change(m, change), m))
+    if param_wise:
+        neg_coefs = [m * -lr for m, lr in zip(multipliers, lrs, strict=True)]
+    else:
+        neg_coefs = [multipliers[0]] * len(params)
+        for unit, m in zip(units, multipliers, strict=True):
+            for i in unit:
+                neg_coefs[i] = m * -lrs[i]
+    if foreach:
+        torch._foreach_addcmul_(params, grads, neg_coefs)
+    else:
+        for p, g, coef in zip(params, grads, neg_coefs, strict=True):
+            p.addcmul_(g, coef)
+
+
+class ALeRA(Optimizer):
+    """Agnostic LEarning Rate Adaptation on top of SGD.
+
+    Compares the relaxed path of normalised gradients with a random walk of unit vectors and
+    raises the learning rate while gradients agree more than chance, lowers it otherwise
+    (Algorithm 1 of the paper without the greyed Page-Hinkley lines). Per step ``t`` and unit
+    (see ``granularity``), with ``d = g + weight_decay * theta``:
+
+    .. math::
+        r &\\leftarrow (1 - \\alpha)\\, r + \\alpha\\, d / \\lVert d \\rVert
+            \\quad (\\text{only the decay where } \\lVert d \\rVert \\le \\texttt{norm\\_eps})\\\\
+        m &\\leftarrow m
+            \\exp\\big(C\\,(\\lVert r \\rVert^2 - E_t) \\,/\\, (\\alpha/\\sqrt{n})\\big),
+            \\qquad E_t = \\tfrac{\\alpha}{2-\\alpha}\\,(1 - (1-\\alpha)^{2t})\\\\
+        \\theta &\\leftarrow \\theta - \\texttt{lr}\\; m\\; d
+
+    ``r`` is ``state["relaxed_path"]``, ``m`` the multiplier (``group["lr_multiplier"]`` for
+    ``"global"``/``"group"``, ``state["lr_multiplier"]`` for ``"tensor"``/``"param"``), ``n``
+    the number of elements of the unit, ``alpha`` is ``alpha`` and ``C`` is ``C``. The multiplier
+    is updated before the parameter update of the same step, as in the paper. The exponent is
+    clipped so a multiplier never reaches inf or 0 (:func:`steadystep.agnostic.apply_log_change`).
+
+    The relaxed path sees the same gradient the update uses, weight decay included (the paper's
+    ``g`` is the gradient of the objective being minimised); weight decay is added once.
+
+    Args:
+        params: parameters or param groups (``ss.layer_groups(model)`` gives the paper's layers).
+        lr: initial learning rate ``eta_0``; multipliers start at 1 and multiply it, so LR
+            schedulers compose.
+        alpha: memory rate of the relaxed path (default 0.01, the paper's robust setting).
+        C: adaptation speed (default 3e-6).
+        granularity: ``"global"`` (one rate), ``"group"`` (one per param group, default),
+            ``"tensor"`` (one per tensor) or ``"param"`` (one per element: SPALeRA; ``r`` is
+            normalised by the global norm, reference mean ``E_t / D``, std ``alpha / D``).
+        weight_decay: L2 penalty added to the gradient (default 0).
+        norm_eps: below this unit gradient norm the step has no direction and ``r`` only decays.
+        foreach: use ``torch._foreach`` kernels (default: on CUDA only, where they are faster).
+
+    ``group["lr_multiplier"]`` (0-d, every granularity) is also where
+    :class:`~steadystep.CatastropheGuard` cuts the rate; ``group["step"]`` counts the steps
+    taken. A step whose gradient holds a NaN or inf anywhere changes nothing (decided on the
+    device). Parameters whose ``grad`` is None are left out of the step, and their unit.
+
+    Example:
+        >>> import torch, steadystep as ss
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = ss.ALeRA(ss.layer_groups(model), lr=0.1)
+        >>> model(torch.randn(8, 4)).pow(2).mean().backward()
+        >>> opt.step()
+        >>> opt.param_groups[0]["lr_multiplier"].shape
+        torch.Size([])
+    """
+
+    _wide_keys: tuple[str, ...] = _WIDE_KEYS
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float,
+        *,
+        alpha: float = 0.01,
+        C: float = 3e-6,
+        granularity: str = "group",
+        weight_decay: float = 0.0,
+        norm_eps: float = 1e-6,
+        foreach: bool | None = None,
+    ) -> None:
+        check_positive("lr", lr)
+        check_nonnegative("weight_decay", weight_decay)
+        defaults = dict(
+            lr=lr,
+            alpha=_check_alpha(alpha),
+            C=check_nonnegative("C", C),
+            weight_decay=weight_decay,
+            norm_eps=check_nonnegative("norm_eps", norm_eps),
+            foreach=foreach,
+        )
+        self.granularity = check_choice("granularity", granularity, GRANULARITIES)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; its ``lr_multiplier`` starts at 1 (at the global one for ``"global"``)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        check_param_tensors(group["params"], type(self).__name__)
+        check_positive("lr", group["lr"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+        for key in self._wide_keys:
+            if group[key] != self.defaults[key]:
+                raise ValueError(
+                    f"{key} is optimizer-wide in {type(self).__name__} (a unit can span groups); "
+                    f"got {key}={group[key]} in a param group, {self.defaults[key]} overall"
+                )
+        if not group["params"]:
+            device, dtype = torch.device("cpu"), torch.float32
+        else:
+            device = group["params"][0].device
+            dtype = _state_dtype(group["params"][0].dtype)
+            for p in group["params"][1:]:
+                dtype = torch.promote_types(dtype, p.dtype)
+        multiplier = torch.ones((), dtype=dtype, device=device)
+        step = torch.zeros((), dtype=torch.float32, device=device)
+        if self.granularity == "global" and len(self.param_groups) > 1:
+            # One rate for everything: a late group joins at the current global value.
+            first = self.param_groups[0]
+            multiplier.copy_(first["lr_multiplier"])
+            step.copy_(first["step"])
+        group.setdefault("lr_multiplier", multiplier)
+        group.setdefault("step", step)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, but statistics keep their saved dtype (fp32 stays fp32 for bf16 params)."""
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params, strict=True):
+            saved = state_dict["state"].get(saved_id)
+            if saved is None:
+                continue
+            self.state[p] = {
+                k: v.to(device=p.device, copy=True) if isinstance(v, torch.Tensor) else v
+                for k, v in saved.items()
+            }
+        for group in self.param_groups:
+            device = group["params"][0].device if group["params"] else torch.device("cpu")
+            for key in ("lr_multiplier", "step"):
+                group[key] = group[key].to(device)
+
+    # -- the guard protocol (see steadystep.guard) -------------------------------------------
+    @torch.no_grad()
+    def scale_lr_(self, factor: torch.Tensor) -> None:
+        """Multiply every effective learning rate by ``factor`` (0-d tensor), on the device."""
+        for group in self.param_groups:
+            m = group["lr_multiplier"]
+            m.mul_(factor.to(device=m.device, dtype=m.dtype))
+
+    @torch.no_grad()
+    def max_lr(self) -> torch.Tensor:
+        """Largest effective learning rate ``lr * multipliers`` over all parameters (0-d)."""
+        values = []
+        for group in self.param_groups:
+            top = group["lr_multiplier"].double() * group["lr"]
+            per_param = [
+                self.state[p]["lr_multiplier"].max().double().to(top.device)
+                for p in group["params"]
+                if "lr_multiplier" in self.state.get(p, {})
+            ]
+            if per_param:
+                top = top * torch.stack(per_param).max()
+            values.append(top)
+        return torch.stack(values).max()
+
+    # -- stepping ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(
+        self, closure: Callable[[], Any] | None = None, *, loss: torch.Tensor | None = None
+    ) -> Any:
+        """One ALeRA step. ``closure`` re-evaluates the loss (returned); ``loss`` is accepted
+        for a uniform signature with the guarded optimizers and returned as is."""
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._step(skip=None)
+        return loss
+
+    def _collect(self) -> tuple[list[list[int]], dict[str, list[Any]]]:
+        """Flatten the groups: parameters with a gradient, their masked gradients and state."""
+        lists: dict[str, list[Any]] = {
+            k: [] for k in ("params", "grads", "relaxed", "decay", "group", "param_m")
+        }
+        group_units: list[list[int]] = []
+        for gi, group in enumerate(self.param_groups):
+            members = []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients; "
+                        "use dense embeddings (sparse=False)"
+                    )
+                state = self.state[p]
+                if not state:
+                    sdtype = _state_dtype(p.dtype)
+                    state["relaxed_path"] = torch.zeros_like(p, dtype=sdtype)
+                    if self.granularity == "tensor":
+                        state["lr_multiplier"] = torch.ones((), dtype=sdtype, device=p.device)
+                    elif self.granularity == "param":
+                        state["lr_multiplier"] = torch.ones_like(p, dtype=sdtype)
+                members.append(len(lists["params"]))
+                lists["params"].append(p)
+                lists["grads"].append(p.grad)
+                lists["relaxed"].append(state["relaxed_path"])
+                lists["decay"].append(group["weight_decay"])
+                lists["group"].append(gi)
+                lists["param_m"].append(state.get("lr_multiplier"))
+            group_units.append(members)
+        return group_units, lists
+
+    def _prepare(self, skip: torch.Tensor | None) -> dict[str, Any] | None:
+        """Everything a step needs, laid out per unit (Note [units]); None without gradients."""
+        group_units, lists = self._collect()
+        params = lists["params"]
+        if not params:
+            return None
+        foreach = self.defaults["foreach"]
+        if foreach is None:
+            foreach = params[0].is_cuda
+        # Weight decay enters once, into the gradient that both r and the update see.
+        grads = [
+            g if wd == 0.0 else g.add(p, alpha=wd)
+            for g, p, wd in zip(lists["grads"], params, lists["decay"], strict=True)
+        ]
+        norms = grad_norms(grads, [r.dtype for r in lists["relaxed"]], foreach=foreach)
+        ok = torch.stack([torch.isfinite(n) for n in norms]).all()
+        if skip is not None:
+            ok = ok & ~skip.to(ok.device)
+        # A non-finite gradient must not reach any state: 0 * nan is nan, so mask it to zero.
+        grads = [torch.where(ok, g, torch.zeros((), dtype=g.dtype, device=g.device)) for g in grads]
+
+        groups = self.param_groups
+        gran = self.granularity
+        active = [gi for gi, members in enumerate(group_units) if members]
+        if gran in ("global", "param"):
+            units = [[i for members in group_units for i in members]]
+            owners = [0 if gran == "global" else active[0]]
+        elif gran == "group":
+            units = [group_units[gi] for gi in active]
+            owners = active
+        else:
+            units = [[i] for i in range(len(params))]
+            owners = lists["group"]
+        for gi in range(len(groups)) if gran == "global" else active:
+            groups[gi]["step"].add_(ok.to(torch.float32))
+
+        if gran in ("global", "group"):
+            # The group multiplier is the adapted rate; the update uses lr times it.
+            multipliers = [groups[gi]["lr_multiplier"] for gi in owners]
+            lrs: list[float | torch.Tensor] = [groups[gi]["lr"] for gi in lists["group"]]
+        else:
+            # Per-tensor/element rates, times the group factor (1 unless a guard cut it).
+            multipliers = lists["param_m"]
+            lrs = [groups[gi]["lr_multiplier"] * groups[gi]["lr"] for gi in lists["group"]]
+        return dict(
+            params=params,
+            grads=grads,
+            norms=norms,
+            relaxed_paths=lists["relaxed"],
+            multipliers=multipliers,
+            units=units,
+            unit_steps=[groups[gi]["step"] for gi in owners],
+            lrs=lrs,
+            ok=ok,
+            foreach=foreach,
+            param_group_index=lists["group"],
+        )
+
+    def _sync_global(self) -> None:
+        if self.granularity == "global":
+            # Keep every group's copy of the one global rate identical.
+            first = self.param_groups[0]["lr_multiplier"]
+            for group in self.param_groups[1:]:
+                group["lr_multiplier"].copy_(first)
+
+    def _hyper(self) -> dict[str, Any]:
+        d = self.defaults
+        return dict(
+            alpha=d["alpha"],
+            C=d["C"],
+            norm_eps=d["norm_eps"],
+            param_wise=self.granularity == "param",
+        )
+
+    def _step(self, skip: torch.Tensor | None) -> None:
+        """The step proper; ``skip`` (0-d bool) turns it into a no-op on the device."""
+        work = self._prepare(skip)
+        if work is None:
+            return
+        work.pop("param_group_index")
+        alera(**work, **self._hyper())
+        self._sync_global()
