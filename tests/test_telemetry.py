@@ -225,3 +225,33 @@ def test_explicit_step_numbers_used():
         monitor.step(step=s)
     monitor.close()
     assert [r["step"] for r in monitor.history] == [10, 20, 30]
+
+
+def test_alarm_without_rollback_reported_as_alarm(caplog):
+    # a guard with backtrack=False counts alarms but no rollbacks
+    comp = Scripted(alarms=[0, 0, 0, 1], rollbacks=[0])
+    with caplog.at_level(logging.WARNING, logger="steadystep"):
+        _run(ss.Monitor(("guard", comp), every=2), comp, 5)
+    msgs = _warnings(caplog)
+    assert len(msgs) == 1 and "step 3" in msgs[0] and "raised an alarm" in msgs[0]
+
+
+def test_guard_rollback_reported_once_as_rollback_and_lr_cut(caplog):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    opt = ss.SALeRA(model.parameters(), lr=0.05, rho=0.5)
+    monitor = ss.Monitor(("salera", opt), every=8)
+    with caplog.at_level(logging.WARNING, logger="steadystep"):
+        for step in range(12):
+            x = torch.randn(16, 3)
+            loss = model(x).pow(2).mean() + (50.0 if step == 9 else 0.0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step(loss=loss.detach())
+            monitor.step()
+        monitor.close()
+    msgs = _warnings(caplog)
+    assert int(opt.stats()["rollbacks"]) == 1
+    assert len(msgs) == 2, msgs
+    assert all("step 9" in m for m in msgs)
+    assert "rolled back" in msgs[0] and "learning rate cut" in msgs[1]

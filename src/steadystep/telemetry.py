@@ -319,13 +319,20 @@ class Monitor:
             if isinstance(old, float) and math.isfinite(old) and not math.isfinite(new):
                 logger.warning("steadystep: step %d: %s became %r", step, col, new)
             if stat in ("rollbacks", "alarms", "lr_cuts") and new > old:
-                what = {"rollbacks": "rolled back", "alarms": "raised an alarm (rollback)"}.get(
+                component = col.split("/")[0]
+                rolled = f"{component}/rollbacks"
+                if (
+                    stat == "alarms"
+                    and rolled in row
+                    and last is not None
+                    and row[rolled] > last[rolled]
+                ):
+                    continue  # reported as a rollback
+                what = {"rollbacks": "rolled back", "alarms": "raised an alarm"}.get(
                     stat, "cut the learning rate"
                 )
-                if stat == "alarms" and any(_stat_name(c) == "rollbacks" for c in self.columns):
-                    continue  # the rollback counter already reports it
                 logger.warning(
-                    "steadystep: step %d: %s %s (%s = %d)", step, col.split("/")[0], what, stat, new
+                    "steadystep: step %d: %s %s (%s = %d)", step, component, what, stat, new
                 )
             elif (
                 _is_lr_key(col)

@@ -1,0 +1,207 @@
+"""Lightning callbacks: feed the loss to loss-needing optimizers, log steadystep statistics.
+
+Return steadystep optimizers from ``configure_optimizers`` as any other; add the callbacks::
+
+    trainer = lightning.Trainer(callbacks=[LossFeeder(), StatsLogger()], ...)
+
+* :class:`LossFeeder` passes each training loss to every optimizer that has ``observe_loss``
+  (SALeRA, SPALeRA, a ``CatastropheGuard``) from ``on_before_backward``, which Lightning calls in
+  every precision, including ``precision="16-mixed"`` where the precision plugin runs the closure
+  itself and then calls ``optimizer.step()`` with no closure and no loss. It also makes a step
+  that the GradScaler skips leave the model's ALRC moments untouched (see
+  :mod:`steadystep.integrations.amp`).
+* :class:`StatsLogger` records the ``stats()`` of the trainer's optimizers and of every
+  submodule of the LightningModule that has one (ALRC) with a :class:`~steadystep.Monitor`, and
+  sends them to the trainer's loggers every ``log_every_n_steps`` steps (one host read then).
+
+With ``accumulate_grad_batches = k`` the loss fed is the mean over the k micro-batches of the step
+(Lightning hands ``on_before_backward`` each micro-batch loss divided by k; their sum is fed).
+
+Example:
+    >>> import torch, lightning as L, steadystep as ss
+    >>> from steadystep.integrations.lightning import LossFeeder, StatsLogger
+    >>> class Tiny(L.LightningModule):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.net, self.alrc = torch.nn.Linear(4, 1), ss.ALRC()
+    ...     def training_step(self, batch, batch_idx):
+    ...         x, y = batch
+    ...         return self.alrc((self.net(x) - y).pow(2).squeeze(1)).mean()
+    ...     def configure_optimizers(self):
+    ...         return torch.optim.SGD(self.parameters(), lr=0.1)
+    >>> data = torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randn(32, 1))
+    >>> trainer = L.Trainer(max_steps=4, logger=False, enable_progress_bar=False,
+    ...     enable_checkpointing=False, enable_model_summary=False,
+    ...     callbacks=[LossFeeder(), StatsLogger(every=2)])
+    >>> trainer.fit(Tiny(), torch.utils.data.DataLoader(data, batch_size=8))
+    >>> trainer.callbacks[1].monitor.history[-1]["alrc/num_updates"]
+    4
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+from steadystep.integrations import find_stats_modules, loss_needing, unwrap_optimizer
+from steadystep.integrations.amp import skip_aware
+from steadystep.telemetry import Monitor
+
+__all__ = ["LossFeeder", "StatsLogger"]
+
+
+def _scaler(trainer: pl.Trainer) -> Any:
+    return getattr(trainer.strategy.precision_plugin, "scaler", None)
+
+
+class LossFeeder(Callback):
+    """Give every loss-needing optimizer the training loss, in every precision.
+
+    For each optimizer of the trainer with an ``observe_loss`` method, calls
+    ``observe_loss(loss.detach())`` from ``on_before_backward`` (the mean over the micro-batches
+    of the step under gradient accumulation). Under a precision plugin with a GradScaler
+    (``"16-mixed"``), ALRC modules of the LightningModule get back their moments of before the
+    step when the scaler skips it, so a skipped step updates no statistic anywhere.
+
+    Args:
+        undo_skipped_alrc: restore ALRC (any submodule with ``stats()`` and buffers) on steps the
+            GradScaler skips (default True).
+    """
+
+    def __init__(self, undo_skipped_alrc: bool = True) -> None:
+        self.undo_skipped_alrc = undo_skipped_alrc
+        self._window: Tensor | None = None
+        self._stepping = False
+        self._guard: skip_aware | None = None
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._guard is None and self.undo_skipped_alrc:
+            scaler = _scaler(trainer)
+            modules = [
+                m for _, m in find_stats_modules(pl_module) if any(True for _ in m.buffers())
+            ]
+            if scaler is not None and modules:
+                # Begins at the first micro-batch of an accumulation window: all of its forwards
+                # are undone if the window's step is skipped.
+                self._guard = skip_aware(scaler, *modules)
+                self._guard.begin()
+
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
+    ) -> None:
+        if not pl_module.automatic_optimization:
+            # Manual optimisation: the user calls step() and can pass loss= there; still feed the
+            # last loss so that a plain opt.step() works too.
+            self._window = None
+        loss = loss.detach()
+        self._window = loss if self._window is None else self._window + loss
+        for opt in trainer.optimizers:
+            if loss_needing(opt):
+                unwrap_optimizer(opt).observe_loss(self._window)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        self._window = None  # the next backward starts a new accumulation window
+        self._stepping = True
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self._stepping:
+            self._stepping = False
+            if self._guard is not None:
+                self._guard.end()
+                self._guard = None
+
+
+class StatsLogger(Callback):
+    """Log the ``stats()`` of steadystep optimizers and modules to the trainer's loggers.
+
+    Records one row per optimizer step with a :class:`~steadystep.Monitor` (device-side, no host
+    read) and flushes every ``every`` steps: the rows go to every logger of the trainer as
+    ``<prefix><component>/<stat>`` at their step, and to ``csv_path`` / ``tensorboard_dir`` if
+    given. Notable events (rollbacks, LR cuts, sustained clipping) are logged at WARNING.
+
+    Components: each optimizer of the trainer with ``stats()`` (named ``optimizer``,
+    ``optimizer_1``, ... or by class name when it is not a plain optimizer) and each submodule of
+    the LightningModule with ``stats()`` (named by its attribute path).
+
+    Args:
+        every: flush interval in optimizer steps (default: the trainer's ``log_every_n_steps``).
+        csv_path, tensorboard_dir: passed to the Monitor (default None).
+        prefix: prepended to every metric name sent to the loggers (default ``"steadystep/"``).
+
+    Attributes:
+        monitor: the :class:`~steadystep.Monitor` (created at the start of training).
+    """
+
+    def __init__(
+        self,
+        every: int | None = None,
+        csv_path: str | os.PathLike[str] | None = None,
+        tensorboard_dir: str | os.PathLike[str] | None = None,
+        prefix: str = "steadystep/",
+    ) -> None:
+        self.every = every
+        self.csv_path = csv_path
+        self.tensorboard_dir = tensorboard_dir
+        self.prefix = prefix
+        self.monitor: Monitor | None = None
+        self._trainer: pl.Trainer | None = None
+        self._last_step = -1
+
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        if self._trainer is None:
+            return
+        named = {f"{self.prefix}{k}": float(v) for k, v in metrics.items()}
+        for lg in self._trainer.loggers:
+            lg.log_metrics(named, step=step)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trainer = trainer
+        components: list[tuple[str, Any]] = []
+        for opt in trainer.optimizers:
+            inner = unwrap_optimizer(opt)
+            if callable(getattr(inner, "stats", None)):
+                components.append((type(inner).__name__.lower(), inner))
+        components.extend(find_stats_modules(pl_module))
+        self.monitor = Monitor(
+            *components,
+            every=self.every or trainer.log_every_n_steps,
+            csv_path=self.csv_path,
+            tensorboard_dir=self.tensorboard_dir,
+            log_fn=self._log,
+        )
+        self._last_step = trainer.global_step
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        # Record once per optimizer step (not per micro-batch under gradient accumulation).
+        if self.monitor is not None and trainer.global_step != self._last_step:
+            self._last_step = trainer.global_step
+            if self.monitor.components:
+                self.monitor.step(step=trainer.global_step)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+            for lg in trainer.loggers:
+                lg.save()
