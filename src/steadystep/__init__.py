@@ -14,6 +14,7 @@ from steadystep.detect import PageHinkley
 from steadystep.groups import layer_groups
 from steadystep.guard import CatastropheGuard, SALeRA, SPALeRA, TrainingDiverged
 from steadystep.optim import AgAdam, ALeRA
+from steadystep.optim.cprop import CProp, CPropAdam, CPropAdamW, CPropSGD
 from steadystep.telemetry import Monitor
 
 __version__ = "0.1.0"
@@ -22,6 +23,10 @@ __all__ = [
     "ALRC",
     "ALeRA",
     "AgAdam",
+    "CProp",
+    "CPropAdam",
+    "CPropAdamW",
+    "CPropSGD",
     "CatastropheGuard",
     "Monitor",
     "PageHinkley",
