@@ -57,7 +57,7 @@ def walks(request):
 
 @pytest.mark.parametrize("t", TIMES)
 def test_mean_and_variance_match_monte_carlo(walks, t):
-    # Tolerance: 5 standard errors of the Monte Carlo estimate (plus float64 round-off).
+    # Tolerance: 5 standard errors of the Monte Carlo estimate, plus float32 round-off.
     d, samples = walks
     x = samples[t]
     n = x.numel()
@@ -65,7 +65,7 @@ def test_mean_and_variance_match_monte_carlo(walks, t):
     se_mean = math.sqrt(var / n)
     centred4 = (x - x.mean()).pow(4).mean().item()
     se_var = math.sqrt(max(centred4 - var**2, 0.0) / n)
-    assert abs(mean - random_walk_mean(ALPHA, t)) <= 5 * se_mean + 1e-12
+    assert abs(mean - random_walk_mean(ALPHA, t)) <= 5 * se_mean + 1e-8
     assert abs(var - random_walk_variance(ALPHA, t, d)) <= 5 * se_var + 1e-12
     if t > 1:
         # The printed eq. (5) is off (Note [eq. 5 as printed]); the simulation tells them apart.
