@@ -24,7 +24,10 @@ def printed_eq5(alpha: float, t: float, d: float) -> float:
     """Eq. (5) exactly as the paper prints it (factor 2, exponents t and t - 1)."""
     a = alpha
     return (
-        2 * a**2 * (1 - a) ** 2 / (d * (2 - a) ** 2 * ((1 - a) ** 2 + 1))
+        2
+        * a**2
+        * (1 - a) ** 2
+        / (d * (2 - a) ** 2 * ((1 - a) ** 2 + 1))
         * (1 - (1 - a) ** t)
         * (1 - (1 - a) ** (t - 1))
     )
@@ -87,7 +90,9 @@ def test_closed_forms():
 def test_log_lr_change_sign_and_scale():
     step = torch.tensor(1000.0)
     mean = random_walk_mean(0.01, 1000)
-    at_mean = log_lr_change(torch.tensor(mean, dtype=torch.float64), step, alpha=0.01, C=1.0, numel=4)
+    at_mean = log_lr_change(
+        torch.tensor(mean, dtype=torch.float64), step, alpha=0.01, C=1.0, numel=4
+    )
     assert abs(at_mean.item()) < 1e-12
     above = log_lr_change(torch.tensor(mean + 0.01), step, alpha=0.01, C=3e-6, numel=100.0)
     assert above.item() == pytest.approx(3e-6 * 0.01 / (0.01 / 10), rel=1e-5)

@@ -1,0 +1,161 @@
+"""Page-Hinkley against a plain-Python restatement of DESIGN.md's rules."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+import steadystep as ss
+
+
+class PlainPH:
+    """The test in plain Python floats, line by line from DESIGN.md."""
+
+    def __init__(self, ph_lambda: float, rho: float) -> None:
+        self.ph_lambda, self.rho = ph_lambda, rho
+        self.delta = None
+        self.n = 0
+        self.relaxed = self.mean = self.U = self.U_min = 0.0
+
+    def update(self, loss: float) -> bool:
+        if not math.isfinite(loss):
+            return True
+        if self.delta is None:
+            self.delta = self.ph_lambda * abs(loss)
+        self.n += 1
+        w = max(1.0 / self.n, self.rho)
+        self.relaxed = self.relaxed + w * (loss - self.relaxed)
+        self.mean = self.mean + (self.relaxed - self.mean) / self.n
+        self.U = self.U + (self.relaxed - self.mean)
+        self.U_min = min(self.U_min, self.U)
+        alarm = self.n > 1 and self.U - self.U_min > self.delta
+        if alarm:
+            self.n = 0
+            self.relaxed = self.mean = self.U = self.U_min = 0.0
+        return alarm
+
+
+def run(losses, ph_lambda=0.1, rho=0.1):
+    det = ss.PageHinkley(ph_lambda=ph_lambda, rho=rho, dtype=torch.float64)
+    ref = PlainPH(ph_lambda, rho)
+    alarms, ref_alarms = [], []
+    for i, x in enumerate(losses):
+        if bool(det.update(torch.tensor(x, dtype=torch.float64))):
+            alarms.append(i)
+        if ref.update(x):
+            ref_alarms.append(i)
+        assert det.cusum.item() == pytest.approx(ref.U, rel=1e-12, abs=1e-12)
+        assert det.relaxed_loss.item() == pytest.approx(ref.relaxed, rel=1e-12, abs=1e-12)
+        assert det.mean.item() == pytest.approx(ref.mean, rel=1e-12, abs=1e-12)
+        assert det.count.item() == ref.n
+    return alarms, ref_alarms
+
+
+def test_step_change_detected_where_the_formula_says():
+    gen = torch.Generator().manual_seed(0)
+    noise = (0.01 * torch.randn(120, generator=gen, dtype=torch.float64)).tolist()
+    losses = [1.0 - 0.002 * i + e for i, e in enumerate(noise[:80])]
+    losses += [2.0 + e for e in noise[80:]]  # the loss doubles at index 80
+    alarms, ref_alarms = run(losses)
+    assert alarms == ref_alarms
+    assert alarms and 80 <= alarms[0] <= 82  # nothing before the change, a short delay
+
+    # By hand: 20 losses of 1.0 then 3.0 (Delta = 0.1, rho = 0.1). At index 20, n = 21:
+    # relaxed = 1 + 0.1 * 2 = 1.2, mean = 1 + 0.2 / 21, U = 0.2 - 0.2 / 21 = 0.19 > 0.1.
+    alarms, ref_alarms = run([1.0] * 20 + [3.0] * 5)
+    assert alarms == ref_alarms
+    assert alarms[0] == 20
+
+
+@pytest.mark.parametrize(
+    "losses",
+    [
+        [1.0] * 2000,
+        [5.0 * 0.999**i for i in range(2000)],
+        [0.0] * 50,
+        [1e-30] * 50,
+        [1e6] * 50,
+    ],
+    ids=["constant", "decreasing", "zeros", "tiny", "huge"],
+)
+def test_constant_or_decreasing_never_alarms(losses):
+    alarms, ref_alarms = run(losses, rho=0.01)
+    assert alarms == ref_alarms == []
+
+
+def test_no_alarm_on_first_observation_after_reset():
+    det = ss.PageHinkley(ph_lambda=0.1, rho=0.5)
+    for x in (1.0, 1.0, 1.0):
+        assert not det.update(torch.tensor(x))
+    assert det.update(torch.tensor(3.0))  # alarm, test restarts
+    assert det.count.item() == 0 and det.cusum.item() == 0.0
+    assert det.threshold.item() == pytest.approx(0.1)  # Delta kept
+    assert not det.update(torch.tensor(100.0))  # first after reset: never
+    assert det.update(torch.tensor(1000.0))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_nonfinite_loss_alarms_and_keeps_statistics(bad):
+    det = ss.PageHinkley(ph_lambda=0.1, rho=0.1)
+    for x in (1.0, 0.9, 0.8):
+        det.update(torch.tensor(x))
+    before = det.state_dict()
+    assert det.update(torch.tensor(bad))
+    after = det.state_dict()
+    for key in ("threshold", "count", "relaxed_loss", "mean", "cusum", "cusum_min"):
+        assert torch.equal(before[key], after[key]), key
+    assert after["alarms"].item() == 1
+    # A non-finite first loss does not set Delta.
+    fresh = ss.PageHinkley()
+    assert fresh.update(torch.tensor(bad))
+    assert not fresh.initialized and fresh.threshold.item() == 0.0
+
+
+def test_state_dict_round_trip_continues_bitwise():
+    losses = [1.0, 0.9, 0.95, 0.85, 0.8, 1.5, 0.7, 0.75, 0.6, 2.0, 0.5]
+    det = ss.PageHinkley(ph_lambda=0.1, rho=0.2)
+    for x in losses[:5]:
+        det.update(torch.tensor(x))
+    buf = io.BytesIO()
+    torch.save(det.state_dict(), buf)
+    buf.seek(0)
+    other = ss.PageHinkley(ph_lambda=0.5, rho=0.9)
+    other.load_state_dict(torch.load(buf, weights_only=True))
+    for x in losses[5:]:
+        assert torch.equal(det.update(torch.tensor(x)), other.update(torch.tensor(x)))
+    for key, value in det.state_dict().items():
+        assert (
+            value == other.state_dict()[key]
+            if not isinstance(value, torch.Tensor)
+            else (torch.equal(value, other.state_dict()[key]))
+        )
+
+
+def test_python_float_loss_and_stats():
+    det = ss.PageHinkley()
+    assert not det.update(2.0)
+    stats = det.stats()
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in stats.values())
+    assert stats["threshold"].item() == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="scalar"):
+        det.update(torch.ones(3))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"ph_lambda": 0.0}, "ph_lambda"),
+        ({"ph_lambda": -1.0}, "ph_lambda"),
+        ({"ph_lambda": math.nan}, "ph_lambda"),
+        ({"ph_lambda": math.inf}, "ph_lambda"),
+        ({"rho": 0.0}, "rho"),
+        ({"rho": 1.5}, "rho"),
+        ({"rho": math.nan}, "rho"),
+    ],
+)
+def test_invalid_hyperparameters(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        ss.PageHinkley(**kwargs)
