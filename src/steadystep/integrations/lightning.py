@@ -7,7 +7,8 @@ Return steadystep optimizers from ``configure_optimizers`` as any other; add the
 * :class:`LossFeeder` passes each training loss to every optimizer that has ``observe_loss``
   (SALeRA, SPALeRA, a ``CatastropheGuard``) from ``on_before_backward``, which Lightning calls in
   every precision, including ``precision="16-mixed"`` where the precision plugin runs the closure
-  itself and then calls ``optimizer.step()`` with no closure and no loss. It also makes a step
+  itself and then calls ``optimizer.step()`` with no closure and no loss (the hook receives the
+  loss multiplied by the GradScaler's scale there; it is divided back). It also makes a step
   that the GradScaler skips leave the model's ALRC moments untouched (see
   :mod:`steadystep.integrations.amp`).
 * :class:`StatsLogger` records the ``stats()`` of the trainer's optimizers and of every
@@ -100,6 +101,12 @@ class LossFeeder(Callback):
             # last loss so that a plain opt.step() works too.
             self._window = None
         loss = loss.detach()
+        scaler = _scaler(trainer)
+        if scaler is not None and scaler.is_enabled():
+            # The fp16 precision plugin hands this hook the *scaled* loss; the scale is a power of
+            # two, so the division gives back the training loss exactly (a device op, no sync).
+            scale = getattr(scaler, "_scale", None)
+            loss = loss / (scale if isinstance(scale, Tensor) else scaler.get_scale())
         self._window = loss if self._window is None else self._window + loss
         for opt in trainer.optimizers:
             if loss_needing(opt):

@@ -1,0 +1,185 @@
+"""A real lightning.Trainer on CPU with steadystep optimizers and ALRC: the loss reaches the
+guard in every precision (the closure path of "32-true", the GradScaler path of "16-mixed"), a
+scripted spike is rolled back, stats reach the logger, and a step the GradScaler skips updates no
+statistic."""
+
+from __future__ import annotations
+
+import csv
+import logging
+
+import pytest
+import torch
+
+pytest.importorskip("lightning")
+import lightning as L
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.precision import MixedPrecision
+
+import steadystep as ss
+from steadystep.integrations.lightning import LossFeeder, StatsLogger
+
+SPIKE_STEP = 12
+
+
+class _InfGrad(torch.autograd.Function):
+    """Identity forward; an inf gradient backward (a finite loss whose gradients overflow)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+class Tiny(L.LightningModule):
+    def __init__(self, make_opt, spike_step=None, inf_grad_step=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)
+        )
+        self.alrc = ss.ALRC(beta1=0.9, beta2=0.9)
+        self.make_opt = make_opt
+        self.spike_step = spike_step
+        self.inf_grad_step = inf_grad_step
+        self.seen_losses = []
+        self.alrc_before_inf = None
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.global_step == self.inf_grad_step:
+            self.alrc_before_inf = (self.alrc.mu1.clone(), self.alrc.mu2.clone())
+        out = self.net(x)
+        if self.global_step == self.inf_grad_step:
+            out = _InfGrad.apply(out)
+        per_sample = (out - y).pow(2).squeeze(1)
+        loss = self.alrc(per_sample).mean()
+        if self.global_step == self.spike_step:
+            loss = loss + 100.0  # the loss jumps; gradients stay sane: a job for the guard
+        self.seen_losses.append(loss.detach().float())
+        return loss
+
+    def configure_optimizers(self):
+        return self.make_opt(self)
+
+
+def _loader(n=24 * 8):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 4, generator=g)
+    y = x.sum(dim=1, keepdim=True) * 0.5
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+
+
+def _precision(precision):
+    """Lightning turns precision="16-mixed" into "bf16-mixed" on CPU (no GradScaler); the fp16
+    plugin with its GradScaler is what runs on a GPU, and runs on CPU when given explicitly."""
+    if precision == "16-mixed":
+        # a modest initial scale: no overflow (and skipped step) at the start
+        scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+        return {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=scaler)]}
+    return {"precision": precision}
+
+
+def _fit(module, tmp_path, precision="32-true", max_steps=20, callbacks=None, **kw):
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        **_precision(precision),
+        logger=CSVLogger(tmp_path, name="lt"),
+        log_every_n_steps=5,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[LossFeeder(), StatsLogger()] if callbacks is None else callbacks,
+        **kw,
+    )
+    trainer.fit(module, _loader())
+    if precision == "16-mixed":
+        assert trainer.precision_plugin.scaler is not None
+    return trainer
+
+
+def _logged(trainer):
+    path = trainer.logger.log_dir + "/metrics.csv"
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _salera(module):
+    # Delta = first loss: fp16 noise never alarms, the +100 spike does
+    return ss.SALeRA(ss.layer_groups(module.net), lr=0.05, rho=0.5, ph_lambda=1.0)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed", "bf16-mixed"])
+def test_salera_rolls_back_a_spike_and_stats_are_logged(precision, tmp_path, caplog):
+    module = Tiny(_salera, spike_step=SPIKE_STEP)
+    with caplog.at_level(logging.WARNING, logger="steadystep"):
+        trainer = _fit(module, tmp_path, precision=precision)
+    opt = trainer.optimizers[0]
+    stats = opt.stats()
+    assert int(stats["steps"]) == 20
+    assert int(stats["rollbacks"]) == 1
+    assert opt.history()[0]["step"] == SPIKE_STEP
+    assert float(stats["lr_scale"]) == 0.5
+    # the guard saw exactly the training losses (the detector's threshold is ph_lambda * first loss)
+    torch.testing.assert_close(
+        stats["detector_threshold"], 1.0 * module.seen_losses[0], rtol=1e-6, atol=0
+    )
+    rows = _logged(trainer)
+    names = set(rows[0])
+    assert {"steadystep/salera/rollbacks", "steadystep/alrc/threshold"} <= names
+    rollbacks = {
+        int(r["step"]): float(r["steadystep/salera/rollbacks"])
+        for r in rows
+        if r.get("steadystep/salera/rollbacks")
+    }
+    assert rollbacks[SPIKE_STEP] == 0 and rollbacks[SPIKE_STEP + 1] == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("rolled back" in m and f"step {SPIKE_STEP + 1}" in m for m in warnings), warnings
+
+
+def test_16_mixed_without_feeder_says_how_to_pass_the_loss(tmp_path):
+    # the precision plugin runs the closure itself and calls step() with no loss
+    module = Tiny(_salera)
+    with pytest.raises(RuntimeError, match="observe_loss"):
+        _fit(module, tmp_path, precision="16-mixed", max_steps=2, callbacks=[])
+
+
+def test_scaler_skipped_step_updates_no_statistic(tmp_path):
+    inf_step = 8
+    module = Tiny(_salera, inf_grad_step=inf_step)
+    trainer = _fit(module, tmp_path, precision="16-mixed", max_steps=12)
+    opt = trainer.optimizers[0]
+    # GradScaler skipped one optimizer.step(): the guard stepped one time less, no alarm
+    assert int(opt.stats()["steps"]) == 11
+    assert int(opt.stats()["alarms"]) == 0
+    assert int(module.alrc.num_updates) == 11
+    # the ALRC moments after step 8 are those of before it (restored on the device)
+    rows = trainer.callbacks[-1].monitor.history  # StatsLogger is last
+    by_step = {r["step"]: r for r in rows}
+    assert by_step[inf_step + 1]["alrc/mu1"] == by_step[inf_step]["alrc/mu1"]
+    assert by_step[inf_step + 1]["alrc/mu1"] == float(module.alrc_before_inf[0])
+
+
+def test_alrc_with_adamw_and_accumulation_feeds_window_mean(tmp_path):
+    observed = []
+
+    class Recording(torch.optim.AdamW):
+        def observe_loss(self, loss):
+            observed.append(loss.clone())
+
+    module = Tiny(lambda m: Recording(m.parameters(), lr=1e-2))
+    trainer = _fit(module, tmp_path, max_steps=4, accumulate_grad_batches=2)
+    assert trainer.global_step == 4
+    # fed once per micro-batch with the running sum of loss / 2: the last one of each window is
+    # the mean loss of the step
+    assert len(observed) == 8
+    for k in range(4):
+        mean = (module.seen_losses[2 * k] + module.seen_losses[2 * k + 1]) / 2
+        torch.testing.assert_close(observed[2 * k + 1], mean)
+    assert int(module.alrc.num_updates) == 8
+    rows = _logged(trainer)
+    assert any(r.get("steadystep/alrc/mu1") for r in rows)
