@@ -1,0 +1,315 @@
+"""ALeRA against a plain-Python restatement of the update rule, plus state, faults and inputs."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import pickle
+
+import pytest
+import torch
+
+import steadystep as ss
+
+GRANULARITIES = ("global", "group", "tensor", "param")
+SHAPES = [(2, 3), (2,), (1, 2), (1,)]  # two layers: (weight, bias) x 2
+LAYERS = [[0, 1], [2, 3]]
+
+
+def make_params(dtype=torch.float64):
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in SHAPES]
+
+
+def make_grads(steps: int, dtype=torch.float64):
+    """Gradients with a persistent direction plus noise, and one anti-correlated stretch."""
+    gen = torch.Generator().manual_seed(1)
+    base = [torch.randn(s, generator=gen, dtype=dtype) for s in SHAPES]
+    out = []
+    for t in range(steps):
+        sign = -1.0 if 10 <= t < 16 and t % 2 else 1.0
+        out.append(
+            [
+                sign * b + 0.5 * torch.randn(s, generator=gen, dtype=dtype)
+                for b, s in zip(base, SHAPES, strict=True)
+            ]
+        )
+    return out
+
+
+def plain_alera(params, grads_seq, *, lr, alpha, C, granularity, weight_decay, norm_eps=1e-6):
+    """The update rule in plain Python floats, from the paper and DESIGN.md."""
+    P = [p.detach().flatten().tolist() for p in params]
+    R = [[0.0] * len(x) for x in P]
+    n_tensors = len(P)
+    if granularity == "global":
+        units = [list(range(n_tensors))]
+    elif granularity == "group":
+        units = LAYERS
+    else:
+        units = (
+            [[i] for i in range(n_tensors)] if granularity == "tensor" else [list(range(n_tensors))]
+        )
+    M = [[1.0] * len(x) for x in P] if granularity == "param" else [1.0] * len(units)
+    total = sum(len(x) for x in P)
+    t = 0
+    for grads in grads_seq:
+        t += 1
+        G = [g.flatten().tolist() for g in grads]
+        D = [
+            [g + weight_decay * p for g, p in zip(Gi, Pi, strict=True)]
+            for Gi, Pi in zip(G, P, strict=True)
+        ]
+        for unit in units:
+            norm = math.sqrt(sum(d * d for i in unit for d in D[i]))
+            for i in unit:
+                step = [alpha * d / norm if norm > norm_eps else 0.0 for d in D[i]]
+                R[i] = [(1 - alpha) * r + s for r, s in zip(R[i], step, strict=True)]
+        E = alpha / (2 - alpha) * (1 - (1 - alpha) ** (2 * t))
+        if granularity == "param":
+            for i in range(n_tensors):
+                M[i] = [
+                    m * math.exp(C * (r * r - E / total) / (alpha / total))
+                    for m, r in zip(M[i], R[i], strict=True)
+                ]
+            for i in range(n_tensors):
+                P[i] = [p - lr * m * d for p, m, d in zip(P[i], M[i], D[i], strict=True)]
+        else:
+            for u, unit in enumerate(units):
+                sq = sum(r * r for i in unit for r in R[i])
+                numel = sum(len(P[i]) for i in unit)
+                M[u] *= math.exp(C * (sq - E) / (alpha / math.sqrt(numel)))
+                for i in unit:
+                    P[i] = [p - lr * M[u] * d for p, d in zip(P[i], D[i], strict=True)]
+    return P, R, M
+
+
+def run_alera(params, grads_seq, **kwargs):
+    opt = ss.ALeRA([{"params": [params[i] for i in layer]} for layer in LAYERS], **kwargs)
+    for grads in grads_seq:
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+    return opt
+
+
+def close(a, b, rel=1e-12, abs_=1e-12):
+    return all(math.isclose(x, y, rel_tol=rel, abs_tol=abs_) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_matches_plain_python_restatement(granularity, foreach, weight_decay):
+    hyper = dict(lr=0.01, alpha=0.1, C=0.003, granularity=granularity, weight_decay=weight_decay)
+    params = make_params()
+    grads_seq = make_grads(30)
+    P, R, M = plain_alera(params, grads_seq, **hyper)
+    opt = run_alera(params, grads_seq, foreach=foreach, **hyper)
+    for i, p in enumerate(params):
+        assert close(p.detach().flatten().tolist(), P[i]), f"param {i}"
+        assert close(opt.state[p]["relaxed_path"].flatten().tolist(), R[i]), f"r {i}"
+    groups = opt.param_groups
+    if granularity == "param":
+        for i, p in enumerate(params):
+            assert close(opt.state[p]["lr_multiplier"].flatten().tolist(), M[i])
+    elif granularity == "tensor":
+        assert close([opt.state[p]["lr_multiplier"].item() for p in params], M)
+    elif granularity == "group":
+        assert close([g["lr_multiplier"].item() for g in groups], M)
+    else:
+        assert close([g["lr_multiplier"].item() for g in groups], M * 2)
+    assert all(g["step"].item() == 30 for g in groups)
+    # The test can fail: multipliers really moved away from 1.
+    flat_m = [m for row in M for m in row] if granularity == "param" else M
+    assert max(abs(math.log(m)) for m in flat_m) > 0.05
+
+
+def test_foreach_equals_reference_path_float32():
+    outs = []
+    for foreach in (False, True):
+        params = make_params(torch.float32)
+        run_alera(
+            params, make_grads(15, torch.float32), lr=0.01, alpha=0.1, C=0.003, foreach=foreach
+        )
+        outs.append([p.detach().clone() for p in params])
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def _state_tensors(opt):
+    out = []
+    for group in opt.param_groups:
+        out += [group["lr_multiplier"], group["step"]]
+        for p in group["params"]:
+            out += [v for v in opt.state[p].values() if isinstance(v, torch.Tensor)]
+    return out
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nonfinite_gradient_changes_nothing(granularity, bad):
+    grads_seq = make_grads(6)
+    poisoned = [g.clone() for g in grads_seq[3]]
+    poisoned[2][0, 1] = bad
+    params = make_params()
+    opt = run_alera(params, grads_seq[:3], lr=0.01, alpha=0.1, C=0.003, granularity=granularity)
+    before = [t.clone() for t in _state_tensors(opt)] + [p.detach().clone() for p in params]
+    run_more = [poisoned]
+    for grads in run_more:
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+    after = _state_tensors(opt) + [p.detach() for p in params]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    # The next clean steps equal a run that never saw the bad batch.
+    for grads in grads_seq[4:]:
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+    clean = make_params()
+    run_alera(
+        clean, grads_seq[:3] + grads_seq[4:], lr=0.01, alpha=0.1, C=0.003, granularity=granularity
+    )
+    assert all(torch.equal(a, b) for a, b in zip(params, clean, strict=True))
+
+
+def test_zero_gradient_only_decays_relaxed_path():
+    params = make_params()
+    opt = run_alera(params, make_grads(3), lr=0.01, alpha=0.1, C=0.003)
+    r_before = [opt.state[p]["relaxed_path"].clone() for p in params]
+    p_before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for p, r, pb in zip(params, r_before, p_before, strict=True):
+        assert torch.equal(opt.state[p]["relaxed_path"], r * 0.9)
+        assert torch.equal(p.detach(), pb)
+    assert all(torch.isfinite(t).all() for t in _state_tensors(opt))
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_state_dict_round_trip_is_bitwise(granularity):
+    grads_seq = make_grads(10)
+    hyper = dict(lr=0.01, alpha=0.1, C=0.003, granularity=granularity, weight_decay=0.01)
+    params = make_params()
+    opt = run_alera(params, grads_seq[:5], **hyper)
+    buf = io.BytesIO()
+    torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    resumed = [p.clone().requires_grad_() for p in saved["params"]]
+    opt2 = ss.ALeRA(
+        [{"params": [resumed[i] for i in layer]} for layer in LAYERS],
+        lr=1.0,
+        alpha=0.1,
+        C=0.003,
+        granularity=granularity,
+    )
+    opt2.load_state_dict(saved["opt"])
+    for ps, o in ((params, opt), (resumed, opt2)):
+        for grads in grads_seq[5:]:
+            for p, g in zip(ps, grads, strict=True):
+                p.grad = g.clone()
+            o.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, resumed, strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(_state_tensors(opt), _state_tensors(opt2), strict=True)
+    )
+
+
+def test_bf16_params_keep_fp32_statistics_across_load():
+    params = [p.detach().to(torch.bfloat16).requires_grad_() for p in make_params()]
+    opt = run_alera(params, make_grads(3, torch.bfloat16), lr=0.01, granularity="tensor")
+    assert opt.state[params[0]]["relaxed_path"].dtype == torch.float32
+    assert opt.param_groups[0]["lr_multiplier"].dtype == torch.float32
+    fresh = [p.detach().clone().requires_grad_() for p in params]
+    opt2 = ss.ALeRA(
+        [{"params": [fresh[i] for i in layer]} for layer in LAYERS], lr=0.01, granularity="tensor"
+    )
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert opt2.state[fresh[0]]["relaxed_path"].dtype == torch.float32
+    assert opt2.state[fresh[0]]["lr_multiplier"].dtype == torch.float32
+    assert torch.equal(opt2.state[fresh[1]]["relaxed_path"], opt.state[params[1]]["relaxed_path"])
+
+
+def test_grad_untouched_frozen_and_deepcopy():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+    model[2].bias.requires_grad_(False)
+    groups = ss.layer_groups(model)
+    assert [g["name"] for g in groups] == ["0", "2"] and len(groups[1]["params"]) == 1
+    opt = ss.ALeRA([*groups, {"params": []}], lr=0.1, weight_decay=0.1)
+    model(torch.randn(5, 3)).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    opt.step()
+    assert all(
+        torch.equal(a, p.grad)
+        for a, p in zip(grads, [p for p in model.parameters() if p.grad is not None], strict=True)
+    )
+    assert model[2].bias not in opt.state
+    clone = copy.deepcopy(opt)
+    assert torch.equal(clone.param_groups[0]["lr_multiplier"], opt.param_groups[0]["lr_multiplier"])
+    pickle.loads(pickle.dumps(opt.state_dict()))
+
+
+def test_layer_groups_shared_and_kwargs():
+    lin = torch.nn.Linear(2, 2)
+    model = torch.nn.Sequential(lin, torch.nn.Tanh(), lin)
+    groups = ss.layer_groups(model, weight_decay=0.5)
+    assert len(groups) == 1 and groups[0]["weight_decay"] == 0.5
+    with pytest.raises(ValueError, match="no parameter"):
+        ss.layer_groups(torch.nn.ReLU())
+    with pytest.raises(TypeError):
+        ss.layer_groups([torch.zeros(1)])
+
+
+def test_multiplier_saturates_instead_of_overflowing():
+    p = torch.zeros(1000, requires_grad=True)
+    opt = ss.ALeRA([p], lr=1e-3, alpha=0.5, C=1e4, granularity="param")
+    for _ in range(5):
+        p.grad = torch.ones(1000)
+        opt.step()
+    m = opt.state[p]["lr_multiplier"]
+    assert torch.isfinite(m).all() and m.max().item() == torch.finfo(torch.float32).max
+    assert torch.isfinite(p).all()
+
+
+def test_sparse_and_complex_rejected():
+    emb = torch.nn.Embedding(5, 2, sparse=True)
+    opt = ss.ALeRA(emb.parameters(), lr=0.1)
+    emb(torch.tensor([1])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    with pytest.raises(ValueError, match="complex"):
+        ss.ALeRA([torch.zeros(2, dtype=torch.complex64, requires_grad=True)], lr=0.1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"lr": 0.0}, "lr"),
+        ({"lr": -1.0}, "lr"),
+        ({"lr": math.nan}, "lr"),
+        ({"alpha": 0.0}, "alpha"),
+        ({"alpha": 1.0}, "alpha"),
+        ({"alpha": math.nan}, "alpha"),
+        ({"C": -1.0}, "C"),
+        ({"C": math.inf}, "C"),
+        ({"granularity": "layer"}, "granularity"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"weight_decay": math.nan}, "weight_decay"),
+        ({"norm_eps": -1.0}, "norm_eps"),
+    ],
+)
+def test_invalid_hyperparameters(kwargs, name):
+    args = {"lr": 0.1, **kwargs}
+    with pytest.raises(ValueError, match=name):
+        ss.ALeRA([torch.zeros(2, requires_grad=True)], **args)
+
+
+def test_optimizer_wide_keys_cannot_differ_per_group():
+    with pytest.raises(ValueError, match="alpha"):
+        ss.ALeRA([{"params": [torch.zeros(2, requires_grad=True)], "alpha": 0.2}], lr=0.1)
+    with pytest.raises(ValueError, match="lr"):
+        ss.ALeRA([{"params": [torch.zeros(2, requires_grad=True)], "lr": -1.0}], lr=0.1)
