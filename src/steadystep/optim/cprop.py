@@ -562,7 +562,7 @@ def _multi_tensor_cprop_sgd(
             a = [torch.where(f, torch.zeros_like(momentum_gate), momentum_gate) for f in firsts]
             b = [torch.where(f, torch.ones_like(momentum_gate), 1 - dampening) for f in firsts]
             torch._foreach_mul_(bufs, a)
-            torch._foreach_add_(bufs, torch._foreach_mul(dirs, b))
+            torch._foreach_addcmul_(bufs, dirs, b)
             dirs = torch._foreach_add(dirs, bufs, alpha=momentum) if nesterov else bufs
         updates = torch._foreach_mul(dirs, -lr)
         scales = _scale_foreach(
@@ -1008,28 +1008,33 @@ def _fused_cprop_adam(
     c = 1.0 if math.isinf(cprop_c) else cprop_c
     hyper_values = [lr, beta1, beta2, weight_decay, eps, cprop_beta, c, cprop_eps]
     hypers: dict[torch.device, Tensor] = {}
-    for i, param in enumerate(params):
-        device = param.device
-        if device not in hypers:
-            hypers[device] = torch.tensor(hyper_values, dtype=torch.float64, device=device)
-        kernel(
-            _flat(param),
-            _flat(grads[i]),
-            _flat(exp_avgs[i]),
-            _flat(exp_avg_sqs[i]),
-            _flat(max_exp_avg_sqs[i]) if amsgrad else None,
-            _flat(cprop_exp_avgs[i]),
-            None if cprop_exp_avg_sqs is None else _flat(cprop_exp_avg_sqs[i]),
-            state_steps[i],
-            found_finite.to(device),
-            hypers[device],
-            amsgrad=amsgrad,
-            decoupled=decoupled_weight_decay or weight_decay == 0,
-            cdf=cdf,
-            method=method,
-            c_is_inf=math.isinf(cprop_c),
-            eps_is_zero=cprop_eps == 0,
-        )
+    static = {
+        "amsgrad": amsgrad,
+        "decoupled": decoupled_weight_decay or weight_decay == 0,
+        "cdf": cdf,
+        "method": method,
+        "c_is_inf": math.isinf(cprop_c),
+        "eps_is_zero": cprop_eps == 0,
+    }
+    # one variant per (dtype, static flags, 1-element or not): more than dynamo's default 8
+    with torch._dynamo.config.patch(recompile_limit=64):
+        for i, param in enumerate(params):
+            device = param.device
+            if device not in hypers:
+                hypers[device] = torch.tensor(hyper_values, dtype=torch.float64, device=device)
+            kernel(
+                _flat(param),
+                _flat(grads[i]),
+                _flat(exp_avgs[i]),
+                _flat(exp_avg_sqs[i]),
+                _flat(max_exp_avg_sqs[i]) if amsgrad else None,
+                _flat(cprop_exp_avgs[i]),
+                None if cprop_exp_avg_sqs is None else _flat(cprop_exp_avg_sqs[i]),
+                state_steps[i],
+                found_finite.to(device),
+                hypers[device],
+                **static,
+            )
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,741 @@
+"""CProp: the wrapper, the native SGD/Adam/AdamW paths and the functional core."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import pickle
+
+import pytest
+import torch
+
+import steadystep as ss
+from steadystep.optim import cprop as C
+
+F64 = torch.float64
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def mlp(dtype=torch.float32, seed=0, hidden=8):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(4, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 2)
+    ).to(dtype)
+
+
+def data(dtype=torch.float32, n=64):
+    g = torch.Generator().manual_seed(123)
+    x = torch.randn(n, 4, generator=g, dtype=F64)
+    y = torch.stack([x[:, 0] * x[:, 1], x[:, 2] - x[:, 3]], 1)
+    return x.to(dtype), y.to(dtype)
+
+
+def batch(i, x, y, size=16):
+    idx = torch.randint(0, x.shape[0], (size,), generator=torch.Generator().manual_seed(i))
+    return x[idx], y[idx]
+
+
+def train(model, opt, steps, start=0, dtype=torch.float32):
+    x, y = data(dtype)
+    losses = []
+    for i in range(start, start + steps):
+        xb, yb = batch(i, x, y)
+        opt.zero_grad()
+        loss = (model(xb) - yb).pow(2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def full_loss(model, dtype=torch.float32):
+    x, y = data(dtype)
+    with torch.no_grad():
+        return (model(x) - y).pow(2).mean().item()
+
+
+def assert_params(a, b, atol=0.0):
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        if atol == 0.0:
+            assert torch.equal(pa, pb)
+        else:
+            torch.testing.assert_close(pa, pb, atol=atol, rtol=0)
+
+
+def assert_state_equal(sa, sb):
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        if isinstance(sa[k], dict):
+            assert_state_equal(sa[k], sb[k])
+        elif isinstance(sa[k], torch.Tensor):
+            assert sa[k].dtype == sb[k].dtype, k
+            assert torch.equal(sa[k], sb[k]), k
+        else:
+            assert sa[k] == sb[k], k
+
+
+SGD_CONFIGS = [
+    {"lr": 0.1},
+    {"lr": 0.1, "momentum": 0.9},
+    {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
+    {"lr": 0.05, "momentum": 0.8, "dampening": 0.3, "weight_decay": 0.05},
+]
+ADAM_CONFIGS = [
+    {"lr": 0.01},
+    {"lr": 0.01, "amsgrad": True, "weight_decay": 0.01},
+    {"lr": 0.01, "betas": (0.8, 0.99)},
+]
+ADAMW_CONFIGS = [{"lr": 0.01}, {"lr": 0.01, "amsgrad": True, "weight_decay": 0.1}]
+
+NATIVE = (
+    [(ss.CPropSGD, torch.optim.SGD, kw) for kw in SGD_CONFIGS]
+    + [(ss.CPropAdam, torch.optim.Adam, kw) for kw in ADAM_CONFIGS]
+    + [(ss.CPropAdamW, torch.optim.AdamW, kw) for kw in ADAMW_CONFIGS]
+)
+NATIVE_IDS = [f"{n.__name__}-{i}" for i, (n, _, _) in enumerate(NATIVE)]
+
+
+# --------------------------------------------------------------------------------------------
+# Numerics against a plain-Python restatement of the paper's Algorithm 1
+# --------------------------------------------------------------------------------------------
+
+
+def _sigmoid(a):
+    """1 / (1 + exp(-a)) without overflow (the first steps give |a| up to 1e8)."""
+    return 0.0 if a < -700 else 1 / (1 + math.exp(-a))
+
+
+def algorithm1(theta0, grads, *, lr, beta, c, eps, cdf="normal", method="conformity"):
+    """Algorithm 1 with SGD (g_hat = -lr g), element by element, in Python floats.
+
+    DESIGN.md's decisions: se = sqrt(max(v_hat - m_hat^2, 0) / (n - 1 + eps)) + eps and s = 1 at
+    t = 1. The CDFs are the paper's Phi and the authors' logistic approximations as printed.
+    """
+    theta = list(theta0)
+    m = [0.0] * len(theta)
+    v = [0.0] * len(theta)
+    for t, g in enumerate(grads, start=1):
+        for i, gi in enumerate(g):
+            m[i] = beta * m[i] + (1 - beta) * gi
+            second = abs(gi) if method == "relative" else gi * gi
+            v[i] = beta * v[i] + (1 - beta) * second
+            m_hat = m[i] / (1 - beta**t)
+            v_hat = v[i] / (1 - beta**t)
+            n = (1 - beta**t) / (1 - beta)
+            if method == "conformity":
+                se = math.sqrt(max(v_hat - m_hat**2, 0) / (n - 1 + eps)) + eps
+                z = (0 - m_hat) / se
+                if cdf == "normal":
+                    p_neg = 0.5 * (1 + math.erf(z / math.sqrt(2)))
+                elif cdf == "bfo":
+                    p_neg = _sigmoid(1.702 * z)
+                elif cdf == "bft":
+                    p_neg = _sigmoid(0.07056 * z**3 + 1.5976 * z)
+                else:
+                    p_neg = _sigmoid(-m_hat / (se * math.sqrt(3) / math.pi))
+                s = min(2 * c * abs(p_neg - 0.5), 1.0)
+            elif method == "relative":
+                s = min(c * abs(m_hat) / (v_hat + eps), 1.0)
+            else:
+                s = min(c * abs(m_hat) / (math.sqrt(v_hat) + eps), 1.0)
+            if t == 1:
+                s = 1.0
+            theta[i] += s * (-lr * gi)
+    return theta
+
+
+def gradient_sequence(steps, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    drift = torch.linspace(-0.6, 0.6, n, dtype=F64)
+    return [(drift + torch.randn(n, generator=g, dtype=F64)).tolist() for _ in range(steps)]
+
+
+@pytest.mark.parametrize(
+    "cdf,method",
+    [(cdf, "conformity") for cdf in C.CDFS] + [("normal", "relative"), ("normal", "moment")],
+)
+@pytest.mark.parametrize("native", [False, True], ids=["wrapper", "native"])
+def test_reference_matches_algorithm1(cdf, method, native):
+    steps, n, lr = 50, 12, 0.05
+    grads = gradient_sequence(steps, n)
+    theta0 = torch.linspace(-1, 1, n, dtype=F64).tolist()
+    expected = algorithm1(theta0, grads, lr=lr, beta=0.9, c=1.5, eps=1e-8, cdf=cdf, method=method)
+    p = torch.nn.Parameter(torch.tensor(theta0, dtype=F64))
+    kw = {"cdf": cdf, "method": method}
+    if native:
+        opt = ss.CPropSGD([p], lr=lr, cprop_beta=0.9, cprop_c=1.5, cprop_eps=1e-8, **kw)
+    else:
+        opt = ss.CProp(torch.optim.SGD([p], lr=lr), beta=0.9, c=1.5, eps=1e-8, **kw)
+    for g in grads:
+        p.grad = torch.tensor(g, dtype=F64)
+        opt.step()
+    torch.testing.assert_close(p.detach(), torch.tensor(expected, dtype=F64), atol=1e-12, rtol=0)
+
+
+def test_scale_is_one_at_first_step_and_depends_on_conformity():
+    p = torch.nn.Parameter(torch.zeros(3, dtype=F64))
+    opt = ss.CProp(torch.optim.SGD([p], lr=1.0), beta=0.9)
+    p.grad = torch.tensor([1.0, 1e-9, -3.0], dtype=F64)
+    opt.step()
+    assert torch.equal(p.detach(), -p.grad)  # s = 1 exactly at t = 1
+    # element 0 always +1 (full conformity), element 1 alternates sign (none)
+    for t in range(20):
+        p.grad = torch.tensor([1.0, (-1.0) ** t, -3.0], dtype=F64)
+        opt.step()
+    s = C.cprop_scales(
+        [opt.cprop_state[p]["cprop_exp_avg"]],
+        [opt.cprop_state[p]["cprop_exp_avg_sq"]],
+        [opt.cprop_state[p]["step"]],
+        found_finite=torch.tensor(True),
+        beta=0.9,
+        c=1.0,
+        eps=1e-8,
+        cdf="normal",
+        method="conformity",
+    )[0]
+    assert s[0] == 1.0 and s[2] == 1.0
+    assert s[1] < 0.3
+
+
+def test_dead_elements_get_scale_zero_including_weight_decay():
+    # an element whose gradient is always exactly 0 has m = v = 0, se = eps, Phi = 1/2: s = 0
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = ss.CPropAdamW([p], lr=0.1, weight_decay=0.5)
+    p.grad = torch.tensor([1.0, 0.0])
+    opt.step()
+    # t = 1 moved both (decay at full rate); afterwards the dead element stays put
+    after_first = p.detach().clone()
+    assert after_first[1].item() == pytest.approx(1.0 - 0.1 * 0.5, rel=1e-6)
+    for _ in range(4):
+        opt.step()
+    assert p[1] == after_first[1]
+    assert p[0].item() < 0.6
+    assert opt.stats()["frac_scale_below_half"].item() == 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# Native classes vs the wrapper, foreach vs reference, fused vs reference
+# --------------------------------------------------------------------------------------------
+
+
+def _native_state(opt, p, key):
+    return opt.state[p][key]
+
+
+@pytest.mark.parametrize("native_cls,base_cls,kw", NATIVE, ids=NATIVE_IDS)
+def test_native_matches_wrapper(native_cls, base_cls, kw):
+    a, b = mlp(F64), mlp(F64)
+    native = native_cls(a.parameters(), **kw, cprop_beta=0.99)
+    wrapper = ss.CProp(base_cls(b.parameters(), **kw), beta=0.99)
+    train(a, native, 50, dtype=F64)
+    train(b, wrapper, 50, dtype=F64)
+    assert_params(a, b, atol=1e-12)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        sa, sw, sb = native.state[pa], wrapper.cprop_state[pb], wrapper.state[pb]
+        assert torch.equal(sa["step"], sw["step"])
+        torch.testing.assert_close(sa["cprop_exp_avg"], sw["cprop_exp_avg"], atol=1e-12, rtol=0)
+        v = sa.get("cprop_exp_avg_sq", sa.get("exp_avg_sq"))
+        torch.testing.assert_close(v, sw["cprop_exp_avg_sq"], atol=1e-12, rtol=0)
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"):
+            if key in sb:
+                torch.testing.assert_close(sa[key], sb[key], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("native_cls,base_cls,kw", NATIVE, ids=NATIVE_IDS)
+def test_foreach_equals_reference_bitwise(native_cls, base_cls, kw):
+    a, b = mlp(), mlp()
+    ref = native_cls(a.parameters(), **kw, foreach=False)
+    fe = native_cls(b.parameters(), **kw, foreach=True)
+    train(a, ref, 12)
+    train(b, fe, 12)
+    assert_params(a, b)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert_state_equal(ref.state[pa], fe.state[pb])
+
+
+@pytest.mark.parametrize(
+    "cdf,method,eps",
+    [(cdf, "conformity", 1e-8) for cdf in C.CDFS]
+    + [("normal", "relative", 1e-8), ("normal", "moment", 1e-8), ("bft", "conformity", 0.0)],
+)
+def test_functional_foreach_equals_reference(cdf, method, eps):
+    g = torch.Generator().manual_seed(1)
+    shapes = [(3, 4), (5,), ()]
+    stats = {
+        mode: ([torch.zeros(s) for s in shapes], [torch.zeros(s) for s in shapes])
+        for mode in ("ref", "fe")
+    }
+    steps = {mode: [torch.zeros(()) for _ in shapes] for mode in ("ref", "fe")}
+    for t in range(6):
+        grads = [torch.randn(s, generator=g) + 0.3 for s in shapes]
+        grads[0][0] = 0.0  # a dead row
+        out = {}
+        for mode in ("ref", "fe"):
+            ms, vs = stats[mode]
+            kw = {"found_finite": torch.tensor(t != 3), "foreach": mode == "fe"}
+            C.cprop_update_(grads, ms, vs, steps[mode], beta=0.9, method=method, **kw)
+            out[mode] = C.cprop_scales(
+                ms, vs, steps[mode], beta=0.9, c=2.0, eps=eps, cdf=cdf, method=method, **kw
+            )
+        for sr, sf in zip(out["ref"], out["fe"], strict=True):
+            assert torch.equal(sr, sf)
+            assert not sr.isnan().any()
+    for a, b in zip(
+        stats["ref"][0] + stats["ref"][1], stats["fe"][0] + stats["fe"][1], strict=True
+    ):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{"lr": 0.01}, {"lr": 0.01, "amsgrad": True, "weight_decay": 0.1, "cprop_beta": 0.99}],
+    ids=["shared-v", "amsgrad-own-v"],
+)
+def test_fused_compiled_equals_reference(kw):
+    a, b = mlp(F64), mlp(F64)
+    ref = ss.CPropAdamW(a.parameters(), **kw)
+    fused = ss.CPropAdamW(b.parameters(), **kw, fused=True)
+    train(a, ref, 12, dtype=F64)
+    train(b, fused, 12, dtype=F64)
+    assert_params(a, b, atol=1e-12)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        sa, sb = ref.state[pa], fused.state[pb]
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            torch.testing.assert_close(sa[key], sb[key], atol=1e-12, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# c -> inf is the bare optimizer, bitwise
+# --------------------------------------------------------------------------------------------
+
+BASES = {
+    "SGD": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-3),
+    "Adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),
+    "AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-2),
+    "RMSprop": lambda ps: torch.optim.RMSprop(ps, lr=1e-3),
+    "Adagrad": lambda ps: torch.optim.Adagrad(ps, lr=0.05),
+    "NAdam": lambda ps: torch.optim.NAdam(ps, lr=1e-2),
+}
+
+
+@pytest.mark.parametrize("c", [1e30, math.inf])
+@pytest.mark.parametrize("base", ["SGD", "Adam", "AdamW", "RMSprop"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_huge_c_is_bitwise_the_bare_optimizer(base, c, dtype):
+    a, b = mlp(dtype), mlp(dtype)
+    bare = BASES[base](a.parameters())
+    wrapped = ss.CProp(BASES[base](b.parameters()), c=c)
+    train(a, bare, 15, dtype=dtype)
+    train(b, wrapped, 15, dtype=dtype)
+    assert_params(a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# State: resume, deepcopy, pickle
+# --------------------------------------------------------------------------------------------
+
+
+def _roundtrip(sd):
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+MAKERS = {
+    "wrapper-AdamW": lambda ps: ss.CProp(torch.optim.AdamW(ps, lr=1e-2), beta=0.9),
+    "wrapper-SGD": lambda ps: ss.CProp(torch.optim.SGD(ps, lr=0.1, momentum=0.9), cdf="bft"),
+    "CPropSGD": lambda ps: ss.CPropSGD(ps, lr=0.1, momentum=0.9, cprop_beta=0.9),
+    "CPropAdamW": lambda ps: ss.CPropAdamW(ps, lr=1e-2, amsgrad=True, cprop_beta=0.99),
+    "CPropAdam-foreach": lambda ps: ss.CPropAdam(ps, lr=1e-2, foreach=True),
+}
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_state_dict_resume_is_bitwise(name, k):
+    make = MAKERS[name]
+    ref_model = mlp()
+    ref = make(ref_model.parameters())
+    train(ref_model, ref, 2 * k)
+
+    model = mlp()
+    opt = make(model.parameters())
+    train(model, opt, k)
+    saved_model = _roundtrip(model.state_dict())
+    saved_opt = _roundtrip(opt.state_dict())
+
+    fresh_model = mlp(seed=99)
+    fresh_model.load_state_dict(saved_model)
+    fresh = make(fresh_model.parameters())
+    fresh.load_state_dict(saved_opt)
+    train(fresh_model, fresh, k, start=k)
+    assert_params(ref_model, fresh_model)
+    assert_state_equal(_roundtrip(ref.state_dict()), _roundtrip(fresh.state_dict()))
+
+
+@pytest.mark.parametrize("name", ["wrapper-AdamW", "CPropAdamW"])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_deepcopy_and_pickle_continue_identically(name, how):
+    model = mlp()
+    opt = MAKERS[name](model.parameters())
+    train(model, opt, 3)
+    if how == "deepcopy":
+        model2, opt2 = copy.deepcopy((model, opt))
+    else:
+        model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
+    train(model, opt, 3, start=3)
+    train(model2, opt2, 3, start=3)
+    assert_params(model, model2)
+    assert_state_equal(_roundtrip(opt.state_dict()), _roundtrip(opt2.state_dict()))
+
+
+def test_wrapper_state_dict_needs_cprop_state():
+    opt = ss.CProp(torch.optim.SGD(mlp().parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="cprop_state"):
+        opt.load_state_dict(torch.optim.SGD(mlp().parameters(), lr=0.1).state_dict())
+
+
+@pytest.mark.parametrize("name", ["wrapper-AdamW", "CPropAdamW", "CPropSGD"])
+def test_bf16_params_keep_fp32_statistics_through_load(name):
+    model = mlp(torch.bfloat16)
+    opt = MAKERS[name](model.parameters())
+    train(model, opt, 3, dtype=torch.bfloat16)
+    fresh_model = mlp(torch.bfloat16)
+    fresh = MAKERS[name](fresh_model.parameters())
+    fresh.load_state_dict(_roundtrip(opt.state_dict()))
+    state = fresh.cprop_state if isinstance(fresh, ss.CProp) else fresh.state
+    for p in fresh_model.parameters():
+        assert state[p]["cprop_exp_avg"].dtype == torch.float32
+        assert state[p]["step"].dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# Training: loss goes down for every wrapped optimizer, fp32 and bf16
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("base", [*BASES, "CPropSGD", "CPropAdam", "CPropAdamW"])
+def test_loss_decreases(base, dtype):
+    model = mlp(dtype, hidden=16)
+    if base == "CPropSGD":
+        opt = ss.CPropSGD(model.parameters(), lr=0.1, momentum=0.9, cprop_beta=0.9)
+    elif base.startswith("CProp"):
+        opt = getattr(ss, base)(model.parameters(), lr=1e-2, cprop_beta=0.9)
+    else:
+        opt = ss.CProp(BASES[base](model.parameters()), beta=0.9)
+    before = full_loss(model, dtype)
+    train(model, opt, 60, dtype=dtype)
+    after = full_loss(model, dtype)
+    assert after < 0.8 * before
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs and errors
+# --------------------------------------------------------------------------------------------
+
+BAD = [
+    ("beta", 1.0),
+    ("beta", -0.1),
+    ("beta", math.nan),
+    ("c", 0.0),
+    ("c", -1.0),
+    ("c", math.nan),
+    ("eps", -1e-8),
+    ("eps", math.nan),
+    ("eps", math.inf),
+    ("cdf", "gauss"),
+    ("method", "sign"),
+]
+
+
+@pytest.mark.parametrize("arg,value", BAD)
+def test_wrapper_invalid_hyperparameters(arg, value):
+    with pytest.raises(ValueError, match=arg):
+        ss.CProp(torch.optim.SGD(mlp().parameters(), lr=0.1), **{arg: value})
+
+
+@pytest.mark.parametrize("arg,value", BAD)
+@pytest.mark.parametrize("cls", [ss.CPropSGD, ss.CPropAdam, ss.CPropAdamW])
+def test_native_invalid_hyperparameters(cls, arg, value):
+    name = arg if arg in ("cdf", "method") else f"cprop_{arg}"
+    with pytest.raises(ValueError, match=arg):
+        cls(mlp().parameters(), **{name: value})
+
+
+@pytest.mark.parametrize(
+    "cls,kw",
+    [
+        (ss.CPropSGD, {"lr": -0.1}),
+        (ss.CPropSGD, {"momentum": -0.5}),
+        (ss.CPropSGD, {"nesterov": True}),
+        (ss.CPropSGD, {"weight_decay": math.nan}),
+        (ss.CPropAdam, {"betas": (1.0, 0.999)}),
+        (ss.CPropAdam, {"betas": (0.9, math.nan)}),
+        (ss.CPropAdam, {"eps": -1.0}),
+        (ss.CPropAdamW, {"weight_decay": -0.1}),
+        (ss.CPropAdamW, {"foreach": True, "fused": True}),
+    ],
+)
+def test_native_invalid_base_hyperparameters(cls, kw):
+    with pytest.raises(ValueError):
+        cls(mlp().parameters(), **kw)
+
+
+@pytest.mark.parametrize("make", [lambda ps: ss.CProp(torch.optim.SGD(ps)), ss.CPropAdamW])
+def test_sparse_gradients_raise(make):
+    emb = torch.nn.Embedding(5, 3, sparse=True)
+    opt = make(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+
+
+def test_complex_gradients_raise_in_wrapper():
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+    opt = ss.CProp(torch.optim.SGD([p], lr=0.1))
+    p.grad = torch.ones(3, dtype=torch.complex64)
+    with pytest.raises(RuntimeError, match="complex"):
+        opt.step()
+
+
+def test_complex_params_rejected_at_construction():
+    with pytest.raises(ValueError, match="complex"):
+        ss.CPropAdam([torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64))])
+
+
+def test_wrapper_needs_an_optimizer():
+    with pytest.raises(TypeError, match="Optimizer"):
+        ss.CProp([torch.zeros(2)])
+
+
+# --------------------------------------------------------------------------------------------
+# Faults and invariants
+# --------------------------------------------------------------------------------------------
+
+ALL = {
+    **MAKERS,
+    "CPropSGD-nesterov": lambda ps: ss.CPropSGD(
+        ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1
+    ),
+    "CPropAdam-wd": lambda ps: ss.CPropAdam(ps, lr=1e-2, weight_decay=0.1),
+    "CPropAdamW-fused": lambda ps: ss.CPropAdamW(ps, lr=1e-2, fused=True),
+}
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_grad_is_unchanged_by_step(name):
+    model = mlp()
+    opt = ALL[name](model.parameters())
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(4, 4)).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        opt.step()
+        for p, g in zip(model.parameters(), grads, strict=True):
+            assert torch.equal(p.grad, g)
+
+
+@pytest.mark.parametrize("bad_at", [0, 3])
+@pytest.mark.parametrize("name", list(ALL))
+def test_nonfinite_gradient_is_skipped_exactly(name, bad_at):
+    """The bad step changes nothing of CProp (and nothing at all for the native classes)."""
+    make = ALL[name]
+    x, y = data()
+    clean_model, dirty_model = mlp(), mlp()
+    clean, dirty = make(clean_model.parameters()), make(dirty_model.parameters())
+    for i in range(6):
+        for model, opt in ((clean_model, clean), (dirty_model, dirty)):
+            if opt is clean and i == bad_at:
+                continue
+            xb, yb = batch(i, x, y)
+            opt.zero_grad()
+            (model(xb) - yb).pow(2).mean().backward()
+            if opt is dirty and i == bad_at:
+                before = [p.detach().clone() for p in model.parameters()]
+                next(model.parameters()).grad[0, 0] = math.nan
+                opt.step()
+                assert all(
+                    torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)
+                )
+                continue
+            opt.step()
+    if isinstance(clean, ss.CProp):
+        # the base optimizer's own state saw the NaN (protecting it is the guard's job); CProp's
+        # statistics did not: test_wrapper_nonfinite_keeps_cprop_statistics
+        return
+    assert_params(clean_model, dirty_model)
+    assert_state_equal(_roundtrip(clean.state_dict()), _roundtrip(dirty.state_dict()))
+
+
+def test_wrapper_nonfinite_keeps_cprop_statistics():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = ss.CProp(torch.optim.SGD([p], lr=0.1))
+    p.grad = torch.tensor([1.0, -1.0, 0.5])
+    opt.step()
+    saved = {k: v.clone() for k, v in opt.cprop_state[p].items()}
+    before = p.detach().clone()
+    p.grad = torch.tensor([1.0, math.inf, 0.5])
+    opt.step()
+    assert torch.equal(p.detach(), before)
+    for k, v in saved.items():
+        assert torch.equal(opt.cprop_state[p][k], v)
+
+
+def test_frozen_empty_and_scalar_params():
+    a = torch.nn.Parameter(torch.ones(()))  # 0-d
+    frozen = torch.nn.Parameter(torch.ones(2))
+    for opt in (
+        ss.CPropAdamW([{"params": [a, frozen]}, {"params": []}], lr=0.1),
+        ss.CProp(torch.optim.Adam([{"params": [a, frozen]}, {"params": []}], lr=0.1)),
+    ):
+        for _ in range(3):
+            a.grad = torch.ones(())
+            opt.step()
+        state = opt.cprop_state if isinstance(opt, ss.CProp) else opt.state
+        assert frozen not in state or not state[frozen]
+        assert a in state
+        opt2 = copy.deepcopy(opt)
+        opt2.load_state_dict(_roundtrip(opt.state_dict()))
+
+
+def test_zero_gradients_leave_params_unchanged_and_no_nan():
+    model = mlp()
+    for opt in (ss.CPropAdam(model.parameters()), ss.CProp(torch.optim.Adam(model.parameters()))):
+        before = [p.detach().clone() for p in model.parameters()]
+        for _ in range(3):
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p)
+            opt.step()
+        for p, b in zip(model.parameters(), before, strict=True):
+            assert torch.equal(p, b)
+        assert all(not v.isnan().any() for v in opt.stats().values())
+
+
+# --------------------------------------------------------------------------------------------
+# API: sharing, groups, closure, schedulers, hooks, telemetry
+# --------------------------------------------------------------------------------------------
+
+
+def test_shared_v_when_betas_match():
+    p = torch.nn.Parameter(torch.ones(3))
+    cases = [
+        (ss.CPropAdamW([p], weight_decay=0.1), True),
+        (ss.CPropAdam([p]), True),
+        (ss.CPropAdam([p], weight_decay=0.1), False),  # Adam sees g + wd p
+        (ss.CPropAdamW([p], betas=(0.9, 0.99)), False),
+        (ss.CPropAdamW([p], method="relative"), False),
+    ]
+    for opt, shared in cases:
+        p.grad = torch.ones(3)
+        opt.step()
+        key = "cprop_exp_avg_abs" if opt.param_groups[0]["cprop_method"] == "relative" else None
+        has_own = (key or "cprop_exp_avg_sq") in opt.state[p]
+        assert has_own != shared
+
+
+def test_add_param_group_gets_cprop_defaults_and_overrides():
+    a, b, c = (torch.nn.Parameter(torch.ones(2)) for _ in range(3))
+    opt = ss.CProp(torch.optim.SGD([a], lr=0.1), beta=0.9, c=2.0)
+    opt.add_param_group({"params": [b]})
+    opt.add_param_group({"params": [c], "cprop_c": 5.0})
+    assert [g["cprop_c"] for g in opt.param_groups] == [2.0, 2.0, 5.0]
+    assert opt.param_groups is opt.optimizer.param_groups
+    with pytest.raises(ValueError, match="cprop_beta"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(1))], "cprop_beta": 1.5})
+    native = ss.CPropAdamW([a], cdf="bft")
+    native.add_param_group({"params": [b], "cdf": "bfo"})
+    assert [g["cprop_cdf"] for g in native.param_groups] == ["bft", "bfo"]
+
+
+@pytest.mark.parametrize("make", [lambda ps: ss.CProp(torch.optim.SGD(ps, lr=0.1)), ss.CPropSGD])
+def test_closure_and_loss_keyword(make):
+    model = mlp()
+    opt = make(model.parameters())
+    x, y = data()
+
+    def closure():
+        opt.zero_grad()
+        loss = (model(x) - y).pow(2).mean()
+        loss.backward()
+        return loss
+
+    first = opt.step(closure)
+    assert isinstance(first, torch.Tensor)
+    closure()
+    assert opt.step(loss=first.detach()) is None
+
+
+def test_wrapper_with_lbfgs_closure():
+    model = mlp()
+    opt = ss.CProp(torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4), c=math.inf)
+    x, y = data()
+
+    def closure():
+        opt.zero_grad()
+        loss = (model(x) - y).pow(2).mean()
+        loss.backward()
+        return loss
+
+    before = full_loss(model)
+    for _ in range(3):
+        opt.step(closure)
+    assert full_loss(model) < before
+
+
+def test_scheduler_hooks_and_zero_grad_delegate():
+    model = mlp()
+    opt = ss.CProp(torch.optim.SGD(model.parameters(), lr=0.1))
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    train(model, opt, 1)
+    sched.step()
+    assert opt.optimizer.param_groups[0]["lr"] == 0.05
+    assert calls == ["pre", "post"]
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    assert "CProp" in repr(opt)
+
+
+def test_stats_are_0d_tensors_in_unit_interval():
+    model = mlp()
+    for opt in (
+        ss.CPropAdamW(model.parameters(), cprop_beta=0.9),
+        ss.CProp(torch.optim.SGD(model.parameters(), lr=0.1), beta=0.9),
+    ):
+        assert opt.stats() == {}
+        train(model, opt, 10)
+        stats = opt.stats()
+        assert set(stats) == {
+            "mean_scale",
+            "frac_scale_below_half",
+            "group0.mean_scale",
+            "group0.frac_scale_below_half",
+        }
+        for v in stats.values():
+            assert isinstance(v, torch.Tensor) and v.dim() == 0
+            assert 0.0 <= v.item() <= 1.0
+        assert stats["mean_scale"] < 1.0
+
+
+def test_fused_changing_lr_does_not_recompile():
+    torch._dynamo.reset()
+    C._COMPILED.clear()
+    model = mlp()
+    opt = ss.CPropAdamW(model.parameters(), lr=1e-2, fused=True)
+    train(model, opt, 2)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for lr in (5e-3, 1e-3):
+            for g in opt.param_groups:
+                g["lr"] = lr
+            train(model, opt, 2, start=2)
