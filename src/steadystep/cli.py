@@ -65,6 +65,14 @@ def _add_run_options(p: argparse.ArgumentParser, default_scale: str) -> None:
         "python batches (DIR/cifar-10-batches-py/data_batch_1..5, test_batch).",
     )
     p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="CPU threads for torch (default 1: the demo's small models train fastest on one "
+        "thread, and it keeps a shared machine responsive; raise it for --scale paper on a CPU).",
+    )
+    p.add_argument(
         "--dataset",
         choices=("mnist1d", "digits", "crops", "mnist", "fashion-mnist", "cifar10"),
         help="dataset instead of the experiment's default. Embedded (no files needed): "
@@ -243,7 +251,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(text)
         print(f"\nreport: {Path(args.run_dir) / 'report.md'}")
         return 0
-    return _run(args, argv)
+    if args.threads < 1:
+        return _error(f"--threads must be >= 1, got {args.threads}")
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args, argv)
+    finally:
+        torch.set_num_threads(threads)  # main() may be called in-process (tests, notebooks)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -95,8 +96,8 @@ def band_plot(ax: Any, x: np.ndarray, curves: Sequence[np.ndarray], label: str, 
     """Mean over seeds with a +-1 std band (NaN-aware; all curves on the same x)."""
     n = min(len(c) for c in curves)
     y = np.stack([np.asarray(c[:n], dtype=np.float64) for c in curves])
-    with np.errstate(invalid="ignore"), np.testing.suppress_warnings() as sup:
-        sup.filter(RuntimeWarning)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns of diverged runs
         mean = np.nanmean(y, axis=0)
         std = np.nanstd(y, axis=0) if len(curves) > 1 else np.zeros(n)
     ax.plot(x[:n], mean, label=label, color=color, lw=1.2)

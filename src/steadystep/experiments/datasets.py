@@ -21,6 +21,7 @@ Every loader returns float32 tensors on the CPU; the experiments move them to th
 
 from __future__ import annotations
 
+import functools
 import gzip
 import pickle
 import struct
@@ -248,6 +249,7 @@ def load_cifar10(data_dir: str | Path | None) -> ClassificationData:
 # ----------------------------------------------------------------------------- embedded
 
 
+@functools.lru_cache(maxsize=1)
 def _load_mnist1d() -> ClassificationData:
     try:
         from mnist1d.data import get_dataset_args, make_dataset
@@ -274,6 +276,7 @@ def _load_mnist1d() -> ClassificationData:
     )
 
 
+@functools.lru_cache(maxsize=1)
 def _load_digits() -> ClassificationData:
     from sklearn.datasets import load_digits
 

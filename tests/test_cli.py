@@ -1,0 +1,195 @@
+"""The ``steadystep`` command at a tiny scale: files written, results.json sound, report
+rebuilt, Ctrl-C keeps finished runs, same seed gives the same results, clear errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+
+import steadystep
+from steadystep import cli
+from steadystep.experiments import EXPERIMENTS, get_experiment
+
+HAS_CPROP = hasattr(steadystep, "CProp")
+
+
+def _numbers(obj, path="$"):
+    """Every number in a JSON tree, with its path."""
+    if isinstance(obj, bool):
+        return
+    if isinstance(obj, (int, float)):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _numbers(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _numbers(v, f"{path}[{i}]")
+
+
+def _check_run_dir(out, experiments):
+    for name in ("report.md", "results.json", "timings.json", "config.json"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) >= {"command", "settings", "experiments", "steadystep_version"}
+    assert sorted(results["experiments"]) == sorted(experiments)
+    for name in experiments:
+        entry = results["experiments"][name]
+        assert entry["status"] == "complete", entry.get("reason")
+        assert entry["runs_finished"] == entry["runs_planned"] > 0
+        assert entry["summary"]["claims"], name
+        for c in entry["summary"]["claims"]:
+            assert c["verdict"] in ("reproduced", "not reproduced", "inconclusive")
+        for fig in entry["figures"]:
+            assert (out / fig).is_file() and (out / fig).stat().st_size > 1000
+            assert fig in (out / "report.md").read_text()
+        csvs = sorted((out / "runs" / name).glob("*.csv"))
+        jsons = sorted((out / "runs" / name).glob("*.json"))
+        assert len(csvs) == len(jsons) == entry["runs_planned"]
+        for run in entry["runs"]:
+            for key, value in run["summary"].items():
+                if isinstance(value, float):
+                    assert math.isfinite(value) or key == "alarms", (name, run["run_id"], key)
+    bad = [(p, v) for p, v in _numbers(results) if not math.isfinite(v)]
+    assert not bad
+    return results
+
+
+def test_help_explains_every_option(capsys):
+    for argv in (["--help"], ["demo", "--help"], ["reproduce", "--help"], ["report", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--out", "--device", "--seeds", "--scale", "--data-dir", "--dataset", "RUN_DIR"):
+        assert option in text
+    assert "tiny" not in text  # the test scale is not advertised
+
+
+def test_reproduce_alrc_and_report_rebuild(tmp_path, capsys):
+    out = tmp_path / "alrc"
+    assert (
+        cli.main(["reproduce", "alrc", "--scale", "tiny", "--device", "cpu", "--out", str(out)])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "ALRC, quartic errors" in printed and "report.md" in printed
+    results = _check_run_dir(out, ["alrc"])
+    table = results["experiments"]["alrc"]["summary"]["table"]
+    assert set(table) == {"squared", "quartic"} and set(table["quartic"]) == {"3", "inf"}
+    assert "(3.88)" in (out / "report.md").read_text()  # the paper's value beside ours
+    before = (out / "results.json").read_text()
+    for name in ("report.md", "results.json"):
+        (out / name).unlink()
+    shutil.rmtree(out / "figures")
+    assert cli.main(["report", str(out)]) == 0
+    assert (out / "results.json").read_text() == before
+    assert (out / "figures" / "alrc_learning_curves.png").is_file()
+
+
+def test_reproduce_salera(tmp_path):
+    out = tmp_path / "salera"
+    assert (
+        cli.main(["reproduce", "salera", "--scale", "tiny", "--device", "cpu", "--out", str(out)])
+        == 0
+    )
+    results = _check_run_dir(out, ["salera"])
+    summary = results["experiments"]["salera"]["summary"]
+    assert set(summary["best"]["M2"]) == {
+        "NAG",
+        "Adagrad",
+        "Adam",
+        "Ag-Adam",
+        "ALeRA",
+        "SALeRA",
+        "SPALeRA",
+    }
+    assert summary["failures"]["ALeRA"]["runs"] == summary["failures"]["SALeRA"]["runs"] >= 1
+    assert (out / "figures" / "salera_fig1.png").is_file()
+
+
+@pytest.mark.skipif(not HAS_CPROP, reason="steadystep.CProp has not landed")
+def test_reproduce_cprop(tmp_path):
+    out = tmp_path / "cprop"
+    assert (
+        cli.main(["reproduce", "cprop", "--scale", "tiny", "--device", "cpu", "--out", str(out)])
+        == 0
+    )
+    results = _check_run_dir(out, ["cprop"])
+    summary = results["experiments"]["cprop"]["summary"]
+    assert set(summary["table"]["FC"]["Adam"]) == {"plain", "c=1", "c=3"}
+    assert summary["scale_stats"] is not None
+    assert (out / "figures" / "cprop_scale_histogram.png").is_file()
+
+
+def test_demo_is_deterministic(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert cli.main(["demo", "--scale", "tiny", "--device", "cpu", "--out", str(out)]) == 0
+        runs.append((out / "results.json").read_text())
+    assert runs[0] == runs[1]
+    expected = [n for n in EXPERIMENTS if n != "cprop" or HAS_CPROP]
+    results = _check_run_dir(tmp_path / "a", expected) if HAS_CPROP else json.loads(runs[0])
+    assert results["command"] == "demo"
+    if not HAS_CPROP:
+        assert results["experiments"]["cprop"]["status"] == "unavailable"
+
+
+def test_ctrl_c_keeps_finished_runs_and_resumes(tmp_path, monkeypatch):
+    module = get_experiment("alrc")
+    real_run = module.run
+    calls = []
+
+    def interrupted(spec, ctx):
+        calls.append(spec.run_id)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_run(spec, ctx)
+
+    monkeypatch.setattr(module, "run", interrupted)
+    out = tmp_path / "run"
+    argv = ["reproduce", "alrc", "--scale", "tiny", "--device", "cpu", "--out", str(out)]
+    assert cli.main(argv) == 130
+    results = json.loads((out / "results.json").read_text())
+    entry = results["experiments"]["alrc"]
+    assert entry["status"] == "partial" and entry["runs_finished"] == 2
+    assert "Partial: 2 of 8 runs" in (out / "report.md").read_text()
+    monkeypatch.setattr(module, "run", real_run)
+    assert cli.main(argv) == 0  # continues: only the 6 missing runs
+    assert (
+        json.loads((out / "results.json").read_text())["experiments"]["alrc"]["status"]
+        == "complete"
+    )
+    # Other settings into the same directory are refused.
+    assert cli.main([*argv, "--seeds", "2"]) == 2
+
+
+def test_clear_errors(tmp_path, capsys, monkeypatch):
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert "not a steadystep run directory" in capsys.readouterr().err
+    argv = [
+        "reproduce",
+        "salera",
+        "--scale",
+        "tiny",
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        str(tmp_path),
+    ]
+    assert cli.main([*argv, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "train-images-idx3-ubyte" in err and "MNIST/raw" in err
+    assert not (tmp_path / "x").exists()
+    assert (
+        cli.main(["reproduce", "alrc", "--dataset", "mnist1d", "--out", str(tmp_path / "y")]) == 2
+    )
+    assert "crops" in capsys.readouterr().err
+    assert cli.main(["demo", "--seeds", "0"]) == 2
+    monkeypatch.setattr("steadystep.experiments.missing_api", lambda name: ["CProp"])
+    assert cli.main(["reproduce", "cprop", "--scale", "tiny", "--out", str(tmp_path / "z")]) == 2
+    assert "lacks CProp" in capsys.readouterr().err
