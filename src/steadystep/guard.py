@@ -272,10 +272,9 @@ class CatastropheGuard(Optimizer):
         if loss is None:
             raise _missing_loss(type(self).__name__)
         self._pending_loss = None
-        if isinstance(loss, torch.Tensor):
-            loss = loss.detach()
-        alarm = self.detector.update(loss)
-        loss_t = loss if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        observed = loss.detach() if isinstance(loss, torch.Tensor) else loss
+        alarm = self.detector.update(observed)
+        loss_t = observed if isinstance(observed, torch.Tensor) else torch.tensor(float(observed))
         params = self._params()
         self._ensure_snapshots(params)
         alarm = alarm.to(self.alarms.device)

@@ -1,0 +1,371 @@
+"""CatastropheGuard, SALeRA and SPALeRA: rollback, LR cut, resume, faults, the catastrophe demo."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+
+import steadystep as ss
+
+SPIKE = 5  # scripted losses: calm, then a 10x spike at this step
+LOSSES = [1.0] * SPIKE + [10.0] + [1.0] * 6 + [50.0] + [1.0] * 3
+
+
+def make_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + step)
+    return torch.randn(16, 4, generator=gen), torch.randn(16, 1, generator=gen)
+
+
+def backward(model: torch.nn.Module, step: int) -> None:
+    x, y = batch(step)
+    model.zero_grad()
+    (model(x) - y).pow(2).mean().backward()
+
+
+def build(kind: str, model: torch.nn.Module, **kwargs) -> ss.CatastropheGuard:
+    detector = ss.PageHinkley(ph_lambda=0.1, rho=0.5)
+    if kind == "salera":
+        return ss.CatastropheGuard(
+            ss.ALeRA(ss.layer_groups(model), lr=0.05, C=1e-3), detector, **kwargs
+        )
+    if kind == "spalera":
+        base = ss.ALeRA(model.parameters(), lr=0.05, alpha=0.1, C=1e-4, granularity="param")
+        return ss.CatastropheGuard(base, detector, **kwargs)
+    if kind == "agadam":
+        return ss.CatastropheGuard(ss.AgAdam(ss.layer_groups(model), lr=0.01), detector, **kwargs)
+    if kind == "adam":
+        return ss.CatastropheGuard(
+            torch.optim.Adam(model.parameters(), lr=0.01), detector, **kwargs
+        )
+    if kind == "adam_tensor_lr":
+        base = torch.optim.Adam(model.parameters(), lr=torch.tensor(0.01), foreach=False)
+        return ss.CatastropheGuard(base, detector, **kwargs)
+    if kind == "cprop":
+        base = ss.CProp(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+        return ss.CatastropheGuard(base, detector, **kwargs)
+    raise AssertionError(kind)
+
+
+def lrs(opt: ss.CatastropheGuard) -> list[torch.Tensor]:
+    """Every effective-LR factor the guard may cut, as tensors."""
+    if hasattr(opt.optimizer, "scale_lr_"):
+        return [g["lr_multiplier"].clone() for g in opt.param_groups]
+    return [torch.as_tensor(g["lr"]).clone() for g in opt.param_groups]
+
+
+def params_of(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+KINDS = ["salera", "spalera", "agadam", "adam", "adam_tensor_lr", "cprop"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_spike_rolls_back_halves_lr_and_resets_detector(kind):
+    model = make_model()
+    opt = build(kind, model)
+    history = []
+    for step in range(SPIKE):
+        history.append(params_of(model))
+        backward(model, step)
+        opt.step(loss=torch.tensor(LOSSES[step]))
+        assert int(opt.stats()["alarms"]) == 0
+    lr_before = lrs(opt)
+    base_state = copy.deepcopy(opt.optimizer.state_dict())
+    backward(model, SPIKE)
+    opt.step(loss=torch.tensor(LOSSES[SPIKE]))
+    stats = opt.stats()
+    assert int(stats["alarms"]) == 1 and int(stats["rollbacks"]) == 1
+    # Back to the parameters before the last update (the one of step SPIKE - 1), bitwise.
+    assert equal(params_of(model), history[SPIKE - 1])
+    assert not equal(history[SPIKE - 1], history[SPIKE - 2])  # the rollback undid a real update
+    for before, after in zip(lr_before, lrs(opt), strict=True):
+        assert torch.equal(after, before * 0.5)
+    assert int(opt.detector.count) == 0
+    assert opt.detector.threshold.item() == pytest.approx(0.1)
+    # No base update this step: the base optimizer's own state did not move.
+    after_state = opt.optimizer.state_dict()["state"]
+    for pid, state in base_state["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and key != "lr_multiplier":
+                assert torch.equal(value, after_state[pid][key]), (pid, key)
+    # Training continues from there.
+    backward(model, SPIKE + 1)
+    opt.step(loss=torch.tensor(1.0))
+    assert not equal(params_of(model), history[SPIKE - 1])
+
+
+@pytest.mark.parametrize("kind", ["salera", "adam"])
+def test_backtrack_false_only_skips_and_cuts(kind):
+    model = make_model()
+    opt = build(kind, model, backtrack=False)
+    for step in range(SPIKE):
+        backward(model, step)
+        opt.step(loss=torch.tensor(LOSSES[step]))
+    before, lr_before = params_of(model), lrs(opt)
+    backward(model, SPIKE)
+    opt.step(loss=torch.tensor(LOSSES[SPIKE]))
+    assert equal(params_of(model), before)
+    assert all(torch.equal(a, b * 0.5) for a, b in zip(lrs(opt), lr_before, strict=True))
+    assert int(opt.stats()["alarms"]) == 1 and int(opt.stats()["rollbacks"]) == 0
+    assert opt.snapshots == []
+
+
+def run_script(opt, model, start, stop):
+    for step in range(start, stop):
+        backward(model, step)
+        opt.step(loss=torch.tensor(LOSSES[step]))
+
+
+@pytest.mark.parametrize("kind", ["salera", "spalera", "adam"])
+@pytest.mark.parametrize("save_at", [SPIKE, SPIKE + 1], ids=["before_alarm", "after_alarm"])
+def test_state_dict_round_trip_around_an_alarm(kind, save_at):
+    model = make_model()
+    opt = build(kind, model)
+    run_script(opt, model, 0, save_at)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    model2 = make_model(seed=123)
+    model2.load_state_dict(saved["model"])
+    opt2 = build(kind, model2)
+    opt2.load_state_dict(saved["opt"])
+    run_script(opt, model, save_at, len(LOSSES))
+    run_script(opt2, model2, save_at, len(LOSSES))
+    assert int(opt.stats()["alarms"]) == 2
+    assert equal(params_of(model), params_of(model2))
+    for key, value in opt.stats().items():
+        assert torch.equal(value, opt2.stats()[key]), key
+    assert equal(lrs(opt), lrs(opt2))
+    assert equal(opt.snapshots, opt2.snapshots)
+
+
+def test_host_and_device_paths_agree_bitwise():
+    # snapshot_device="cpu" takes the host path (one read per step); on CPU both must agree.
+    runs = []
+    for snapshot_device in (None, "cpu"):
+        model = make_model()
+        opt = build("salera", model, snapshot_device=snapshot_device)
+        assert opt._device_side == (snapshot_device is None)
+        run_script(opt, model, 0, len(LOSSES))
+        runs.append((params_of(model), lrs(opt), opt.stats()))
+    assert equal(runs[0][0], runs[1][0]) and equal(runs[0][1], runs[1][1])
+    assert int(runs[0][2]["alarms"]) == int(runs[1][2]["alarms"]) == 2
+
+
+@pytest.mark.parametrize("kind", ["salera", "adam"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nonfinite_loss_is_an_alarm_that_keeps_detector_statistics(kind, bad):
+    model = make_model()
+    opt = build(kind, model)
+    history = []
+    for step in range(3):
+        history.append(params_of(model))
+        backward(model, step)
+        opt.step(loss=torch.tensor(1.0))
+    det_before = opt.detector.state_dict()
+    backward(model, 3)
+    opt.step(loss=torch.tensor(bad))
+    assert int(opt.stats()["alarms"]) == 1
+    assert equal(params_of(model), history[2])
+    det_after = opt.detector.state_dict()
+    for key in ("threshold", "count", "relaxed_loss", "mean", "cusum", "cusum_min"):
+        assert torch.equal(det_before[key], det_after[key]), key
+
+
+def test_nan_gradient_under_salera_leaves_alera_state_unchanged():
+    model = make_model()
+    opt = build("salera", model)
+    run_script(opt, model, 0, 3)
+    base = opt.optimizer
+    before = [t.clone() for g in base.param_groups for t in (g["lr_multiplier"], g["step"])]
+    r_before = [base.state[p]["relaxed_path"].clone() for p in model.parameters()]
+    p_before = params_of(model)
+    backward(model, 3)
+    next(model.parameters()).grad[0, 0] = math.nan
+    opt.step(loss=torch.tensor(1.0))
+    after = [t for g in base.param_groups for t in (g["lr_multiplier"], g["step"])]
+    assert equal(before, after)
+    assert equal(r_before, [base.state[p]["relaxed_path"] for p in model.parameters()])
+    assert equal(p_before, params_of(model))
+
+
+def test_loss_inputs_and_missing_loss_error():
+    model = make_model()
+    opt = build("salera", model)
+    backward(model, 0)
+    with pytest.raises(RuntimeError, match=r"step\(loss=loss.detach\(\)\)"):
+        opt.step()
+    opt.observe_loss(torch.tensor(1.0, requires_grad=True))
+    opt.step()
+    x, y = batch(1)
+
+    def closure():
+        model.zero_grad()
+        loss = (model(x) - y).pow(2).mean()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss.requires_grad and int(opt.detector.observations) == 2
+    opt.step(loss=0.5)  # a Python float is accepted
+    with pytest.raises(RuntimeError, match="observe_loss"):
+        opt.step()
+
+
+@pytest.mark.parametrize("kind", ["salera", "adam"])
+def test_min_lr_raises_training_diverged_with_history(kind):
+    model = make_model()
+    opt = build(kind, model, min_lr=1e-3, check_every=1)
+    with pytest.raises(ss.TrainingDiverged, match="min_lr") as info:
+        for step in range(40):
+            backward(model, step)
+            # Every spike alarms: 1, 1, spike, 1, spike, ... (no alarm right after a reset)
+            opt.step(loss=torch.tensor(1.0 if step % 2 == 0 or step < 2 else 100.0 * step))
+    history = info.value.history
+    assert len(history) >= 4 and history[-1]["loss"] > 1.0
+    assert [h["step"] for h in history] == sorted(h["step"] for h in history)
+
+
+def test_guard_delegates_and_composes_with_a_scheduler():
+    model = make_model()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = ss.CatastropheGuard(base)
+    assert opt.param_groups is base.param_groups and opt.state is base.state
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    backward(model, 0)
+    opt.step(loss=torch.tensor(1.0))
+    sched.step()
+    assert base.param_groups[0]["lr"] == pytest.approx(0.05)
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)]})
+    backward(model, 1)
+    opt.step(loss=torch.tensor(1.0))
+    assert len(opt.snapshots) == len(list(model.parameters())) + 1
+    clone = copy.deepcopy(opt)
+    assert int(clone.stats()["steps"]) == 2
+    stats = opt.stats()
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in stats.values())
+
+
+def test_device_path_makes_no_host_read(monkeypatch):
+    # CPU stand-in for the CUDA sync check: any host read in a steady-state step raises.
+    model = make_model()
+    for kind in ("salera", "spalera", "agadam"):
+        opt = build(kind, model)
+        backward(model, 0)
+        opt.step(loss=torch.tensor(1.0))  # first step: lazy state
+        calls = []
+
+        def forbidden(*args, _calls=calls, **kwargs):
+            _calls.append(args)
+            raise AssertionError("host read in step()")
+
+        with monkeypatch.context() as patch:
+            for name in ("item", "__bool__", "tolist", "__float__", "__int__"):
+                patch.setattr(torch.Tensor, name, forbidden)
+            for step in range(1, 8):
+                backward(model, step)
+                opt.step(loss=torch.tensor(LOSSES[step]))
+        assert calls == []
+        assert int(opt.stats()["alarms"]) == 1  # the spike at step 5 was handled on the device
+
+
+def test_salera_and_spalera_defaults():
+    model = make_model()
+    sal = ss.SALeRA(ss.layer_groups(model), lr=0.1)
+    assert isinstance(sal, ss.CatastropheGuard) and isinstance(sal.optimizer, ss.ALeRA)
+    assert sal.optimizer.defaults["alpha"] == 0.01 and sal.optimizer.defaults["C"] == 3e-6
+    assert sal.optimizer.granularity == "group" and sal.backtrack and sal.lr_factor == 0.5
+    assert (sal.detector.ph_lambda, sal.detector.rho) == (0.1, 0.01)
+    spa = ss.SPALeRA(model.parameters(), lr=0.1)
+    assert spa.optimizer.granularity == "param"
+    assert spa.optimizer.defaults["alpha"] == 0.1 and spa.optimizer.defaults["C"] == 3e-8
+
+
+def catastrophe_run(kind: str, lr: float = 2.0, steps: int = 60) -> tuple[float, float]:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 10, generator=gen)
+    y = torch.tanh(x @ torch.randn(10, 1, generator=gen)) + 0.1 * torch.randn(256, 1, generator=gen)
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    if kind == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+    elif kind == "alera":
+        opt = ss.ALeRA(ss.layer_groups(model), lr=lr)
+    else:
+        opt = ss.SALeRA(ss.layer_groups(model), lr=lr)
+    with torch.no_grad():
+        initial = (model(x) - y).pow(2).mean().item()
+    batches = torch.Generator().manual_seed(2)
+    for _ in range(steps):
+        idx = torch.randint(0, 256, (32,), generator=batches)
+        opt.zero_grad()
+        loss = (model(x[idx]) - y[idx]).pow(2).mean()
+        loss.backward()
+        if kind == "sgd":
+            opt.step()
+        else:
+            opt.step(loss=loss.detach())
+    with torch.no_grad():
+        final = (model(x) - y).pow(2).mean().item()
+    return initial, final
+
+
+def test_catastrophe_demo_salera_recovers_where_sgd_and_alera_diverge():
+    for kind in ("sgd", "alera"):
+        initial, final = catastrophe_run(kind)
+        assert not final < initial, kind  # diverged: inf or nan
+    initial, final = catastrophe_run("salera")
+    assert final < 0.1 * initial
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "name"),
+    [
+        ({"lr_factor": 0.0}, ValueError, "lr_factor"),
+        ({"lr_factor": 1.5}, ValueError, "lr_factor"),
+        ({"lr_factor": math.nan}, ValueError, "lr_factor"),
+        ({"min_lr": -1.0}, ValueError, "min_lr"),
+        ({"min_lr": math.nan}, ValueError, "min_lr"),
+        ({"check_every": 0}, ValueError, "check_every"),
+        ({"backtrack": "yes"}, TypeError, "backtrack"),
+    ],
+)
+def test_invalid_hyperparameters(kwargs, error, name):
+    model = make_model()
+    with pytest.raises(error, match=name):
+        ss.CatastropheGuard(torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+
+
+def test_invalid_wrapped_and_salera_arguments():
+    model = make_model()
+    with pytest.raises(TypeError, match="optimizer"):
+        ss.CatastropheGuard(object())
+    guard = ss.CatastropheGuard(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="already"):
+        ss.CatastropheGuard(guard)
+    for kwargs, name in (
+        ({"ph_lambda": 0.0}, "ph_lambda"),
+        ({"rho": 2.0}, "rho"),
+        ({"alpha": 1.0}, "alpha"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            ss.SALeRA(model.parameters(), lr=0.1, **kwargs)
+    with pytest.raises(ValueError, match="lr"):
+        ss.SPALeRA(model.parameters(), lr=-1.0)
