@@ -1,0 +1,141 @@
+"""Ag-Adam: Adam when C = 0, a plain-Python restatement otherwise, faults and inputs."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+import steadystep as ss
+
+SHAPES = [(3, 2), (3,), (1, 3)]
+
+
+def make(dtype=torch.float64):
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in SHAPES]
+    base = [torch.randn(s, generator=gen, dtype=dtype) for s in SHAPES]
+    grads = [
+        [
+            b + 0.3 * torch.randn(s, generator=gen, dtype=dtype)
+            for b, s in zip(base, SHAPES, strict=True)
+        ]
+        for _ in range(25)
+    ]
+    return params, grads
+
+
+def run(opt, params, grads_seq):
+    for grads in grads_seq:
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+
+
+def test_c_zero_is_adam():
+    params, grads = make()
+    ref = [p.detach().clone().requires_grad_() for p in params]
+    run(ss.AgAdam(params, lr=0.01, C=0.0), params, grads)
+    run(torch.optim.Adam(ref, lr=0.01, foreach=False), ref, grads)
+    for a, b in zip(params, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def plain_agadam(params, grads_seq, *, lr, betas, eps, alpha, C):
+    """Granularity "group" with a single group: the whole model is one unit."""
+    P = [p.detach().flatten().tolist() for p in params]
+    R = [[0.0] * len(x) for x in P]
+    M1 = [[0.0] * len(x) for x in P]
+    M2 = [[0.0] * len(x) for x in P]
+    b1, b2 = betas
+    numel = sum(len(x) for x in P)
+    mult = 1.0
+    for t, grads in enumerate(grads_seq, start=1):
+        G = [g.flatten().tolist() for g in grads]
+        norm = math.sqrt(sum(g * g for Gi in G for g in Gi))
+        R = [
+            [(1 - alpha) * r + alpha * g / norm for r, g in zip(Ri, Gi, strict=True)]
+            for Ri, Gi in zip(R, G, strict=True)
+        ]
+        E = alpha / (2 - alpha) * (1 - (1 - alpha) ** (2 * t))
+        sq = sum(r * r for Ri in R for r in Ri)
+        mult *= math.exp(C * (sq - E) / (alpha / math.sqrt(numel)))
+        for i in range(len(P)):
+            for k in range(len(P[i])):
+                g = G[i][k]
+                M1[i][k] = b1 * M1[i][k] + (1 - b1) * g
+                M2[i][k] = b2 * M2[i][k] + (1 - b2) * g * g
+                m_hat = M1[i][k] / (1 - b1**t)
+                v_hat = M2[i][k] / (1 - b2**t)
+                P[i][k] -= lr * mult * m_hat / (math.sqrt(v_hat) + eps)
+    return P, mult
+
+
+def test_matches_plain_python_restatement():
+    params, grads = make()
+    hyper = dict(lr=0.01, betas=(0.9, 0.99), eps=1e-8, alpha=0.05, C=0.01)
+    P, mult = plain_agadam(params, grads, **hyper)
+    opt = ss.AgAdam(params, **hyper)
+    run(opt, params, grads)
+    assert opt.param_groups[0]["lr_multiplier"].item() == pytest.approx(mult, rel=1e-12)
+    assert abs(math.log(mult)) > 0.05  # the rate really moved
+    for p, ref in zip(params, P, strict=True):
+        assert all(
+            math.isclose(a, b, rel_tol=1e-10, abs_tol=1e-12)
+            for a, b in zip(p.detach().flatten().tolist(), ref, strict=True)
+        )
+
+
+@pytest.mark.parametrize("granularity", ["global", "group", "tensor", "param"])
+def test_nonfinite_gradient_changes_nothing_and_resume_is_bitwise(granularity):
+    params, grads = make()
+    opt = ss.AgAdam(
+        [{"params": params[:2]}, {"params": params[2:]}],
+        lr=0.01,
+        alpha=0.05,
+        C=0.01,
+        granularity=granularity,
+    )
+    run(opt, params, grads[:3])
+    snapshot = opt.state_dict()
+    before = io.BytesIO()
+    torch.save({"p": [p.detach() for p in params], "o": snapshot}, before)
+    bad = [g.clone() for g in grads[3]]
+    bad[0][1, 1] = math.nan
+    run(opt, params, [bad])
+    after = io.BytesIO()
+    torch.save({"p": [p.detach() for p in params], "o": opt.state_dict()}, after)
+    assert before.getvalue() == after.getvalue()  # nothing changed, bit for bit
+    before.seek(0)
+    saved = torch.load(before, weights_only=True)
+    params2 = [p.clone().requires_grad_() for p in saved["p"]]
+    opt2 = ss.AgAdam(
+        [{"params": params2[:2]}, {"params": params2[2:]}],
+        lr=0.01,
+        alpha=0.05,
+        C=0.01,
+        granularity=granularity,
+    )
+    opt2.load_state_dict(saved["o"])
+    run(opt, params, grads[4:10])
+    run(opt2, params2, grads[4:10])
+    assert all(torch.equal(a, b) for a, b in zip(params, params2, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"lr": 0.0}, "lr"),
+        ({"betas": (1.0, 0.999)}, "betas"),
+        ({"betas": (0.9, math.nan)}, "betas"),
+        ({"eps": 0.0}, "eps"),
+        ({"alpha": 0.0}, "alpha"),
+        ({"C": -1.0}, "C"),
+        ({"granularity": "layer"}, "granularity"),
+    ],
+)
+def test_invalid_hyperparameters(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        ss.AgAdam([torch.zeros(2, requires_grad=True)], **kwargs)
