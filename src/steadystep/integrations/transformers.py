@@ -1,0 +1,284 @@
+"""Hugging Face ``transformers.Trainer`` with ALRC on per-sample losses and a catastrophe guard.
+
+:class:`SteadystepTrainer` is a ``Trainer`` subclass with three additions:
+
+* ``optimizer_factory(model) -> optimizer`` builds any steadystep optimizer (``SALeRA``,
+  ``CatastropheGuard(AdamW(...))``, ``CProp``...) instead of the default AdamW;
+* ``alrc=ALRC(...)`` clips the *per-sample* losses, computed from the model's outputs and the
+  labels by ``per_sample_loss(outputs, labels)`` (default: cross-entropy for classification
+  logits ``[B, C]``, squared error for regression ``[B]`` / ``[B, 1]``; pass your own for language
+  modelling, e.g. per-sequence token means). ALRC follows the model's train/eval mode, and its
+  moments are saved with the optimizer in checkpoints and restored on resume;
+* the training loss reaches every loss-needing optimizer (``observe_loss``), and the learning
+  rate scheduler does not advance on a step the guard skipped: it is wrapped in
+  :class:`SkipAwareScheduler`, which also keeps the guard's LR cut when the schedule recomputes
+  ``lr`` from its base values (the Trainer's default linear schedule does).
+
+Steadystep statistics are added to the Trainer's logs (``steadystep/<component>/<stat>``) every
+``logging_steps``, and a :class:`~steadystep.Monitor` passed as ``monitor=`` records every step.
+
+Example (``tests/test_transformers.py`` runs the same; ``docs/integrations.md`` has more)::
+
+    import torch, steadystep as ss
+    from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+    from steadystep.integrations.transformers import SteadystepTrainer
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=32, max_position_embeddings=16)
+    model = BertForSequenceClassification(config)  # random weights: no download
+    data = [{"input_ids": torch.randint(0, 50, (8,)), "labels": torch.tensor(i % 2)}
+            for i in range(32)]
+    args = TrainingArguments("hf_out", max_steps=3, per_device_train_batch_size=8,
+        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = SteadystepTrainer(model=model, args=args, train_dataset=data, alrc=ss.ALRC(),
+        optimizer_factory=lambda m: ss.CatastropheGuard(torch.optim.AdamW(m.parameters())))
+    _ = trainer.train()
+    int(trainer.alrc.num_updates), int(trainer.steadystep_optimizer.stats()["steps"])
+    # -> (3, 3)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import Trainer, TrainerCallback
+
+from steadystep.alrc import ALRC
+from steadystep.integrations import loss_needing, unwrap_optimizer
+from steadystep.telemetry import Monitor
+
+__all__ = ["SkipAwareScheduler", "SteadystepTrainer", "default_per_sample_loss"]
+
+ALRC_STATE_NAME = "steadystep_alrc.pt"
+
+
+def default_per_sample_loss(outputs: Any, labels: Tensor) -> Tensor:
+    """Per-sample loss ``[B]`` from ``outputs.logits``: cross-entropy for ``[B, C]`` logits with
+    integer labels, squared error for regression (``[B]`` or ``[B, 1]`` float logits)."""
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    if labels.is_floating_point() or logits.shape[-1] == 1:
+        return (
+            (logits.reshape(labels.shape[0], -1) - labels.reshape(labels.shape[0], -1))
+            .pow(2)
+            .mean(dim=1)
+        )
+    if logits.dim() != 2:
+        raise ValueError(
+            f"default_per_sample_loss handles [batch, classes] logits, got shape "
+            f"{tuple(logits.shape)}; pass per_sample_loss=fn(outputs, labels) -> [batch] losses"
+        )
+    return F.cross_entropy(logits.float(), labels, reduction="none")
+
+
+class SkipAwareScheduler:
+    """An LR scheduler that does not advance on a step the guard skipped.
+
+    ``step()`` reads the guard's ``alarms`` counter (one host read per step: the schedule itself
+    lives on the host) and, when it grew since the last call, does not step the wrapped
+    scheduler. If the guard cut ``group["lr"]`` itself (a third-party base optimizer), the
+    wrapped scheduler's ``base_lrs`` are multiplied by the same factor so that a schedule which
+    recomputes ``lr = base_lr * f(step)`` (LambdaLR, the Trainer's linear and cosine schedules)
+    keeps the cut. Everything else is delegated to the wrapped scheduler.
+
+    Args:
+        scheduler: the scheduler to wrap.
+        optimizer: the optimizer it drives (framework wrappers are looked through); without an
+            ``alarms`` counter the wrapper only delegates.
+
+    Example:
+        >>> import torch, steadystep as ss
+        >>> p = torch.nn.Parameter(torch.zeros(2))
+        >>> opt = ss.CatastropheGuard(torch.optim.SGD([p], lr=1.0))
+        >>> sched = SkipAwareScheduler(torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.9), opt)
+        >>> _ = opt.step(loss=torch.tensor(1.0))
+        >>> sched.step()
+        >>> sched.last_epoch
+        1
+    """
+
+    def __init__(self, scheduler: Any, optimizer: Any) -> None:
+        self.scheduler = scheduler
+        self.guard = unwrap_optimizer(optimizer)
+        alarms = getattr(self.guard, "alarms", None)
+        self._alarms_seen = int(alarms) if isinstance(alarms, Tensor) else 0
+        self.skipped_steps = 0
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        alarms = getattr(self.guard, "alarms", None)
+        if isinstance(alarms, Tensor):
+            now = int(alarms)  # the one host read per step (see class docstring)
+            new = now - self._alarms_seen
+            self._alarms_seen = now
+            if new > 0:
+                self.skipped_steps += 1
+                base = getattr(self.guard, "optimizer", None)
+                cut_group_lr = base is not None and not hasattr(base, "scale_lr_")
+                if cut_group_lr and hasattr(self.scheduler, "base_lrs"):
+                    factor = float(self.guard.lr_factor) ** new
+                    self.scheduler.base_lrs = [b * factor for b in self.scheduler.base_lrs]
+                return
+        self.scheduler.step(*args, **kwargs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "scheduler": self.scheduler.state_dict(),
+            "alarms_seen": self._alarms_seen,
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "scheduler" not in state_dict:  # a checkpoint of the bare scheduler
+            self.scheduler.load_state_dict(state_dict)
+            return
+        self.scheduler.load_state_dict(state_dict["scheduler"])
+        self._alarms_seen = int(state_dict["alarms_seen"])
+        self.skipped_steps = int(state_dict["skipped_steps"])
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "scheduler":  # not yet set (unpickling)
+            raise AttributeError(name)
+        return getattr(self.scheduler, name)
+
+
+class _StepBoundary(TrainerCallback):
+    """Tells the trainer where optimizer steps happen; drives a Monitor."""
+
+    def __init__(self, trainer: SteadystepTrainer) -> None:
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._loss_window = None
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.trainer.monitor is not None:
+            self.trainer.monitor.step(step=state.global_step)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.trainer.monitor is not None:
+            self.trainer.monitor.close()
+
+
+class SteadystepTrainer(Trainer):
+    """``transformers.Trainer`` with ALRC on per-sample losses, steadystep optimizers and a
+    skip-aware LR schedule (see the module docstring).
+
+    Args:
+        *args, **kwargs: as ``transformers.Trainer``.
+        alrc: an :class:`~steadystep.ALRC` applied to the per-sample losses (default None: the
+            model's own loss, unclipped).
+        per_sample_loss: ``fn(outputs, labels) -> [batch]`` losses (default
+            :func:`default_per_sample_loss`); used only with ``alrc``.
+        optimizer_factory: ``fn(model) -> optimizer`` (default None: the Trainer's optimizer,
+            or the one passed as ``optimizers=(opt, sched)``).
+        monitor: a :class:`~steadystep.Monitor` to step once per optimizer step (default None).
+
+    Under gradient accumulation the loss fed to the optimizer is the mean of the micro-batch
+    losses of the step.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        alrc: ALRC | None = None,
+        per_sample_loss: Callable[[Any, Tensor], Tensor] | None = None,
+        optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
+        monitor: Monitor | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.alrc = alrc
+        self.per_sample_loss = per_sample_loss or default_per_sample_loss
+        self.optimizer_factory = optimizer_factory
+        self.monitor = monitor
+        self._loss_window: tuple[Tensor, int] | None = None
+        if alrc is not None:
+            alrc.to(self.args.device)
+            # compute_loss returns a per-batch mean: the Trainer divides it for accumulation.
+            self.loss_is_scaled_for_ga = False
+        self.add_callback(_StepBoundary(self))
+
+    @property
+    def steadystep_optimizer(self) -> Any:
+        """The optimizer without framework wrappers (``None`` before training starts)."""
+        return None if self.optimizer is None else unwrap_optimizer(self.optimizer)
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is None and self.optimizer_factory is not None:
+            self.optimizer = self.optimizer_factory(self.model if model is None else model)
+        return super().create_optimizer(model) if self.optimizer is None else self.optimizer
+
+    def create_scheduler(
+        self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
+    ) -> Any:
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        if not isinstance(scheduler, SkipAwareScheduler) and not plateau:
+            self.lr_scheduler = SkipAwareScheduler(scheduler, optimizer or self.optimizer)
+        return self.lr_scheduler
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Tensor | int | None = None,
+    ) -> Tensor | tuple[Tensor, Any]:
+        if self.alrc is None or "labels" not in inputs:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss, outputs = result if return_outputs else (result, None)
+        else:
+            inputs = dict(inputs)
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            self.alrc.train(model.training)  # eval: identity, and the moments stay put
+            loss = self.alrc(self.per_sample_loss(outputs, labels)).mean()
+        if model.training:
+            self._feed(loss)
+        return (loss, outputs) if return_outputs else loss
+
+    def _feed(self, loss: Tensor) -> None:
+        opt = self.optimizer
+        if opt is None or not loss_needing(opt):
+            return
+        total, n = self._loss_window or (torch.zeros_like(loss.detach()), 0)
+        total, n = total + loss.detach(), n + 1
+        self._loss_window = (total, n)
+        unwrap_optimizer(opt).observe_loss(total / n)
+
+    def steadystep_stats(self) -> dict[str, float]:
+        """The optimizer's and ALRC's ``stats()`` as ``steadystep/<component>/<stat>`` floats
+        (one host read)."""
+        parts: list[tuple[str, Tensor]] = []
+        opt = self.steadystep_optimizer
+        if opt is not None and callable(getattr(opt, "stats", None)):
+            parts += [(f"optimizer/{k}", v) for k, v in opt.stats().items() if v.numel() == 1]
+        if self.alrc is not None:
+            parts += [(f"alrc/{k}", v) for k, v in self.alrc.stats().items()]
+        if not parts:
+            return {}
+        values = torch.stack([v.detach().double().reshape(()).cpu() for _, v in parts]).tolist()
+        return {f"steadystep/{k}": v for (k, _), v in zip(parts, values, strict=True)}
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Add :meth:`steadystep_stats` to the training logs, then log as the Trainer does."""
+        if "loss" in logs:  # training logs only, every logging_steps
+            logs = {**logs, **self.steadystep_stats()}
+        super().log(logs, *args, **kwargs)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.alrc is not None and self.args.should_save:
+            torch.save(self.alrc.state_dict(), os.path.join(output_dir, ALRC_STATE_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or self.alrc is None:
+            return
+        path = os.path.join(checkpoint, ALRC_STATE_NAME)
+        if os.path.isfile(path):
+            state = torch.load(path, map_location=self.args.device, weights_only=True)
+            self.alrc.load_state_dict(state)

@@ -1,0 +1,158 @@
+"""A real transformers.Trainer on a tiny randomly initialised BERT (built from a config, no hub
+download): ALRC on per-sample losses, a CatastropheGuard fed the loss, an LR schedule that does not
+advance on the skipped step and keeps the cut, stats in the logs, ALRC state in checkpoints."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+
+import steadystep as ss
+from steadystep.integrations.transformers import (
+    SkipAwareScheduler,
+    SteadystepTrainer,
+    default_per_sample_loss,
+)
+
+SPIKE_STEP = 6
+MAX_STEPS = 10
+LR = 1e-3
+
+
+def _model():
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=2,
+    )
+    return BertForSequenceClassification(config)
+
+
+def _data(n=8 * MAX_STEPS):
+    g = torch.Generator().manual_seed(0)
+    return [
+        {"input_ids": torch.randint(0, 50, (8,), generator=g), "labels": torch.tensor(i % 2)}
+        for i in range(n)
+    ]
+
+
+class SpikyLoss:
+    """The default per-sample loss plus 100 at one training call (a corrupted batch)."""
+
+    def __init__(self, at):
+        self.at, self.calls = at, 0
+
+    def __call__(self, outputs, labels):
+        loss = default_per_sample_loss(outputs, labels)
+        if outputs.logits.requires_grad:  # training calls only
+            if self.calls == self.at:
+                loss = loss + 100.0
+            self.calls += 1
+        return loss
+
+
+def _guarded_adamw(model):
+    base = torch.optim.AdamW(model.parameters(), lr=LR)
+    return ss.CatastropheGuard(base, ss.PageHinkley(ph_lambda=0.5, rho=0.5))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf")
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=MAX_STEPS,
+        per_device_train_batch_size=8,
+        learning_rate=LR,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        logging_steps=2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    alrc = ss.ALRC(beta1=0.9, beta2=0.9)
+    monitor = ss.Monitor(alrc, every=4)
+    trainer = SteadystepTrainer(
+        model=_model(),
+        args=args,
+        train_dataset=_data(),
+        eval_dataset=_data(16),
+        alrc=alrc,
+        per_sample_loss=SpikyLoss(at=SPIKE_STEP),
+        optimizer_factory=_guarded_adamw,
+        monitor=monitor,
+    )
+    trainer.train()
+    return trainer, out
+
+
+def test_guard_rolls_back_the_spike_and_alrc_clips_it(trained):
+    trainer, _ = trained
+    guard = trainer.steadystep_optimizer
+    assert isinstance(guard, ss.CatastropheGuard)
+    stats = guard.stats()
+    assert int(stats["steps"]) == MAX_STEPS
+    assert int(stats["alarms"]) == 1
+    assert guard.history()[0]["step"] == SPIKE_STEP
+    assert int(trainer.alrc.num_updates) == MAX_STEPS
+    rows = {r["step"]: r for r in trainer.monitor.history}
+    assert rows[SPIKE_STEP + 1]["alrc/clipped_fraction"] == 1.0  # Monitor steps are 1-based
+    assert rows[SPIKE_STEP]["alrc/clipped_fraction"] < 1.0
+
+
+def test_scheduler_did_not_advance_on_the_skipped_step_and_kept_the_cut(trained):
+    trainer, _ = trained
+    sched = trainer.lr_scheduler
+    assert isinstance(sched, SkipAwareScheduler)
+    assert sched.skipped_steps == 1
+    assert sched.scheduler.last_epoch == MAX_STEPS - 1  # one step fewer than optimizer calls
+    assert sched.scheduler.base_lrs == [LR * 0.5]
+    # linear decay over MAX_STEPS, evaluated at step MAX_STEPS - 1, with the cut
+    expected = LR * 0.5 * (MAX_STEPS - (MAX_STEPS - 1)) / MAX_STEPS
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_stats_in_trainer_logs(trained):
+    trainer, _ = trained
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs and all("steadystep/alrc/threshold" in h for h in logs)
+    assert all("steadystep/optimizer/alarms" in h for h in logs)
+    assert logs[-1]["steadystep/optimizer/alarms"] == 1.0
+
+
+def test_eval_leaves_alrc_and_guard_alone_and_checkpoint_carries_alrc(trained, tmp_path):
+    trainer, _ = trained
+    before = {k: v.clone() for k, v in trainer.alrc.state_dict().items()}
+    steps = int(trainer.steadystep_optimizer.stats()["steps"])
+    metrics = trainer.evaluate()
+    assert "eval_loss" in metrics
+    after = trainer.alrc.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert int(trainer.steadystep_optimizer.stats()["steps"]) == steps
+    assert not trainer.alrc.training  # follows the model: eval mode, the identity
+    # ALRC moments go with the optimizer and scheduler into a checkpoint and come back
+    trainer._save_optimizer_and_scheduler(str(tmp_path))
+    assert os.path.isfile(tmp_path / "steadystep_alrc.pt")
+    fresh = ss.ALRC(beta1=0.9, beta2=0.9)
+    saved_alrc, trainer.alrc = trainer.alrc, fresh
+    try:
+        trainer._load_optimizer_and_scheduler(str(tmp_path))
+        assert all(torch.equal(before[k], fresh.state_dict()[k]) for k in before)
+    finally:
+        trainer.alrc = saved_alrc
