@@ -310,7 +310,8 @@ class CatastropheGuard(Optimizer):
             for p, snap in zip(params, self.snapshots, strict=True):
                 torch.where(alarm, snap, p, out=p)  # the masked rollback: bitwise, sync-free
             torch._foreach_copy_(self.snapshots, params)
-        factor = torch.where(alarm, self.lr_factor, 1.0).to(torch.float64)
+        cut = torch.full((), self.lr_factor, dtype=torch.float64, device=alarm.device)
+        factor = torch.where(alarm, cut, 1.0)
         self.optimizer.scale_lr_(factor)  # type: ignore[attr-defined]
         self.lr_scale.mul_(factor)
         self.optimizer._step(skip=alarm)  # type: ignore[attr-defined]
