@@ -216,3 +216,28 @@ def test_fsdp2_alrc_with_adamw_on_gloo_cpu(fsdp_results):
 @pytest.mark.parametrize("name", ["cprop", "cpropadamw", "salera"])
 def test_fsdp2_steadystep_optimizers(fsdp_results, name):
     _check_fsdp(fsdp_results, name)
+
+
+# -- the torchrun example ----------------------------------------------------------------------
+
+
+def test_torchrun_example_runs(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed beside this Python")
+    csv_path = tmp_path / "monitor.csv"
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [str(torchrun), "--nproc_per_node=2", "--standalone", "examples/ddp_train.py"]
+    cmd += ["--steps", "6", "--spike-step", "4", "--csv", str(csv_path)]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for rank in (0, 1):
+        assert f"rank {rank}/2" in proc.stdout and "params equal to rank 0: True" in proc.stdout
+    lines = csv_path.read_text().splitlines()
+    assert lines[0].startswith("step,loss,alrc/threshold") and len(lines) == 7
