@@ -219,20 +219,20 @@ def run(spec: RunSpec, ctx: RunContext) -> tuple[RunLog, dict[str, Any]]:
 
 
 def summarize(records: list[dict[str, Any]], run_dir: Path) -> dict[str, Any]:
-    groups: dict[tuple[str, str, int], list[float]] = {}
+    groups: dict[tuple[str, str, int], dict[int, float]] = {}
     for r in records:
         c = r["config"]
-        groups.setdefault((c["loss"], c["threshold"], c["batch_size"]), []).append(
-            r["summary"]["final_loss"]
-        )
+        key = (c["loss"], c["threshold"], c["batch_size"])
+        groups.setdefault(key, {})[r["seed"]] = r["summary"]["final_loss"]
     table: dict[str, dict[str, dict[str, Any]]] = {}
-    for (loss, thr, bs), values in sorted(groups.items()):
-        m, s, n = C.mean_std(values)
+    for (loss, thr, bs), by_seed in sorted(groups.items()):
+        m, s, n = C.mean_std(list(by_seed.values()))
         table.setdefault(loss, {}).setdefault(thr, {})[str(bs)] = {
             "mean_x100": 100 * m,
             "std_x100": 100 * s,
             "n_seeds": n,
-            "n_runs": len(values),
+            "n_runs": len(by_seed),
+            "by_seed_x100": {str(k): 100 * v for k, v in sorted(by_seed.items())},
         }
     batch_sizes = sorted({int(b) for lt in table.values() for t in lt.values() for b in t})
     cfg0 = records[0]["config"] if records else {}
@@ -258,15 +258,20 @@ def summarize(records: list[dict[str, Any]], run_dir: Path) -> dict[str, Any]:
 def _compare(
     cell: dict[str, Any] | None, base: dict[str, Any] | None
 ) -> tuple[float, float] | None:
-    """(difference of means, its standard error) between two table cells, x100 units."""
-    if not cell or not base or cell["n_seeds"] == 0 or base["n_seeds"] == 0:
+    """(mean difference, its standard error) between two table cells, x100 units.
+
+    Runs with the same seed share the initial weights and the whole data stream, so the
+    difference is taken per seed (a paired comparison); its standard error is that of the
+    per-seed differences (0 with one seed).
+    """
+    if not cell or not base:
         return None
-    diff = cell["mean_x100"] - base["mean_x100"]
-    se = math.sqrt(
-        cell["std_x100"] ** 2 / max(cell["n_seeds"], 1)
-        + base["std_x100"] ** 2 / max(base["n_seeds"], 1)
-    )
-    return diff, se
+    a, b = cell["by_seed_x100"], base["by_seed_x100"]
+    diffs = [a[k] - b[k] for k in a if k in b and math.isfinite(a[k] - b[k])]
+    if not diffs:
+        return None
+    mean, std, n = C.mean_std(diffs)
+    return mean, std / math.sqrt(n)
 
 
 def _claims(table: dict[str, Any], batch_sizes: list[int]) -> list[dict[str, str]]:
@@ -282,7 +287,7 @@ def _claims(table: dict[str, Any], batch_sizes: list[int]) -> list[dict[str, str
         diff, se = cmp
         base = q["inf"][str(b)]["mean_x100"]
         rel = 100 * diff / base if base else math.nan
-        parts.append(f"batch {b}: {rel:+.1f}% ({diff:+.3f} +- {se:.3f} x100)")
+        parts.append(f"batch {b}: {rel:+.1f}% (paired over seeds: {diff:+.3f} +- {se:.3f} x100)")
         lower += diff < 0
         significant += diff < -2 * se and se > 0
     if parts:

@@ -239,10 +239,15 @@ def run(spec: RunSpec, ctx: RunContext) -> tuple[RunLog, dict[str, Any]]:
         scales = cprop_scales(opt)
         if scales is not None and scales.numel():
             row["mean_scale"] = float(scales.mean())
-            if cfg["histogram"]:
-                hist_steps.append(step)
-                hist_counts.append(np.histogram(scales.numpy(), bins=edges)[0].tolist())
         return row
+
+    def histogram(step: int) -> None:
+        scales = cprop_scales(opt)
+        if scales is not None and scales.numel():
+            hist_steps.append(step)
+            hist_counts.append(np.histogram(scales.numpy(), bins=edges)[0].tolist())
+
+    hist_every = max(1, cfg["epochs"] * steps_per_epoch // 50)  # ~50 rows in Fig. 8
 
     log.append(step=0, epoch=0.0, **snapshot(0))
     step = 0
@@ -262,6 +267,8 @@ def run(spec: RunSpec, ctx: RunContext) -> tuple[RunLog, dict[str, Any]]:
             }
             if step % eval_every == 0:
                 row.update(snapshot(step))
+            if cfg["histogram"] and step % hist_every == 0:
+                histogram(step)
             log.append(**row)
             if step % 25 == 0:
                 ctx.advance(25)

@@ -65,7 +65,7 @@ def _product(**axes: tuple[Any, ...]) -> list[dict[str, Any]]:
 def _grid(scale: str) -> dict[str, list[dict[str, Any]]]:
     """Hyperparameter settings per algorithm at each scale."""
     if scale in ("tiny", "demo"):
-        agn = _product(alpha=(0.01, 0.1, 0.25), C=(3e-6, 3e-5), lr=(0.1,))
+        agn = _product(alpha=(0.001, 0.01, 0.1), C=(3e-6, 3e-5), lr=(0.1,))
         if scale == "tiny":
             agn = agn[-1:]
         return {
@@ -96,7 +96,7 @@ def _grid(scale: str) -> dict[str, list[dict[str, Any]]]:
 
 SCALES: dict[str, dict[str, Any]] = {
     "tiny": dict(models=("M2",), epochs=2, early=1, seeds=1, n_train=200, evals=2),
-    "demo": dict(models=("M2",), epochs=20, early=5, seeds=1, n_train=None, evals=2),
+    "demo": dict(models=("M2",), epochs=10, early=5, seeds=1, n_train=None, evals=2),
     "quick": dict(
         models=("M0", "M2", "M2b", "M4"), epochs=20, early=5, seeds=2, n_train=None, evals=4
     ),
