@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -192,7 +193,12 @@ def _progress(total: float, desc: str, unit: str, position: int, leave: bool) ->
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - the exp extra provides it
         return None
-    # disable=None: bars only when stderr is a terminal (CI logs stay clean).
+    try:
+        width = os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError):
+        width = 0
+    # disable=None: bars only when stderr is a terminal (CI logs stay clean). A pseudo-terminal
+    # that reports 0 columns (script, some IDEs) would get empty bars: give it 100.
     return tqdm(
         total=total,
         desc=desc,
@@ -201,7 +207,8 @@ def _progress(total: float, desc: str, unit: str, position: int, leave: bool) ->
         leave=leave,
         disable=None,
         file=sys.stderr,
-        dynamic_ncols=True,
+        dynamic_ncols=width > 0,
+        ncols=None if width > 0 else 100,
     )
 
 
