@@ -57,6 +57,7 @@ SCALES: dict[str, dict[str, Any]] = {
         seeds=1,
         n_train=320,
         evals=2,
+        lr_factors=(1.0, 3.0),
         sweep=(3.0,),
     ),
     "demo": dict(
@@ -66,6 +67,7 @@ SCALES: dict[str, dict[str, Any]] = {
         seeds=3,
         n_train=None,
         evals=2,
+        lr_factors=(1.0, 3.0, 9.0),
         sweep=(3.0, 9.0, 27.0),
     ),
     "quick": dict(
@@ -75,6 +77,7 @@ SCALES: dict[str, dict[str, Any]] = {
         seeds=3,
         n_train=None,
         evals=2,
+        lr_factors=(1 / 3, 1.0, 3.0, 9.0),
         sweep=(3.0, 9.0, 27.0),
     ),
     "paper": dict(
@@ -84,6 +87,7 @@ SCALES: dict[str, dict[str, Any]] = {
         seeds=3,
         n_train=None,
         evals=4,
+        lr_factors=(1 / 3, 1.0, 3.0, 9.0),
         sweep=(3.0, 9.0, 27.0),
     ),
 }
@@ -98,37 +102,40 @@ def plan(settings: Settings) -> list[RunSpec]:
     n_steps = s["epochs"] * 125  # MNIST-1D: 4000 / 32; only used for progress
     specs = []
 
-    def add(model: str, opt: str, c: float | None, seed: int) -> None:
+    def add(model: str, opt: str, factor: float, c: float | None, seed: int) -> None:
+        lr = float(f"{LRS[model][opt] * factor:.3g}")
         config = dict(
             model=model,
             optimizer=opt,
-            lr=LRS[model][opt],
+            lr=lr,
+            lr_factor=factor,
             cprop_c=c,
             epochs=s["epochs"],
             dataset=dataset,
             n_train=s["n_train"],
             evals_per_epoch=s["evals"],
-            # Fig. 8: record the histogram of scales in the first seed's Adam+CProp run.
-            histogram=opt == "Adam" and c == 1.0 and seed == 0,
+            # Fig. 8: the histogram of scales of the first seed's Adam+CProp run at the paper's lr.
+            histogram=opt == "Adam" and c == 1.0 and seed == 0 and factor == 1.0,
         )
         tag = "plain" if c is None else f"cprop-c{c:g}"
         weight = 1.0 if model == "FC" else 3.0
-        specs.append(
-            RunSpec(
-                name, f"{model}-{opt}-{tag}-s{seed}", config, seed, n_steps, n_steps * weight * 1e-3
-            )
-        )
+        run_id = f"{model}-{opt}-lr{lr:g}-{tag}-s{seed}"
+        specs.append(RunSpec(name, run_id, config, seed, n_steps, n_steps * weight * 1e-3))
 
+    # The paper compares at the learning rate that trains the *plain* optimizer fastest (found
+    # by a search in factors of 3); we run plain and CProp at the paper's Fashion-MNIST lr times
+    # each factor and pick that lr when summarising.
     for model in s["models"]:
         for opt in s["optimizers"]:
-            for c in (None, 1.0):
-                for seed in range(seeds):
-                    add(model, opt, c, seed)
-    # The c sweep (Fig. 11) on the first model with Adam; c = 1 and plain (c -> inf) come from
-    # the main grid above.
+            for factor in s["lr_factors"]:
+                for c in (None, 1.0):
+                    for seed in range(seeds):
+                        add(model, opt, factor, c, seed)
+    # The c sweep (Fig. 11): first model, Adam at the paper's lr; c = 1 and plain (c -> inf)
+    # come from the grid above.
     for c in s["sweep"]:
         for seed in range(seeds):
-            add(s["models"][0], "Adam", c, seed)
+            add(s["models"][0], "Adam", 1.0, c, seed)
     return specs
 
 
@@ -298,34 +305,54 @@ def run(spec: RunSpec, ctx: RunContext) -> tuple[RunLog, dict[str, Any]]:
 # ----------------------------------------------------------------------------- report
 
 
-def _group(
-    records: list[dict[str, Any]],
-) -> dict[tuple[str, str, float | None], list[dict[str, Any]]]:
-    out: dict[tuple[str, str, float | None], list[dict[str, Any]]] = {}
+_KEYS = (
+    "final_train_loss",
+    "mean_minibatch_loss",
+    "final_test_error",
+    "final_test_loss",
+    "final_mean_scale",
+)
+
+
+def _lr(x: float) -> str:
+    return f"{x:g}"
+
+
+def _group(records: list[dict[str, Any]]) -> dict[tuple[str, str, str, float | None], list[Any]]:
+    """Runs by (model, optimizer, lr, c)."""
+    out: dict[tuple[str, str, str, float | None], list[dict[str, Any]]] = {}
     for r in records:
         c = r["config"]
-        out.setdefault((c["model"], c["optimizer"], c["cprop_c"]), []).append(r)
+        out.setdefault((c["model"], c["optimizer"], _lr(c["lr"]), c["cprop_c"]), []).append(r)
     return out
 
 
 def summarize(records: list[dict[str, Any]], run_dir: Path) -> dict[str, Any]:
     groups = _group(records)
-    table: dict[str, dict[str, dict[str, Any]]] = {}
-    for (model, opt, c), runs in sorted(
-        groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or math.inf)
+    table: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+    paper_lr: dict[str, dict[str, str]] = {}
+    for (model, opt, lr, c), runs in sorted(
+        groups.items(), key=lambda kv: (kv[0][0], kv[0][1], float(kv[0][2]), kv[0][3] or math.inf)
     ):
         tag = "plain" if c is None else f"c={c:g}"
         entry = {}
-        for key in (
-            "final_train_loss",
-            "mean_minibatch_loss",
-            "final_test_error",
-            "final_test_loss",
-            "final_mean_scale",
-        ):
-            m, s, k = C.mean_std([r["summary"][key] for r in runs])
-            entry[key] = {"mean": m, "std": s, "n": k}
-        table.setdefault(model, {}).setdefault(opt, {})[tag] = entry
+        for key in _KEYS:
+            m, sd, k = C.mean_std([r["summary"][key] for r in runs])
+            entry[key] = {"mean": m, "std": sd, "n": k}
+        table.setdefault(model, {}).setdefault(opt, {}).setdefault(lr, {})[tag] = entry
+        if runs[0]["config"].get("lr_factor", 1.0) == 1.0:
+            paper_lr.setdefault(model, {})[opt] = lr
+    # The paper's protocol: compare at the lr that trains the plain optimizer fastest.
+    best_lr: dict[str, dict[str, str]] = {}
+    for model, opts in table.items():
+        for opt, lrs in opts.items():
+            plain = {
+                lr: cells["plain"]["final_train_loss"]["mean"]
+                for lr, cells in lrs.items()
+                if "plain" in cells
+            }
+            if plain:
+                best_lr.setdefault(model, {})[opt] = min(plain, key=lambda k: _finite(plain[k]))
     hist = next(
         (r["summary"]["scale_histogram"] for r in records if "scale_histogram" in r["summary"]),
         None,
@@ -334,6 +361,8 @@ def summarize(records: list[dict[str, Any]], run_dir: Path) -> dict[str, Any]:
     cfg0 = records[0]["config"] if records else {}
     summary = {
         "table": table,
+        "best_lr": best_lr,
+        "paper_lr": paper_lr,
         "histogram_run": hist_run,
         "scale_stats": _scale_stats(hist),
         "setup": {
@@ -345,6 +374,10 @@ def summarize(records: list[dict[str, Any]], run_dir: Path) -> dict[str, Any]:
     }
     summary["claims"] = _claims(summary)
     return summary
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else math.inf
 
 
 def _scale_stats(hist: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -368,10 +401,8 @@ def _scale_stats(hist: dict[str, Any] | None) -> dict[str, Any] | None:
     }
 
 
-def _cmp(
-    table: dict[str, Any], model: str, opt: str, key: str
-) -> tuple[float, float, float] | None:
-    cells = table.get(model, {}).get(opt, {})
+def _cmp(cells: dict[str, Any], key: str) -> tuple[float, float, float] | None:
+    """(CProp mean, plain mean, standard error of the difference) of one lr's cells."""
     if "plain" not in cells or "c=1" not in cells:
         return None
     a, b = cells["c=1"][key], cells["plain"][key]
@@ -383,18 +414,22 @@ def _claims(summary: dict[str, Any]) -> list[dict[str, str]]:
     out = []
     table = summary["table"]
     parts, better, n = [], 0, 0
-    for model in table:
+    for model, opts in summary["best_lr"].items():
         for opt in OPTIMIZERS:
-            cmp = _cmp(table, model, opt, "mean_minibatch_loss")
-            fin = _cmp(table, model, opt, "final_train_loss")
-            if cmp is None or fin is None:
+            if opt not in opts:
+                continue
+            lr = opts[opt]
+            cells = table[model][opt][lr]
+            speed, fin = _cmp(cells, "mean_minibatch_loss"), _cmp(cells, "final_train_loss")
+            if speed is None or fin is None:
                 continue
             n += 1
-            wins = cmp[0] < cmp[1] - cmp[2] and fin[0] <= fin[1]
+            wins = speed[0] < speed[1] - speed[2] and fin[0] <= fin[1]
             better += wins
             parts.append(
-                f"{model}/{opt}: final train loss {fin[0]:.3f} vs {fin[1]:.3f}, mean loss over "
-                f"training {cmp[0]:.3f} vs {cmp[1]:.3f} ({'faster' if wins else 'not faster'})"
+                f"{model}/{opt} at lr {lr}: final train loss {fin[0]:.3f} vs {fin[1]:.3f}, mean "
+                f"loss over training {speed[0]:.3f} vs {speed[1]:.3f} "
+                f"({'faster' if wins else 'not faster'})"
             )
     if n:
         verdict = (
@@ -402,11 +437,11 @@ def _claims(summary: dict[str, Any]) -> list[dict[str, str]]:
             if better >= 0.75 * n
             else ("not reproduced" if better <= 0.25 * n else "inconclusive")
         )
-        out.append(
-            C.claim(
-                CLAIM_SPEED, f"CProp vs plain, {better}/{n} faster: " + "; ".join(parts), verdict
-            )
+        measured = (
+            f"CProp vs plain at the lr that trains the plain optimizer fastest (the paper's "
+            f"protocol), {better}/{n} faster: " + "; ".join(parts)
         )
+        out.append(C.claim(CLAIM_SPEED, measured, verdict))
     st = summary["scale_stats"]
     if st:
         measured = (
@@ -417,16 +452,17 @@ def _claims(summary: dict[str, Any]) -> list[dict[str, str]]:
         )
         ok = st["below_half_at_20pct"] > 0.5 and 0.0 < st["above_0.9_at_end"] < 0.5
         out.append(C.claim(CLAIM_SCALE, measured, "reproduced" if ok else "not reproduced"))
-    # c sweep on the first model with Adam.
+    # c sweep on the first model with Adam at the paper's lr.
     if table:
         model = next(iter(table))
-        cells = table[model].get("Adam", {})
+        lr = summary["paper_lr"].get(model, {}).get("Adam")
+        cells = table[model].get("Adam", {}).get(lr, {}) if lr else {}
         cs = sorted((float(k[2:]), k) for k in cells if k.startswith("c="))
         if len(cs) >= 2:
             lo, hi = cells[cs[0][1]], cells[cs[-1][1]]
             measured = (
-                f"{model}/Adam: test error {100 * lo['final_test_error']['mean']:.2f}% at "
-                f"c={cs[0][0]:g} vs {100 * hi['final_test_error']['mean']:.2f}% at "
+                f"{model}/Adam at lr {lr}: test error {100 * lo['final_test_error']['mean']:.2f}% "
+                f"at c={cs[0][0]:g} vs {100 * hi['final_test_error']['mean']:.2f}% at "
                 f"c={cs[-1][0]:g}; final train loss "
                 f"{lo['final_train_loss']['mean']:.4f} vs {hi['final_train_loss']['mean']:.4f}"
             )
@@ -450,8 +486,9 @@ def figures(summary: dict[str, Any], records: list[dict[str, Any]], run_dir: Pat
     for i, model in enumerate(models):
         for j, opt in enumerate(opts):
             ax = axes[i][j]
+            lr = summary["best_lr"].get(model, {}).get(opt)
             for c, color, label in ((None, "tab:gray", opt), (1.0, "tab:blue", f"{opt} + CProp")):
-                runs = groups.get((model, opt, c))
+                runs = groups.get((model, opt, lr, c)) if lr else None
                 if not runs:
                     continue
                 curves, x = [], None
@@ -461,14 +498,16 @@ def figures(summary: dict[str, Any], records: list[dict[str, Any]], run_dir: Pat
                     x, curves = d["step"][ok], [*curves, d["train_loss"][ok]]
                 C.band_plot(ax, x, curves, label, color)
             ax.set_yscale("log")
-            ax.set_title(f"{model}, {opt}", fontsize=9)
+            ax.set_title(f"{model}, {opt}, lr {lr}", fontsize=9)
             ax.set_xlabel("iteration", fontsize=8)
             if j == 0:
                 ax.set_ylabel("training loss", fontsize=8)
             ax.legend(fontsize=7)
             ax.tick_params(labelsize=7)
     fig.suptitle(
-        "CProp: training loss, mean ± std over seeds (cf. the paper's Fig. 2)", fontsize=10
+        "CProp: training loss at the lr that trains the plain optimizer fastest, mean ± std "
+        "over seeds (cf. the paper's Fig. 2)",
+        fontsize=10,
     )
     fig.tight_layout()
     out.append(C.save(fig, run_dir / "figures" / "cprop_training_loss.png"))
@@ -503,8 +542,13 @@ def figures(summary: dict[str, Any], records: list[dict[str, Any]], run_dir: Pat
         out.append(C.save(fig, run_dir / "figures" / "cprop_scale_histogram.png"))
 
     model = models[0] if models else None
+    sweep_lr = summary["paper_lr"].get(model, {}).get("Adam") if model else None
     sweep = sorted(
-        ((c, runs) for (m, o, c), runs in groups.items() if m == model and o == "Adam"),
+        (
+            (c, runs)
+            for (m, o, lr, c), runs in groups.items()
+            if m == model and o == "Adam" and lr == sweep_lr
+        ),
         key=lambda t: t[0] or math.inf,
     )
     if len(sweep) >= 3:
@@ -530,7 +574,8 @@ def figures(summary: dict[str, Any], records: list[dict[str, Any]], run_dir: Pat
             a.tick_params(labelsize=7)
         a2.legend(fontsize=7)
         fig.suptitle(
-            f"CProp overconfidence coefficient c, {model} + Adam (cf. the paper's Fig. 11)",
+            f"CProp overconfidence coefficient c, {model} + Adam lr {sweep_lr} "
+            "(cf. the paper's Fig. 11)",
             fontsize=10,
         )
         fig.tight_layout()
@@ -541,26 +586,30 @@ def figures(summary: dict[str, Any], records: list[dict[str, Any]], run_dir: Pat
 def _rows(summary: dict[str, Any]) -> list[list[str]]:
     rows = []
     for model, opts in summary["table"].items():
-        for opt, cells in opts.items():
-            for tag, e in cells.items():
-                rows.append(
-                    [
-                        model,
-                        opt,
-                        tag,
-                        f"{C.fmt(e['final_train_loss']['mean'], 4)} ± "
-                        f"{C.fmt(e['final_train_loss']['std'], 4)}",
-                        f"{C.fmt(e['mean_minibatch_loss']['mean'], 4)}",
-                        C.fmt(100 * e["final_test_error"]["mean"], 2),
-                        C.fmt(e["final_mean_scale"]["mean"], 3),
-                    ]
-                )
+        for opt, lrs in opts.items():
+            for lr, cells in lrs.items():
+                best = " (fastest plain)" if summary["best_lr"][model][opt] == lr else ""
+                for tag, e in cells.items():
+                    rows.append(
+                        [
+                            model,
+                            opt,
+                            lr + best,
+                            tag,
+                            f"{C.fmt(e['final_train_loss']['mean'], 4)} ± "
+                            f"{C.fmt(e['final_train_loss']['std'], 4)}",
+                            f"{C.fmt(e['mean_minibatch_loss']['mean'], 4)}",
+                            C.fmt(100 * e["final_test_error"]["mean"], 2),
+                            C.fmt(e["final_mean_scale"]["mean"], 3),
+                        ]
+                    )
     return rows
 
 
 _HEADER = [
     "model",
     "optimizer",
+    "lr",
     "CProp",
     "final train loss",
     "mean loss (speed)",
