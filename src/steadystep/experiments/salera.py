@@ -96,7 +96,7 @@ def _grid(scale: str) -> dict[str, list[dict[str, Any]]]:
 
 SCALES: dict[str, dict[str, Any]] = {
     "tiny": dict(models=("M2",), epochs=2, early=1, seeds=1, n_train=200, evals=2),
-    "demo": dict(models=("M2",), epochs=10, early=5, seeds=1, n_train=None, evals=2),
+    "demo": dict(models=("M2",), epochs=10, early=5, seeds=2, n_train=None, evals=2),
     "quick": dict(
         models=("M0", "M2", "M2b", "M4"), epochs=20, early=5, seeds=2, n_train=None, evals=4
     ),

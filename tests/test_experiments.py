@@ -1,0 +1,99 @@
+"""Pieces of the experiments: models, helpers, verdict rules, per-layer learning rates."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import steadystep as ss
+from steadystep.experiments import _common as C
+from steadystep.experiments import alrc as A
+from steadystep.experiments import salera as S
+from steadystep.experiments.models import SupersamplingNet, build_classifier
+from steadystep.experiments.runner import Settings
+
+
+@pytest.mark.parametrize("shape", [(1, 40), (1, 8, 8), (1, 28, 28), (3, 32, 32)])
+@pytest.mark.parametrize("name", ["M0", "M2", "M2b", "M4", "FC", "CNN"])
+def test_classifiers_adapt_to_the_input(name, shape):
+    net = build_classifier(name, shape, 10)
+    assert net(torch.randn(3, *shape)).shape == (3, 10)
+
+
+def test_paper_model_sizes():
+    # CProp's FC on 784 inputs: 784-300-100-10.
+    fc = build_classifier("FC", (1, 28, 28), 10)
+    assert sum(p.numel() for p in fc.parameters()) == 784 * 300 + 300 + 300 * 100 + 100 + 1010
+    # SALeRA's M2: hidden layers (500, 300), one param group per layer.
+    assert len(ss.layer_groups(build_classifier("M2", (1, 28, 28), 10))) == 3
+    with pytest.raises(ValueError, match="model must be one of"):
+        build_classifier("M3", (1, 40), 10)
+
+
+def test_supersampling_net():
+    net = SupersamplingNet(width=1.0)
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [64, 128, *[128] * 6, 64, 3]
+    assert all(torch.equal(c.bias, torch.zeros_like(c.bias)) for c in convs)
+    assert net(torch.randn(2, 3, 16, 16)).shape == (2, 3, 32, 32)
+
+
+def test_boxcar_and_mean_std():
+    x = np.array([1.0, 3.0, np.nan, 5.0])
+    assert np.allclose(C.boxcar(x, 2), [1.0, 2.0, 3.0, 5.0])
+    assert C.mean_std([1.0, 3.0, float("nan")]) == (2.0, math.sqrt(2.0), 2)
+    assert math.isnan(C.mean_std([])[0])
+    assert C.finite_or_none({"a": [1.0, float("inf")]}) == {"a": [1.0, None]}
+
+
+def _cell(by_seed):
+    m, s, n = C.mean_std(list(by_seed.values()))
+    return {
+        "mean_x100": 100 * m,
+        "std_x100": 100 * s,
+        "n_seeds": n,
+        "n_runs": n,
+        "by_seed_x100": {k: 100 * v for k, v in by_seed.items()},
+    }
+
+
+def test_alrc_verdicts_are_paired_over_seeds():
+    base = {"0": 0.50, "1": 0.60, "2": 0.70}
+    lower = {k: v - 0.02 for k, v in base.items()}  # lower in every seed: significant when paired
+    table = {
+        "quartic": {"3": {"1": _cell(lower)}, "inf": {"1": _cell(base)}},
+        "squared": {"3": {"1": _cell(base)}, "inf": {"1": _cell(base)}},
+    }
+    claims = A._claims(table, [1])
+    assert [c["verdict"] for c in claims] == ["reproduced", "reproduced"]
+    table["quartic"]["3"]["1"] = _cell({k: v + 0.02 for k, v in base.items()})
+    table["squared"]["3"]["1"] = _cell({k: v * 1.2 for k, v in base.items()})
+    assert [c["verdict"] for c in A._claims(table, [1])] == ["not reproduced", "not reproduced"]
+
+
+def test_alrc_plan_grid():
+    specs = A.plan(Settings(scale="quick", seeds=2))
+    assert len(specs) == 2 * 3 * 4 * 2 and len({s.run_id for s in specs}) == len(specs)
+    paper = A.plan(Settings(scale="paper"))
+    assert {s.config["dataset"] for s in paper} == {"cifar10"}
+    assert all(s.config["decay_at"] == 54687 for s in paper if s.config["batch_size"] == 64)
+
+
+def test_layer_lrs_follow_the_multipliers():
+    model = build_classifier("M2", (1, 40), 10)
+    opt = S.make_optimizer("SALeRA", model, {"alpha": 0.1, "C": 3e-5, "lr": 0.1}, rho=0.01)
+    assert torch.allclose(S.layer_lrs(opt), torch.full((3,), 0.1, dtype=torch.float64))
+    x, y = torch.randn(32, 1, 40), torch.randint(0, 10, (32,))
+    for _ in range(5):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach())
+    expected = torch.stack([g["lr"] * g["lr_multiplier"].double() for g in opt.param_groups])
+    assert torch.equal(S.layer_lrs(opt), expected)
+    assert not torch.allclose(expected, torch.full((3,), 0.1, dtype=torch.float64))
+    plain = S.make_optimizer("Adam", model, {"beta1": 0.9, "beta2": 0.999, "lr": 1e-3}, rho=0.01)
+    assert S.layer_lrs(plain).tolist() == [1e-3]
