@@ -515,7 +515,6 @@ def figures(summary: dict[str, Any], records: list[dict[str, Any]], run_dir: Pat
                     curves.append(100 * d["test_error"][ok])
             if curves and x is not None:
                 C.band_plot(ax, x, curves, alg, cmap(k))
-        ax.set_yscale("log")
         ax.set_title(f"{model}: best setting per algorithm", fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.set_ylabel("test error (%)", fontsize=8)
