@@ -73,24 +73,33 @@ def _grid(scale: str) -> dict[str, list[dict[str, Any]]]:
             "ALeRA": agn,
             "SALeRA": agn,
         }
-    lrs_sgd = (0.01, 0.1) if scale == "quick" else (1e-3, 1e-2, 0.1, 1.0)
-    lrs_ada = (1e-3, 1e-2) if scale == "quick" else (1e-4, 1e-3, 1e-2)
+    if scale == "quick":
+        agn = _product(alpha=(0.001, 0.01, 0.1, 0.25), C=(3e-6, 3e-5), lr=(0.1,))
+        return {
+            "NAG": _product(momentum=(0.9, 0.99), lr=(0.01, 0.1)),
+            "Adagrad": _product(lr=(0.01, 0.1)),
+            "Adam": [
+                {"beta1": 0.8, "beta2": 0.9999, "lr": 1e-3},
+                {"beta1": 0.9, "beta2": 0.999, "lr": 1e-3},
+            ],
+            "Ag-Adam": _product(alpha=(0.001, 0.01), C=(3e-6, 3e-5), lr=(1e-3,)),
+            "ALeRA": agn,
+            "SALeRA": agn,
+            "SPALeRA": _product(alpha=(0.1,), C=(3e-8, 3e-7), lr=(0.1,)),
+        }
+    # The paper's grid (Sec. 3.1); eta_0 "from 1e-5 to 1 depending on the algorithm".
+    lrs_sgd = (1e-3, 1e-2, 0.1, 1.0)
+    lrs_ada = (1e-4, 1e-3, 1e-2)
     alphas = (0.001, 0.01, 0.1, 0.25)
     cs = (3e-8, 3e-7, 3e-6, 3e-5)
     return {
-        "NAG": _product(
-            momentum=(0.9, 0.99) if scale == "quick" else (0.8, 0.9, 0.99, 0.999), lr=lrs_sgd
-        ),
-        "Adagrad": _product(lr=lrs_ada if scale == "quick" else (1e-3, 1e-2, 0.1)),
-        "Adam": _product(
-            beta1=(0.8, 0.9) if scale == "quick" else (0.8, 0.9, 0.99),
-            beta2=(0.999, 0.9999) if scale == "quick" else (0.99, 0.999, 0.9999),
-            lr=lrs_ada,
-        ),
-        "Ag-Adam": _product(alpha=alphas, C=cs, lr=(1e-3,) if scale == "quick" else lrs_ada),
+        "NAG": _product(momentum=(0.8, 0.9, 0.99, 0.999), lr=lrs_sgd),
+        "Adagrad": _product(lr=(1e-3, 1e-2, 0.1)),
+        "Adam": _product(beta1=(0.8, 0.9, 0.99), beta2=(0.99, 0.999, 0.9999), lr=lrs_ada),
+        "Ag-Adam": _product(alpha=alphas, C=cs, lr=lrs_ada),
         "ALeRA": _product(alpha=alphas, C=cs, lr=lrs_sgd),
         "SALeRA": _product(alpha=alphas, C=cs, lr=lrs_sgd),
-        "SPALeRA": _product(alpha=(0.1,) if scale == "quick" else alphas, C=cs, lr=lrs_sgd),
+        "SPALeRA": _product(alpha=alphas, C=cs, lr=lrs_sgd),
     }
 
 
