@@ -739,3 +739,23 @@ def test_fused_changing_lr_does_not_recompile():
             for g in opt.param_groups:
                 g["lr"] = lr
             train(model, opt, 2, start=2)
+
+
+def test_erf_float32_approximation_error():
+    x = torch.linspace(0, 12, 400001)
+    error = (C.erf_float32(x).double() - torch.erf(x.double())).abs().max().item()
+    assert error < 2e-6
+    assert torch.equal(C.erf_float32(torch.tensor([0.0, math.inf])), torch.tensor([0.0, 1.0]))
+
+
+@pytest.mark.parametrize("kw", [{"cprop_c": 2.0}, {"cdf": "bft", "cprop_beta": 0.99}])
+def test_fused_float32_close_to_reference(kw):
+    a, b = mlp(), mlp()
+    ref = ss.CPropAdamW(a.parameters(), lr=1e-2, **kw)
+    fused = ss.CPropAdamW(b.parameters(), lr=1e-2, fused=True, **kw)
+    train(a, ref, 10)
+    train(b, fused, 10)
+    assert_params(a, b, atol=1e-5)
+    torch.testing.assert_close(
+        fused.stats()["mean_scale"], ref.stats()["mean_scale"], atol=1e-4, rtol=0
+    )

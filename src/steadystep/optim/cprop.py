@@ -861,44 +861,115 @@ def cprop_adam(
 #   torch.where inside the kernel, at no extra memory traffic.
 
 
-def _scale_math(
-    m: Tensor,
-    second: Tensor,
-    t: Tensor,
-    first: Tensor,
-    beta: Tensor,
-    c: Tensor,
-    eps: Tensor,
+# Columns of the per-tensor coefficient rows handed to the compiled kernel. The EMA factors are
+# gated (Note [Skipping a non-finite step without a host sync]) so a skipped step writes the old
+# values back without a select per state tensor.
+_COEFS = (
+    "neg_step_size",  # -lr / (1 - beta1^t)
+    "inv_bias_correction2_sqrt",  # 1 / sqrt(1 - beta2^t)
+    "inv_cprop_bias_correction",  # 1 / (1 - cprop_beta^t)
+    "variance_scale",  # conformity: 1 / ((1 - cprop_beta^t) (n_t - 1 + cprop_eps) r^2)
+    "scaled_cprop_eps",  # cprop_eps / r
+    "first",  # 1 at the first clean step (s = 1), else 0
+    "cprop_c",  # c, 0 on a skipped step
+    "lr_weight_decay",
+    "weight_decay",
+    "eps",
+    "beta1",  # beta1, 1 on a skipped step; and so on
+    "one_minus_beta1",
+    "beta2",
+    "one_minus_beta2",
+    "cprop_beta",
+    "one_minus_cprop_beta",
+)
+_K = {name: i for i, name in enumerate(_COEFS)}
+_CDF_CONSTANT = {"normal": _SQRT1_2, "bfo": _BFO_HALF_K, "bft": 1.0, "logistic": _LOGISTIC_HALF_K}
+
+
+def _adam_coefficients(
+    steps: Tensor,
+    found_finite: Tensor,
     *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    cprop_beta: float,
+    cprop_c: float,
+    cprop_eps: float,
     cdf: str,
     method: str,
-    eps_is_zero: bool,
 ) -> Tensor:
-    """Out-of-place twin of :func:`_scale_one` for compiled code (all inputs are tensors)."""
-    bias_correction = 1 - beta**t
-    m_hat = m / bias_correction
+    """Rows of :data:`_COEFS` (float64) for the stacked, already advanced step counts.
+
+    Everything that is the same for all elements of a tensor is computed here, once per tensor
+    and for all tensors at once (a few vector ops), so the compiled kernel does no ``pow`` and
+    as few divisions per element as the math allows (CPU kernels are compute-bound here).
+    """
+    keep = found_finite.to(torch.float64)
+    t = steps.to(torch.float64).clamp(min=1)
+    first = (steps == 1).to(torch.float64) * keep
+    bias_correction1 = 1 - beta1**t
+    bias_correction2 = 1 - beta2**t
+    cprop_bias_correction = 1 - cprop_beta**t
+    n = cprop_bias_correction / (1 - cprop_beta)
+    inv_cprop_bc = cprop_bias_correction.reciprocal()
+    constant = _CDF_CONSTANT[cdf] if method == "conformity" else 1.0
+    ratio = inv_cprop_bc * constant
     if method == "conformity":
-        v_hat = second / bias_correction
-        n = bias_correction / (1 - beta)
-        denom = torch.sqrt(torch.clamp(v_hat - m_hat * m_hat, min=0) / (n - 1 + eps)) + eps
+        variance_scale = inv_cprop_bc / (n - 1 + cprop_eps) / ratio**2
     elif method == "relative":
-        denom = second / bias_correction + eps
+        variance_scale = inv_cprop_bc / ratio  # se = a_hat + eps, not under a square root
     else:
-        denom = torch.sqrt(second / bias_correction) + eps
-    if eps_is_zero:
-        denom = torch.clamp(denom, min=torch.finfo(m.dtype).tiny)
-    x = torch.abs(m_hat) / denom
-    if method == "conformity":
-        if cdf == "normal":
-            x = torch.erf(x * _SQRT1_2)
-        elif cdf == "bfo":
-            x = torch.tanh(x * _BFO_HALF_K)
-        elif cdf == "bft":
-            x = torch.tanh(x * (x * x * _BFT_HALF_K3 + _BFT_HALF_K1))
-        else:
-            x = torch.tanh(x * _LOGISTIC_HALF_K)
-    s = torch.clamp(x * c, max=1)
-    return torch.where(first, torch.ones_like(s), s)
+        variance_scale = inv_cprop_bc / ratio**2
+    c = 1.0 if math.isinf(cprop_c) else cprop_c
+
+    def gated(if_ok: float, if_skip: float) -> Tensor:
+        return (keep * (if_ok - if_skip) + if_skip).expand_as(t)
+
+    columns = {
+        "neg_step_size": -lr / bias_correction1,
+        "inv_bias_correction2_sqrt": bias_correction2.sqrt().reciprocal(),
+        "inv_cprop_bias_correction": inv_cprop_bc,
+        # r = constant / bias correction: x = |cm| r / se = |cm| / (se / r), so r moves into
+        # the denominator's coefficients and the kernel saves a multiply per element
+        "variance_scale": variance_scale,
+        "scaled_cprop_eps": cprop_eps / ratio,
+        "first": first,
+        "cprop_c": c * keep.expand_as(t),
+        "lr_weight_decay": torch.full_like(t, lr * weight_decay),
+        "weight_decay": torch.full_like(t, weight_decay),
+        "eps": torch.full_like(t, eps),
+        "beta1": gated(beta1, 1.0),
+        "one_minus_beta1": gated(1 - beta1, 0.0),
+        "beta2": gated(beta2, 1.0),
+        "one_minus_beta2": gated(1 - beta2, 0.0),
+        "cprop_beta": gated(cprop_beta, 1.0),
+        "one_minus_cprop_beta": gated(1 - cprop_beta, 0.0),
+    }
+    return torch.stack([columns[name] for name in _COEFS], dim=1)
+
+
+# erf for float32 in the fused kernel: Abramowitz & Stegun 7.1.28,
+# erf(x) = 1 - (1 + a1 x + ... + a6 x^6)^-16 for x >= 0, |error| < 3e-7 (2e-6 with float32
+# rounding; tests/test_cprop.py checks it). It costs one division and 17 multiply-adds, where
+# ATen's vectorised erf (through exp) costs as much as the rest of the fused update on CPU.
+_ERF_A = (0.0705230784, 0.0422820123, 0.0092705272, 0.0001520143, 0.0002765672, 0.0000430638)
+
+
+def erf_float32(x: Tensor) -> Tensor:
+    """erf for ``x >= 0`` in float32 without exp (absolute error below 2e-6)."""
+    # erf(4) = 1 in float32; the clamp also keeps r**16 clear of subnormals, which are slow
+    x = torch.clamp(x, max=4.0)
+    poly = x * _ERF_A[5] + _ERF_A[4]
+    for coefficient in _ERF_A[3::-1]:
+        poly = poly * x + coefficient
+    r = 1 / (poly * x + 1)
+    r = r * r
+    r = r * r
+    r = r * r
+    return 1 - r * r
 
 
 def _fused_adam_kernel(
@@ -909,58 +980,74 @@ def _fused_adam_kernel(
     max_exp_avg_sq: Tensor | None,
     cprop_exp_avg: Tensor,
     cprop_second: Tensor | None,
-    step: Tensor,
+    coef: Tensor,
     found_finite: Tensor,
-    hyper: Tensor,
     *,
     amsgrad: bool,
     decoupled: bool,
     cdf: str,
     method: str,
     c_is_inf: bool,
+    c_is_one: bool,
     eps_is_zero: bool,
 ) -> None:
+    """The whole per-element update of one tensor; compiled into one loop (Note [Fused path])."""
     dtype = exp_avg.dtype
-    hp = hyper.to(dtype)
-    lr, beta1, beta2, weight_decay, eps = hp[0], hp[1], hp[2], hp[3], hp[4]
-    cbeta, cc, ceps = hp[5], hp[6], hp[7]
-    ok = found_finite
-    new_step = step + ok.to(step.dtype)
-    t = torch.clamp(new_step, min=1).to(dtype)
+    k = coef.to(dtype)
     p = param.to(dtype)
-    raw = torch.where(ok, grad.to(dtype), 0)
-    g = raw if decoupled else raw + weight_decay * p
-    m = torch.lerp(exp_avg, g, 1 - beta1)
-    v = exp_avg_sq * beta2 + (1 - beta2) * g * g
+    raw = torch.where(found_finite, grad.to(dtype), 0)
+    g = raw if decoupled else torch.where(found_finite, raw + k[_K["weight_decay"]] * p, 0)
+    # Adam; on a skipped step g = 0, beta = 1, 1 - beta = 0: the old values come back exactly
+    m = exp_avg * k[_K["beta1"]] + k[_K["one_minus_beta1"]] * g
+    v = exp_avg_sq * k[_K["beta2"]] + k[_K["one_minus_beta2"]] * (g * g)
     vmax = torch.maximum(max_exp_avg_sq, v) if max_exp_avg_sq is not None else v
-    bias_correction1 = 1 - beta1**t
-    bias_correction2_sqrt = torch.sqrt(1 - beta2**t)
-    update = -(lr / bias_correction1) * (m / (torch.sqrt(vmax) / bias_correction2_sqrt + eps))
+    denom = torch.sqrt(vmax) * k[_K["inv_bias_correction2_sqrt"]] + k[_K["eps"]]
+    update = k[_K["neg_step_size"]] * m / denom
     if decoupled:
-        update = update - (lr * weight_decay) * p
-    cm = torch.lerp(cprop_exp_avg, raw, 1 - cbeta)
+        update = update - k[_K["lr_weight_decay"]] * p
+    # CProp's statistics from the raw gradient
+    cm = cprop_exp_avg * k[_K["cprop_beta"]] + k[_K["one_minus_cprop_beta"]] * raw
     if cprop_second is None:
         cv = v
     elif method == "relative":
-        cv = cprop_second * cbeta + (1 - cbeta) * torch.abs(raw)
+        cv = cprop_second * k[_K["cprop_beta"]] + k[_K["one_minus_cprop_beta"]] * torch.abs(raw)
     else:
-        cv = cprop_second * cbeta + (1 - cbeta) * raw * raw
+        cv = cprop_second * k[_K["cprop_beta"]] + k[_K["one_minus_cprop_beta"]] * (raw * raw)
     if c_is_inf:
-        s = torch.ones_like(p)
+        s = k[_K["cprop_c"]] * torch.ones_like(update)  # c is 1 here, 0 on a skipped step
     else:
-        first = new_step == 1
-        s = _scale_math(
-            cm, cv, t, first, cbeta, cc, ceps, cdf=cdf, method=method, eps_is_zero=eps_is_zero
-        )
-    param.copy_(torch.where(ok, p + s * update, p))
-    exp_avg.copy_(torch.where(ok, m, exp_avg))
-    exp_avg_sq.copy_(torch.where(ok, v, exp_avg_sq))
+        if method == "conformity":
+            # (v_hat - m_hat^2) / (n - 1 + eps) = (cv - cm^2 / bc) / (bc (n - 1 + eps))
+            centred = cv - (cm * cm) * k[_K["inv_cprop_bias_correction"]]
+            se = torch.sqrt(torch.clamp(centred, min=0) * k[_K["variance_scale"]])
+        elif method == "relative":
+            se = cv * k[_K["variance_scale"]]
+        else:
+            se = torch.sqrt(cv * k[_K["variance_scale"]])
+        se = se + k[_K["scaled_cprop_eps"]]  # se / r, see _adam_coefficients
+        if eps_is_zero:
+            se = torch.clamp(se, min=torch.finfo(dtype).tiny)
+        x = torch.abs(cm) / se
+        if method != "conformity":
+            confidence = x
+        elif cdf == "normal":
+            confidence = erf_float32(x) if dtype == torch.float32 else torch.erf(x)
+        elif cdf == "bft":
+            confidence = torch.tanh(x * (x * x * _BFT_HALF_K3 + _BFT_HALF_K1))
+        else:
+            confidence = torch.tanh(x)
+        if not c_is_one:
+            confidence = torch.clamp(confidence * k[_K["cprop_c"]], max=1)
+        s = torch.maximum(confidence, k[_K["first"]])
+    # the select keeps p even where a skipped step's update would not be finite (eps = 0)
+    param.copy_(torch.where(found_finite, p + s * update, p))
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
     if max_exp_avg_sq is not None:
-        max_exp_avg_sq.copy_(torch.where(ok, vmax, max_exp_avg_sq))
-    cprop_exp_avg.copy_(torch.where(ok, cm, cprop_exp_avg))
+        max_exp_avg_sq.copy_(vmax)
+    cprop_exp_avg.copy_(cm)
     if cprop_second is not None:
-        cprop_second.copy_(torch.where(ok, cv, cprop_second))
-    step.copy_(new_step)
+        cprop_second.copy_(cv)
 
 
 _COMPILED: dict[str, Callable[..., None]] = {}
@@ -973,9 +1060,11 @@ def _compiled_adam_kernel() -> Callable[..., None]:
 
 
 def _flat(t: Tensor | None) -> Tensor | None:
-    if t is None or t.dim() == 1 or not t.is_contiguous():
-        return t
-    return t.view(-1)
+    """A plain 1-D view (same storage), so parameters of every shape share compiled code."""
+    if t is None:
+        return None
+    t = t.detach()
+    return t.view(-1) if t.is_contiguous() else t
 
 
 def _fused_cprop_adam(
@@ -1005,36 +1094,48 @@ def _fused_cprop_adam(
     if not params:
         return
     kernel = _compiled_adam_kernel()
-    c = 1.0 if math.isinf(cprop_c) else cprop_c
-    hyper_values = [lr, beta1, beta2, weight_decay, eps, cprop_beta, c, cprop_eps]
-    hypers: dict[torch.device, Tensor] = {}
     static = {
         "amsgrad": amsgrad,
         "decoupled": decoupled_weight_decay or weight_decay == 0,
         "cdf": cdf,
         "method": method,
         "c_is_inf": math.isinf(cprop_c),
+        "c_is_one": cprop_c == 1,
         "eps_is_zero": cprop_eps == 0,
     }
-    # one variant per (dtype, static flags, 1-element or not): more than dynamo's default 8
-    with torch._dynamo.config.patch(recompile_limit=64):
-        for i, param in enumerate(params):
-            device = param.device
-            if device not in hypers:
-                hypers[device] = torch.tensor(hyper_values, dtype=torch.float64, device=device)
-            kernel(
-                _flat(param),
-                _flat(grads[i]),
-                _flat(exp_avgs[i]),
-                _flat(exp_avg_sqs[i]),
-                _flat(max_exp_avg_sqs[i]) if amsgrad else None,
-                _flat(cprop_exp_avgs[i]),
-                None if cprop_exp_avg_sqs is None else _flat(cprop_exp_avg_sqs[i]),
-                state_steps[i],
-                found_finite.to(device),
-                hypers[device],
-                **static,
-            )
+    for (device, _), idx in _group_by_dtype(exp_avgs).items():
+        ok = found_finite.to(device)
+        steps = [state_steps[i] for i in idx]
+        torch._foreach_add_(steps, ok.to(torch.float32))
+        coefs = _adam_coefficients(
+            torch.stack(steps),
+            ok,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=weight_decay,
+            eps=eps,
+            cprop_beta=cprop_beta,
+            cprop_c=cprop_c,
+            cprop_eps=cprop_eps,
+            cdf=cdf,
+            method=method,
+        )
+        # one variant per (dtype, static flags, shape class): more than dynamo's default 8
+        with torch._dynamo.config.patch(recompile_limit=64):
+            for row, i in enumerate(idx):
+                kernel(
+                    _flat(params[i]),
+                    _flat(grads[i]),
+                    _flat(exp_avgs[i]),
+                    _flat(exp_avg_sqs[i]),
+                    _flat(max_exp_avg_sqs[i]) if amsgrad else None,
+                    _flat(cprop_exp_avgs[i]),
+                    None if cprop_exp_avg_sqs is None else _flat(cprop_exp_avg_sqs[i]),
+                    coefs[row],
+                    ok,
+                    **static,
+                )
 
 
 # --------------------------------------------------------------------------------------------

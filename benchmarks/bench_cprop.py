@@ -1,0 +1,127 @@
+"""CProp step time against torch.optim.AdamW, measured side by side in one process.
+
+One optimizer step (gradients fixed, no forward/backward) on a ~17M-parameter MLP on CPU,
+or on the "gpt350M" parameter set of PERFORMANCE.md on CUDA. Every ratio is against
+``torch.optim.AdamW(fused=True)`` timed round-robin in the same run.
+
+    PYTHONPATH=src python benchmarks/bench_cprop.py            # writes results/cprop.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "src"))
+
+import steadystep as ss  # noqa: E402
+from common import machine_info, print_table, time_interleaved, write_result  # noqa: E402
+from steadystep.optim.cprop import grads_finite  # noqa: E402
+
+
+def mlp_shapes(widths: list[int]) -> list[tuple[int, ...]]:
+    shapes: list[tuple[int, ...]] = []
+    for fan_in, fan_out in itertools.pairwise(widths):
+        shapes += [(fan_out, fan_in), (fan_out,)]
+    return shapes
+
+
+def gpt_shapes(layers: int = 24, d: int = 1024, vocab: int = 50304, ctx: int = 1024) -> list:
+    """The 'gpt350M' parameter set: 354.9M parameters in 292 tensors."""
+    shapes: list[tuple[int, ...]] = [(vocab, d), (ctx, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,)]
+        shapes += [(d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
+    shapes += [(d,), (d,)]
+    return shapes
+
+
+def make_params(shapes, device) -> list[torch.nn.Parameter]:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    params = []
+    for shape in shapes:
+        p = torch.nn.Parameter((torch.randn(shape, generator=gen) * 0.02).to(device))
+        p.grad = (torch.randn(shape, generator=gen) * 1e-3).to(device)
+        params.append(p)
+    return params
+
+
+def variants(shapes, device, *, quick: bool) -> dict[str, Callable[[], Any]]:
+    out: dict[str, Callable[[], Any]] = {}
+
+    def add(name: str, factory: Callable[[list[torch.nn.Parameter]], Any]) -> None:
+        opt = factory(make_params(shapes, device))
+        out[name] = opt.step
+
+    add("torch AdamW fused=True", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True))
+    add("torch AdamW for-loop", lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=False))
+    if not quick:
+        add("torch AdamW foreach", lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True))
+    add("CPropAdamW fused (shared v)", lambda ps: ss.CPropAdamW(ps, lr=1e-3, fused=True))
+    add(
+        "CPropAdamW fused (own v)",
+        lambda ps: ss.CPropAdamW(ps, lr=1e-3, fused=True, cprop_beta=0.99),
+    )
+    add("CPropAdamW reference", lambda ps: ss.CPropAdamW(ps, lr=1e-3, foreach=False))
+    if not quick:
+        add("CPropAdamW foreach", lambda ps: ss.CPropAdamW(ps, lr=1e-3, foreach=True))
+    add(
+        "CProp(AdamW fused=True) wrapper",
+        lambda ps: ss.CProp(torch.optim.AdamW(ps, lr=1e-3, fused=True)),
+    )
+    add("CProp(AdamW for-loop) wrapper", lambda ps: ss.CProp(torch.optim.AdamW(ps, lr=1e-3)))
+    grads = [p.grad for p in make_params(shapes, device)]
+    out["non-finite check alone (grads_finite)"] = lambda: grads_finite(grads)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--widths", type=int, nargs="+", default=[2048, 4096, 2048, 16])
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--inner", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="fewer variants")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        shapes, label = gpt_shapes(), "gpt350M"
+    else:
+        shapes, label = mlp_shapes(args.widths), f"MLP {args.widths}"
+    n_params = sum(torch.Size(s).numel() for s in shapes)
+    fns = variants(shapes, device, quick=args.quick)
+    times = time_interleaved(fns, device=device, repeats=args.repeats, inner=args.inner)
+    base = times["torch AdamW fused=True"]
+    rows = [(name, t, t / base) for name, t in times.items()]
+    print_table(f"CProp step on {label}: {n_params / 1e6:.1f}M params, {device}", rows)
+    payload = {
+        "benchmark": "cprop",
+        "machine": machine_info(device),
+        "params": label,
+        "n_params": n_params,
+        "n_tensors": len(shapes),
+        "baseline": "torch AdamW fused=True",
+        "median_seconds": times,
+        "ratio_vs_fused_adamw": {name: t / base for name, t in times.items()},
+        "ratio_vs_forloop_adamw": {
+            name: t / times["torch AdamW for-loop"] for name, t in times.items()
+        },
+        "command": "PYTHONPATH=src python benchmarks/bench_cprop.py",
+    }
+    path = write_result(args.out, "cprop", payload)
+    print(f"wrote {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
