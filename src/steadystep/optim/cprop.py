@@ -231,8 +231,9 @@ def _scale_one(
     if method == "conformity":
         v_hat = second / bias_correction
         n = bias_correction / (1 - beta)
-        se = (v_hat - m_hat * m_hat).clamp_(min=0).div_(n - 1 + eps).sqrt_().add_(eps)
-        denom = se
+        # in place from here on: on CPU every fresh full-size tensor costs page faults
+        denom = v_hat.addcmul_(m_hat, m_hat, value=-1).clamp_(min=0)
+        denom.div_(n - 1 + eps).sqrt_().add_(eps)
     elif method == "relative":
         denom = (second / bias_correction).add_(eps)
     else:
@@ -242,7 +243,9 @@ def _scale_one(
         denom.clamp_(min=torch.finfo(denom.dtype).tiny)
     ratio = m_hat.abs_().div_(denom)
     conf = _confidence_(ratio, cdf) if method == "conformity" else ratio
-    return conf.mul_(c).clamp_(max=1).clamp_(min=first).mul_(keep)
+    if c != 1:  # multiplying by 1 is exact: skip the pass
+        conf.mul_(c)
+    return conf.clamp_(max=1).clamp_(min=first).mul_(keep)
 
 
 def _scale_foreach(
@@ -274,9 +277,8 @@ def _scale_foreach(
         ns = torch._foreach_div(bias_corrections, 1 - beta)
         torch._foreach_sub_(ns, 1)
         torch._foreach_add_(ns, eps)
-        denoms = torch._foreach_mul(m_hats, m_hats)
-        torch._foreach_neg_(denoms)
-        torch._foreach_add_(denoms, v_hats)
+        denoms = v_hats
+        torch._foreach_addcmul_(denoms, m_hats, m_hats, value=-1)
         torch._foreach_clamp_min_(denoms, 0)
         torch._foreach_div_(denoms, ns)
         torch._foreach_sqrt_(denoms)
@@ -293,7 +295,8 @@ def _scale_foreach(
     torch._foreach_abs_(m_hats)
     torch._foreach_div_(m_hats, denoms)
     confs = _confidence_foreach_(m_hats, cdf) if method == "conformity" else m_hats
-    torch._foreach_mul_(confs, c)
+    if c != 1:
+        torch._foreach_mul_(confs, c)
     torch._foreach_clamp_max_(confs, 1)
     torch._foreach_clamp_min_(confs, firsts)
     torch._foreach_mul_(confs, keep)
@@ -680,10 +683,10 @@ def _single_tensor_cprop_adam(
         bias_correction2_sqrt = (1 - beta2**t).sqrt()
         if amsgrad:
             torch.maximum(max_exp_avg_sqs[i], exp_avg_sq, out=max_exp_avg_sqs[i])
-            denom = (max_exp_avg_sqs[i].sqrt() / bias_correction2_sqrt).add_(eps)
+            denom = max_exp_avg_sqs[i].sqrt().div_(bias_correction2_sqrt).add_(eps)
         else:
-            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-        update = (exp_avg / denom).mul_(-lr / bias_correction1)
+            denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)
+        update = torch.div(exp_avg, denom, out=denom).mul_(-lr / bias_correction1)
         if decoupled_weight_decay and weight_decay != 0:
             update.add_(p, alpha=-lr * weight_decay)
         s = _scale_one(
