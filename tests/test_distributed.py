@@ -169,14 +169,97 @@ FSDP_CASES = {
     "cprop": (lambda ps: ss.CProp(torch.optim.AdamW(ps, lr=1e-2)), False),
     "cpropadamw": (lambda ps: ss.CPropAdamW(ps, lr=1e-2), False),
     "salera": (lambda ps: ss.SALeRA(ps, lr=0.05, granularity="global"), True),
+    "spalera": (lambda ps: ss.SPALeRA(ps, lr=0.05), True),
+    "agadam": (lambda ps: ss.AgAdam(ps, lr=1e-2, granularity="global"), False),
+    "guard_adamw": (lambda ps: ss.CatastropheGuard(torch.optim.AdamW(ps, lr=1e-2)), True),
 }
+
+
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _fsdp_guard_run(rank, make_opt):
+    """A scripted loss spike on rank 1 only: both ranks alarm and roll their shards back."""
+    model = _fsdp_model()
+    opt = make_opt(model)
+    g = torch.Generator().manual_seed(400 + rank)
+    before = []
+    for step in range(SPIKE + 2):
+        before.append([_full(p).detach().clone() for p in model.parameters()])
+        x, y = _batch(g, rank)
+        loss = (model(x) - y).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach() + (100.0 if rank == 1 and step == SPIKE else 0.0))
+        if step == SPIKE:
+            after_alarm = [_full(p).detach().clone() for p in model.parameters()]
+    return {
+        "alarms": opt.stats()["alarms"].clone(),
+        "rolled_back": all(
+            torch.equal(a, b) for a, b in zip(after_alarm, before[SPIKE - 1], strict=True)
+        ),
+        "moved": not all(
+            torch.equal(a, b) for a, b in zip(before[SPIKE - 1], before[SPIKE - 2], strict=True)
+        ),
+        "params": [_full(p).detach().clone() for p in model.parameters()],
+    }
+
+
+FSDP_GUARD_CASES = {
+    "salera_group": lambda m: ss.SALeRA(ss.layer_groups(m), lr=0.05, rho=0.5, ph_lambda=0.5),
+    "guard_adamw": lambda m: ss.CatastropheGuard(
+        torch.optim.AdamW(m.parameters(), lr=1e-2), ss.PageHinkley(ph_lambda=0.5, rho=0.5)
+    ),
+}
+
+
+def _alera_state(opt):
+    groups = opt.param_groups
+    mults = [grp["lr_multiplier"].clone() for grp in groups]
+    states = [opt.state[p] for grp in groups for p in grp["params"]]
+    paths = [_full(state["relaxed_path"]).clone() for state in states]
+    per_param = [_full(s["lr_multiplier"]).clone() for s in states if "lr_multiplier" in s]
+    return mults, paths, per_param
+
+
+def _fsdp_reference_run(rank, granularity):
+    """ALeRA on FSDP2 shards against ALeRA on a whole replica fed the rank-averaged gradient
+    (what FSDP2's reduce-scatter computes): the norms must be those of the whole gradient."""
+    hyper = dict(lr=0.05, alpha=0.1, C=1e-2, granularity=granularity)
+    model = _fsdp_model()
+    opt = ss.ALeRA(ss.layer_groups(model), **hyper)
+    replica = _mlp()
+    ref = ss.ALeRA(ss.layer_groups(replica), **hyper)
+    g = torch.Generator().manual_seed(500 + rank)
+    for _ in range(STEPS):
+        x, y = _batch(g, rank)
+        for net, o in ((model, opt), (replica, ref)):
+            o.zero_grad()
+            (net(x) - y).pow(2).mean().backward()
+        for p in replica.parameters():
+            dist.all_reduce(p.grad)
+            p.grad.div_(dist.get_world_size())
+        opt.step()
+        ref.step()
+    return {
+        "params": [_full(p).detach().clone() for p in model.parameters()],
+        "ref_params": [p.detach().clone() for p in replica.parameters()],
+        "state": _alera_state(opt),
+        "ref_state": _alera_state(ref),
+    }
 
 
 def _fsdp_worker(rank, world):
     out = {}
-    for name, (make_opt, needs_loss) in FSDP_CASES.items():
+    runs = {name: (lambda m=m, n=n: _fsdp_run(rank, m, n)) for name, (m, n) in FSDP_CASES.items()}
+    for name, make_opt in FSDP_GUARD_CASES.items():
+        runs[f"rollback_{name}"] = lambda m=make_opt: _fsdp_guard_run(rank, m)
+    for gran in ("global", "group", "tensor", "param"):
+        runs[f"reference_{gran}"] = lambda gran=gran: _fsdp_reference_run(rank, gran)
+    for name, run in runs.items():
         try:
-            out[name] = _fsdp_run(rank, make_opt, needs_loss)
+            out[name] = run()
         except Exception as exc:  # record what fails, precisely, for the report and the xfails
             out[name] = f"{type(exc).__name__}: {exc}"
         dist.barrier()
@@ -208,14 +291,45 @@ def test_fsdp2_alrc_with_adamw_on_gloo_cpu(fsdp_results):
 
 # Known limitation (torch 2.13, gloo CPU): FSDP2 parameters are DTensors. CProp's step counter is
 # a plain 0-d tensor updated in place with a flag computed from DTensor gradients
-# (`state_steps[i].add_(keep32)` raises in DTensor dispatch), and CatastropheGuard allocates its
-# rollback snapshot with `torch.empty(p.shape)` (a plain tensor) and `copy_`s a DTensor into it.
-# ALeRA's "global" norm would also need an all-reduce over shards. These xfails flip to passes
-# (strict) once the optimizers handle DTensor parameters.
-@pytest.mark.xfail(strict=True, reason="CProp and the guard do not handle FSDP2 DTensor params yet")
-@pytest.mark.parametrize("name", ["cprop", "cpropadamw", "salera"])
+# (`state_steps[i].add_(keep32)` raises in DTensor dispatch). These xfails flip to passes
+# (strict) once CProp handles DTensor parameters.
+@pytest.mark.xfail(strict=True, reason="CProp does not handle FSDP2 DTensor params yet")
+@pytest.mark.parametrize("name", ["cprop", "cpropadamw"])
 def test_fsdp2_steadystep_optimizers(fsdp_results, name):
     _check_fsdp(fsdp_results, name)
+
+
+@pytest.mark.parametrize("name", ["salera", "spalera", "agadam", "guard_adamw"])
+def test_fsdp2_guard_and_alera_family(fsdp_results, name):
+    _check_fsdp(fsdp_results, name)
+
+
+@pytest.mark.parametrize("name", list(FSDP_GUARD_CASES))
+def test_fsdp2_guard_rolls_back_sharded_params(fsdp_results, name):
+    r0, r1 = (fsdp_results[rank][f"rollback_{name}"] for rank in (0, 1))
+    assert not isinstance(r0, str), r0
+    assert int(r0["alarms"]) == int(r1["alarms"]) == 1
+    assert r0["rolled_back"] and r1["rolled_back"] and r0["moved"]
+    for a, b in zip(r0["params"], r1["params"], strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("granularity", ["global", "group", "tensor", "param"])
+def test_fsdp2_alera_norms_are_those_of_the_whole_gradient(fsdp_results, granularity):
+    runs = [fsdp_results[rank][f"reference_{granularity}"] for rank in (0, 1)]
+    assert not isinstance(runs[0], str), runs[0]
+    for run in runs:
+        # Shards reduce in another order than the replica's all-reduce: float32 tolerance.
+        for a, b in zip(run["params"], run["ref_params"], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        for a, b in zip(sum(run["state"], []), sum(run["ref_state"], []), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # Every rank holds the same multipliers, and they really moved (the check can fail).
+    for a, b in zip(runs[0]["state"][0], runs[1]["state"][0], strict=True):
+        assert torch.equal(a, b)
+    mults, _, per_param = runs[0]["state"]
+    moved = mults if granularity in ("global", "group") else per_param
+    assert max(float(m.log().abs().max()) for m in moved) > 0.01
 
 
 # -- the torchrun example ----------------------------------------------------------------------

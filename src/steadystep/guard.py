@@ -35,7 +35,7 @@ from torch.optim import Optimizer
 
 from steadystep._validation import check_nonnegative, check_positive, check_probability
 from steadystep.detect import PageHinkley
-from steadystep.optim.alera import ALeRA
+from steadystep.optim.alera import ALeRA, local_tensor
 
 __all__ = ["CatastropheGuard", "SALeRA", "SPALeRA", "TrainingDiverged"]
 
@@ -302,14 +302,19 @@ class CatastropheGuard(Optimizer):
         for p in params[len(self.snapshots) :]:
             device = self._snapshot_device(p)
             pin = device.type == "cpu" and p.is_cuda
-            snap = torch.empty(p.shape, dtype=p.dtype, device=device, pin_memory=pin)
+            # empty_like keeps p's kind and layout: a DTensor (FSDP2) gets a DTensor snapshot
+            # sharded alike, a channels_last parameter a channels_last one.
+            snap = torch.empty_like(p, device=device, pin_memory=pin)
             self.snapshots.append(snap.copy_(p))
 
     def _device_step(self, alarm: torch.Tensor, params: list[torch.Tensor]) -> None:
         if self.backtrack:
-            for p, snap in zip(params, self.snapshots, strict=True):
+            # On this rank's shards (FSDP2): the rollback is elementwise.
+            local_params = [local_tensor(p) for p in params]
+            local_snaps = [local_tensor(s) for s in self.snapshots]
+            for p, snap in zip(local_params, local_snaps, strict=True):
                 torch.where(alarm, snap, p, out=p)  # the masked rollback: bitwise, sync-free
-            torch._foreach_copy_(self.snapshots, params)
+            torch._foreach_copy_(local_snaps, local_params)
         cut = torch.full((), self.lr_factor, dtype=torch.float64, device=alarm.device)
         factor = torch.where(alarm, cut, 1.0)
         self.optimizer.scale_lr_(factor)  # type: ignore[attr-defined]

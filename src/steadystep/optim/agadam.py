@@ -10,7 +10,13 @@ from torch.optim import Optimizer
 
 from steadystep._validation import check_nonnegative, check_positive, check_unit_interval
 from steadystep.agnostic import apply_log_change
-from steadystep.optim.alera import GRANULARITIES, ALeRA, _check_alpha, agnostic_update
+from steadystep.optim.alera import (
+    GRANULARITIES,
+    ALeRA,
+    _check_alpha,
+    agnostic_update,
+    local_tensor,
+)
 
 __all__ = ["AgAdam", "agadam"]
 
@@ -129,6 +135,8 @@ class AgAdam(ALeRA):
             work["unit_steps"],
             ok=ok,
             foreach=work["foreach"],
+            numels=work["numels"],
+            sharded=work["sharded"],
             **self._hyper(),
         )
         multipliers = work["multipliers"]
@@ -142,13 +150,13 @@ class AgAdam(ALeRA):
                 for i in unit:
                     per_param_m[i] = m
         exp_avgs, exp_avg_sqs = [], []
-        for p in params:
+        for p in work["state_keys"]:
             state = self.state[p]
             if "exp_avg" not in state:
                 state["exp_avg"] = torch.zeros_like(state["relaxed_path"])
                 state["exp_avg_sq"] = torch.zeros_like(state["relaxed_path"])
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
+            exp_avgs.append(local_tensor(state["exp_avg"]))
+            exp_avg_sqs.append(local_tensor(state["exp_avg_sq"]))
         groups = self.param_groups
         index = work["param_group_index"]
         beta1, beta2 = self.defaults["betas"]

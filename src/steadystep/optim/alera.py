@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from steadystep._distributed import all_reduce_sum
 from steadystep._validation import (
     check_choice,
     check_nonnegative,
@@ -21,6 +22,11 @@ from steadystep._validation import (
 from steadystep.agnostic import apply_log_change, log_lr_change
 
 __all__ = ["GRANULARITIES", "ALeRA", "agnostic_update", "alera", "grad_norms"]
+
+try:  # FSDP2 parameters are DTensors (torch >= 2.4)
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch built without distributed
+    DTensor = None
 
 GRANULARITIES = ("global", "group", "tensor", "param")
 _WIDE_KEYS = ("alpha", "C", "norm_eps")  # optimizer-wide: a unit may span several groups
@@ -42,6 +48,48 @@ def _check_alpha(alpha: float) -> float:
 # normalisation ``g / ||g||``: all parameters ("global"), one param group ("group", a layer with
 # ss.layer_groups), one tensor ("tensor"). For "param" (SPALeRA) the normalisation is global but
 # every element has its own multiplier, compared with mean ``E_t / D`` and std ``alpha / D``.
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The shard this rank holds of a DTensor (an alias: in-place ops write the DTensor), else
+    ``t`` itself."""
+    if DTensor is not None and isinstance(t, DTensor):
+        return t.to_local()
+    return t
+
+
+def _is_sharded(t: torch.Tensor) -> bool:
+    """Is ``t`` a DTensor split across ranks? Its norms then need a sum over the shards.
+
+    Only FSDP2's layout, one mesh dimension over every rank, is supported: summing over the
+    whole world would double count a tensor replicated along another mesh dimension (HSDP).
+    """
+    if DTensor is None or not isinstance(t, DTensor):
+        return False
+    placements = t.placements
+    if not any(pl.is_shard() for pl in placements):
+        return False
+    mesh = t.device_mesh
+    if mesh.ndim != 1 or mesh.size() != torch.distributed.get_world_size():
+        raise NotImplementedError(
+            f"steadystep reduces norms of DTensor parameters over the whole world; got a DTensor "
+            f"on a {mesh.ndim}-d mesh of {mesh.size()} ranks with placements {placements}. "
+            "Use fully_shard over a 1-d mesh of every rank (FSDP2's default)."
+        )
+    return True
+
+
+def reduce_square_norms(norms: list[torch.Tensor], sharded: list[bool]) -> list[torch.Tensor]:
+    """Norms of whole tensors from their shards' norms: ``sqrt(sum_ranks ||shard||^2)``, in one
+    all-reduce for all sharded tensors; the other norms are returned as they are (bitwise)."""
+    index = [i for i, s in enumerate(sharded) if s]
+    if not index:
+        return norms
+    total = all_reduce_sum(torch.stack([norms[i] for i in index]).square())
+    out = list(norms)
+    for k, i in enumerate(index):
+        out[i] = total[k].sqrt()
+    return out
+
+
 def grad_norms(
     grads: list[torch.Tensor], dtypes: list[torch.dtype], *, foreach: bool
 ) -> list[torch.Tensor]:
@@ -64,6 +112,8 @@ def agnostic_update(
     param_wise: bool,
     ok: torch.Tensor,
     foreach: bool,
+    numels: list[int] | None = None,
+    sharded: list[bool] | None = None,
 ) -> list[torch.Tensor]:
     """Advance the relaxed paths in place and return the multipliers' log changes (sync-free).
 
@@ -75,11 +125,19 @@ def agnostic_update(
 
     and, with ``param_wise``, per element ``log_change_i = C (D r_i^2 - E_t) / alpha`` (one
     tensor shaped like each parameter). Where ``ok`` is False every relaxed path stays as it was.
+
+    For FSDP2 shards, ``grads``/``relaxed_paths`` are this rank's shards, ``norms`` already the
+    whole tensors' norms, ``numels`` the whole tensors' sizes and ``sharded`` marks the tensors
+    whose ``||r||^2`` is summed over ranks (one all-reduce).
     """
+    if numels is None:
+        numels = [g.numel() for g in grads]
+    if sharded is None:
+        sharded = [False] * len(grads)
     r0 = relaxed_paths[0]
     decay = torch.where(ok, torch.full((), 1.0 - alpha, dtype=r0.dtype, device=r0.device), 1.0)
     scales: list[torch.Tensor] = [decay] * len(grads)
-    numels = []
+    unit_numels = []
     for unit in units:
         dtype = relaxed_paths[unit[0]].dtype
         unit_norm = torch.stack([norms[i].to(dtype) for i in unit]).square().sum().sqrt()
@@ -88,7 +146,7 @@ def agnostic_update(
         scale = torch.where(has_direction, alpha / torch.where(has_direction, unit_norm, 1.0), 0.0)
         for i in unit:
             scales[i] = scale
-        numels.append(sum(grads[i].numel() for i in unit))
+        unit_numels.append(sum(numels[i] for i in unit))
 
     if foreach:
         torch._foreach_mul_(relaxed_paths, decay)
@@ -98,14 +156,15 @@ def agnostic_update(
             r.mul_(decay).addcmul_(g, s)
 
     if param_wise:
-        total = float(sum(numels))
+        total = float(sum(unit_numels))
         return [
             log_lr_change(total * r.square(), unit_steps[0], alpha=alpha, C=C, numel=1.0)
             for r in relaxed_paths
         ]
     r_sq = grad_norms(relaxed_paths, [r.dtype for r in relaxed_paths], foreach=foreach)
+    r_sq = reduce_square_norms(r_sq, sharded)
     log_changes = []
-    for unit, step, numel in zip(units, unit_steps, numels, strict=True):
+    for unit, step, numel in zip(units, unit_steps, unit_numels, strict=True):
         sq = torch.stack([r_sq[i] for i in unit]).square().sum()
         log_changes.append(log_lr_change(sq, step, alpha=alpha, C=C, numel=float(numel)))
     return log_changes
@@ -127,6 +186,8 @@ def alera(
     param_wise: bool,
     ok: torch.Tensor,
     foreach: bool = False,
+    numels: list[int] | None = None,
+    sharded: list[bool] | None = None,
 ) -> None:
     """Functional ALeRA step: relaxed paths, multipliers, then ``theta_i -= lr_i m_i d_i``.
 
@@ -147,6 +208,8 @@ def alera(
         param_wise=param_wise,
         ok=ok,
         foreach=foreach,
+        numels=numels,
+        sharded=sharded,
     )
     for m, change in zip(multipliers, log_changes, strict=True):
         m.copy_(torch.where(ok, apply_log_change(m, change), m))
@@ -162,6 +225,12 @@ def alera(
     else:
         for p, g, coef in zip(params, grads, neg_coefs, strict=True):
             p.addcmul_(g, coef)
+
+
+def _full_max(t: torch.Tensor) -> torch.Tensor:
+    """Max over the whole tensor; for a DTensor a max over its shards (a collective)."""
+    top = t.max()
+    return top.full_tensor() if DTensor is not None and isinstance(top, DTensor) else top
 
 
 class ALeRA(Optimizer):
@@ -307,7 +376,7 @@ class ALeRA(Optimizer):
         for group in self.param_groups:
             top = group["lr_multiplier"].double() * group["lr"]
             per_param = [
-                self.state[p]["lr_multiplier"].max().double().to(top.device)
+                _full_max(self.state[p]["lr_multiplier"]).double().to(top.device)
                 for p in group["params"]
                 if "lr_multiplier" in self.state.get(p, {})
             ]
@@ -332,7 +401,18 @@ class ALeRA(Optimizer):
     def _collect(self) -> tuple[list[list[int]], dict[str, list[Any]]]:
         """Flatten the groups: parameters with a gradient, their masked gradients and state."""
         lists: dict[str, list[Any]] = {
-            k: [] for k in ("params", "grads", "relaxed", "decay", "group", "param_m")
+            k: []
+            for k in (
+                "params",
+                "grads",
+                "relaxed",
+                "decay",
+                "group",
+                "param_m",
+                "numel",
+                "sharded",
+                "keys",
+            )
         }
         group_units: list[list[int]] = []
         for gi, group in enumerate(self.param_groups):
@@ -354,12 +434,18 @@ class ALeRA(Optimizer):
                     elif self.granularity == "param":
                         state["lr_multiplier"] = torch.ones_like(p, dtype=sdtype)
                 members.append(len(lists["params"]))
-                lists["params"].append(p)
-                lists["grads"].append(p.grad)
-                lists["relaxed"].append(state["relaxed_path"])
+                # Note [FSDP2]: the math runs on this rank's shards (state stays DTensor, so
+                # checkpoints keep their layout); only norms need the other ranks' shards.
+                lists["params"].append(local_tensor(p))
+                lists["grads"].append(local_tensor(p.grad))
+                lists["relaxed"].append(local_tensor(state["relaxed_path"]))
                 lists["decay"].append(group["weight_decay"])
                 lists["group"].append(gi)
-                lists["param_m"].append(state.get("lr_multiplier"))
+                m = state.get("lr_multiplier")
+                lists["param_m"].append(None if m is None else local_tensor(m))
+                lists["numel"].append(p.numel())
+                lists["sharded"].append(_is_sharded(p))
+                lists["keys"].append(p)
             group_units.append(members)
         return group_units, lists
 
@@ -378,6 +464,8 @@ class ALeRA(Optimizer):
             for g, p, wd in zip(lists["grads"], params, lists["decay"], strict=True)
         ]
         norms = grad_norms(grads, [r.dtype for r in lists["relaxed"]], foreach=foreach)
+        # Whole-tensor norms on every rank, so every rank decides alike (skip included).
+        norms = reduce_square_norms(norms, lists["sharded"])
         ok = torch.stack([torch.isfinite(n) for n in norms]).all()
         if skip is not None:
             ok = ok & ~skip.to(ok.device)
@@ -418,7 +506,10 @@ class ALeRA(Optimizer):
             lrs=lrs,
             ok=ok,
             foreach=foreach,
+            numels=lists["numel"],
+            sharded=lists["sharded"],
             param_group_index=lists["group"],
+            state_keys=lists["keys"],
         )
 
     def _sync_global(self) -> None:
@@ -443,5 +534,6 @@ class ALeRA(Optimizer):
         if work is None:
             return
         work.pop("param_group_index")
+        work.pop("state_keys")
         alera(**work, **self._hyper())
         self._sync_global()
