@@ -111,7 +111,7 @@ def _check_hyper(beta: float, c: float, eps: float, cdf: str, method: str, prefi
 
 def _check_grad(grad: Tensor, owner: str, group_index: int, param_index: int, shape) -> None:
     where = f"parameter {param_index} of param group {group_index} (shape {tuple(shape)})"
-    if grad.is_sparse:
+    if grad.layout != torch.strided:
         raise RuntimeError(
             f"{owner} does not support sparse gradients ({where}); use torch.optim.SparseAdam "
             "for those parameters, or a dense gradient (e.g. nn.Embedding(sparse=False))"
@@ -1686,6 +1686,9 @@ class CProp(Optimizer):
     base's ``state`` and ``param_groups``. Step hooks registered on the wrapper run around the
     whole CProp step (they see the scaled parameters); hooks on the base run inside it.
 
+    Extra memory: CProp's two statistics per parameter, plus one copy of the parameters while a
+    step runs (the snapshot ``p_old``).
+
     A non-finite gradient leaves CProp's statistics unchanged and restores the parameters to
     their values before the step (decided on the device); the base optimizer's own state still
     sees that gradient; guarding it is :class:`CatastropheGuard`'s job (or use the native
@@ -1910,9 +1913,11 @@ class CProp(Optimizer):
 def _apply_scale_(param: Tensor, old: Tensor, s: Tensor, found_finite: Tensor) -> None:
     """``param <- lerp(old, param, s)`` (exactly ``param`` at s = 1); ``old`` when skipped."""
     if param.dtype == s.dtype:
-        new = torch.lerp(old, param, s)
-        torch.where(found_finite, new, old, out=new)
-        param.copy_(new)
+        # in place, no temporaries: a skipped step first puts old back (the base may have
+        # written NaN), then lerp(old, old, 0) = old
+        p = param.detach()
+        torch.where(found_finite, p, old, out=p)
+        torch.lerp(old, p, s, out=p)
         return
     old32 = old.to(s.dtype)
     new = torch.lerp(old32, param.to(s.dtype), s)
