@@ -369,3 +369,48 @@ def test_invalid_wrapped_and_salera_arguments():
             ss.SALeRA(model.parameters(), lr=0.1, **kwargs)
     with pytest.raises(ValueError, match="lr"):
         ss.SPALeRA(model.parameters(), lr=-1.0)
+
+
+@pytest.mark.parametrize("kind", ["salera", "adam"])
+def test_observed_loss_wins_over_the_closure_loss(kind):
+    # Lightning under gradient accumulation: the closure returns the last micro-batch's loss / k,
+    # while observe_loss received the mean over the micro-batches. The detector must see the latter.
+    x, y = batch(0)
+
+    def make_closure(model, value):
+        def closure():
+            model.zero_grad()
+            (model(x) - y).pow(2).mean().backward()
+            return torch.tensor(value)
+
+        return closure
+
+    for spike_via_observe in (True, False):
+        model = make_model()
+        opt = build(kind, model)
+        for _ in range(SPIKE):
+            opt.observe_loss(torch.tensor(1.0))
+            assert float(opt.step(make_closure(model, 1.0))) == 1.0
+        observed, returned = (10.0, 1.0) if spike_via_observe else (1.0, 10.0)
+        opt.observe_loss(torch.tensor(observed))
+        out = opt.step(make_closure(model, returned))
+        assert float(out) == returned  # step still returns what the closure returned
+        assert int(opt.stats()["alarms"]) == int(spike_via_observe)
+        # The observed loss was consumed: the next step falls back to the closure's loss.
+        opt.step(make_closure(model, 1.0))
+        assert int(opt.detector.observations) == SPIKE + 2
+
+
+def test_loss_keyword_wins_over_observe_loss():
+    model = make_model()
+    opt = build("salera", model)
+    for step in range(SPIKE):
+        backward(model, step)
+        opt.step(loss=torch.tensor(1.0))
+    backward(model, SPIKE)
+    opt.observe_loss(torch.tensor(1.0))
+    opt.step(loss=torch.tensor(10.0))
+    assert int(opt.stats()["alarms"]) == 1
+    backward(model, SPIKE + 1)
+    with pytest.raises(RuntimeError, match="observe_loss"):
+        opt.step()  # the observed loss was dropped by the step that took loss=

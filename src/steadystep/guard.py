@@ -92,8 +92,9 @@ class CatastropheGuard(Optimizer):
         check_every: steps between ``min_lr`` checks on the sync-free path (default 100; each
             check is one host read).
 
-    The loss comes from ``step(loss=...)``, :meth:`observe_loss` or a closure; a step without
-    one raises a RuntimeError that says how to pass it. ``param_groups``, ``state``,
+    The loss comes from ``step(loss=...)``, else :meth:`observe_loss`, else a closure's result
+    (in that order, see :meth:`step`); a step without one raises a RuntimeError that says how
+    to pass it. ``param_groups``, ``state``,
     ``zero_grad`` and ``add_param_group`` are the wrapped optimizer's; ``state_dict`` nests it
     with the guard's own state (detector, counters, snapshot).
 
@@ -252,7 +253,11 @@ class CatastropheGuard(Optimizer):
 
     # -- stepping ---------------------------------------------------------------------------
     def observe_loss(self, loss: torch.Tensor | float) -> None:
-        """Give the loss of this step's minibatch to the next :meth:`step`."""
+        """Give the loss of this step's minibatch to the next :meth:`step`.
+
+        It wins over a closure's returned loss and loses to ``step(loss=...)`` (Note [loss
+        precedence] in :meth:`step`); a later call replaces it, and each step consumes it.
+        """
         self._pending_loss = loss.detach() if isinstance(loss, torch.Tensor) else loss
 
     @torch.no_grad()
@@ -261,14 +266,23 @@ class CatastropheGuard(Optimizer):
     ) -> Any:
         """Watch the loss, then roll back and cut, or step the wrapped optimizer.
 
-        The loss is the closure's result, else ``loss``, else the one given to
-        :meth:`observe_loss`; it is returned.
+        Note [loss precedence]: the detector watches, in this order, ``loss`` given here, else
+        the loss given to :meth:`observe_loss` since the last step, else the closure's result.
+        An observed loss wins over the closure's because frameworks that run the closure
+        themselves return a stand-in: under gradient accumulation Lightning's closure returns
+        the last micro-batch's loss divided by the number of micro-batches, while its loss
+        callback (:class:`~steadystep.integrations.lightning.LossFeeder`) observes the mean
+        over them. The closure still runs (it computes the gradients). Returns the closure's
+        result when there is a closure (as torch's optimizers do), else the watched loss.
         """
+        result = None
         if closure is not None:
             with torch.enable_grad():
-                loss = closure()
+                result = closure()
         if loss is None:
             loss = self._pending_loss
+        if loss is None:
+            loss = result
         if loss is None:
             raise _missing_loss(type(self).__name__)
         self._pending_loss = None
@@ -290,7 +304,7 @@ class CatastropheGuard(Optimizer):
             self._calls += 1
             if alarmed:
                 self._check_min_lr()
-        return loss
+        return loss if closure is None else result
 
     def _snapshot_device(self, p: torch.Tensor) -> torch.device:
         return p.device if self.snapshot_device is None else self.snapshot_device
