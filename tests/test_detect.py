@@ -159,3 +159,17 @@ def test_python_float_loss_and_stats():
 def test_invalid_hyperparameters(kwargs, name):
     with pytest.raises(ValueError, match=name):
         ss.PageHinkley(**kwargs)
+
+
+def test_last_loss_is_the_tested_loss_and_round_trips():
+    det = ss.PageHinkley()
+    assert math.isnan(det.last_loss.item())
+    det.update(torch.tensor(2.5))
+    assert det.last_loss.item() == 2.5
+    det.update(torch.tensor(math.inf))
+    assert det.last_loss.item() == math.inf  # recorded even though it never enters the statistics
+    other = ss.PageHinkley()
+    other.load_state_dict(det.state_dict())
+    assert other.last_loss.item() == math.inf
+    legacy = {k: v for k, v in det.state_dict().items() if k != "last_loss"}
+    ss.PageHinkley().load_state_dict(legacy)  # checkpoints written before last_loss existed

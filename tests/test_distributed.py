@@ -6,6 +6,8 @@ One spawn per test module section keeps this file fast: each worker runs several
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -73,6 +75,10 @@ def _salera(rank):
         opt.zero_grad()
         loss.backward()
         observed = loss.detach() + (100.0 if rank == 1 and step == SPIKE else 0.0)
+        if step == SPIKE:
+            spike_mean = observed.clone()
+            dist.all_reduce(spike_mean)
+            spike_mean /= dist.get_world_size()
         opt.step(loss=observed)
         alarms.append(opt.stats()["alarms"].clone())
         multipliers.append(torch.stack([grp["lr_multiplier"].clone() for grp in opt.param_groups]))
@@ -82,6 +88,7 @@ def _salera(rank):
         "multipliers": torch.stack(multipliers),
         "history": opt.history(),
         "detector": opt.stats()["detector_threshold"],
+        "spike_mean": spike_mean,
     }
 
 
@@ -121,8 +128,10 @@ def test_ddp_salera_alarms_on_every_rank_at_the_spike(ddp_results):
     assert torch.equal(r0["alarms"], r1["alarms"])
     assert int(r0["alarms"][SPIKE - 1]) == 0 and int(r0["alarms"][SPIKE]) == 1
     assert int(r0["alarms"][-1]) == 1
-    # the same alarm steps; the loss each rank records in its history is its own (local) loss
+    # the same alarm steps, and the loss recorded is the one the detector used: the rank mean
     assert [h["step"] for h in r0["history"]] == [h["step"] for h in r1["history"]] == [SPIKE]
+    assert r0["history"] == r1["history"]
+    assert r0["history"][0]["loss"] == pytest.approx(float(r0["spike_mean"]), rel=1e-6)
     assert torch.equal(r0["multipliers"], r1["multipliers"])
     assert torch.equal(r0["detector"], r1["detector"])
     for a, b in zip(r0["params"], r1["params"], strict=True):
@@ -322,7 +331,8 @@ def test_fsdp2_alera_norms_are_those_of_the_whole_gradient(fsdp_results, granula
         # Shards reduce in another order than the replica's all-reduce: float32 tolerance.
         for a, b in zip(run["params"], run["ref_params"], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-        for a, b in zip(sum(run["state"], []), sum(run["ref_state"], []), strict=True):
+        state, ref_state = (list(itertools.chain(*run[k])) for k in ("state", "ref_state"))
+        for a, b in zip(state, ref_state, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     # Every rank holds the same multipliers, and they really moved (the check can fail).
     for a, b in zip(runs[0]["state"][0], runs[1]["state"][0], strict=True):

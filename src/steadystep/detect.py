@@ -46,7 +46,8 @@ class PageHinkley:
             :meth:`update` (a metadata check, no sync).
 
     Under ``torch.distributed`` the loss is averaged over ranks first (one all-reduce of a
-    scalar), so every rank takes the same decision.
+    scalar), so every rank takes the same decision; ``last_loss`` (0-d) holds the loss the last
+    :meth:`update` tested, that mean.
 
     Example:
         >>> import torch, steadystep as ss
@@ -78,6 +79,9 @@ class PageHinkley:
         self.cusum_min = torch.zeros((), dtype=dtype, device=dev)
         self.observations = torch.zeros((), dtype=torch.int64, device=dev)
         self.alarms = torch.zeros((), dtype=torch.int64, device=dev)
+        # The loss the last update tested (the rank mean; NaN before the first): what a guard
+        # records in its alarm history.
+        self.last_loss = torch.full((), torch.nan, dtype=dtype, device=dev)
 
     # -- state ------------------------------------------------------------------------------
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -87,6 +91,7 @@ class PageHinkley:
             **{name: getattr(self, name) for name in _STAT_NAMES},
             "observations": self.observations,
             "alarms": self.alarms,
+            "last_loss": self.last_loss,
         }
 
     def _to(self, device: torch.device) -> None:
@@ -106,6 +111,8 @@ class PageHinkley:
         self.ph_lambda = check_positive("ph_lambda", state_dict["ph_lambda"])
         self.rho = check_probability("rho", state_dict["rho"])
         for name, value in self._tensors().items():
+            if name == "last_loss" and name not in state_dict:
+                continue  # a checkpoint from before last_loss existed
             setattr(self, name, state_dict[name].to(device=value.device, dtype=value.dtype))
 
     def reset(self, mask: torch.Tensor | None = None) -> None:
@@ -137,6 +144,7 @@ class PageHinkley:
         if loss.device != self.threshold.device:
             self._to(loss.device)
         x = all_reduce_mean(loss.detach().reshape(()).to(self.dtype))
+        self.last_loss.copy_(x)
         finite = torch.isfinite(x)
         x = torch.where(finite, x, torch.zeros_like(x))
 

@@ -45,7 +45,8 @@ _HISTORY = 64  # alarms remembered for TrainingDiverged (a ring buffer on the de
 class TrainingDiverged(RuntimeError):
     """Raised when alarms have driven the learning rate below ``min_lr``.
 
-    ``history`` lists the last alarms (up to 64) as dicts ``{"step", "loss"}``, oldest first.
+    ``history`` lists the last alarms (up to 64) as dicts ``{"step", "loss"}``, oldest first;
+    ``loss`` is the loss the detector tested (the mean over ranks under torch.distributed).
     """
 
     def __init__(self, message: str, history: list[dict[str, float]]) -> None:
@@ -245,7 +246,8 @@ class CatastropheGuard(Optimizer):
         return out
 
     def history(self) -> list[dict[str, float]]:
-        """The last alarms, oldest first, as ``{"step", "loss"}`` (a host read)."""
+        """The last alarms, oldest first, as ``{"step", "loss"}`` (a host read); ``loss`` is
+        the one the detector tested (the mean over ranks under torch.distributed)."""
         steps = self.history_step.tolist()
         losses = self.history_loss.tolist()
         rows = [{"step": s, "loss": l} for s, l in zip(steps, losses, strict=True) if s >= 0]
@@ -288,7 +290,11 @@ class CatastropheGuard(Optimizer):
         self._pending_loss = None
         observed = loss.detach() if isinstance(loss, torch.Tensor) else loss
         alarm = self.detector.update(observed)
-        loss_t = observed if isinstance(observed, torch.Tensor) else torch.tensor(float(observed))
+        # History records the loss the detector tested: under torch.distributed the rank mean,
+        # the same on every rank (a detector without ``last_loss`` gives the local loss).
+        loss_t = getattr(self.detector, "last_loss", None)
+        if loss_t is None:
+            loss_t = observed if isinstance(observed, torch.Tensor) else torch.tensor(observed)
         params = self._params()
         self._ensure_snapshots(params)
         alarm = alarm.to(self.alarms.device)
