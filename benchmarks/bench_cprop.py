@@ -77,6 +77,10 @@ def variants(shapes, device, *, quick: bool) -> dict[str, Callable[[], Any]]:
         "CProp(AdamW fused=True) wrapper",
         lambda ps: ss.CProp(torch.optim.AdamW(ps, lr=1e-3, fused=True)),
     )
+    add(
+        "CProp(AdamW fused=True, fused=True) wrapper",
+        lambda ps: ss.CProp(torch.optim.AdamW(ps, lr=1e-3, fused=True), fused=True),
+    )
     add("CProp(AdamW for-loop) wrapper", lambda ps: ss.CProp(torch.optim.AdamW(ps, lr=1e-3)))
     grads = [p.grad for p in make_params(shapes, device)]
     out["non-finite check alone (grads_finite)"] = lambda: grads_finite(grads)

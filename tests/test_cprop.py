@@ -528,6 +528,7 @@ ALL = {
     ),
     "CPropAdam-wd": lambda ps: ss.CPropAdam(ps, lr=1e-2, weight_decay=0.1),
     "CPropAdamW-fused": lambda ps: ss.CPropAdamW(ps, lr=1e-2, fused=True),
+    "wrapper-fused": lambda ps: ss.CProp(torch.optim.AdamW(ps, lr=1e-2), fused=True),
 }
 
 
@@ -759,3 +760,28 @@ def test_fused_float32_close_to_reference(kw):
     torch.testing.assert_close(
         fused.stats()["mean_scale"], ref.stats()["mean_scale"], atol=1e-4, rtol=0
     )
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, {"cdf": "bft", "c": 2.0, "beta": 0.9}, {"method": "relative", "c": 3.0}]
+)
+def test_fused_wrapper_matches_eager_wrapper(kw):
+    a, b = mlp(F64), mlp(F64)
+    eager = ss.CProp(torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9), **kw)
+    fused = ss.CProp(torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9), fused=True, **kw)
+    train(a, eager, 12, dtype=F64)
+    train(b, fused, 12, dtype=F64)
+    assert_params(a, b, atol=1e-12)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        for key, value in eager.cprop_state[pa].items():
+            torch.testing.assert_close(value, fused.cprop_state[pb][key], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_wrapper_with_infinite_c_is_bitwise_the_bare_optimizer(dtype):
+    a, b = mlp(dtype), mlp(dtype)
+    bare = torch.optim.AdamW(a.parameters(), lr=1e-2)
+    wrapped = ss.CProp(torch.optim.AdamW(b.parameters(), lr=1e-2), c=math.inf, fused=True)
+    train(a, bare, 8, dtype=dtype)
+    train(b, wrapped, 8, dtype=dtype)
+    assert_params(a, b)

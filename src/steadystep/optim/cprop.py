@@ -975,6 +975,48 @@ def erf_float32(x: Tensor) -> Tensor:
     return 1 - r * r
 
 
+def _fused_scale(
+    cm: Tensor,
+    cv: Tensor,
+    k: Tensor,
+    *,
+    cdf: str,
+    method: str,
+    c_is_inf: bool,
+    c_is_one: bool,
+    eps_is_zero: bool,
+) -> Tensor:
+    """CProp's scale from updated statistics inside compiled code; ``k`` is a :data:`_COEFS` row."""
+    dtype = cm.dtype
+    if c_is_inf:
+        s = k[_K["cprop_c"]] * torch.ones_like(cm)  # c is 1 here, 0 on a skipped step
+    else:
+        if method == "conformity":
+            # (v_hat - m_hat^2) / (n - 1 + eps) = (cv - cm^2 / bc) / (bc (n - 1 + eps))
+            centred = cv - (cm * cm) * k[_K["inv_cprop_bias_correction"]]
+            se = torch.sqrt(torch.clamp(centred, min=0) * k[_K["variance_scale"]])
+        elif method == "relative":
+            se = cv * k[_K["variance_scale"]]
+        else:
+            se = torch.sqrt(cv * k[_K["variance_scale"]])
+        se = se + k[_K["scaled_cprop_eps"]]  # se / r, see _adam_coefficients
+        if eps_is_zero:
+            se = torch.clamp(se, min=torch.finfo(dtype).tiny)
+        x = torch.abs(cm) / se
+        if method != "conformity":
+            confidence = x
+        elif cdf == "normal":
+            confidence = erf_float32(x) if dtype == torch.float32 else torch.erf(x)
+        elif cdf == "bft":
+            confidence = torch.tanh(x * (x * x * _BFT_HALF_K3 + _BFT_HALF_K1))
+        else:
+            confidence = torch.tanh(x)
+        if not c_is_one:
+            confidence = torch.clamp(confidence * k[_K["cprop_c"]], max=1)
+        s = torch.maximum(confidence, k[_K["first"]])
+    return s
+
+
 def _fused_adam_kernel(
     param: Tensor,
     grad: Tensor,
@@ -1016,32 +1058,16 @@ def _fused_adam_kernel(
         cv = cprop_second * k[_K["cprop_beta"]] + k[_K["one_minus_cprop_beta"]] * torch.abs(raw)
     else:
         cv = cprop_second * k[_K["cprop_beta"]] + k[_K["one_minus_cprop_beta"]] * (raw * raw)
-    if c_is_inf:
-        s = k[_K["cprop_c"]] * torch.ones_like(update)  # c is 1 here, 0 on a skipped step
-    else:
-        if method == "conformity":
-            # (v_hat - m_hat^2) / (n - 1 + eps) = (cv - cm^2 / bc) / (bc (n - 1 + eps))
-            centred = cv - (cm * cm) * k[_K["inv_cprop_bias_correction"]]
-            se = torch.sqrt(torch.clamp(centred, min=0) * k[_K["variance_scale"]])
-        elif method == "relative":
-            se = cv * k[_K["variance_scale"]]
-        else:
-            se = torch.sqrt(cv * k[_K["variance_scale"]])
-        se = se + k[_K["scaled_cprop_eps"]]  # se / r, see _adam_coefficients
-        if eps_is_zero:
-            se = torch.clamp(se, min=torch.finfo(dtype).tiny)
-        x = torch.abs(cm) / se
-        if method != "conformity":
-            confidence = x
-        elif cdf == "normal":
-            confidence = erf_float32(x) if dtype == torch.float32 else torch.erf(x)
-        elif cdf == "bft":
-            confidence = torch.tanh(x * (x * x * _BFT_HALF_K3 + _BFT_HALF_K1))
-        else:
-            confidence = torch.tanh(x)
-        if not c_is_one:
-            confidence = torch.clamp(confidence * k[_K["cprop_c"]], max=1)
-        s = torch.maximum(confidence, k[_K["first"]])
+    s = _fused_scale(
+        cm,
+        cv,
+        k,
+        cdf=cdf,
+        method=method,
+        c_is_inf=c_is_inf,
+        c_is_one=c_is_one,
+        eps_is_zero=eps_is_zero,
+    )
     # the select keeps p even where a skipped step's update would not be finite (eps = 0)
     param.copy_(torch.where(found_finite, p + s * update, p))
     exp_avg.copy_(m)
@@ -1057,9 +1083,7 @@ _COMPILED: dict[str, Callable[..., None]] = {}
 
 
 def _compiled_adam_kernel() -> Callable[..., None]:
-    if "adam" not in _COMPILED:
-        _COMPILED["adam"] = torch.compile(_fused_adam_kernel, dynamic=True, fullgraph=True)
-    return _COMPILED["adam"]
+    return _compiled("adam", _fused_adam_kernel)
 
 
 def _flat(t: Tensor | None) -> Tensor | None:
@@ -1138,6 +1162,136 @@ def _fused_cprop_adam(
                     coefs[row],
                     ok,
                     **static,
+                )
+
+
+def _fused_wrapper_stats_kernel(
+    param: Tensor,
+    grad: Tensor,
+    snapshot: Tensor,
+    cprop_exp_avg: Tensor,
+    cprop_second: Tensor,
+    coef: Tensor,
+    found_finite: Tensor,
+    *,
+    method: str,
+) -> None:
+    """Before the base step: CProp's EMAs from the raw gradient and the snapshot ``p_old``."""
+    dtype = cprop_exp_avg.dtype
+    k = coef.to(dtype)
+    raw = torch.where(found_finite, grad.to(dtype), 0)
+    snapshot.copy_(param)
+    cprop_exp_avg.copy_(cprop_exp_avg * k[_K["cprop_beta"]] + k[_K["one_minus_cprop_beta"]] * raw)
+    second = torch.abs(raw) if method == "relative" else raw * raw
+    cprop_second.copy_(cprop_second * k[_K["cprop_beta"]] + k[_K["one_minus_cprop_beta"]] * second)
+
+
+def _fused_wrapper_apply_kernel(
+    param: Tensor,
+    snapshot: Tensor,
+    cprop_exp_avg: Tensor,
+    cprop_second: Tensor,
+    coef: Tensor,
+    found_finite: Tensor,
+    *,
+    cdf: str,
+    method: str,
+    c_is_inf: bool,
+    c_is_one: bool,
+    eps_is_zero: bool,
+) -> None:
+    """After the base step: ``p <- lerp(p_old, p_new, s)``, or ``p_old`` on a skipped step."""
+    dtype = cprop_exp_avg.dtype
+    s = _fused_scale(
+        cprop_exp_avg,
+        cprop_second,
+        coef.to(dtype),
+        cdf=cdf,
+        method=method,
+        c_is_inf=c_is_inf,
+        c_is_one=c_is_one,
+        eps_is_zero=eps_is_zero,
+    )
+    old = snapshot.to(dtype)
+    # lerp is exactly p_new at s = 1 (c = inf gives the bare optimizer bitwise)
+    new = torch.lerp(old, param.to(dtype), s)
+    param.copy_(torch.where(found_finite, new, old))
+
+
+def _compiled(name: str, fn: Callable[..., None]) -> Callable[..., None]:
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _COMPILED[name]
+
+
+class _FusedWrapperStep:
+    """The wrapper's two compiled passes around the base step, for one param group."""
+
+    def __init__(
+        self,
+        params: list[Tensor],
+        states: list[dict[str, Tensor]],
+        found_finite: Tensor,
+        group: dict[str, Any],
+    ) -> None:
+        self.params, self.group = params, group
+        method = group["cprop_method"]
+        self.ms = [st["cprop_exp_avg"] for st in states]
+        self.vs = [st[_second_key(method)] for st in states]
+        self.ok = found_finite
+        steps = [st["step"] for st in states]
+        torch._foreach_add_(steps, found_finite.to(torch.float32))
+        self.coefs = _adam_coefficients(
+            torch.stack(steps),
+            found_finite,
+            lr=0.0,
+            beta1=0.0,
+            beta2=0.0,
+            weight_decay=0.0,
+            eps=0.0,
+            cprop_beta=group["cprop_beta"],
+            cprop_c=group["cprop_c"],
+            cprop_eps=group["cprop_eps"],
+            cdf=group["cprop_cdf"],
+            method=method,
+        )
+        self.snapshots: list[Tensor] = []
+
+    def before(self) -> None:
+        kernel = _compiled("wrapper_stats", _fused_wrapper_stats_kernel)
+        with torch._dynamo.config.patch(recompile_limit=64):
+            for row, p in enumerate(self.params):
+                flat = _flat(p)
+                snapshot = torch.empty_like(flat)
+                self.snapshots.append(snapshot)
+                kernel(
+                    flat,
+                    _flat(p.grad),
+                    snapshot,
+                    _flat(self.ms[row]),
+                    _flat(self.vs[row]),
+                    self.coefs[row],
+                    self.ok,
+                    method=self.group["cprop_method"],
+                )
+
+    def after(self) -> None:
+        kernel = _compiled("wrapper_apply", _fused_wrapper_apply_kernel)
+        c = self.group["cprop_c"]
+        with torch._dynamo.config.patch(recompile_limit=64):
+            for row, p in enumerate(self.params):
+                kernel(
+                    _flat(p),
+                    self.snapshots[row],
+                    _flat(self.ms[row]),
+                    _flat(self.vs[row]),
+                    self.coefs[row],
+                    self.ok,
+                    cdf=self.group["cprop_cdf"],
+                    method=self.group["cprop_method"],
+                    c_is_inf=math.isinf(c),
+                    c_is_one=c == 1,
+                    eps_is_zero=self.group["cprop_eps"] == 0,
                 )
 
 
@@ -1674,6 +1828,9 @@ class CProp(Optimizer):
         eps (float): floor of the standard error, >= 0 (default: 1e-8).
         cdf (str): ``"normal"``, ``"bft"``, ``"bfo"`` or ``"logistic"`` (default: "normal").
         method (str): ``"conformity"``, ``"relative"`` or ``"moment"`` (default: "conformity").
+        fused (bool, optional): CProp's own work as two torch.compile-generated passes per
+            tensor (statistics and snapshot before the base step, scale after it) instead of
+            eager ops; the first step compiles (default: None = False).
 
     These are defaults: they are stored in every param group of the base optimizer as
     ``cprop_beta``, ``cprop_c``, ``cprop_eps``, ``cprop_cdf``, ``cprop_method`` (a group that
@@ -1712,6 +1869,7 @@ class CProp(Optimizer):
         eps: float = 1e-8,
         cdf: str = "normal",
         method: str = "conformity",
+        fused: bool | None = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -1719,6 +1877,7 @@ class CProp(Optimizer):
             )
         _check_hyper(beta, c, eps, cdf, method, prefix="")
         self.optimizer = optimizer
+        self.fused = bool(fused)
         self.cprop_defaults = {
             "cprop_beta": beta,
             "cprop_c": c,
@@ -1867,6 +2026,8 @@ class CProp(Optimizer):
                     _init_cprop_state(self.cprop_state[p], p, group["cprop_method"], False)
             work.append((group, params))
         found_finite = grads_finite([p.grad for _, ps in work for p in ps])
+        if self.fused:
+            return self._fused_step(work, found_finite, base_closure, out)
         for group, params in work:
             if not params:
                 continue
@@ -1908,6 +2069,25 @@ class CProp(Optimizer):
             for p, old, s in zip(params, olds, scales, strict=True):
                 _apply_scale_(p, old, s, found_finite)
         return out
+
+    def _fused_step(
+        self,
+        work: list[tuple[dict[str, Any], list[Tensor]]],
+        found_finite: Tensor,
+        base_closure: Callable[[], Any] | None,
+        out: Any,
+    ) -> Any:
+        passes = [
+            _FusedWrapperStep(params, [self.cprop_state[p] for p in params], found_finite, group)
+            for group, params in work
+            if params
+        ]
+        for fused_pass in passes:
+            fused_pass.before()
+        base_out = self.optimizer.step(base_closure) if base_closure else self.optimizer.step()
+        for fused_pass in passes:
+            fused_pass.after()
+        return base_out if out is None else out
 
 
 def _apply_scale_(param: Tensor, old: Tensor, s: Tensor, found_finite: Tensor) -> None:
