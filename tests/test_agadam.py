@@ -105,9 +105,14 @@ def test_nonfinite_gradient_changes_nothing_and_resume_is_bitwise(granularity):
     bad = [g.clone() for g in grads[3]]
     bad[0][1, 1] = math.nan
     run(opt, params, [bad])
+    # Nothing changed, bit for bit, but the telemetry counter of skipped steps.
+    assert [int(g["skipped_steps"]) for g in opt.param_groups] == [1, 1]
+    after_state = opt.state_dict()
+    for group in after_state["param_groups"]:
+        group["skipped_steps"] = group["skipped_steps"] - 1
     after = io.BytesIO()
-    torch.save({"p": [p.detach() for p in params], "o": opt.state_dict()}, after)
-    assert before.getvalue() == after.getvalue()  # nothing changed, bit for bit
+    torch.save({"p": [p.detach() for p in params], "o": after_state}, after)
+    assert before.getvalue() == after.getvalue()
     before.seek(0)
     saved = torch.load(before, weights_only=True)
     params2 = [p.clone().requires_grad_() for p in saved["p"]]
@@ -139,3 +144,17 @@ def test_nonfinite_gradient_changes_nothing_and_resume_is_bitwise(granularity):
 def test_invalid_hyperparameters(kwargs, name):
     with pytest.raises(ValueError, match=name):
         ss.AgAdam([torch.zeros(2, requires_grad=True)], **kwargs)
+
+
+def test_stats_report_effective_lr_and_skipped_steps():
+    params, grads = make()
+    opt = ss.AgAdam([{"params": params[:2]}, {"params": params[2:]}], lr=0.01, C=0.01)
+    bad = [g.clone() for g in grads[1]]
+    bad[2][0, 0] = math.inf
+    run(opt, params, [grads[0], bad, grads[2]])
+    stats = opt.stats()
+    assert list(stats) == ["skipped_steps", "group0.lr", "group1.lr"]
+    assert int(stats["skipped_steps"]) == 1
+    for gi, group in enumerate(opt.param_groups):
+        assert torch.equal(stats[f"group{gi}.lr"], group["lr_multiplier"] * 0.01)
+        assert group["lr_multiplier"].item() != 1.0

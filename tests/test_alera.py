@@ -313,3 +313,69 @@ def test_optimizer_wide_keys_cannot_differ_per_group():
         ss.ALeRA([{"params": [torch.zeros(2, requires_grad=True)], "alpha": 0.2}], lr=0.1)
     with pytest.raises(ValueError, match="lr"):
         ss.ALeRA([{"params": [torch.zeros(2, requires_grad=True)], "lr": -1.0}], lr=0.1)
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_stats_effective_lrs_and_skipped_steps(granularity, monkeypatch):
+    params = make_params()
+    grads_seq = make_grads(8)
+    poisoned = [g.clone() for g in grads_seq[4]]
+    poisoned[0][0, 0] = math.nan
+    opt = ss.ALeRA(
+        [
+            {"params": [params[i] for i in layer], "lr": lr}
+            for layer, lr in zip(LAYERS, (0.01, 0.02), strict=True)
+        ],
+        lr=0.01,
+        alpha=0.1,
+        C=0.003,
+        granularity=granularity,
+    )
+    keys_before = list(opt.stats())  # the layout exists before the first step
+    run_more = [*grads_seq[:4], poisoned, *grads_seq[5:]]
+    with monkeypatch.context() as patch:  # stats() reads nothing on the host
+        for name in ("item", "__bool__", "tolist", "__float__", "__int__"):
+            patch.setattr(torch.Tensor, name, lambda *a, **k: pytest.fail("host read"))
+        for grads in run_more:
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        stats = opt.stats()
+    assert list(stats) == keys_before
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in stats.values())
+    assert stats["skipped_steps"].dtype == torch.int64 and int(stats["skipped_steps"]) == 1
+    groups = opt.param_groups
+    if granularity in ("global", "group"):
+        assert list(stats) == ["skipped_steps", "group0.lr", "group1.lr"]
+        for gi, group in enumerate(groups):
+            assert torch.equal(stats[f"group{gi}.lr"], group["lr_multiplier"] * group["lr"])
+        return
+    suffixes = ("lr_mean", "lr_min", "lr_max")
+    assert list(stats) == ["skipped_steps"] + [f"group{i}.{s}" for i in (0, 1) for s in suffixes]
+    for gi, group in enumerate(groups):
+        ms = [opt.state[p]["lr_multiplier"].double().flatten() for p in group["params"]]
+        flat = torch.stack([m.mean() for m in ms]) if granularity == "tensor" else torch.cat(ms)
+        base = group["lr_multiplier"].double() * group["lr"]
+        for suffix, ref in zip(suffixes, (flat.mean(), flat.min(), flat.max()), strict=True):
+            torch.testing.assert_close(
+                stats[f"group{gi}.{suffix}"].double(), base * ref, rtol=1e-12, atol=0
+            )
+        assert float(stats[f"group{gi}.lr_max"]) > float(stats[f"group{gi}.lr_min"])
+
+
+def test_skipped_steps_round_trips_and_late_groups_join_the_count():
+    params = make_params()
+    opt = ss.ALeRA(params[:2], lr=0.01)
+    for p in params[:2]:
+        p.grad = torch.full_like(p, math.inf)
+    opt.step()
+    opt.add_param_group({"params": params[2:]})
+    assert [int(g["skipped_steps"]) for g in opt.param_groups] == [1, 1]
+    saved = copy.deepcopy(opt.state_dict())
+    opt2 = ss.ALeRA([{"params": params[:2]}, {"params": params[2:]}], lr=0.01)
+    opt2.load_state_dict(saved)
+    assert int(opt2.stats()["skipped_steps"]) == 1
+    for group in saved["param_groups"]:
+        del group["skipped_steps"]  # a checkpoint from before the counter existed
+    opt2.load_state_dict(saved)
+    assert int(opt2.stats()["skipped_steps"]) == 0

@@ -414,3 +414,27 @@ def test_loss_keyword_wins_over_observe_loss():
     backward(model, SPIKE + 1)
     with pytest.raises(RuntimeError, match="observe_loss"):
         opt.step()  # the observed loss was dropped by the step that took loss=
+
+
+def test_stats_merge_the_wrapped_optimizers_stats():
+    model = make_model()
+    opt = build("salera", model)
+    run_script(opt, model, 0, SPIKE + 1)
+    stats = opt.stats()
+    guard_keys = ["alarms", "rollbacks", "steps", "lr_scale"]
+    assert list(stats)[:4] == guard_keys and "detector_threshold" in stats
+    base = opt.optimizer.stats()
+    assert set(base) == {"skipped_steps", "group0.lr", "group1.lr"}
+    for key, value in base.items():
+        assert torch.equal(stats[key], value), key
+    assert float(stats["group0.lr"]) == pytest.approx(0.05 * 0.5, rel=1e-3)  # the cut shows
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in stats.values())
+
+    class Clashing(torch.optim.SGD):
+        def stats(self):
+            return {"steps": torch.tensor(7), "mine": torch.tensor(1.0)}
+
+    guard = ss.CatastropheGuard(Clashing(model.parameters(), lr=0.1))
+    stats = guard.stats()
+    assert int(stats["steps"]) == 0 and int(stats["optimizer.steps"]) == 7
+    assert float(stats["mine"]) == 1.0

@@ -240,9 +240,22 @@ class CatastropheGuard(Optimizer):
         self.min_lr = check_nonnegative("min_lr", guard["min_lr"])
 
     def stats(self) -> dict[str, torch.Tensor]:
-        """0-d tensors: alarms, rollbacks, steps, lr_scale (product of cuts), detector_* stats."""
+        """Telemetry as 0-d tensors, no host sync (a Monitor writes ``<component>/<key>``):
+
+        * the guard's counters ``alarms``, ``rollbacks``, ``steps`` and ``lr_scale`` (the
+          product of the cuts so far);
+        * ``detector_<key>`` for each of the detector's ``stats()`` (PageHinkley: threshold,
+          relaxed_loss, mean, cusum, gap, count, alarms);
+        * the wrapped optimizer's ``stats()`` when it has one, under their own names (ALeRA:
+          ``skipped_steps``, ``group{i}.lr``...; CProp: ``mean_scale``...); a name that clashes
+          with one of the guard's gets the prefix ``optimizer.``.
+        """
         out = {k: v for k, v in self._counters().items() if not k.startswith("history")}
         out.update({f"detector_{k}": v for k, v in self.detector.stats().items()})
+        base_stats = getattr(self.optimizer, "stats", None)
+        if callable(base_stats):
+            for key, value in base_stats().items():
+                out[f"optimizer.{key}" if key in out else key] = value
         return out
 
     def history(self) -> list[dict[str, float]]:

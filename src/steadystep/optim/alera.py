@@ -273,8 +273,10 @@ class ALeRA(Optimizer):
 
     ``group["lr_multiplier"]`` (0-d, every granularity) is also where
     :class:`~steadystep.CatastropheGuard` cuts the rate; ``group["step"]`` counts the steps
-    taken. A step whose gradient holds a NaN or inf anywhere changes nothing (decided on the
-    device). Parameters whose ``grad`` is None are left out of the step, and their unit.
+    taken and ``group["skipped_steps"]`` the steps skipped for a non-finite gradient (the same
+    in every group). :meth:`stats` reports effective learning rates and that count. A step
+    whose gradient holds a NaN or inf anywhere changes nothing (decided on the device).
+    Parameters whose ``grad`` is None are left out of the step, and their unit.
 
     Example:
         >>> import torch, steadystep as ss
@@ -340,8 +342,12 @@ class ALeRA(Optimizer):
             first = self.param_groups[0]
             multiplier.copy_(first["lr_multiplier"])
             step.copy_(first["step"])
+        skipped = torch.zeros((), dtype=torch.int64, device=device)
+        if len(self.param_groups) > 1:
+            skipped.copy_(self.param_groups[0]["skipped_steps"])  # one optimizer-wide count
         group.setdefault("lr_multiplier", multiplier)
         group.setdefault("step", step)
+        group.setdefault("skipped_steps", skipped)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, but statistics keep their saved dtype (fp32 stays fp32 for bf16 params)."""
@@ -358,8 +364,54 @@ class ALeRA(Optimizer):
             }
         for group in self.param_groups:
             device = group["params"][0].device if group["params"] else torch.device("cpu")
-            for key in ("lr_multiplier", "step"):
+            # A checkpoint written before skipped_steps existed starts the count at 0.
+            group.setdefault("skipped_steps", torch.zeros((), dtype=torch.int64))
+            for key in ("lr_multiplier", "step", "skipped_steps"):
                 group[key] = group[key].to(device)
+
+    # -- telemetry --------------------------------------------------------------------------
+    @torch.no_grad()
+    def stats(self) -> dict[str, torch.Tensor]:
+        """Telemetry as 0-d tensors, no host sync; the keys depend only on the number of
+        groups and the granularity (a Monitor writes them as ``<component>/<key>``):
+
+        * ``skipped_steps``: steps whose update was skipped for a non-finite gradient (a step
+          a :class:`~steadystep.CatastropheGuard` already skipped on an alarm is not counted).
+        * ``"global"``/``"group"``: ``group{i}.lr``, group ``i``'s effective learning rate
+          ``lr * lr_multiplier``.
+        * ``"tensor"``/``"param"``: ``group{i}.lr_mean``, ``group{i}.lr_min`` and
+          ``group{i}.lr_max``, the effective rates ``lr * group multiplier * m`` over the
+          group's per-tensor (``"tensor"``: mean over tensors) or per-element (``"param"``:
+          mean over elements) multipliers ``m``; before a tensor's first step its ``m`` is 1.
+          This reads every multiplier once (for ``"param"``: 4 bytes per parameter). Under
+          FSDP2 these are over this rank's shards (no collective, so a rank-0 Monitor works).
+        """
+        out = {"skipped_steps": self.param_groups[0]["skipped_steps"]}
+        for gi, group in enumerate(self.param_groups):
+            base = group["lr_multiplier"] * group["lr"]
+            if self.granularity in ("global", "group"):
+                out[f"group{gi}.lr"] = base
+                continue
+            ms = [
+                local_tensor(self.state[p]["lr_multiplier"])
+                for p in group["params"]
+                if "lr_multiplier" in self.state.get(p, {})
+            ]
+            ms = [m for m in ms if m.numel() > 0]  # an FSDP2 rank may hold an empty shard
+            if not ms:
+                lo = mean = hi = torch.ones((), dtype=base.dtype, device=base.device)
+            elif self.granularity == "tensor":
+                stacked = torch.stack(ms)
+                lo, mean, hi = stacked.min(), stacked.mean(), stacked.max()
+            else:
+                lo = torch.stack([m.min() for m in ms]).min()
+                hi = torch.stack([m.max() for m in ms]).max()
+                total = torch.stack([m.sum(dtype=torch.float64) for m in ms]).sum()
+                mean = (total / sum(m.numel() for m in ms)).to(base.dtype)
+            out[f"group{gi}.lr_mean"] = base * mean.to(base.device)
+            out[f"group{gi}.lr_min"] = base * lo.to(base.device)
+            out[f"group{gi}.lr_max"] = base * hi.to(base.device)
+        return out
 
     # -- the guard protocol (see steadystep.guard) -------------------------------------------
     @torch.no_grad()
@@ -466,9 +518,13 @@ class ALeRA(Optimizer):
         norms = grad_norms(grads, [r.dtype for r in lists["relaxed"]], foreach=foreach)
         # Whole-tensor norms on every rank, so every rank decides alike (skip included).
         norms = reduce_square_norms(norms, lists["sharded"])
-        ok = torch.stack([torch.isfinite(n) for n in norms]).all()
+        finite = torch.stack([torch.isfinite(n) for n in norms]).all()
+        ok = finite
+        nonfinite_skip = ~finite
         if skip is not None:
-            ok = ok & ~skip.to(ok.device)
+            skip = skip.to(ok.device)
+            ok = ok & ~skip
+            nonfinite_skip = nonfinite_skip & ~skip
         # A non-finite gradient must not reach any state: 0 * nan is nan, so mask it to zero.
         grads = [torch.where(ok, g, torch.zeros((), dtype=g.dtype, device=g.device)) for g in grads]
 
@@ -486,6 +542,8 @@ class ALeRA(Optimizer):
             owners = lists["group"]
         for gi in range(len(groups)) if gran == "global" else active:
             groups[gi]["step"].add_(ok.to(torch.float32))
+        for group in groups:  # optimizer-wide, kept alike in every group
+            group["skipped_steps"].add_(nonfinite_skip.to(group["skipped_steps"].device))
 
         if gran in ("global", "group"):
             # The group multiplier is the adapted rate; the update uses lr times it.
