@@ -28,6 +28,8 @@ test: install-dev
 
 bench: install-dev
 	$(PY) benchmarks/run_all.py --out benchmarks/results
+	$(PY) benchmarks/summarize.py --results benchmarks/results > benchmarks/results/SUMMARY.md
+	cat benchmarks/results/SUMMARY.md
 
 lint: install-dev
 	$(VENV)/bin/ruff check src tests benchmarks
