@@ -95,7 +95,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--inner", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="fewer variants")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--name", default="cprop", help="JSON file name in --out")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -120,9 +124,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratio_vs_forloop_adamw": {
             name: t / times["torch AdamW for-loop"] for name, t in times.items()
         },
-        "command": "PYTHONPATH=src python benchmarks/bench_cprop.py",
+        "command": "PYTHONPATH=src python benchmarks/bench_cprop.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    path = write_result(args.out, "cprop", payload)
+    path = write_result(args.out, args.name, payload)
     print(f"wrote {path}")
     return payload
 

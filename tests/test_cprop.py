@@ -730,8 +730,6 @@ def test_stats_are_0d_tensors_in_unit_interval():
 
 
 def test_fused_changing_lr_does_not_recompile():
-    torch._dynamo.reset()
-    C._COMPILED.clear()
     model = mlp()
     opt = ss.CPropAdamW(model.parameters(), lr=1e-2, fused=True)
     train(model, opt, 2)
@@ -762,9 +760,7 @@ def test_fused_float32_close_to_reference(kw):
     )
 
 
-@pytest.mark.parametrize(
-    "kw", [{}, {"cdf": "bft", "c": 2.0, "beta": 0.9}, {"method": "relative", "c": 3.0}]
-)
+@pytest.mark.parametrize("kw", [{}, {"method": "relative", "c": 3.0, "cdf": "bft", "beta": 0.9}])
 def test_fused_wrapper_matches_eager_wrapper(kw):
     a, b = mlp(F64), mlp(F64)
     eager = ss.CProp(torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9), **kw)

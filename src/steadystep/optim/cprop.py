@@ -53,6 +53,7 @@ Note [Skipping a non-finite step without a host sync]
 from __future__ import annotations
 
 import math
+import types
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -857,11 +858,14 @@ def cprop_adam(
 #   The whole per-element update (Adam's moments, CProp's statistics, the scale and the
 #   parameter write) is one pure function of the old values; torch.compile (inductor) turns it
 #   into a single loop over memory (C++/OpenMP on CPU, Triton on CUDA), so every tensor is read
-#   and written once. Numbers that change between steps (lr, betas, ...) enter as one float64
-#   tensor ``hyper`` so a scheduler never triggers a recompile; structural choices (amsgrad,
-#   cdf, ...) are static and compile one variant each. Tensors are flattened to 1-D so all
-#   shapes share a kernel. A skipped (non-finite) step selects the old values with
-#   torch.where inside the kernel, at no extra memory traffic.
+#   and written once. Everything that is constant over a tensor (bias corrections, step size,
+#   lr, betas) is computed beforehand for all tensors at once and enters as one small float64
+#   row per tensor, so a scheduler never triggers a recompile and the loop does no pow;
+#   structural choices (amsgrad, cdf, c == 1, ...) are static. Shapes are static too (see
+#   _RECOMPILE_LIMIT): one compile per distinct numel, cached on disk by inductor. A skipped
+#   (non-finite) step is folded into the row's EMA factors (beta -> 1, 1 - beta -> 0) and one
+#   select on the parameter, at no extra memory traffic. The CPU loop is compute-bound (erf,
+#   two square roots, three divisions per element), hence erf_float32 below.
 
 
 # Columns of the per-tensor coefficient rows handed to the compiled kernel. The EMA factors are
@@ -1080,10 +1084,10 @@ def _fused_adam_kernel(
 
 
 _COMPILED: dict[str, Callable[..., None]] = {}
-
-
-def _compiled_adam_kernel() -> Callable[..., None]:
-    return _compiled("adam", _fused_adam_kernel)
+# Large tensors compile per numel (see _compiled); dynamo's default limit of 8 variants per
+# function would be hit by any real model.
+_RECOMPILE_LIMIT = 512
+_PARALLEL_NUMEL = 1 << 16
 
 
 def _flat(t: Tensor | None) -> Tensor | None:
@@ -1120,7 +1124,6 @@ def _fused_cprop_adam(
 ) -> None:
     if not params:
         return
-    kernel = _compiled_adam_kernel()
     static = {
         "amsgrad": amsgrad,
         "decoupled": decoupled_weight_decay or weight_decay == 0,
@@ -1148,9 +1151,10 @@ def _fused_cprop_adam(
             cdf=cdf,
             method=method,
         )
-        # one variant per (dtype, static flags, shape class): more than dynamo's default 8
-        with torch._dynamo.config.patch(recompile_limit=64):
+        rows = [row.clone() for row in coefs]  # no storage offsets: they would specialise
+        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
             for row, i in enumerate(idx):
+                kernel = _compiled("adam", _fused_adam_kernel, params[i].numel())
                 kernel(
                     _flat(params[i]),
                     _flat(grads[i]),
@@ -1159,7 +1163,7 @@ def _fused_cprop_adam(
                     _flat(max_exp_avg_sqs[i]) if amsgrad else None,
                     _flat(cprop_exp_avgs[i]),
                     None if cprop_exp_avg_sqs is None else _flat(cprop_exp_avg_sqs[i]),
-                    coefs[row],
+                    rows[row],
                     ok,
                     **static,
                 )
@@ -1218,10 +1222,22 @@ def _fused_wrapper_apply_kernel(
     param.copy_(torch.where(found_finite, new, old))
 
 
-def _compiled(name: str, fn: Callable[..., None]) -> Callable[..., None]:
-    if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(fn, dynamic=True, fullgraph=True)
-    return _COMPILED[name]
+def _compiled(name: str, fn: Callable[..., None], numel: int) -> Callable[..., None]:
+    """The compiled ``fn`` for a tensor of ``numel`` elements.
+
+    Large tensors get a static-shape kernel (one compile per numel; inductor only parallelises a
+    CPU loop whose length it knows), small ones share one dynamic-shape kernel (a single thread
+    is right for them, and models with many small tensors compile once). The two variants get
+    distinct code objects, since dynamo keeps its cache on the code object.
+    """
+    dynamic = numel < _PARALLEL_NUMEL
+    key = f"{name}:{'dynamic' if dynamic else 'static'}"
+    if key not in _COMPILED:
+        code = fn.__code__.replace(co_name=f"{fn.__name__}_{'dynamic' if dynamic else 'static'}")
+        twin = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__)
+        twin.__kwdefaults__ = fn.__kwdefaults__
+        _COMPILED[key] = torch.compile(twin, dynamic=dynamic, fullgraph=True)
+    return _COMPILED[key]
 
 
 class _FusedWrapperStep:
@@ -1255,12 +1271,13 @@ class _FusedWrapperStep:
             cdf=group["cprop_cdf"],
             method=method,
         )
+        self.rows = [row.clone() for row in self.coefs]
         self.snapshots: list[Tensor] = []
 
     def before(self) -> None:
-        kernel = _compiled("wrapper_stats", _fused_wrapper_stats_kernel)
-        with torch._dynamo.config.patch(recompile_limit=64):
+        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
             for row, p in enumerate(self.params):
+                kernel = _compiled("wrapper_stats", _fused_wrapper_stats_kernel, p.numel())
                 flat = _flat(p)
                 snapshot = torch.empty_like(flat)
                 self.snapshots.append(snapshot)
@@ -1270,22 +1287,22 @@ class _FusedWrapperStep:
                     snapshot,
                     _flat(self.ms[row]),
                     _flat(self.vs[row]),
-                    self.coefs[row],
+                    self.rows[row],
                     self.ok,
                     method=self.group["cprop_method"],
                 )
 
     def after(self) -> None:
-        kernel = _compiled("wrapper_apply", _fused_wrapper_apply_kernel)
         c = self.group["cprop_c"]
-        with torch._dynamo.config.patch(recompile_limit=64):
+        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
             for row, p in enumerate(self.params):
+                kernel = _compiled("wrapper_apply", _fused_wrapper_apply_kernel, p.numel())
                 kernel(
                     _flat(p),
                     self.snapshots[row],
                     _flat(self.ms[row]),
                     _flat(self.vs[row]),
-                    self.coefs[row],
+                    self.rows[row],
                     self.ok,
                     cdf=self.group["cprop_cdf"],
                     method=self.group["cprop_method"],
