@@ -379,3 +379,34 @@ def test_skipped_steps_round_trips_and_late_groups_join_the_count():
         del group["skipped_steps"]  # a checkpoint from before the counter existed
     opt2.load_state_dict(saved)
     assert int(opt2.stats()["skipped_steps"]) == 0
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_foreach_path_is_bitwise_the_reference_loop(granularity, dtype):
+    # Same ops in the same order: on CPU the foreach kernels give the same bits. The run has a
+    # NaN step, an inf step and a guard-style masked skip, all no-ops on both paths.
+    grads_seq = make_grads(14, dtype)
+    grads_seq[4][1][0] = math.nan
+    grads_seq[9][3][0] = -math.inf
+    outs = []
+    for foreach in (False, True):
+        params = make_params(dtype)
+        opt = ss.ALeRA(
+            [{"params": [params[i] for i in layer]} for layer in LAYERS],
+            lr=0.01,
+            alpha=0.1,
+            C=0.003,
+            granularity=granularity,
+            weight_decay=0.01,
+            foreach=foreach,
+        )
+        for t, grads in enumerate(grads_seq):
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+            with torch.no_grad():  # the guard's masked step (step() is no_grad itself)
+                opt._step(skip=torch.tensor(t == 7))
+        outs.append([p.detach() for p in params] + _state_tensors(opt))
+    assert int(opt.stats()["skipped_steps"]) == 2
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a, b)

@@ -438,3 +438,19 @@ def test_stats_merge_the_wrapped_optimizers_stats():
     stats = guard.stats()
     assert int(stats["steps"]) == 0 and int(stats["optimizer.steps"]) == 7
     assert float(stats["mine"]) == 1.0
+
+
+@pytest.mark.parametrize("kind", ["salera", "spalera"])
+def test_masked_rollback_restores_params_that_became_nonfinite(kind):
+    model = make_model()
+    opt = build(kind, model)
+    run_script(opt, model, 0, 3)
+    snapshot = [s.clone() for s in opt.snapshots]
+    with torch.no_grad():  # the last update blew a parameter up
+        first = next(model.parameters())
+        first[0, 0] = math.nan
+        first[0, 1] = math.inf
+    backward(model, 3)
+    opt.step(loss=torch.tensor(math.nan))
+    assert int(opt.stats()["rollbacks"]) == 1
+    assert equal(params_of(model), snapshot)

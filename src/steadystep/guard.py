@@ -346,7 +346,10 @@ class CatastropheGuard(Optimizer):
             local_params = [local_tensor(p) for p in params]
             local_snaps = [local_tensor(s) for s in self.snapshots]
             for p, snap in zip(local_params, local_snaps, strict=True):
-                torch.where(alarm, snap, p, out=p)  # the masked rollback: bitwise, sync-free
+                # The masked rollback: a copy where alarm, bitwise even when p holds inf/NaN
+                # (lerp-style arithmetic would not be), sync-free on CUDA, and on CPU several
+                # times faster than torch.where with a 0-d condition.
+                p.masked_scatter_(alarm, snap)
             torch._foreach_copy_(local_snaps, local_params)
         cut = torch.full((), self.lr_factor, dtype=torch.float64, device=alarm.device)
         factor = torch.where(alarm, cut, 1.0)

@@ -9,12 +9,12 @@ import torch
 from torch.optim import Optimizer
 
 from steadystep._validation import check_nonnegative, check_positive, check_unit_interval
-from steadystep.agnostic import apply_log_change
 from steadystep.optim.alera import (
     GRANULARITIES,
     ALeRA,
     _check_alpha,
     agnostic_update,
+    apply_log_change_,
     local_tensor,
 )
 
@@ -129,7 +129,7 @@ class AgAdam(ALeRA):
         ok, params, grads = work["ok"], work["params"], work["grads"]
         log_changes = agnostic_update(
             grads,
-            work["norms"],
+            work["unit_norm"],
             work["relaxed_paths"],
             work["units"],
             work["unit_steps"],
@@ -141,7 +141,7 @@ class AgAdam(ALeRA):
         )
         multipliers = work["multipliers"]
         for m, change in zip(multipliers, log_changes, strict=True):
-            m.copy_(torch.where(ok, apply_log_change(m, change), m))
+            apply_log_change_(m, change, ok)
         if self.granularity == "param":
             per_param_m = multipliers
         else:

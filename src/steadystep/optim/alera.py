@@ -6,6 +6,7 @@ per-tensor reference path and a ``torch._foreach`` path that tests hold equal.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -19,9 +20,17 @@ from steadystep._validation import (
     check_param_tensors,
     check_positive,
 )
-from steadystep.agnostic import apply_log_change, log_lr_change
+from steadystep.agnostic import log_lr_change, random_walk_mean
 
-__all__ = ["GRANULARITIES", "ALeRA", "agnostic_update", "alera", "grad_norms"]
+__all__ = [
+    "GRANULARITIES",
+    "ALeRA",
+    "agnostic_update",
+    "alera",
+    "apply_log_change_",
+    "grad_norms",
+    "unit_norms",
+]
 
 try:  # FSDP2 parameters are DTensors (torch >= 2.4)
     from torch.distributed.tensor import DTensor
@@ -94,14 +103,64 @@ def grad_norms(
     grads: list[torch.Tensor], dtypes: list[torch.dtype], *, foreach: bool
 ) -> list[torch.Tensor]:
     """Per-tensor L2 norms, accumulated in the statistics' dtype (0-d tensors)."""
-    if foreach and len(set(dtypes)) == 1:
-        return list(torch._foreach_norm(grads, 2, dtypes[0]))
-    return [torch.linalg.vector_norm(g, dtype=dt) for g, dt in zip(grads, dtypes, strict=True)]
+    # dtype=None where it is the tensor's own: the same result, without the slower casting path.
+    casts = [None if g.dtype == dt else dt for g, dt in zip(grads, dtypes, strict=True)]
+    if foreach and len(set(casts)) == 1:
+        return list(torch._foreach_norm(grads, 2, dtype=casts[0]))
+    return [torch.linalg.vector_norm(g, dtype=dt) for g, dt in zip(grads, casts, strict=True)]
+
+
+def unit_norms(
+    norms: list[torch.Tensor], units: list[list[int]], dtypes: list[torch.dtype]
+) -> list[torch.Tensor]:
+    """``||g_u|| = sqrt(sum_{i in u} ||g_i||^2)`` per unit, in the unit's statistics dtype.
+
+    Note [finite from norms]: ``||g_u||`` is finite iff every element of the unit's gradient
+    is (a NaN or inf anywhere makes the sum of squares NaN or inf), so the skip flag of a step
+    costs no pass over the gradients: it is ``all(isfinite(||g_u||))`` over the units.
+    """
+    return [
+        torch.stack([norms[i].to(dtypes[u[0]]) for i in u]).square().sum().sqrt() for u in units
+    ]
+
+
+def _mask_nonfinite(d: torch.Tensor, *, owned: bool) -> torch.Tensor:
+    """``d`` with its NaN/inf elements replaced by 0: in place when ``owned`` (a temporary of
+    ours), else into a new tensor (``p.grad`` is never written).
+
+    Note [why a masking pass]: a skipped step multiplies the gradient by a 0-d scale that is 0,
+    but ``0 * nan`` and ``0 * inf`` are NaN in IEEE arithmetic, so a non-finite gradient fed to
+    ``r.addcmul_(g, 0)`` or ``p.addcmul_(g, 0)`` would still poison ``r`` and ``theta``. Eager
+    torch has no multiply-add that drops a NaN operand under a 0 weight, so the gradient goes
+    through one select first: ``nan_to_num`` (identity on finite values, so steps with a finite
+    gradient are bitwise those of the unmasked math) rather than ``torch.where`` with a 0-d
+    condition, which on CPU is several times slower than a plain elementwise pass.
+    """
+    if owned:
+        return d.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    return torch.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def apply_log_change_(
+    multiplier: torch.Tensor, log_change: torch.Tensor, ok: torch.Tensor
+) -> torch.Tensor:
+    """``multiplier *= exp(log_change)`` in place where ``ok``; unchanged (bitwise) where not.
+
+    The in-place twin of :func:`steadystep.agnostic.apply_log_change` (same clamps, same op
+    order, so the same bits): the exponent is clamped to ``[-log(max), log(max)]`` (to
+    ``[0, 0]`` when ``ok`` is False: ``m * exp(0) = m`` exactly, with no ``torch.where`` pass)
+    and the product to ``[tiny, max]``. ``log_change`` (a temporary) is overwritten.
+    """
+    info = torch.finfo(multiplier.dtype)
+    bound = torch.full((), math.log(info.max) - 1.0, dtype=log_change.dtype, device=ok.device)
+    hi = torch.where(ok, bound, 0.0)
+    factor = log_change.clamp_(-hi, hi).exp_()
+    return multiplier.mul_(factor).clamp_(info.tiny, info.max)
 
 
 def agnostic_update(
     grads: list[torch.Tensor],
-    norms: list[torch.Tensor],
+    unit_norm: list[torch.Tensor],
     relaxed_paths: list[torch.Tensor],
     units: list[list[int]],
     unit_steps: list[torch.Tensor],
@@ -117,18 +176,20 @@ def agnostic_update(
 ) -> list[torch.Tensor]:
     """Advance the relaxed paths in place and return the multipliers' log changes (sync-free).
 
-    For each unit ``u`` with gradient ``g_u`` (finite-masked: 0 where ``ok`` is False) and
-    per-tensor norms ``norms``:
+    For each unit ``u`` with gradient ``g_u`` (finite: see :func:`_mask_nonfinite`) and norm
+    ``unit_norm[u] = ||g_u||`` (:func:`unit_norms`):
 
         r_i <- (1 - alpha) r_i + alpha g_i / ||g_u||   if ||g_u|| > norm_eps, else (1 - alpha) r_i
         log_change_u = C (||r_u||^2 - E_t) / (alpha / sqrt(d_u)),   t = unit_steps[u]
 
     and, with ``param_wise``, per element ``log_change_i = C (D r_i^2 - E_t) / alpha`` (one
-    tensor shaped like each parameter). Where ``ok`` is False every relaxed path stays as it was.
+    tensor shaped like each parameter). Where ``ok`` is False every relaxed path stays as it was
+    (decay 1, step 0). The log changes are to be applied with :func:`apply_log_change_`, which
+    also masks them with ``ok``.
 
-    For FSDP2 shards, ``grads``/``relaxed_paths`` are this rank's shards, ``norms`` already the
-    whole tensors' norms, ``numels`` the whole tensors' sizes and ``sharded`` marks the tensors
-    whose ``||r||^2`` is summed over ranks (one all-reduce).
+    For FSDP2 shards, ``grads``/``relaxed_paths`` are this rank's shards, ``unit_norm`` already
+    the whole units' norms, ``numels`` the whole tensors' sizes and ``sharded`` marks the
+    tensors whose ``||r||^2`` is summed over ranks (one all-reduce).
     """
     if numels is None:
         numels = [g.numel() for g in grads]
@@ -138,12 +199,10 @@ def agnostic_update(
     decay = torch.where(ok, torch.full((), 1.0 - alpha, dtype=r0.dtype, device=r0.device), 1.0)
     scales: list[torch.Tensor] = [decay] * len(grads)
     unit_numels = []
-    for unit in units:
-        dtype = relaxed_paths[unit[0]].dtype
-        unit_norm = torch.stack([norms[i].to(dtype) for i in unit]).square().sum().sqrt()
+    for unit, norm in zip(units, unit_norm, strict=True):
         # alpha / ||g|| only where the gradient has a direction; never a division by ~0.
-        has_direction = (unit_norm > norm_eps) & ok
-        scale = torch.where(has_direction, alpha / torch.where(has_direction, unit_norm, 1.0), 0.0)
+        has_direction = (norm > norm_eps) & ok
+        scale = torch.where(has_direction, alpha / torch.where(has_direction, norm, 1.0), 0.0)
         for i in unit:
             scales[i] = scale
         unit_numels.append(sum(numels[i] for i in unit))
@@ -156,11 +215,12 @@ def agnostic_update(
             r.mul_(decay).addcmul_(g, s)
 
     if param_wise:
-        total = float(sum(unit_numels))
-        return [
-            log_lr_change(total * r.square(), unit_steps[0], alpha=alpha, C=C, numel=1.0)
-            for r in relaxed_paths
-        ]
+        # C (D r^2 - E_t) / alpha as one multiply-add per element (r is read once, no r^2
+        # temporary): (C D / alpha) * r * r + (-C E_t / alpha).
+        mean = random_walk_mean(alpha, unit_steps[0].to(r0.dtype))
+        offset = mean * (-C / alpha)
+        gain = C * float(sum(unit_numels)) / alpha
+        return [torch.addcmul(offset, r, r, value=gain) for r in relaxed_paths]
     r_sq = grad_norms(relaxed_paths, [r.dtype for r in relaxed_paths], foreach=foreach)
     r_sq = reduce_square_norms(r_sq, sharded)
     log_changes = []
@@ -173,7 +233,7 @@ def agnostic_update(
 def alera(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
-    norms: list[torch.Tensor],
+    unit_norm: list[torch.Tensor],
     relaxed_paths: list[torch.Tensor],
     multipliers: list[torch.Tensor],
     units: list[list[int]],
@@ -193,12 +253,17 @@ def alera(
 
     ``multipliers[u]`` is unit ``u``'s adapted multiplier (with ``param_wise``: one per-element
     tensor per parameter); ``lrs[i]`` is parameter ``i``'s learning rate without it. ``grads``
-    must be finite-masked and include weight decay; ``norms`` are their per-tensor norms.
-    Everything stays unchanged where ``ok`` (0-d bool) is False.
+    (the ``d_i``) must be finite (non-finite elements masked) and include weight decay;
+    ``unit_norm`` are the units' norms. Where ``ok`` (0-d bool) is False nothing changes: the
+    decay, the step of ``r``, the exponent and the update's coefficient are all 0-d values
+    that turn the same passes into no-ops, so no pass is spent on masking.
+
+    With ``foreach`` the per-parameter update is one ``torch._foreach_addcmul_`` with 0-d
+    tensor coefficients; without, the readable loop below (same ops, same bits on CPU).
     """
     log_changes = agnostic_update(
         grads,
-        norms,
+        unit_norm,
         relaxed_paths,
         units,
         unit_steps,
@@ -212,19 +277,24 @@ def alera(
         sharded=sharded,
     )
     for m, change in zip(multipliers, log_changes, strict=True):
-        m.copy_(torch.where(ok, apply_log_change(m, change), m))
+        apply_log_change_(m, change, ok)
+    # theta <- theta + coef * d with coef = -lr * m, and coef = 0 on a skipped step.
     if param_wise:
-        neg_coefs = [m * -lr for m, lr in zip(multipliers, lrs, strict=True)]
+        coefs = [m * torch.where(ok, -lr, 0.0) for m, lr in zip(multipliers, lrs, strict=True)]
     else:
-        neg_coefs = [multipliers[0]] * len(params)
+        coefs = [multipliers[0]] * len(params)
         for unit, m in zip(units, multipliers, strict=True):
+            neg_lrs: dict[int, torch.Tensor] = {}
             for i in unit:
-                neg_coefs[i] = m * -lrs[i]
+                key = id(lrs[i])  # one 0-d coefficient per distinct lr, not per tensor
+                if key not in neg_lrs:
+                    neg_lrs[key] = torch.where(ok, m * -lrs[i], 0.0)
+                coefs[i] = neg_lrs[key]
     if foreach:
-        torch._foreach_addcmul_(params, grads, neg_coefs)
+        torch._foreach_addcmul_(params, grads, coefs)
     else:
-        for p, g, coef in zip(params, grads, neg_coefs, strict=True):
-            p.addcmul_(g, coef)
+        for p, d, coef in zip(params, grads, coefs, strict=True):
+            p.addcmul_(d, coef)
 
 
 def _full_max(t: torch.Tensor) -> torch.Tensor:
@@ -515,18 +585,10 @@ class ALeRA(Optimizer):
             g if wd == 0.0 else g.add(p, alpha=wd)
             for g, p, wd in zip(lists["grads"], params, lists["decay"], strict=True)
         ]
-        norms = grad_norms(grads, [r.dtype for r in lists["relaxed"]], foreach=foreach)
+        dtypes = [r.dtype for r in lists["relaxed"]]
+        norms = grad_norms(grads, dtypes, foreach=foreach)
         # Whole-tensor norms on every rank, so every rank decides alike (skip included).
         norms = reduce_square_norms(norms, lists["sharded"])
-        finite = torch.stack([torch.isfinite(n) for n in norms]).all()
-        ok = finite
-        nonfinite_skip = ~finite
-        if skip is not None:
-            skip = skip.to(ok.device)
-            ok = ok & ~skip
-            nonfinite_skip = nonfinite_skip & ~skip
-        # A non-finite gradient must not reach any state: 0 * nan is nan, so mask it to zero.
-        grads = [torch.where(ok, g, torch.zeros((), dtype=g.dtype, device=g.device)) for g in grads]
 
         groups = self.param_groups
         gran = self.granularity
@@ -540,6 +602,19 @@ class ALeRA(Optimizer):
         else:
             units = [[i] for i in range(len(params))]
             owners = lists["group"]
+        norm_u = unit_norms(norms, units, dtypes)
+        # Note [finite from norms]: no pass over the gradients to find a NaN or inf.
+        finite = torch.stack([torch.isfinite(n) for n in norm_u]).all()
+        ok = finite
+        nonfinite_skip = ~finite
+        if skip is not None:
+            skip = skip.to(ok.device)
+            ok = ok & ~skip
+            nonfinite_skip = nonfinite_skip & ~skip
+        # Note [why a masking pass]: 0 * nan is nan. In place where ``grads`` is our temporary.
+        grads = [
+            _mask_nonfinite(d, owned=d is not g) for d, g in zip(grads, lists["grads"], strict=True)
+        ]
         for gi in range(len(groups)) if gran == "global" else active:
             groups[gi]["step"].add_(ok.to(torch.float32))
         for group in groups:  # optimizer-wide, kept alike in every group
@@ -551,12 +626,15 @@ class ALeRA(Optimizer):
             lrs: list[float | torch.Tensor] = [groups[gi]["lr"] for gi in lists["group"]]
         else:
             # Per-tensor/element rates, times the group factor (1 unless a guard cut it).
+            group_lrs = {
+                gi: groups[gi]["lr_multiplier"] * groups[gi]["lr"] for gi in set(lists["group"])
+            }
             multipliers = lists["param_m"]
-            lrs = [groups[gi]["lr_multiplier"] * groups[gi]["lr"] for gi in lists["group"]]
+            lrs = [group_lrs[gi] for gi in lists["group"]]
         return dict(
             params=params,
             grads=grads,
-            norms=norms,
+            unit_norm=norm_u,
             relaxed_paths=lists["relaxed"],
             multipliers=multipliers,
             units=units,
