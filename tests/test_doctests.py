@@ -11,9 +11,7 @@ import torch
 
 import steadystep
 
-MODULES = sorted(
-    m.name for m in pkgutil.walk_packages(steadystep.__path__, prefix="steadystep.")
-)
+MODULES = sorted(m.name for m in pkgutil.walk_packages(steadystep.__path__, prefix="steadystep."))
 
 
 @pytest.mark.parametrize("name", MODULES)
