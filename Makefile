@@ -32,8 +32,8 @@ bench: install-dev
 	cat benchmarks/results/SUMMARY.md
 
 lint: install-dev
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff format --check src tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) runs build dist src/*.egg-info .pytest_cache .ruff_cache
