@@ -82,6 +82,8 @@ __all__ = [
     "cprop_scales",
     "cprop_sgd",
     "cprop_update_",
+    "erf_float32",
+    "grads_finite",
 ]
 
 CDFS = ("normal", "bft", "bfo", "logistic")
