@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = [(name, t, t / base) for name, t in times.items()]
     print_table(f"CProp step on {label}: {n_params / 1e6:.1f}M params, {device}", rows)
     payload = {
-        "benchmark": "cprop",
+        "benchmark": args.name,
         "machine": machine_info(device),
         "params": label,
         "n_params": n_params,
