@@ -108,6 +108,9 @@ def test_reproduce_salera(tmp_path):
         "SPALeRA",
     }
     assert summary["failures"]["ALeRA"]["runs"] == summary["failures"]["SALeRA"]["runs"] >= 1
+    assert set(summary["failures"]["grid"]) == {"alpha", "C", "lr"}
+    report = (out / "report.md").read_text()
+    assert "Verdict rule:" in report and "SALeRA failed" in report
     assert (out / "figures" / "salera_fig1.png").is_file()
 
 
