@@ -283,11 +283,25 @@ def test_lower_clipping_is_opt_in_and_scales_up():
 
 
 def test_non_positive_shifted_losses_never_scaled():
-    alrc = ss.ALRC(mu1_init=-5.0, mu2_init=26.0, shift=0.0)  # threshold = -5 + 3 = -2
+    alrc = ss.ALRC(mu1_init=-5.0, mu2_init=26.0)  # sigma = 1, threshold = -5 + 3 = -2
     x = torch.tensor([-1.0, 0.0, 3.0], requires_grad=True)
     out = alrc(x)
-    assert torch.equal(out[:2].detach(), x[:2].detach())  # <= 0: untouched although > threshold
-    assert out[2].item() == pytest.approx(-5.0 + 3.0 * math.sqrt(1.0 + 1e-8), abs=1e-5)
+    # -1 and 0 are above the threshold but <= 0: never scaled; 3 > 0 is above it too, but a
+    # bound <= 0 would scale its gradient by -2/3 and reverse it: not scaled either.
+    assert torch.equal(out.detach(), x.detach())
+    (g,) = torch.autograd.grad(out.sum(), x)
+    assert torch.equal(g, torch.ones(3))
+
+
+def test_negative_threshold_never_reverses_a_gradient():
+    """Moments learnt on negative shifted losses, then a positive one: gradient sign kept."""
+    alrc = ss.ALRC(beta1=0.9, beta2=0.9, shift=1.0)
+    for _ in range(30):
+        alrc(torch.full((4,), -3.0))  # shifted -2: moments negative, threshold < 0
+    assert float(alrc.stats()["threshold"]) + 1.0 < 0
+    x = torch.tensor([-0.5], requires_grad=True)  # shifted +0.5 > threshold
+    (g,) = torch.autograd.grad(alrc(x).sum(), x)
+    assert g.item() == 1.0
 
 
 def test_shift_moves_the_statistics_and_the_threshold():

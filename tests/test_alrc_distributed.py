@@ -33,29 +33,29 @@ def _alrc_worker(rank: int, world: int):
 
 
 def _single_process_expectation() -> torch.Tensor:
-    """The same moments computed in one process from the per-rank statistics, averaged."""
-    alrc = ss.ALRC(beta1=0.9, beta2=0.9).double()
+    """The moments restated in plain Python: each step, the ranks' means of the clipped losses
+    are averaged; a non-finite batch on any rank leaves the moments as they were."""
+    per_rank = [[b.tolist() for b in _rank_batches(r)] for r in range(2)]
+    mu1 = mu2 = None
     history = []
-    per_rank = [_rank_batches(r) for r in range(2)]
     for step in range(len(per_rank[0])):
-        threshold = alrc.stats()["threshold"]
-        means, squares, finite = [], [], True
-        for r in range(2):
-            batch = per_rank[r][step]
-            finite &= bool(torch.isfinite(batch).all())
-            clipped = torch.where(bool(alrc.initialized) & (batch > threshold), threshold, batch)
-            means.append(clipped.mean())
-            squares.append((clipped**2).mean())
-        from steadystep.alrc import alrc_moment_update
-
-        m = torch.stack(means).mean() if finite else torch.tensor(math.nan, dtype=torch.float64)
-        s = torch.stack(squares).mean() if finite else torch.tensor(math.nan, dtype=torch.float64)
-        mu1, mu2, init = alrc_moment_update(
-            alrc.mu1, alrc.mu2, alrc.initialized, m, s, beta1=0.9, beta2=0.9
-        )
-        alrc.mu1, alrc.mu2, alrc.initialized = mu1, mu2, init
-        history.append(torch.stack([mu1, mu2]))
-    return torch.stack(history)
+        batches = [per_rank[r][step] for r in range(2)]
+        if not all(math.isfinite(v) for b in batches for v in b):
+            history.append((mu1, mu2))
+            continue
+        threshold = None if mu1 is None else mu1 + 3.0 * math.sqrt(max(mu2 - mu1**2, 0.0) + 1e-8)
+        means, squares = [], []
+        for b in batches:
+            x = [v if threshold is None or v <= threshold else threshold for v in b]
+            means.append(sum(x) / len(x))
+            squares.append(sum(v * v for v in x) / len(x))
+        m, s = sum(means) / 2, sum(squares) / 2
+        if mu1 is None:
+            mu1, mu2 = m, s + m * m
+        else:
+            mu1, mu2 = 0.9 * mu1 + 0.1 * m, 0.9 * mu2 + 0.1 * s
+        history.append((mu1, mu2))
+    return torch.tensor(history, dtype=torch.float64)
 
 
 def test_moments_identical_on_ranks_and_equal_to_the_rank_average():

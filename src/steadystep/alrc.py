@@ -92,8 +92,8 @@ def alrc_clip(
     """Clip loss elements to ``[lower, threshold]`` by a stop-gradient scale.
 
     The bounds are in units of the shifted loss ``z = loss + shift``; elements with ``z <= 0`` are
-    never scaled (the scale ``bound / z`` would flip or blow up their gradient), and neither is
-    anything while ``active`` is False.
+    never scaled, nor is anything by a bound ``<= 0`` (the scale ``bound / z`` would flip or blow
+    up the gradient), nor non-finite elements, nor anything while ``active`` is False.
 
     Returns:
         ``(out, scaled, bound)``: ``out`` has the shape and dtype of ``loss``; ``scaled`` is the
@@ -111,7 +111,8 @@ def alrc_clip(
     thr = threshold.to(loss.dtype)
     # Non-finite elements pass through unscaled: inf * sg(thr / inf) would make a NaN gradient.
     eligible = (zd > 0) & torch.isfinite(zd) & active
-    upper = eligible & (zd > thr)
+    # A bound <= 0 would make the scale bound / z <= 0 and reverse the element's gradient.
+    upper = eligible & (zd > thr) & (thr > 0)
     bound = torch.where(upper, thr, zd)
     scaled = upper
     if lower is not None:
