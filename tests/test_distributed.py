@@ -259,6 +259,56 @@ def _fsdp_reference_run(rank, granularity):
     }
 
 
+NAN_STEP = 4
+FSDP_CPROP_CASES = {
+    # a stateless base: a wrapped optimizer's own state would take the NaN in (documented)
+    "wrapper_sgd": lambda ps: ss.CProp(torch.optim.SGD(ps, lr=0.05), beta=0.9),
+    "cpropadamw": lambda ps: ss.CPropAdamW(ps, lr=1e-2, cprop_beta=0.999),
+    "cpropsgd": lambda ps: ss.CPropSGD(ps, lr=0.05, momentum=0.9, cprop_beta=0.9),
+}
+
+
+def _fsdp_cprop_run(rank, make_opt):
+    """CProp on FSDP2 shards against CProp on a whole replica fed the rank-averaged gradient,
+    with a NaN put into one element of rank 1's gradient shard only at step NAN_STEP (the
+    replica gets it at the same element): every rank must skip that step alike."""
+    model = _fsdp_model()
+    opt = make_opt(model.parameters())
+    replica = _mlp()
+    ref = make_opt(replica.parameters())
+    g = torch.Generator().manual_seed(600 + rank)
+    weight, rows = model[0].weight, model[0].weight.shape[0]
+    for step in range(NAN_STEP + 2):
+        x, y = _batch(g, rank)
+        for net, o in ((model, opt), (replica, ref)):
+            o.zero_grad()
+            (net(x) - y).pow(2).mean().backward()
+        for p in replica.parameters():
+            dist.all_reduce(p.grad)
+            p.grad.div_(dist.get_world_size())
+        if step == NAN_STEP:
+            before = [_full(p).detach().clone() for p in model.parameters()]
+            with torch.no_grad():
+                if rank == 1:  # the first row of rank 1's shard (dim-0 sharding)
+                    weight.grad.to_local()[0, 0] = float("nan")
+                replica[0].weight.grad[rows // 2, 0] = float("nan")
+        opt.step()
+        ref.step()
+        if step == NAN_STEP:
+            after = [_full(p).detach().clone() for p in model.parameters()]
+            skipped = all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+            cprop_state = getattr(opt, "cprop_state", opt.state)
+            steps = [float(cprop_state[p]["step"]) for p in model.parameters()]
+    return {
+        "skipped": skipped,
+        "steps": steps,
+        "moved": not torch.equal(after[0], _full(model[0].weight)),
+        "params": [_full(p).detach().clone() for p in model.parameters()],
+        "ref_params": [p.detach().clone() for p in replica.parameters()],
+        "stats": {k: float(v) for k, v in opt.stats().items()},
+    }
+
+
 def _fsdp_worker(rank, world):
     out = {}
     runs = {name: (lambda m=m, n=n: _fsdp_run(rank, m, n)) for name, (m, n) in FSDP_CASES.items()}
@@ -266,6 +316,8 @@ def _fsdp_worker(rank, world):
         runs[f"rollback_{name}"] = lambda m=make_opt: _fsdp_guard_run(rank, m)
     for gran in ("global", "group", "tensor", "param"):
         runs[f"reference_{gran}"] = lambda gran=gran: _fsdp_reference_run(rank, gran)
+    for name, make_opt in FSDP_CPROP_CASES.items():
+        runs[f"cprop_{name}"] = lambda m=make_opt: _fsdp_cprop_run(rank, m)
     for name, run in runs.items():
         try:
             out[name] = run()
@@ -298,14 +350,24 @@ def test_fsdp2_alrc_with_adamw_on_gloo_cpu(fsdp_results):
     _check_fsdp(fsdp_results, "adamw")
 
 
-# Known limitation (torch 2.13, gloo CPU): FSDP2 parameters are DTensors. CProp's step counter is
-# a plain 0-d tensor updated in place with a flag computed from DTensor gradients
-# (`state_steps[i].add_(keep32)` raises in DTensor dispatch). These xfails flip to passes
-# (strict) once CProp handles DTensor parameters.
-@pytest.mark.xfail(strict=True, reason="CProp does not handle FSDP2 DTensor params yet")
 @pytest.mark.parametrize("name", ["cprop", "cpropadamw"])
 def test_fsdp2_steadystep_optimizers(fsdp_results, name):
     _check_fsdp(fsdp_results, name)
+
+
+@pytest.mark.parametrize("name", list(FSDP_CPROP_CASES))
+def test_fsdp2_cprop_on_shards_matches_a_replica_and_skips_nan_on_every_rank(fsdp_results, name):
+    runs = [fsdp_results[rank][f"cprop_{name}"] for rank in (0, 1)]
+    assert not isinstance(runs[0], str), runs[0]
+    for run in runs:
+        # the NaN sat in rank 1's shard only: every rank skipped, shards did not move
+        assert run["skipped"], "a rank updated its shards on the NaN step"
+        assert run["steps"] == [float(NAN_STEP)] * len(run["steps"])  # counters: one step fewer
+        # reduce-scatter averages in another order than the replica's all-reduce: tolerance
+        for a, b in zip(run["params"], run["ref_params"], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert runs[0]["stats"] == runs[1]["stats"]  # stats() sums the shards over ranks
+    assert runs[0]["moved"]
 
 
 @pytest.mark.parametrize("name", ["salera", "spalera", "agadam", "guard_adamw"])

@@ -48,6 +48,15 @@ Note [Skipping a non-finite step without a host sync]
     ``m + 0 * (0 - m)`` return their input exactly, so every statistic stays as it was and the
     next clean step equals a run without the bad batch. Bias corrections use ``max(t, 1)`` so a
     skipped first step never divides 0 by 0.
+
+Note [FSDP2]
+    Under ``torch.distributed.fsdp.fully_shard`` parameters, gradients and the statistics created
+    ``zeros_like`` them are DTensors. CProp is elementwise, so the classes hand the functional
+    cores this rank's shards (``local_tensor``: aliases, in-place ops write the DTensors); step
+    counts stay plain 0-d tensors. Only two things need the other ranks: ``found_finite`` (a NaN
+    in one rank's shard must make every rank skip, or the shards of one parameter would drift
+    apart: one all-reduce of a 0-d flag per step, see :func:`grads_finite`) and ``stats()``
+    (the shards' sums, one all-reduce per call).
 """
 
 from __future__ import annotations
@@ -62,6 +71,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from steadystep._distributed import all_reduce_sum
 from steadystep._validation import (
     check_choice,
     check_finite,
@@ -70,6 +80,7 @@ from steadystep._validation import (
     check_positive,
     check_unit_interval,
 )
+from steadystep.optim.alera import local_tensor
 
 __all__ = [
     "CDFS",
@@ -132,14 +143,21 @@ def grads_finite(grads: list[Tensor]) -> Tensor:
     The sum of a tensor is finite exactly when all its elements are (``inf - inf`` is NaN), up
     to an overflow of the sum itself, which would need gradients near ``1e38 / numel``.
     Low-precision gradients are summed in fp32 so that a large fp16 sum does not overflow.
+
+    DTensor gradients (FSDP2) are read on this rank's shards and the flag is combined over
+    ranks in one all-reduce of a 0-d tensor, so every rank decides alike (Note [FSDP2]).
     """
     if not grads:
         return torch.ones((), dtype=torch.bool)
+    shards = [local_tensor(g) for g in grads]
     sums = [
         g.sum(dtype=torch.float32) if g.dtype in _LOW_PRECISION else g.sum().to(torch.float64)
-        for g in grads
+        for g in shards
     ]
-    return torch.stack(sums).sum().isfinite() if len(sums) > 1 else sums[0].isfinite()
+    ok = torch.stack(sums).sum().isfinite() if len(sums) > 1 else sums[0].isfinite()
+    if any(s is not g for s, g in zip(shards, grads, strict=True)):  # some were DTensors
+        ok = all_reduce_sum((~ok).to(torch.float32)) == 0
+    return ok
 
 
 # --------------------------------------------------------------------------------------------
@@ -1100,6 +1118,12 @@ def _flat(t: Tensor | None) -> Tensor | None:
     return t.view(-1) if t.is_contiguous() else t
 
 
+def _shards(tensors: list[Any]) -> list[Any]:
+    """This rank's shards of FSDP2 DTensors (aliases: in-place ops write the DTensor); other
+    tensors and None as they are."""
+    return [local_tensor(t) for t in tensors]
+
+
 def _fused_cprop_adam(
     params: list[Tensor],
     grads: list[Tensor],
@@ -1252,10 +1276,12 @@ class _FusedWrapperStep:
         found_finite: Tensor,
         group: dict[str, Any],
     ) -> None:
-        self.params, self.group = params, group
+        # Note [FSDP2]: CProp is elementwise, so it runs on this rank's shards
+        self.params, self.group = _shards(params), group
+        self.grads = _shards([p.grad for p in params])
         method = group["cprop_method"]
-        self.ms = [st["cprop_exp_avg"] for st in states]
-        self.vs = [st[_second_key(method)] for st in states]
+        self.ms = _shards([st["cprop_exp_avg"] for st in states])
+        self.vs = _shards([st[_second_key(method)] for st in states])
         self.ok = found_finite
         steps = [st["step"] for st in states]
         torch._foreach_add_(steps, found_finite.to(torch.float32))
@@ -1285,7 +1311,7 @@ class _FusedWrapperStep:
                 self.snapshots.append(snapshot)
                 kernel(
                     flat,
-                    _flat(p.grad),
+                    _flat(self.grads[row]),
                     snapshot,
                     _flat(self.ms[row]),
                     _flat(self.vs[row]),
@@ -1351,9 +1377,13 @@ def _init_cprop_state(state: dict[str, Any], param: Tensor, method: str, share_v
 def _group_stats(
     groups: list[dict[str, Any]], state_of: Callable[[Tensor], dict[str, Any] | None]
 ) -> dict[str, Tensor]:
-    """Mean scale and fraction of elements with ``s < 0.5``, per group and overall (0-d)."""
-    out: dict[str, Tensor] = {}
-    totals: list[tuple[Tensor, Tensor, int]] = []
+    """Mean scale and fraction of elements with ``s < 0.5``, per group and overall (0-d).
+
+    Under FSDP2 each rank sums over its shards and the sums are added over ranks in one
+    all-reduce (Note [FSDP2]), so every rank reports the whole tensors' figures.
+    """
+    rows: list[tuple[int, Tensor, int]] = []  # (group index, [sum of s, count below 1/2], n)
+    sharded = False
     for gi, group in enumerate(groups):
         sums, belows, count = [], [], 0
         for p in group["params"]:
@@ -1362,11 +1392,13 @@ def _group_stats(
                 continue
             m = st["cprop_exp_avg"]
             second = st.get(_second_key(group["cprop_method"]), st.get("exp_avg_sq"))
+            local_m = local_tensor(m)
+            sharded = sharded or local_m is not m
             s = _scale_one(
-                m,
-                second,
+                local_m,
+                local_tensor(second),
                 st["step"],
-                torch.ones((), dtype=m.dtype, device=m.device),
+                torch.ones((), dtype=m.dtype, device=local_m.device),
                 beta=group["cprop_beta"],
                 c=group["cprop_c"],
                 eps=group["cprop_eps"],
@@ -1375,17 +1407,23 @@ def _group_stats(
             )
             sums.append(s.sum(dtype=torch.float32))
             belows.append((s < 0.5).sum(dtype=torch.float32))
-            count += s.numel()
-        if count == 0:
-            continue
-        total, below = torch.stack(sums).sum(), torch.stack(belows).sum()
+            count += m.numel()  # a DTensor's numel is the whole tensor's
+        if count:
+            rows.append(
+                (gi, torch.stack([torch.stack(sums).sum(), torch.stack(belows).sum()]), count)
+            )
+    if not rows:
+        return {}
+    totals = torch.stack([row for _, row, _ in rows])
+    if sharded:
+        totals = all_reduce_sum(totals)
+    out: dict[str, Tensor] = {}
+    for (gi, _, count), (total, below) in zip(rows, totals, strict=True):
         out[f"group{gi}.mean_scale"] = total / count
         out[f"group{gi}.frac_scale_below_half"] = below / count
-        totals.append((total, below, count))
-    if totals:
-        n = sum(c for _, _, c in totals)
-        out["mean_scale"] = torch.stack([t for t, _, _ in totals]).sum() / n
-        out["frac_scale_below_half"] = torch.stack([b for _, b, _ in totals]).sum() / n
+    n = sum(count for _, _, count in rows)
+    out["mean_scale"] = totals[:, 0].sum() / n
+    out["frac_scale_below_half"] = totals[:, 1].sum() / n
     return out
 
 
@@ -1585,12 +1623,15 @@ class CPropSGD(_NativeCPropBase):
                 continue
             states = [self.state[p] for p in params]
             foreach = group["foreach"]
+            # Note [FSDP2]: CProp is elementwise, so it runs on this rank's shards
             cprop_sgd(
-                params,
-                [p.grad for p in params],
-                [st.get("momentum_buffer") if group["momentum"] != 0 else None for st in states],
-                [st["cprop_exp_avg"] for st in states],
-                [st[_second_key(group["cprop_method"])] for st in states],
+                _shards(params),
+                _shards([p.grad for p in params]),
+                _shards(
+                    [st.get("momentum_buffer") if group["momentum"] != 0 else None for st in states]
+                ),
+                _shards([st["cprop_exp_avg"] for st in states]),
+                _shards([st[_second_key(group["cprop_method"])] for st in states]),
                 [st["step"] for st in states],
                 found_finite=found_finite,
                 lr=group["lr"],
@@ -1742,14 +1783,15 @@ class CPropAdam(_NativeCPropBase):
         states = [self.state[p] for p in params]
         foreach, fused = group["foreach"], group["fused"]
         beta1, beta2 = group["betas"]
+        # Note [FSDP2]: CProp is elementwise, so it runs on this rank's shards
         cprop_adam(
-            params,
-            [p.grad for p in params],
-            [st["exp_avg"] for st in states],
-            [st["exp_avg_sq"] for st in states],
-            [st["max_exp_avg_sq"] for st in states] if group["amsgrad"] else [],
-            [st["cprop_exp_avg"] for st in states],
-            None if key is None else [st[key] for st in states],
+            _shards(params),
+            _shards([p.grad for p in params]),
+            _shards([st["exp_avg"] for st in states]),
+            _shards([st["exp_avg_sq"] for st in states]),
+            _shards([st["max_exp_avg_sq"] for st in states]) if group["amsgrad"] else [],
+            _shards([st["cprop_exp_avg"] for st in states]),
+            None if key is None else _shards([st[key] for st in states]),
             [st["step"] for st in states],
             found_finite=found_finite,
             amsgrad=group["amsgrad"],
@@ -2052,9 +2094,9 @@ class CProp(Optimizer):
                 continue
             states = [self.cprop_state[p] for p in params]
             cprop_update_(
-                [p.grad for p in params],
-                [st["cprop_exp_avg"] for st in states],
-                [st[_second_key(group["cprop_method"])] for st in states],
+                _shards([p.grad for p in params]),
+                _shards([st["cprop_exp_avg"] for st in states]),
+                _shards([st[_second_key(group["cprop_method"])] for st in states]),
                 [st["step"] for st in states],
                 found_finite=found_finite,
                 beta=group["cprop_beta"],
@@ -2063,7 +2105,7 @@ class CProp(Optimizer):
             )
         # statistics are read before the base steps, so a base that writes into p.grad (torch's
         # never do) cannot change them
-        snapshots = [[p.detach().clone() for p in params] for _, params in work]
+        snapshots = [[p.clone() for p in _shards(params)] for _, params in work]
 
         base_out = self.optimizer.step(base_closure) if base_closure else self.optimizer.step()
         if out is None:
@@ -2074,8 +2116,8 @@ class CProp(Optimizer):
                 continue
             states = [self.cprop_state[p] for p in params]
             scales = cprop_scales(
-                [st["cprop_exp_avg"] for st in states],
-                [st[_second_key(group["cprop_method"])] for st in states],
+                _shards([st["cprop_exp_avg"] for st in states]),
+                _shards([st[_second_key(group["cprop_method"])] for st in states]),
                 [st["step"] for st in states],
                 found_finite=found_finite,
                 beta=group["cprop_beta"],
@@ -2085,7 +2127,7 @@ class CProp(Optimizer):
                 method=group["cprop_method"],
                 foreach=_default_foreach(params),
             )
-            for p, old, s in zip(params, olds, scales, strict=True):
+            for p, old, s in zip(_shards(params), olds, scales, strict=True):
                 _apply_scale_(p, old, s, found_finite)
         return out
 
