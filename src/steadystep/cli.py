@@ -52,7 +52,7 @@ def _add_run_options(p: argparse.ArgumentParser, default_scale: str) -> None:
         choices=("tiny", "demo", "quick", "paper"),
         default=default_scale,
         metavar="{demo,quick,paper}",
-        help=f"how much to run (default: {default_scale}). 'demo': about a minute per "
+        help=f"how much to run (default: {default_scale}). 'demo': one to three minutes per "
         "experiment on a 2-core CPU; 'quick': a larger grid, minutes to tens of minutes on a "
         "CPU; 'paper': the paper's grid, iterations and model sizes (hours to days: use a GPU "
         "and --data-dir with the paper's dataset).",
