@@ -173,3 +173,18 @@ def test_last_loss_is_the_tested_loss_and_round_trips():
     assert other.last_loss.item() == math.inf
     legacy = {k: v for k, v in det.state_dict().items() if k != "last_loss"}
     ss.PageHinkley().load_state_dict(legacy)  # checkpoints written before last_loss existed
+
+
+def test_skip_leaves_a_finite_observation_unseen_but_alarms_on_a_nonfinite_loss():
+    ph = ss.PageHinkley(ph_lambda=0.1, rho=0.5)
+    for x in (1.0, 1.2, 0.9):
+        ph.update(torch.tensor(x))
+    before = ph.state_dict()
+    alarm = ph.update(torch.tensor(100.0), skip=torch.tensor(True))
+    assert not bool(alarm)
+    after = ph.state_dict()
+    for key, value in before.items():
+        assert torch.equal(torch.as_tensor(value), torch.as_tensor(after[key])), key
+    assert bool(ph.update(torch.tensor(float("nan")), skip=torch.tensor(True)))
+    assert not bool(ph.update(torch.tensor(1.0), skip=torch.tensor(False)))
+    assert int(ph.observations) == 5

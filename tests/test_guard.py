@@ -454,3 +454,50 @@ def test_masked_rollback_restores_params_that_became_nonfinite(kind):
     opt.step(loss=torch.tensor(math.nan))
     assert int(opt.stats()["rollbacks"]) == 1
     assert equal(params_of(model), snapshot)
+
+
+def guarded_adam(model: torch.nn.Module, via_cprop: bool) -> ss.CatastropheGuard:
+    base = torch.optim.Adam(model.parameters(), lr=0.01)
+    inner = ss.CProp(base) if via_cprop else base
+    return ss.CatastropheGuard(inner, ss.PageHinkley(ph_lambda=0.1, rho=0.5))
+
+
+@pytest.mark.parametrize("via_cprop", [False, True], ids=["adam", "cprop_adam"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nonfinite_gradient_with_finite_loss_skips_third_party_step(via_cprop, bad):
+    # Reference: the same batches without the bad one.
+    ref_model = make_model()
+    ref = guarded_adam(ref_model, via_cprop)
+    run_script(ref, ref_model, 0, 3)
+    run_script(ref, ref_model, 3, 6)
+
+    model = make_model()
+    opt = guarded_adam(model, via_cprop)
+    run_script(opt, model, 0, 3)
+    backward(model, 3)
+    next(model.parameters()).grad[0, 0] = bad
+    opt.step(loss=torch.tensor(1.0))  # finite loss: not an alarm, no cut, no rollback
+    stats = opt.stats()
+    assert int(stats["nonfinite_grads"]) == 1 and int(stats["alarms"]) == 0
+    assert float(stats["lr_scale"]) == 1.0
+    run_script(opt, model, 3, 6)
+    assert equal(params_of(model), params_of(ref_model))
+    sd, ref_sd = opt.optimizer.state_dict(), ref.optimizer.state_dict()
+    for pid, state in ref_sd["state"].items():
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(sd["state"][pid][key]))
+    det, ref_det = opt.detector.state_dict(), ref.detector.state_dict()
+    for key, value in ref_det.items():
+        assert torch.equal(torch.as_tensor(value), torch.as_tensor(det[key])), key
+
+
+def test_nonfinite_loss_with_nonfinite_gradient_is_still_an_alarm():
+    model = make_model()
+    opt = guarded_adam(model, via_cprop=False)
+    run_script(opt, model, 0, 3)
+    backward(model, 3)
+    next(model.parameters()).grad[0, 0] = math.nan
+    opt.step(loss=torch.tensor(math.nan))
+    stats = opt.stats()
+    assert int(stats["alarms"]) == 1 and int(stats["nonfinite_grads"]) == 0
+    assert float(stats["lr_scale"]) == 0.5

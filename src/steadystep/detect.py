@@ -128,11 +128,16 @@ class PageHinkley:
                 value.copy_(torch.where(mask, torch.zeros_like(value), value))
 
     # -- the test ---------------------------------------------------------------------------
-    def update(self, loss: torch.Tensor | float) -> torch.Tensor:
+    def update(
+        self, loss: torch.Tensor | float, *, skip: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Observe one minibatch loss; return the alarm as a 0-d bool tensor (no host sync).
 
         On a change alarm the test resets itself; on a non-finite loss it alarms and keeps its
-        statistics as they were.
+        statistics as they were. ``skip`` (0-d bool) makes the observation of a finite loss a
+        no-op on the device where True: no alarm, every statistic and counter bitwise unchanged
+        (a guard passes it for a step it skips for a non-finite gradient); a non-finite loss
+        still alarms.
         """
         if not isinstance(loss, torch.Tensor):
             loss = torch.tensor(float(loss), dtype=self.dtype, device=self.threshold.device)
@@ -144,9 +149,16 @@ class PageHinkley:
         if loss.device != self.threshold.device:
             self._to(loss.device)
         x = all_reduce_mean(loss.detach().reshape(()).to(self.dtype))
-        self.last_loss.copy_(x)
         finite = torch.isfinite(x)
+        active = None
+        if skip is not None:
+            # A non-finite loss is an alarm even in a skipped step; a finite one is not observed.
+            active = ~(skip.to(device=x.device, dtype=torch.bool) & finite)
+        self.last_loss.copy_(x if active is None else torch.where(active, x, self.last_loss))
         x = torch.where(finite, x, torch.zeros_like(x))
+        if active is not None:
+            # A skipped observation behaves as a non-finite one (keep everything) minus the alarm.
+            finite = finite & active
 
         # Delta from the first finite loss ever seen; |.| so a negative loss gives a usable test.
         first = finite & ~self.initialized
@@ -161,6 +173,8 @@ class PageHinkley:
         cusum_min = torch.minimum(self.cusum_min, cusum)
         change = (cusum - cusum_min > threshold) & (count > 1) & finite
         alarm = change | ~finite
+        if active is not None:
+            alarm = alarm & active
 
         # finite & no change: commit; change: reset to 0; non-finite: keep everything.
         keep = ~finite
@@ -169,7 +183,7 @@ class PageHinkley:
             old.copy_(torch.where(keep, old, torch.where(change, torch.zeros_like(new), new)))
         self.threshold.copy_(threshold)
         self.initialized.logical_or_(finite)
-        self.observations.add_(1)
+        self.observations.add_(1 if active is None else active.to(self.observations.dtype))
         self.alarms.add_(alarm.to(self.alarms.dtype))
         return alarm
 

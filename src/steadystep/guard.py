@@ -12,6 +12,14 @@ default). On an alarm:
 Otherwise the parameters are saved (one copy, the rollback snapshot) and the wrapped optimizer
 steps. A NaN or inf loss is an alarm too, and leaves the detector's statistics untouched.
 
+Note [non-finite gradients]: a NaN or inf *gradient* with a finite loss is not an alarm (the loss
+did not jump; nothing to roll back, no reason to cut the rate). Around a third-party optimizer
+(torch's, CProp around one) the guard skips ``optimizer.step()`` for such a step, so the wrapped
+optimizer's own state (Adam's moments) is never poisoned: no rollback, no LR cut, the detector
+does not observe that step's loss (bitwise unchanged), and ``stats()["nonfinite_grads"]`` counts
+it. The flag is read in the same single host read as the alarm. steadystep's own optimizers skip
+such a step themselves (and count it in their ``skipped_steps``), so the guard leaves it to them.
+
 Note [host syncs]: around steadystep's own optimizers (:class:`~steadystep.ALeRA`,
 :class:`~steadystep.AgAdam`: anything with ``scale_lr_`` and a maskable ``_step(skip)``) every
 decision stays on the device: the rollback is ``torch.where(alarm, snapshot, p)``, the cut
@@ -36,6 +44,7 @@ from torch.optim import Optimizer
 from steadystep._validation import check_nonnegative, check_positive, check_probability
 from steadystep.detect import PageHinkley
 from steadystep.optim.alera import ALeRA, local_tensor
+from steadystep.optim.cprop import grads_finite
 
 __all__ = ["CatastropheGuard", "SALeRA", "SPALeRA", "TrainingDiverged"]
 
@@ -156,6 +165,7 @@ class CatastropheGuard(Optimizer):
         self.alarms = torch.zeros((), dtype=torch.int64, device=device)
         self.rollbacks = torch.zeros((), dtype=torch.int64, device=device)
         self.steps = torch.zeros((), dtype=torch.int64, device=device)
+        self.nonfinite_grads = torch.zeros((), dtype=torch.int64, device=device)
         self.lr_scale = torch.ones((), dtype=torch.float64, device=device)
         self.history_step = torch.full((_HISTORY,), -1, dtype=torch.int64, device=device)
         self.history_loss = torch.full((_HISTORY,), math.nan, dtype=torch.float32, device=device)
@@ -205,6 +215,7 @@ class CatastropheGuard(Optimizer):
             "rollbacks": self.rollbacks,
             "steps": self.steps,
             "lr_scale": self.lr_scale,
+            "nonfinite_grads": self.nonfinite_grads,
             "history_step": self.history_step,
             "history_loss": self.history_loss,
         }
@@ -228,6 +239,9 @@ class CatastropheGuard(Optimizer):
         guard = state_dict["guard"]
         self.detector.load_state_dict(guard["detector"])
         for name, value in self._counters().items():
+            if name not in guard:  # a checkpoint from before the counter existed
+                setattr(self, name, torch.zeros_like(value))
+                continue
             setattr(self, name, guard[name].to(device=value.device, dtype=value.dtype))
         params = self._params()
         self.snapshots = [
@@ -242,8 +256,9 @@ class CatastropheGuard(Optimizer):
     def stats(self) -> dict[str, torch.Tensor]:
         """Telemetry as 0-d tensors, no host sync (a Monitor writes ``<component>/<key>``):
 
-        * the guard's counters ``alarms``, ``rollbacks``, ``steps`` and ``lr_scale`` (the
-          product of the cuts so far);
+        * the guard's counters ``alarms``, ``rollbacks``, ``steps``, ``nonfinite_grads`` (steps
+          whose ``optimizer.step()`` the guard skipped for a non-finite gradient, Note
+          [non-finite gradients]) and ``lr_scale`` (the product of the cuts so far);
         * ``detector_<key>`` for each of the detector's ``stats()`` (PageHinkley: threshold,
           relaxed_loss, mean, cusum, gap, count, alarms);
         * the wrapped optimizer's ``stats()`` when it has one, under their own names (ALeRA:
@@ -302,13 +317,18 @@ class CatastropheGuard(Optimizer):
             raise _missing_loss(type(self).__name__)
         self._pending_loss = None
         observed = loss.detach() if isinstance(loss, torch.Tensor) else loss
-        alarm = self.detector.update(observed)
+        params = self._params()
+        bad_grads = None
+        if not self._device_side and not self._self_protecting():
+            # Note [non-finite gradients]: decided before the detector sees the loss, so a
+            # skipped step leaves it untouched; read on the host together with the alarm.
+            bad_grads = ~grads_finite([p.grad for p in params if p.grad is not None])
+        alarm = self._observe(observed, bad_grads)
         # History records the loss the detector tested: under torch.distributed the rank mean,
         # the same on every rank (a detector without ``last_loss`` gives the local loss).
         loss_t = getattr(self.detector, "last_loss", None)
         if loss_t is None:
             loss_t = observed if isinstance(observed, torch.Tensor) else torch.tensor(observed)
-        params = self._params()
         self._ensure_snapshots(params)
         alarm = alarm.to(self.alarms.device)
         if self._device_side:
@@ -318,7 +338,7 @@ class CatastropheGuard(Optimizer):
             if self._calls % self.check_every == 0:
                 self._check_min_lr()
         else:
-            alarmed = self._host_step(alarm, params)
+            alarmed = self._host_step(alarm, params, bad_grads)
             self._record(alarm, loss_t)
             self._calls += 1
             if alarmed:
@@ -357,9 +377,42 @@ class CatastropheGuard(Optimizer):
         self.lr_scale.mul_(factor)
         self.optimizer._step(skip=alarm)  # type: ignore[attr-defined]
 
-    def _host_step(self, alarm: torch.Tensor, params: list[torch.Tensor]) -> bool:
-        # Note [host syncs]: the one read per step a third-party optimizer costs.
-        alarmed = bool(alarm)
+    def _self_protecting(self) -> bool:
+        """Does the wrapped optimizer skip non-finite gradients itself (ALeRA, AgAdam)?"""
+        return hasattr(self.optimizer, "scale_lr_") and hasattr(self.optimizer, "_step")
+
+    def _observe(self, loss: torch.Tensor | float, bad_grads: torch.Tensor | None) -> torch.Tensor:
+        """The detector's verdict on ``loss``; a no-op observation where ``bad_grads``."""
+        if bad_grads is None:
+            return self.detector.update(loss)
+        if isinstance(self.detector, PageHinkley):
+            return self.detector.update(loss, skip=bad_grads)
+        # Another detector: restore its state if the step turns out to be skipped (host read
+        # below anyway, so this costs clones of its few scalars, not a sync).
+        saved = self.detector.state_dict()
+        alarm = self.detector.update(loss)
+        self._detector_backup = saved
+        return alarm
+
+    def _host_step(
+        self, alarm: torch.Tensor, params: list[torch.Tensor], bad_grads: torch.Tensor | None
+    ) -> bool:
+        # Note [host syncs]: the one read per step a third-party optimizer costs; the alarm
+        # and the non-finite-gradient flag come back together.
+        alarm = alarm.to(torch.bool)
+        if bad_grads is None:
+            alarmed, skipped = bool(alarm), False
+        else:
+            flags = torch.stack([alarm, bad_grads.to(alarm.device)]).tolist()
+            alarmed, skipped = bool(flags[0]), bool(flags[1]) and not flags[0]
+        backup = getattr(self, "_detector_backup", None)
+        self._detector_backup = None
+        if skipped:
+            # Note [non-finite gradients]: no update, no cut, the detector as it was.
+            if backup is not None:
+                self.detector.load_state_dict(backup)
+            self.nonfinite_grads.add_(1)
+            return False
         if alarmed:
             if self.backtrack:
                 for p, snap in zip(params, self.snapshots, strict=True):
