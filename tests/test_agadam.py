@@ -158,3 +158,22 @@ def test_stats_report_effective_lr_and_skipped_steps():
     for gi, group in enumerate(opt.param_groups):
         assert torch.equal(stats[f"group{gi}.lr"], group["lr_multiplier"] * 0.01)
         assert group["lr_multiplier"].item() != 1.0
+
+
+def test_c_zero_is_adam_with_late_and_missing_gradients():
+    # Parameter 1 gets its first gradient at step 5, parameter 2 has none on odd steps: Adam's
+    # bias correction must count each parameter's own steps, not the group's.
+    params, grads = make()
+    ref = [p.detach().clone().requires_grad_() for p in params]
+    opt = ss.AgAdam(params, lr=0.01, C=0.0)
+    ref_opt = torch.optim.Adam(ref, lr=0.01, foreach=False)
+    for step, step_grads in enumerate(grads):
+        for ps in (params, ref):
+            for i, (p, g) in enumerate(zip(ps, step_grads, strict=True)):
+                missing = (i == 1 and step < 5) or (i == 2 and step % 2 == 1)
+                p.grad = None if missing else g.clone()
+        opt.step()
+        ref_opt.step()
+    for a, b in zip(params, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert [float(opt.state[p]["step"]) for p in params] == [25.0, 20.0, 13.0]

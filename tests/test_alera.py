@@ -410,3 +410,29 @@ def test_foreach_path_is_bitwise_the_reference_loop(granularity, dtype):
     assert int(opt.stats()["skipped_steps"]) == 2
     for a, b in zip(*outs, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cls", [ss.ALeRA, ss.AgAdam])
+def test_tensor_granularity_counts_e_t_from_the_tensors_own_steps(cls):
+    # A tensor whose first gradient comes at step 6 must adapt as a fresh optimizer on it would
+    # (its r starts at 0, so its reference E_t must start at E_1, not at the group's E_7).
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(4, generator=gen, dtype=torch.float64).requires_grad_()
+    b = torch.randn(3, generator=gen, dtype=torch.float64).requires_grad_()
+    b_alone = b.detach().clone().requires_grad_()
+    grads = [
+        (torch.randn(4, generator=gen), torch.randn(3, generator=gen) + 1.0) for _ in range(12)
+    ]
+    kw = dict(lr=0.01, alpha=0.1, C=0.05, granularity="tensor")
+    opt = cls([a, b], **kw)
+    alone = cls([b_alone], **kw)
+    for step, (ga, gb) in enumerate(grads):
+        a.grad = ga.double()
+        b.grad = gb.double() if step >= 6 else None
+        opt.step()
+        if step >= 6:
+            b_alone.grad = gb.double()
+            alone.step()
+    assert torch.equal(opt.state[b]["lr_multiplier"], alone.state[b_alone]["lr_multiplier"])
+    assert torch.equal(b, b_alone)
+    assert float(opt.state[b]["step"]) == 6.0 and float(opt.param_groups[0]["step"]) == 12.0

@@ -67,8 +67,12 @@ class AgAdam(ALeRA):
             \\frac{m_1 / (1-\\beta_1^t)}{\\sqrt{m_2 / (1-\\beta_2^t)} + \\epsilon}
 
     ``m_1, m_2`` are ``state["exp_avg"], state["exp_avg_sq"]``, ``(beta1, beta2)`` is ``betas``,
-    ``epsilon`` is ``eps``, ``t`` is ``group["step"]`` (the finite steps taken) and ``m`` the
-    multiplier. A non-finite gradient leaves every state and parameter unchanged.
+    ``epsilon`` is ``eps``, ``t`` is ``state["step"]`` (the finite steps this parameter took,
+    as torch.optim.Adam counts them) and ``m`` the multiplier. Note [two step counts]: the
+    agnostic rule's reference mean ``E_t`` uses the unit's count ``group["step"]`` instead, as in
+    :class:`~steadystep.ALeRA`; a parameter whose gradient starts late (or is None on some
+    steps) thus gets Adam's bias correction for its own moments, and with ``C = 0`` Ag-Adam is
+    torch.optim.Adam exactly. A non-finite gradient leaves every state and parameter unchanged.
 
     Args:
         params: parameters or param groups (``ss.layer_groups(model)`` for the paper's layers).
@@ -149,16 +153,28 @@ class AgAdam(ALeRA):
             for unit, m in zip(work["units"], multipliers, strict=True):
                 for i in unit:
                     per_param_m[i] = m
-        exp_avgs, exp_avg_sqs = [], []
-        for p in work["state_keys"]:
-            state = self.state[p]
-            if "exp_avg" not in state:
-                state["exp_avg"] = torch.zeros_like(state["relaxed_path"])
-                state["exp_avg_sq"] = torch.zeros_like(state["relaxed_path"])
-            exp_avgs.append(local_tensor(state["exp_avg"]))
-            exp_avg_sqs.append(local_tensor(state["exp_avg_sq"]))
+        exp_avgs, exp_avg_sqs, adam_steps = [], [], []
         groups = self.param_groups
         index = work["param_group_index"]
+        increment = ok.to(torch.float32)
+        for p, gi in zip(work["state_keys"], index, strict=True):
+            state = self.state[p]
+            fresh = "exp_avg" not in state
+            if fresh:
+                state["exp_avg"] = torch.zeros_like(state["relaxed_path"])
+                state["exp_avg_sq"] = torch.zeros_like(state["relaxed_path"])
+            if "step" not in state:
+                # Note [two step counts]: Adam's bias correction counts the steps this
+                # parameter's moments have taken (as torch.optim.Adam); a checkpoint from
+                # before the per-parameter count existed used the group's.
+                state["step"] = torch.zeros((), dtype=torch.float32, device=ok.device)
+                if not fresh:
+                    state["step"].copy_(groups[gi]["step"] - increment)
+            if self.granularity != "tensor":  # for "tensor", _prepare counted it already
+                state["step"].add_(increment)
+            exp_avgs.append(local_tensor(state["exp_avg"]))
+            exp_avg_sqs.append(local_tensor(state["exp_avg_sq"]))
+            adam_steps.append(state["step"])
         beta1, beta2 = self.defaults["betas"]
         agadam(
             params,
@@ -166,7 +182,7 @@ class AgAdam(ALeRA):
             exp_avgs,
             exp_avg_sqs,
             [m * lr for m, lr in zip(per_param_m, work["lrs"], strict=True)],
-            [groups[gi]["step"] for gi in index],
+            adam_steps,
             beta1=beta1,
             beta2=beta2,
             eps=self.defaults["eps"],

@@ -343,7 +343,10 @@ class ALeRA(Optimizer):
 
     ``group["lr_multiplier"]`` (0-d, every granularity) is also where
     :class:`~steadystep.CatastropheGuard` cuts the rate; ``group["step"]`` counts the steps
-    taken and ``group["skipped_steps"]`` the steps skipped for a non-finite gradient (the same
+    taken (the ``t`` of ``E_t`` for ``"global"``, ``"group"`` and ``"param"``; for ``"tensor"``
+    ``t`` is ``state["step"]``, the steps that tensor took, so a tensor whose gradient starts
+    late starts its reference at ``E_1`` like its ``r`` starts at 0: Note [unit step]) and
+    ``group["skipped_steps"]`` the steps skipped for a non-finite gradient (the same
     in every group). :meth:`stats` reports effective learning rates and that count. A step
     whose gradient holds a NaN or inf anywhere changes nothing (decided on the device).
     Parameters whose ``grad`` is None are left out of the step, and their unit.
@@ -548,7 +551,16 @@ class ALeRA(Optimizer):
                         "use dense embeddings (sparse=False)"
                     )
                 state = self.state[p]
-                if not state:
+                if self.granularity == "tensor" and "step" not in state:
+                    # Note [unit step]: E_t counts the unit's own steps; for "tensor" the unit
+                    # is the tensor, which may get its first gradient after its group's. A
+                    # checkpoint from before this count existed used the group's steps.
+                    state["step"] = (
+                        group["step"].clone()
+                        if state
+                        else torch.zeros((), dtype=torch.float32, device=p.device)
+                    )
+                if "relaxed_path" not in state:
                     sdtype = _state_dtype(p.dtype)
                     state["relaxed_path"] = torch.zeros_like(p, dtype=sdtype)
                     if self.granularity == "tensor":
@@ -615,8 +627,15 @@ class ALeRA(Optimizer):
         grads = [
             _mask_nonfinite(d, owned=d is not g) for d, g in zip(grads, lists["grads"], strict=True)
         ]
+        increment = ok.to(torch.float32)
         for gi in range(len(groups)) if gran == "global" else active:
-            groups[gi]["step"].add_(ok.to(torch.float32))
+            groups[gi]["step"].add_(increment)
+        if gran == "tensor":
+            unit_steps = [self.state[p]["step"] for p in lists["keys"]]
+            for t in unit_steps:
+                t.add_(increment.to(t.device))
+        else:
+            unit_steps = [groups[gi]["step"] for gi in owners]
         for group in groups:  # optimizer-wide, kept alike in every group
             group["skipped_steps"].add_(nonfinite_skip.to(group["skipped_steps"].device))
 
@@ -638,7 +657,7 @@ class ALeRA(Optimizer):
             relaxed_paths=lists["relaxed"],
             multipliers=multipliers,
             units=units,
-            unit_steps=[groups[gi]["step"] for gi in owners],
+            unit_steps=unit_steps,
             lrs=lrs,
             ok=ok,
             foreach=foreach,
