@@ -188,3 +188,20 @@ def test_skip_leaves_a_finite_observation_unseen_but_alarms_on_a_nonfinite_loss(
     assert bool(ph.update(torch.tensor(float("nan")), skip=torch.tensor(True)))
     assert not bool(ph.update(torch.tensor(1.0), skip=torch.tensor(False)))
     assert int(ph.observations) == 5
+
+
+def test_load_state_dict_copies_so_loaded_objects_are_independent():
+    ph = ss.PageHinkley(ph_lambda=0.1, rho=0.5)
+    for x in (1.0, 1.5, 0.7):
+        ph.update(torch.tensor(x))
+    sd = ph.state_dict()
+    frozen = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in sd.items()}
+    first, second = ss.PageHinkley(), ss.PageHinkley()
+    first.load_state_dict(sd)
+    second.load_state_dict(sd)
+    for x in (2.0, 0.5, 3.0):
+        first.update(torch.tensor(x))
+    for key, value in frozen.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(sd[key], value), key  # the dict was not written through
+            assert torch.equal(getattr(second, key), value), key  # nor the other detector

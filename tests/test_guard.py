@@ -70,6 +70,11 @@ def equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise-equal values, NaN equal to NaN (the alarm history starts as NaN)."""
+    return a.dtype == b.dtype and torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True)
+
+
 KINDS = ["salera", "spalera", "agadam", "adam", "adam_tensor_lr", "cprop"]
 
 
@@ -501,3 +506,27 @@ def test_nonfinite_loss_with_nonfinite_gradient_is_still_an_alarm():
     stats = opt.stats()
     assert int(stats["alarms"]) == 1 and int(stats["nonfinite_grads"]) == 0
     assert float(stats["lr_scale"]) == 0.5
+
+
+@pytest.mark.parametrize("kind", ["salera", "adam"])
+def test_load_state_dict_copies_so_two_guards_from_one_dict_are_independent(kind):
+    model = make_model()
+    opt = build(kind, model)
+    run_script(opt, model, 0, 3)
+    sd = opt.state_dict()
+    frozen = copy.deepcopy(sd)
+    guards = []
+    for _ in range(2):
+        m = make_model(seed=7)
+        m.load_state_dict(model.state_dict())
+        g = build(kind, m)
+        g.load_state_dict(sd)
+        guards.append((g, m))
+    run_script(guards[0][0], guards[0][1], 3, 8)  # an alarm at SPIKE included
+    assert int(guards[0][0].stats()["alarms"]) == 1
+    for key, value in frozen["guard"].items():
+        if isinstance(value, torch.Tensor):
+            assert same(sd["guard"][key], value), key  # the dict was not written through
+            assert same(getattr(guards[1][0], key), value), key  # nor the other guard
+    assert equal(sd["guard"]["snapshots"], frozen["guard"]["snapshots"])
+    assert int(guards[1][0].detector.count) == int(frozen["guard"]["detector"]["count"])

@@ -113,7 +113,12 @@ class PageHinkley:
         for name, value in self._tensors().items():
             if name == "last_loss" and name not in state_dict:
                 continue  # a checkpoint from before last_loss existed
-            setattr(self, name, state_dict[name].to(device=value.device, dtype=value.dtype))
+            # A copy: the loaded dict must not alias (and later see) this detector's state.
+            setattr(
+                self,
+                name,
+                state_dict[name].to(device=value.device, dtype=value.dtype, copy=True),
+            )
 
     def reset(self, mask: torch.Tensor | None = None) -> None:
         """Restart the test (``n, relaxed_loss, mean, cusum, cusum_min <- 0``); Delta is kept.

@@ -242,7 +242,8 @@ class CatastropheGuard(Optimizer):
             if name not in guard:  # a checkpoint from before the counter existed
                 setattr(self, name, torch.zeros_like(value))
                 continue
-            setattr(self, name, guard[name].to(device=value.device, dtype=value.dtype))
+            # A copy: the loaded dict must not alias (and later see) the live counters.
+            setattr(self, name, guard[name].to(device=value.device, dtype=value.dtype, copy=True))
         params = self._params()
         self.snapshots = [
             s.to(device=self._snapshot_device(p), dtype=p.dtype, copy=True)
