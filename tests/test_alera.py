@@ -436,3 +436,36 @@ def test_tensor_granularity_counts_e_t_from_the_tensors_own_steps(cls):
     assert torch.equal(opt.state[b]["lr_multiplier"], alone.state[b_alone]["lr_multiplier"])
     assert torch.equal(b, b_alone)
     assert float(opt.state[b]["step"]) == 6.0 and float(opt.param_groups[0]["step"]) == 12.0
+
+
+@pytest.mark.parametrize("cls", [ss.ALeRA, ss.AgAdam])
+def test_state_dict_param_groups_are_a_snapshot(cls):
+    # torch.optim convention: per-parameter ``state`` is live (deep-copied here at step k);
+    # the group tensors (multiplier, step, skipped count) must not move after state_dict().
+    def make_run():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
+        return model, cls(ss.layer_groups(model), lr=0.05, alpha=0.1, C=0.05)
+
+    def steps(model, opt, start, stop):
+        for step in range(start, stop):
+            gen = torch.Generator().manual_seed(step)
+            x, y = torch.randn(8, 4, generator=gen), torch.randn(8, 1, generator=gen)
+            opt.zero_grad()
+            (model(x) - y).pow(2).mean().backward()
+            opt.step()
+
+    model, opt = make_run()
+    steps(model, opt, 0, 4)
+    sd = opt.state_dict()
+    state_k, model_k = copy.deepcopy(sd["state"]), copy.deepcopy(model.state_dict())
+    steps(model, opt, 4, 9)
+    model2, opt2 = make_run()
+    model2.load_state_dict(model_k)
+    opt2.load_state_dict({"state": state_k, "param_groups": sd["param_groups"]})
+    steps(model2, opt2, 4, 9)
+    for a, b in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for g1, g2 in zip(opt.param_groups, opt2.param_groups, strict=True):
+        assert torch.equal(g1["lr_multiplier"], g2["lr_multiplier"])
+        assert torch.equal(g1["step"], g2["step"])

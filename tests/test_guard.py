@@ -530,3 +530,25 @@ def test_load_state_dict_copies_so_two_guards_from_one_dict_are_independent(kind
             assert same(getattr(guards[1][0], key), value), key  # nor the other guard
     assert equal(sd["guard"]["snapshots"], frozen["guard"]["snapshots"])
     assert int(guards[1][0].detector.count) == int(frozen["guard"]["detector"]["count"])
+
+
+def test_state_dict_in_memory_is_a_snapshot_of_the_guard():
+    # SGD keeps no per-parameter state, so everything that evolves is the guard's: a state_dict
+    # kept in memory across later steps (an alarm included) must resume as if saved to disk.
+    def build_sgd(m):
+        detector = ss.PageHinkley(ph_lambda=0.1, rho=0.5)
+        return ss.CatastropheGuard(torch.optim.SGD(m.parameters(), lr=0.05), detector)
+
+    model = make_model()
+    opt = build_sgd(model)
+    run_script(opt, model, 0, SPIKE)
+    sd, model_sd = opt.state_dict(), copy.deepcopy(model.state_dict())
+    run_script(opt, model, SPIKE, len(LOSSES))
+    model2 = make_model(seed=5)
+    model2.load_state_dict(model_sd)
+    opt2 = build_sgd(model2)
+    opt2.load_state_dict(sd)
+    run_script(opt2, model2, SPIKE, len(LOSSES))
+    assert int(opt.stats()["rollbacks"]) == 2
+    assert equal(params_of(model), params_of(model2))
+    assert equal(opt.snapshots, opt2.snapshots)

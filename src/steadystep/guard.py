@@ -221,11 +221,17 @@ class CatastropheGuard(Optimizer):
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"optimizer": wrapped state_dict, "guard": detector, counters, snapshot}``."""
+        """``{"optimizer": wrapped state_dict, "guard": detector, counters, snapshot}``.
+
+        The guard's part is a snapshot: its tensors (the rollback snapshot included: one copy of
+        the parameters) are clones, so a state_dict kept in memory does not change with later
+        steps. The wrapped optimizer's per-parameter ``state`` is as that optimizer returns it
+        (torch's optimizers return their live tensors; ``copy.deepcopy`` it to keep it).
+        """
         guard = {
             "detector": self.detector.state_dict(),
             **{k: v.clone() for k, v in self._counters().items()},
-            "snapshots": list(self.snapshots),
+            "snapshots": [s.clone() for s in self.snapshots],
             "calls": self._calls,
             "lr_factor": self.lr_factor,
             "backtrack": self.backtrack,

@@ -422,6 +422,18 @@ class ALeRA(Optimizer):
         group.setdefault("step", step)
         group.setdefault("skipped_steps", skipped)
 
+    def state_dict(self) -> dict[str, Any]:
+        """As torch's; the 0-d tensors of ``param_groups`` (``lr_multiplier``, ``step``,
+        ``skipped_steps``) are clones, so they do not change with later steps. Per-parameter
+        ``state`` holds the live tensors, as torch.optim's optimizers do (``copy.deepcopy`` the
+        result to keep a consistent in-memory copy of it)."""
+        out = super().state_dict()
+        out["param_groups"] = [
+            {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in group.items()}
+            for group in out["param_groups"]
+        ]
+        return out
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, but statistics keep their saved dtype (fp32 stays fp32 for bf16 params)."""
         super().load_state_dict(state_dict)
