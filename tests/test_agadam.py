@@ -177,3 +177,17 @@ def test_c_zero_is_adam_with_late_and_missing_gradients():
     for a, b in zip(params, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert [float(opt.state[p]["step"]) for p in params] == [25.0, 20.0, 13.0]
+
+
+@pytest.mark.parametrize("wd", [0.01, math.nan])
+def test_weight_decay_in_a_param_group_is_rejected(wd):
+    # Ag-Adam adapts from the raw gradient: an L2 term from a group would silently enter both
+    # the agnostic statistics and Adam's moments.
+    p = torch.zeros(2, requires_grad=True)
+    with pytest.raises(ValueError, match="weight_decay"):
+        ss.AgAdam([{"params": [p], "weight_decay": wd}], lr=0.01)
+    opt = ss.AgAdam([p], lr=0.01)
+    with pytest.raises(ValueError, match="weight_decay"):
+        opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)], "weight_decay": wd})
+    assert len(opt.param_groups) == 1
+    ss.AgAdam([{"params": [p], "weight_decay": 0.0}], lr=0.01)  # 0 is accepted

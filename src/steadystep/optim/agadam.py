@@ -85,6 +85,9 @@ class AgAdam(ALeRA):
         norm_eps: below this gradient norm ``r`` only decays (default 1e-6).
         foreach: ``torch._foreach`` kernels for the agnostic part (default: on CUDA).
 
+    There is no ``weight_decay``: the rates adapt from the raw gradient, and a param group
+    that sets ``weight_decay`` is rejected with a ValueError (an L2 term belongs in the loss).
+
     Example:
         >>> import torch, steadystep as ss
         >>> model = torch.nn.Linear(4, 1)
@@ -125,6 +128,21 @@ class AgAdam(ALeRA):
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         self.granularity = granularity
         Optimizer.__init__(self, params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As :meth:`ALeRA.add_param_group`; a ``weight_decay`` in the group is rejected.
+
+        Ag-Adam adapts its rates from the raw gradient (DESIGN), and an L2 term in the group
+        would have entered both the agnostic statistics and Adam's moments. Use
+        ``torch.optim.AdamW``-style decay outside, or an L2 term in the loss.
+        """
+        wd = param_group.get("weight_decay", 0.0)
+        if not (isinstance(wd, (int, float)) and wd == 0.0):
+            raise ValueError(
+                f"AgAdam does not take weight_decay (its rates adapt from the raw gradient), got "
+                f"weight_decay={wd!r} in a param group; add an L2 term to the loss instead"
+            )
+        super().add_param_group(param_group)
 
     def _step(self, skip: torch.Tensor | None) -> None:
         work = self._prepare(skip)
