@@ -552,3 +552,34 @@ def test_state_dict_in_memory_is_a_snapshot_of_the_guard():
     assert int(opt.stats()["rollbacks"]) == 2
     assert equal(params_of(model), params_of(model2))
     assert equal(opt.snapshots, opt2.snapshots)
+
+
+@pytest.mark.parametrize("snapshot_device", [None, "cpu"], ids=["device_path", "host_path"])
+def test_step_hooks_on_the_wrapped_optimizer_run_on_both_paths(snapshot_device):
+    model = make_model()
+    opt = build("salera", model, snapshot_device=snapshot_device)
+    calls = []
+    opt.optimizer.register_step_pre_hook(lambda o, a, k: calls.append(("pre", o)))
+    opt.optimizer.register_step_post_hook(lambda o, a, k: calls.append(("post", o)))
+    opt.register_step_post_hook(lambda o, a, k: calls.append(("guard", o)))
+    run_script(opt, model, 0, 3)
+    assert [c[0] for c in calls] == ["pre", "post", "guard"] * 3
+    assert all(o is opt.optimizer for name, o in calls if name != "guard")
+    assert all(o is opt for name, o in calls if name == "guard")
+
+
+def test_guard_runs_its_own_state_dict_hooks():
+    model = make_model()
+    opt = build("adam", model)
+    run_script(opt, model, 0, 2)
+    seen = []
+    opt.register_state_dict_pre_hook(lambda o: seen.append("sd_pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "extra": 1})
+    opt.register_load_state_dict_pre_hook(
+        lambda o, sd: {k: v for k, v in sd.items() if k != "extra"}
+    )
+    opt.register_load_state_dict_post_hook(lambda o: seen.append("load_post"))
+    sd = opt.state_dict()
+    assert sd["extra"] == 1 and seen == ["sd_pre"]
+    opt.load_state_dict(sd)
+    assert seen == ["sd_pre", "load_post"]

@@ -108,6 +108,13 @@ class CatastropheGuard(Optimizer):
     ``zero_grad`` and ``add_param_group`` are the wrapped optimizer's; ``state_dict`` nests it
     with the guard's own state (detector, counters, snapshot).
 
+    Note [hooks]: hooks registered on the guard (``register_step_pre_hook``,
+    ``register_state_dict_post_hook``, ...) run as torch.optim runs them, around the guard's
+    ``step``, ``state_dict`` and ``load_state_dict``. Step hooks registered on the wrapped
+    optimizer run when it steps: on the host path only on steps it takes (not on alarms or
+    skipped non-finite gradients); on the sync-free path every step, with ``args=()`` and
+    ``kwargs={}`` (their return values are ignored there), since a masked step is still a step.
+
     Example:
         >>> import torch, steadystep as ss
         >>> model = torch.nn.Linear(4, 1)
@@ -228,6 +235,8 @@ class CatastropheGuard(Optimizer):
         steps. The wrapped optimizer's per-parameter ``state`` is as that optimizer returns it
         (torch's optimizers return their live tensors; ``copy.deepcopy`` it to keep it).
         """
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
         guard = {
             "detector": self.detector.state_dict(),
             **{k: v.clone() for k, v in self._counters().items()},
@@ -237,10 +246,25 @@ class CatastropheGuard(Optimizer):
             "backtrack": self.backtrack,
             "min_lr": self.min_lr,
         }
-        return {"optimizer": self.optimizer.state_dict(), "guard": guard}
+        out = {"optimizer": self.optimizer.state_dict(), "guard": guard}
+        # The guard's own state_dict hooks, as torch.optim.Optimizer runs them.
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, out)
+            if result is not None:
+                out = result
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; resuming continues bitwise as the saved run would."""
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        self._load_state_dict(state_dict)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state_dict["optimizer"])
         guard = state_dict["guard"]
         self.detector.load_state_dict(guard["detector"])
@@ -382,7 +406,15 @@ class CatastropheGuard(Optimizer):
         factor = torch.where(alarm, cut, 1.0)
         self.optimizer.scale_lr_(factor)  # type: ignore[attr-defined]
         self.lr_scale.mul_(factor)
-        self.optimizer._step(skip=alarm)  # type: ignore[attr-defined]
+        # Note [hooks]: ``_step`` bypasses the wrapped optimizer's ``step``, so its own step
+        # hooks run here (the host path gets them from ``optimizer.step()``). They run every
+        # step: an alarm's step is a masked no-op, not known on the host.
+        inner = self.optimizer
+        for hook in list(inner._optimizer_step_pre_hooks.values()):
+            hook(inner, (), {})
+        inner._step(skip=alarm)  # type: ignore[attr-defined]
+        for hook in list(inner._optimizer_step_post_hooks.values()):
+            hook(inner, (), {})
 
     def _self_protecting(self) -> bool:
         """Does the wrapped optimizer skip non-finite gradients itself (ALeRA, AgAdam)?"""
