@@ -205,3 +205,18 @@ def test_load_state_dict_copies_so_loaded_objects_are_independent():
         if isinstance(value, torch.Tensor):
             assert torch.equal(sd[key], value), key  # the dict was not written through
             assert torch.equal(getattr(second, key), value), key  # nor the other detector
+
+
+def test_a_finite_loss_that_overflows_the_statistics_alarms_and_keeps_them():
+    ph = ss.PageHinkley(ph_lambda=0.1, rho=0.25)
+    for x in (1.0, 1.0, 1.0, -3e38):
+        assert not bool(ph.update(torch.tensor(x)))
+    before = ph.state_dict()
+    # x - relaxed overflows float32: the statistics would become inf/NaN.
+    assert bool(ph.update(torch.tensor(3e38)))
+    after = ph.state_dict()
+    for key in ("threshold", "count", "relaxed_loss", "mean", "cusum", "cusum_min"):
+        assert torch.equal(before[key], after[key]), key
+        assert torch.isfinite(after[key]).all(), key
+    assert not bool(ph.update(torch.tensor(1.0)))  # the test goes on with finite statistics
+    assert all(torch.isfinite(v).all() for v in ph.stats().values())

@@ -583,3 +583,17 @@ def test_guard_runs_its_own_state_dict_hooks():
     assert sd["extra"] == 1 and seen == ["sd_pre"]
     opt.load_state_dict(sd)
     assert seen == ["sd_pre", "load_post"]
+
+
+@pytest.mark.parametrize("kind", ["salera", "adam"])
+def test_min_lr_check_raises_on_a_nan_learning_rate(kind):
+    model = make_model()
+    opt = build(kind, model, min_lr=1e-8, check_every=1)
+    run_script(opt, model, 0, SPIKE)
+    for group in opt.param_groups:  # a rate gone NaN (``nan < min_lr`` is False)
+        if kind == "salera":
+            group["lr_multiplier"].fill_(math.nan)
+        else:
+            group["lr"] = math.nan
+    with pytest.raises(ss.TrainingDiverged, match="nan"):
+        run_script(opt, model, SPIKE, SPIKE + 1)

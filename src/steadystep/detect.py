@@ -16,7 +16,9 @@ number of observations since the last reset and ``L_n`` the n-th loss:
 U_min`` to 0 (Delta is kept), so the next observation starts a fresh test and never alarms.
 
 A non-finite loss is an alarm too (the clearest catastrophe there is) and leaves every statistic
-untouched, Delta included; it does not reset the test.
+untouched, Delta included; it does not reset the test. So is a finite loss whose statistics would
+overflow (a loss near the dtype's largest value), and the comparisons are NaN-aware: a NaN gap
+alarms rather than passing silently.
 """
 
 from __future__ import annotations
@@ -176,18 +178,29 @@ class PageHinkley:
         mean = self.mean + (relaxed - self.mean) * inv_count
         cusum = self.cusum + (relaxed - mean)
         cusum_min = torch.minimum(self.cusum_min, cusum)
-        change = (cusum - cusum_min > threshold) & (count > 1) & finite
-        alarm = change | ~finite
+        # A finite loss can still overflow the statistics (a loss near the dtype's max): such a
+        # step is treated as a non-finite loss (an alarm, old state kept), never committed.
+        valid = (
+            finite
+            & torch.stack(
+                [t.isfinite() for t in (threshold, relaxed, mean, cusum, cusum_min)]
+            ).all()
+        )
+        if active is not None:
+            valid = valid | ~active  # a skipped step keeps its state and raises no alarm
+        # NaN-aware: a NaN gap is an alarm (``gap > Delta`` would be False for it).
+        change = ~(cusum - cusum_min <= threshold) & (count > 1) & finite & valid
+        alarm = change | ~valid | ~finite
         if active is not None:
             alarm = alarm & active
 
         # finite & no change: commit; change: reset to 0; non-finite: keep everything.
-        keep = ~finite
+        keep = ~(finite & valid)
         for name, new in zip(_STAT_NAMES, (count, relaxed, mean, cusum, cusum_min), strict=True):
             old = getattr(self, name)
             old.copy_(torch.where(keep, old, torch.where(change, torch.zeros_like(new), new)))
-        self.threshold.copy_(threshold)
-        self.initialized.logical_or_(finite)
+        self.threshold.copy_(torch.where(valid, threshold, self.threshold))
+        self.initialized.logical_or_(finite & valid)
         self.observations.add_(1 if active is None else active.to(self.observations.dtype))
         self.alarms.add_(alarm.to(self.alarms.dtype))
         return alarm

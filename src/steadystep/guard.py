@@ -499,7 +499,7 @@ class CatastropheGuard(Optimizer):
         if not bool(self.alarms > 0):
             return
         max_lr = self._max_lr()
-        if max_lr < self.min_lr:
+        if not max_lr >= self.min_lr:  # NaN-aware: a NaN learning rate has diverged too
             history = self.history()
             raise TrainingDiverged(
                 f"{type(self).__name__}: after {int(self.alarms)} alarms the largest learning "
