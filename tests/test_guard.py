@@ -597,3 +597,23 @@ def test_min_lr_check_raises_on_a_nan_learning_rate(kind):
             group["lr"] = math.nan
     with pytest.raises(ss.TrainingDiverged, match="nan"):
         run_script(opt, model, SPIKE, SPIKE + 1)
+
+
+def test_salera_and_spalera_signatures_show_the_papers_defaults():
+    import inspect
+
+    sal = inspect.signature(ss.SALeRA).parameters
+    assert (sal["alpha"].default, sal["C"].default, sal["granularity"].default) == (
+        0.01,
+        3e-6,
+        "group",
+    )
+    spa = inspect.signature(ss.SPALeRA).parameters
+    assert (spa["alpha"].default, spa["C"].default) == (0.1, 3e-8)
+    assert "granularity" not in spa
+    model = make_model()
+    with pytest.raises(TypeError, match="granularity"):
+        ss.SPALeRA(model.parameters(), lr=0.1, granularity="group")
+    assert ss.SALeRA(model.parameters(), lr=0.1, granularity="tensor").optimizer.granularity == (
+        "tensor"
+    )

@@ -528,16 +528,14 @@ class SALeRA(CatastropheGuard):
         >>> _ = opt.step(loss=loss.detach())
     """
 
-    _alpha, _C, _granularity = 0.01, 3e-6, "group"
-
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
         lr: float,
         *,
-        alpha: float | None = None,
-        C: float | None = None,
-        granularity: str | None = None,
+        alpha: float = 0.01,
+        C: float = 3e-6,
+        granularity: str = "group",
         weight_decay: float = 0.0,
         norm_eps: float = 1e-6,
         ph_lambda: float = 0.1,
@@ -553,9 +551,9 @@ class SALeRA(CatastropheGuard):
         base = ALeRA(
             params,
             lr,
-            alpha=self._alpha if alpha is None else alpha,
-            C=self._C if C is None else C,
-            granularity=self._granularity if granularity is None else granularity,
+            alpha=alpha,
+            C=C,
+            granularity=granularity,
             weight_decay=weight_decay,
             norm_eps=norm_eps,
             foreach=foreach,
@@ -575,7 +573,8 @@ class SPALeRA(SALeRA):
     """SPALeRA (Algorithm 2): SALeRA with one learning rate per element
     (``granularity="param"``) and the paper's defaults ``alpha=0.1, C=3e-8``.
 
-    Same arguments as :class:`SALeRA`.
+    Same arguments as :class:`SALeRA` except ``granularity``, which is ``"param"`` by
+    definition (a SPALeRA with another granularity is a SALeRA: use that class).
 
     Example:
         >>> import torch, steadystep as ss
@@ -585,4 +584,38 @@ class SPALeRA(SALeRA):
         'param'
     """
 
-    _alpha, _C, _granularity = 0.1, 3e-8, "param"
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float,
+        *,
+        alpha: float = 0.1,
+        C: float = 3e-8,
+        weight_decay: float = 0.0,
+        norm_eps: float = 1e-6,
+        ph_lambda: float = 0.1,
+        rho: float = 0.01,
+        lr_factor: float = 0.5,
+        backtrack: bool = True,
+        min_lr: float = 1e-15,
+        snapshot_device: torch.device | str | None = None,
+        check_every: int = 100,
+        foreach: bool | None = None,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            alpha=alpha,
+            C=C,
+            granularity="param",
+            weight_decay=weight_decay,
+            norm_eps=norm_eps,
+            ph_lambda=ph_lambda,
+            rho=rho,
+            lr_factor=lr_factor,
+            backtrack=backtrack,
+            min_lr=min_lr,
+            snapshot_device=snapshot_device,
+            check_every=check_every,
+            foreach=foreach,
+        )
