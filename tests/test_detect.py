@@ -220,3 +220,13 @@ def test_a_finite_loss_that_overflows_the_statistics_alarms_and_keeps_them():
         assert torch.isfinite(after[key]).all(), key
     assert not bool(ph.update(torch.tensor(1.0)))  # the test goes on with finite statistics
     assert all(torch.isfinite(v).all() for v in ph.stats().values())
+
+
+def test_threshold_is_ph_lambda_times_the_absolute_first_loss():
+    # Documented extension: equal to the paper's ph_lambda * L_first for a positive first loss;
+    # for a negative one Delta stays positive (a negative Delta would alarm at once).
+    for first in (2.0, -2.0):
+        ph = ss.PageHinkley(ph_lambda=0.1, rho=0.5)
+        ph.update(torch.tensor(first))
+        assert ph.threshold.item() == pytest.approx(0.2)
+        assert not bool(ph.update(torch.tensor(first)))
