@@ -250,7 +250,23 @@ def test_grad_untouched_frozen_and_deepcopy():
     assert model[2].bias not in opt.state
     clone = copy.deepcopy(opt)
     assert torch.equal(clone.param_groups[0]["lr_multiplier"], opt.param_groups[0]["lr_multiplier"])
-    pickle.loads(pickle.dumps(opt.state_dict()))
+    sd = opt.state_dict()
+    restored = pickle.loads(pickle.dumps(sd))
+    assert restored["param_groups"][0].keys() == sd["param_groups"][0].keys()
+    for g_saved, g_back in zip(sd["param_groups"], restored["param_groups"], strict=True):
+        for key, value in g_saved.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, g_back[key]) and value.dtype == g_back[key].dtype, key
+            else:
+                assert value == g_back[key], key
+    assert sd["state"].keys() == restored["state"].keys()
+    for pid, state in sd["state"].items():
+        assert state.keys() == restored["state"][pid].keys()
+        for key, value in state.items():
+            assert torch.equal(value, restored["state"][pid][key]), (pid, key)
+    fresh = ss.ALeRA([*ss.layer_groups(model), {"params": []}], lr=0.1, weight_decay=0.1)
+    fresh.load_state_dict(restored)
+    assert torch.equal(fresh.param_groups[0]["lr_multiplier"], opt.param_groups[0]["lr_multiplier"])
 
 
 def test_layer_groups_shared_and_kwargs():

@@ -230,3 +230,27 @@ def test_threshold_is_ph_lambda_times_the_absolute_first_loss():
         ph.update(torch.tensor(first))
         assert ph.threshold.item() == pytest.approx(0.2)
         assert not bool(ph.update(torch.tensor(first)))
+
+
+def test_reset_zeroes_the_test_keeps_delta_and_honours_the_mask():
+    def fed():
+        ph = ss.PageHinkley(ph_lambda=0.1, rho=0.5)
+        for x in (2.0, 1.0, 1.5):
+            ph.update(torch.tensor(x))
+        return ph
+
+    ph = fed()
+    before = ph.state_dict()
+    ph.reset(mask=torch.tensor(False))  # masked out: nothing changes
+    for key, value in before.items():
+        assert torch.equal(torch.as_tensor(value), torch.as_tensor(ph.state_dict()[key])), key
+    for mask in (None, torch.tensor(True)):
+        ph = fed()
+        assert int(ph.count) == 3 and float(ph.relaxed_loss) != 0.0
+        ph.reset(mask=mask)
+        for name in ("count", "relaxed_loss", "mean", "cusum", "cusum_min"):
+            assert float(getattr(ph, name)) == 0.0, name
+        assert ph.threshold.item() == pytest.approx(0.2)  # Delta kept
+        assert int(ph.observations) == 3
+        assert not bool(ph.update(torch.tensor(100.0)))  # first observation after a reset
+        assert int(ph.count) == 1 and ph.relaxed_loss.item() == 100.0
