@@ -191,3 +191,8 @@ def test_weight_decay_in_a_param_group_is_rejected(wd):
         opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)], "weight_decay": wd})
     assert len(opt.param_groups) == 1
     ss.AgAdam([{"params": [p], "weight_decay": 0.0}], lr=0.01)  # 0 is accepted
+
+
+def test_invalid_granularity_message_names_the_rule():
+    with pytest.raises(ValueError, match=r"granularity must be one of .* got granularity='layer'"):
+        ss.AgAdam([torch.zeros(2, requires_grad=True)], granularity="layer")

@@ -485,3 +485,25 @@ def test_state_dict_param_groups_are_a_snapshot(cls):
     for g1, g2 in zip(opt.param_groups, opt2.param_groups, strict=True):
         assert torch.equal(g1["lr_multiplier"], g2["lr_multiplier"])
         assert torch.equal(g1["step"], g2["step"])
+
+
+def test_skipped_steps_is_one_tensor_shared_by_every_group():
+    # One optimizer-wide count, incremented once per step (not once per group), and the sharing
+    # survives a checkpoint round trip and a group added later.
+    params = make_params()
+    groups = [{"params": [p]} for p in params]
+    opt = ss.ALeRA(groups[:-1], lr=0.01)
+    opt.add_param_group(groups[-1])
+    counts = [g["skipped_steps"] for g in opt.param_groups]
+    assert len(counts) == len(params) > 2 and all(c is counts[0] for c in counts)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    params[0].grad[0] = math.nan
+    opt.step()
+    assert int(opt.stats()["skipped_steps"]) == 1
+    sd = opt.state_dict()
+    assert [int(g["skipped_steps"]) for g in sd["param_groups"]] == [1] * len(params)
+    opt2 = ss.ALeRA([{"params": [p]} for p in params], lr=0.01)
+    opt2.load_state_dict(sd)
+    counts = [g["skipped_steps"] for g in opt2.param_groups]
+    assert all(c is counts[0] for c in counts) and int(counts[0]) == 1

@@ -54,7 +54,7 @@ import csv
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -407,8 +407,3 @@ def read_csv(path: str | os.PathLike[str]) -> dict[str, list[float]]:
             for h, v in zip(header, line, strict=True):
                 cols[h].append(float(v))
     return cols
-
-
-def _iter_stats_owners(objs: Iterable[Any]) -> list[Any]:
-    """The objects among ``objs`` with a callable ``stats()`` (used by the integrations)."""
-    return [o for o in objs if callable(getattr(o, "stats", None))]

@@ -8,7 +8,12 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from steadystep._validation import check_nonnegative, check_positive, check_unit_interval
+from steadystep._validation import (
+    check_choice,
+    check_nonnegative,
+    check_positive,
+    check_unit_interval,
+)
 from steadystep.optim.alera import (
     GRANULARITIES,
     ALeRA,
@@ -124,9 +129,7 @@ class AgAdam(ALeRA):
             norm_eps=check_nonnegative("norm_eps", norm_eps),
             foreach=foreach,
         )
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-        self.granularity = granularity
+        self.granularity = check_choice("granularity", granularity, GRANULARITIES)
         Optimizer.__init__(self, params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -417,7 +417,8 @@ class ALeRA(Optimizer):
             step.copy_(first["step"])
         skipped = torch.zeros((), dtype=torch.int64, device=device)
         if len(self.param_groups) > 1:
-            skipped.copy_(self.param_groups[0]["skipped_steps"])  # one optimizer-wide count
+            # One optimizer-wide count: every group holds the same tensor (one add per step).
+            skipped = self.param_groups[0]["skipped_steps"]
         group.setdefault("lr_multiplier", multiplier)
         group.setdefault("step", step)
         group.setdefault("skipped_steps", skipped)
@@ -428,6 +429,8 @@ class ALeRA(Optimizer):
         ``state`` holds the live tensors, as torch.optim's optimizers do (``copy.deepcopy`` the
         result to keep a consistent in-memory copy of it)."""
         out = super().state_dict()
+        # Each group gets its own clone (skipped_steps too, shared live): the saved format keeps
+        # one entry per group; load_state_dict shares the count again.
         out["param_groups"] = [
             {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in group.items()}
             for group in out["param_groups"]
@@ -453,6 +456,8 @@ class ALeRA(Optimizer):
             group.setdefault("skipped_steps", torch.zeros((), dtype=torch.int64))
             for key in ("lr_multiplier", "step", "skipped_steps"):
                 group[key] = group[key].to(device)
+        for group in self.param_groups[1:]:  # one shared optimizer-wide count again
+            group["skipped_steps"] = self.param_groups[0]["skipped_steps"]
 
     # -- telemetry --------------------------------------------------------------------------
     @torch.no_grad()
@@ -648,8 +653,9 @@ class ALeRA(Optimizer):
                 t.add_(increment.to(t.device))
         else:
             unit_steps = [groups[gi]["step"] for gi in owners]
-        for group in groups:  # optimizer-wide, kept alike in every group
-            group["skipped_steps"].add_(nonfinite_skip.to(group["skipped_steps"].device))
+        # Optimizer-wide: one tensor shared by every group (add_param_group, load_state_dict).
+        skipped = groups[0]["skipped_steps"]
+        skipped.add_(nonfinite_skip.to(skipped.device))
 
         if gran in ("global", "group"):
             # The group multiplier is the adapted rate; the update uses lr times it.
