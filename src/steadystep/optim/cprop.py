@@ -65,7 +65,7 @@ import math
 import types
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -161,8 +161,27 @@ def grads_finite(grads: list[Tensor]) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Scalars of one step (0-d tensors on the device)
+# Hyperparameters and the scalars of one step (0-d tensors on the device)
 # --------------------------------------------------------------------------------------------
+
+_GROUP_KEYS = ("cprop_beta", "cprop_c", "cprop_eps", "cprop_cdf", "cprop_method")
+
+
+class _CPropHyper(NamedTuple):
+    """CProp's hyperparameters; a param group holds them under :data:`_GROUP_KEYS`."""
+
+    beta: float
+    c: float
+    eps: float
+    cdf: str
+    method: str
+
+    def group_entries(self) -> dict[str, Any]:
+        return dict(zip(_GROUP_KEYS, self, strict=True))
+
+
+def _cprop_hyper(group: dict[str, Any]) -> _CPropHyper:
+    return _CPropHyper(*(group[key] for key in _GROUP_KEYS))
 
 
 class _Gates(NamedTuple):
@@ -192,11 +211,83 @@ def _step_time(step: Tensor, dtype: torch.dtype) -> Tensor:
     return step.clamp(min=1).to(dtype)
 
 
+def _group_by_dtype(tensors: list[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    """Indices of ``tensors`` grouped by (device, dtype), in order."""
+    out: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        out.setdefault((t.device, t.dtype), []).append(i)
+    return out
+
+
+def _advance_steps(
+    stats: list[Tensor],
+    state_steps: list[Tensor],
+    found_finite: Tensor,
+    beta: float,
+    *,
+    foreach: bool,
+) -> list[tuple[list[int], torch.dtype, Tensor, _Gates]]:
+    """Per (device, dtype) of the statistics: the indices, the dtype, ``found_finite`` on that
+    device and the step's gates; the step counts are advanced here (by 0 on a skipped step)."""
+    out = []
+    for (device, dtype), idx in _group_by_dtype(stats).items():
+        ok = found_finite.to(device)
+        gates = _gates(ok, beta, dtype)
+        keep32 = gates.keep.to(torch.float32)
+        if foreach:
+            torch._foreach_add_([state_steps[i] for i in idx], keep32)
+        else:  # one add per tensor: dynamo turns a foreach add of a 0-d tensor into a sync
+            for i in idx:
+                state_steps[i].add_(keep32)
+        out.append((idx, dtype, ok, gates))
+    return out
+
+
+_Lists = TypeVar("_Lists", bound=tuple)
+
+
+def _select(lists: _Lists, idx: list[int]) -> _Lists:
+    """The entries ``idx`` of every list of a tensor-lists tuple (a None list stays None)."""
+    return type(lists)(*(None if xs is None else [xs[i] for i in idx] for xs in lists))
+
+
+def _in_dtype(param: Tensor, dtype: torch.dtype) -> Tensor:
+    return param if param.dtype == dtype else param.to(dtype)
+
+
+def _sanitised(grad: Tensor, found_finite: Tensor, dtype: torch.dtype) -> Tensor:
+    """A fresh copy of ``grad`` in ``dtype``, all zeros when the step is skipped."""
+    return torch.where(found_finite, grad, 0).to(dtype)
+
+
+def _with_weight_decay(raw: Tensor, p: Tensor, weight_decay: float, keep: Tensor) -> Tensor:
+    """``g + weight_decay * p`` (times ``keep``: a skipped step's ``g`` is 0, so is this)."""
+    return raw if weight_decay == 0 else raw.add(p, alpha=weight_decay).mul_(keep)
+
+
+def _with_weight_decay_foreach(
+    raws: list[Tensor], params: list[Tensor], weight_decay: float, keep: Tensor
+) -> list[Tensor]:
+    if weight_decay == 0:
+        return raws
+    dirs = torch._foreach_add(
+        raws, [_in_dtype(p, raws[0].dtype) for p in params], alpha=weight_decay
+    )
+    torch._foreach_mul_(dirs, keep)
+    return dirs
+
+
+def _bias_corrections_foreach(beta: float, ts: list[Tensor]) -> list[Tensor]:
+    """``1 - beta**t`` for every ``t``."""
+    out = torch._foreach_pow(beta, ts)
+    torch._foreach_neg_(out)
+    torch._foreach_add_(out, 1)
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # CProp statistics and scale: reference (one tensor at a time) and foreach
 # --------------------------------------------------------------------------------------------
-
-
 def _confidence_(x: Tensor, cdf: str) -> Tensor:
     """``2 |Phi(0; m, se) - 1/2|`` from ``x = |m| / se >= 0``, in place on ``x``."""
     if cdf == "normal":
@@ -229,18 +320,10 @@ def _confidence_foreach_(xs: list[Tensor], cdf: str) -> list[Tensor]:
 
 
 def _scale_one(
-    exp_avg: Tensor,
-    second: Tensor,
-    step: Tensor,
-    keep: Tensor,
-    *,
-    beta: float,
-    c: float,
-    eps: float,
-    cdf: str,
-    method: str,
+    exp_avg: Tensor, second: Tensor, step: Tensor, keep: Tensor, cprop: _CPropHyper
 ) -> Tensor:
     """The scale ``s`` of one tensor from its updated statistics (a new tensor)."""
+    beta, c, eps, cdf, method = cprop
     t = _step_time(step, exp_avg.dtype)
     # first = 1 at the (clean) first step: s_1 = 1 exactly, since n_1 - 1 = 0 would turn float
     # noise in v_hat - m_hat^2 into an arbitrary se
@@ -274,14 +357,10 @@ def _scale_foreach(
     seconds: list[Tensor],
     steps: list[Tensor],
     keep: Tensor,
-    *,
-    beta: float,
-    c: float,
-    eps: float,
-    cdf: str,
-    method: str,
+    cprop: _CPropHyper,
 ) -> list[Tensor]:
     """:func:`_scale_one` over lists with ``torch._foreach_*`` ops (bitwise the same on CPU)."""
+    beta, c, eps, cdf, method = cprop
     dtype = exp_avgs[0].dtype
     ts = [_step_time(step, dtype) for step in steps]
     firsts = [(step == 1).to(dtype) for step in steps]
@@ -289,28 +368,19 @@ def _scale_foreach(
         ones = [torch.ones_like(m) for m in exp_avgs]
         torch._foreach_mul_(ones, keep)
         return ones
-    bias_corrections = torch._foreach_pow(beta, ts)
-    torch._foreach_neg_(bias_corrections)
-    torch._foreach_add_(bias_corrections, 1)
+    bias_corrections = _bias_corrections_foreach(beta, ts)
     m_hats = torch._foreach_div(exp_avgs, bias_corrections)
+    denoms = torch._foreach_div(seconds, bias_corrections)
     if method == "conformity":
-        v_hats = torch._foreach_div(seconds, bias_corrections)
         ns = torch._foreach_div(bias_corrections, 1 - beta)
         torch._foreach_sub_(ns, 1)
         torch._foreach_add_(ns, eps)
-        denoms = v_hats
         torch._foreach_addcmul_(denoms, m_hats, m_hats, value=-1)
         torch._foreach_clamp_min_(denoms, 0)
         torch._foreach_div_(denoms, ns)
+    if method != "relative":
         torch._foreach_sqrt_(denoms)
-        torch._foreach_add_(denoms, eps)
-    elif method == "relative":
-        denoms = torch._foreach_div(seconds, bias_corrections)
-        torch._foreach_add_(denoms, eps)
-    else:
-        denoms = torch._foreach_div(seconds, bias_corrections)
-        torch._foreach_sqrt_(denoms)
-        torch._foreach_add_(denoms, eps)
+    torch._foreach_add_(denoms, eps)
     if eps == 0:
         torch._foreach_clamp_min_(denoms, torch.finfo(dtype).tiny)
     torch._foreach_abs_(m_hats)
@@ -356,11 +426,6 @@ def _update_stats_foreach(
         torch._foreach_addcmul_(seconds, raws, raws, value=1 - beta)
 
 
-def _sanitised(grad: Tensor, found_finite: Tensor, dtype: torch.dtype) -> Tensor:
-    """A fresh copy of ``grad`` in ``dtype``, all zeros when the step is skipped."""
-    return torch.where(found_finite, grad, 0).to(dtype)
-
-
 def cprop_update_(
     grads: list[Tensor],
     exp_avgs: list[Tensor],
@@ -383,24 +448,14 @@ def cprop_update_(
         beta: EMA horizon. method: ``"conformity"``, ``"relative"`` or ``"moment"``.
         foreach: use ``torch._foreach_*`` ops (same numbers on CPU).
     """
-    for (device, dtype), idx in _group_by_dtype(exp_avgs).items():
-        ok = found_finite.to(device)
-        gates = _gates(ok, beta, dtype)
-        keep32 = gates.keep.to(torch.float32)
+    groups = _advance_steps(exp_avgs, state_steps, found_finite, beta, foreach=foreach)
+    for idx, dtype, ok, gates in groups:
         raws = [_sanitised(grads[i], ok, dtype) for i in idx]
         if foreach:
-            torch._foreach_add_([state_steps[i] for i in idx], keep32)
-            _update_stats_foreach(
-                [exp_avgs[i] for i in idx],
-                [seconds[i] for i in idx],
-                raws,
-                gates,
-                beta=beta,
-                method=method,
-            )
+            ms, vs = [exp_avgs[i] for i in idx], [seconds[i] for i in idx]
+            _update_stats_foreach(ms, vs, raws, gates, beta=beta, method=method)
             continue
         for i, raw in zip(idx, raws, strict=True):
-            state_steps[i].add_(keep32)
             _update_stats_one(exp_avgs[i], seconds[i], raw, gates, beta=beta, method=method)
 
 
@@ -421,30 +476,17 @@ def cprop_scales(
 
     ``s`` is 0 everywhere when ``found_finite`` is False, and 1 at ``t = 1`` or for ``c = inf``.
     """
-    kw = {"beta": beta, "c": c, "eps": eps, "cdf": cdf, "method": method}
+    cprop = _CPropHyper(beta, c, eps, cdf, method)
     out: list[Tensor] = [exp_avgs[0]] * len(exp_avgs)
     for (device, dtype), idx in _group_by_dtype(exp_avgs).items():
         keep = found_finite.to(device=device, dtype=dtype)
         if foreach:
-            scales = _scale_foreach(
-                [exp_avgs[i] for i in idx],
-                [seconds[i] for i in idx],
-                [state_steps[i] for i in idx],
-                keep,
-                **kw,
-            )
+            ms, vs, steps = ([xs[i] for i in idx] for xs in (exp_avgs, seconds, state_steps))
+            scales = _scale_foreach(ms, vs, steps, keep, cprop)
         else:
-            scales = [_scale_one(exp_avgs[i], seconds[i], state_steps[i], keep, **kw) for i in idx]
+            scales = [_scale_one(exp_avgs[i], seconds[i], state_steps[i], keep, cprop) for i in idx]
         for i, s in zip(idx, scales, strict=True):
             out[i] = s
-    return out
-
-
-def _group_by_dtype(tensors: list[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
-    """Indices of ``tensors`` grouped by (device, dtype), in order."""
-    out: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, t in enumerate(tensors):
-        out.setdefault((t.device, t.dtype), []).append(i)
     return out
 
 
@@ -453,9 +495,37 @@ def _group_by_dtype(tensors: list[Tensor]) -> dict[tuple[torch.device, torch.dty
 # --------------------------------------------------------------------------------------------
 
 
-def _first_step(step: Tensor, found_finite: Tensor) -> Tensor:
-    """0-d bool: this is the element's first clean step (``t`` was just advanced to 1)."""
-    return (step == 1) & found_finite
+class _SGDHyper(NamedTuple):
+    lr: float
+    momentum: float
+    dampening: float
+    weight_decay: float
+    nesterov: bool
+
+
+class _SGDTensors(NamedTuple):
+    """One entry per parameter (this rank's shards under FSDP2)."""
+
+    params: list[Tensor]
+    grads: list[Tensor]  # raw gradients, never written
+    momentum_buffers: list[Tensor | None]  # None entries without momentum
+    cprop_exp_avgs: list[Tensor]  # CProp's m
+    cprop_exp_avg_sqs: list[Tensor]  # CProp's v (the EMA of |g| for method="relative")
+    state_steps: list[Tensor]  # 0-d float32 t
+
+
+def _momentum_coefficients(
+    step: Tensor, found_finite: Tensor, momentum_gate: Tensor, dampening: float
+) -> tuple[Tensor, Tensor]:
+    """``(a, b)`` of ``buf <- a * buf + b * g``.
+
+    torch.optim.SGD starts the buffer at g (no dampening) on the first step: ``(0, 1)`` then,
+    ``(momentum, 1 - dampening)`` after, and ``(1, any)`` on a skipped step (g = 0 there).
+    """
+    first = (step == 1) & found_finite
+    a = torch.where(first, torch.zeros_like(momentum_gate), momentum_gate)
+    b = torch.where(first, torch.ones_like(momentum_gate), 1 - dampening)
+    return a, b
 
 
 def _sgd_direction_one(
@@ -464,143 +534,58 @@ def _sgd_direction_one(
     step: Tensor,
     found_finite: Tensor,
     momentum_gate: Tensor,
-    *,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
+    sgd: _SGDHyper,
 ) -> Tensor:
     """torch.optim.SGD's update ``-lr * d`` (a new tensor); ``buf`` updated in place."""
     if buf is not None:
-        # torch.optim.SGD starts the buffer at g (no dampening) on the first step:
-        # buf <- a * buf + b * g with (a, b) = (0, 1) then, (momentum, 1 - dampening) after,
-        # and (1, any) on a skipped step (g = 0 there)
-        first = _first_step(step, found_finite)
-        a = torch.where(first, torch.zeros_like(momentum_gate), momentum_gate)
-        b = torch.where(first, torch.ones_like(momentum_gate), 1 - dampening)
+        a, b = _momentum_coefficients(step, found_finite, momentum_gate, sgd.dampening)
         buf.mul_(a).addcmul_(grad, b)
-        grad = grad.add(buf, alpha=momentum) if nesterov else buf
-    return grad.mul(-lr)
+        grad = grad.add(buf, alpha=sgd.momentum) if sgd.nesterov else buf
+    return grad.mul(-sgd.lr)
 
 
 def _single_tensor_cprop_sgd(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    cprop_exp_avgs: list[Tensor],
-    cprop_exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    found_finite: Tensor,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    cprop_beta: float,
-    cprop_c: float,
-    cprop_eps: float,
-    cdf: str,
-    method: str,
+    tensors: _SGDTensors, *, found_finite: Tensor, sgd: _SGDHyper, cprop: _CPropHyper
 ) -> None:
-    gates_by_dtype: dict[Any, tuple[_Gates, Tensor]] = {}
-    for i, param in enumerate(params):
-        m = cprop_exp_avgs[i]
-        dtype = m.dtype
-        if dtype not in gates_by_dtype:
-            gates_by_dtype[dtype] = (
-                _gates(found_finite, cprop_beta, dtype),
-                _gate(found_finite, momentum, 1.0, dtype),
-            )
-        gates, momentum_gate = gates_by_dtype[dtype]
-        step = state_steps[i]
-        step.add_(gates.keep.to(torch.float32))
-        p = param if param.dtype == dtype else param.to(dtype)
-        raw = _sanitised(grads[i], found_finite, dtype)
-        grad = raw if weight_decay == 0 else raw.add(p, alpha=weight_decay).mul_(gates.keep)
-        _update_stats_one(m, cprop_exp_avg_sqs[i], raw, gates, beta=cprop_beta, method=method)
-        update = _sgd_direction_one(
-            grad,
-            momentum_buffers[i],
-            step,
-            found_finite,
-            momentum_gate,
-            lr=lr,
-            momentum=momentum,
-            dampening=dampening,
-            nesterov=nesterov,
-        )
-        s = _scale_one(
-            m,
-            cprop_exp_avg_sqs[i],
-            step,
-            gates.keep,
-            beta=cprop_beta,
-            c=cprop_c,
-            eps=cprop_eps,
-            cdf=cdf,
-            method=method,
-        )
-        param.addcmul_(s, update)
+    steps = tensors.state_steps
+    for idx, dtype, ok, gates in _advance_steps(
+        tensors.cprop_exp_avgs, steps, found_finite, cprop.beta, foreach=False
+    ):
+        momentum_gate = _gate(ok, sgd.momentum, 1.0, dtype)
+        for i in idx:
+            param, m, v = tensors.params[i], tensors.cprop_exp_avgs[i], tensors.cprop_exp_avg_sqs[i]
+            raw = _sanitised(tensors.grads[i], ok, dtype)
+            grad = _with_weight_decay(raw, _in_dtype(param, dtype), sgd.weight_decay, gates.keep)
+            _update_stats_one(m, v, raw, gates, beta=cprop.beta, method=cprop.method)
+            buf = tensors.momentum_buffers[i]
+            update = _sgd_direction_one(grad, buf, steps[i], ok, momentum_gate, sgd)
+            param.addcmul_(_scale_one(m, v, steps[i], gates.keep, cprop), update)
 
 
 def _multi_tensor_cprop_sgd(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    cprop_exp_avgs: list[Tensor],
-    cprop_exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    found_finite: Tensor,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    cprop_beta: float,
-    cprop_c: float,
-    cprop_eps: float,
-    cdf: str,
-    method: str,
+    tensors: _SGDTensors, *, found_finite: Tensor, sgd: _SGDHyper, cprop: _CPropHyper
 ) -> None:
-    for (_, dtype), idx in _group_by_dtype(cprop_exp_avgs).items():
-        ps = [params[i] for i in idx]
-        ms = [cprop_exp_avgs[i] for i in idx]
-        vs = [cprop_exp_avg_sqs[i] for i in idx]
-        steps = [state_steps[i] for i in idx]
-        gates = _gates(found_finite, cprop_beta, dtype)
-        torch._foreach_add_(steps, gates.keep.to(torch.float32))
-        p32 = [p if p.dtype == dtype else p.to(dtype) for p in ps]
-        raws = [_sanitised(grads[i], found_finite, dtype) for i in idx]
-        if weight_decay == 0:
-            dirs = raws
-        else:
-            dirs = torch._foreach_add(raws, p32, alpha=weight_decay)
-            torch._foreach_mul_(dirs, gates.keep)
-        _update_stats_foreach(ms, vs, raws, gates, beta=cprop_beta, method=method)
-        if momentum != 0:
-            bufs = [momentum_buffers[i] for i in idx]
-            momentum_gate = _gate(found_finite, momentum, 1.0, dtype)
-            firsts = [_first_step(step, found_finite) for step in steps]
-            a = [torch.where(f, torch.zeros_like(momentum_gate), momentum_gate) for f in firsts]
-            b = [torch.where(f, torch.ones_like(momentum_gate), 1 - dampening) for f in firsts]
-            torch._foreach_mul_(bufs, a)
-            torch._foreach_addcmul_(bufs, dirs, b)
-            dirs = torch._foreach_add(dirs, bufs, alpha=momentum) if nesterov else bufs
-        updates = torch._foreach_mul(dirs, -lr)
-        scales = _scale_foreach(
-            ms,
-            vs,
-            steps,
-            gates.keep,
-            beta=cprop_beta,
-            c=cprop_c,
-            eps=cprop_eps,
-            cdf=cdf,
-            method=method,
-        )
-        torch._foreach_addcmul_(ps, scales, updates)
+    for idx, dtype, ok, gates in _advance_steps(
+        tensors.cprop_exp_avgs, tensors.state_steps, found_finite, cprop.beta, foreach=True
+    ):
+        ts = _select(tensors, idx)
+        raws = [_sanitised(grad, ok, dtype) for grad in ts.grads]
+        dirs = _with_weight_decay_foreach(raws, ts.params, sgd.weight_decay, gates.keep)
+        ms, vs = ts.cprop_exp_avgs, ts.cprop_exp_avg_sqs
+        _update_stats_foreach(ms, vs, raws, gates, beta=cprop.beta, method=cprop.method)
+        if sgd.momentum != 0:
+            bufs = ts.momentum_buffers
+            momentum_gate = _gate(ok, sgd.momentum, 1.0, dtype)
+            coefficients = [
+                _momentum_coefficients(step, ok, momentum_gate, sgd.dampening)
+                for step in ts.state_steps
+            ]
+            torch._foreach_mul_(bufs, [a for a, _ in coefficients])
+            torch._foreach_addcmul_(bufs, dirs, [b for _, b in coefficients])
+            dirs = torch._foreach_add(dirs, bufs, alpha=sgd.momentum) if sgd.nesterov else bufs
+        updates = torch._foreach_mul(dirs, -sgd.lr)
+        scales = _scale_foreach(ms, vs, ts.state_steps, gates.keep, cprop)
+        torch._foreach_addcmul_(ts.params, scales, updates)
 
 
 def cprop_sgd(
@@ -627,23 +612,12 @@ def cprop_sgd(
     """Functional :class:`CPropSGD`: SGD's update scaled per element by CProp, in place."""
     fn = _multi_tensor_cprop_sgd if foreach else _single_tensor_cprop_sgd
     fn(
-        params,
-        grads,
-        momentum_buffers,
-        cprop_exp_avgs,
-        cprop_exp_avg_sqs,
-        state_steps,
+        _SGDTensors(
+            params, grads, momentum_buffers, cprop_exp_avgs, cprop_exp_avg_sqs, state_steps
+        ),
         found_finite=found_finite,
-        lr=lr,
-        momentum=momentum,
-        dampening=dampening,
-        weight_decay=weight_decay,
-        nesterov=nesterov,
-        cprop_beta=cprop_beta,
-        cprop_c=cprop_c,
-        cprop_eps=cprop_eps,
-        cdf=cdf,
-        method=method,
+        sgd=_SGDHyper(lr, momentum, dampening, weight_decay, nesterov),
+        cprop=_CPropHyper(cprop_beta, cprop_c, cprop_eps, cdf, method),
     )
 
 
@@ -652,158 +626,105 @@ def cprop_sgd(
 # --------------------------------------------------------------------------------------------
 
 
+class _AdamHyper(NamedTuple):
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    amsgrad: bool
+    decoupled_weight_decay: bool
+
+
+class _AdamTensors(NamedTuple):
+    """One entry per parameter (this rank's shards under FSDP2)."""
+
+    params: list[Tensor]
+    grads: list[Tensor]  # raw gradients, never written
+    exp_avgs: list[Tensor]  # Adam's m
+    exp_avg_sqs: list[Tensor]  # Adam's v
+    max_exp_avg_sqs: list[Tensor] | None  # running max of v (amsgrad), else None
+    cprop_exp_avgs: list[Tensor]  # CProp's m
+    cprop_exp_avg_sqs: list[Tensor] | None  # CProp's v (or EMA of |g|); None: exp_avg_sqs
+    state_steps: list[Tensor]  # 0-d float32 t, Adam's and CProp's
+
+
 def _single_tensor_cprop_adam(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    cprop_exp_avgs: list[Tensor],
-    cprop_exp_avg_sqs: list[Tensor] | None,
-    state_steps: list[Tensor],
-    *,
-    found_finite: Tensor,
-    amsgrad: bool,
-    beta1: float,
-    beta2: float,
-    lr: float,
-    weight_decay: float,
-    eps: float,
-    decoupled_weight_decay: bool,
-    cprop_beta: float,
-    cprop_c: float,
-    cprop_eps: float,
-    cdf: str,
-    method: str,
+    tensors: _AdamTensors, *, found_finite: Tensor, adam: _AdamHyper, cprop: _CPropHyper
 ) -> None:
-    gates_by_dtype: dict[Any, tuple[_Gates, Tensor, Tensor]] = {}
-    for i, param in enumerate(params):
-        exp_avg, exp_avg_sq, step = exp_avgs[i], exp_avg_sqs[i], state_steps[i]
-        dtype = exp_avg.dtype
-        if dtype not in gates_by_dtype:
-            gates_by_dtype[dtype] = (
-                _gates(found_finite, cprop_beta, dtype),
-                _gate(found_finite, 1.0 - beta1, 0.0, dtype),
-                _gate(found_finite, beta2, 1.0, dtype),
+    lr, beta1, beta2, eps, weight_decay, amsgrad, decoupled = adam
+    l2 = 0.0 if decoupled else weight_decay  # the penalty Adam's gradient gets
+    for idx, dtype, ok, gates in _advance_steps(
+        tensors.exp_avgs, tensors.state_steps, found_finite, cprop.beta, foreach=False
+    ):
+        weight1 = _gate(ok, 1.0 - beta1, 0.0, dtype)
+        beta2_gate = _gate(ok, beta2, 1.0, dtype)
+        for i in idx:
+            param, exp_avg, exp_avg_sq = (
+                tensors.params[i],
+                tensors.exp_avgs[i],
+                tensors.exp_avg_sqs[i],
             )
-        gates, weight1, beta2_gate = gates_by_dtype[dtype]
-        step.add_(gates.keep.to(torch.float32))
-        t = _step_time(step, dtype)
-        p = param if param.dtype == dtype else param.to(dtype)
-        raw = _sanitised(grads[i], found_finite, dtype)
-        if weight_decay == 0 or decoupled_weight_decay:
-            grad = raw
-        else:
-            grad = raw.add(p, alpha=weight_decay).mul_(gates.keep)
-        # CProp's statistics see the raw gradient; v is Adam's exp_avg_sq when shared (None)
-        cprop_v = None if cprop_exp_avg_sqs is None else cprop_exp_avg_sqs[i]
-        _update_stats_one(cprop_exp_avgs[i], cprop_v, raw, gates, beta=cprop_beta, method=method)
-        exp_avg.lerp_(grad, weight1)
-        exp_avg_sq.mul_(beta2_gate).addcmul_(grad, grad, value=1 - beta2)
-        bias_correction1 = 1 - beta1**t
-        bias_correction2_sqrt = (1 - beta2**t).sqrt()
-        if amsgrad:
-            torch.maximum(max_exp_avg_sqs[i], exp_avg_sq, out=max_exp_avg_sqs[i])
-            denom = max_exp_avg_sqs[i].sqrt().div_(bias_correction2_sqrt).add_(eps)
-        else:
-            denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)
-        update = torch.div(exp_avg, denom, out=denom).mul_(-lr / bias_correction1)
-        if decoupled_weight_decay and weight_decay != 0:
-            update.add_(p, alpha=-lr * weight_decay)
-        s = _scale_one(
-            cprop_exp_avgs[i],
-            exp_avg_sq if cprop_v is None else cprop_v,
-            step,
-            gates.keep,
-            beta=cprop_beta,
-            c=cprop_c,
-            eps=cprop_eps,
-            cdf=cdf,
-            method=method,
-        )
-        param.addcmul_(s, update)
+            step, cprop_m = tensors.state_steps[i], tensors.cprop_exp_avgs[i]
+            # CProp's statistics see the raw gradient; its v is Adam's exp_avg_sq when shared
+            cprop_v = None if tensors.cprop_exp_avg_sqs is None else tensors.cprop_exp_avg_sqs[i]
+            t = _step_time(step, dtype)
+            p = _in_dtype(param, dtype)
+            raw = _sanitised(tensors.grads[i], ok, dtype)
+            grad = _with_weight_decay(raw, p, l2, gates.keep)
+            _update_stats_one(cprop_m, cprop_v, raw, gates, beta=cprop.beta, method=cprop.method)
+            exp_avg.lerp_(grad, weight1)
+            exp_avg_sq.mul_(beta2_gate).addcmul_(grad, grad, value=1 - beta2)
+            bias_correction1 = 1 - beta1**t
+            bias_correction2_sqrt = (1 - beta2**t).sqrt()
+            if amsgrad:
+                max_exp_avg_sq = tensors.max_exp_avg_sqs[i]
+                torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+                denom = max_exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)
+            else:
+                denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)
+            update = torch.div(exp_avg, denom, out=denom).mul_(-lr / bias_correction1)
+            if decoupled and weight_decay != 0:
+                update.add_(p, alpha=-lr * weight_decay)
+            second = exp_avg_sq if cprop_v is None else cprop_v
+            param.addcmul_(_scale_one(cprop_m, second, step, gates.keep, cprop), update)
 
 
 def _multi_tensor_cprop_adam(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    cprop_exp_avgs: list[Tensor],
-    cprop_exp_avg_sqs: list[Tensor] | None,
-    state_steps: list[Tensor],
-    *,
-    found_finite: Tensor,
-    amsgrad: bool,
-    beta1: float,
-    beta2: float,
-    lr: float,
-    weight_decay: float,
-    eps: float,
-    decoupled_weight_decay: bool,
-    cprop_beta: float,
-    cprop_c: float,
-    cprop_eps: float,
-    cdf: str,
-    method: str,
+    tensors: _AdamTensors, *, found_finite: Tensor, adam: _AdamHyper, cprop: _CPropHyper
 ) -> None:
-    for (_, dtype), idx in _group_by_dtype(exp_avgs).items():
-        ps = [params[i] for i in idx]
-        ms = [exp_avgs[i] for i in idx]
-        vs = [exp_avg_sqs[i] for i in idx]
-        cms = [cprop_exp_avgs[i] for i in idx]
-        cvs = None if cprop_exp_avg_sqs is None else [cprop_exp_avg_sqs[i] for i in idx]
-        steps = [state_steps[i] for i in idx]
-        gates = _gates(found_finite, cprop_beta, dtype)
-        weight1 = _gate(found_finite, 1.0 - beta1, 0.0, dtype)
-        beta2_gate = _gate(found_finite, beta2, 1.0, dtype)
-        torch._foreach_add_(steps, gates.keep.to(torch.float32))
-        ts = [_step_time(step, dtype) for step in steps]
-        p32 = [p if p.dtype == dtype else p.to(dtype) for p in ps]
-        raws = [_sanitised(grads[i], found_finite, dtype) for i in idx]
-        if weight_decay == 0 or decoupled_weight_decay:
-            dirs = raws
-        else:
-            dirs = torch._foreach_add(raws, p32, alpha=weight_decay)
-            torch._foreach_mul_(dirs, gates.keep)
-        _update_stats_foreach(cms, cvs, raws, gates, beta=cprop_beta, method=method)
-        torch._foreach_lerp_(ms, dirs, weight1)
-        torch._foreach_mul_(vs, beta2_gate)
+    lr, beta1, beta2, eps, weight_decay, amsgrad, decoupled = adam
+    l2 = 0.0 if decoupled else weight_decay
+    for idx, dtype, ok, gates in _advance_steps(
+        tensors.exp_avgs, tensors.state_steps, found_finite, cprop.beta, foreach=True
+    ):
+        ts = _select(tensors, idx)
+        ms, vs, cms, cvs = ts.exp_avgs, ts.exp_avg_sqs, ts.cprop_exp_avgs, ts.cprop_exp_avg_sqs
+        times = [_step_time(step, dtype) for step in ts.state_steps]
+        raws = [_sanitised(grad, ok, dtype) for grad in ts.grads]
+        dirs = _with_weight_decay_foreach(raws, ts.params, l2, gates.keep)
+        _update_stats_foreach(cms, cvs, raws, gates, beta=cprop.beta, method=cprop.method)
+        torch._foreach_lerp_(ms, dirs, _gate(ok, 1.0 - beta1, 0.0, dtype))
+        torch._foreach_mul_(vs, _gate(ok, beta2, 1.0, dtype))
         torch._foreach_addcmul_(vs, dirs, dirs, value=1 - beta2)
-        bias_correction1 = torch._foreach_pow(beta1, ts)
-        torch._foreach_neg_(bias_correction1)
-        torch._foreach_add_(bias_correction1, 1)
-        bias_correction2_sqrt = torch._foreach_pow(beta2, ts)
-        torch._foreach_neg_(bias_correction2_sqrt)
-        torch._foreach_add_(bias_correction2_sqrt, 1)
+        bias_correction1 = _bias_corrections_foreach(beta1, times)
+        bias_correction2_sqrt = _bias_corrections_foreach(beta2, times)
         torch._foreach_sqrt_(bias_correction2_sqrt)
         if amsgrad:
-            maxs = [max_exp_avg_sqs[i] for i in idx]
-            torch._foreach_maximum_(maxs, vs)
-            denoms = torch._foreach_sqrt(maxs)
+            torch._foreach_maximum_(ts.max_exp_avg_sqs, vs)
+            denoms = torch._foreach_sqrt(ts.max_exp_avg_sqs)
         else:
             denoms = torch._foreach_sqrt(vs)
         torch._foreach_div_(denoms, bias_correction2_sqrt)
         torch._foreach_add_(denoms, eps)
         updates = torch._foreach_div(ms, denoms)
         # -lr / bias_correction1, with the same rounding as the reference's 0-d division
-        step_sizes = [-lr / bc for bc in bias_correction1]
-        torch._foreach_mul_(updates, step_sizes)
-        if decoupled_weight_decay and weight_decay != 0:
+        torch._foreach_mul_(updates, [-lr / bc for bc in bias_correction1])
+        if decoupled and weight_decay != 0:
+            p32 = [_in_dtype(p, dtype) for p in ts.params]
             torch._foreach_add_(updates, p32, alpha=-lr * weight_decay)
-        scales = _scale_foreach(
-            cms,
-            vs if cvs is None else cvs,
-            steps,
-            gates.keep,
-            beta=cprop_beta,
-            c=cprop_c,
-            eps=cprop_eps,
-            cdf=cdf,
-            method=method,
-        )
-        torch._foreach_addcmul_(ps, scales, updates)
+        scales = _scale_foreach(cms, vs if cvs is None else cvs, ts.state_steps, gates.keep, cprop)
+        torch._foreach_addcmul_(ts.params, scales, updates)
 
 
 def cprop_adam(
@@ -834,23 +755,9 @@ def cprop_adam(
 ) -> None:
     """Functional :class:`CPropAdam` / :class:`CPropAdamW`, in place.
 
-    ``cprop_exp_avg_sqs=None`` means CProp's ``v`` is Adam's ``exp_avg_sq`` (shared).
+    ``cprop_exp_avg_sqs=None`` means CProp's ``v`` is Adam's ``exp_avg_sq`` (shared);
+    ``max_exp_avg_sqs`` is read only with ``amsgrad``.
     """
-    kw = {
-        "found_finite": found_finite,
-        "amsgrad": amsgrad,
-        "beta1": beta1,
-        "beta2": beta2,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "eps": eps,
-        "decoupled_weight_decay": decoupled_weight_decay,
-        "cprop_beta": cprop_beta,
-        "cprop_c": cprop_c,
-        "cprop_eps": cprop_eps,
-        "cdf": cdf,
-        "method": method,
-    }
     if fused:
         fn = _fused_cprop_adam
     elif foreach:
@@ -858,15 +765,19 @@ def cprop_adam(
     else:
         fn = _single_tensor_cprop_adam
     fn(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        max_exp_avg_sqs,
-        cprop_exp_avgs,
-        cprop_exp_avg_sqs,
-        state_steps,
-        **kw,
+        _AdamTensors(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            max_exp_avg_sqs if amsgrad else None,
+            cprop_exp_avgs,
+            cprop_exp_avg_sqs,
+            state_steps,
+        ),
+        found_finite=found_finite,
+        adam=_AdamHyper(lr, beta1, beta2, eps, weight_decay, amsgrad, decoupled_weight_decay),
+        cprop=_CPropHyper(cprop_beta, cprop_c, cprop_eps, cdf, method),
     )
 
 
@@ -913,20 +824,20 @@ _K = {name: i for i, name in enumerate(_COEFS)}
 _CDF_CONSTANT = {"normal": _SQRT1_2, "bfo": _BFO_HALF_K, "bft": 1.0, "logistic": _LOGISTIC_HALF_K}
 
 
+# The wrapper's passes read only CProp's columns; Adam's get these neutral values.
+_NO_ADAM = _AdamHyper(
+    lr=0.0,
+    beta1=0.0,
+    beta2=0.0,
+    eps=0.0,
+    weight_decay=0.0,
+    amsgrad=False,
+    decoupled_weight_decay=True,
+)
+
+
 def _adam_coefficients(
-    steps: Tensor,
-    found_finite: Tensor,
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    weight_decay: float,
-    eps: float,
-    cprop_beta: float,
-    cprop_c: float,
-    cprop_eps: float,
-    cdf: str,
-    method: str,
+    steps: Tensor, found_finite: Tensor, *, adam: _AdamHyper, cprop: _CPropHyper
 ) -> Tensor:
     """Rows of :data:`_COEFS` (float64) for the stacked, already advanced step counts.
 
@@ -934,6 +845,14 @@ def _adam_coefficients(
     and for all tensors at once (a few vector ops), so the compiled kernel does no ``pow`` and
     as few divisions per element as the math allows (CPU kernels are compute-bound here).
     """
+    lr, beta1, beta2, eps, weight_decay = (
+        adam.lr,
+        adam.beta1,
+        adam.beta2,
+        adam.eps,
+        adam.weight_decay,
+    )
+    cprop_beta, cprop_eps = cprop.beta, cprop.eps
     keep = found_finite.to(torch.float64)
     t = steps.to(torch.float64).clamp(min=1)
     first = (steps == 1).to(torch.float64) * keep
@@ -942,15 +861,15 @@ def _adam_coefficients(
     cprop_bias_correction = 1 - cprop_beta**t
     n = cprop_bias_correction / (1 - cprop_beta)
     inv_cprop_bc = cprop_bias_correction.reciprocal()
-    constant = _CDF_CONSTANT[cdf] if method == "conformity" else 1.0
+    constant = _CDF_CONSTANT[cprop.cdf] if cprop.method == "conformity" else 1.0
     ratio = inv_cprop_bc * constant
-    if method == "conformity":
+    if cprop.method == "conformity":
         variance_scale = inv_cprop_bc / (n - 1 + cprop_eps) / ratio**2
-    elif method == "relative":
+    elif cprop.method == "relative":
         variance_scale = inv_cprop_bc / ratio  # se = a_hat + eps, not under a square root
     else:
         variance_scale = inv_cprop_bc / ratio**2
-    c = 1.0 if math.isinf(cprop_c) else cprop_c
+    c = 1.0 if math.isinf(cprop.c) else cprop.c
 
     def gated(if_ok: float, if_skip: float) -> Tensor:
         return (keep * (if_ok - if_skip) + if_skip).expand_as(t)
@@ -978,6 +897,15 @@ def _adam_coefficients(
     return torch.stack([columns[name] for name in _COEFS], dim=1)
 
 
+def _advance_to_coefficient_rows(
+    steps: list[Tensor], found_finite: Tensor, *, adam: _AdamHyper, cprop: _CPropHyper
+) -> list[Tensor]:
+    """Advance the step counts (by 0 when skipped), then one :data:`_COEFS` row per tensor."""
+    torch._foreach_add_(steps, found_finite.to(torch.float32))
+    coefs = _adam_coefficients(torch.stack(steps), found_finite, adam=adam, cprop=cprop)
+    return [row.clone() for row in coefs]  # no storage offsets: they would specialise
+
+
 # erf for float32 in the fused kernel: Abramowitz & Stegun 7.1.28,
 # erf(x) = 1 - (1 + a1 x + ... + a6 x^6)^-16 for x >= 0, |error| < 3e-7 (2e-6 with float32
 # rounding; tests/test_cprop.py checks it). It costs one division and 17 multiply-adds, where
@@ -997,6 +925,17 @@ def erf_float32(x: Tensor) -> Tensor:
     r = r * r
     r = r * r
     return 1 - r * r
+
+
+def _scale_flags(cprop: _CPropHyper) -> dict[str, Any]:
+    """The structural choices :func:`_fused_scale` is compiled for (static arguments)."""
+    return {
+        "cdf": cprop.cdf,
+        "method": cprop.method,
+        "c_is_inf": math.isinf(cprop.c),
+        "c_is_one": cprop.c == 1,
+        "eps_is_zero": cprop.eps == 0,
+    }
 
 
 def _fused_scale(
@@ -1041,6 +980,22 @@ def _fused_scale(
     return s
 
 
+def _ema(old: Tensor, new: Tensor, k: Tensor, beta: str) -> Tensor:
+    """``beta * old + (1 - beta) * new`` with the gated factors of row ``k`` (compiled code)."""
+    return old * k[_K[beta]] + k[_K["one_minus_" + beta]] * new
+
+
+def _fused_cprop_stats(
+    cprop_exp_avg: Tensor, cprop_second: Tensor | None, raw: Tensor, k: Tensor, method: str
+) -> tuple[Tensor, Tensor | None]:
+    """CProp's EMAs from the raw gradient (compiled code); no second one when shared."""
+    cm = _ema(cprop_exp_avg, raw, k, "cprop_beta")
+    if cprop_second is None:
+        return cm, None
+    second = torch.abs(raw) if method == "relative" else raw * raw
+    return cm, _ema(cprop_second, second, k, "cprop_beta")
+
+
 def _fused_adam_kernel(
     param: Tensor,
     grad: Tensor,
@@ -1067,24 +1022,17 @@ def _fused_adam_kernel(
     raw = torch.where(found_finite, grad.to(dtype), 0)
     g = raw if decoupled else torch.where(found_finite, raw + k[_K["weight_decay"]] * p, 0)
     # Adam; on a skipped step g = 0, beta = 1, 1 - beta = 0: the old values come back exactly
-    m = exp_avg * k[_K["beta1"]] + k[_K["one_minus_beta1"]] * g
-    v = exp_avg_sq * k[_K["beta2"]] + k[_K["one_minus_beta2"]] * (g * g)
+    m = _ema(exp_avg, g, k, "beta1")
+    v = _ema(exp_avg_sq, g * g, k, "beta2")
     vmax = torch.maximum(max_exp_avg_sq, v) if max_exp_avg_sq is not None else v
     denom = torch.sqrt(vmax) * k[_K["inv_bias_correction2_sqrt"]] + k[_K["eps"]]
     update = k[_K["neg_step_size"]] * m / denom
     if decoupled:
         update = update - k[_K["lr_weight_decay"]] * p
-    # CProp's statistics from the raw gradient
-    cm = cprop_exp_avg * k[_K["cprop_beta"]] + k[_K["one_minus_cprop_beta"]] * raw
-    if cprop_second is None:
-        cv = v
-    elif method == "relative":
-        cv = cprop_second * k[_K["cprop_beta"]] + k[_K["one_minus_cprop_beta"]] * torch.abs(raw)
-    else:
-        cv = cprop_second * k[_K["cprop_beta"]] + k[_K["one_minus_cprop_beta"]] * (raw * raw)
+    cm, cv = _fused_cprop_stats(cprop_exp_avg, cprop_second, raw, k, method)
     s = _fused_scale(
         cm,
-        cv,
+        v if cv is None else cv,
         k,
         cdf=cdf,
         method=method,
@@ -1103,98 +1051,6 @@ def _fused_adam_kernel(
         cprop_second.copy_(cv)
 
 
-_COMPILED: dict[str, Callable[..., None]] = {}
-# Large tensors compile per numel (see _compiled); dynamo's default limit of 8 variants per
-# function would be hit by any real model.
-_RECOMPILE_LIMIT = 512
-_PARALLEL_NUMEL = 1 << 16
-
-
-def _flat(t: Tensor | None) -> Tensor | None:
-    """A plain 1-D view (same storage), so parameters of every shape share compiled code."""
-    if t is None:
-        return None
-    t = t.detach()
-    return t.view(-1) if t.is_contiguous() else t
-
-
-def _shards(tensors: list[Any]) -> list[Any]:
-    """This rank's shards of FSDP2 DTensors (aliases: in-place ops write the DTensor); other
-    tensors and None as they are."""
-    return [local_tensor(t) for t in tensors]
-
-
-def _fused_cprop_adam(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    cprop_exp_avgs: list[Tensor],
-    cprop_exp_avg_sqs: list[Tensor] | None,
-    state_steps: list[Tensor],
-    *,
-    found_finite: Tensor,
-    amsgrad: bool,
-    beta1: float,
-    beta2: float,
-    lr: float,
-    weight_decay: float,
-    eps: float,
-    decoupled_weight_decay: bool,
-    cprop_beta: float,
-    cprop_c: float,
-    cprop_eps: float,
-    cdf: str,
-    method: str,
-) -> None:
-    if not params:
-        return
-    static = {
-        "amsgrad": amsgrad,
-        "decoupled": decoupled_weight_decay or weight_decay == 0,
-        "cdf": cdf,
-        "method": method,
-        "c_is_inf": math.isinf(cprop_c),
-        "c_is_one": cprop_c == 1,
-        "eps_is_zero": cprop_eps == 0,
-    }
-    for (device, _), idx in _group_by_dtype(exp_avgs).items():
-        ok = found_finite.to(device)
-        steps = [state_steps[i] for i in idx]
-        torch._foreach_add_(steps, ok.to(torch.float32))
-        coefs = _adam_coefficients(
-            torch.stack(steps),
-            ok,
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            weight_decay=weight_decay,
-            eps=eps,
-            cprop_beta=cprop_beta,
-            cprop_c=cprop_c,
-            cprop_eps=cprop_eps,
-            cdf=cdf,
-            method=method,
-        )
-        rows = [row.clone() for row in coefs]  # no storage offsets: they would specialise
-        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-            for row, i in enumerate(idx):
-                kernel = _compiled("adam", _fused_adam_kernel, params[i].numel())
-                kernel(
-                    _flat(params[i]),
-                    _flat(grads[i]),
-                    _flat(exp_avgs[i]),
-                    _flat(exp_avg_sqs[i]),
-                    _flat(max_exp_avg_sqs[i]) if amsgrad else None,
-                    _flat(cprop_exp_avgs[i]),
-                    None if cprop_exp_avg_sqs is None else _flat(cprop_exp_avg_sqs[i]),
-                    rows[row],
-                    ok,
-                    **static,
-                )
-
-
 def _fused_wrapper_stats_kernel(
     param: Tensor,
     grad: Tensor,
@@ -1208,12 +1064,11 @@ def _fused_wrapper_stats_kernel(
 ) -> None:
     """Before the base step: CProp's EMAs from the raw gradient and the snapshot ``p_old``."""
     dtype = cprop_exp_avg.dtype
-    k = coef.to(dtype)
     raw = torch.where(found_finite, grad.to(dtype), 0)
     snapshot.copy_(param)
-    cprop_exp_avg.copy_(cprop_exp_avg * k[_K["cprop_beta"]] + k[_K["one_minus_cprop_beta"]] * raw)
-    second = torch.abs(raw) if method == "relative" else raw * raw
-    cprop_second.copy_(cprop_second * k[_K["cprop_beta"]] + k[_K["one_minus_cprop_beta"]] * second)
+    cm, cv = _fused_cprop_stats(cprop_exp_avg, cprop_second, raw, coef.to(dtype), method)
+    cprop_exp_avg.copy_(cm)
+    cprop_second.copy_(cv)
 
 
 def _fused_wrapper_apply_kernel(
@@ -1248,6 +1103,13 @@ def _fused_wrapper_apply_kernel(
     param.copy_(torch.where(found_finite, new, old))
 
 
+_COMPILED: dict[str, Callable[..., None]] = {}
+# Large tensors compile per numel (see _compiled); dynamo's default limit of 8 variants per
+# function would be hit by any real model.
+_RECOMPILE_LIMIT = 512
+_PARALLEL_NUMEL = 1 << 16
+
+
 def _compiled(name: str, fn: Callable[..., None], numel: int) -> Callable[..., None]:
     """The compiled ``fn`` for a tensor of ``numel`` elements.
 
@@ -1266,6 +1128,56 @@ def _compiled(name: str, fn: Callable[..., None], numel: int) -> Callable[..., N
     return _COMPILED[key]
 
 
+def _launch(
+    name: str, fn: Callable[..., None], calls: list[tuple[Any, ...]], **static: Any
+) -> None:
+    """The compiled ``fn`` once per tensor; ``calls`` holds each tensor's arguments, its flat
+    parameter first (whose length picks the kernel, see :func:`_compiled`)."""
+    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+        for args in calls:
+            _compiled(name, fn, args[0].numel())(*args, **static)
+
+
+def _flat(t: Tensor | None) -> Tensor | None:
+    """A plain 1-D view (same storage), so parameters of every shape share compiled code."""
+    if t is None:
+        return None
+    t = t.detach()
+    return t.view(-1) if t.is_contiguous() else t
+
+
+def _shards(tensors: list[Any]) -> list[Any]:
+    """This rank's shards of FSDP2 DTensors (aliases: in-place ops write the DTensor); other
+    tensors and None as they are."""
+    return [local_tensor(t) for t in tensors]
+
+
+def _flat_shards(tensors: list[Tensor] | None, n: int) -> list[Tensor | None]:
+    """Flat views of this rank's shards (:func:`_flat`); ``n`` Nones for a missing list."""
+    return [None] * n if tensors is None else [_flat(t) for t in _shards(tensors)]
+
+
+def _fused_cprop_adam(
+    tensors: _AdamTensors, *, found_finite: Tensor, adam: _AdamHyper, cprop: _CPropHyper
+) -> None:
+    static = {
+        "amsgrad": adam.amsgrad,
+        "decoupled": adam.decoupled_weight_decay or adam.weight_decay == 0,
+        **_scale_flags(cprop),
+    }
+    for (device, _), idx in _group_by_dtype(tensors.exp_avgs).items():
+        ok = found_finite.to(device)
+        ts = _select(tensors, idx)
+        rows = _advance_to_coefficient_rows(ts.state_steps, ok, adam=adam, cprop=cprop)
+        flats = [_flat_shards(xs, len(idx)) for xs in ts[:-1]]  # all but the step counts
+        _launch(
+            "adam",
+            _fused_adam_kernel,
+            list(zip(*flats, rows, [ok] * len(idx), strict=True)),
+            **static,
+        )
+
+
 class _FusedWrapperStep:
     """The wrapper's two compiled passes around the base step, for one param group."""
 
@@ -1276,75 +1188,45 @@ class _FusedWrapperStep:
         found_finite: Tensor,
         group: dict[str, Any],
     ) -> None:
+        self.cprop = _cprop_hyper(group)
+        key = _second_key(self.cprop.method)
         # Note [FSDP2]: CProp is elementwise, so it runs on this rank's shards
-        self.params, self.group = _shards(params), group
-        self.grads = _shards([p.grad for p in params])
-        method = group["cprop_method"]
-        self.ms = _shards([st["cprop_exp_avg"] for st in states])
-        self.vs = _shards([st[_second_key(method)] for st in states])
-        self.ok = found_finite
+        n = len(params)
+        self.params = _flat_shards(params, n)
+        self.grads = _flat_shards([p.grad for p in params], n)
+        self.ms = _flat_shards([st["cprop_exp_avg"] for st in states], n)
+        self.vs = _flat_shards([st[key] for st in states], n)
+        self.oks = [found_finite] * n
         steps = [st["step"] for st in states]
-        torch._foreach_add_(steps, found_finite.to(torch.float32))
-        self.coefs = _adam_coefficients(
-            torch.stack(steps),
-            found_finite,
-            lr=0.0,
-            beta1=0.0,
-            beta2=0.0,
-            weight_decay=0.0,
-            eps=0.0,
-            cprop_beta=group["cprop_beta"],
-            cprop_c=group["cprop_c"],
-            cprop_eps=group["cprop_eps"],
-            cdf=group["cprop_cdf"],
-            method=method,
+        self.rows = _advance_to_coefficient_rows(
+            steps, found_finite, adam=_NO_ADAM, cprop=self.cprop
         )
-        self.rows = [row.clone() for row in self.coefs]
         self.snapshots: list[Tensor] = []
 
     def before(self) -> None:
-        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-            for row, p in enumerate(self.params):
-                kernel = _compiled("wrapper_stats", _fused_wrapper_stats_kernel, p.numel())
-                flat = _flat(p)
-                snapshot = torch.empty_like(flat)
-                self.snapshots.append(snapshot)
-                kernel(
-                    flat,
-                    _flat(self.grads[row]),
-                    snapshot,
-                    _flat(self.ms[row]),
-                    _flat(self.vs[row]),
-                    self.rows[row],
-                    self.ok,
-                    method=self.group["cprop_method"],
-                )
+        self.snapshots = [torch.empty_like(p) for p in self.params]
+        calls = zip(
+            self.params,
+            self.grads,
+            self.snapshots,
+            self.ms,
+            self.vs,
+            self.rows,
+            self.oks,
+            strict=True,
+        )
+        _launch("wrapper_stats", _fused_wrapper_stats_kernel, list(calls), method=self.cprop.method)
 
     def after(self) -> None:
-        c = self.group["cprop_c"]
-        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-            for row, p in enumerate(self.params):
-                kernel = _compiled("wrapper_apply", _fused_wrapper_apply_kernel, p.numel())
-                kernel(
-                    _flat(p),
-                    self.snapshots[row],
-                    _flat(self.ms[row]),
-                    _flat(self.vs[row]),
-                    self.rows[row],
-                    self.ok,
-                    cdf=self.group["cprop_cdf"],
-                    method=self.group["cprop_method"],
-                    c_is_inf=math.isinf(c),
-                    c_is_one=c == 1,
-                    eps_is_zero=self.group["cprop_eps"] == 0,
-                )
+        calls = zip(self.params, self.snapshots, self.ms, self.vs, self.rows, self.oks, strict=True)
+        _launch(
+            "wrapper_apply", _fused_wrapper_apply_kernel, list(calls), **_scale_flags(self.cprop)
+        )
 
 
 # --------------------------------------------------------------------------------------------
 # Shared pieces of the classes
 # --------------------------------------------------------------------------------------------
-
-_GROUP_KEYS = ("cprop_beta", "cprop_c", "cprop_eps", "cprop_cdf", "cprop_method")
 
 
 def _second_key(method: str) -> str:
@@ -1352,26 +1234,61 @@ def _second_key(method: str) -> str:
 
 
 def _validate_group(group: dict[str, Any]) -> None:
-    _check_hyper(
-        group["cprop_beta"],
-        group["cprop_c"],
-        group["cprop_eps"],
-        group["cprop_cdf"],
-        group["cprop_method"],
-        prefix="cprop_",
-    )
+    _check_hyper(*_cprop_hyper(group), prefix="cprop_")
+
+
+def _zeros_stat(param: Tensor) -> Tensor:
+    """A statistic shaped like ``param`` (fp32 for bf16/fp16 parameters), all zeros."""
+    return torch.zeros_like(param, dtype=_stats_dtype(param), memory_format=torch.preserve_format)
 
 
 def _init_cprop_state(state: dict[str, Any], param: Tensor, method: str, share_v: bool) -> None:
-    dtype = _stats_dtype(param)
     state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
-    state["cprop_exp_avg"] = torch.zeros_like(
-        param, dtype=dtype, memory_format=torch.preserve_format
-    )
+    state["cprop_exp_avg"] = _zeros_stat(param)
     if not share_v:
-        state[_second_key(method)] = torch.zeros_like(
-            param, dtype=dtype, memory_format=torch.preserve_format
-        )
+        state[_second_key(method)] = _zeros_stat(param)
+
+
+def _params_with_grad(group: dict[str, Any], group_index: int, owner: str) -> list[Tensor]:
+    """The group's parameters that have a gradient (checked: dense and real)."""
+    params = []
+    for pi, p in enumerate(group["params"]):
+        if p.grad is None:
+            continue
+        _check_grad(p.grad, owner, group_index, pi, p.shape)
+        params.append(p)
+    return params
+
+
+def _collect(
+    groups: list[dict[str, Any]], owner: str, init_state: Callable[[dict[str, Any], Tensor], None]
+) -> tuple[list[tuple[dict[str, Any], list[Tensor]]], Tensor]:
+    """Per group the parameters with a gradient (``init_state(group, p)`` creates state), and
+    the step's ``found_finite`` over all of them."""
+    work = []
+    for gi, group in enumerate(groups):
+        params = _params_with_grad(group, gi, owner)
+        for p in params:
+            init_state(group, p)
+        work.append((group, params))
+    return work, grads_finite([p.grad for _, params in work for p in params])
+
+
+def _call_closure(closure: Callable[[], Any] | None) -> Any:
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def _states_by_param(saved: dict[Any, Any], params: list[Tensor], what: str) -> dict[Tensor, Any]:
+    """Saved per-parameter state keyed by index -> keyed by parameter (copied, see _copy_state)."""
+    out = {}
+    for key, value in saved.items():
+        if not isinstance(key, int) or not 0 <= key < len(params):
+            raise ValueError(f"{what} has state for unknown parameter index {key!r}")
+        out[params[key]] = _copy_state(value, params[key])
+    return out
 
 
 def _group_stats(
@@ -1394,17 +1311,8 @@ def _group_stats(
             second = st.get(_second_key(group["cprop_method"]), st.get("exp_avg_sq"))
             local_m = local_tensor(m)
             sharded = sharded or local_m is not m
-            s = _scale_one(
-                local_m,
-                local_tensor(second),
-                st["step"],
-                torch.ones((), dtype=m.dtype, device=local_m.device),
-                beta=group["cprop_beta"],
-                c=group["cprop_c"],
-                eps=group["cprop_eps"],
-                cdf=group["cprop_cdf"],
-                method=group["cprop_method"],
-            )
+            keep = torch.ones((), dtype=m.dtype, device=local_m.device)
+            s = _scale_one(local_m, local_tensor(second), st["step"], keep, _cprop_hyper(group))
             sums.append(s.sum(dtype=torch.float32))
             belows.append((s < 0.5).sum(dtype=torch.float32))
             count += m.numel()  # a DTensor's numel is the whole tensor's
@@ -1454,6 +1362,21 @@ def _default_foreach(params: list[Tensor]) -> bool:
     return bool(params) and all(p.device.type == "cuda" for p in params)
 
 
+def _use_foreach(group: dict[str, Any], params: list[Tensor]) -> bool:
+    return _default_foreach(params) if group["foreach"] is None else group["foreach"]
+
+
+def _native_cprop_kwargs(group: dict[str, Any]) -> dict[str, Any]:
+    """A group's CProp hyperparameters as :func:`cprop_sgd` / :func:`cprop_adam` name them."""
+    return dict(
+        zip(
+            ("cprop_beta", "cprop_c", "cprop_eps", "cdf", "method"),
+            _cprop_hyper(group),
+            strict=True,
+        )
+    )
+
+
 class _NativeCPropBase(Optimizer):
     """Validation, state_dict handling and telemetry shared by the native CProp optimizers."""
 
@@ -1489,10 +1412,7 @@ class _NativeCPropBase(Optimizer):
         saved_state = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})
         params = _param_index_map(self.param_groups)
-        for key, value in saved_state.items():
-            if not isinstance(key, int) or not 0 <= key < len(params):
-                raise ValueError(f"state_dict has state for unknown parameter index {key!r}")
-            self.state[params[key]] = _copy_state(value, params[key])
+        self.state.update(_states_by_param(saved_state, params, "state_dict"))
 
     def stats(self) -> dict[str, Tensor]:
         """Telemetry as 0-d tensors, no host sync: ``group{i}.mean_scale``,
@@ -1501,14 +1421,23 @@ class _NativeCPropBase(Optimizer):
         the current statistics, so it is the scale that the last step applied."""
         return _group_stats(self.param_groups, lambda p: self.state.get(p))
 
-    def _gather(self, group: dict[str, Any], gi: int) -> list[Tensor]:
-        params = []
-        for pi, p in enumerate(group["params"]):
-            if p.grad is None:
-                continue
-            _check_grad(p.grad, type(self).__name__, gi, pi, p.shape)
-            params.append(p)
-        return params
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, *, loss: Tensor | None = None) -> Any:
+        """One step. ``closure`` re-evaluates the model; ``loss`` is accepted and unused."""
+        out = _call_closure(closure)
+        work, found_finite = _collect(self.param_groups, type(self).__name__, self._init_state)
+        for group, params in work:
+            if params:
+                self._step_group(group, params, found_finite)
+        return out
+
+    def _init_state(self, group: dict[str, Any], param: Tensor) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _step_group(
+        self, group: dict[str, Any], params: list[Tensor], found_finite: Tensor
+    ) -> None:  # pragma: no cover
+        raise NotImplementedError
 
 
 _CPROP_ARGS_DOC = """
@@ -1577,11 +1506,7 @@ class CPropSGD(_NativeCPropBase):
             "dampening": dampening,
             "weight_decay": weight_decay,
             "nesterov": nesterov,
-            "cprop_beta": cprop_beta,
-            "cprop_c": cprop_c,
-            "cprop_eps": cprop_eps,
-            "cprop_cdf": cdf,
-            "cprop_method": method,
+            **_CPropHyper(cprop_beta, cprop_c, cprop_eps, cdf, method).group_entries(),
             "foreach": foreach,
             "fused": None,
         }
@@ -1598,55 +1523,35 @@ class CPropSGD(_NativeCPropBase):
                 f"momentum={group['momentum']}, dampening={group['dampening']}"
             )
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None, *, loss: Tensor | None = None) -> Any:
-        """One step. ``closure`` re-evaluates the model; ``loss`` is accepted and unused."""
-        out = None
-        if closure is not None:
-            with torch.enable_grad():
-                out = closure()
-        work = []
-        for gi, group in enumerate(self.param_groups):
-            params = self._gather(group, gi)
-            for p in params:
-                state = self.state[p]
-                if "step" not in state:
-                    _init_cprop_state(state, p, group["cprop_method"], share_v=False)
-                if group["momentum"] != 0 and "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(
-                        p, dtype=_stats_dtype(p), memory_format=torch.preserve_format
-                    )
-            work.append((group, params))
-        found_finite = grads_finite([p.grad for _, ps in work for p in ps])
-        for group, params in work:
-            if not params:
-                continue
-            states = [self.state[p] for p in params]
-            foreach = group["foreach"]
-            # Note [FSDP2]: CProp is elementwise, so it runs on this rank's shards
-            cprop_sgd(
-                _shards(params),
-                _shards([p.grad for p in params]),
-                _shards(
-                    [st.get("momentum_buffer") if group["momentum"] != 0 else None for st in states]
-                ),
-                _shards([st["cprop_exp_avg"] for st in states]),
-                _shards([st[_second_key(group["cprop_method"])] for st in states]),
-                [st["step"] for st in states],
-                found_finite=found_finite,
-                lr=group["lr"],
-                momentum=group["momentum"],
-                dampening=group["dampening"],
-                weight_decay=group["weight_decay"],
-                nesterov=group["nesterov"],
-                cprop_beta=group["cprop_beta"],
-                cprop_c=group["cprop_c"],
-                cprop_eps=group["cprop_eps"],
-                cdf=group["cprop_cdf"],
-                method=group["cprop_method"],
-                foreach=_default_foreach(params) if foreach is None else foreach,
-            )
-        return out
+    def _init_state(self, group: dict[str, Any], param: Tensor) -> None:
+        state = self.state[param]
+        if "step" not in state:
+            _init_cprop_state(state, param, group["cprop_method"], share_v=False)
+        if group["momentum"] != 0 and "momentum_buffer" not in state:
+            state["momentum_buffer"] = _zeros_stat(param)
+
+    def _step_group(
+        self, group: dict[str, Any], params: list[Tensor], found_finite: Tensor
+    ) -> None:
+        states = [self.state[p] for p in params]
+        momentum = group["momentum"]
+        # Note [FSDP2]: CProp is elementwise, so it runs on this rank's shards
+        cprop_sgd(
+            _shards(params),
+            _shards([p.grad for p in params]),
+            _shards([st.get("momentum_buffer") if momentum != 0 else None for st in states]),
+            _shards([st["cprop_exp_avg"] for st in states]),
+            _shards([st[_second_key(group["cprop_method"])] for st in states]),
+            [st["step"] for st in states],
+            found_finite=found_finite,
+            lr=group["lr"],
+            momentum=momentum,
+            dampening=group["dampening"],
+            weight_decay=group["weight_decay"],
+            nesterov=group["nesterov"],
+            **_native_cprop_kwargs(group),
+            foreach=_use_foreach(group, params),
+        )
 
 
 class CPropAdam(_NativeCPropBase):
@@ -1716,11 +1621,7 @@ class CPropAdam(_NativeCPropBase):
             "weight_decay": weight_decay,
             "amsgrad": amsgrad,
             "decoupled_weight_decay": self._decoupled,
-            "cprop_beta": cprop_beta,
-            "cprop_c": cprop_c,
-            "cprop_eps": cprop_eps,
-            "cprop_cdf": cdf,
-            "cprop_method": method,
+            **_CPropHyper(cprop_beta, cprop_c, cprop_eps, cdf, method).group_entries(),
             "foreach": foreach,
             "fused": fused,
         }
@@ -1744,44 +1645,29 @@ class CPropAdam(_NativeCPropBase):
             and group["cprop_method"] != "relative"
         )
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None, *, loss: Tensor | None = None) -> Any:
-        """One step. ``closure`` re-evaluates the model; ``loss`` is accepted and unused."""
-        out = None
-        if closure is not None:
-            with torch.enable_grad():
-                out = closure()
-        work = []
-        for gi, group in enumerate(self.param_groups):
-            params = self._gather(group, gi)
-            share = self._shares_v(group)
-            for p in params:
-                state = self.state[p]
-                if "step" not in state:
-                    _init_cprop_state(state, p, group["cprop_method"], share_v=share)
-                    dtype = _stats_dtype(p)
-                    for key in ("exp_avg", "exp_avg_sq"):
-                        state[key] = torch.zeros_like(
-                            p, dtype=dtype, memory_format=torch.preserve_format
-                        )
-                if group["amsgrad"] and "max_exp_avg_sq" not in state:
-                    state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
-            work.append((group, params))
-        found_finite = grads_finite([p.grad for _, ps in work for p in ps])
-        for group, params in work:
-            key = _second_key(group["cprop_method"])
-            # parameters whose v is shared and those with their own v go in separate calls
-            for shared in (True, False):
-                ps = [p for p in params if (key not in self.state[p]) == shared]
-                if ps:
-                    self._run(group, ps, found_finite, key if not shared else None)
-        return out
+    def _init_state(self, group: dict[str, Any], param: Tensor) -> None:
+        state = self.state[param]
+        if "step" not in state:
+            _init_cprop_state(state, param, group["cprop_method"], share_v=self._shares_v(group))
+            state["exp_avg"] = _zeros_stat(param)
+            state["exp_avg_sq"] = _zeros_stat(param)
+        if group["amsgrad"] and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
+
+    def _step_group(
+        self, group: dict[str, Any], params: list[Tensor], found_finite: Tensor
+    ) -> None:
+        key = _second_key(group["cprop_method"])
+        # parameters whose v is shared and those with their own v go in separate calls
+        for shared in (True, False):
+            ps = [p for p in params if (key not in self.state[p]) == shared]
+            if ps:
+                self._run(group, ps, found_finite, None if shared else key)
 
     def _run(
         self, group: dict[str, Any], params: list[Tensor], found_finite: Tensor, key: str | None
     ) -> None:
         states = [self.state[p] for p in params]
-        foreach, fused = group["foreach"], group["fused"]
         beta1, beta2 = group["betas"]
         # Note [FSDP2]: CProp is elementwise, so it runs on this rank's shards
         cprop_adam(
@@ -1801,13 +1687,9 @@ class CPropAdam(_NativeCPropBase):
             weight_decay=group["weight_decay"],
             eps=group["eps"],
             decoupled_weight_decay=group["decoupled_weight_decay"],
-            cprop_beta=group["cprop_beta"],
-            cprop_c=group["cprop_c"],
-            cprop_eps=group["cprop_eps"],
-            cdf=group["cprop_cdf"],
-            method=group["cprop_method"],
-            foreach=_default_foreach(params) if foreach is None else foreach,
-            fused=bool(fused),
+            **_native_cprop_kwargs(group),
+            foreach=_use_foreach(group, params),
+            fused=bool(group["fused"]),
         )
 
 
@@ -1939,13 +1821,7 @@ class CProp(Optimizer):
         _check_hyper(beta, c, eps, cdf, method, prefix="")
         self.optimizer = optimizer
         self.fused = bool(fused)
-        self.cprop_defaults = {
-            "cprop_beta": beta,
-            "cprop_c": c,
-            "cprop_eps": eps,
-            "cprop_cdf": cdf,
-            "cprop_method": method,
-        }
+        self.cprop_defaults = _CPropHyper(beta, c, eps, cdf, method).group_entries()
         self.cprop_state: dict[Tensor, dict[str, Tensor]] = {}
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
@@ -2037,11 +1913,7 @@ class CProp(Optimizer):
         cprop_saved = state_dict.pop("cprop_state")
         self.optimizer.load_state_dict(state_dict)
         params = _param_index_map(self.param_groups)
-        self.cprop_state = {}
-        for key, value in cprop_saved.items():
-            if not isinstance(key, int) or not 0 <= key < len(params):
-                raise ValueError(f"cprop_state has state for unknown parameter index {key!r}")
-            self.cprop_state[params[key]] = _copy_state(value, params[key])
+        self.cprop_state = _states_by_param(cprop_saved, params, "cprop_state")
         for group in self.param_groups:
             self._set_group_defaults(group)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -2061,11 +1933,9 @@ class CProp(Optimizer):
         closure whose first call returns that loss and later calls (e.g. L-BFGS line search)
         re-evaluate. ``loss`` is accepted for API uniformity and unused.
         """
-        out = None
+        out = _call_closure(closure)
         base_closure = None
         if closure is not None:
-            with torch.enable_grad():
-                out = closure()
             pending = [out]
 
             def base_closure() -> Any:
@@ -2074,35 +1944,19 @@ class CProp(Optimizer):
                 with torch.enable_grad():
                     return closure()
 
-        work = []
-        for gi, group in enumerate(self.param_groups):
-            params = []
-            for pi, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                _check_grad(p.grad, "CProp", gi, pi, p.shape)
-                params.append(p)
-                if p not in self.cprop_state:
-                    self.cprop_state[p] = {}
-                    _init_cprop_state(self.cprop_state[p], p, group["cprop_method"], False)
-            work.append((group, params))
-        found_finite = grads_finite([p.grad for _, ps in work for p in ps])
+        work, found_finite = _collect(self.param_groups, "CProp", self._init_state)
         if self.fused:
             return self._fused_step(work, found_finite, base_closure, out)
         for group, params in work:
-            if not params:
-                continue
-            states = [self.cprop_state[p] for p in params]
-            cprop_update_(
-                _shards([p.grad for p in params]),
-                _shards([st["cprop_exp_avg"] for st in states]),
-                _shards([st[_second_key(group["cprop_method"])] for st in states]),
-                [st["step"] for st in states],
-                found_finite=found_finite,
-                beta=group["cprop_beta"],
-                method=group["cprop_method"],
-                foreach=_default_foreach(params),
-            )
+            if params:
+                cprop_update_(
+                    _shards([p.grad for p in params]),
+                    *self._statistics(group, params),
+                    found_finite=found_finite,
+                    beta=group["cprop_beta"],
+                    method=group["cprop_method"],
+                    foreach=_default_foreach(params),
+                )
         # statistics are read before the base steps, so a base that writes into p.grad (torch's
         # never do) cannot change them
         snapshots = [[p.clone() for p in _shards(params)] for _, params in work]
@@ -2114,22 +1968,32 @@ class CProp(Optimizer):
         for (group, params), olds in zip(work, snapshots, strict=True):
             if not params:
                 continue
-            states = [self.cprop_state[p] for p in params]
             scales = cprop_scales(
-                _shards([st["cprop_exp_avg"] for st in states]),
-                _shards([st[_second_key(group["cprop_method"])] for st in states]),
-                [st["step"] for st in states],
+                *self._statistics(group, params),
                 found_finite=found_finite,
-                beta=group["cprop_beta"],
-                c=group["cprop_c"],
-                eps=group["cprop_eps"],
-                cdf=group["cprop_cdf"],
-                method=group["cprop_method"],
+                **_cprop_hyper(group)._asdict(),
                 foreach=_default_foreach(params),
             )
             for p, old, s in zip(_shards(params), olds, scales, strict=True):
                 _apply_scale_(p, old, s, found_finite)
         return out
+
+    def _init_state(self, group: dict[str, Any], param: Tensor) -> None:
+        if param not in self.cprop_state:
+            self.cprop_state[param] = {}
+            _init_cprop_state(self.cprop_state[param], param, group["cprop_method"], False)
+
+    def _statistics(
+        self, group: dict[str, Any], params: list[Tensor]
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """CProp's ``m``, ``v`` (this rank's shards, Note [FSDP2]) and step counts."""
+        states = [self.cprop_state[p] for p in params]
+        key = _second_key(group["cprop_method"])
+        return (
+            _shards([st["cprop_exp_avg"] for st in states]),
+            _shards([st[key] for st in states]),
+            [st["step"] for st in states],
+        )
 
     def _fused_step(
         self,
