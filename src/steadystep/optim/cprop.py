@@ -48,6 +48,10 @@ Note [Skipping a non-finite step without a host sync]
     ``m + 0 * (0 - m)`` return their input exactly, so every statistic stays as it was and the
     next clean step equals a run without the bad batch. Bias corrections use ``max(t, 1)`` so a
     skipped first step never divides 0 by 0.
+    These gates are 0-d tensors, and a 0-d tensor passed where a foreach op takes a *Scalar*
+    (``torch._foreach_lerp_(xs, ys, weight)``, ``torch._foreach_add_(xs, t)`` on CPU) is read
+    with ``.item()``: a host sync per step on CUDA. The foreach paths therefore pass them as
+    lists (``[weight] * n``, the ``Tensor[]`` overloads), which read them on the device.
 
 Note [FSDP2]
     Under ``torch.distributed.fsdp.fully_shard`` parameters, gradients and the statistics created
@@ -235,7 +239,7 @@ def _advance_steps(
         gates = _gates(ok, beta, dtype)
         keep32 = gates.keep.to(torch.float32)
         if foreach:
-            torch._foreach_add_([state_steps[i] for i in idx], keep32)
+            torch._foreach_add_([state_steps[i] for i in idx], [keep32] * len(idx))
         else:  # one add per tensor: dynamo turns a foreach add of a 0-d tensor into a sync
             for i in idx:
                 state_steps[i].add_(keep32)
@@ -416,7 +420,7 @@ def _update_stats_foreach(
     beta: float,
     method: str,
 ) -> None:
-    torch._foreach_lerp_(exp_avgs, raws, gates.cprop_weight)
+    torch._foreach_lerp_(exp_avgs, raws, [gates.cprop_weight] * len(raws))
     if seconds is None:
         return
     torch._foreach_mul_(seconds, gates.cprop_beta)
@@ -704,7 +708,7 @@ def _multi_tensor_cprop_adam(
         raws = [_sanitised(grad, ok, dtype) for grad in ts.grads]
         dirs = _with_weight_decay_foreach(raws, ts.params, l2, gates.keep)
         _update_stats_foreach(cms, cvs, raws, gates, beta=cprop.beta, method=cprop.method)
-        torch._foreach_lerp_(ms, dirs, _gate(ok, 1.0 - beta1, 0.0, dtype))
+        torch._foreach_lerp_(ms, dirs, [_gate(ok, 1.0 - beta1, 0.0, dtype)] * len(ms))
         torch._foreach_mul_(vs, _gate(ok, beta2, 1.0, dtype))
         torch._foreach_addcmul_(vs, dirs, dirs, value=1 - beta2)
         bias_correction1 = _bias_corrections_foreach(beta1, times)
@@ -901,7 +905,7 @@ def _advance_to_coefficient_rows(
     steps: list[Tensor], found_finite: Tensor, *, adam: _AdamHyper, cprop: _CPropHyper
 ) -> list[Tensor]:
     """Advance the step counts (by 0 when skipped), then one :data:`_COEFS` row per tensor."""
-    torch._foreach_add_(steps, found_finite.to(torch.float32))
+    torch._foreach_add_(steps, [found_finite.to(torch.float32)] * len(steps))
     coefs = _adam_coefficients(torch.stack(steps), found_finite, adam=adam, cprop=cprop)
     return [row.clone() for row in coefs]  # no storage offsets: they would specialise
 
