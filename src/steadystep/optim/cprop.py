@@ -240,7 +240,7 @@ def _advance_steps(
         keep32 = gates.keep.to(torch.float32)
         if foreach:
             torch._foreach_add_([state_steps[i] for i in idx], [keep32] * len(idx))
-        else:  # one add per tensor: dynamo turns a foreach add of a 0-d tensor into a sync
+        else:
             for i in idx:
                 state_steps[i].add_(keep32)
         out.append((idx, dtype, ok, gates))
@@ -292,6 +292,8 @@ def _bias_corrections_foreach(beta: float, ts: list[Tensor]) -> list[Tensor]:
 # --------------------------------------------------------------------------------------------
 # CProp statistics and scale: reference (one tensor at a time) and foreach
 # --------------------------------------------------------------------------------------------
+
+
 def _confidence_(x: Tensor, cdf: str) -> Tensor:
     """``2 |Phi(0; m, se) - 1/2|`` from ``x = |m| / se >= 0``, in place on ``x``."""
     if cdf == "normal":
