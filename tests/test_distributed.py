@@ -366,7 +366,8 @@ def test_fsdp2_cprop_on_shards_matches_a_replica_and_skips_nan_on_every_rank(fsd
         # reduce-scatter averages in another order than the replica's all-reduce: tolerance
         for a, b in zip(run["params"], run["ref_params"], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert runs[0]["stats"] == runs[1]["stats"]  # stats() sums the shards over ranks
+    for run in runs:  # stats() covers this rank's shards (no collective)
+        assert 0 < run["stats"]["mean_scale"] <= 1
     assert runs[0]["moved"]
 
 

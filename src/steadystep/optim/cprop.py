@@ -57,10 +57,10 @@ Note [FSDP2]
     Under ``torch.distributed.fsdp.fully_shard`` parameters, gradients and the statistics created
     ``zeros_like`` them are DTensors. CProp is elementwise, so the classes hand the functional
     cores this rank's shards (``local_tensor``: aliases, in-place ops write the DTensors); step
-    counts stay plain 0-d tensors. Only two things need the other ranks: ``found_finite`` (a NaN
-    in one rank's shard must make every rank skip, or the shards of one parameter would drift
-    apart: one all-reduce of a 0-d flag per step, see :func:`grads_finite`) and ``stats()``
-    (the shards' sums, one all-reduce per call).
+    counts stay plain 0-d tensors. Only ``found_finite`` needs the other ranks: a NaN in one
+    rank's shard must make every rank skip, or the shards of one parameter would drift apart
+    (one all-reduce of a 0-d flag per step, see :func:`grads_finite`). ``stats()`` covers this
+    rank's shards, with no collective (as ALeRA's), so a Monitor on one rank cannot hang.
 """
 
 from __future__ import annotations
@@ -1302,42 +1302,34 @@ def _group_stats(
 ) -> dict[str, Tensor]:
     """Mean scale and fraction of elements with ``s < 0.5``, per group and overall (0-d).
 
-    Under FSDP2 each rank sums over its shards and the sums are added over ranks in one
-    all-reduce (Note [FSDP2]), so every rank reports the whole tensors' figures.
+    Under FSDP2 they cover this rank's shards (Note [FSDP2]): no collective, as in ALeRA's
+    stats, so a Monitor on one rank alone cannot hang the others.
     """
-    rows: list[tuple[int, Tensor, int]] = []  # (group index, [sum of s, count below 1/2], n)
-    sharded = False
+    out: dict[str, Tensor] = {}
+    totals: list[tuple[Tensor, Tensor, int]] = []
     for gi, group in enumerate(groups):
         sums, belows, count = [], [], 0
         for p in group["params"]:
             st = state_of(p)
             if not st or "cprop_exp_avg" not in st:
                 continue
-            m = st["cprop_exp_avg"]
+            m = local_tensor(st["cprop_exp_avg"])
             second = st.get(_second_key(group["cprop_method"]), st.get("exp_avg_sq"))
-            local_m = local_tensor(m)
-            sharded = sharded or local_m is not m
-            keep = torch.ones((), dtype=m.dtype, device=local_m.device)
-            s = _scale_one(local_m, local_tensor(second), st["step"], keep, _cprop_hyper(group))
+            keep = torch.ones((), dtype=m.dtype, device=m.device)
+            s = _scale_one(m, local_tensor(second), st["step"], keep, _cprop_hyper(group))
             sums.append(s.sum(dtype=torch.float32))
             belows.append((s < 0.5).sum(dtype=torch.float32))
-            count += m.numel()  # a DTensor's numel is the whole tensor's
-        if count:
-            rows.append(
-                (gi, torch.stack([torch.stack(sums).sum(), torch.stack(belows).sum()]), count)
-            )
-    if not rows:
-        return {}
-    totals = torch.stack([row for _, row, _ in rows])
-    if sharded:
-        totals = all_reduce_sum(totals)
-    out: dict[str, Tensor] = {}
-    for (gi, _, count), (total, below) in zip(rows, totals, strict=True):
+            count += s.numel()
+        if count == 0:
+            continue
+        total, below = torch.stack(sums).sum(), torch.stack(belows).sum()
         out[f"group{gi}.mean_scale"] = total / count
         out[f"group{gi}.frac_scale_below_half"] = below / count
-    n = sum(count for _, _, count in rows)
-    out["mean_scale"] = totals[:, 0].sum() / n
-    out["frac_scale_below_half"] = totals[:, 1].sum() / n
+        totals.append((total, below, count))
+    if totals:
+        n = sum(c for _, _, c in totals)
+        out["mean_scale"] = torch.stack([t for t, _, _ in totals]).sum() / n
+        out["frac_scale_below_half"] = torch.stack([b for _, b, _ in totals]).sum() / n
     return out
 
 
