@@ -181,3 +181,28 @@ def test_salera_claims_state_grid_counts_and_rule():
     assert S._claims(summary)[0]["verdict"] == "not reproduced"
     summary["setup"]["epochs"] = 10
     assert "after 10" in S._claims(summary)[0]["measured"]
+
+
+def test_salera_table_verdict_compares_at_an_equal_search_budget():
+    """ALeRA's best of 6 settings beating baselines tried once is selection, not a result."""
+
+    def summary(alera_err, agadam_err):
+        best = {
+            "Adam": {"final_mean": 33.0},
+            "NAG": {"final_mean": 35.0},
+            "ALeRA": {"final_mean": alera_err},
+            "Ag-Adam": {"final_mean": agadam_err},
+        }
+        per_setting = {"Adam": [{}], "NAG": [{}], "ALeRA": [{}] * 6, "Ag-Adam": [{}]}
+        return {
+            "failures": {"ALeRA": {"runs": 0}, "SALeRA": {"runs": 0}},
+            "best": {"M2": best},
+            "per_setting": {"M2": per_setting},
+            "setup": {"epochs": 20},
+        }
+
+    (claim,) = S._claims(summary(alera_err=27.0, agadam_err=40.0))
+    assert claim["verdict"] == "not reproduced"  # the 1-setting agnostic algorithm lost
+    assert "equal search budget (1 setting(s)) best agnostic Ag-Adam 40.00%" in claim["measured"]
+    (claim,) = S._claims(summary(alera_err=27.0, agadam_err=32.0))
+    assert claim["verdict"] == "reproduced"
