@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 __all__ = [
     "band_plot",
@@ -116,3 +118,19 @@ def save(fig: Any, path: Path) -> str:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt().close(fig)
     return str(path)
+
+
+@torch.no_grad()
+def evaluate_classifier(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 2000
+) -> tuple[float, float]:
+    """Mean cross-entropy and error rate of ``model`` on ``(x, y)``, in eval mode, by chunks."""
+    model.eval()
+    losses, errors = [], []
+    for i in range(0, len(y), chunk):
+        logits = model(x[i : i + chunk])
+        losses.append(F.cross_entropy(logits, y[i : i + chunk], reduction="sum"))
+        errors.append((logits.argmax(1) != y[i : i + chunk]).sum())
+    model.train()
+    n = len(y)
+    return float(torch.stack(losses).sum()) / n, float(torch.stack(errors).sum()) / n

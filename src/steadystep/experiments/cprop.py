@@ -210,18 +210,6 @@ def cprop_scales(opt: Any) -> torch.Tensor | None:
     return torch.cat(out) if out else None
 
 
-@torch.no_grad()
-def _evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    model.eval()
-    losses, errors = [], []
-    for i in range(0, len(y), 2000):
-        logits = model(x[i : i + 2000])
-        losses.append(F.cross_entropy(logits, y[i : i + 2000], reduction="sum"))
-        errors.append((logits.argmax(1) != y[i : i + 2000]).sum())
-    model.train()
-    return float(torch.stack(losses).sum()) / len(y), float(torch.stack(errors).sum()) / len(y)
-
-
 def run(spec: RunSpec, ctx: RunContext) -> tuple[RunLog, dict[str, Any]]:
     cfg = spec.config
     data = _data(cfg, ctx)
@@ -241,8 +229,8 @@ def run(spec: RunSpec, ctx: RunContext) -> tuple[RunLog, dict[str, Any]]:
 
     def snapshot(step: int) -> dict[str, float]:
         row: dict[str, float] = {}
-        row["train_loss"], _ = _evaluate(model, x_train, y_train)
-        row["test_loss"], row["test_error"] = _evaluate(model, x_test, y_test)
+        row["train_loss"], _ = C.evaluate_classifier(model, x_train, y_train)
+        row["test_loss"], row["test_error"] = C.evaluate_classifier(model, x_test, y_test)
         scales = cprop_scales(opt)
         if scales is not None and scales.numel():
             row["mean_scale"] = float(scales.mean())

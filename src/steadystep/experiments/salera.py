@@ -261,19 +261,6 @@ def _alarms(opt: Any) -> float:
     return math.nan
 
 
-@torch.no_grad()
-def _evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    model.eval()
-    losses, errors = [], []
-    for i in range(0, len(y), 2000):
-        logits = model(x[i : i + 2000])
-        losses.append(F.cross_entropy(logits, y[i : i + 2000], reduction="sum"))
-        errors.append((logits.argmax(1) != y[i : i + 2000]).sum())
-    model.train()
-    n = len(y)
-    return float(torch.stack(errors).sum()) / n, float(torch.stack(losses).sum()) / n
-
-
 def run(spec: RunSpec, ctx: RunContext) -> tuple[RunLog, dict[str, Any]]:
     cfg = spec.config
     data = _data(cfg, ctx)
@@ -293,7 +280,7 @@ def run(spec: RunSpec, ctx: RunContext) -> tuple[RunLog, dict[str, Any]]:
     cols += [f"lr_{i}" for i in range(n_groups)]
     log = RunLog(cols)
     eval_every = max(1, steps_per_epoch // cfg["evals_per_epoch"])
-    err0, tl0 = _evaluate(model, x_test, y_test)
+    tl0, err0 = C.evaluate_classifier(model, x_test, y_test)
     log.append(step=0, epoch=0.0, test_error=err0, test_loss=tl0, **_lr_cols(layer_lrs(opt)))
     errors_at: dict[int, float] = {}
     step = 0
@@ -312,7 +299,7 @@ def run(spec: RunSpec, ctx: RunContext) -> tuple[RunLog, dict[str, Any]]:
             row: dict[str, float] = {"step": step, "epoch": step / steps_per_epoch}
             row["loss"] = float(loss.detach())
             if step % eval_every == 0 or b == steps_per_epoch - 1:
-                row["test_error"], row["test_loss"] = _evaluate(model, x_test, y_test)
+                row["test_loss"], row["test_error"] = C.evaluate_classifier(model, x_test, y_test)
                 row["alarms"] = _alarms(opt)
             log.append(**row, **_lr_cols(layer_lrs(opt)))
             if step % 25 == 0:
