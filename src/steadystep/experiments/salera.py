@@ -197,26 +197,17 @@ def make_optimizer(alg: str, model: torch.nn.Module, hp: dict[str, Any], rho: fl
         return ss.AgAdam(ss.layer_groups(model), lr=lr, alpha=hp["alpha"], C=hp["C"])
     if alg == "ALeRA":
         return ss.ALeRA(ss.layer_groups(model), lr=lr, alpha=hp["alpha"], C=hp["C"])
-    if alg == "SALeRA":
-        return ss.SALeRA(
+    if alg in ("SALeRA", "SPALeRA"):
+        # Same guard settings for both; SPALeRA's per-element rates are summarised per layer.
+        guarded = ss.SALeRA if alg == "SALeRA" else ss.SPALeRA
+        return guarded(
             ss.layer_groups(model),
             lr=lr,
             alpha=hp["alpha"],
             C=hp["C"],
             ph_lambda=0.1,
             rho=rho,
-            min_lr=0.0,
-        )
-    if alg == "SPALeRA":
-        # One param group: its per-element rates are summarised per layer in the log.
-        return ss.SPALeRA(
-            ss.layer_groups(model),
-            lr=lr,
-            alpha=hp["alpha"],
-            C=hp["C"],
-            ph_lambda=0.1,
-            rho=rho,
-            min_lr=0.0,
+            min_lr=0.0,  # a run goes on instead of raising TrainingDiverged
         )
     raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {alg!r}")
 
