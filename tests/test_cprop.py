@@ -310,6 +310,52 @@ def test_fused_compiled_equals_reference(kw):
             torch.testing.assert_close(sa[key], sb[key], atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"momentum": 0.9},
+        {"momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
+        {"momentum": 0.9, "dampening": 0.3, "weight_decay": 0.01, "cprop_beta": 0.99},
+        {"momentum": 0.5, "method": "relative", "cprop_c": 3.0, "cdf": "bfo"},
+    ],
+    ids=["plain", "momentum", "nesterov-wd", "dampening-own-beta", "relative"],
+)
+def test_fused_sgd_compiled_equals_reference(kw):
+    """Params, momentum buffers and CProp's statistics, with a non-finite step in the middle."""
+    a, b = mlp(F64), mlp(F64)
+    ref = ss.CPropSGD(a.parameters(), lr=0.1, **kw)
+    fused = ss.CPropSGD(b.parameters(), lr=0.1, **kw, fused=True)
+    x, y = data(F64)
+    for i in range(12):
+        for model, opt in ((a, ref), (b, fused)):
+            xb, yb = batch(i, x, y)
+            opt.zero_grad()
+            (model(xb) - yb).pow(2).mean().backward()
+            if i == 5:
+                next(model.parameters()).grad[0, 0] = math.inf
+            opt.step()
+    assert_params(a, b, atol=1e-12)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        sa, sb = ref.state[pa], fused.state[pb]
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            torch.testing.assert_close(sa[key], sb[key], atol=1e-12, rtol=0)
+    assert fused.state[pb]["step"].item() == 11  # the non-finite step was skipped
+
+
+def test_fused_sgd_float32_bf16_train():
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = mlp(dtype), mlp(dtype)
+        ref = ss.CPropSGD(a.parameters(), lr=0.1, momentum=0.9)
+        fused = ss.CPropSGD(b.parameters(), lr=0.1, momentum=0.9, fused=True)
+        train(a, ref, 10, dtype=dtype)
+        train(b, fused, 10, dtype=dtype)
+        atol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert_params(a, b, atol=atol)
+        assert fused.state[next(b.parameters())]["momentum_buffer"].dtype == torch.float32
+
+
 # --------------------------------------------------------------------------------------------
 # c -> inf is the bare optimizer, bitwise
 # --------------------------------------------------------------------------------------------
@@ -483,6 +529,7 @@ def test_native_invalid_hyperparameters(cls, arg, value):
         (ss.CPropAdam, {"eps": -1.0}),
         (ss.CPropAdamW, {"weight_decay": -0.1}),
         (ss.CPropAdamW, {"foreach": True, "fused": True}),
+        (ss.CPropSGD, {"foreach": True, "fused": True}),
     ],
 )
 def test_native_invalid_base_hyperparameters(cls, kw):
@@ -528,6 +575,9 @@ ALL = {
     ),
     "CPropAdam-wd": lambda ps: ss.CPropAdam(ps, lr=1e-2, weight_decay=0.1),
     "CPropAdamW-fused": lambda ps: ss.CPropAdamW(ps, lr=1e-2, fused=True),
+    "CPropSGD-fused": lambda ps: ss.CPropSGD(
+        ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1, fused=True
+    ),
     "wrapper-fused": lambda ps: ss.CProp(torch.optim.AdamW(ps, lr=1e-2), fused=True),
 }
 
@@ -575,6 +625,26 @@ def test_nonfinite_gradient_is_skipped_exactly(name, bad_at):
         return
     assert_params(clean_model, dirty_model)
     assert_state_equal(_roundtrip(clean.state_dict()), _roundtrip(dirty.state_dict()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, F64])
+def test_grads_finite_is_exact_at_the_dtype_limits(dtype):
+    """The largest finite values are finite (a sum would overflow); NaN, inf, -inf are not."""
+    big = torch.finfo(dtype).max
+    grads = [torch.full((1000,), big, dtype=dtype), torch.full((7,), -big, dtype=dtype)]
+    assert bool(C.grads_finite(grads))
+    assert bool(C.grads_finite([*grads, torch.empty(0, dtype=dtype)]))
+    assert bool(C.grads_finite([torch.empty(0), torch.empty(0, 3)]))
+    assert bool(C.grads_finite([]))
+    for bad in (math.nan, math.inf, -math.inf):
+        for where in (0, 999):
+            poisoned = grads[0].clone()
+            poisoned[where] = bad
+            assert not bool(C.grads_finite([grads[1], poisoned]))
+    mixed = [torch.ones(3, dtype=dtype), torch.ones(2, dtype=F64)]
+    assert bool(C.grads_finite(mixed))
+    mixed[1][0] = math.nan
+    assert not bool(C.grads_finite(mixed))
 
 
 def test_wrapper_nonfinite_keeps_cprop_statistics():
@@ -729,9 +799,10 @@ def test_stats_are_0d_tensors_in_unit_interval():
         assert stats["mean_scale"] < 1.0
 
 
-def test_fused_changing_lr_does_not_recompile():
+@pytest.mark.parametrize("cls", [ss.CPropAdamW, ss.CPropSGD])
+def test_fused_changing_lr_does_not_recompile(cls):
     model = mlp()
-    opt = ss.CPropAdamW(model.parameters(), lr=1e-2, fused=True)
+    opt = cls(model.parameters(), lr=1e-2, fused=True)
     train(model, opt, 2)
     with torch._dynamo.config.patch(error_on_recompile=True):
         for lr in (5e-3, 1e-3):

@@ -144,21 +144,25 @@ def _check_grad(grad: Tensor, owner: str, group_index: int, param_index: int, sh
 def grads_finite(grads: list[Tensor]) -> Tensor:
     """0-d bool tensor: every element of every gradient is finite (no host sync).
 
-    The sum of a tensor is finite exactly when all its elements are (``inf - inf`` is NaN), up
-    to an overflow of the sum itself, which would need gradients near ``1e38 / numel``.
-    Low-precision gradients are summed in fp32 so that a large fp16 sum does not overflow.
+    A tensor is finite exactly when its smallest and largest elements are: ``aminmax``
+    propagates NaN and returns -inf / inf where they occur. One reduction per tensor, exact for
+    every dtype (a sum would overflow on large finite values), and no slower than a sum.
+    Empty tensors are finite and are skipped (``aminmax`` has no identity).
 
     DTensor gradients (FSDP2) are read on this rank's shards and the flag is combined over
     ranks in one all-reduce of a 0-d tensor, so every rank decides alike (Note [FSDP2]).
     """
-    if not grads:
-        return torch.ones((), dtype=torch.bool)
     shards = [local_tensor(g) for g in grads]
-    sums = [
-        g.sum(dtype=torch.float32) if g.dtype in _LOW_PRECISION else g.sum().to(torch.float64)
-        for g in shards
-    ]
-    ok = torch.stack(sums).sum().isfinite() if len(sums) > 1 else sums[0].isfinite()
+    by_dtype: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for g in shards:
+        if g.numel():
+            by_dtype.setdefault((g.device, g.dtype), []).extend(torch.aminmax(g))
+    flags = [torch.stack(extremes).isfinite().all() for extremes in by_dtype.values()]
+    if not flags:
+        device = shards[0].device if shards else torch.device("cpu")
+        ok = torch.ones((), dtype=torch.bool, device=device)
+    else:
+        ok = flags[0] if len(flags) == 1 else torch.stack(flags).all()
     if any(s is not g for s, g in zip(shards, grads, strict=True)):  # some were DTensors
         ok = all_reduce_sum((~ok).to(torch.float32)) == 0
     return ok
@@ -614,9 +618,17 @@ def cprop_sgd(
     cdf: str,
     method: str,
     foreach: bool = False,
+    fused: bool = False,
 ) -> None:
-    """Functional :class:`CPropSGD`: SGD's update scaled per element by CProp, in place."""
-    fn = _multi_tensor_cprop_sgd if foreach else _single_tensor_cprop_sgd
+    """Functional :class:`CPropSGD`: SGD's update scaled per element by CProp, in place.
+
+    ``fused`` runs one torch.compile-generated loop per tensor (Note [Fused path]); else
+    ``foreach`` picks ``torch._foreach_*`` ops over the per-tensor reference loop.
+    """
+    if fused:
+        fn = _fused_cprop_sgd
+    else:
+        fn = _multi_tensor_cprop_sgd if foreach else _single_tensor_cprop_sgd
     fn(
         _SGDTensors(
             params, grads, momentum_buffers, cprop_exp_avgs, cprop_exp_avg_sqs, state_steps
@@ -1130,8 +1142,25 @@ def _compiled(name: str, fn: Callable[..., None], numel: int) -> Callable[..., N
         code = fn.__code__.replace(co_name=f"{fn.__name__}_{'dynamic' if dynamic else 'static'}")
         twin = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__)
         twin.__kwdefaults__ = fn.__kwdefaults__
-        _COMPILED[key] = torch.compile(twin, dynamic=dynamic, fullgraph=True)
+        _COMPILED[key] = torch.compile(
+            twin, dynamic=dynamic, fullgraph=True, options=_inductor_options()
+        )
     return _COMPILED[key]
+
+
+def _inductor_options() -> dict[str, Any]:
+    """Let the C++ compiler contract ``a * b + c`` into fused multiply-adds on CPU.
+
+    The CPU loop is compute-bound (Note [Fused path]) and most of its arithmetic is EMAs and a
+    polynomial, i.e. multiply-adds: contraction makes the step about 10% faster and each of
+    them exact before rounding. Triton contracts by default; torch versions without the
+    setting keep their default.
+    """
+    import torch._inductor.config as inductor_config  # imported by torch.compile anyway
+
+    if hasattr(inductor_config.cpp, "enable_floating_point_contract_flag"):
+        return {"cpp.enable_floating_point_contract_flag": "fast"}
+    return {}
 
 
 def _launch(
@@ -1179,6 +1208,102 @@ def _fused_cprop_adam(
         _launch(
             "adam",
             _fused_adam_kernel,
+            list(zip(*flats, rows, [ok] * len(idx), strict=True)),
+            **static,
+        )
+
+
+# SGD's momentum coefficients, appended to the _COEFS rows of the SGD kernel: the buffer moves
+# as buf <- a * buf + b * d with (a, b) = (0, 1) on the first clean step (torch.optim.SGD starts
+# the buffer at d), (momentum, 1 - dampening) after, (1, 0) on a skipped step.
+_SGD_COEFS = ("momentum_a", "momentum_b", "momentum")
+_SGD_K = {name: len(_COEFS) + i for i, name in enumerate(_SGD_COEFS)}
+
+
+def _sgd_coefficient_rows(
+    steps: list[Tensor], found_finite: Tensor, *, sgd: _SGDHyper, cprop: _CPropHyper
+) -> list[Tensor]:
+    """Advance the step counts, then one row of :data:`_COEFS` + :data:`_SGD_COEFS` per tensor.
+
+    SGD is Adam's row with ``beta1 = 0`` (so ``neg_step_size = -lr``) and the L2 weight decay
+    column, plus the momentum columns.
+    """
+    torch._foreach_add_(steps, [found_finite.to(torch.float32)] * len(steps))
+    stacked = torch.stack(steps)
+    l2 = _AdamHyper(sgd.lr, 0.0, 0.0, 0.0, sgd.weight_decay, False, False)
+    coefs = _adam_coefficients(stacked, found_finite, adam=l2, cprop=cprop)
+    keep = found_finite.to(torch.float64)
+    first = coefs[:, _K["first"]]
+    gated_momentum = keep * (sgd.momentum - 1) + 1
+    momentum_a = gated_momentum * (1 - first)
+    momentum_b = (keep * (1 - sgd.dampening)) * (1 - first) + first
+    momentum = torch.full_like(first, sgd.momentum)
+    extra = torch.stack([momentum_a, momentum_b, momentum], dim=1)
+    return [row.clone() for row in torch.cat([coefs, extra], dim=1)]
+
+
+def _fused_sgd_kernel(
+    param: Tensor,
+    grad: Tensor,
+    momentum_buffer: Tensor | None,
+    cprop_exp_avg: Tensor,
+    cprop_second: Tensor,
+    coef: Tensor,
+    found_finite: Tensor,
+    *,
+    weight_decay: bool,
+    nesterov: bool,
+    cdf: str,
+    method: str,
+    c_is_inf: bool,
+    c_is_one: bool,
+    eps_is_zero: bool,
+) -> None:
+    """SGD's whole per-element update with CProp's scale, one loop (Note [Fused path])."""
+    dtype = cprop_exp_avg.dtype
+    k = coef.to(dtype)
+    p = param.to(dtype)
+    raw = torch.where(found_finite, grad.to(dtype), 0)
+    d = torch.where(found_finite, raw + k[_K["weight_decay"]] * p, 0) if weight_decay else raw
+    cm, cv = _fused_cprop_stats(cprop_exp_avg, cprop_second, raw, k, method)
+    buf = None
+    if momentum_buffer is not None:
+        buf = momentum_buffer * k[_SGD_K["momentum_a"]] + k[_SGD_K["momentum_b"]] * d
+        d = d + k[_SGD_K["momentum"]] * buf if nesterov else buf
+    s = _fused_scale(
+        cm,
+        cv,
+        k,
+        cdf=cdf,
+        method=method,
+        c_is_inf=c_is_inf,
+        c_is_one=c_is_one,
+        eps_is_zero=eps_is_zero,
+    )
+    # s = 0 on a skipped step; the select also keeps p where s * update would not be finite
+    param.copy_(torch.where(found_finite, p + s * (k[_K["neg_step_size"]] * d), p))
+    if momentum_buffer is not None:
+        momentum_buffer.copy_(buf)
+    cprop_exp_avg.copy_(cm)
+    cprop_second.copy_(cv)
+
+
+def _fused_cprop_sgd(
+    tensors: _SGDTensors, *, found_finite: Tensor, sgd: _SGDHyper, cprop: _CPropHyper
+) -> None:
+    static = {
+        "weight_decay": sgd.weight_decay != 0,
+        "nesterov": sgd.nesterov,
+        **_scale_flags(cprop),
+    }
+    for (device, _), idx in _group_by_dtype(tensors.cprop_exp_avgs).items():
+        ok = found_finite.to(device)
+        ts = _select(tensors, idx)
+        rows = _sgd_coefficient_rows(ts.state_steps, ok, sgd=sgd, cprop=cprop)
+        flats = [_flat_shards(xs, len(idx)) for xs in ts[:-1]]  # all but the step counts
+        _launch(
+            "sgd",
+            _fused_sgd_kernel,
             list(zip(*flats, rows, [ok] * len(idx), strict=True)),
             **static,
         )
@@ -1467,6 +1592,9 @@ class CPropSGD(_NativeCPropBase):
         weight_decay (float): L2 penalty added to the gradient SGD sees (default: 0).
         nesterov (bool): Nesterov momentum (default: False).
     <CPROP_ARGS>
+        fused (bool, optional): one torch.compile-generated kernel per tensor (CPU or CUDA;
+            the first step compiles, which takes seconds) (default: None = False).
+
     State per parameter: ``step`` (0-d float32), ``cprop_exp_avg``, ``cprop_exp_avg_sq``
     (``cprop_exp_avg_abs`` for ``method="relative"``) and ``momentum_buffer`` when
     ``momentum != 0``; fp32 for bf16/fp16 parameters.
@@ -1497,7 +1625,10 @@ class CPropSGD(_NativeCPropBase):
         cdf: str = "normal",
         method: str = "conformity",
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
+        if foreach and fused:
+            raise ValueError("foreach and fused cannot both be True")
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -1506,7 +1637,7 @@ class CPropSGD(_NativeCPropBase):
             "nesterov": nesterov,
             **_CPropHyper(cprop_beta, cprop_c, cprop_eps, cdf, method).group_entries(),
             "foreach": foreach,
-            "fused": None,
+            "fused": fused,
         }
         super().__init__(params, defaults)
 
@@ -1549,6 +1680,7 @@ class CPropSGD(_NativeCPropBase):
             nesterov=group["nesterov"],
             **_native_cprop_kwargs(group),
             foreach=_use_foreach(group, params),
+            fused=bool(group["fused"]),
         )
 
 
