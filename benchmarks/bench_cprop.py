@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,13 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
 import steadystep as ss  # noqa: E402
-from common import machine_info, print_table, time_interleaved, write_result  # noqa: E402
+from common import (  # noqa: E402
+    machine_info,
+    paired_ratios,
+    print_table,
+    time_interleaved_samples,
+    write_result,
+)
 from steadystep.optim.cprop import grads_finite  # noqa: E402
 
 
@@ -54,6 +61,9 @@ def make_params(shapes, device) -> list[torch.nn.Parameter]:
     return params
 
 
+SGD_BASELINE = "torch SGD momentum (default path)"
+
+
 def variants(shapes, device, *, quick: bool) -> dict[str, Callable[[], Any]]:
     out: dict[str, Callable[[], Any]] = {}
 
@@ -82,6 +92,14 @@ def variants(shapes, device, *, quick: bool) -> dict[str, Callable[[], Any]]:
         lambda ps: ss.CProp(torch.optim.AdamW(ps, lr=1e-3, fused=True), fused=True),
     )
     add("CProp(AdamW for-loop) wrapper", lambda ps: ss.CProp(torch.optim.AdamW(ps, lr=1e-3)))
+    add(SGD_BASELINE, lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9))
+    add("CPropSGD fused (momentum)", lambda ps: ss.CPropSGD(ps, lr=1e-2, momentum=0.9, fused=True))
+    if not quick:
+        add("CPropSGD default path (momentum)", lambda ps: ss.CPropSGD(ps, lr=1e-2, momentum=0.9))
+    add(
+        "CProp(SGD momentum, fused=True) wrapper",
+        lambda ps: ss.CProp(torch.optim.SGD(ps, lr=1e-2, momentum=0.9), fused=True),
+    )
     grads = [p.grad for p in make_params(shapes, device)]
     out["non-finite check alone (grads_finite)"] = lambda: grads_finite(grads)
     return out
@@ -92,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--widths", type=int, nargs="+", default=[2048, 4096, 2048, 16])
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--inner", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="fewer variants")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -108,9 +126,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shapes, label = mlp_shapes(args.widths), f"MLP {args.widths}"
     n_params = sum(torch.Size(s).numel() for s in shapes)
     fns = variants(shapes, device, quick=args.quick)
-    times = time_interleaved(fns, device=device, repeats=args.repeats, inner=args.inner)
-    base = times["torch AdamW fused=True"]
-    rows = [(name, t, t / base) for name, t in times.items()]
+    samples = time_interleaved_samples(fns, device=device, repeats=args.repeats, inner=args.inner)
+    times = {name: statistics.median(s) for name, s in samples.items()}
+    ratios = paired_ratios(samples, "torch AdamW fused=True")
+    rows = [(name, times[name], ratios[name]) for name in times]
     print_table(f"CProp step on {label}: {n_params / 1e6:.1f}M params, {device}", rows)
     payload = {
         "benchmark": args.name,
@@ -120,10 +139,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "n_tensors": len(shapes),
         "baseline": "torch AdamW fused=True",
         "median_seconds": times,
-        "ratio_vs_fused_adamw": {name: t / base for name, t in times.items()},
-        "ratio_vs_forloop_adamw": {
-            name: t / times["torch AdamW for-loop"] for name, t in times.items()
+        "ratio_vs_fused_adamw": ratios,
+        "ratio_vs_forloop_adamw": paired_ratios(samples, "torch AdamW for-loop"),
+        "ratio_vs_sgd_momentum": {
+            name: r for name, r in paired_ratios(samples, SGD_BASELINE).items() if "SGD" in name
         },
+        "ratio_method": "median over rounds of the ratio within a round (common.paired_ratios)",
+        "repeats": args.repeats,
         "command": "PYTHONPATH=src python benchmarks/bench_cprop.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
     }

@@ -79,15 +79,16 @@ def print_table(title: str, rows: list[tuple[str, float, float]]) -> None:
         print(f"{name:<44} {seconds * 1e3:>10.3f} {ratio:>8.2f}")
 
 
-def time_interleaved(
+def time_interleaved_samples(
     fns: dict[str, Callable[[], Any]],
     *,
     device: torch.device,
     warmup: int = 3,
     repeats: int = 9,
     inner: int = 5,
-) -> dict[str, float]:
-    """Median seconds per call of each ``fn``, timed round-robin so machine noise hits all alike."""
+) -> dict[str, list[float]]:
+    """Seconds per call of each ``fn`` in each of ``repeats`` rounds, timed round-robin so
+    machine noise hits all alike."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -96,4 +97,32 @@ def time_interleaved(
     for _ in range(repeats):
         for name, fn in fns.items():
             samples[name].append(time_fn(fn, device=device, warmup=0, repeats=1, inner=inner))
+    return samples
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]],
+    *,
+    device: torch.device,
+    warmup: int = 3,
+    repeats: int = 9,
+    inner: int = 5,
+) -> dict[str, float]:
+    """Median seconds per call of each ``fn``, timed round-robin (see time_interleaved_samples)."""
+    samples = time_interleaved_samples(
+        fns, device=device, warmup=warmup, repeats=repeats, inner=inner
+    )
     return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def paired_ratios(samples: dict[str, list[float]], baseline: str) -> dict[str, float]:
+    """Median over rounds of each variant's time over the baseline's time in the same round.
+
+    On a shared, noisy machine the speed drifts between rounds; a ratio taken within one round
+    (the calls are seconds apart) cancels that drift, where a ratio of two medians does not.
+    """
+    base = samples[baseline]
+    return {
+        name: statistics.median(t / b for t, b in zip(s, base, strict=True))
+        for name, s in samples.items()
+    }
