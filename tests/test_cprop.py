@@ -344,6 +344,50 @@ def test_fused_sgd_compiled_equals_reference(kw):
     assert fused.state[pb]["step"].item() == 11  # the non-finite step was skipped
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, F64])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: ss.CPropAdamW(ps, lr=1e-2, fused=True),
+        lambda ps: ss.CPropAdam(ps, lr=1e-2, amsgrad=True, weight_decay=0.1, fused=True),
+        lambda ps: ss.CPropSGD(ps, lr=0.1, momentum=0.9, nesterov=True, fused=True),
+        lambda ps: ss.CProp(torch.optim.AdamW(ps, lr=1e-2), fused=True),
+    ],
+    ids=["adamw", "adam-amsgrad-l2", "sgd-nesterov", "wrapper"],
+)
+def test_fused_batch_of_small_tensors_equals_one_call_per_tensor(make, dtype, monkeypatch):
+    """Note [Batching small tensors]: the concatenated call gives each tensor its own numbers."""
+    a, b = mlp(dtype), mlp(dtype)
+    batched, single = make(a.parameters()), make(b.parameters())
+
+    def run(model, opt):
+        x, y = data(dtype)
+        for i in range(6):
+            xb, yb = batch(i, x, y)
+            opt.zero_grad()
+            (model(xb) - yb).pow(2).mean().backward()
+            if i < 2:  # a parameter that joins late: its own step count, its own coefficients
+                list(model.parameters())[1].grad = None
+            opt.step()
+
+    run(a, batched)
+    monkeypatch.setattr(C, "_BATCH_NUMEL", 0)
+    run(b, single)
+    atol = {torch.float32: 1e-6, torch.bfloat16: 1e-2, F64: 1e-13}[dtype]
+    assert_params(a, b, atol=atol)
+    states = (
+        (batched.cprop_state, single.cprop_state)
+        if isinstance(batched, ss.CProp)
+        else (
+            batched.state,
+            single.state,
+        )
+    )
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        for key, value in states[0][pa].items():
+            torch.testing.assert_close(value, states[1][pb][key], atol=atol, rtol=0)
+
+
 def test_fused_sgd_float32_bf16_train():
     for dtype in (torch.float32, torch.bfloat16):
         a, b = mlp(dtype), mlp(dtype)

@@ -112,6 +112,9 @@ _BFT_HALF_K1, _BFT_HALF_K3 = 1.5976 / 2.0, 0.07056 / 2.0  # the two-term fit
 _LOGISTIC_HALF_K = math.pi / math.sqrt(3.0) / 2.0  # logistic with the normal's variance
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+# Tensors below this many elements are handled together rather than one by one (one kernel
+# call, one reduction; Note [Batching small tensors]); above it, a CPU loop gets all threads.
+_PARALLEL_NUMEL = 1 << 16
 
 
 def _stats_dtype(param: Tensor) -> torch.dtype:
@@ -153,11 +156,16 @@ def grads_finite(grads: list[Tensor]) -> Tensor:
     ranks in one all-reduce of a 0-d tensor, so every rank decides alike (Note [FSDP2]).
     """
     shards = [local_tensor(g) for g in grads]
-    by_dtype: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    extremes: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    small: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for g in shards:
-        if g.numel():
-            by_dtype.setdefault((g.device, g.dtype), []).extend(torch.aminmax(g))
-    flags = [torch.stack(extremes).isfinite().all() for extremes in by_dtype.values()]
+        if g.numel() >= _PARALLEL_NUMEL:
+            extremes.setdefault((g.device, g.dtype), []).extend(torch.aminmax(g))
+        elif g.numel():
+            small.setdefault((g.device, g.dtype), []).append(g.reshape(-1))
+    for key, gs in small.items():  # one reduction over all small tensors (a few bytes each)
+        extremes.setdefault(key, []).extend(torch.aminmax(torch.cat(gs) if len(gs) > 1 else gs[0]))
+    flags = [torch.stack(values).isfinite().all() for values in extremes.values()]
     if not flags:
         device = shards[0].device if shards else torch.device("cpu")
         ok = torch.ones((), dtype=torch.bool, device=device)
@@ -915,13 +923,12 @@ def _adam_coefficients(
     return torch.stack([columns[name] for name in _COEFS], dim=1)
 
 
-def _advance_to_coefficient_rows(
+def _advance_to_coefficients(
     steps: list[Tensor], found_finite: Tensor, *, adam: _AdamHyper, cprop: _CPropHyper
-) -> list[Tensor]:
-    """Advance the step counts (by 0 when skipped), then one :data:`_COEFS` row per tensor."""
+) -> Tensor:
+    """Advance the step counts (by 0 when skipped), then a :data:`_COEFS` row per tensor."""
     torch._foreach_add_(steps, [found_finite.to(torch.float32)] * len(steps))
-    coefs = _adam_coefficients(torch.stack(steps), found_finite, adam=adam, cprop=cprop)
-    return [row.clone() for row in coefs]  # no storage offsets: they would specialise
+    return _adam_coefficients(torch.stack(steps), found_finite, adam=adam, cprop=cprop)
 
 
 # erf for float32 in the fused kernel: Abramowitz & Stegun 7.1.28,
@@ -970,17 +977,17 @@ def _fused_scale(
     """CProp's scale from updated statistics inside compiled code; ``k`` is a :data:`_COEFS` row."""
     dtype = cm.dtype
     if c_is_inf:
-        s = k[_K["cprop_c"]] * torch.ones_like(cm)  # c is 1 here, 0 on a skipped step
+        s = k[..., _K["cprop_c"]] * torch.ones_like(cm)  # c is 1 here, 0 on a skipped step
     else:
         if method == "conformity":
             # (v_hat - m_hat^2) / (n - 1 + eps) = (cv - cm^2 / bc) / (bc (n - 1 + eps))
-            centred = cv - (cm * cm) * k[_K["inv_cprop_bias_correction"]]
-            se = torch.sqrt(torch.clamp(centred, min=0) * k[_K["variance_scale"]])
+            centred = cv - (cm * cm) * k[..., _K["inv_cprop_bias_correction"]]
+            se = torch.sqrt(torch.clamp(centred, min=0) * k[..., _K["variance_scale"]])
         elif method == "relative":
-            se = cv * k[_K["variance_scale"]]
+            se = cv * k[..., _K["variance_scale"]]
         else:
-            se = torch.sqrt(cv * k[_K["variance_scale"]])
-        se = se + k[_K["scaled_cprop_eps"]]  # se / r, see _adam_coefficients
+            se = torch.sqrt(cv * k[..., _K["variance_scale"]])
+        se = se + k[..., _K["scaled_cprop_eps"]]  # se / r, see _adam_coefficients
         if eps_is_zero:
             se = torch.clamp(se, min=torch.finfo(dtype).tiny)
         x = torch.abs(cm) / se
@@ -993,14 +1000,22 @@ def _fused_scale(
         else:
             confidence = torch.tanh(x)
         if not c_is_one:
-            confidence = torch.clamp(confidence * k[_K["cprop_c"]], max=1)
-        s = torch.maximum(confidence, k[_K["first"]])
+            confidence = torch.clamp(confidence * k[..., _K["cprop_c"]], max=1)
+        s = torch.maximum(confidence, k[..., _K["first"]])
     return s
+
+
+def _coefficients(coef: Tensor, rows: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """The coefficients in compiled code: ``coef`` is one :data:`_COEFS` row, or with ``rows``
+    the table of a batch, gathered per element (Note [Batching small tensors]); columns are
+    read as ``k[..., j]`` either way."""
+    k = coef.to(dtype)
+    return k if rows is None else k[rows]
 
 
 def _ema(old: Tensor, new: Tensor, k: Tensor, beta: str) -> Tensor:
     """``beta * old + (1 - beta) * new`` with the gated factors of row ``k`` (compiled code)."""
-    return old * k[_K[beta]] + k[_K["one_minus_" + beta]] * new
+    return old * k[..., _K[beta]] + k[..., _K["one_minus_" + beta]] * new
 
 
 def _fused_cprop_stats(
@@ -1024,6 +1039,7 @@ def _fused_adam_kernel(
     cprop_second: Tensor | None,
     coef: Tensor,
     found_finite: Tensor,
+    rows: Tensor | None = None,
     *,
     amsgrad: bool,
     decoupled: bool,
@@ -1035,18 +1051,18 @@ def _fused_adam_kernel(
 ) -> None:
     """The whole per-element update of one tensor; compiled into one loop (Note [Fused path])."""
     dtype = exp_avg.dtype
-    k = coef.to(dtype)
+    k = _coefficients(coef, rows, dtype)
     p = param.to(dtype)
     raw = torch.where(found_finite, grad.to(dtype), 0)
-    g = raw if decoupled else torch.where(found_finite, raw + k[_K["weight_decay"]] * p, 0)
+    g = raw if decoupled else torch.where(found_finite, raw + k[..., _K["weight_decay"]] * p, 0)
     # Adam; on a skipped step g = 0, beta = 1, 1 - beta = 0: the old values come back exactly
     m = _ema(exp_avg, g, k, "beta1")
     v = _ema(exp_avg_sq, g * g, k, "beta2")
     vmax = torch.maximum(max_exp_avg_sq, v) if max_exp_avg_sq is not None else v
-    denom = torch.sqrt(vmax) * k[_K["inv_bias_correction2_sqrt"]] + k[_K["eps"]]
-    update = k[_K["neg_step_size"]] * m / denom
+    denom = torch.sqrt(vmax) * k[..., _K["inv_bias_correction2_sqrt"]] + k[..., _K["eps"]]
+    update = k[..., _K["neg_step_size"]] * m / denom
     if decoupled:
-        update = update - k[_K["lr_weight_decay"]] * p
+        update = update - k[..., _K["lr_weight_decay"]] * p
     cm, cv = _fused_cprop_stats(cprop_exp_avg, cprop_second, raw, k, method)
     s = _fused_scale(
         cm,
@@ -1077,6 +1093,7 @@ def _fused_wrapper_stats_kernel(
     cprop_second: Tensor,
     coef: Tensor,
     found_finite: Tensor,
+    rows: Tensor | None = None,
     *,
     method: str,
 ) -> None:
@@ -1084,7 +1101,8 @@ def _fused_wrapper_stats_kernel(
     dtype = cprop_exp_avg.dtype
     raw = torch.where(found_finite, grad.to(dtype), 0)
     snapshot.copy_(param)
-    cm, cv = _fused_cprop_stats(cprop_exp_avg, cprop_second, raw, coef.to(dtype), method)
+    k = _coefficients(coef, rows, dtype)
+    cm, cv = _fused_cprop_stats(cprop_exp_avg, cprop_second, raw, k, method)
     cprop_exp_avg.copy_(cm)
     cprop_second.copy_(cv)
 
@@ -1096,6 +1114,7 @@ def _fused_wrapper_apply_kernel(
     cprop_second: Tensor,
     coef: Tensor,
     found_finite: Tensor,
+    rows: Tensor | None = None,
     *,
     cdf: str,
     method: str,
@@ -1108,7 +1127,7 @@ def _fused_wrapper_apply_kernel(
     s = _fused_scale(
         cprop_exp_avg,
         cprop_second,
-        coef.to(dtype),
+        _coefficients(coef, rows, dtype),
         cdf=cdf,
         method=method,
         c_is_inf=c_is_inf,
@@ -1125,7 +1144,6 @@ _COMPILED: dict[str, Callable[..., None]] = {}
 # Large tensors compile per numel (see _compiled); dynamo's default limit of 8 variants per
 # function would be hit by any real model.
 _RECOMPILE_LIMIT = 512
-_PARALLEL_NUMEL = 1 << 16
 
 
 def _compiled(name: str, fn: Callable[..., None], numel: int) -> Callable[..., None]:
@@ -1133,13 +1151,16 @@ def _compiled(name: str, fn: Callable[..., None], numel: int) -> Callable[..., N
 
     Large tensors get a static-shape kernel (one compile per numel; inductor only parallelises a
     CPU loop whose length it knows), small ones share one dynamic-shape kernel (a single thread
-    is right for them, and models with many small tensors compile once). The two variants get
-    distinct code objects, since dynamo keeps its cache on the code object.
+    is right for them, and models with many small tensors compile once). Every numel of a
+    static kernel gets its own code object, since dynamo keeps its cache on the code object and
+    tries the guards of its entries one after another: a call then checks one entry, not one per
+    shape in the model.
     """
     dynamic = numel < _PARALLEL_NUMEL
-    key = f"{name}:{'dynamic' if dynamic else 'static'}"
+    variant = "dynamic" if dynamic else f"static_{numel}"
+    key = f"{name}:{variant}"
     if key not in _COMPILED:
-        code = fn.__code__.replace(co_name=f"{fn.__name__}_{'dynamic' if dynamic else 'static'}")
+        code = fn.__code__.replace(co_name=f"{fn.__name__}_{variant}")
         twin = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__)
         twin.__kwdefaults__ = fn.__kwdefaults__
         _COMPILED[key] = torch.compile(
@@ -1163,21 +1184,98 @@ def _inductor_options() -> dict[str, Any]:
     return {}
 
 
+# Note [Batching small tensors]
+#   Calling a compiled function costs tens of microseconds of guards and wrappers, which for a
+#   bias or a norm weight is far more than its arithmetic; a transformer has a hundred such
+#   tensors. Tensors below _PARALLEL_NUMEL elements therefore go through the kernel together:
+#   their flat views are concatenated, each element reads its tensor's coefficient row through
+#   an index (``rows``), and what the kernel wrote is copied back. The copies move a few bytes
+#   per small tensor; the numbers are those of the per-tensor call, element by element.
+
+
 def _launch(
-    name: str, fn: Callable[..., None], calls: list[tuple[Any, ...]], **static: Any
+    name: str,
+    fn: Callable[..., None],
+    calls: list[tuple[Tensor | None, ...]],
+    coefs: Tensor,
+    found_finite: Tensor,
+    *,
+    writes: tuple[int, ...],
+    **static: Any,
 ) -> None:
-    """The compiled ``fn`` once per tensor; ``calls`` holds each tensor's arguments, its flat
-    parameter first (whose length picks the kernel, see :func:`_compiled`)."""
+    """The compiled ``fn`` over every tensor of a group.
+
+    ``calls`` holds each tensor's elementwise arguments, its flat parameter first (whose length
+    picks the kernel, see :func:`_compiled`); ``coefs`` their coefficient rows; ``writes`` the
+    positions of the arguments ``fn`` writes. Small tensors run as one batch (Note [Batching
+    small tensors]), the others one call each.
+    """
+    batches: dict[tuple[torch.dtype, ...], list[int]] = {}
+    alone: list[int] = []
+    for i, args in enumerate(calls):
+        if args[0].numel() < _BATCH_NUMEL and all(
+            a is None or (a.dim() == 1 and a.is_contiguous()) for a in args
+        ):
+            batches.setdefault(tuple(a.dtype for a in args if a is not None), []).append(i)
+        else:
+            alone.append(i)
     with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-        for args in calls:
-            _compiled(name, fn, args[0].numel())(*args, **static)
+        for idx in batches.values():
+            if len(idx) == 1:
+                alone += idx
+            else:
+                _launch_batch(
+                    name, fn, [calls[i] for i in idx], idx, coefs, found_finite, writes, static
+                )
+        for i in alone:
+            row = coefs[i].clone()  # no storage offset: it would specialise the kernel
+            _compiled(name, fn, calls[i][0].numel())(*calls[i], row, found_finite, **static)
+
+
+_BATCH_NUMEL = _PARALLEL_NUMEL  # tests set it to 0 to compare batches with single calls
+_ROWS_CACHE: OrderedDict[tuple[Any, ...], Tensor] = OrderedDict()
+
+
+def _element_rows(positions: list[int], sizes: list[int], device: torch.device) -> Tensor:
+    """The coefficient row of every element of a batch (cached: a model's layout is fixed)."""
+    key = (device, tuple(positions), tuple(sizes))
+    rows = _ROWS_CACHE.get(key)
+    if rows is None:
+        counts = torch.tensor(sizes, device=device)
+        rows = torch.repeat_interleave(torch.tensor(positions, device=device), counts)
+        _ROWS_CACHE[key] = rows
+        if len(_ROWS_CACHE) > 64:
+            _ROWS_CACHE.popitem(last=False)
+    return rows
+
+
+def _launch_batch(
+    name: str,
+    fn: Callable[..., None],
+    calls: list[tuple[Tensor | None, ...]],
+    positions: list[int],
+    coefs: Tensor,
+    found_finite: Tensor,
+    writes: tuple[int, ...],
+    static: dict[str, Any],
+) -> None:
+    """One call of ``fn`` over the concatenation of small tensors (Note [Batching small
+    tensors])."""
+    sizes = [args[0].numel() for args in calls]
+    columns = list(zip(*calls, strict=True))
+    joined = [None if column[0] is None else torch.cat(column) for column in columns]
+    rows = _element_rows(positions, sizes, joined[0].device)
+    _compiled(f"{name}_batch", fn, sum(sizes))(*joined, coefs, found_finite, rows, **static)
+    for j in writes:
+        if joined[j] is not None:
+            torch._foreach_copy_(list(columns[j]), list(joined[j].split(sizes)))
 
 
 def _flat(t: Tensor | None) -> Tensor | None:
     """A plain 1-D view (same storage), so parameters of every shape share compiled code."""
     if t is None:
         return None
-    t = t.detach()
+    t = t.detach()  # a view autograd does not track: the base step writes the parameter
     return t.view(-1) if t.is_contiguous() else t
 
 
@@ -1203,14 +1301,11 @@ def _fused_cprop_adam(
     for (device, _), idx in _group_by_dtype(tensors.exp_avgs).items():
         ok = found_finite.to(device)
         ts = _select(tensors, idx)
-        rows = _advance_to_coefficient_rows(ts.state_steps, ok, adam=adam, cprop=cprop)
+        coefs = _advance_to_coefficients(ts.state_steps, ok, adam=adam, cprop=cprop)
         flats = [_flat_shards(xs, len(idx)) for xs in ts[:-1]]  # all but the step counts
-        _launch(
-            "adam",
-            _fused_adam_kernel,
-            list(zip(*flats, rows, [ok] * len(idx), strict=True)),
-            **static,
-        )
+        calls = list(zip(*flats, strict=True))
+        # it writes the parameter and every state tensor, never the gradient
+        _launch("adam", _fused_adam_kernel, calls, coefs, ok, writes=(0, 2, 3, 4, 5, 6), **static)
 
 
 # SGD's momentum coefficients, appended to the _COEFS rows of the SGD kernel: the buffer moves
@@ -1220,9 +1315,9 @@ _SGD_COEFS = ("momentum_a", "momentum_b", "momentum")
 _SGD_K = {name: len(_COEFS) + i for i, name in enumerate(_SGD_COEFS)}
 
 
-def _sgd_coefficient_rows(
+def _sgd_coefficients(
     steps: list[Tensor], found_finite: Tensor, *, sgd: _SGDHyper, cprop: _CPropHyper
-) -> list[Tensor]:
+) -> Tensor:
     """Advance the step counts, then one row of :data:`_COEFS` + :data:`_SGD_COEFS` per tensor.
 
     SGD is Adam's row with ``beta1 = 0`` (so ``neg_step_size = -lr``) and the L2 weight decay
@@ -1239,7 +1334,7 @@ def _sgd_coefficient_rows(
     momentum_b = (keep * (1 - sgd.dampening)) * (1 - first) + first
     momentum = torch.full_like(first, sgd.momentum)
     extra = torch.stack([momentum_a, momentum_b, momentum], dim=1)
-    return [row.clone() for row in torch.cat([coefs, extra], dim=1)]
+    return torch.cat([coefs, extra], dim=1)
 
 
 def _fused_sgd_kernel(
@@ -1250,6 +1345,7 @@ def _fused_sgd_kernel(
     cprop_second: Tensor,
     coef: Tensor,
     found_finite: Tensor,
+    rows: Tensor | None = None,
     *,
     weight_decay: bool,
     nesterov: bool,
@@ -1261,15 +1357,15 @@ def _fused_sgd_kernel(
 ) -> None:
     """SGD's whole per-element update with CProp's scale, one loop (Note [Fused path])."""
     dtype = cprop_exp_avg.dtype
-    k = coef.to(dtype)
+    k = _coefficients(coef, rows, dtype)
     p = param.to(dtype)
     raw = torch.where(found_finite, grad.to(dtype), 0)
-    d = torch.where(found_finite, raw + k[_K["weight_decay"]] * p, 0) if weight_decay else raw
+    d = torch.where(found_finite, raw + k[..., _K["weight_decay"]] * p, 0) if weight_decay else raw
     cm, cv = _fused_cprop_stats(cprop_exp_avg, cprop_second, raw, k, method)
     buf = None
     if momentum_buffer is not None:
-        buf = momentum_buffer * k[_SGD_K["momentum_a"]] + k[_SGD_K["momentum_b"]] * d
-        d = d + k[_SGD_K["momentum"]] * buf if nesterov else buf
+        buf = momentum_buffer * k[..., _SGD_K["momentum_a"]] + k[..., _SGD_K["momentum_b"]] * d
+        d = d + k[..., _SGD_K["momentum"]] * buf if nesterov else buf
     s = _fused_scale(
         cm,
         cv,
@@ -1281,7 +1377,7 @@ def _fused_sgd_kernel(
         eps_is_zero=eps_is_zero,
     )
     # s = 0 on a skipped step; the select also keeps p where s * update would not be finite
-    param.copy_(torch.where(found_finite, p + s * (k[_K["neg_step_size"]] * d), p))
+    param.copy_(torch.where(found_finite, p + s * (k[..., _K["neg_step_size"]] * d), p))
     if momentum_buffer is not None:
         momentum_buffer.copy_(buf)
     cprop_exp_avg.copy_(cm)
@@ -1299,14 +1395,10 @@ def _fused_cprop_sgd(
     for (device, _), idx in _group_by_dtype(tensors.cprop_exp_avgs).items():
         ok = found_finite.to(device)
         ts = _select(tensors, idx)
-        rows = _sgd_coefficient_rows(ts.state_steps, ok, sgd=sgd, cprop=cprop)
+        coefs = _sgd_coefficients(ts.state_steps, ok, sgd=sgd, cprop=cprop)
         flats = [_flat_shards(xs, len(idx)) for xs in ts[:-1]]  # all but the step counts
-        _launch(
-            "sgd",
-            _fused_sgd_kernel,
-            list(zip(*flats, rows, [ok] * len(idx), strict=True)),
-            **static,
-        )
+        calls = list(zip(*flats, strict=True))
+        _launch("sgd", _fused_sgd_kernel, calls, coefs, ok, writes=(0, 2, 3, 4), **static)
 
 
 class _FusedWrapperStep:
@@ -1327,31 +1419,34 @@ class _FusedWrapperStep:
         self.grads = _flat_shards([p.grad for p in params], n)
         self.ms = _flat_shards([st["cprop_exp_avg"] for st in states], n)
         self.vs = _flat_shards([st[key] for st in states], n)
-        self.oks = [found_finite] * n
+        self.found_finite = found_finite
         steps = [st["step"] for st in states]
-        self.rows = _advance_to_coefficient_rows(
-            steps, found_finite, adam=_NO_ADAM, cprop=self.cprop
-        )
+        self.coefs = _advance_to_coefficients(steps, found_finite, adam=_NO_ADAM, cprop=self.cprop)
         self.snapshots: list[Tensor] = []
 
     def before(self) -> None:
         self.snapshots = [torch.empty_like(p) for p in self.params]
-        calls = zip(
-            self.params,
-            self.grads,
-            self.snapshots,
-            self.ms,
-            self.vs,
-            self.rows,
-            self.oks,
-            strict=True,
+        calls = zip(self.params, self.grads, self.snapshots, self.ms, self.vs, strict=True)
+        _launch(
+            "wrapper_stats",
+            _fused_wrapper_stats_kernel,
+            list(calls),
+            self.coefs,
+            self.found_finite,
+            writes=(2, 3, 4),  # the snapshot and the statistics
+            method=self.cprop.method,
         )
-        _launch("wrapper_stats", _fused_wrapper_stats_kernel, list(calls), method=self.cprop.method)
 
     def after(self) -> None:
-        calls = zip(self.params, self.snapshots, self.ms, self.vs, self.rows, self.oks, strict=True)
+        calls = zip(self.params, self.snapshots, self.ms, self.vs, strict=True)
         _launch(
-            "wrapper_apply", _fused_wrapper_apply_kernel, list(calls), **_scale_flags(self.cprop)
+            "wrapper_apply",
+            _fused_wrapper_apply_kernel,
+            list(calls),
+            self.coefs,
+            self.found_finite,
+            writes=(0,),
+            **_scale_flags(self.cprop),
         )
 
 
