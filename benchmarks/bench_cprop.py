@@ -4,7 +4,9 @@ One optimizer step (gradients fixed, no forward/backward) on a ~17M-parameter ML
 or on the "gpt350M" parameter set of PERFORMANCE.md on CUDA. Every ratio is against
 ``torch.optim.AdamW(fused=True)`` timed round-robin in the same run.
 
-    PYTHONPATH=src python benchmarks/bench_cprop.py            # writes results/cprop.json
+    PYTHONPATH=src python benchmarks/bench_cprop.py     # writes results/cprop.json
+    PYTHONPATH=src python benchmarks/bench_cprop.py \
+        --params gpt-small --quick --name cprop_gpt_small  # results/cprop_gpt_small.json
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ def make_params(shapes, device) -> list[torch.nn.Parameter]:
 
 
 SGD_BASELINE = "torch SGD momentum (default path)"
+# run_all.py also runs these (a many-tensor parameter set)
+EXTRA_RUNS = [["--params", "gpt-small", "--quick", "--name", "cprop_gpt_small"]]
 
 
 def variants(shapes, device, *, quick: bool) -> dict[str, Callable[[], Any]]:
@@ -110,6 +114,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--widths", type=int, nargs="+", default=[2048, 4096, 2048, 16])
+    parser.add_argument(
+        "--params",
+        choices=["default", "gpt-small"],
+        default="default",
+        help="default: the MLP of --widths on CPU, gpt350M on CUDA; gpt-small: 148 tensors "
+        "shaped like a 12-layer d=256 GPT (11.6M params), where per-tensor costs show",
+    )
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--inner", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="fewer variants")
@@ -120,7 +131,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
-    if device.type == "cuda":
+    if args.params == "gpt-small":
+        shapes, label = gpt_shapes(layers=12, d=256, vocab=8192, ctx=256), "gpt-small"
+    elif device.type == "cuda":
         shapes, label = gpt_shapes(), "gpt350M"
     else:
         shapes, label = mlp_shapes(args.widths), f"MLP {args.widths}"

@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> None:
         spec.loader.exec_module(module)
         print(f"== {path.name}", flush=True)
         module.main(["--out", args.out])
+        for extra in getattr(module, "EXTRA_RUNS", []):
+            module.main(["--out", args.out, *extra])
 
 
 if __name__ == "__main__":

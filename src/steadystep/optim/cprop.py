@@ -1241,8 +1241,8 @@ def _element_rows(positions: list[int], sizes: list[int], device: torch.device) 
     key = (device, tuple(positions), tuple(sizes))
     rows = _ROWS_CACHE.get(key)
     if rows is None:
-        counts = torch.tensor(sizes, device=device)
-        rows = torch.repeat_interleave(torch.tensor(positions, device=device), counts)
+        # built on the host and copied once; later steps find it here (no per-step transfer)
+        rows = torch.repeat_interleave(torch.tensor(positions), torch.tensor(sizes)).to(device)
         _ROWS_CACHE[key] = rows
         if len(_ROWS_CACHE) > 64:
             _ROWS_CACHE.popitem(last=False)
