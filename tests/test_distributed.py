@@ -265,6 +265,9 @@ FSDP_CPROP_CASES = {
     "wrapper_sgd": lambda ps: ss.CProp(torch.optim.SGD(ps, lr=0.05), beta=0.9),
     "cpropadamw": lambda ps: ss.CPropAdamW(ps, lr=1e-2, cprop_beta=0.999),
     "cpropsgd": lambda ps: ss.CPropSGD(ps, lr=0.05, momentum=0.9, cprop_beta=0.9),
+    # the compiled paths on shards, small ones batched (Note [Batching small tensors])
+    "cpropadamw_fused": lambda ps: ss.CPropAdamW(ps, lr=1e-2, cprop_beta=0.999, fused=True),
+    "cpropsgd_fused": lambda ps: ss.CPropSGD(ps, lr=0.05, momentum=0.9, fused=True),
 }
 
 
