@@ -1723,7 +1723,10 @@ class CPropSGD(_NativeCPropBase):
         fused: bool | None = None,
     ) -> None:
         if foreach and fused:
-            raise ValueError("foreach and fused cannot both be True")
+            raise ValueError(
+                "foreach and fused pick different implementations and cannot both be True, "
+                f"got foreach={foreach!r}, fused={fused!r}"
+            )
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -1838,7 +1841,10 @@ class CPropAdam(_NativeCPropBase):
         fused: bool | None = None,
     ) -> None:
         if foreach and fused:
-            raise ValueError("foreach and fused cannot both be True")
+            raise ValueError(
+                "foreach and fused pick different implementations and cannot both be True, "
+                f"got foreach={foreach!r}, fused={fused!r}"
+            )
         defaults = {
             "lr": lr,
             "betas": tuple(betas),
