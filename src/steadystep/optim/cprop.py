@@ -1219,7 +1219,7 @@ def _launch(
             batches.setdefault(tuple(a.dtype for a in args if a is not None), []).append(i)
         else:
             alone.append(i)
-    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+    with torch._dynamo.config.patch(**_recompile_limit()):
         for idx in batches.values():
             if len(idx) == 1:
                 alone += idx
@@ -1230,6 +1230,17 @@ def _launch(
         for i in alone:
             row = coefs[i].clone()  # no storage offset: it would specialise the kernel
             _compiled(name, fn, calls[i][0].numel())(*calls[i], row, found_finite, **static)
+
+
+def _recompile_limit() -> dict[str, int]:
+    """Dynamo's per-function compile limit raised to _RECOMPILE_LIMIT, under the name this torch
+    uses (``cache_size_limit`` before torch 2.6)."""
+    name = (
+        "recompile_limit"
+        if hasattr(torch._dynamo.config, "recompile_limit")
+        else "cache_size_limit"
+    )
+    return {name: _RECOMPILE_LIMIT}
 
 
 _BATCH_NUMEL = _PARALLEL_NUMEL  # tests set it to 0 to compare batches with single calls
