@@ -1190,7 +1190,8 @@ def _inductor_options() -> dict[str, Any]:
 #   tensors. Tensors below _PARALLEL_NUMEL elements therefore go through the kernel together:
 #   their flat views are concatenated, each element reads its tensor's coefficient row through
 #   an index (``rows``), and what the kernel wrote is copied back. The copies move a few bytes
-#   per small tensor; the numbers are those of the per-tensor call, element by element.
+#   per small tensor. The arithmetic is the per-tensor call's; the C++ compiler may contract
+#   it into multiply-adds differently, so results agree to rounding (tested), not bitwise.
 
 
 def _launch(
