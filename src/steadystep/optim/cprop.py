@@ -1013,6 +1013,11 @@ def _coefficients(coef: Tensor, rows: Tensor | None, dtype: torch.dtype) -> Tens
     return k if rows is None else k[rows]
 
 
+def _fused_l2(raw: Tensor, p: Tensor, k: Tensor, found_finite: Tensor) -> Tensor:
+    """``g + weight_decay * p`` in compiled code, 0 on a skipped step (where ``p`` stays)."""
+    return torch.where(found_finite, raw + k[..., _K["weight_decay"]] * p, 0)
+
+
 def _ema(old: Tensor, new: Tensor, k: Tensor, beta: str) -> Tensor:
     """``beta * old + (1 - beta) * new`` with the gated factors of row ``k`` (compiled code)."""
     return old * k[..., _K[beta]] + k[..., _K["one_minus_" + beta]] * new
@@ -1053,8 +1058,8 @@ def _fused_adam_kernel(
     dtype = exp_avg.dtype
     k = _coefficients(coef, rows, dtype)
     p = param.to(dtype)
-    raw = torch.where(found_finite, grad.to(dtype), 0)
-    g = raw if decoupled else torch.where(found_finite, raw + k[..., _K["weight_decay"]] * p, 0)
+    raw = _sanitised(grad, found_finite, dtype)
+    g = raw if decoupled else _fused_l2(raw, p, k, found_finite)
     # Adam; on a skipped step g = 0, beta = 1, 1 - beta = 0: the old values come back exactly
     m = _ema(exp_avg, g, k, "beta1")
     v = _ema(exp_avg_sq, g * g, k, "beta2")
@@ -1099,7 +1104,7 @@ def _fused_wrapper_stats_kernel(
 ) -> None:
     """Before the base step: CProp's EMAs from the raw gradient and the snapshot ``p_old``."""
     dtype = cprop_exp_avg.dtype
-    raw = torch.where(found_finite, grad.to(dtype), 0)
+    raw = _sanitised(grad, found_finite, dtype)
     snapshot.copy_(param)
     k = _coefficients(coef, rows, dtype)
     cm, cv = _fused_cprop_stats(cprop_exp_avg, cprop_second, raw, k, method)
@@ -1302,6 +1307,28 @@ def _flat_shards(tensors: list[Tensor] | None, n: int) -> list[Tensor | None]:
     return [None] * n if tensors is None else [_flat(t) for t in _shards(tensors)]
 
 
+def _fused_run(
+    name: str,
+    kernel: Callable[..., None],
+    tensors: _AdamTensors | _SGDTensors,
+    stats: list[Tensor],
+    found_finite: Tensor,
+    coefficients: Callable[[list[Tensor], Tensor], Tensor],
+    *,
+    writes: tuple[int, ...],
+    static: dict[str, Any],
+) -> None:
+    """A fused path: per (device, statistics dtype), the coefficient table of the advanced step
+    counts, then ``kernel`` over flat views of every tensor list but the step counts (last)."""
+    for (device, _), idx in _group_by_dtype(stats).items():
+        ok = found_finite.to(device)
+        ts = _select(tensors, idx)
+        coefs = coefficients(ts.state_steps, ok)
+        flats = [_flat_shards(xs, len(idx)) for xs in ts[:-1]]
+        calls = list(zip(*flats, strict=True))
+        _launch(name, kernel, calls, coefs, ok, writes=writes, **static)
+
+
 def _fused_cprop_adam(
     tensors: _AdamTensors, *, found_finite: Tensor, adam: _AdamHyper, cprop: _CPropHyper
 ) -> None:
@@ -1310,14 +1337,16 @@ def _fused_cprop_adam(
         "decoupled": adam.decoupled_weight_decay or adam.weight_decay == 0,
         **_scale_flags(cprop),
     }
-    for (device, _), idx in _group_by_dtype(tensors.exp_avgs).items():
-        ok = found_finite.to(device)
-        ts = _select(tensors, idx)
-        coefs = _advance_to_coefficients(ts.state_steps, ok, adam=adam, cprop=cprop)
-        flats = [_flat_shards(xs, len(idx)) for xs in ts[:-1]]  # all but the step counts
-        calls = list(zip(*flats, strict=True))
-        # it writes the parameter and every state tensor, never the gradient
-        _launch("adam", _fused_adam_kernel, calls, coefs, ok, writes=(0, 2, 3, 4, 5, 6), **static)
+    _fused_run(
+        "adam",
+        _fused_adam_kernel,
+        tensors,
+        tensors.exp_avgs,
+        found_finite,
+        lambda steps, ok: _advance_to_coefficients(steps, ok, adam=adam, cprop=cprop),
+        writes=(0, 2, 3, 4, 5, 6),  # the parameter and every state tensor, never the gradient
+        static=static,
+    )
 
 
 # SGD's momentum coefficients, appended to the _COEFS rows of the SGD kernel: the buffer moves
@@ -1335,10 +1364,8 @@ def _sgd_coefficients(
     SGD is Adam's row with ``beta1 = 0`` (so ``neg_step_size = -lr``) and the L2 weight decay
     column, plus the momentum columns.
     """
-    torch._foreach_add_(steps, [found_finite.to(torch.float32)] * len(steps))
-    stacked = torch.stack(steps)
     l2 = _AdamHyper(sgd.lr, 0.0, 0.0, 0.0, sgd.weight_decay, False, False)
-    coefs = _adam_coefficients(stacked, found_finite, adam=l2, cprop=cprop)
+    coefs = _advance_to_coefficients(steps, found_finite, adam=l2, cprop=cprop)
     keep = found_finite.to(torch.float64)
     first = coefs[:, _K["first"]]
     gated_momentum = keep * (sgd.momentum - 1) + 1
@@ -1371,8 +1398,8 @@ def _fused_sgd_kernel(
     dtype = cprop_exp_avg.dtype
     k = _coefficients(coef, rows, dtype)
     p = param.to(dtype)
-    raw = torch.where(found_finite, grad.to(dtype), 0)
-    d = torch.where(found_finite, raw + k[..., _K["weight_decay"]] * p, 0) if weight_decay else raw
+    raw = _sanitised(grad, found_finite, dtype)
+    d = _fused_l2(raw, p, k, found_finite) if weight_decay else raw
     cm, cv = _fused_cprop_stats(cprop_exp_avg, cprop_second, raw, k, method)
     buf = None
     if momentum_buffer is not None:
@@ -1404,13 +1431,16 @@ def _fused_cprop_sgd(
         "nesterov": sgd.nesterov,
         **_scale_flags(cprop),
     }
-    for (device, _), idx in _group_by_dtype(tensors.cprop_exp_avgs).items():
-        ok = found_finite.to(device)
-        ts = _select(tensors, idx)
-        coefs = _sgd_coefficients(ts.state_steps, ok, sgd=sgd, cprop=cprop)
-        flats = [_flat_shards(xs, len(idx)) for xs in ts[:-1]]  # all but the step counts
-        calls = list(zip(*flats, strict=True))
-        _launch("sgd", _fused_sgd_kernel, calls, coefs, ok, writes=(0, 2, 3, 4), **static)
+    _fused_run(
+        "sgd",
+        _fused_sgd_kernel,
+        tensors,
+        tensors.cprop_exp_avgs,
+        found_finite,
+        lambda steps, ok: _sgd_coefficients(steps, ok, sgd=sgd, cprop=cprop),
+        writes=(0, 2, 3, 4),  # the parameter, momentum buffer and statistics
+        static=static,
+    )
 
 
 class _FusedWrapperStep:
