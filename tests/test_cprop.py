@@ -67,6 +67,14 @@ def assert_params(a, b, atol=0.0):
             torch.testing.assert_close(pa, pb, atol=atol, rtol=0)
 
 
+def assert_states_close(model_a, state_a, model_b, state_b, atol):
+    """Per parameter, the same state keys with values within ``atol``."""
+    for pa, pb in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        assert state_a[pa].keys() == state_b[pb].keys()
+        for key, value in state_a[pa].items():
+            torch.testing.assert_close(value, state_b[pb][key], atol=atol, rtol=0)
+
+
 def assert_state_equal(sa, sb):
     assert sa.keys() == sb.keys()
     for k in sa:
@@ -303,11 +311,7 @@ def test_fused_compiled_equals_reference(kw):
     train(a, ref, 12, dtype=F64)
     train(b, fused, 12, dtype=F64)
     assert_params(a, b, atol=1e-12)
-    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
-        sa, sb = ref.state[pa], fused.state[pb]
-        assert sa.keys() == sb.keys()
-        for key in sa:
-            torch.testing.assert_close(sa[key], sb[key], atol=1e-12, rtol=0)
+    assert_states_close(a, ref.state, b, fused.state, atol=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -336,12 +340,9 @@ def test_fused_sgd_compiled_equals_reference(kw):
                 next(model.parameters()).grad[0, 0] = math.inf
             opt.step()
     assert_params(a, b, atol=1e-12)
-    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
-        sa, sb = ref.state[pa], fused.state[pb]
-        assert sa.keys() == sb.keys()
-        for key in sa:
-            torch.testing.assert_close(sa[key], sb[key], atol=1e-12, rtol=0)
-    assert fused.state[pb]["step"].item() == 11  # the non-finite step was skipped
+    assert_states_close(a, ref.state, b, fused.state, atol=1e-12)
+    for p in b.parameters():  # the non-finite step was skipped
+        assert fused.state[p]["step"].item() == 11
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, F64])
@@ -375,17 +376,8 @@ def test_fused_batch_of_small_tensors_equals_one_call_per_tensor(make, dtype, mo
     run(b, single)
     atol = {torch.float32: 1e-6, torch.bfloat16: 1e-2, F64: 1e-13}[dtype]
     assert_params(a, b, atol=atol)
-    states = (
-        (batched.cprop_state, single.cprop_state)
-        if isinstance(batched, ss.CProp)
-        else (
-            batched.state,
-            single.state,
-        )
-    )
-    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
-        for key, value in states[0][pa].items():
-            torch.testing.assert_close(value, states[1][pb][key], atol=atol, rtol=0)
+    key = "cprop_state" if isinstance(batched, ss.CProp) else "state"
+    assert_states_close(a, getattr(batched, key), b, getattr(single, key), atol=atol)
 
 
 def test_fused_sgd_float32_bf16_train():
@@ -883,9 +875,7 @@ def test_fused_wrapper_matches_eager_wrapper(kw):
     train(a, eager, 12, dtype=F64)
     train(b, fused, 12, dtype=F64)
     assert_params(a, b, atol=1e-12)
-    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
-        for key, value in eager.cprop_state[pa].items():
-            torch.testing.assert_close(value, fused.cprop_state[pb][key], atol=1e-12, rtol=0)
+    assert_states_close(a, eager.cprop_state, b, fused.cprop_state, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -232,6 +232,18 @@ def _alera_state(opt):
     return mults, paths, per_param
 
 
+def _sharded_and_replica_grads(model, opt, replica, ref, g, rank):
+    """One batch per rank through the FSDP2 model and the whole replica; the replica's gradient
+    is averaged over ranks by hand, as the sharded model's reduce-scatter does."""
+    x, y = _batch(g, rank)
+    for net, o in ((model, opt), (replica, ref)):
+        o.zero_grad()
+        (net(x) - y).pow(2).mean().backward()
+    for p in replica.parameters():
+        dist.all_reduce(p.grad)
+        p.grad.div_(dist.get_world_size())
+
+
 def _fsdp_reference_run(rank, granularity):
     """ALeRA on FSDP2 shards against ALeRA on a whole replica fed the rank-averaged gradient
     (what FSDP2's reduce-scatter computes): the norms must be those of the whole gradient."""
@@ -242,13 +254,7 @@ def _fsdp_reference_run(rank, granularity):
     ref = ss.ALeRA(ss.layer_groups(replica), **hyper)
     g = torch.Generator().manual_seed(500 + rank)
     for _ in range(STEPS):
-        x, y = _batch(g, rank)
-        for net, o in ((model, opt), (replica, ref)):
-            o.zero_grad()
-            (net(x) - y).pow(2).mean().backward()
-        for p in replica.parameters():
-            dist.all_reduce(p.grad)
-            p.grad.div_(dist.get_world_size())
+        _sharded_and_replica_grads(model, opt, replica, ref, g, rank)
         opt.step()
         ref.step()
     return {
@@ -282,13 +288,7 @@ def _fsdp_cprop_run(rank, make_opt):
     g = torch.Generator().manual_seed(600 + rank)
     weight, rows = model[0].weight, model[0].weight.shape[0]
     for step in range(NAN_STEP + 2):
-        x, y = _batch(g, rank)
-        for net, o in ((model, opt), (replica, ref)):
-            o.zero_grad()
-            (net(x) - y).pow(2).mean().backward()
-        for p in replica.parameters():
-            dist.all_reduce(p.grad)
-            p.grad.div_(dist.get_world_size())
+        _sharded_and_replica_grads(model, opt, replica, ref, g, rank)
         if step == NAN_STEP:
             before = [_full(p).detach().clone() for p in model.parameters()]
             with torch.no_grad():
