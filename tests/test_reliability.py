@@ -21,7 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import steadystep as ss
-from steadystep.optim import cprop as cprop_module
+from steadystep.optim.cprop import wrapper as cprop_wrapper
 
 # --------------------------------------------------------------------------------------------
 # The table
@@ -430,7 +430,7 @@ def test_steady_state_step_reads_nothing_on_the_host(name, foreach, monkeypatch)
     """The CPU stand-in for the CUDA test below, for the per-tensor and foreach paths (the
     latter is the CUDA default). The CProp wrapper picks its path itself: forced here."""
     case = CASES[name]
-    monkeypatch.setattr(cprop_module, "_default_foreach", lambda params: foreach)
+    monkeypatch.setattr(cprop_wrapper, "_default_foreach", lambda params: foreach)
     model = _mlp()
     opt = case.make(model.parameters(), foreach)
     _train(model, opt, range(3))

@@ -41,10 +41,10 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from steadystep._tensors import grads_finite, local_tensor
 from steadystep._validation import check_nonnegative, check_positive, check_probability
 from steadystep.detect import PageHinkley
-from steadystep.optim.alera import ALeRA, local_tensor
-from steadystep.optim.cprop import grads_finite
+from steadystep.optim.alera import ALeRA
 
 __all__ = ["CatastropheGuard", "SALeRA", "SPALeRA", "TrainingDiverged"]
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from steadystep._tensors import local_tensor
 from steadystep._validation import (
     check_choice,
     check_nonnegative,
@@ -20,7 +21,6 @@ from steadystep.optim.alera import (
     _check_alpha,
     agnostic_update,
     apply_log_change_,
-    local_tensor,
 )
 
 __all__ = ["AgAdam", "agadam"]

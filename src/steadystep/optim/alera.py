@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from steadystep._distributed import all_reduce_sum
+from steadystep._tensors import full_max, is_sharded, local_tensor, reduce_square_norms
 from steadystep._validation import (
     check_choice,
     check_nonnegative,
@@ -31,11 +31,6 @@ __all__ = [
     "grad_norms",
     "unit_norms",
 ]
-
-try:  # FSDP2 parameters are DTensors (torch >= 2.4)
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - torch built without distributed
-    DTensor = None
 
 GRANULARITIES = ("global", "group", "tensor", "param")
 _WIDE_KEYS = ("alpha", "C", "norm_eps")  # optimizer-wide: a unit may span several groups
@@ -57,48 +52,6 @@ def _check_alpha(alpha: float) -> float:
 # normalisation ``g / ||g||``: all parameters ("global"), one param group ("group", a layer with
 # ss.layer_groups), one tensor ("tensor"). For "param" (SPALeRA) the normalisation is global but
 # every element has its own multiplier, compared with mean ``E_t / D`` and std ``alpha / D``.
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The shard this rank holds of a DTensor (an alias: in-place ops write the DTensor), else
-    ``t`` itself."""
-    if DTensor is not None and isinstance(t, DTensor):
-        return t.to_local()
-    return t
-
-
-def _is_sharded(t: torch.Tensor) -> bool:
-    """Is ``t`` a DTensor split across ranks? Its norms then need a sum over the shards.
-
-    Only FSDP2's layout, one mesh dimension over every rank, is supported: summing over the
-    whole world would double count a tensor replicated along another mesh dimension (HSDP).
-    """
-    if DTensor is None or not isinstance(t, DTensor):
-        return False
-    placements = t.placements
-    if not any(pl.is_shard() for pl in placements):
-        return False
-    mesh = t.device_mesh
-    if mesh.ndim != 1 or mesh.size() != torch.distributed.get_world_size():
-        raise NotImplementedError(
-            f"steadystep reduces norms of DTensor parameters over the whole world; got a DTensor "
-            f"on a {mesh.ndim}-d mesh of {mesh.size()} ranks with placements {placements}. "
-            "Use fully_shard over a 1-d mesh of every rank (FSDP2's default)."
-        )
-    return True
-
-
-def reduce_square_norms(norms: list[torch.Tensor], sharded: list[bool]) -> list[torch.Tensor]:
-    """Norms of whole tensors from their shards' norms: ``sqrt(sum_ranks ||shard||^2)``, in one
-    all-reduce for all sharded tensors; the other norms are returned as they are (bitwise)."""
-    index = [i for i, s in enumerate(sharded) if s]
-    if not index:
-        return norms
-    total = all_reduce_sum(torch.stack([norms[i] for i in index]).square())
-    out = list(norms)
-    for k, i in enumerate(index):
-        out[i] = total[k].sqrt()
-    return out
-
-
 def grad_norms(
     grads: list[torch.Tensor], dtypes: list[torch.dtype], *, foreach: bool
 ) -> list[torch.Tensor]:
@@ -295,12 +248,6 @@ def alera(
     else:
         for p, d, coef in zip(params, grads, coefs, strict=True):
             p.addcmul_(d, coef)
-
-
-def _full_max(t: torch.Tensor) -> torch.Tensor:
-    """Max over the whole tensor; for a DTensor a max over its shards (a collective)."""
-    top = t.max()
-    return top.full_tensor() if DTensor is not None and isinstance(top, DTensor) else top
 
 
 class ALeRA(Optimizer):
@@ -518,7 +465,7 @@ class ALeRA(Optimizer):
         for group in self.param_groups:
             top = group["lr_multiplier"].double() * group["lr"]
             per_param = [
-                _full_max(self.state[p]["lr_multiplier"]).double().to(top.device)
+                full_max(self.state[p]["lr_multiplier"]).double().to(top.device)
                 for p in group["params"]
                 if "lr_multiplier" in self.state.get(p, {})
             ]
@@ -595,7 +542,7 @@ class ALeRA(Optimizer):
                 m = state.get("lr_multiplier")
                 lists["param_m"].append(None if m is None else local_tensor(m))
                 lists["numel"].append(p.numel())
-                lists["sharded"].append(_is_sharded(p))
+                lists["sharded"].append(is_sharded(p))
                 lists["keys"].append(p)
             group_units.append(members)
         return group_units, lists

@@ -1,0 +1,142 @@
+"""What the CProp classes share: per-parameter state, the step's parameters and
+``found_finite``, checkpoint copies and telemetry (used by :mod:`~steadystep.optim.cprop.native`
+and :mod:`~steadystep.optim.cprop.wrapper`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from steadystep._tensors import grads_finite, local_tensor
+from steadystep.optim.cprop._math import (
+    _check_grad,
+    _check_hyper,
+    _cprop_hyper,
+    _scale_one,
+    _second_key,
+    _stats_dtype,
+)
+
+
+def _validate_group(group: dict[str, Any]) -> None:
+    _check_hyper(*_cprop_hyper(group), prefix="cprop_")
+
+
+def _zeros_stat(param: Tensor) -> Tensor:
+    """A statistic shaped like ``param`` (fp32 for bf16/fp16 parameters), all zeros."""
+    return torch.zeros_like(param, dtype=_stats_dtype(param), memory_format=torch.preserve_format)
+
+
+def _init_cprop_state(state: dict[str, Any], param: Tensor, method: str, share_v: bool) -> None:
+    state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+    state["cprop_exp_avg"] = _zeros_stat(param)
+    if not share_v:
+        state[_second_key(method)] = _zeros_stat(param)
+
+
+def _params_with_grad(group: dict[str, Any], group_index: int, owner: str) -> list[Tensor]:
+    """The group's parameters that have a gradient (checked: dense and real)."""
+    params = []
+    for pi, p in enumerate(group["params"]):
+        if p.grad is None:
+            continue
+        _check_grad(p.grad, owner, group_index, pi, p.shape)
+        params.append(p)
+    return params
+
+
+def _collect(
+    groups: list[dict[str, Any]], owner: str, init_state: Callable[[dict[str, Any], Tensor], None]
+) -> tuple[list[tuple[dict[str, Any], list[Tensor]]], Tensor]:
+    """Per group the parameters with a gradient (``init_state(group, p)`` creates state), and
+    the step's ``found_finite`` over all of them."""
+    work = []
+    for gi, group in enumerate(groups):
+        params = _params_with_grad(group, gi, owner)
+        for p in params:
+            init_state(group, p)
+        work.append((group, params))
+    return work, grads_finite([p.grad for _, params in work for p in params])
+
+
+def _call_closure(closure: Callable[[], Any] | None) -> Any:
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def _states_by_param(saved: dict[Any, Any], params: list[Tensor], what: str) -> dict[Tensor, Any]:
+    """Saved per-parameter state keyed by index -> keyed by parameter (copied, see _copy_state)."""
+    out = {}
+    for key, value in saved.items():
+        if not isinstance(key, int) or not 0 <= key < len(params):
+            raise ValueError(f"{what} has state for unknown parameter index {key!r}")
+        out[params[key]] = _copy_state(value, params[key])
+    return out
+
+
+def _group_stats(
+    groups: list[dict[str, Any]], state_of: Callable[[Tensor], dict[str, Any] | None]
+) -> dict[str, Tensor]:
+    """Mean scale and fraction of elements with ``s < 0.5``, per group and overall (0-d).
+
+    Under FSDP2 they cover this rank's shards (Note [FSDP2]): no collective, as in ALeRA's
+    stats, so a Monitor on one rank alone cannot hang the others.
+    """
+    out: dict[str, Tensor] = {}
+    totals: list[tuple[Tensor, Tensor, int]] = []
+    for gi, group in enumerate(groups):
+        sums, belows, count = [], [], 0
+        for p in group["params"]:
+            st = state_of(p)
+            if not st or "cprop_exp_avg" not in st:
+                continue
+            m = local_tensor(st["cprop_exp_avg"])
+            second = st.get(_second_key(group["cprop_method"]), st.get("exp_avg_sq"))
+            keep = torch.ones((), dtype=m.dtype, device=m.device)
+            s = _scale_one(m, local_tensor(second), st["step"], keep, _cprop_hyper(group))
+            sums.append(s.sum(dtype=torch.float32))
+            belows.append((s < 0.5).sum(dtype=torch.float32))
+            count += s.numel()
+        if count == 0:
+            continue
+        total, below = torch.stack(sums).sum(), torch.stack(belows).sum()
+        out[f"group{gi}.mean_scale"] = total / count
+        out[f"group{gi}.frac_scale_below_half"] = below / count
+        totals.append((total, below, count))
+    if totals:
+        n = sum(c for _, _, c in totals)
+        out["mean_scale"] = torch.stack([t for t, _, _ in totals]).sum() / n
+        out["frac_scale_below_half"] = torch.stack([b for _, b, _ in totals]).sum() / n
+    return out
+
+
+def _param_index_map(groups: list[dict[str, Any]]) -> list[Tensor]:
+    """Parameters in the order torch's Optimizer.state_dict numbers them."""
+    seen: set[int] = set()
+    order: list[Tensor] = []
+    for group in groups:
+        for p in group["params"]:
+            if id(p) not in seen:
+                seen.add(id(p))
+                order.append(p)
+    return order
+
+
+def _copy_state(value: Any, param: Tensor) -> Any:
+    """Deep copy onto ``param``'s device keeping dtypes (fp32 statistics of bf16 stay fp32)."""
+    if isinstance(value, Tensor):
+        return value.detach().to(device=param.device, copy=True)
+    if isinstance(value, dict):
+        return {k: _copy_state(v, param) for k, v in value.items()}
+    return value
+
+
+def _default_foreach(params: list[Tensor]) -> bool:
+    # On CPU torch's foreach ops loop over tensors like the reference does, with more
+    # temporaries; the per-tensor loop is as fast or faster there (see benchmarks/bench_cprop).
+    return bool(params) and all(p.device.type == "cuda" for p in params)

@@ -1,0 +1,365 @@
+"""CProp's functional cores: statistics and scales for the wrapper, and the whole SGD / Adam
+(AdamW) + CProp steps of the native classes.
+
+Tensor lists are positional and hyperparameters keyword-only, as in ``torch.optim``'s
+functional API; each step dispatches to a per-tensor reference loop (``_single_tensor_*``,
+the readable one), a ``torch._foreach_*`` path (``_multi_tensor_*``, bitwise the same on CPU) or
+the compiled fused kernels of :mod:`~steadystep.optim.cprop._fused`. The math is in
+:mod:`~steadystep.optim.cprop._math`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from steadystep.optim.cprop._fused import _fused_cprop_adam, _fused_cprop_sgd
+from steadystep.optim.cprop._math import (
+    _AdamHyper,
+    _AdamTensors,
+    _advance_steps,
+    _bias_corrections_foreach,
+    _CPropHyper,
+    _gate,
+    _group_by_dtype,
+    _in_dtype,
+    _sanitised,
+    _scale_foreach,
+    _scale_one,
+    _select,
+    _SGDHyper,
+    _SGDTensors,
+    _step_time,
+    _update_stats_foreach,
+    _update_stats_one,
+    _with_weight_decay,
+    _with_weight_decay_foreach,
+)
+
+__all__ = ["cprop_adam", "cprop_scales", "cprop_sgd", "cprop_update_"]
+
+
+# --------------------------------------------------------------------------------------------
+# CProp's statistics and scales (the wrapper's two halves)
+# --------------------------------------------------------------------------------------------
+
+
+def cprop_update_(
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    seconds: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    found_finite: Tensor,
+    beta: float,
+    method: str,
+    foreach: bool = False,
+) -> None:
+    """Update CProp's statistics in place from raw gradients (``grads`` are never written).
+
+    Args:
+        grads: raw gradients ``g``.
+        exp_avgs: ``m`` (EMA of ``g``), in the statistics dtype.
+        seconds: ``v`` (EMA of ``g**2``), or the EMA of ``|g|`` for ``method="relative"``.
+        state_steps: 0-d float32 step counts ``t``; they advance by 1 (by 0 when skipped).
+        found_finite: 0-d bool; False turns the whole update into a no-op.
+        beta: EMA horizon. method: ``"conformity"``, ``"relative"`` or ``"moment"``.
+        foreach: use ``torch._foreach_*`` ops (same numbers on CPU).
+    """
+    groups = _advance_steps(exp_avgs, state_steps, found_finite, beta, foreach=foreach)
+    for idx, dtype, ok, gates in groups:
+        raws = [_sanitised(grads[i], ok, dtype) for i in idx]
+        if foreach:
+            ms, vs = [exp_avgs[i] for i in idx], [seconds[i] for i in idx]
+            _update_stats_foreach(ms, vs, raws, gates, beta=beta, method=method)
+            continue
+        for i, raw in zip(idx, raws, strict=True):
+            _update_stats_one(exp_avgs[i], seconds[i], raw, gates, beta=beta, method=method)
+
+
+def cprop_scales(
+    exp_avgs: list[Tensor],
+    seconds: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    found_finite: Tensor,
+    beta: float,
+    c: float,
+    eps: float,
+    cdf: str,
+    method: str,
+    foreach: bool = False,
+) -> list[Tensor]:
+    """The per-element scales ``s`` (new tensors, in the statistics dtype) from updated stats.
+
+    ``s`` is 0 everywhere when ``found_finite`` is False, and 1 at ``t = 1`` or for ``c = inf``.
+    """
+    cprop = _CPropHyper(beta, c, eps, cdf, method)
+    out: list[Tensor] = [exp_avgs[0]] * len(exp_avgs)
+    for (device, dtype), idx in _group_by_dtype(exp_avgs).items():
+        keep = found_finite.to(device=device, dtype=dtype)
+        if foreach:
+            ms, vs, steps = ([xs[i] for i in idx] for xs in (exp_avgs, seconds, state_steps))
+            scales = _scale_foreach(ms, vs, steps, keep, cprop)
+        else:
+            scales = [_scale_one(exp_avgs[i], seconds[i], state_steps[i], keep, cprop) for i in idx]
+        for i, s in zip(idx, scales, strict=True):
+            out[i] = s
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# SGD + CProp
+# --------------------------------------------------------------------------------------------
+
+
+def _momentum_coefficients(
+    step: Tensor, found_finite: Tensor, momentum_gate: Tensor, dampening: float
+) -> tuple[Tensor, Tensor]:
+    """``(a, b)`` of ``buf <- a * buf + b * g``.
+
+    torch.optim.SGD starts the buffer at g (no dampening) on the first step: ``(0, 1)`` then,
+    ``(momentum, 1 - dampening)`` after, and ``(1, any)`` on a skipped step (g = 0 there).
+    """
+    first = (step == 1) & found_finite
+    a = torch.where(first, torch.zeros_like(momentum_gate), momentum_gate)
+    b = torch.where(first, torch.ones_like(momentum_gate), 1 - dampening)
+    return a, b
+
+
+def _sgd_direction_one(
+    grad: Tensor,
+    buf: Tensor | None,
+    step: Tensor,
+    found_finite: Tensor,
+    momentum_gate: Tensor,
+    sgd: _SGDHyper,
+) -> Tensor:
+    """torch.optim.SGD's update ``-lr * d`` (a new tensor); ``buf`` updated in place."""
+    if buf is not None:
+        a, b = _momentum_coefficients(step, found_finite, momentum_gate, sgd.dampening)
+        buf.mul_(a).addcmul_(grad, b)
+        grad = grad.add(buf, alpha=sgd.momentum) if sgd.nesterov else buf
+    return grad.mul(-sgd.lr)
+
+
+def _single_tensor_cprop_sgd(
+    tensors: _SGDTensors, *, found_finite: Tensor, sgd: _SGDHyper, cprop: _CPropHyper
+) -> None:
+    steps = tensors.state_steps
+    for idx, dtype, ok, gates in _advance_steps(
+        tensors.cprop_exp_avgs, steps, found_finite, cprop.beta, foreach=False
+    ):
+        momentum_gate = _gate(ok, sgd.momentum, 1.0, dtype)
+        for i in idx:
+            param, m, v = tensors.params[i], tensors.cprop_exp_avgs[i], tensors.cprop_exp_avg_sqs[i]
+            raw = _sanitised(tensors.grads[i], ok, dtype)
+            grad = _with_weight_decay(raw, _in_dtype(param, dtype), sgd.weight_decay, gates.keep)
+            _update_stats_one(m, v, raw, gates, beta=cprop.beta, method=cprop.method)
+            buf = tensors.momentum_buffers[i]
+            update = _sgd_direction_one(grad, buf, steps[i], ok, momentum_gate, sgd)
+            param.addcmul_(_scale_one(m, v, steps[i], gates.keep, cprop), update)
+
+
+def _multi_tensor_cprop_sgd(
+    tensors: _SGDTensors, *, found_finite: Tensor, sgd: _SGDHyper, cprop: _CPropHyper
+) -> None:
+    for idx, dtype, ok, gates in _advance_steps(
+        tensors.cprop_exp_avgs, tensors.state_steps, found_finite, cprop.beta, foreach=True
+    ):
+        ts = _select(tensors, idx)
+        raws = [_sanitised(grad, ok, dtype) for grad in ts.grads]
+        dirs = _with_weight_decay_foreach(raws, ts.params, sgd.weight_decay, gates.keep)
+        ms, vs = ts.cprop_exp_avgs, ts.cprop_exp_avg_sqs
+        _update_stats_foreach(ms, vs, raws, gates, beta=cprop.beta, method=cprop.method)
+        if sgd.momentum != 0:
+            bufs = ts.momentum_buffers
+            momentum_gate = _gate(ok, sgd.momentum, 1.0, dtype)
+            coefficients = [
+                _momentum_coefficients(step, ok, momentum_gate, sgd.dampening)
+                for step in ts.state_steps
+            ]
+            torch._foreach_mul_(bufs, [a for a, _ in coefficients])
+            torch._foreach_addcmul_(bufs, dirs, [b for _, b in coefficients])
+            dirs = torch._foreach_add(dirs, bufs, alpha=sgd.momentum) if sgd.nesterov else bufs
+        updates = torch._foreach_mul(dirs, -sgd.lr)
+        scales = _scale_foreach(ms, vs, ts.state_steps, gates.keep, cprop)
+        torch._foreach_addcmul_(ts.params, scales, updates)
+
+
+def cprop_sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    cprop_exp_avgs: list[Tensor],
+    cprop_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    found_finite: Tensor,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    cprop_beta: float,
+    cprop_c: float,
+    cprop_eps: float,
+    cdf: str,
+    method: str,
+    foreach: bool = False,
+    fused: bool = False,
+) -> None:
+    """Functional :class:`CPropSGD`: SGD's update scaled per element by CProp, in place.
+
+    ``fused`` runs one torch.compile-generated loop per tensor (Note [Fused path]); else
+    ``foreach`` picks ``torch._foreach_*`` ops over the per-tensor reference loop.
+    """
+    if fused:
+        fn = _fused_cprop_sgd
+    else:
+        fn = _multi_tensor_cprop_sgd if foreach else _single_tensor_cprop_sgd
+    fn(
+        _SGDTensors(
+            params, grads, momentum_buffers, cprop_exp_avgs, cprop_exp_avg_sqs, state_steps
+        ),
+        found_finite=found_finite,
+        sgd=_SGDHyper(lr, momentum, dampening, weight_decay, nesterov),
+        cprop=_CPropHyper(cprop_beta, cprop_c, cprop_eps, cdf, method),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Adam / AdamW + CProp
+# --------------------------------------------------------------------------------------------
+
+
+def _single_tensor_cprop_adam(
+    tensors: _AdamTensors, *, found_finite: Tensor, adam: _AdamHyper, cprop: _CPropHyper
+) -> None:
+    lr, beta1, beta2, eps, weight_decay, amsgrad, decoupled = adam
+    l2 = 0.0 if decoupled else weight_decay  # the penalty Adam's gradient gets
+    for idx, dtype, ok, gates in _advance_steps(
+        tensors.exp_avgs, tensors.state_steps, found_finite, cprop.beta, foreach=False
+    ):
+        weight1 = _gate(ok, 1.0 - beta1, 0.0, dtype)
+        beta2_gate = _gate(ok, beta2, 1.0, dtype)
+        for i in idx:
+            param, exp_avg, exp_avg_sq = (
+                tensors.params[i],
+                tensors.exp_avgs[i],
+                tensors.exp_avg_sqs[i],
+            )
+            step, cprop_m = tensors.state_steps[i], tensors.cprop_exp_avgs[i]
+            # CProp's statistics see the raw gradient; its v is Adam's exp_avg_sq when shared
+            cprop_v = None if tensors.cprop_exp_avg_sqs is None else tensors.cprop_exp_avg_sqs[i]
+            t = _step_time(step, dtype)
+            p = _in_dtype(param, dtype)
+            raw = _sanitised(tensors.grads[i], ok, dtype)
+            grad = _with_weight_decay(raw, p, l2, gates.keep)
+            _update_stats_one(cprop_m, cprop_v, raw, gates, beta=cprop.beta, method=cprop.method)
+            exp_avg.lerp_(grad, weight1)
+            exp_avg_sq.mul_(beta2_gate).addcmul_(grad, grad, value=1 - beta2)
+            bias_correction1 = 1 - beta1**t
+            bias_correction2_sqrt = (1 - beta2**t).sqrt()
+            if amsgrad:
+                max_exp_avg_sq = tensors.max_exp_avg_sqs[i]
+                torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+                denom = max_exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)
+            else:
+                denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)
+            update = torch.div(exp_avg, denom, out=denom).mul_(-lr / bias_correction1)
+            if decoupled and weight_decay != 0:
+                update.add_(p, alpha=-lr * weight_decay)
+            second = exp_avg_sq if cprop_v is None else cprop_v
+            param.addcmul_(_scale_one(cprop_m, second, step, gates.keep, cprop), update)
+
+
+def _multi_tensor_cprop_adam(
+    tensors: _AdamTensors, *, found_finite: Tensor, adam: _AdamHyper, cprop: _CPropHyper
+) -> None:
+    lr, beta1, beta2, eps, weight_decay, amsgrad, decoupled = adam
+    l2 = 0.0 if decoupled else weight_decay
+    for idx, dtype, ok, gates in _advance_steps(
+        tensors.exp_avgs, tensors.state_steps, found_finite, cprop.beta, foreach=True
+    ):
+        ts = _select(tensors, idx)
+        ms, vs, cms, cvs = ts.exp_avgs, ts.exp_avg_sqs, ts.cprop_exp_avgs, ts.cprop_exp_avg_sqs
+        times = [_step_time(step, dtype) for step in ts.state_steps]
+        raws = [_sanitised(grad, ok, dtype) for grad in ts.grads]
+        dirs = _with_weight_decay_foreach(raws, ts.params, l2, gates.keep)
+        _update_stats_foreach(cms, cvs, raws, gates, beta=cprop.beta, method=cprop.method)
+        torch._foreach_lerp_(ms, dirs, [_gate(ok, 1.0 - beta1, 0.0, dtype)] * len(ms))
+        torch._foreach_mul_(vs, _gate(ok, beta2, 1.0, dtype))
+        torch._foreach_addcmul_(vs, dirs, dirs, value=1 - beta2)
+        bias_correction1 = _bias_corrections_foreach(beta1, times)
+        bias_correction2_sqrt = _bias_corrections_foreach(beta2, times)
+        torch._foreach_sqrt_(bias_correction2_sqrt)
+        if amsgrad:
+            torch._foreach_maximum_(ts.max_exp_avg_sqs, vs)
+            denoms = torch._foreach_sqrt(ts.max_exp_avg_sqs)
+        else:
+            denoms = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denoms, bias_correction2_sqrt)
+        torch._foreach_add_(denoms, eps)
+        updates = torch._foreach_div(ms, denoms)
+        # -lr / bias_correction1, with the same rounding as the reference's 0-d division
+        torch._foreach_mul_(updates, [-lr / bc for bc in bias_correction1])
+        if decoupled and weight_decay != 0:
+            p32 = [_in_dtype(p, dtype) for p in ts.params]
+            torch._foreach_add_(updates, p32, alpha=-lr * weight_decay)
+        scales = _scale_foreach(cms, vs if cvs is None else cvs, ts.state_steps, gates.keep, cprop)
+        torch._foreach_addcmul_(ts.params, scales, updates)
+
+
+def cprop_adam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    cprop_exp_avgs: list[Tensor],
+    cprop_exp_avg_sqs: list[Tensor] | None,
+    state_steps: list[Tensor],
+    *,
+    found_finite: Tensor,
+    amsgrad: bool,
+    beta1: float,
+    beta2: float,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+    decoupled_weight_decay: bool,
+    cprop_beta: float,
+    cprop_c: float,
+    cprop_eps: float,
+    cdf: str,
+    method: str,
+    foreach: bool = False,
+    fused: bool = False,
+) -> None:
+    """Functional :class:`CPropAdam` / :class:`CPropAdamW`, in place.
+
+    ``cprop_exp_avg_sqs=None`` means CProp's ``v`` is Adam's ``exp_avg_sq`` (shared);
+    ``max_exp_avg_sqs`` is read only with ``amsgrad``.
+    """
+    if fused:
+        fn = _fused_cprop_adam
+    elif foreach:
+        fn = _multi_tensor_cprop_adam
+    else:
+        fn = _single_tensor_cprop_adam
+    fn(
+        _AdamTensors(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            max_exp_avg_sqs if amsgrad else None,
+            cprop_exp_avgs,
+            cprop_exp_avg_sqs,
+            state_steps,
+        ),
+        found_finite=found_finite,
+        adam=_AdamHyper(lr, beta1, beta2, eps, weight_decay, amsgrad, decoupled_weight_decay),
+        cprop=_CPropHyper(cprop_beta, cprop_c, cprop_eps, cdf, method),
+    )

@@ -1,0 +1,440 @@
+"""CPropSGD, CPropAdam, CPropAdamW: SGD and Adam(W) with CProp's scale in one step.
+
+The classes validate, create state and dispatch to :func:`~steadystep.optim.cprop.cprop_sgd` /
+:func:`~steadystep.optim.cprop.cprop_adam`; their numbers match
+``CProp(torch.optim.SGD/Adam/AdamW(...))`` up to rounding, with the whole state (the base
+optimizer's too) protected from a non-finite gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from steadystep._tensors import shards
+from steadystep._validation import (
+    check_finite,
+    check_nonnegative,
+    check_param_tensors,
+    check_unit_interval,
+)
+from steadystep.optim.cprop._math import _cprop_hyper, _CPropHyper, _second_key
+from steadystep.optim.cprop._state import (
+    _call_closure,
+    _collect,
+    _default_foreach,
+    _group_stats,
+    _init_cprop_state,
+    _param_index_map,
+    _states_by_param,
+    _validate_group,
+    _zeros_stat,
+)
+from steadystep.optim.cprop.functional import cprop_adam, cprop_sgd
+
+__all__ = ["CPropAdam", "CPropAdamW", "CPropSGD"]
+
+
+def _use_foreach(group: dict[str, Any], params: list[Tensor]) -> bool:
+    return _default_foreach(params) if group["foreach"] is None else group["foreach"]
+
+
+def _native_cprop_kwargs(group: dict[str, Any]) -> dict[str, Any]:
+    """A group's CProp hyperparameters as :func:`cprop_sgd` / :func:`cprop_adam` name them."""
+    return dict(
+        zip(
+            ("cprop_beta", "cprop_c", "cprop_eps", "cdf", "method"),
+            _cprop_hyper(group),
+            strict=True,
+        )
+    )
+
+
+class _NativeCPropBase(Optimizer):
+    """Validation, state_dict handling and telemetry shared by the native CProp optimizers."""
+
+    _owner = "CProp"
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # the constructor's spelling (cdf=, method=) is accepted in groups too
+        for short in ("cdf", "method"):
+            if short in param_group:
+                param_group[f"cprop_{short}"] = param_group.pop(short)
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        check_param_tensors(group["params"], self._owner)
+        _validate_group(group)
+        self._validate_base_group(group)
+
+    def _validate_base_group(self, group: dict[str, Any]) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("foreach", None)
+            group.setdefault("fused", None)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`; statistics keep their saved dtype (fp32 for bf16 params).
+
+        ``torch.optim.Optimizer.load_state_dict`` would cast every floating state tensor to the
+        parameter's dtype, rounding fp32 statistics of bf16 parameters; the state is therefore
+        copied here, on the parameter's device, dtype unchanged.
+        """
+        saved_state = state_dict["state"]
+        super().load_state_dict({**state_dict, "state": {}})
+        params = _param_index_map(self.param_groups)
+        self.state.update(_states_by_param(saved_state, params, "state_dict"))
+
+    def stats(self) -> dict[str, Tensor]:
+        """Telemetry as 0-d tensors, no host sync: ``group{i}.mean_scale``,
+        ``group{i}.frac_scale_below_half`` and the totals ``mean_scale``,
+        ``frac_scale_below_half`` over every element with state. The scale is recomputed from
+        the current statistics, so it is the scale that the last step applied."""
+        return _group_stats(self.param_groups, lambda p: self.state.get(p))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, *, loss: Tensor | None = None) -> Any:
+        """One step. ``closure`` re-evaluates the model; ``loss`` is accepted and unused."""
+        out = _call_closure(closure)
+        work, found_finite = _collect(self.param_groups, type(self).__name__, self._init_state)
+        for group, params in work:
+            if params:
+                self._step_group(group, params, found_finite)
+        return out
+
+    def _init_state(self, group: dict[str, Any], param: Tensor) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _step_group(
+        self, group: dict[str, Any], params: list[Tensor], found_finite: Tensor
+    ) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+
+_CPROP_ARGS_DOC = """
+    CProp arguments (keyword-only):
+        cprop_beta (float): horizon ``beta`` of CProp's EMAs, in [0, 1) (default: 0.999).
+        cprop_c (float): overconfidence ``c`` > 0; ``inf`` turns the scaling off (default: 1.0).
+        cprop_eps (float): floor ``eps`` >= 0 of the standard error (default: 1e-8).
+        cdf (str): ``"normal"`` (erf), ``"bft"``, ``"bfo"`` or ``"logistic"`` (default: "normal").
+        method (str): ``"conformity"`` (the paper's), ``"relative"`` or ``"moment"``
+            (its section 2.4 alternatives) (default: "conformity").
+        foreach (bool, optional): ``torch._foreach_*`` ops; None picks them on CUDA only.
+"""
+
+
+class CPropSGD(_NativeCPropBase):
+    """SGD (momentum, dampening, Nesterov, weight decay) with CProp's per-element scale.
+
+    The update of ``torch.optim.SGD`` (``d = -lr * g'`` where ``g' = g + weight_decay * p``,
+    then through the momentum buffer ``b <- momentum * b + (1 - dampening) * g'``, ``g' = b``
+    or ``g' + momentum * b`` with ``nesterov``) is scaled per element, ``p <- p + s * d``, with
+    ``s`` of :mod:`steadystep.optim.cprop` computed from the raw gradient ``g``. The numbers
+    match ``CProp(torch.optim.SGD(...))`` up to rounding.
+
+    Args:
+        params: iterable of parameters or param-group dicts.
+        lr (float): learning rate (default: 1e-3).
+        momentum (float): momentum factor (default: 0).
+        dampening (float): dampening of the momentum (default: 0).
+        weight_decay (float): L2 penalty added to the gradient SGD sees (default: 0).
+        nesterov (bool): Nesterov momentum (default: False).
+    <CPROP_ARGS>
+        fused (bool, optional): one torch.compile-generated kernel per tensor (CPU or CUDA;
+            the first step compiles, which takes seconds) (default: None = False).
+
+    State per parameter: ``step`` (0-d float32), ``cprop_exp_avg``, ``cprop_exp_avg_sq``
+    (``cprop_exp_avg_abs`` for ``method="relative"``) and ``momentum_buffer`` when
+    ``momentum != 0``; fp32 for bf16/fp16 parameters.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = ss.CPropSGD(model.parameters(), lr=0.1, momentum=0.9)
+        >>> model(torch.randn(8, 3)).pow(2).mean().backward()
+        >>> opt.step()
+        >>> sorted(opt.stats())
+        ['frac_scale_below_half', 'group0.frac_scale_below_half', 'group0.mean_scale', 'mean_scale']
+    """
+
+    _owner = "CPropSGD"
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        cprop_beta: float = 0.999,
+        cprop_c: float = 1.0,
+        cprop_eps: float = 1e-8,
+        cdf: str = "normal",
+        method: str = "conformity",
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        if foreach and fused:
+            raise ValueError(
+                "foreach and fused pick different implementations and cannot both be True, "
+                f"got foreach={foreach!r}, fused={fused!r}"
+            )
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+            "nesterov": nesterov,
+            **_CPropHyper(cprop_beta, cprop_c, cprop_eps, cdf, method).group_entries(),
+            "foreach": foreach,
+            "fused": fused,
+        }
+        super().__init__(params, defaults)
+
+    def _validate_base_group(self, group: dict[str, Any]) -> None:
+        check_nonnegative("lr", group["lr"])
+        check_nonnegative("momentum", group["momentum"])
+        check_finite("dampening", group["dampening"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError(
+                "nesterov=True requires momentum > 0 and dampening == 0, got "
+                f"momentum={group['momentum']}, dampening={group['dampening']}"
+            )
+
+    def _init_state(self, group: dict[str, Any], param: Tensor) -> None:
+        state = self.state[param]
+        if "step" not in state:
+            _init_cprop_state(state, param, group["cprop_method"], share_v=False)
+        if group["momentum"] != 0 and "momentum_buffer" not in state:
+            state["momentum_buffer"] = _zeros_stat(param)
+
+    def _step_group(
+        self, group: dict[str, Any], params: list[Tensor], found_finite: Tensor
+    ) -> None:
+        states = [self.state[p] for p in params]
+        momentum = group["momentum"]
+        # Note [FSDP2]: CProp is elementwise, so it runs on this rank's shards
+        cprop_sgd(
+            shards(params),
+            shards([p.grad for p in params]),
+            shards([st.get("momentum_buffer") if momentum != 0 else None for st in states]),
+            shards([st["cprop_exp_avg"] for st in states]),
+            shards([st[_second_key(group["cprop_method"])] for st in states]),
+            [st["step"] for st in states],
+            found_finite=found_finite,
+            lr=group["lr"],
+            momentum=momentum,
+            dampening=group["dampening"],
+            weight_decay=group["weight_decay"],
+            nesterov=group["nesterov"],
+            **_native_cprop_kwargs(group),
+            foreach=_use_foreach(group, params),
+            fused=bool(group["fused"]),
+        )
+
+
+class CPropAdam(_NativeCPropBase):
+    """Adam (L2 weight decay, AMSGrad) with CProp's per-element scale.
+
+    ``torch.optim.Adam``'s update ``d`` (``m <- beta1 m + (1-beta1) g'``,
+    ``v <- beta2 v + (1-beta2) g'^2``, ``d = -lr / (1-beta1^t) * m / (sqrt(v / (1-beta2^t)) + eps)``
+    with ``g' = g + weight_decay * p``; :class:`CPropAdamW` decays ``p`` by ``lr * weight_decay``
+    inside ``d`` instead) is applied as ``p <- p + s * d``. CProp's ``s`` comes from the raw
+    gradient ``g``; the numbers match ``CProp(torch.optim.Adam(...))`` up to rounding.
+
+    When ``betas[1] == cprop_beta`` and Adam sees the raw gradient (``weight_decay == 0``, or
+    always for AdamW) and ``method != "relative"``, CProp's ``v`` *is* Adam's ``exp_avg_sq``
+    (one buffer less, fewer bytes moved); decided when a parameter's state is created.
+
+    Args:
+        params: iterable of parameters or param-group dicts.
+        lr (float): learning rate (default: 1e-3).
+        betas (tuple[float, float]): Adam's ``beta1, beta2`` (default: (0.9, 0.999)).
+        eps (float): Adam's denominator floor (default: 1e-8).
+        weight_decay (float): L2 penalty (decoupled in :class:`CPropAdamW`) (default: 0).
+        amsgrad (bool): use the running maximum of ``v`` (default: False).
+    <CPROP_ARGS>
+        fused (bool, optional): one torch.compile-generated kernel per tensor (CPU or CUDA;
+            the first step compiles, which takes seconds) (default: None = False).
+
+    State per parameter: ``step`` (0-d float32, Adam's and CProp's ``t``), ``exp_avg``,
+    ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad), ``cprop_exp_avg`` and, unless shared,
+    ``cprop_exp_avg_sq`` (``cprop_exp_avg_abs`` for ``method="relative"``). All statistics are
+    fp32 for bf16/fp16 parameters (``torch.optim.Adam`` would keep them in bf16).
+
+    Example:
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = ss.CPropAdam(model.parameters(), lr=1e-3)
+        >>> model(torch.randn(8, 3)).pow(2).mean().backward()
+        >>> opt.step()
+        >>> sorted(opt.state[model.weight])
+        ['cprop_exp_avg', 'exp_avg', 'exp_avg_sq', 'step']
+    """
+
+    _owner = "CPropAdam"
+    _decoupled = False
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        cprop_beta: float = 0.999,
+        cprop_c: float = 1.0,
+        cprop_eps: float = 1e-8,
+        cdf: str = "normal",
+        method: str = "conformity",
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        if foreach and fused:
+            raise ValueError(
+                "foreach and fused pick different implementations and cannot both be True, "
+                f"got foreach={foreach!r}, fused={fused!r}"
+            )
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "decoupled_weight_decay": self._decoupled,
+            **_CPropHyper(cprop_beta, cprop_c, cprop_eps, cdf, method).group_entries(),
+            "foreach": foreach,
+            "fused": fused,
+        }
+        super().__init__(params, defaults)
+
+    def _validate_base_group(self, group: dict[str, Any]) -> None:
+        check_nonnegative("lr", group["lr"])
+        betas = group["betas"]
+        if len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got betas={betas!r}")
+        check_unit_interval("betas[0]", betas[0])
+        check_unit_interval("betas[1]", betas[1])
+        check_nonnegative("eps", group["eps"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+
+    def _shares_v(self, group: dict[str, Any]) -> bool:
+        raw_grad = group["decoupled_weight_decay"] or group["weight_decay"] == 0
+        return (
+            raw_grad
+            and group["betas"][1] == group["cprop_beta"]
+            and group["cprop_method"] != "relative"
+        )
+
+    def _init_state(self, group: dict[str, Any], param: Tensor) -> None:
+        state = self.state[param]
+        if "step" not in state:
+            _init_cprop_state(state, param, group["cprop_method"], share_v=self._shares_v(group))
+            state["exp_avg"] = _zeros_stat(param)
+            state["exp_avg_sq"] = _zeros_stat(param)
+        if group["amsgrad"] and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
+
+    def _step_group(
+        self, group: dict[str, Any], params: list[Tensor], found_finite: Tensor
+    ) -> None:
+        key = _second_key(group["cprop_method"])
+        # parameters whose v is shared and those with their own v go in separate calls
+        for shared in (True, False):
+            ps = [p for p in params if (key not in self.state[p]) == shared]
+            if ps:
+                self._run(group, ps, found_finite, None if shared else key)
+
+    def _run(
+        self, group: dict[str, Any], params: list[Tensor], found_finite: Tensor, key: str | None
+    ) -> None:
+        states = [self.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        # Note [FSDP2]: CProp is elementwise, so it runs on this rank's shards
+        cprop_adam(
+            shards(params),
+            shards([p.grad for p in params]),
+            shards([st["exp_avg"] for st in states]),
+            shards([st["exp_avg_sq"] for st in states]),
+            shards([st["max_exp_avg_sq"] for st in states]) if group["amsgrad"] else [],
+            shards([st["cprop_exp_avg"] for st in states]),
+            None if key is None else shards([st[key] for st in states]),
+            [st["step"] for st in states],
+            found_finite=found_finite,
+            amsgrad=group["amsgrad"],
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+            **_native_cprop_kwargs(group),
+            foreach=_use_foreach(group, params),
+            fused=bool(group["fused"]),
+        )
+
+
+class CPropAdamW(CPropAdam):
+    """AdamW (decoupled weight decay, default 1e-2) with CProp's per-element scale.
+
+    As :class:`CPropAdam` with ``d = -lr * weight_decay * p - lr / (1-beta1^t) * m / denom``;
+    Adam always sees the raw gradient, so CProp's ``v`` is shared whenever
+    ``betas[1] == cprop_beta``. Matches ``CProp(torch.optim.AdamW(...))`` up to rounding.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = ss.CPropAdamW(model.parameters(), lr=3e-3, cprop_c=1.0)
+        >>> model(torch.randn(8, 3)).pow(2).mean().backward()
+        >>> opt.step()
+        >>> opt.state[model.weight]["step"]
+        tensor(1.)
+    """
+
+    _owner = "CPropAdamW"
+    _decoupled = True
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        cprop_beta: float = 0.999,
+        cprop_c: float = 1.0,
+        cprop_eps: float = 1e-8,
+        cdf: str = "normal",
+        method: str = "conformity",
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            cprop_beta=cprop_beta,
+            cprop_c=cprop_c,
+            cprop_eps=cprop_eps,
+            cdf=cdf,
+            method=method,
+            foreach=foreach,
+            fused=fused,
+        )
+
+
+for _cls in (CPropSGD, CPropAdam):
+    _cls.__doc__ = (_cls.__doc__ or "").replace("    <CPROP_ARGS>\n", _CPROP_ARGS_DOC.lstrip("\n"))

@@ -1,0 +1,302 @@
+"""CProp around any optimizer: scale what the base optimizer's step changed, per element."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from steadystep._tensors import shards
+from steadystep.optim.cprop._fused import _FusedWrapperStep
+from steadystep.optim.cprop._math import _check_hyper, _cprop_hyper, _CPropHyper, _second_key
+from steadystep.optim.cprop._state import (
+    _call_closure,
+    _collect,
+    _default_foreach,
+    _group_stats,
+    _init_cprop_state,
+    _param_index_map,
+    _states_by_param,
+    _validate_group,
+)
+from steadystep.optim.cprop.functional import cprop_scales, cprop_update_
+
+__all__ = ["CProp"]
+
+
+class CProp(Optimizer):
+    """Wrap any ``torch.optim.Optimizer`` and scale its update per element by CProp.
+
+    Each step: the raw gradients update CProp's statistics, the base optimizer steps at its full
+    rate, and the change it made is scaled, ``p <- p_old + s * (p_new - p_old)`` (computed as
+    ``torch.lerp(p_old, p_new, s)``, exactly ``p_new`` where ``s == 1``). The base optimizer's
+    own state evolves as it would without CProp. See :mod:`steadystep.optim.cprop` for ``s``.
+
+    Args:
+        optimizer: the base optimizer (SGD, Adam, AdamW, RMSprop, Adagrad, NAdam, your own).
+        beta (float): horizon of CProp's EMAs, in [0, 1) (default: 0.999).
+        c (float): overconfidence coefficient > 0; ``c = inf`` gives ``s = 1`` everywhere, i.e.
+            bitwise the bare optimizer (default: 1.0).
+        eps (float): floor of the standard error, >= 0 (default: 1e-8).
+        cdf (str): ``"normal"``, ``"bft"``, ``"bfo"`` or ``"logistic"`` (default: "normal").
+        method (str): ``"conformity"``, ``"relative"`` or ``"moment"`` (default: "conformity").
+        fused (bool, optional): CProp's own work as two torch.compile-generated passes per
+            tensor (statistics and snapshot before the base step, scale after it) instead of
+            eager ops; the first step compiles (default: None = False).
+
+    These are defaults: they are stored in every param group of the base optimizer as
+    ``cprop_beta``, ``cprop_c``, ``cprop_eps``, ``cprop_cdf``, ``cprop_method`` (a group that
+    already has one keeps it), so they checkpoint with the groups and can differ per group.
+
+    ``param_groups``, ``state`` (the base's), ``defaults``, ``add_param_group`` and
+    ``zero_grad`` delegate to the base. CProp's own per-parameter state (``step``,
+    ``cprop_exp_avg``, ``cprop_exp_avg_sq`` or ``cprop_exp_avg_abs``; fp32 for bf16/fp16
+    parameters) is in :attr:`cprop_state` and in ``state_dict()["cprop_state"]``, next to the
+    base's ``state`` and ``param_groups``. Step hooks registered on the wrapper run around the
+    whole CProp step (they see the scaled parameters); hooks on the base run inside it.
+
+    Extra memory: CProp's two statistics per parameter, plus one copy of the parameters while a
+    step runs (the snapshot ``p_old``).
+
+    A non-finite gradient leaves CProp's statistics unchanged and restores the parameters to
+    their values before the step (decided on the device); the base optimizer's own state still
+    sees that gradient; guarding it is :class:`CatastropheGuard`'s job (or use the native
+    classes, whose whole state is protected).
+
+    Example:
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = ss.CProp(torch.optim.AdamW(model.parameters(), lr=3e-3), beta=0.999, c=1.0)
+        >>> model(torch.randn(8, 3)).pow(2).mean().backward()
+        >>> opt.step()
+        >>> opt.cprop_state[model.weight]["step"]
+        tensor(1.)
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        beta: float = 0.999,
+        c: float = 1.0,
+        eps: float = 1e-8,
+        cdf: str = "normal",
+        method: str = "conformity",
+        fused: bool | None = None,
+    ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                f"CProp wraps a torch.optim.Optimizer, got optimizer={type(optimizer).__name__}"
+            )
+        _check_hyper(beta, c, eps, cdf, method, prefix="")
+        self.optimizer = optimizer
+        self.fused = bool(fused)
+        self.cprop_defaults = _CPropHyper(beta, c, eps, cdf, method).group_entries()
+        self.cprop_state: dict[Tensor, dict[str, Tensor]] = {}
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
+        for group in self.optimizer.param_groups:
+            self._set_group_defaults(group)
+
+    # -- delegation ------------------------------------------------------------------------
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return f"CProp({self.optimizer!r}, {self.cprop_defaults})"
+
+    def _set_group_defaults(self, group: dict[str, Any]) -> None:
+        for key, value in self.cprop_defaults.items():
+            group.setdefault(key, value)
+        _validate_group(group)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the base optimizer; it gets CProp's defaults unless it sets its own."""
+        self.optimizer.add_param_group(param_group)
+        self._set_group_defaults(self.optimizer.param_groups[-1])
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """The base's ``state_dict()`` plus ``"cprop_state"``: {param index: CProp state}."""
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        out = dict(self.optimizer.state_dict())
+        params = _param_index_map(self.param_groups)
+        out["cprop_state"] = {
+            i: dict(self.cprop_state[p]) for i, p in enumerate(params) if p in self.cprop_state
+        }
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, out)
+            if result is not None:
+                out = result
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Load a :meth:`state_dict` (the base's part through the base's own loader)."""
+        state_dict = dict(state_dict)
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        if "cprop_state" not in state_dict:
+            raise ValueError(
+                "state_dict has no 'cprop_state': it was not saved from a CProp wrapper; load "
+                "it into the base optimizer (CProp(...).optimizer.load_state_dict) instead"
+            )
+        cprop_saved = state_dict.pop("cprop_state")
+        self.optimizer.load_state_dict(state_dict)
+        params = _param_index_map(self.param_groups)
+        self.cprop_state = _states_by_param(cprop_saved, params, "cprop_state")
+        for group in self.param_groups:
+            self._set_group_defaults(group)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    # -- the step --------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Tensor]:
+        """Telemetry as 0-d tensors, no host sync (see :meth:`CPropSGD.stats`)."""
+        return _group_stats(self.param_groups, lambda p: self.cprop_state.get(p))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, *, loss: Tensor | None = None) -> Any:
+        """Update CProp's statistics, step the base optimizer, scale what it changed.
+
+        With a ``closure``, CProp evaluates it once to read the gradients; the base receives a
+        closure whose first call returns that loss and later calls (e.g. L-BFGS line search)
+        re-evaluate. ``loss`` is accepted for API uniformity and unused.
+        """
+        out = _call_closure(closure)
+        base_closure = None
+        if closure is not None:
+            pending = [out]
+
+            def base_closure() -> Any:
+                if pending:
+                    return pending.pop()
+                with torch.enable_grad():
+                    return closure()
+
+        work, found_finite = _collect(self.param_groups, "CProp", self._init_state)
+        if self.fused:
+            return self._fused_step(work, found_finite, base_closure, out)
+        for group, params in work:
+            if params:
+                cprop_update_(
+                    shards([p.grad for p in params]),
+                    *self._statistics(group, params),
+                    found_finite=found_finite,
+                    beta=group["cprop_beta"],
+                    method=group["cprop_method"],
+                    foreach=_default_foreach(params),
+                )
+        # statistics are read before the base steps, so a base that writes into p.grad (torch's
+        # never do) cannot change them
+        snapshots = [[p.clone() for p in shards(params)] for _, params in work]
+
+        base_out = self.optimizer.step(base_closure) if base_closure else self.optimizer.step()
+        if out is None:
+            out = base_out
+
+        for (group, params), olds in zip(work, snapshots, strict=True):
+            if not params:
+                continue
+            scales = cprop_scales(
+                *self._statistics(group, params),
+                found_finite=found_finite,
+                **_cprop_hyper(group)._asdict(),
+                foreach=_default_foreach(params),
+            )
+            for p, old, s in zip(shards(params), olds, scales, strict=True):
+                _apply_scale_(p, old, s, found_finite)
+        return out
+
+    def _init_state(self, group: dict[str, Any], param: Tensor) -> None:
+        if param not in self.cprop_state:
+            self.cprop_state[param] = {}
+            _init_cprop_state(self.cprop_state[param], param, group["cprop_method"], False)
+
+    def _statistics(
+        self, group: dict[str, Any], params: list[Tensor]
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """CProp's ``m``, ``v`` (this rank's shards, Note [FSDP2]) and step counts."""
+        states = [self.cprop_state[p] for p in params]
+        key = _second_key(group["cprop_method"])
+        return (
+            shards([st["cprop_exp_avg"] for st in states]),
+            shards([st[key] for st in states]),
+            [st["step"] for st in states],
+        )
+
+    def _fused_step(
+        self,
+        work: list[tuple[dict[str, Any], list[Tensor]]],
+        found_finite: Tensor,
+        base_closure: Callable[[], Any] | None,
+        out: Any,
+    ) -> Any:
+        passes = [
+            _FusedWrapperStep(params, [self.cprop_state[p] for p in params], found_finite, group)
+            for group, params in work
+            if params
+        ]
+        for fused_pass in passes:
+            fused_pass.before()
+        base_out = self.optimizer.step(base_closure) if base_closure else self.optimizer.step()
+        for fused_pass in passes:
+            fused_pass.after()
+        return base_out if out is None else out
+
+
+def _apply_scale_(param: Tensor, old: Tensor, s: Tensor, found_finite: Tensor) -> None:
+    """``param <- lerp(old, param, s)`` (exactly ``param`` at s = 1); ``old`` when skipped."""
+    if param.dtype == s.dtype:
+        # in place, no temporaries: a skipped step first puts old back (the base may have
+        # written NaN), then lerp(old, old, 0) = old
+        p = param.detach()
+        torch.where(found_finite, p, old, out=p)
+        torch.lerp(old, p, s, out=p)
+        return
+    old32 = old.to(s.dtype)
+    new = torch.lerp(old32, param.to(s.dtype), s)
+    param.copy_(torch.where(found_finite, new, old32))
