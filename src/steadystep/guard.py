@@ -34,7 +34,6 @@ also takes the host path (a rollback from host memory is only worth paying on an
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -44,6 +43,7 @@ from torch.optim import Optimizer
 from steadystep._tensors import grads_finite, local_tensor
 from steadystep._validation import check_nonnegative, check_positive, check_probability
 from steadystep.detect import PageHinkley
+from steadystep.optim._wrapper import OptimizerWrapper
 from steadystep.optim.alera import ALeRA
 
 __all__ = ["CatastropheGuard", "SALeRA", "SPALeRA", "TrainingDiverged"]
@@ -71,7 +71,7 @@ def _missing_loss(owner: str) -> RuntimeError:
     )
 
 
-class CatastropheGuard(Optimizer):
+class CatastropheGuard(OptimizerWrapper):
     """Wrap any optimizer with detect -> roll back -> cut the learning rate (SALeRA's recovery).
 
     With ``theta_b`` the parameters saved before the last update and ``A_t`` the detector's alarm
@@ -137,10 +137,7 @@ class CatastropheGuard(Optimizer):
         snapshot_device: torch.device | str | None = None,
         check_every: int = 100,
     ) -> None:
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-            )
+        super().__init__(optimizer)
         if isinstance(optimizer, CatastropheGuard):
             raise ValueError("optimizer is already a CatastropheGuard; wrap the base optimizer")
         self.lr_factor = check_probability("lr_factor", lr_factor)
@@ -152,20 +149,12 @@ class CatastropheGuard(Optimizer):
         self.backtrack = backtrack
         self.check_every = check_every
         self.snapshot_device = None if snapshot_device is None else torch.device(snapshot_device)
-        self.optimizer = optimizer
         self.detector = PageHinkley() if detector is None else detector
         self._device_side = (
             hasattr(optimizer, "scale_lr_")
             and hasattr(optimizer, "_step")
             and self.snapshot_device is None
         )
-        self._optimizer_step_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_step_post_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
-        self._patch_step_function()
 
         params = self._params()
         device = params[0].device if params else torch.device("cpu")
@@ -180,31 +169,9 @@ class CatastropheGuard(Optimizer):
         self._calls = 0
         self._pending_loss: torch.Tensor | None = None
 
-    # -- delegation -------------------------------------------------------------------------
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self.optimizer.param_groups
-
-    @property
-    def state(self) -> Any:  # type: ignore[override]
-        return self.optimizer.state
-
-    @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        return self.optimizer.defaults
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the wrapped optimizer; its snapshot is taken at the next step."""
         self.optimizer.add_param_group(param_group)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__.copy()
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
 
     def __repr__(self) -> str:
         return (
@@ -227,7 +194,7 @@ class CatastropheGuard(Optimizer):
             "history_loss": self.history_loss,
         }
 
-    def state_dict(self) -> dict[str, Any]:
+    def _wrapped_state_dict(self) -> dict[str, Any]:
         """``{"optimizer": wrapped state_dict, "guard": detector, counters, snapshot}``.
 
         The guard's part is a snapshot: its tensors (the rollback snapshot included: one copy of
@@ -235,8 +202,6 @@ class CatastropheGuard(Optimizer):
         steps. The wrapped optimizer's per-parameter ``state`` is as that optimizer returns it
         (torch's optimizers return their live tensors; ``copy.deepcopy`` it to keep it).
         """
-        for hook in self._optimizer_state_dict_pre_hooks.values():
-            hook(self)
         guard = {
             "detector": self.detector.state_dict(),
             **{k: v.clone() for k, v in self._counters().items()},
@@ -246,25 +211,10 @@ class CatastropheGuard(Optimizer):
             "backtrack": self.backtrack,
             "min_lr": self.min_lr,
         }
-        out = {"optimizer": self.optimizer.state_dict(), "guard": guard}
-        # The guard's own state_dict hooks, as torch.optim.Optimizer runs them.
-        for hook in self._optimizer_state_dict_post_hooks.values():
-            result = hook(self, out)
-            if result is not None:
-                out = result
-        return out
+        return {"optimizer": self.optimizer.state_dict(), "guard": guard}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def _load_wrapped_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; resuming continues bitwise as the saved run would."""
-        for hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        self._load_state_dict(state_dict)
-        for hook in self._optimizer_load_state_dict_post_hooks.values():
-            hook(self)
-
-    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state_dict["optimizer"])
         guard = state_dict["guard"]
         self.detector.load_state_dict(guard["detector"])

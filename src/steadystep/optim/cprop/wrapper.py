@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +10,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from steadystep._tensors import shards
+from steadystep.optim._wrapper import OptimizerWrapper
 from steadystep.optim.cprop._fused import _FusedWrapperStep
 from steadystep.optim.cprop._math import _check_hyper, _cprop_hyper, _CPropHyper, _second_key
 from steadystep.optim.cprop._state import (
@@ -28,7 +28,7 @@ from steadystep.optim.cprop.functional import cprop_scales, cprop_update_
 __all__ = ["CProp"]
 
 
-class CProp(Optimizer):
+class CProp(OptimizerWrapper):
     """Wrap any ``torch.optim.Optimizer`` and scale its update per element by CProp.
 
     Each step: the raw gradients update CProp's statistics, the base optimizer steps at its full
@@ -87,56 +87,13 @@ class CProp(Optimizer):
         method: str = "conformity",
         fused: bool | None = None,
     ) -> None:
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(
-                f"CProp wraps a torch.optim.Optimizer, got optimizer={type(optimizer).__name__}"
-            )
+        super().__init__(optimizer)
         _check_hyper(beta, c, eps, cdf, method, prefix="")
-        self.optimizer = optimizer
         self.fused = bool(fused)
         self.cprop_defaults = _CPropHyper(beta, c, eps, cdf, method).group_entries()
         self.cprop_state: dict[Tensor, dict[str, Tensor]] = {}
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        self._patch_step_function()
         for group in self.optimizer.param_groups:
             self._set_group_defaults(group)
-
-    # -- delegation ------------------------------------------------------------------------
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self) -> Any:  # type: ignore[override]
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        self.optimizer.state = value
-
-    @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self.optimizer.defaults = value
-
-    def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__.copy()
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
 
     def __repr__(self) -> str:
         return f"CProp({self.optimizer!r}, {self.cprop_defaults})"
@@ -151,33 +108,19 @@ class CProp(Optimizer):
         self.optimizer.add_param_group(param_group)
         self._set_group_defaults(self.optimizer.param_groups[-1])
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
     # -- checkpoints -----------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+    def _wrapped_state_dict(self) -> dict[str, Any]:
         """The base's ``state_dict()`` plus ``"cprop_state"``: {param index: CProp state}."""
-        for hook in self._optimizer_state_dict_pre_hooks.values():
-            hook(self)
         out = dict(self.optimizer.state_dict())
         params = _param_index_map(self.param_groups)
         out["cprop_state"] = {
             i: dict(self.cprop_state[p]) for i, p in enumerate(params) if p in self.cprop_state
         }
-        for hook in self._optimizer_state_dict_post_hooks.values():
-            result = hook(self, out)
-            if result is not None:
-                out = result
         return out
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+    def _load_wrapped_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict` (the base's part through the base's own loader)."""
-        state_dict = dict(state_dict)
-        for hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = hook(self, state_dict)
-            if result is not None:
-                state_dict = result
         if "cprop_state" not in state_dict:
             raise ValueError(
                 "state_dict has no 'cprop_state': it was not saved from a CProp wrapper; load "
@@ -189,8 +132,6 @@ class CProp(Optimizer):
         self.cprop_state = _states_by_param(cprop_saved, params, "cprop_state")
         for group in self.param_groups:
             self._set_group_defaults(group)
-        for hook in self._optimizer_load_state_dict_post_hooks.values():
-            hook(self)
 
     # -- the step --------------------------------------------------------------------------
 
