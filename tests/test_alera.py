@@ -421,7 +421,7 @@ def test_foreach_path_is_bitwise_the_reference_loop(granularity, dtype):
             for p, g in zip(params, grads, strict=True):
                 p.grad = g.clone()
             with torch.no_grad():  # the guard's masked step (step() is no_grad itself)
-                opt._step(skip=torch.tensor(t == 7))
+                opt.masked_step(skip=torch.tensor(t == 7))
         outs.append([p.detach() for p in params] + _state_tensors(opt))
     assert int(opt.stats()["skipped_steps"]) == 2
     for a, b in zip(*outs, strict=True):

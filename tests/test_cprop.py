@@ -887,3 +887,105 @@ def test_fused_wrapper_with_infinite_c_is_bitwise_the_bare_optimizer(dtype):
     train(a, bare, 8, dtype=dtype)
     train(b, wrapped, 8, dtype=dtype)
     assert_params(a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# The guard's protocol: lr_multiplier, scale_lr_, max_lr, masked_step (native classes)
+# --------------------------------------------------------------------------------------------
+
+PROTOCOL = {
+    "CPropSGD": lambda ps, lr: ss.CPropSGD(ps, lr=lr, momentum=0.9, weight_decay=0.1),
+    "CPropSGD-foreach": lambda ps, lr: ss.CPropSGD(
+        ps, lr=lr, nesterov=True, momentum=0.9, foreach=True
+    ),
+    "CPropAdamW": lambda ps, lr: ss.CPropAdamW(ps, lr=lr, amsgrad=True),
+    "CPropAdam-foreach": lambda ps, lr: ss.CPropAdam(ps, lr=lr, weight_decay=0.1, foreach=True),
+    "CPropAdamW-fused": lambda ps, lr: ss.CPropAdamW(ps, lr=lr, fused=True),
+    "CPropSGD-fused": lambda ps, lr: ss.CPropSGD(ps, lr=lr, momentum=0.9, fused=True),
+}
+
+
+def test_native_classes_are_maskable_and_the_wrapper_is_not():
+    params = list(mlp().parameters())
+    for make in PROTOCOL.values():
+        assert isinstance(make(params, 1e-2), ss.optim.MaskableOptimizer)
+    assert not isinstance(ss.CProp(torch.optim.SGD(params, lr=0.1)), ss.optim.MaskableOptimizer)
+
+
+@pytest.mark.parametrize("name", list(PROTOCOL))
+def test_lr_multiplier_scales_the_rate_on_every_path(name):
+    """``scale_lr_(0.5)`` gives the steps of ``lr / 2`` (to rounding); a factor of 1 changes
+    no bit; ``max_lr`` is ``lr * lr_multiplier``."""
+    make = PROTOCOL[name]
+    models = [mlp(F64) for _ in range(3)]
+    cut, half = make(models[0].parameters(), 0.02), make(models[1].parameters(), 0.01)
+    one = make(models[2].parameters(), 0.02)
+    reference = mlp(F64)
+    plain = make(reference.parameters(), 0.02)
+    assert all(
+        g["lr_multiplier"].dtype == F64 and float(g["lr_multiplier"]) == 1.0
+        for g in cut.param_groups
+    )
+    cut.scale_lr_(torch.tensor(0.5))
+    one.scale_lr_(torch.tensor(1.0, dtype=F64))
+    assert float(cut.max_lr()) == 0.01 and float(one.max_lr()) == 0.02
+    for model, opt in zip([*models, reference], [cut, half, one, plain], strict=True):
+        train(model, opt, 6, dtype=F64)
+    assert_params(models[0], models[1], atol=1e-12)
+    assert_params(models[2], reference)  # bitwise
+    assert not torch.allclose(next(models[0].parameters()), next(reference.parameters()))
+
+
+@pytest.mark.parametrize("name", list(PROTOCOL))
+def test_masked_step_is_an_exact_no_op(name):
+    """``masked_step(True)`` changes no parameter and no state (step counts included); the run
+    then goes on as one without that batch. ``masked_step(False)`` is ``step()``."""
+    make = PROTOCOL[name]
+    x, y = data()
+    clean_model, masked_model = mlp(), mlp()
+    clean, masked = make(clean_model.parameters(), 1e-2), make(masked_model.parameters(), 1e-2)
+    for i in range(6):
+        for model, opt in ((clean_model, clean), (masked_model, masked)):
+            if opt is clean and i == 3:
+                continue
+            xb, yb = batch(i, x, y)
+            opt.zero_grad()
+            (model(xb) - yb).pow(2).mean().backward()
+            if opt is masked and i == 3:
+                before = copy.deepcopy(_roundtrip(opt.state_dict()))
+                params = [p.detach().clone() for p in model.parameters()]
+                opt.masked_step(torch.tensor(True))
+                assert all(
+                    torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True)
+                )
+                assert_state_equal(before, _roundtrip(opt.state_dict()))
+            elif opt is masked:
+                opt.masked_step(torch.tensor(False))
+            else:
+                opt.step()
+    assert_params(clean_model, masked_model)
+    assert_state_equal(_roundtrip(clean.state_dict()), _roundtrip(masked.state_dict()))
+
+
+def test_lr_multiplier_checkpoints_and_old_checkpoints_load_with_one():
+    model = mlp()
+    opt = ss.CPropAdamW(model.parameters(), lr=1e-2)
+    train(model, opt, 2)
+    opt.scale_lr_(torch.tensor(0.25))
+    saved = opt.state_dict()
+    opt.scale_lr_(torch.tensor(0.5))  # a later cut does not reach the saved dict
+    assert float(saved["param_groups"][0]["lr_multiplier"]) == 0.25
+    fresh_model = mlp()
+    fresh = ss.CPropAdamW(fresh_model.parameters(), lr=1e-2)
+    fresh.load_state_dict(_roundtrip(saved))
+    assert float(fresh.param_groups[0]["lr_multiplier"]) == 0.25
+    assert fresh.param_groups[0]["lr_multiplier"] is not saved["param_groups"][0]["lr_multiplier"]
+    old = _roundtrip(saved)
+    for group in old["param_groups"]:
+        del group["lr_multiplier"]  # a checkpoint from before the multiplier existed
+    fresh.load_state_dict(old)
+    multiplier = fresh.param_groups[0]["lr_multiplier"]
+    assert multiplier.dtype == F64 and multiplier.dim() == 0 and float(multiplier) == 1.0
+    before = [p.detach().clone() for p in fresh_model.parameters()]
+    train(fresh_model, fresh, 1)  # and it steps
+    assert not torch.equal(before[0], next(fresh_model.parameters()))

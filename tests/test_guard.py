@@ -52,6 +52,8 @@ def build(kind: str, model: torch.nn.Module, **kwargs) -> ss.CatastropheGuard:
     if kind == "cprop":
         base = ss.CProp(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
         return ss.CatastropheGuard(base, detector, **kwargs)
+    if kind == "cpropadamw":  # a MaskableOptimizer: the sync-free path
+        return ss.CatastropheGuard(ss.CPropAdamW(model.parameters(), lr=0.01), detector, **kwargs)
     raise AssertionError(kind)
 
 
@@ -97,7 +99,7 @@ def assert_same_tree(before, after, cut=(), path=()):
         assert before == after, path
 
 
-KINDS = ["salera", "spalera", "agadam", "adam", "adam_tensor_lr", "cprop"]
+KINDS = ["salera", "spalera", "agadam", "adam", "adam_tensor_lr", "cprop", "cpropadamw"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -134,7 +136,7 @@ def test_spike_rolls_back_halves_lr_and_resets_detector(kind):
     assert not equal(params_of(model), history[SPIKE - 1])
 
 
-@pytest.mark.parametrize("kind", ["salera", "adam"])
+@pytest.mark.parametrize("kind", ["salera", "adam", "cpropadamw"])
 def test_backtrack_false_only_skips_and_cuts(kind):
     model = make_model()
     opt = build(kind, model, backtrack=False)
@@ -156,7 +158,7 @@ def run_script(opt, model, start, stop):
         opt.step(loss=torch.tensor(LOSSES[step]))
 
 
-@pytest.mark.parametrize("kind", ["salera", "spalera", "adam"])
+@pytest.mark.parametrize("kind", ["salera", "spalera", "adam", "cpropadamw"])
 @pytest.mark.parametrize("save_at", [SPIKE, SPIKE + 1], ids=["before_alarm", "after_alarm"])
 def test_state_dict_round_trip_around_an_alarm(kind, save_at):
     model = make_model()
@@ -180,12 +182,13 @@ def test_state_dict_round_trip_around_an_alarm(kind, save_at):
     assert equal(opt.snapshots, opt2.snapshots)
 
 
-def test_host_and_device_paths_agree_bitwise():
+@pytest.mark.parametrize("kind", ["salera", "cpropadamw"])
+def test_host_and_device_paths_agree_bitwise(kind):
     # snapshot_device="cpu" takes the host path (one read per step); on CPU both must agree.
     runs = []
     for snapshot_device in (None, "cpu"):
         model = make_model()
-        opt = build("salera", model, snapshot_device=snapshot_device)
+        opt = build(kind, model, snapshot_device=snapshot_device)
         assert opt._device_side == (snapshot_device is None)
         run_script(opt, model, 0, len(LOSSES))
         runs.append((params_of(model), lrs(opt), opt.stats()))
@@ -253,7 +256,7 @@ def test_loss_inputs_and_missing_loss_error():
         opt.step()
 
 
-@pytest.mark.parametrize("kind", ["salera", "adam"])
+@pytest.mark.parametrize("kind", ["salera", "adam", "cpropadamw"])
 def test_min_lr_raises_training_diverged_with_history(kind):
     model = make_model()
     opt = build(kind, model, min_lr=1e-3, check_every=1)
@@ -292,8 +295,9 @@ def test_guard_delegates_and_composes_with_a_scheduler():
 def test_device_path_makes_no_host_read(monkeypatch):
     # CPU stand-in for the CUDA sync check: any host read in a steady-state step raises.
     model = make_model()
-    for kind in ("salera", "spalera", "agadam"):
+    for kind in ("salera", "spalera", "agadam", "cpropadamw"):
         opt = build(kind, model)
+        assert opt._device_side
         backward(model, 0)
         opt.step(loss=torch.tensor(1.0))  # first step: lazy state
         calls = []
@@ -515,6 +519,59 @@ def test_nonfinite_gradient_with_finite_loss_skips_third_party_step(via_cprop, b
     det, ref_det = opt.detector.state_dict(), ref.detector.state_dict()
     for key, value in ref_det.items():
         assert torch.equal(torch.as_tensor(value), torch.as_tensor(det[key])), key
+
+
+def test_nonfinite_gradient_under_guarded_cpropadamw_is_skipped_by_the_optimizer():
+    """A MaskableOptimizer skips a NaN gradient itself, on the device: no alarm, no cut, no
+    count in the guard's ``nonfinite_grads``, and the run goes on as without the bad batch."""
+    ref_model, model = make_model(), make_model()
+    ref, opt = build("cpropadamw", ref_model), build("cpropadamw", model)
+    assert isinstance(opt.optimizer, ss.optim.MaskableOptimizer) and opt._device_side
+    run_script(ref, ref_model, 0, 3)
+    run_script(opt, model, 0, 3)
+    state = copy.deepcopy(opt.optimizer.state_dict())
+    before = params_of(model)
+    backward(model, 3)
+    next(model.parameters()).grad[0, 0] = math.nan
+    opt.step(loss=torch.tensor(1.0))
+    stats = opt.stats()
+    assert int(stats["nonfinite_grads"]) == 0 and int(stats["alarms"]) == 0
+    assert float(stats["lr_scale"]) == 1.0
+    assert equal(params_of(model), before)
+    assert_same_tree(state, opt.optimizer.state_dict())
+    run_script(ref, ref_model, 3, 6)
+    run_script(opt, model, 3, 6)
+    assert equal(params_of(model), params_of(ref_model))
+
+
+def test_guarded_cpropadamw_cut_applies_to_the_step_and_survives_a_scheduler():
+    """The cut lives in ``group["lr_multiplier"]``: the steps after an alarm are taken at half
+    the rate (as a CPropAdamW at lr / 2, to rounding), and a scheduler that rewrites
+    ``group["lr"]`` keeps it; ``max_lr`` is ``lr * lr_multiplier``."""
+    model = make_model()
+    opt = build("cpropadamw", model)
+    run_script(opt, model, 0, SPIKE + 1)  # the alarm at SPIKE
+    base = opt.optimizer
+    assert float(base.param_groups[0]["lr_multiplier"]) == 0.5
+    assert float(base.max_lr()) == pytest.approx(0.005, rel=0, abs=1e-18)
+    twin = make_model()
+    twin.load_state_dict(model.state_dict())
+    half = ss.CPropAdamW(twin.parameters(), lr=0.005)
+    half.load_state_dict(base.state_dict())  # the same statistics, then the rate without a cut
+    for group in half.param_groups:
+        group["lr"], group["lr_multiplier"] = 0.005, torch.ones((), dtype=torch.float64)
+    for step in range(SPIKE + 1, SPIKE + 4):
+        backward(model, step)
+        opt.step(loss=torch.tensor(1.0))
+        backward(twin, step)
+        half.step()
+    for a, b in zip(params_of(model), params_of(twin), strict=True):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0)
+    backward(model, SPIKE + 4)
+    opt.step(loss=torch.tensor(1.0))
+    sched.step()
+    assert base.param_groups[0]["lr"] == 0.01 and float(base.max_lr()) == 0.005
 
 
 def test_nonfinite_loss_with_nonfinite_gradient_is_still_an_alarm():

@@ -105,6 +105,12 @@ CASES: dict[str, Case] = {
         bare=_adamw,
         host_sync=True,
     ),
+    # a MaskableOptimizer inside: the sync-free path (CProp's shared v + the snapshot)
+    "CatastropheGuard(CPropAdamW)": Case(
+        lambda ps, fe: ss.CatastropheGuard(ss.CPropAdamW(ps, lr=1e-2, foreach=fe)),
+        extra=2,
+        bare=_adamw,
+    ),
 }
 NAMES = list(CASES)
 

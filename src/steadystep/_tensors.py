@@ -24,6 +24,7 @@ except ImportError:  # pragma: no cover - torch built without distributed
 __all__ = [
     "PARALLEL_NUMEL",
     "DTensor",
+    "clone_tensors",
     "flat",
     "flat_shards",
     "full_max",
@@ -38,6 +39,12 @@ __all__ = [
 # here; one compiled-kernel call in steadystep.optim._compile); above it, a CPU loop gets all
 # threads.
 PARALLEL_NUMEL = 1 << 16
+
+
+def clone_tensors(entries: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``entries`` whose tensors are clones (e.g. a param group in a state_dict, so
+    the saved 0-d multipliers and counts do not change with later steps)."""
+    return {k: v.clone() if isinstance(v, Tensor) else v for k, v in entries.items()}
 
 
 def local_tensor(t: Tensor) -> Tensor:

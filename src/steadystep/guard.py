@@ -17,16 +17,20 @@ did not jump; nothing to roll back, no reason to cut the rate). Around a third-p
 (torch's, CProp around one) the guard skips ``optimizer.step()`` for such a step, so the wrapped
 optimizer's own state (Adam's moments) is never poisoned: no rollback, no LR cut, the detector
 does not observe that step's loss (bitwise unchanged), and ``stats()["nonfinite_grads"]`` counts
-it. The flag is read in the same single host read as the alarm. steadystep's own optimizers skip
-such a step themselves (and count it in their ``skipped_steps``), so the guard leaves it to them.
+it. The flag is read in the same single host read as the alarm. An optimizer that implements
+:class:`~steadystep.optim._protocol.MaskableOptimizer` (steadystep's ALeRA, AgAdam and CProp's
+native classes) skips such a step itself (ALeRA and AgAdam count it in their
+``skipped_steps``), so the guard leaves it to it.
 
-Note [host syncs]: around steadystep's own optimizers (:class:`~steadystep.ALeRA`,
-:class:`~steadystep.AgAdam`: anything with ``scale_lr_`` and a maskable ``_step(skip)``) every
-decision stays on the device: the rollback is ``torch.where(alarm, snapshot, p)``, the cut
-multiplies the 0-d multipliers by ``where(alarm, lr_factor, 1)`` and the base step runs masked.
-The only host read is the ``min_lr`` check, once every ``check_every`` steps. Any other optimizer
-(torch's, CProp) keeps state the guard cannot mask, so the guard reads the alarm on the host once
-per step and skips ``optimizer.step()`` on alarms; that read is the cost of wrapping a
+Note [host syncs]: around a :class:`~steadystep.optim._protocol.MaskableOptimizer`
+(:class:`~steadystep.ALeRA`, :class:`~steadystep.AgAdam`, :class:`~steadystep.CPropSGD`,
+:class:`~steadystep.CPropAdam`, :class:`~steadystep.CPropAdamW`) every decision stays on the
+device: the rollback is ``torch.where(alarm, snapshot, p)``, the cut multiplies the 0-d
+multipliers by ``where(alarm, lr_factor, 1)`` (``scale_lr_``) and the base step runs masked
+(``masked_step(alarm)``). The only host read is the ``min_lr`` check (``max_lr()``), once every
+``check_every`` steps. Any other optimizer (torch's, the CProp wrapper) keeps state the guard
+cannot mask, so the guard reads the alarm on the host once per step and skips
+``optimizer.step()`` on alarms; that read is the cost of wrapping a
 third-party optimizer (``benchmarks/bench_alera.py`` measures it). ``snapshot_device="cpu"``
 also takes the host path (a rollback from host memory is only worth paying on an alarm).
 """
@@ -43,7 +47,8 @@ from torch.optim import Optimizer
 from steadystep._tensors import grads_finite, local_tensor
 from steadystep._validation import check_nonnegative, check_positive, check_probability
 from steadystep.detect import PageHinkley
-from steadystep.optim._wrapper import OptimizerWrapper
+from steadystep.optim._protocol import MaskableOptimizer
+from steadystep.optim._wrapper import OptimizerWrapper, call_with_step_hooks
 from steadystep.optim.alera import ALeRA
 
 __all__ = ["CatastropheGuard", "SALeRA", "SPALeRA", "TrainingDiverged"]
@@ -84,12 +89,13 @@ class CatastropheGuard(OptimizerWrapper):
         \\ \\theta \\leftarrow \\text{optimizer.step}(\\theta)
 
     Args:
-        optimizer: the optimizer to protect (any ``torch.optim.Optimizer``; steadystep's ALeRA
-            and AgAdam stay sync-free, see Note [host syncs]).
+        optimizer: the optimizer to protect (any ``torch.optim.Optimizer``; steadystep's ALeRA,
+            AgAdam and native CProp classes stay sync-free, see Note [host syncs]).
         detector: change detector with ``update(loss) -> alarm``; default
             ``PageHinkley(ph_lambda=0.1, rho=0.01)``.
         lr_factor: factor applied to every learning rate on an alarm (default 0.5, in (0, 1]).
-            For ALeRA/AgAdam it multiplies ``group["lr_multiplier"]``; otherwise ``group["lr"]``
+            For a MaskableOptimizer (ALeRA, AgAdam, CPropSGD/Adam/AdamW) it multiplies
+            ``group["lr_multiplier"]`` (through ``scale_lr_``); otherwise ``group["lr"]``
             (in place when it is a tensor). A scheduler that recomputes ``lr`` from its base
             values (LambdaLR, OneCycleLR) overwrites the cut; chainable ones keep it.
         backtrack: roll the parameters back on an alarm (default True); False only skips and
@@ -150,11 +156,10 @@ class CatastropheGuard(OptimizerWrapper):
         self.check_every = check_every
         self.snapshot_device = None if snapshot_device is None else torch.device(snapshot_device)
         self.detector = PageHinkley() if detector is None else detector
-        self._device_side = (
-            hasattr(optimizer, "scale_lr_")
-            and hasattr(optimizer, "_step")
-            and self.snapshot_device is None
-        )
+        # Note [host syncs]: a MaskableOptimizer lets every decision stay on the device, and
+        # skips a non-finite gradient itself (Note [non-finite gradients]).
+        self._maskable = optimizer if isinstance(optimizer, MaskableOptimizer) else None
+        self._device_side = self._maskable is not None and self.snapshot_device is None
 
         params = self._params()
         device = params[0].device if params else torch.device("cpu")
@@ -354,21 +359,19 @@ class CatastropheGuard(OptimizerWrapper):
             torch._foreach_copy_(local_snaps, local_params)
         cut = torch.full((), self.lr_factor, dtype=torch.float64, device=alarm.device)
         factor = torch.where(alarm, cut, 1.0)
-        self.optimizer.scale_lr_(factor)  # type: ignore[attr-defined]
+        inner = self._maskable
+        if inner is None:  # pragma: no cover - _device_side implies a MaskableOptimizer
+            raise RuntimeError("the sync-free path needs a MaskableOptimizer")
+        inner.scale_lr_(factor)
         self.lr_scale.mul_(factor)
-        # Note [hooks]: ``_step`` bypasses the wrapped optimizer's ``step``, so its own step
-        # hooks run here (the host path gets them from ``optimizer.step()``). They run every
-        # step: an alarm's step is a masked no-op, not known on the host.
-        inner = self.optimizer
-        for hook in list(inner._optimizer_step_pre_hooks.values()):
-            hook(inner, (), {})
-        inner._step(skip=alarm)  # type: ignore[attr-defined]
-        for hook in list(inner._optimizer_step_post_hooks.values()):
-            hook(inner, (), {})
+        # Note [hooks]: ``masked_step`` bypasses the wrapped optimizer's ``step``, so its own
+        # step hooks run here (the host path gets them from ``optimizer.step()``). They run
+        # every step: an alarm's step is a masked no-op, not known on the host.
+        call_with_step_hooks(self.optimizer, lambda: inner.masked_step(alarm))
 
     def _self_protecting(self) -> bool:
-        """Does the wrapped optimizer skip non-finite gradients itself (ALeRA, AgAdam)?"""
-        return hasattr(self.optimizer, "scale_lr_") and hasattr(self.optimizer, "_step")
+        """Does the wrapped optimizer skip non-finite gradients itself (a MaskableOptimizer)?"""
+        return self._maskable is not None
 
     def _observe(self, loss: torch.Tensor | float, bad_grads: torch.Tensor | None) -> torch.Tensor:
         """The detector's verdict on ``loss``; a no-op observation where ``bad_grads``."""
@@ -416,8 +419,8 @@ class CatastropheGuard(OptimizerWrapper):
         return alarmed
 
     def _cut_lr(self) -> None:
-        if hasattr(self.optimizer, "scale_lr_"):
-            self.optimizer.scale_lr_(torch.tensor(self.lr_factor, dtype=torch.float64))
+        if self._maskable is not None:
+            self._maskable.scale_lr_(torch.tensor(self.lr_factor, dtype=torch.float64))
             return
         for group in self.optimizer.param_groups:
             lr = group["lr"]
@@ -440,8 +443,8 @@ class CatastropheGuard(OptimizerWrapper):
         self.steps.add_(1)
 
     def _max_lr(self) -> float:
-        if hasattr(self.optimizer, "max_lr"):
-            return float(self.optimizer.max_lr())
+        if self._maskable is not None:
+            return float(self._maskable.max_lr())
         return max(float(g["lr"]) for g in self.optimizer.param_groups)
 
     def _check_min_lr(self) -> None:

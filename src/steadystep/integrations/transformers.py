@@ -49,6 +49,7 @@ from transformers import Trainer, TrainerCallback
 
 from steadystep.alrc import ALRC
 from steadystep.integrations import loss_needing, unwrap_optimizer
+from steadystep.optim._protocol import MaskableOptimizer
 from steadystep.telemetry import Monitor
 
 __all__ = ["SkipAwareScheduler", "SteadystepTrainer", "default_per_sample_loss"]
@@ -79,7 +80,8 @@ class SkipAwareScheduler:
 
     ``step()`` reads the guard's ``alarms`` counter (one host read per step: the schedule itself
     lives on the host) and, when it grew since the last call, does not step the wrapped
-    scheduler. If the guard cut ``group["lr"]`` itself (a third-party base optimizer), the
+    scheduler. If the guard cut ``group["lr"]`` itself (a base optimizer that is not a
+    :class:`~steadystep.optim._protocol.MaskableOptimizer`, e.g. torch's AdamW), the
     wrapped scheduler's ``base_lrs`` are multiplied by the same factor so that a schedule which
     recomputes ``lr = base_lr * f(step)`` (LambdaLR, the Trainer's linear and cosine schedules)
     keeps the cut. Everything else is delegated to the wrapped scheduler.
@@ -115,8 +117,10 @@ class SkipAwareScheduler:
             self._alarms_seen = now
             if new > 0:
                 self.skipped_steps += 1
+                # A MaskableOptimizer takes the cut in its own multipliers; any other base
+                # optimizer had group["lr"] cut, which the schedule must keep.
                 base = getattr(self.guard, "optimizer", None)
-                cut_group_lr = base is not None and not hasattr(base, "scale_lr_")
+                cut_group_lr = base is not None and not isinstance(base, MaskableOptimizer)
                 if cut_group_lr and hasattr(self.scheduler, "base_lrs"):
                     factor = float(self.guard.lr_factor) ** new
                     self.scheduler.base_lrs = [b * factor for b in self.scheduler.base_lrs]

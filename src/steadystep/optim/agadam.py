@@ -147,7 +147,8 @@ class AgAdam(ALeRA):
             )
         super().add_param_group(param_group)
 
-    def _step(self, skip: torch.Tensor | None) -> None:
+    @torch.no_grad()
+    def masked_step(self, skip: torch.Tensor | None) -> None:
         work = self._prepare(skip)
         if work is None:
             return

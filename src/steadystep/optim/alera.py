@@ -450,7 +450,7 @@ class ALeRA(Optimizer):
             out[f"group{gi}.lr_max"] = base * hi.to(base.device)
         return out
 
-    # -- the guard protocol (see steadystep.guard) -------------------------------------------
+    # -- the guard's protocol (steadystep.optim._protocol.MaskableOptimizer) ----------------
     @torch.no_grad()
     def scale_lr_(self, factor: torch.Tensor) -> None:
         """Multiply every effective learning rate by ``factor`` (0-d tensor), on the device."""
@@ -484,7 +484,7 @@ class ALeRA(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._step(skip=None)
+        self.masked_step(None)
         return loss
 
     def _collect(self) -> tuple[list[list[int]], dict[str, list[Any]]]:
@@ -648,8 +648,10 @@ class ALeRA(Optimizer):
             param_wise=self.granularity == "param",
         )
 
-    def _step(self, skip: torch.Tensor | None) -> None:
-        """The step proper; ``skip`` (0-d bool) turns it into a no-op on the device."""
+    @torch.no_grad()
+    def masked_step(self, skip: torch.Tensor | None) -> None:
+        """The step, an exact no-op where ``skip`` (0-d bool) is True (decided on the device);
+        ``skip=None`` is :meth:`step` (Note [host syncs] of :mod:`steadystep.guard`)."""
         work = self._prepare(skip)
         if work is None:
             return

@@ -107,6 +107,8 @@ def _adam_coefficients(
     cprop_beta, cprop_eps = cprop.beta, cprop.eps
     keep = found_finite.to(torch.float64)
     t = steps.to(torch.float64).clamp(min=1)
+    if adam.lr_multiplier is not None:  # lr on the device; the same float64 arithmetic
+        lr = adam.lr_multiplier.to(device=t.device, dtype=torch.float64) * lr
     first = (steps == 1).to(torch.float64) * keep
     bias_correction1 = 1 - beta1**t
     bias_correction2 = 1 - beta2**t
@@ -127,7 +129,7 @@ def _adam_coefficients(
         return (keep * (if_ok - if_skip) + if_skip).expand_as(t)
 
     columns = {
-        "neg_step_size": -lr / bias_correction1,
+        "neg_step_size": bias_correction1.reciprocal() * -lr,  # -lr / bc1 as torch computes it
         "inv_bias_correction2_sqrt": bias_correction2.sqrt().reciprocal(),
         "inv_cprop_bias_correction": inv_cprop_bc,
         # r = constant / bias correction: x = |cm| r / se = |cm| / (se / r), so r moves into
@@ -136,7 +138,7 @@ def _adam_coefficients(
         "scaled_cprop_eps": cprop_eps / ratio,
         "first": first,
         "cprop_c": c * keep.expand_as(t),
-        "lr_weight_decay": torch.full_like(t, lr * weight_decay),
+        "lr_weight_decay": torch.ones_like(t) * (lr * weight_decay),
         "weight_decay": torch.full_like(t, weight_decay),
         "eps": torch.full_like(t, eps),
         "beta1": gated(beta1, 1.0),
@@ -428,7 +430,7 @@ def _sgd_coefficients(
     SGD is Adam's row with ``beta1 = 0`` (so ``neg_step_size = -lr``) and the L2 weight decay
     column, plus the momentum columns.
     """
-    l2 = _AdamHyper(sgd.lr, 0.0, 0.0, 0.0, sgd.weight_decay, False, False)
+    l2 = _AdamHyper(sgd.lr, 0.0, 0.0, 0.0, sgd.weight_decay, False, False, sgd.lr_multiplier)
     coefs = _advance_to_coefficients(steps, found_finite, adam=l2, cprop=cprop)
     keep = found_finite.to(torch.float64)
     first = coefs[:, _K["first"]]

@@ -158,6 +158,18 @@ def _gates(found_finite: Tensor, beta: float, dtype: torch.dtype) -> _Gates:
     )
 
 
+def _scale_gate(keep: Tensor, lr_multiplier: Tensor | None) -> Tensor:
+    """The 0-d factor of the scale ``s`` in the native steps: ``keep`` times the LR multiplier.
+
+    SGD's and Adam's updates ``d`` are linear in ``lr``, so ``p + (s * lr_multiplier) * d(lr)`` is
+    the step at ``lr * lr_multiplier``, with no extra pass (``s`` is multiplied by ``keep``
+    anyway); a multiplier of 1 gives ``keep`` exactly, so the numbers are the plain step's.
+    """
+    if lr_multiplier is None:
+        return keep
+    return keep * lr_multiplier.to(device=keep.device, dtype=keep.dtype)
+
+
 def _step_time(step: Tensor, dtype: torch.dtype) -> Tensor:
     """``max(t, 1)`` in the statistics' dtype (``step`` is a 0-d float32 count)."""
     return step.clamp(min=1).to(dtype)
@@ -391,6 +403,7 @@ class _SGDHyper(NamedTuple):
     dampening: float
     weight_decay: float
     nesterov: bool
+    lr_multiplier: Tensor | None = None  # 0-d; the step is taken at lr * lr_multiplier
 
 
 class _SGDTensors(NamedTuple):
@@ -412,6 +425,7 @@ class _AdamHyper(NamedTuple):
     weight_decay: float
     amsgrad: bool
     decoupled_weight_decay: bool
+    lr_multiplier: Tensor | None = None  # 0-d; the step is taken at lr * lr_multiplier
 
 
 class _AdamTensors(NamedTuple):

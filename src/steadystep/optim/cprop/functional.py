@@ -25,6 +25,7 @@ from steadystep.optim.cprop._math import (
     _in_dtype,
     _sanitised,
     _scale_foreach,
+    _scale_gate,
     _scale_one,
     _select,
     _SGDHyper,
@@ -151,6 +152,7 @@ def _single_tensor_cprop_sgd(
         tensors.cprop_exp_avgs, steps, found_finite, cprop.beta, foreach=False
     ):
         momentum_gate = _gate(ok, sgd.momentum, 1.0, dtype)
+        scale_gate = _scale_gate(gates.keep, sgd.lr_multiplier)
         for i in idx:
             param, m, v = tensors.params[i], tensors.cprop_exp_avgs[i], tensors.cprop_exp_avg_sqs[i]
             raw = _sanitised(tensors.grads[i], ok, dtype)
@@ -158,7 +160,7 @@ def _single_tensor_cprop_sgd(
             _update_stats_one(m, v, raw, gates, beta=cprop.beta, method=cprop.method)
             buf = tensors.momentum_buffers[i]
             update = _sgd_direction_one(grad, buf, steps[i], ok, momentum_gate, sgd)
-            param.addcmul_(_scale_one(m, v, steps[i], gates.keep, cprop), update)
+            param.addcmul_(_scale_one(m, v, steps[i], scale_gate, cprop), update)
 
 
 def _multi_tensor_cprop_sgd(
@@ -183,7 +185,8 @@ def _multi_tensor_cprop_sgd(
             torch._foreach_addcmul_(bufs, dirs, [b for _, b in coefficients])
             dirs = torch._foreach_add(dirs, bufs, alpha=sgd.momentum) if sgd.nesterov else bufs
         updates = torch._foreach_mul(dirs, -sgd.lr)
-        scales = _scale_foreach(ms, vs, ts.state_steps, gates.keep, cprop)
+        scale_gate = _scale_gate(gates.keep, sgd.lr_multiplier)
+        scales = _scale_foreach(ms, vs, ts.state_steps, scale_gate, cprop)
         torch._foreach_addcmul_(ts.params, scales, updates)
 
 
@@ -201,6 +204,7 @@ def cprop_sgd(
     dampening: float,
     weight_decay: float,
     nesterov: bool,
+    lr_multiplier: Tensor | None = None,
     cprop_beta: float,
     cprop_c: float,
     cprop_eps: float,
@@ -213,6 +217,8 @@ def cprop_sgd(
 
     ``fused`` runs one torch.compile-generated loop per tensor (Note [Fused path]); else
     ``foreach`` picks ``torch._foreach_*`` ops over the per-tensor reference loop.
+    ``lr_multiplier`` (0-d tensor, optional) multiplies ``lr`` on the device: the step is taken
+    at ``lr * lr_multiplier`` with no host read (a guard's LR cuts).
     """
     if fused:
         fn = _fused_cprop_sgd
@@ -223,7 +229,7 @@ def cprop_sgd(
             params, grads, momentum_buffers, cprop_exp_avgs, cprop_exp_avg_sqs, state_steps
         ),
         found_finite=found_finite,
-        sgd=_SGDHyper(lr, momentum, dampening, weight_decay, nesterov),
+        sgd=_SGDHyper(lr, momentum, dampening, weight_decay, nesterov, lr_multiplier),
         cprop=_CPropHyper(cprop_beta, cprop_c, cprop_eps, cdf, method),
     )
 
@@ -236,13 +242,14 @@ def cprop_sgd(
 def _single_tensor_cprop_adam(
     tensors: _AdamTensors, *, found_finite: Tensor, adam: _AdamHyper, cprop: _CPropHyper
 ) -> None:
-    lr, beta1, beta2, eps, weight_decay, amsgrad, decoupled = adam
+    lr, beta1, beta2, eps, weight_decay, amsgrad, decoupled, lr_multiplier = adam
     l2 = 0.0 if decoupled else weight_decay  # the penalty Adam's gradient gets
     for idx, dtype, ok, gates in _advance_steps(
         tensors.exp_avgs, tensors.state_steps, found_finite, cprop.beta, foreach=False
     ):
         weight1 = _gate(ok, 1.0 - beta1, 0.0, dtype)
         beta2_gate = _gate(ok, beta2, 1.0, dtype)
+        scale_gate = _scale_gate(gates.keep, lr_multiplier)
         for i in idx:
             param, exp_avg, exp_avg_sq = (
                 tensors.params[i],
@@ -271,13 +278,13 @@ def _single_tensor_cprop_adam(
             if decoupled and weight_decay != 0:
                 update.add_(p, alpha=-lr * weight_decay)
             second = exp_avg_sq if cprop_v is None else cprop_v
-            param.addcmul_(_scale_one(cprop_m, second, step, gates.keep, cprop), update)
+            param.addcmul_(_scale_one(cprop_m, second, step, scale_gate, cprop), update)
 
 
 def _multi_tensor_cprop_adam(
     tensors: _AdamTensors, *, found_finite: Tensor, adam: _AdamHyper, cprop: _CPropHyper
 ) -> None:
-    lr, beta1, beta2, eps, weight_decay, amsgrad, decoupled = adam
+    lr, beta1, beta2, eps, weight_decay, amsgrad, decoupled, lr_multiplier = adam
     l2 = 0.0 if decoupled else weight_decay
     for idx, dtype, ok, gates in _advance_steps(
         tensors.exp_avgs, tensors.state_steps, found_finite, cprop.beta, foreach=True
@@ -307,7 +314,8 @@ def _multi_tensor_cprop_adam(
         if decoupled and weight_decay != 0:
             p32 = [_in_dtype(p, dtype) for p in ts.params]
             torch._foreach_add_(updates, p32, alpha=-lr * weight_decay)
-        scales = _scale_foreach(cms, vs if cvs is None else cvs, ts.state_steps, gates.keep, cprop)
+        scale_gate = _scale_gate(gates.keep, lr_multiplier)
+        scales = _scale_foreach(cms, vs if cvs is None else cvs, ts.state_steps, scale_gate, cprop)
         torch._foreach_addcmul_(ts.params, scales, updates)
 
 
@@ -329,6 +337,7 @@ def cprop_adam(
     weight_decay: float,
     eps: float,
     decoupled_weight_decay: bool,
+    lr_multiplier: Tensor | None = None,
     cprop_beta: float,
     cprop_c: float,
     cprop_eps: float,
@@ -340,7 +349,8 @@ def cprop_adam(
     """Functional :class:`CPropAdam` / :class:`CPropAdamW`, in place.
 
     ``cprop_exp_avg_sqs=None`` means CProp's ``v`` is Adam's ``exp_avg_sq`` (shared);
-    ``max_exp_avg_sqs`` is read only with ``amsgrad``.
+    ``max_exp_avg_sqs`` is read only with ``amsgrad``; ``lr_multiplier`` as in
+    :func:`cprop_sgd`.
     """
     if fused:
         fn = _fused_cprop_adam
@@ -360,6 +370,8 @@ def cprop_adam(
             state_steps,
         ),
         found_finite=found_finite,
-        adam=_AdamHyper(lr, beta1, beta2, eps, weight_decay, amsgrad, decoupled_weight_decay),
+        adam=_AdamHyper(
+            lr, beta1, beta2, eps, weight_decay, amsgrad, decoupled_weight_decay, lr_multiplier
+        ),
         cprop=_CPropHyper(cprop_beta, cprop_c, cprop_eps, cdf, method),
     )

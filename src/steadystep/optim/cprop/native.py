@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from steadystep._tensors import shards
+from steadystep._tensors import clone_tensors, shards
 from steadystep._validation import (
     check_finite,
     check_nonnegative,
@@ -54,8 +54,25 @@ def _native_cprop_kwargs(group: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+def _group_device(group: dict[str, Any]) -> torch.device:
+    return group["params"][0].device if group["params"] else torch.device("cpu")
+
+
+def _set_lr_multiplier(group: dict[str, Any]) -> None:
+    """``group["lr_multiplier"]``: a 0-d float64 tensor beside the parameters, 1 when absent
+    (a new group, or a checkpoint from before it existed)."""
+    value = group.get("lr_multiplier", 1.0)
+    group["lr_multiplier"] = torch.as_tensor(value, dtype=torch.float64).to(_group_device(group))
+
+
 class _NativeCPropBase(Optimizer):
-    """Validation, state_dict handling and telemetry shared by the native CProp optimizers."""
+    """Validation, state_dict handling, telemetry and the guard's protocol
+    (:class:`~steadystep.optim._protocol.MaskableOptimizer`) of the native CProp optimizers.
+
+    Each param group holds ``lr_multiplier``, a 0-d float64 tensor (1 at first) by which the
+    step multiplies ``lr`` on the device; :class:`~steadystep.CatastropheGuard` cuts the rate
+    there (:meth:`scale_lr_`), so a guarded step needs no host read.
+    """
 
     _owner = "CProp"
 
@@ -69,6 +86,7 @@ class _NativeCPropBase(Optimizer):
         check_param_tensors(group["params"], self._owner)
         _validate_group(group)
         self._validate_base_group(group)
+        _set_lr_multiplier(group)
 
     def _validate_base_group(self, group: dict[str, Any]) -> None:  # pragma: no cover
         raise NotImplementedError
@@ -79,17 +97,56 @@ class _NativeCPropBase(Optimizer):
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
 
+    def state_dict(self) -> dict[str, Any]:
+        """As torch's; the groups' ``lr_multiplier`` tensors are clones, so they do not change
+        with later steps (per-parameter ``state`` holds the live tensors, as torch.optim's)."""
+        out = super().state_dict()
+        out["param_groups"] = [clone_tensors(group) for group in out["param_groups"]]
+        return out
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict`; statistics keep their saved dtype (fp32 for bf16 params).
 
         ``torch.optim.Optimizer.load_state_dict`` would cast every floating state tensor to the
         parameter's dtype, rounding fp32 statistics of bf16 parameters; the state is therefore
-        copied here, on the parameter's device, dtype unchanged.
+        copied here, on the parameter's device, dtype unchanged. A checkpoint without
+        ``lr_multiplier`` loads with 1.
         """
         saved_state = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})
         params = _param_index_map(self.param_groups)
         self.state.update(_states_by_param(saved_state, params, "state_dict"))
+        for group in self.param_groups:
+            _set_lr_multiplier(group)
+
+    # -- the guard's protocol (steadystep.optim._protocol.MaskableOptimizer) -----------------
+
+    @torch.no_grad()
+    def scale_lr_(self, factor: Tensor) -> None:
+        """Multiply every group's ``lr_multiplier`` by ``factor`` (0-d tensor), on the device."""
+        for group in self.param_groups:
+            m = group["lr_multiplier"]
+            m.mul_(factor.to(device=m.device, dtype=m.dtype))
+
+    @torch.no_grad()
+    def max_lr(self) -> Tensor:
+        """Largest effective learning rate ``lr * lr_multiplier`` over the groups (0-d)."""
+        device = self.param_groups[0]["lr_multiplier"].device
+        lrs = [(g["lr_multiplier"] * g["lr"]).to(device) for g in self.param_groups]
+        return torch.stack(lrs).max()
+
+    @torch.no_grad()
+    def masked_step(self, skip: Tensor | None) -> None:
+        """The step, an exact no-op where ``skip`` (0-d bool) is True (decided on the device).
+
+        A non-finite gradient skips the step the same way; ``skip=None`` is :meth:`step`.
+        """
+        work, found_finite = _collect(self.param_groups, type(self).__name__, self._init_state)
+        if skip is not None:
+            found_finite = found_finite & ~skip.to(found_finite.device)
+        for group, params in work:
+            if params:
+                self._step_group(group, params, found_finite)
 
     def stats(self) -> dict[str, Tensor]:
         """Telemetry as 0-d tensors, no host sync: ``group{i}.mean_scale``,
@@ -102,10 +159,7 @@ class _NativeCPropBase(Optimizer):
     def step(self, closure: Callable[[], Any] | None = None, *, loss: Tensor | None = None) -> Any:
         """One step. ``closure`` re-evaluates the model; ``loss`` is accepted and unused."""
         out = _call_closure(closure)
-        work, found_finite = _collect(self.param_groups, type(self).__name__, self._init_state)
-        for group, params in work:
-            if params:
-                self._step_group(group, params, found_finite)
+        self.masked_step(None)
         return out
 
     def _init_state(self, group: dict[str, Any], param: Tensor) -> None:  # pragma: no cover
@@ -151,7 +205,9 @@ class CPropSGD(_NativeCPropBase):
 
     State per parameter: ``step`` (0-d float32), ``cprop_exp_avg``, ``cprop_exp_avg_sq``
     (``cprop_exp_avg_abs`` for ``method="relative"``) and ``momentum_buffer`` when
-    ``momentum != 0``; fp32 for bf16/fp16 parameters.
+    ``momentum != 0``; fp32 for bf16/fp16 parameters. Per group: ``lr_multiplier`` (0-d float64,
+    1 at first; the step is taken at ``lr * lr_multiplier``, where a
+    :class:`~steadystep.CatastropheGuard` cuts the rate without a host read).
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -235,6 +291,7 @@ class CPropSGD(_NativeCPropBase):
             dampening=group["dampening"],
             weight_decay=group["weight_decay"],
             nesterov=group["nesterov"],
+            lr_multiplier=group["lr_multiplier"],
             **_native_cprop_kwargs(group),
             foreach=_use_foreach(group, params),
             fused=bool(group["fused"]),
@@ -268,7 +325,8 @@ class CPropAdam(_NativeCPropBase):
     State per parameter: ``step`` (0-d float32, Adam's and CProp's ``t``), ``exp_avg``,
     ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad), ``cprop_exp_avg`` and, unless shared,
     ``cprop_exp_avg_sq`` (``cprop_exp_avg_abs`` for ``method="relative"``). All statistics are
-    fp32 for bf16/fp16 parameters (``torch.optim.Adam`` would keep them in bf16).
+    fp32 for bf16/fp16 parameters (``torch.optim.Adam`` would keep them in bf16). Per group:
+    ``lr_multiplier``, as in :class:`CPropSGD`.
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -377,6 +435,7 @@ class CPropAdam(_NativeCPropBase):
             weight_decay=group["weight_decay"],
             eps=group["eps"],
             decoupled_weight_decay=group["decoupled_weight_decay"],
+            lr_multiplier=group["lr_multiplier"],
             **_native_cprop_kwargs(group),
             foreach=_use_foreach(group, params),
             fused=bool(group["fused"]),
