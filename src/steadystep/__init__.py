@@ -12,9 +12,10 @@ from steadystep import agnostic
 from steadystep.alrc import ALRC, alrc_clip
 from steadystep.detect import PageHinkley
 from steadystep.groups import layer_groups
-from steadystep.guard import CatastropheGuard, SALeRA, SPALeRA, TrainingDiverged
+from steadystep.guard import CatastropheGuard, TrainingDiverged
 from steadystep.optim import AgAdam, ALeRA
 from steadystep.optim.cprop import CProp, CPropAdam, CPropAdamW, CPropSGD
+from steadystep.salera import SALeRA, SPALeRA
 from steadystep.telemetry import Monitor
 
 __version__ = "0.1.0"

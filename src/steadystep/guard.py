@@ -38,20 +38,19 @@ also takes the host path (a rollback from host memory is only worth paying on an
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
 from steadystep._tensors import grads_finite, local_tensor
-from steadystep._validation import check_nonnegative, check_positive, check_probability
+from steadystep._validation import check_nonnegative, check_probability
 from steadystep.detect import PageHinkley
 from steadystep.optim._protocol import MaskableOptimizer
 from steadystep.optim._wrapper import OptimizerWrapper, call_with_step_hooks
-from steadystep.optim.alera import ALeRA
 
-__all__ = ["CatastropheGuard", "SALeRA", "SPALeRA", "TrainingDiverged"]
+__all__ = ["CatastropheGuard", "TrainingDiverged"]
 
 _HISTORY = 64  # alarms remembered for TrainingDiverged (a ring buffer on the device)
 
@@ -461,114 +460,3 @@ class CatastropheGuard(OptimizerWrapper):
                 "initial lr, or raise ph_lambda if the alarms come from a noisy plateau.",
                 history,
             )
-
-
-class SALeRA(CatastropheGuard):
-    """SALeRA (Algorithm 1): :class:`~steadystep.ALeRA` inside a Page-Hinkley
-    :class:`CatastropheGuard`, with the paper's robust defaults ``alpha=0.01, C=3e-6``.
-
-    Equivalent to ``CatastropheGuard(ALeRA(params, lr, alpha=alpha, C=C, ...),
-    PageHinkley(ph_lambda, rho), lr_factor=lr_factor, backtrack=backtrack, min_lr=min_lr)``;
-    every step is sync-free (Note [host syncs]). ``rho`` is ``batch_size / dataset_size`` in
-    the paper. ``opt.optimizer`` is the ALeRA inside.
-
-    Example:
-        >>> import torch, steadystep as ss
-        >>> model = torch.nn.Linear(4, 1)
-        >>> opt = ss.SALeRA(ss.layer_groups(model), lr=0.1)
-        >>> loss = model(torch.randn(8, 4)).pow(2).mean()
-        >>> loss.backward()
-        >>> _ = opt.step(loss=loss.detach())
-    """
-
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float,
-        *,
-        alpha: float = 0.01,
-        C: float = 3e-6,
-        granularity: str = "group",
-        weight_decay: float = 0.0,
-        norm_eps: float = 1e-6,
-        ph_lambda: float = 0.1,
-        rho: float = 0.01,
-        lr_factor: float = 0.5,
-        backtrack: bool = True,
-        min_lr: float = 1e-15,
-        snapshot_device: torch.device | str | None = None,
-        check_every: int = 100,
-        foreach: bool | None = None,
-    ) -> None:
-        check_positive("lr", lr)
-        base = ALeRA(
-            params,
-            lr,
-            alpha=alpha,
-            C=C,
-            granularity=granularity,
-            weight_decay=weight_decay,
-            norm_eps=norm_eps,
-            foreach=foreach,
-        )
-        super().__init__(
-            base,
-            PageHinkley(ph_lambda=ph_lambda, rho=rho),
-            lr_factor=lr_factor,
-            backtrack=backtrack,
-            min_lr=min_lr,
-            snapshot_device=snapshot_device,
-            check_every=check_every,
-        )
-
-
-class SPALeRA(SALeRA):
-    """SPALeRA (Algorithm 2): SALeRA with one learning rate per element
-    (``granularity="param"``) and the paper's defaults ``alpha=0.1, C=3e-8``.
-
-    Same arguments as :class:`SALeRA` except ``granularity``, which is ``"param"`` by
-    definition (a SPALeRA with another granularity is a SALeRA: use that class).
-
-    Example:
-        >>> import torch, steadystep as ss
-        >>> model = torch.nn.Linear(4, 1)
-        >>> opt = ss.SPALeRA(model.parameters(), lr=0.1)
-        >>> opt.optimizer.granularity
-        'param'
-    """
-
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float,
-        *,
-        alpha: float = 0.1,
-        C: float = 3e-8,
-        weight_decay: float = 0.0,
-        norm_eps: float = 1e-6,
-        ph_lambda: float = 0.1,
-        rho: float = 0.01,
-        lr_factor: float = 0.5,
-        backtrack: bool = True,
-        min_lr: float = 1e-15,
-        snapshot_device: torch.device | str | None = None,
-        check_every: int = 100,
-        foreach: bool | None = None,
-    ) -> None:
-        super().__init__(
-            params,
-            lr,
-            alpha=alpha,
-            C=C,
-            granularity="param",
-            weight_decay=weight_decay,
-            norm_eps=norm_eps,
-            ph_lambda=ph_lambda,
-            rho=rho,
-            lr_factor=lr_factor,
-            backtrack=backtrack,
-            min_lr=min_lr,
-            snapshot_device=snapshot_device,
-            check_every=check_every,
-            foreach=foreach,
-        )
