@@ -46,6 +46,7 @@ import torch
 
 __all__ = [
     "apply_log_change",
+    "apply_log_change_",
     "log_lr_change",
     "random_walk_mean",
     "random_walk_variance",
@@ -102,15 +103,46 @@ def log_lr_change(
     return (sq_norm - mean) * (C / reference_std(alpha, numel))
 
 
-def apply_log_change(multiplier: torch.Tensor, log_change: torch.Tensor) -> torch.Tensor:
-    """``multiplier * exp(log_change)``, never inf and never 0 (out of place).
+def apply_log_change_(
+    multiplier: torch.Tensor, log_change: torch.Tensor, take_step: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``multiplier *= exp(log_change)`` in place, never inf and never 0; returns ``multiplier``.
 
-    The exponent is clipped to ``[-log(max), log(max)]`` of the dtype before ``exp`` and the
-    product to ``[tiny, max]``: a long run of agreeing gradients saturates the multiplier at the
-    largest finite value instead of reaching ``inf`` (then ``inf * 0 = nan``), and a long run of
-    disagreeing ones cannot reach an exact 0 from which it could never grow back.
+    The exponent is clipped to ``[-log(max), log(max)]`` of the multiplier's dtype before
+    ``exp`` and the product to ``[tiny, max]``: a long run of agreeing gradients saturates the
+    multiplier at the largest finite value instead of reaching ``inf`` (then ``inf * 0 = nan``),
+    and a long run of disagreeing ones cannot reach an exact 0 from which it could never grow
+    back. Where ``take_step`` (0-d bool) is False the multiplier is unchanged, bitwise: the
+    exponent's range is then ``[0, 0]`` and ``m * exp(0) = m`` exactly, with no ``torch.where``
+    pass. ``log_change`` (a temporary) is overwritten.
+
+    Example:
+        >>> m = apply_log_change_(torch.ones(2), torch.tensor([1e9, -1e9]))
+        >>> bool(torch.isfinite(m).all()), bool((m > 0).all())
+        (True, True)
     """
-    info = torch.finfo(multiplier.dtype)
-    bound = math.log(info.max) - 1.0  # exp(bound) is finite after rounding
-    factor = torch.exp(log_change.clamp(-bound, bound))
-    return (multiplier * factor).clamp(info.tiny, info.max)
+    return _apply_log_change(multiplier, log_change, take_step, torch.finfo(multiplier.dtype))
+
+
+def apply_log_change(multiplier: torch.Tensor, log_change: torch.Tensor) -> torch.Tensor:
+    """``multiplier * exp(log_change)``, never inf and never 0 (out of place): the clipping of
+    :func:`apply_log_change_`, on a copy (broadcast and promoted as ``multiplier * log_change``).
+    """
+    shape = torch.broadcast_shapes(multiplier.shape, log_change.shape)
+    dtype = torch.result_type(multiplier, log_change)
+    out = multiplier.to(dtype).expand(shape).clone()
+    return _apply_log_change(out, log_change.clone(), None, torch.finfo(multiplier.dtype))
+
+
+def _apply_log_change(
+    multiplier: torch.Tensor,
+    log_change: torch.Tensor,
+    take_step: torch.Tensor | None,
+    info: torch.finfo,
+) -> torch.Tensor:
+    bound: float | torch.Tensor = math.log(info.max) - 1.0  # exp(bound) is finite after rounding
+    if take_step is not None:
+        full = torch.full((), bound, dtype=log_change.dtype, device=take_step.device)
+        bound = torch.where(take_step, full, 0.0)
+    factor = log_change.clamp_(-bound, bound).exp_()
+    return multiplier.mul_(factor).clamp_(info.tiny, info.max)

@@ -6,22 +6,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch.optim import Optimizer
 
 from steadystep._tensors import local_tensor
-from steadystep._validation import (
-    check_choice,
-    check_nonnegative,
-    check_positive,
-    check_unit_interval,
-)
-from steadystep.optim.alera import (
-    GRANULARITIES,
-    ALeRA,
-    _check_alpha,
-    agnostic_update,
-    apply_log_change_,
-)
+from steadystep._validation import check_positive, check_unit_interval
+from steadystep.optim._alera_core import adapt_multipliers_, param_multipliers
+from steadystep.optim.alera import ALeRA
 
 __all__ = ["AgAdam", "agadam"]
 
@@ -37,24 +26,24 @@ def agadam(
     beta1: float,
     beta2: float,
     eps: float,
-    ok: torch.Tensor,
+    take_step: torch.Tensor,
 ) -> None:
     """Adam's step with per-parameter learning rates ``lrs`` (already times the multipliers).
 
-    ``grads`` are finite-masked; where ``ok`` is False moments and parameters stay bitwise
+    ``grads`` are finite-masked; where ``take_step`` is False moments and parameters stay bitwise
     unchanged (``beta -> 1``, increment and step size -> 0). ``steps`` (after this step's
     increment) drive the bias corrections.
     """
     for p, g, m, v, lr, t in zip(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, strict=True):
-        b1 = torch.where(ok, torch.full_like(t, beta1, dtype=m.dtype), 1.0)
-        b2 = torch.where(ok, torch.full_like(t, beta2, dtype=v.dtype), 1.0)
+        b1 = torch.where(take_step, torch.full_like(t, beta1, dtype=m.dtype), 1.0)
+        b2 = torch.where(take_step, torch.full_like(t, beta2, dtype=v.dtype), 1.0)
         m.mul_(b1).addcmul_(g, 1.0 - b1)
         v.mul_(b2).addcmul_(g.square(), 1.0 - b2)
         t_safe = t.clamp(min=1.0).to(m.dtype)  # bias corrections stay > 0 before the first step
         bias_correction1 = 1.0 - beta1**t_safe
         bias_correction2 = 1.0 - beta2**t_safe
         denom = (v.sqrt() / bias_correction2.sqrt()).add_(eps)
-        step_size = torch.where(ok, lr / bias_correction1, 0.0)
+        step_size = torch.where(take_step, lr / bias_correction1, 0.0)
         p.addcmul_(m / denom, -step_size)
 
 
@@ -116,21 +105,22 @@ class AgAdam(ALeRA):
         norm_eps: float = 1e-6,
         foreach: bool | None = None,
     ) -> None:
-        check_positive("lr", lr)
         beta1 = check_unit_interval("betas[0]", betas[0])
         beta2 = check_unit_interval("betas[1]", betas[1])
-        defaults = dict(
-            lr=lr,
-            betas=(beta1, beta2),
-            eps=check_positive("eps", eps),
-            alpha=_check_alpha(alpha),
-            C=check_nonnegative("C", C),
+        self._adam_defaults = {"betas": (beta1, beta2), "eps": check_positive("eps", eps)}
+        super().__init__(
+            params,
+            lr,
+            alpha=alpha,
+            C=C,
+            granularity=granularity,
             weight_decay=0.0,
-            norm_eps=check_nonnegative("norm_eps", norm_eps),
+            norm_eps=norm_eps,
             foreach=foreach,
         )
-        self.granularity = check_choice("granularity", granularity, GRANULARITIES)
-        Optimizer.__init__(self, params, defaults)
+
+    def _base_defaults(self) -> dict[str, Any]:
+        return self._adam_defaults
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As :meth:`ALeRA.add_param_group`; a ``weight_decay`` in the group is rejected.
@@ -149,37 +139,33 @@ class AgAdam(ALeRA):
 
     @torch.no_grad()
     def masked_step(self, skip: torch.Tensor | None) -> None:
-        work = self._prepare(skip)
-        if work is None:
+        """The step, an exact no-op where ``skip`` (0-d bool) is True (decided on the device);
+        ``skip=None`` is :meth:`step`."""
+        laid_out = self._layout(skip)
+        if laid_out is None:
             return
-        ok, params, grads = work["ok"], work["params"], work["grads"]
-        log_changes = agnostic_update(
-            grads,
-            work["unit_norm"],
-            work["relaxed_paths"],
-            work["units"],
-            work["unit_steps"],
-            ok=ok,
-            foreach=work["foreach"],
-            numels=work["numels"],
-            sharded=work["sharded"],
-            **self._hyper(),
+        step, gathered = laid_out
+        hyper = self._hyper()
+        adapt_multipliers_(
+            step.grads,
+            step.unit_norm,
+            step.relaxed_paths,
+            step.multipliers,
+            step.units,
+            step.unit_steps,
+            take_step=step.take_step,
+            foreach=step.foreach,
+            numels=step.numels,
+            sharded=step.sharded,
+            **hyper,
         )
-        multipliers = work["multipliers"]
-        for m, change in zip(multipliers, log_changes, strict=True):
-            apply_log_change_(m, change, ok)
-        if self.granularity == "param":
-            per_param_m = multipliers
-        else:
-            per_param_m = [multipliers[0]] * len(params)
-            for unit, m in zip(work["units"], multipliers, strict=True):
-                for i in unit:
-                    per_param_m[i] = m
+        per_param_m = param_multipliers(
+            step.units, step.multipliers, len(step.params), param_wise=hyper["param_wise"]
+        )
         exp_avgs, exp_avg_sqs, adam_steps = [], [], []
         groups = self.param_groups
-        index = work["param_group_index"]
-        increment = ok.to(torch.float32)
-        for p, gi in zip(work["state_keys"], index, strict=True):
+        increment = step.take_step.to(torch.float32)
+        for p, gi in zip(gathered.keys, gathered.group_index, strict=True):
             state = self.state[p]
             fresh = "exp_avg" not in state
             if fresh:
@@ -189,25 +175,25 @@ class AgAdam(ALeRA):
                 # Note [two step counts]: Adam's bias correction counts the steps this
                 # parameter's moments have taken (as torch.optim.Adam); a checkpoint from
                 # before the per-parameter count existed used the group's.
-                state["step"] = torch.zeros((), dtype=torch.float32, device=ok.device)
+                state["step"] = torch.zeros((), dtype=torch.float32, device=increment.device)
                 if not fresh:
                     state["step"].copy_(groups[gi]["step"] - increment)
-            if self.granularity != "tensor":  # for "tensor", _prepare counted it already
+            if self.granularity != "tensor":  # for "tensor", layout_step counted it already
                 state["step"].add_(increment)
             exp_avgs.append(local_tensor(state["exp_avg"]))
             exp_avg_sqs.append(local_tensor(state["exp_avg_sq"]))
             adam_steps.append(state["step"])
         beta1, beta2 = self.defaults["betas"]
         agadam(
-            params,
-            grads,
+            step.params,
+            step.grads,
             exp_avgs,
             exp_avg_sqs,
-            [m * lr for m, lr in zip(per_param_m, work["lrs"], strict=True)],
+            [m * lr for m, lr in zip(per_param_m, step.lrs, strict=True)],
             adam_steps,
             beta1=beta1,
             beta2=beta2,
             eps=self.defaults["eps"],
-            ok=ok,
+            take_step=step.take_step,
         )
         self._sync_global()

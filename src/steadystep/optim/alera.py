@@ -1,26 +1,37 @@
 """ALeRA: agnostic learning-rate adaptation (Schoenauer Sebag, Schoenauer & Sebag, section 2.1).
 
-The class validates and holds state; :func:`alera` is the functional core, with a readable
-per-tensor reference path and a ``torch._foreach`` path that tests hold equal.
+The class validates, holds state and dispatches; the math is the functional core in
+:mod:`steadystep.optim._alera_core` (:func:`alera`, with a readable per-tensor reference path
+and a ``torch._foreach`` path that tests hold equal), whose public functions are also
+importable from here.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
-from steadystep._tensors import full_max, is_sharded, local_tensor, reduce_square_norms
+from steadystep._tensors import clone_tensors, full_max, is_sharded, local_tensor
 from steadystep._validation import (
     check_choice,
     check_nonnegative,
     check_param_tensors,
     check_positive,
 )
-from steadystep.agnostic import log_lr_change, random_walk_mean
+from steadystep.agnostic import apply_log_change_
+from steadystep.optim._alera_core import (
+    GRANULARITIES,
+    AgnosticStep,
+    Gathered,
+    agnostic_update,
+    alera,
+    grad_norms,
+    layout_step,
+    unit_norms,
+)
 
 __all__ = [
     "GRANULARITIES",
@@ -32,7 +43,6 @@ __all__ = [
     "unit_norms",
 ]
 
-GRANULARITIES = ("global", "group", "tensor", "param")
 _WIDE_KEYS = ("alpha", "C", "norm_eps")  # optimizer-wide: a unit may span several groups
 
 
@@ -46,208 +56,6 @@ def _check_alpha(alpha: float) -> float:
     if not alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got alpha={alpha}")
     return alpha
-
-
-# Note [units]: a "unit" is the set of elements that share one learning-rate multiplier and one
-# normalisation ``g / ||g||``: all parameters ("global"), one param group ("group", a layer with
-# ss.layer_groups), one tensor ("tensor"). For "param" (SPALeRA) the normalisation is global but
-# every element has its own multiplier, compared with mean ``E_t / D`` and std ``alpha / D``.
-def grad_norms(
-    grads: list[torch.Tensor], dtypes: list[torch.dtype], *, foreach: bool
-) -> list[torch.Tensor]:
-    """Per-tensor L2 norms, accumulated in the statistics' dtype (0-d tensors)."""
-    # dtype=None where it is the tensor's own: the same result, without the slower casting path.
-    casts = [None if g.dtype == dt else dt for g, dt in zip(grads, dtypes, strict=True)]
-    if foreach and len(set(casts)) == 1:
-        return list(torch._foreach_norm(grads, 2, dtype=casts[0]))
-    return [torch.linalg.vector_norm(g, dtype=dt) for g, dt in zip(grads, casts, strict=True)]
-
-
-def unit_norms(
-    norms: list[torch.Tensor], units: list[list[int]], dtypes: list[torch.dtype]
-) -> list[torch.Tensor]:
-    """``||g_u|| = sqrt(sum_{i in u} ||g_i||^2)`` per unit, in the unit's statistics dtype.
-
-    Note [finite from norms]: ``||g_u||`` is finite iff every element of the unit's gradient
-    is (a NaN or inf anywhere makes the sum of squares NaN or inf), so the skip flag of a step
-    costs no pass over the gradients: it is ``all(isfinite(||g_u||))`` over the units.
-    """
-    return [
-        torch.stack([norms[i].to(dtypes[u[0]]) for i in u]).square().sum().sqrt() for u in units
-    ]
-
-
-def _mask_nonfinite(d: torch.Tensor, *, owned: bool) -> torch.Tensor:
-    """``d`` with its NaN/inf elements replaced by 0: in place when ``owned`` (a temporary of
-    ours), else into a new tensor (``p.grad`` is never written).
-
-    Note [why a masking pass]: a skipped step multiplies the gradient by a 0-d scale that is 0,
-    but ``0 * nan`` and ``0 * inf`` are NaN in IEEE arithmetic, so a non-finite gradient fed to
-    ``r.addcmul_(g, 0)`` or ``p.addcmul_(g, 0)`` would still poison ``r`` and ``theta``. Eager
-    torch has no multiply-add that drops a NaN operand under a 0 weight, so the gradient goes
-    through one select first: ``nan_to_num`` (identity on finite values, so steps with a finite
-    gradient are bitwise those of the unmasked math) rather than ``torch.where`` with a 0-d
-    condition, which on CPU is several times slower than a plain elementwise pass.
-    """
-    if owned:
-        return d.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-    return torch.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0)
-
-
-def apply_log_change_(
-    multiplier: torch.Tensor, log_change: torch.Tensor, ok: torch.Tensor
-) -> torch.Tensor:
-    """``multiplier *= exp(log_change)`` in place where ``ok``; unchanged (bitwise) where not.
-
-    The in-place twin of :func:`steadystep.agnostic.apply_log_change` (same clamps, same op
-    order, so the same bits): the exponent is clamped to ``[-log(max), log(max)]`` (to
-    ``[0, 0]`` when ``ok`` is False: ``m * exp(0) = m`` exactly, with no ``torch.where`` pass)
-    and the product to ``[tiny, max]``. ``log_change`` (a temporary) is overwritten.
-    """
-    info = torch.finfo(multiplier.dtype)
-    bound = torch.full((), math.log(info.max) - 1.0, dtype=log_change.dtype, device=ok.device)
-    hi = torch.where(ok, bound, 0.0)
-    factor = log_change.clamp_(-hi, hi).exp_()
-    return multiplier.mul_(factor).clamp_(info.tiny, info.max)
-
-
-def agnostic_update(
-    grads: list[torch.Tensor],
-    unit_norm: list[torch.Tensor],
-    relaxed_paths: list[torch.Tensor],
-    units: list[list[int]],
-    unit_steps: list[torch.Tensor],
-    *,
-    alpha: float,
-    C: float,
-    norm_eps: float,
-    param_wise: bool,
-    ok: torch.Tensor,
-    foreach: bool,
-    numels: list[int] | None = None,
-    sharded: list[bool] | None = None,
-) -> list[torch.Tensor]:
-    """Advance the relaxed paths in place and return the multipliers' log changes (sync-free).
-
-    For each unit ``u`` with gradient ``g_u`` (finite: see :func:`_mask_nonfinite`) and norm
-    ``unit_norm[u] = ||g_u||`` (:func:`unit_norms`):
-
-        r_i <- (1 - alpha) r_i + alpha g_i / ||g_u||   if ||g_u|| > norm_eps, else (1 - alpha) r_i
-        log_change_u = C (||r_u||^2 - E_t) / (alpha / sqrt(d_u)),   t = unit_steps[u]
-
-    and, with ``param_wise``, per element ``log_change_i = C (D r_i^2 - E_t) / alpha`` (one
-    tensor shaped like each parameter). Where ``ok`` is False every relaxed path stays as it was
-    (decay 1, step 0). The log changes are to be applied with :func:`apply_log_change_`, which
-    also masks them with ``ok``.
-
-    For FSDP2 shards, ``grads``/``relaxed_paths`` are this rank's shards, ``unit_norm`` already
-    the whole units' norms, ``numels`` the whole tensors' sizes and ``sharded`` marks the
-    tensors whose ``||r||^2`` is summed over ranks (one all-reduce).
-    """
-    if numels is None:
-        numels = [g.numel() for g in grads]
-    if sharded is None:
-        sharded = [False] * len(grads)
-    r0 = relaxed_paths[0]
-    decay = torch.where(ok, torch.full((), 1.0 - alpha, dtype=r0.dtype, device=r0.device), 1.0)
-    scales: list[torch.Tensor] = [decay] * len(grads)
-    unit_numels = []
-    for unit, norm in zip(units, unit_norm, strict=True):
-        # alpha / ||g|| only where the gradient has a direction; never a division by ~0.
-        has_direction = (norm > norm_eps) & ok
-        scale = torch.where(has_direction, alpha / torch.where(has_direction, norm, 1.0), 0.0)
-        for i in unit:
-            scales[i] = scale
-        unit_numels.append(sum(numels[i] for i in unit))
-
-    if foreach:
-        torch._foreach_mul_(relaxed_paths, decay)
-        torch._foreach_addcmul_(relaxed_paths, grads, scales)
-    else:
-        for r, g, s in zip(relaxed_paths, grads, scales, strict=True):
-            r.mul_(decay).addcmul_(g, s)
-
-    if param_wise:
-        # C (D r^2 - E_t) / alpha as one multiply-add per element (r is read once, no r^2
-        # temporary): (C D / alpha) * r * r + (-C E_t / alpha).
-        mean = random_walk_mean(alpha, unit_steps[0].to(r0.dtype))
-        offset = mean * (-C / alpha)
-        gain = C * float(sum(unit_numels)) / alpha
-        return [torch.addcmul(offset, r, r, value=gain) for r in relaxed_paths]
-    r_sq = grad_norms(relaxed_paths, [r.dtype for r in relaxed_paths], foreach=foreach)
-    r_sq = reduce_square_norms(r_sq, sharded)
-    log_changes = []
-    for unit, step, numel in zip(units, unit_steps, unit_numels, strict=True):
-        sq = torch.stack([r_sq[i] for i in unit]).square().sum()
-        log_changes.append(log_lr_change(sq, step, alpha=alpha, C=C, numel=float(numel)))
-    return log_changes
-
-
-def alera(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    unit_norm: list[torch.Tensor],
-    relaxed_paths: list[torch.Tensor],
-    multipliers: list[torch.Tensor],
-    units: list[list[int]],
-    unit_steps: list[torch.Tensor],
-    lrs: list[float | torch.Tensor],
-    *,
-    alpha: float,
-    C: float,
-    norm_eps: float,
-    param_wise: bool,
-    ok: torch.Tensor,
-    foreach: bool = False,
-    numels: list[int] | None = None,
-    sharded: list[bool] | None = None,
-) -> None:
-    """Functional ALeRA step: relaxed paths, multipliers, then ``theta_i -= lr_i m_i d_i``.
-
-    ``multipliers[u]`` is unit ``u``'s adapted multiplier (with ``param_wise``: one per-element
-    tensor per parameter); ``lrs[i]`` is parameter ``i``'s learning rate without it. ``grads``
-    (the ``d_i``) must be finite (non-finite elements masked) and include weight decay;
-    ``unit_norm`` are the units' norms. Where ``ok`` (0-d bool) is False nothing changes: the
-    decay, the step of ``r``, the exponent and the update's coefficient are all 0-d values
-    that turn the same passes into no-ops, so no pass is spent on masking.
-
-    With ``foreach`` the per-parameter update is one ``torch._foreach_addcmul_`` with 0-d
-    tensor coefficients; without, the readable loop below (same ops, same bits on CPU).
-    """
-    log_changes = agnostic_update(
-        grads,
-        unit_norm,
-        relaxed_paths,
-        units,
-        unit_steps,
-        alpha=alpha,
-        C=C,
-        norm_eps=norm_eps,
-        param_wise=param_wise,
-        ok=ok,
-        foreach=foreach,
-        numels=numels,
-        sharded=sharded,
-    )
-    for m, change in zip(multipliers, log_changes, strict=True):
-        apply_log_change_(m, change, ok)
-    # theta <- theta + coef * d with coef = -lr * m, and coef = 0 on a skipped step.
-    if param_wise:
-        coefs = [m * torch.where(ok, -lr, 0.0) for m, lr in zip(multipliers, lrs, strict=True)]
-    else:
-        coefs = [multipliers[0]] * len(params)
-        for unit, m in zip(units, multipliers, strict=True):
-            neg_lrs: dict[int, torch.Tensor] = {}
-            for i in unit:
-                key = id(lrs[i])  # one 0-d coefficient per distinct lr, not per tensor
-                if key not in neg_lrs:
-                    neg_lrs[key] = torch.where(ok, m * -lrs[i], 0.0)
-                coefs[i] = neg_lrs[key]
-    if foreach:
-        torch._foreach_addcmul_(params, grads, coefs)
-    else:
-        for p, d, coef in zip(params, grads, coefs, strict=True):
-            p.addcmul_(d, coef)
 
 
 class ALeRA(Optimizer):
@@ -331,9 +139,14 @@ class ALeRA(Optimizer):
             weight_decay=weight_decay,
             norm_eps=check_nonnegative("norm_eps", norm_eps),
             foreach=foreach,
+            **self._base_defaults(),
         )
         self.granularity = check_choice("granularity", granularity, GRANULARITIES)
         super().__init__(params, defaults)
+
+    def _base_defaults(self) -> dict[str, Any]:
+        """Defaults of the base step (none for SGD; Adam's ``betas``, ``eps`` in AgAdam)."""
+        return {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its ``lr_multiplier`` starts at 1 (at the global one for ``"global"``)."""
@@ -378,10 +191,7 @@ class ALeRA(Optimizer):
         out = super().state_dict()
         # Each group gets its own clone (skipped_steps too, shared live): the saved format keeps
         # one entry per group; load_state_dict shares the count again.
-        out["param_groups"] = [
-            {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in group.items()}
-            for group in out["param_groups"]
-        ]
+        out["param_groups"] = [clone_tensors(group) for group in out["param_groups"]]
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -487,23 +297,10 @@ class ALeRA(Optimizer):
         self.masked_step(None)
         return loss
 
-    def _collect(self) -> tuple[list[list[int]], dict[str, list[Any]]]:
-        """Flatten the groups: parameters with a gradient, their masked gradients and state."""
-        lists: dict[str, list[Any]] = {
-            k: []
-            for k in (
-                "params",
-                "grads",
-                "relaxed",
-                "decay",
-                "group",
-                "param_m",
-                "numel",
-                "sharded",
-                "keys",
-            )
-        }
-        group_units: list[list[int]] = []
+    def _gather(self) -> Gathered:
+        """The parameters with a gradient, group by group, and their state (created here on a
+        parameter's first gradient)."""
+        gathered = Gathered([], [], [], [], [], [], [], [], [], [], [])
         for gi, group in enumerate(self.param_groups):
             members = []
             for p in group["params"]:
@@ -514,123 +311,67 @@ class ALeRA(Optimizer):
                         f"{type(self).__name__} does not support sparse gradients; "
                         "use dense embeddings (sparse=False)"
                     )
-                state = self.state[p]
-                if self.granularity == "tensor" and "step" not in state:
-                    # Note [unit step]: E_t counts the unit's own steps; for "tensor" the unit
-                    # is the tensor, which may get its first gradient after its group's. A
-                    # checkpoint from before this count existed used the group's steps.
-                    state["step"] = (
-                        group["step"].clone()
-                        if state
-                        else torch.zeros((), dtype=torch.float32, device=p.device)
-                    )
-                if "relaxed_path" not in state:
-                    sdtype = _state_dtype(p.dtype)
-                    state["relaxed_path"] = torch.zeros_like(p, dtype=sdtype)
-                    if self.granularity == "tensor":
-                        state["lr_multiplier"] = torch.ones((), dtype=sdtype, device=p.device)
-                    elif self.granularity == "param":
-                        state["lr_multiplier"] = torch.ones_like(p, dtype=sdtype)
-                members.append(len(lists["params"]))
+                state = self._init_state(group, p)
+                members.append(len(gathered.params))
                 # Note [FSDP2]: the math runs on this rank's shards (state stays DTensor, so
                 # checkpoints keep their layout); only norms need the other ranks' shards.
-                lists["params"].append(local_tensor(p))
-                lists["grads"].append(local_tensor(p.grad))
-                lists["relaxed"].append(local_tensor(state["relaxed_path"]))
-                lists["decay"].append(group["weight_decay"])
-                lists["group"].append(gi)
+                gathered.keys.append(p)
+                gathered.params.append(local_tensor(p))
+                gathered.grads.append(local_tensor(p.grad))
+                gathered.relaxed_paths.append(local_tensor(state["relaxed_path"]))
+                gathered.weight_decays.append(group["weight_decay"])
+                gathered.group_index.append(gi)
                 m = state.get("lr_multiplier")
-                lists["param_m"].append(None if m is None else local_tensor(m))
-                lists["numel"].append(p.numel())
-                lists["sharded"].append(is_sharded(p))
-                lists["keys"].append(p)
-            group_units.append(members)
-        return group_units, lists
+                gathered.param_multipliers.append(None if m is None else local_tensor(m))
+                if self.granularity == "tensor":
+                    gathered.tensor_steps.append(state["step"])
+                gathered.numels.append(p.numel())
+                gathered.sharded.append(is_sharded(p))
+            gathered.members.append(members)
+        return gathered
 
-    def _prepare(self, skip: torch.Tensor | None) -> dict[str, Any] | None:
-        """Everything a step needs, laid out per unit (Note [units]); None without gradients."""
-        group_units, lists = self._collect()
-        params = lists["params"]
-        if not params:
+    def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if self.granularity == "tensor" and "step" not in state:
+            # Note [unit step]: E_t counts the unit's own steps; for "tensor" the unit is the
+            # tensor, which may get its first gradient after its group's. A checkpoint from
+            # before this count existed used the group's steps.
+            state["step"] = (
+                group["step"].clone()
+                if state
+                else torch.zeros((), dtype=torch.float32, device=p.device)
+            )
+        if "relaxed_path" not in state:
+            sdtype = _state_dtype(p.dtype)
+            state["relaxed_path"] = torch.zeros_like(p, dtype=sdtype)
+            if self.granularity == "tensor":
+                state["lr_multiplier"] = torch.ones((), dtype=sdtype, device=p.device)
+            elif self.granularity == "param":
+                state["lr_multiplier"] = torch.ones_like(p, dtype=sdtype)
+        return state
+
+    def _layout(self, skip: torch.Tensor | None) -> tuple[AgnosticStep, Gathered] | None:
+        """This step laid out per unit (Note [units] in :mod:`steadystep.optim._alera_core`);
+        None without gradients."""
+        gathered = self._gather()
+        if not gathered.params:
             return None
         foreach = self.defaults["foreach"]
         if foreach is None:
-            foreach = params[0].is_cuda
-        # Weight decay enters once, into the gradient that both r and the update see.
-        grads = [
-            g if wd == 0.0 else g.add(p, alpha=wd)
-            for g, p, wd in zip(lists["grads"], params, lists["decay"], strict=True)
-        ]
-        dtypes = [r.dtype for r in lists["relaxed"]]
-        norms = grad_norms(grads, dtypes, foreach=foreach)
-        # Whole-tensor norms on every rank, so every rank decides alike (skip included).
-        norms = reduce_square_norms(norms, lists["sharded"])
-
+            foreach = gathered.params[0].is_cuda
         groups = self.param_groups
-        gran = self.granularity
-        active = [gi for gi, members in enumerate(group_units) if members]
-        if gran in ("global", "param"):
-            units = [[i for members in group_units for i in members]]
-            owners = [0 if gran == "global" else active[0]]
-        elif gran == "group":
-            units = [group_units[gi] for gi in active]
-            owners = active
-        else:
-            units = [[i] for i in range(len(params))]
-            owners = lists["group"]
-        norm_u = unit_norms(norms, units, dtypes)
-        # Note [finite from norms]: no pass over the gradients to find a NaN or inf.
-        finite = torch.stack([torch.isfinite(n) for n in norm_u]).all()
-        ok = finite
-        nonfinite_skip = ~finite
-        if skip is not None:
-            skip = skip.to(ok.device)
-            ok = ok & ~skip
-            nonfinite_skip = nonfinite_skip & ~skip
-        # Note [why a masking pass]: 0 * nan is nan. In place where ``grads`` is our temporary.
-        grads = [
-            _mask_nonfinite(d, owned=d is not g) for d, g in zip(grads, lists["grads"], strict=True)
-        ]
-        increment = ok.to(torch.float32)
-        for gi in range(len(groups)) if gran == "global" else active:
-            groups[gi]["step"].add_(increment)
-        if gran == "tensor":
-            unit_steps = [self.state[p]["step"] for p in lists["keys"]]
-            for t in unit_steps:
-                t.add_(increment.to(t.device))
-        else:
-            unit_steps = [groups[gi]["step"] for gi in owners]
-        # Optimizer-wide: one tensor shared by every group (add_param_group, load_state_dict).
-        skipped = groups[0]["skipped_steps"]
-        skipped.add_(nonfinite_skip.to(skipped.device))
-
-        if gran in ("global", "group"):
-            # The group multiplier is the adapted rate; the update uses lr times it.
-            multipliers = [groups[gi]["lr_multiplier"] for gi in owners]
-            lrs: list[float | torch.Tensor] = [groups[gi]["lr"] for gi in lists["group"]]
-        else:
-            # Per-tensor/element rates, times the group factor (1 unless a guard cut it).
-            group_lrs = {
-                gi: groups[gi]["lr_multiplier"] * groups[gi]["lr"] for gi in set(lists["group"])
-            }
-            multipliers = lists["param_m"]
-            lrs = [group_lrs[gi] for gi in lists["group"]]
-        return dict(
-            params=params,
-            grads=grads,
-            unit_norm=norm_u,
-            relaxed_paths=lists["relaxed"],
-            multipliers=multipliers,
-            units=units,
-            unit_steps=unit_steps,
-            lrs=lrs,
-            ok=ok,
+        step = layout_step(
+            gathered,
+            [g["step"] for g in groups],
+            [g["lr_multiplier"] for g in groups],
+            [g["lr"] for g in groups],
+            # Optimizer-wide: one tensor shared by every group (add_param_group, load_state_dict).
+            groups[0]["skipped_steps"],
+            granularity=self.granularity,
+            skip=skip,
             foreach=foreach,
-            numels=lists["numel"],
-            sharded=lists["sharded"],
-            param_group_index=lists["group"],
-            state_keys=lists["keys"],
         )
+        return step, gathered
 
     def _sync_global(self) -> None:
         if self.granularity == "global":
@@ -652,10 +393,23 @@ class ALeRA(Optimizer):
     def masked_step(self, skip: torch.Tensor | None) -> None:
         """The step, an exact no-op where ``skip`` (0-d bool) is True (decided on the device);
         ``skip=None`` is :meth:`step` (Note [host syncs] of :mod:`steadystep.guard`)."""
-        work = self._prepare(skip)
-        if work is None:
+        laid_out = self._layout(skip)
+        if laid_out is None:
             return
-        work.pop("param_group_index")
-        work.pop("state_keys")
-        alera(**work, **self._hyper())
+        step, _ = laid_out
+        alera(
+            step.params,
+            step.grads,
+            step.unit_norm,
+            step.relaxed_paths,
+            step.multipliers,
+            step.units,
+            step.unit_steps,
+            step.lrs,
+            take_step=step.take_step,
+            foreach=step.foreach,
+            numels=step.numels,
+            sharded=step.sharded,
+            **self._hyper(),
+        )
         self._sync_global()
