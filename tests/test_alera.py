@@ -507,3 +507,39 @@ def test_skipped_steps_is_one_tensor_shared_by_every_group():
     opt2.load_state_dict(sd)
     counts = [g["skipped_steps"] for g in opt2.param_groups]
     assert all(c is counts[0] for c in counts) and int(counts[0]) == 1
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_group_lrs_is_lr_times_each_groups_mean_multiplier(granularity, monkeypatch):
+    """One float64 effective rate per group, no host read: ``lr * group multiplier`` times the
+    mean over the group's tensors of their mean multiplier ("tensor", "param")."""
+    params = make_params()
+    opt = ss.ALeRA(
+        [
+            {"params": [params[i] for i in layer], "lr": lr}
+            for layer, lr in zip(LAYERS, (0.01, 0.02), strict=True)
+        ],
+        lr=0.01,
+        alpha=0.1,
+        C=0.003,
+        granularity=granularity,
+    )
+    assert torch.equal(opt.group_lrs(), torch.tensor([0.01, 0.02], dtype=torch.float64))
+    for grads in make_grads(8):
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+    opt.scale_lr_(torch.tensor(0.5))  # the group factor a guard cuts counts too
+    with monkeypatch.context() as patch:
+        for name in ("item", "__bool__", "tolist", "__float__", "__int__"):
+            patch.setattr(torch.Tensor, name, lambda *a, **k: pytest.fail("host read"))
+        lrs = opt.group_lrs()
+    expected = []
+    for group in opt.param_groups:
+        m = group["lr_multiplier"].double()
+        if granularity in ("tensor", "param"):
+            per_tensor = [opt.state[p]["lr_multiplier"].double().mean() for p in group["params"]]
+            m = m * torch.stack(per_tensor).mean()
+        expected.append(group["lr"] * m)
+    assert lrs.dtype == torch.float64 and torch.equal(lrs, torch.stack(expected))
+    assert not torch.allclose(lrs, torch.tensor([0.005, 0.01], dtype=torch.float64))

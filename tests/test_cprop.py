@@ -989,3 +989,39 @@ def test_lr_multiplier_checkpoints_and_old_checkpoints_load_with_one():
     before = [p.detach().clone() for p in fresh_model.parameters()]
     train(fresh_model, fresh, 1)  # and it steps
     assert not torch.equal(before[0], next(fresh_model.parameters()))
+
+
+@pytest.mark.parametrize("name", ["wrapper-AdamW", "wrapper-SGD", "CPropAdamW", "CPropSGD"])
+def test_scales_are_the_per_element_scales_that_stats_summarise(name):
+    model = mlp()
+    opt = MAKERS[name](model.parameters())
+    assert opt.scales() == {}  # no statistics before the first step
+    train(model, opt, 6)
+    scales = opt.scales()
+    assert [id(p) for p in scales] == [id(p) for p in model.parameters()]
+    for p, s in scales.items():
+        assert s.shape == p.shape and s.dtype == torch.float32
+        assert ((s >= 0) & (s <= 1)).all()
+    flat = torch.cat([s.flatten() for s in scales.values()])
+    stats = opt.stats()
+    torch.testing.assert_close(flat.mean(), stats["mean_scale"], rtol=1e-6, atol=0)
+    assert torch.equal((flat < 0.5).float().mean(), stats["frac_scale_below_half"])
+    # the functional core on the same statistics gives the same numbers
+    state = opt.cprop_state if isinstance(opt, ss.CProp) else opt.state
+    group = opt.param_groups[0]
+    params = list(model.parameters())
+    second = [state[p].get("cprop_exp_avg_sq", state[p].get("exp_avg_sq")) for p in params]
+    reference = C.cprop_scales(
+        [state[p]["cprop_exp_avg"] for p in params],
+        second,
+        [state[p]["step"] for p in params],
+        found_finite=torch.tensor(True),
+        beta=group["cprop_beta"],
+        c=group["cprop_c"],
+        eps=group["cprop_eps"],
+        cdf=group["cprop_cdf"],
+        method=group["cprop_method"],
+    )
+    for s, ref in zip(scales.values(), reference, strict=True):
+        assert torch.equal(s, ref)
+    assert not torch.equal(flat, torch.ones_like(flat))

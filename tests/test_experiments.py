@@ -9,11 +9,13 @@ import pytest
 import torch
 
 import steadystep as ss
-from steadystep.experiments import _common as C
-from steadystep.experiments import alrc as A
-from steadystep.experiments import salera as S
+from steadystep.experiments._common import boxcar, finite_or_none, mean_std
+from steadystep.experiments.alrc import reporting as alrc_report
+from steadystep.experiments.alrc import running as alrc_run
 from steadystep.experiments.models import SupersamplingNet, build_classifier
 from steadystep.experiments.runner import Settings
+from steadystep.experiments.salera import reporting as salera_report
+from steadystep.experiments.salera import running as salera_run
 
 
 @pytest.mark.parametrize("shape", [(1, 40), (1, 8, 8), (1, 28, 28), (3, 32, 32)])
@@ -43,14 +45,14 @@ def test_supersampling_net():
 
 def test_boxcar_and_mean_std():
     x = np.array([1.0, 3.0, np.nan, 5.0])
-    assert np.allclose(C.boxcar(x, 2), [1.0, 2.0, 3.0, 5.0])
-    assert C.mean_std([1.0, 3.0, float("nan")]) == (2.0, math.sqrt(2.0), 2)
-    assert math.isnan(C.mean_std([])[0])
-    assert C.finite_or_none({"a": [1.0, float("inf")]}) == {"a": [1.0, None]}
+    assert np.allclose(boxcar(x, 2), [1.0, 2.0, 3.0, 5.0])
+    assert mean_std([1.0, 3.0, float("nan")]) == (2.0, math.sqrt(2.0), 2)
+    assert math.isnan(mean_std([])[0])
+    assert finite_or_none({"a": [1.0, float("inf")]}) == {"a": [1.0, None]}
 
 
 def _cell(by_seed):
-    m, s, n = C.mean_std(list(by_seed.values()))
+    m, s, n = mean_std(list(by_seed.values()))
     return {
         "mean_x100": 100 * m,
         "std_x100": 100 * s,
@@ -67,25 +69,28 @@ def test_alrc_verdicts_are_paired_over_seeds():
         "quartic": {"3": {"1": _cell(lower)}, "inf": {"1": _cell(base)}},
         "squared": {"3": {"1": _cell(base)}, "inf": {"1": _cell(base)}},
     }
-    claims = A._claims(table, [1])
+    claims = alrc_report._claims(table, [1])
     assert [c["verdict"] for c in claims] == ["reproduced", "reproduced"]
     table["quartic"]["3"]["1"] = _cell({k: v + 0.02 for k, v in base.items()})
     table["squared"]["3"]["1"] = _cell({k: v * 1.2 for k, v in base.items()})
-    assert [c["verdict"] for c in A._claims(table, [1])] == ["not reproduced", "not reproduced"]
+    assert [c["verdict"] for c in alrc_report._claims(table, [1])] == [
+        "not reproduced",
+        "not reproduced",
+    ]
 
 
 def test_alrc_plan_grid():
-    specs = A.plan(Settings(scale="quick", seeds=2))
+    specs = alrc_run.plan(Settings(scale="quick", seeds=2))
     assert len(specs) == 2 * 3 * 4 * 2 and len({s.run_id for s in specs}) == len(specs)
-    paper = A.plan(Settings(scale="paper"))
+    paper = alrc_run.plan(Settings(scale="paper"))
     assert {s.config["dataset"] for s in paper} == {"cifar10"}
     assert all(s.config["decay_at"] == 54687 for s in paper if s.config["batch_size"] == 64)
 
 
 def test_layer_lrs_follow_the_multipliers():
     model = build_classifier("M2", (1, 40), 10)
-    opt = S.make_optimizer("SALeRA", model, {"alpha": 0.1, "C": 3e-5, "lr": 0.1}, rho=0.01)
-    assert torch.allclose(S.layer_lrs(opt), torch.full((3,), 0.1, dtype=torch.float64))
+    opt = salera_run.make_optimizer("SALeRA", model, {"alpha": 0.1, "C": 3e-5, "lr": 0.1}, rho=0.01)
+    assert torch.allclose(salera_run.layer_lrs(opt), torch.full((3,), 0.1, dtype=torch.float64))
     x, y = torch.randn(32, 1, 40), torch.randint(0, 10, (32,))
     for _ in range(5):
         loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -93,24 +98,26 @@ def test_layer_lrs_follow_the_multipliers():
         loss.backward()
         opt.step(loss=loss.detach())
     expected = torch.stack([g["lr"] * g["lr_multiplier"].double() for g in opt.param_groups])
-    assert torch.equal(S.layer_lrs(opt), expected)
+    assert torch.equal(salera_run.layer_lrs(opt), expected)
     assert not torch.allclose(expected, torch.full((3,), 0.1, dtype=torch.float64))
-    plain = S.make_optimizer("Adam", model, {"beta1": 0.9, "beta2": 0.999, "lr": 1e-3}, rho=0.01)
-    assert S.layer_lrs(plain).tolist() == [1e-3]
+    plain = salera_run.make_optimizer(
+        "Adam", model, {"beta1": 0.9, "beta2": 0.999, "lr": 1e-3}, rho=0.01
+    )
+    assert salera_run.layer_lrs(plain).tolist() == [1e-3]
 
 
 def test_salera_failure_verdict_rule():
-    v = S.failure_verdict
+    v = salera_report.failure_verdict
     assert v(0, 0) == "inconclusive"  # nothing to avoid
     assert v(1, 0) == "inconclusive" and v(5, 4) == "inconclusive"  # one run could be chance
     assert v(2, 0) == v(4, 0) == v(20, 16) == "reproduced"  # >= 2 runs and >= 20%
     assert v(4, 4) == v(4, 5) == v(6, 5) == v(20, 17) == "not reproduced"
-    assert "20%" in S.VERDICT_RULE_FAILURES and S.MIN_AVOIDED_SHARE == 0.2
+    assert "20%" in salera_report.VERDICT_RULE_FAILURES and salera_report.MIN_AVOIDED_SHARE == 0.2
 
 
 def _record(alg, hp, seed, failed, model="M2"):
     return {
-        "run_id": f"{model}-{alg}-{S._hp_id(hp)}-s{seed}",
+        "run_id": f"{model}-{alg}-{salera_run.hp_id(hp)}-s{seed}",
         "seed": seed,
         "config": {"model": model, "algorithm": alg, "hp": hp},
         "summary": {"failed": failed},
@@ -129,25 +136,27 @@ def test_salera_failures_are_paired_by_setting_and_seed():
         _record("ALeRA", cold, 1, 1),  # no SALeRA partner: left out
         _record("NAG", {"momentum": 0.9, "lr": 0.1}, 0, 1),
     ]
-    f = S._failures(records)
+    f = salera_report._failures(records)
     assert f["ALeRA"] == {"failed": 2, "runs": 3, "rate": 2 / 3}
     assert f["SALeRA"] == {"failed": 2, "runs": 3, "rate": 2 / 3}
     assert (f["rescued"], f["worsened"]) == (1, 1)
     assert f["grid"] == {"alpha": [0.001, 0.01], "C": [3e-6, 3e-5], "lr": [1.0]}
     assert f["models"] == ["M2"] and f["seeds"] == [0, 1]
-    assert "alpha in {0.001, 0.01} x C in {3e-06, 3e-05} x eta_0 in {1}" in S._grid_text(f)
+    assert (
+        "alpha in {0.001, 0.01} x C in {3e-06, 3e-05} x eta_0 in {1}" in salera_report._grid_text(f)
+    )
 
 
 def test_salera_failure_grids_are_full_subgrids_of_the_papers():
     paper = {"alpha": {0.001, 0.01, 0.1, 0.25}, "C": {3e-8, 3e-7, 3e-6, 3e-5}}
     for scale, n_models in (("demo", 1), ("quick", 4)):
-        specs = S.plan(Settings(scale=scale))
+        specs = salera_run.plan(Settings(scale=scale))
         assert {s.config["epochs"] for s in specs} == {20}  # the paper's failure criterion
         by_alg = {}
         for s in specs:
-            by_alg.setdefault(s.config["algorithm"], set()).add(S._hp_id(s.config["hp"]))
+            by_alg.setdefault(s.config["algorithm"], set()).add(salera_run.hp_id(s.config["hp"]))
         assert by_alg["ALeRA"] == by_alg["SALeRA"]
-        settings = S._grid(scale)["ALeRA"]
+        settings = salera_run._grid(scale)["ALeRA"]
         axes = {k: {hp[k] for hp in settings} for k in ("alpha", "C", "lr")}
         assert len(settings) == math.prod(len(v) for v in axes.values())  # every combination
         assert axes["alpha"] <= paper["alpha"] and axes["C"] <= paper["C"]
@@ -155,7 +164,7 @@ def test_salera_failure_grids_are_full_subgrids_of_the_papers():
         # The corner where ALeRA fails on MNIST-1D (docs/experiments.md) is in the grid.
         assert {"alpha": 0.001, "C": 3e-5, "lr": 1.0} in settings
         assert len({s.config["model"] for s in specs}) == n_models
-    assert len(S.plan(Settings(scale="demo"))) == 2 * (5 + 2 * 6)
+    assert len(salera_run.plan(Settings(scale="demo"))) == 2 * (5 + 2 * 6)
 
 
 def test_salera_claims_state_grid_counts_and_rule():
@@ -172,15 +181,15 @@ def test_salera_claims_state_grid_counts_and_rule():
         "best": {},
         "setup": {"epochs": 20},
     }
-    (claim,) = S._claims(summary)
+    (claim,) = salera_report._claims(summary)
     assert claim["verdict"] == "reproduced"
     for text in ("12 paired runs", "ALeRA failed 2 (16.7%)", "SALeRA failed 0 (0.0%)", "Rule:"):
         assert text in claim["measured"]
     assert "alpha in {0.001, 0.01, 0.1}" in claim["measured"]
     summary["failures"]["SALeRA"].update(failed=2, rate=2 / 12)
-    assert S._claims(summary)[0]["verdict"] == "not reproduced"
+    assert salera_report._claims(summary)[0]["verdict"] == "not reproduced"
     summary["setup"]["epochs"] = 10
-    assert "after 10" in S._claims(summary)[0]["measured"]
+    assert "after 10" in salera_report._claims(summary)[0]["measured"]
 
 
 def test_salera_table_verdict_compares_at_an_equal_search_budget():
@@ -201,8 +210,8 @@ def test_salera_table_verdict_compares_at_an_equal_search_budget():
             "setup": {"epochs": 20},
         }
 
-    (claim,) = S._claims(summary(alera_err=27.0, agadam_err=40.0))
+    (claim,) = salera_report._claims(summary(alera_err=27.0, agadam_err=40.0))
     assert claim["verdict"] == "not reproduced"  # the 1-setting agnostic algorithm lost
     assert "equal search budget (1 setting(s)) best agnostic Ag-Adam 40.00%" in claim["measured"]
-    (claim,) = S._claims(summary(alera_err=27.0, agadam_err=32.0))
+    (claim,) = salera_report._claims(summary(alera_err=27.0, agadam_err=32.0))
     assert claim["verdict"] == "reproduced"

@@ -255,3 +255,20 @@ def test_guard_rollback_reported_once_as_rollback_and_lr_cut(caplog):
     assert len(msgs) == 2, msgs
     assert all("step 9" in m for m in msgs)
     assert "rolled back" in msgs[0] and "learning rate cut" in msgs[1]
+
+
+def test_events_false_logs_nothing(caplog):
+    """A plain log: the same rows, and no warning for its NaN gaps, alarms or LR cuts."""
+    rows = [
+        {"test_error": 0.5, "alarms": 0.0, "lr_0": 1.0},
+        {"test_error": math.nan, "alarms": 1.0, "lr_0": 0.5},
+    ]
+    for events, expected in ((True, 3), (False, 0)):
+        monitor = ss.Monitor(every=2, events=events)
+        with caplog.at_level(logging.WARNING, logger="steadystep"):
+            caplog.clear()
+            for row in rows:
+                monitor.step(**row)
+            monitor.close()
+        assert len(_warnings(caplog)) == expected
+        assert [row["lr_0"] for row in monitor.history] == [1.0, 0.5]

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from steadystep.experiments import EXPERIMENTS, SUMMARIES
+
 __all__ = ["main"]
 
 _EXIT_USAGE = 2
@@ -103,16 +105,14 @@ def _parser() -> argparse.ArgumentParser:
     _add_run_options(demo, "demo")
     rep = sub.add_parser(
         "reproduce",
-        help="reproduce one paper's experiment: alrc, salera or cprop",
+        help="reproduce one paper's experiment: "
+        f"{', '.join(EXPERIMENTS[:-1])} or {EXPERIMENTS[-1]}",
         description="Reproduce one paper's experiment at the chosen scale.",
     )
     rep.add_argument(
         "experiment",
-        choices=("alrc", "salera", "cprop"),
-        help="alrc: 2x supersampling, squared/quartic errors, thresholds 2/3/4/inf by batch "
-        "size. salera: NAG/Adagrad/Adam/Ag-Adam/ALeRA/SALeRA/SPALeRA on models M0/M2/M2b/M4. "
-        "cprop: SGD/Adam/RMSprop/AMSGrad with and without CProp, FC and CNN, scale histogram, c "
-        "sweep.",
+        choices=EXPERIMENTS,
+        help=" ".join(f"{name}: {SUMMARIES[name]}" for name in EXPERIMENTS),
     )
     _add_run_options(rep, "quick")
     report = sub.add_parser(
@@ -146,7 +146,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from steadystep.experiments.report import build_report
     from steadystep.experiments.runner import RunContext, Settings, run_all
 
-    names = ["alrc", "salera", "cprop"] if args.command == "demo" else [args.experiment]
+    names = list(EXPERIMENTS) if args.command == "demo" else [args.experiment]
     if args.seeds is not None and args.seeds < 1:
         return _error(f"--seeds must be >= 1, got {args.seeds}")
     try:

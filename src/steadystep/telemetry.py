@@ -117,6 +117,9 @@ class Monitor:
         clip_patience: consecutive steps of ``clipped_fraction > 0.5`` before warning (100).
         lr_cut_ratio: an LR stat falling below this fraction of its previous value in one step
             is an LR cut (default 0.75).
+        events: log the events listed in the module docstring (default True);
+            False for a plain log whose gaps and cuts are expected (e.g. a test error that is
+            NaN between evaluations).
 
     :meth:`close` (or leaving a ``with`` block) flushes what is left and closes the files.
 
@@ -141,6 +144,7 @@ class Monitor:
         keep_history: bool = True,
         clip_patience: int = 100,
         lr_cut_ratio: float = 0.75,
+        events: bool = True,
     ) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an integer >= 1, got every={every!r}")
@@ -178,6 +182,7 @@ class Monitor:
         self.keep_history = keep_history
         self.clip_patience = clip_patience
         self.lr_cut_ratio = float(lr_cut_ratio)
+        self.events = bool(events)
         self.history: list[Row] = []
         self.columns: list[str] = []
         self._kinds: list[str] = []
@@ -273,7 +278,8 @@ class Monitor:
                 row[col] = int(v) if kind == "int" and math.isfinite(v) else v
             rows.append(row)
         for row in rows:
-            self._scan(row)
+            if self.events:
+                self._scan(row)
             self._last = row
         self._write_csv(rows)
         if self._writer is not None:

@@ -1,8 +1,12 @@
 """Reproductions of the three papers, run by the ``steadystep`` command.
 
-``get_experiment(name)`` returns an experiment's module; each module defines ``name``, ``title``,
-``requires`` (the public steadystep names it uses), ``plan``, ``run``, ``summarize``,
-``figures``, ``markdown`` and ``terminal`` (see :class:`~steadystep.experiments.runner.Experiment`).
+``EXPERIMENTS`` names them, in the order ``steadystep demo`` runs them; ``get_experiment(name)``
+returns an experiment's package, which implements
+:class:`~steadystep.experiments.runner.Experiment` (``name``, ``title``, ``requires`` (the public
+steadystep names it uses), ``plan``, ``prepare``, ``run``, ``summarize``, ``figures``,
+``markdown`` and ``terminal``), running in its ``running`` module and reporting in its
+``reporting`` module. ``SUMMARIES`` says in one line what each runs, for the command's help
+(kept here so that ``--help`` imports no experiment).
 """
 
 from __future__ import annotations
@@ -10,13 +14,19 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["EXPERIMENTS", "get_experiment", "missing_api"]
+__all__ = ["EXPERIMENTS", "SUMMARIES", "get_experiment", "missing_api"]
 
 EXPERIMENTS = ("alrc", "salera", "cprop")
+SUMMARIES = {
+    "alrc": "2x supersampling, squared/quartic errors, thresholds 2/3/4/inf by batch size.",
+    "salera": "NAG/Adagrad/Adam/Ag-Adam/ALeRA/SALeRA/SPALeRA on models M0/M2/M2b/M4.",
+    "cprop": "SGD/Adam/RMSprop/AMSGrad with and without CProp, FC and CNN, scale histogram, c "
+    "sweep.",
+}
 
 
 def get_experiment(name: str) -> ModuleType:
-    """The experiment module called ``name`` (imported on first use)."""
+    """The experiment package called ``name`` (imported on first use)."""
     if name not in EXPERIMENTS:
         raise ValueError(f"experiment must be one of {EXPERIMENTS}, got {name!r}")
     return importlib.import_module(f"steadystep.experiments.{name}")

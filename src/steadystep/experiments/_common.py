@@ -12,14 +12,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from steadystep.telemetry import read_csv
+
 __all__ = [
     "band_plot",
     "boxcar",
     "claim",
+    "evaluate_classifier",
     "finite_or_none",
+    "fmt",
     "markdown_table",
     "mean_std",
     "plt",
+    "read_log",
+    "save",
+    "text_table",
 ]
 
 
@@ -31,6 +38,12 @@ def plt() -> Any:
     import matplotlib.pyplot as pyplot
 
     return pyplot
+
+
+def read_log(path: str | Path) -> dict[str, np.ndarray]:
+    """A run's CSV log (:meth:`RunContext.log <steadystep.experiments.runner.RunContext.log>`,
+    read by :func:`steadystep.telemetry.read_csv`) as float64 arrays, one per column."""
+    return {k: np.asarray(v, dtype=np.float64) for k, v in read_csv(path).items()}
 
 
 def finite_or_none(x: Any) -> Any:

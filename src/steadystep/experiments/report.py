@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from steadystep.experiments import _common as C
 from steadystep.experiments import get_experiment
+from steadystep.experiments._common import finite_or_none, markdown_table, text_table
 from steadystep.experiments.runner import load_records
 
 __all__ = ["build_report", "read_config"]
@@ -106,7 +106,7 @@ def build_report(run_dir: Path) -> tuple[dict[str, Any], str]:
         terminal.append(module.terminal(summary))
 
     settings = config["settings"]
-    results = C.finite_or_none(
+    results = finite_or_none(
         {
             "steadystep_version": _version(),
             "command": config["command"],
@@ -141,7 +141,7 @@ def build_report(run_dir: Path) -> tuple[dict[str, Any], str]:
     ]
     if claims_rows:
         md += [
-            C.markdown_table(["method", "paper's claim", "measured here", "verdict"], claims_rows),
+            markdown_table(["method", "paper's claim", "measured here", "verdict"], claims_rows),
             "",
         ]
     md += sections
@@ -157,7 +157,7 @@ def build_report(run_dir: Path) -> tuple[dict[str, Any], str]:
     text = []
     if claims_rows:
         text.append(
-            C.text_table(
+            text_table(
                 ["method", "verdict", "paper's claim"],
                 [[r[0], r[3].strip("*"), r[1]] for r in claims_rows],
             )

@@ -1,4 +1,5 @@
-"""Run a list of training runs, each writing its CSV log and JSON summary as soon as it ends.
+"""Run a list of training runs, each writing its CSV log (a :class:`~steadystep.Monitor`) as it
+goes and its JSON summary as soon as it ends.
 
 Layout of a run directory::
 
@@ -15,14 +16,12 @@ report from whatever runs have finished.
 
 from __future__ import annotations
 
-import csv
 import json
-import math
 import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,10 +29,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from steadystep.telemetry import Monitor
+
 __all__ = [
     "Experiment",
     "RunContext",
-    "RunLog",
     "RunSpec",
     "Settings",
     "load_records",
@@ -42,6 +42,7 @@ __all__ = [
 ]
 
 SCALES = ("tiny", "demo", "quick", "paper")
+_LOG_EVERY = 1000  # rows kept on the host between two writes of a run's CSV
 
 
 @dataclass(frozen=True)
@@ -84,82 +85,70 @@ class RunSpec:
     cost: float = 1.0
 
 
-class RunLog:
-    """Collects per-step rows of one run and writes them as CSV."""
-
-    def __init__(self, columns: Sequence[str]) -> None:
-        self.columns = list(columns)
-        self.rows: list[list[float]] = []
-
-    def append(self, **values: float) -> None:
-        self.rows.append([float(values.get(c, math.nan)) for c in self.columns])
-
-    def column(self, name: str) -> list[float]:
-        i = self.columns.index(name)
-        return [r[i] for r in self.rows]
-
-    def write(self, path: Path) -> None:
-        with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(self.columns)
-            for r in self.rows:
-                w.writerow([_fmt(v) for v in r])
-
-
-def _fmt(v: float) -> str:
-    # repr round-trips floats exactly, so a report rebuilt from CSV equals the live one.
-    if not math.isfinite(v):
-        return "nan" if v != v else ("inf" if v > 0 else "-inf")
-    if v == int(v) and abs(v) < 2**53:
-        return str(int(v))
-    return repr(v)
-
-
-def read_csv(path: Path) -> dict[str, np.ndarray]:
-    """A run's CSV as a dict of float64 columns."""
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader)
-        rows = [[float(x) for x in r] for r in reader]
-    data = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(header))
-    return {name: data[:, i] for i, name in enumerate(header)}
-
-
 @dataclass
 class RunContext:
-    """What a running experiment may use: the device, a cache of loaded data, progress."""
+    """What a running experiment may use: the device, a cache of loaded data, progress, and
+    the per-step log of the run in progress (:meth:`log`)."""
 
     settings: Settings
     device: torch.device
     cache: dict[str, Any] = field(default_factory=dict)
     advance: Callable[[int], None] = lambda n: None
+    log_path: Path | None = None  # the CSV of the run in progress (set by run_all)
 
     def cached(self, key: str, make: Callable[[], Any]) -> Any:
         if key not in self.cache:
             self.cache[key] = make()
         return self.cache[key]
 
+    def log(self) -> Monitor:
+        """A :class:`~steadystep.Monitor` for the run in progress: each ``step(step=..., **row)``
+        is one row of ``runs/<experiment>/<run_id>.csv`` (columns ``step``, then the keywords in
+        the order first given; NaN where a row has no value), kept in ``history``. It logs no
+        events (a run's log has NaN between evaluations and cuts its own learning rates)."""
+        return Monitor(csv_path=self.log_path, every=_LOG_EVERY, events=False)
+
 
 class Experiment(Protocol):
-    """One paper's reproduction. Implemented by the modules in ``steadystep.experiments``."""
+    """One paper's reproduction. Implemented by the packages in ``steadystep.experiments``
+    (running in ``<name>/running.py``, reporting in ``<name>/reporting.py``)."""
 
-    name: str
-    title: str
-    requires: tuple[str, ...]
+    name: str  # as in steadystep.experiments.EXPERIMENTS and the run directory
+    title: str  # the report's section heading
+    requires: tuple[str, ...]  # public steadystep names it uses (missing_api)
 
-    def plan(self, settings: Settings) -> list[RunSpec]: ...
+    def plan(self, settings: Settings) -> list[RunSpec]:
+        """The runs of this experiment at ``settings`` (ValueError for a dataset it cannot
+        use)."""
+        ...
 
-    def run(self, spec: RunSpec, ctx: RunContext) -> tuple[RunLog, dict[str, Any]]: ...
+    def prepare(self, specs: list[RunSpec], ctx: RunContext) -> None:
+        """Load what ``specs`` need into ``ctx.cache`` now, so a missing file fails before any
+        run (DatasetNotFoundError)."""
+        ...
 
-    def summarize(self, records: list[dict[str, Any]], run_dir: Path) -> dict[str, Any]: ...
+    def run(self, spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
+        """Train one run; its per-step rows go to ``ctx.log()``; returns its summary (the
+        numbers of ``runs/<experiment>/<run_id>.json``)."""
+        ...
+
+    def summarize(self, records: list[dict[str, Any]], run_dir: Path) -> dict[str, Any]:
+        """The experiment's tables and claims from its finished runs (``results.json``)."""
+        ...
 
     def figures(
         self, summary: dict[str, Any], records: list[dict[str, Any]], run_dir: Path
-    ) -> list[str]: ...
+    ) -> list[str]:
+        """Write the figures under ``run_dir / "figures"``; returns their paths."""
+        ...
 
-    def markdown(self, summary: dict[str, Any], figures: list[str], run_dir: Path) -> str: ...
+    def markdown(self, summary: dict[str, Any], figures: list[str], run_dir: Path) -> str:
+        """The experiment's section of ``report.md``."""
+        ...
 
-    def terminal(self, summary: dict[str, Any]) -> str: ...
+    def terminal(self, summary: dict[str, Any]) -> str:
+        """What the command prints of it."""
+        ...
 
 
 def seed_everything(seed: int) -> None:
@@ -254,15 +243,16 @@ def run_all(
                     bar.update(n)
 
             ctx.advance = advance
+            ctx.log_path = csv_path
             seed_everything(spec.seed)
             start = time.perf_counter()
             try:
-                log, summary = exp.run(spec, ctx)
+                summary = exp.run(spec, ctx)
             finally:
+                ctx.log_path = None
                 if bar is not None:
                     bar.close()
             wall = time.perf_counter() - start
-            log.write(csv_path)
             record = {
                 "experiment": spec.experiment,
                 "run_id": spec.run_id,

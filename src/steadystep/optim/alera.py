@@ -260,6 +260,34 @@ class ALeRA(Optimizer):
             out[f"group{gi}.lr_max"] = base * hi.to(base.device)
         return out
 
+    @torch.no_grad()
+    def group_lrs(self) -> torch.Tensor:
+        """The effective learning rate of each param group as one float64 vector, no host read:
+        ``lr * group["lr_multiplier"]``, times for ``"tensor"``/``"param"`` the mean over the
+        group's tensors of each tensor's mean multiplier (a tensor's multiplier is 1 before its
+        first step; under FSDP2 this rank's shards). One number per layer, e.g. to plot.
+
+        Example:
+            >>> import torch, steadystep as ss
+            >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1))
+            >>> opt = ss.ALeRA(ss.layer_groups(model), lr=0.1)
+            >>> opt.group_lrs()
+            tensor([0.1000, 0.1000], dtype=torch.float64)
+        """
+        values = []
+        for group in self.param_groups:
+            m = group["lr_multiplier"].double()
+            shards = [
+                local_tensor(self.state[p]["lr_multiplier"])
+                for p in group["params"]
+                if "lr_multiplier" in self.state.get(p, {})
+            ]
+            per_tensor = [t.double().mean() for t in shards if t.numel() > 0]
+            if per_tensor:
+                m = m * torch.stack(per_tensor).mean()
+            values.append(group["lr"] * m)
+        return torch.stack(values)
+
     # -- the guard's protocol (steadystep.optim._protocol.MaskableOptimizer) ----------------
     @torch.no_grad()
     def scale_lr_(self, factor: torch.Tensor) -> None:

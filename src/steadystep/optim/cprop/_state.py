@@ -4,7 +4,7 @@ and :mod:`~steadystep.optim.cprop.wrapper`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -79,6 +79,24 @@ def _states_by_param(saved: dict[Any, Any], params: list[Tensor], what: str) -> 
     return out
 
 
+def _scales(
+    groups: list[dict[str, Any]], state_of: Callable[[Tensor], dict[str, Any] | None]
+) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """``(group index, parameter, s)`` for every parameter with CProp state, in group order:
+    the scale recomputed from the current statistics (a new tensor, this rank's shard under
+    FSDP2), i.e. the scale that the last step applied. One at a time, so a caller that reduces
+    them never holds more than one."""
+    for gi, group in enumerate(groups):
+        for p in group["params"]:
+            st = state_of(p)
+            if not st or "cprop_exp_avg" not in st:
+                continue
+            m = local_tensor(st["cprop_exp_avg"])
+            second = st.get(_second_key(group["cprop_method"]), st.get("exp_avg_sq"))
+            keep = torch.ones((), dtype=m.dtype, device=m.device)
+            yield gi, p, _scale_one(m, local_tensor(second), st["step"], keep, _cprop_hyper(group))
+
+
 def _group_stats(
     groups: list[dict[str, Any]], state_of: Callable[[Tensor], dict[str, Any] | None]
 ) -> dict[str, Tensor]:
@@ -87,24 +105,19 @@ def _group_stats(
     Under FSDP2 they cover this rank's shards (Note [FSDP2]): no collective, as in ALeRA's
     stats, so a Monitor on one rank alone cannot hang the others.
     """
+    sums: dict[int, list[Tensor]] = {}
+    belows: dict[int, list[Tensor]] = {}
+    counts: dict[int, int] = {}
+    for gi, _, s in _scales(groups, state_of):
+        sums.setdefault(gi, []).append(s.sum(dtype=torch.float32))
+        belows.setdefault(gi, []).append((s < 0.5).sum(dtype=torch.float32))
+        counts[gi] = counts.get(gi, 0) + s.numel()
     out: dict[str, Tensor] = {}
     totals: list[tuple[Tensor, Tensor, int]] = []
-    for gi, group in enumerate(groups):
-        sums, belows, count = [], [], 0
-        for p in group["params"]:
-            st = state_of(p)
-            if not st or "cprop_exp_avg" not in st:
-                continue
-            m = local_tensor(st["cprop_exp_avg"])
-            second = st.get(_second_key(group["cprop_method"]), st.get("exp_avg_sq"))
-            keep = torch.ones((), dtype=m.dtype, device=m.device)
-            s = _scale_one(m, local_tensor(second), st["step"], keep, _cprop_hyper(group))
-            sums.append(s.sum(dtype=torch.float32))
-            belows.append((s < 0.5).sum(dtype=torch.float32))
-            count += s.numel()
+    for gi, count in counts.items():
         if count == 0:
             continue
-        total, below = torch.stack(sums).sum(), torch.stack(belows).sum()
+        total, below = torch.stack(sums[gi]).sum(), torch.stack(belows[gi]).sum()
         out[f"group{gi}.mean_scale"] = total / count
         out[f"group{gi}.frac_scale_below_half"] = below / count
         totals.append((total, below, count))

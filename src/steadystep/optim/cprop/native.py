@@ -30,6 +30,7 @@ from steadystep.optim.cprop._state import (
     _group_stats,
     _init_cprop_state,
     _param_index_map,
+    _scales,
     _states_by_param,
     _validate_group,
     _zeros_stat,
@@ -154,6 +155,22 @@ class _NativeCPropBase(Optimizer):
         ``frac_scale_below_half`` over every element with state. The scale is recomputed from
         the current statistics, so it is the scale that the last step applied."""
         return _group_stats(self.param_groups, lambda p: self.state.get(p))
+
+    def scales(self) -> dict[Tensor, Tensor]:
+        """``{parameter: s}``: CProp's per-element scale of every parameter with state, in
+        param-group order, as new tensors in the statistics' dtype (this rank's shards under
+        FSDP2). It is recomputed from the current statistics, so it is the scale that the last
+        step applied; :meth:`stats` summarises the same numbers.
+
+        Example:
+            >>> model = torch.nn.Linear(3, 1)
+            >>> opt = ss.CPropAdamW(model.parameters())
+            >>> model(torch.randn(8, 3)).pow(2).mean().backward()
+            >>> opt.step()
+            >>> opt.scales()[model.weight]  # s = 1 at the first step
+            tensor([[1., 1., 1.]])
+        """
+        return {p: s for _, p, s in _scales(self.param_groups, lambda p: self.state.get(p))}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, loss: Tensor | None = None) -> Any:

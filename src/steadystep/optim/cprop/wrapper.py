@@ -20,6 +20,7 @@ from steadystep.optim.cprop._state import (
     _group_stats,
     _init_cprop_state,
     _param_index_map,
+    _scales,
     _states_by_param,
     _validate_group,
 )
@@ -138,6 +139,19 @@ class CProp(OptimizerWrapper):
     def stats(self) -> dict[str, Tensor]:
         """Telemetry as 0-d tensors, no host sync (see :meth:`CPropSGD.stats`)."""
         return _group_stats(self.param_groups, lambda p: self.cprop_state.get(p))
+
+    def scales(self) -> dict[Tensor, Tensor]:
+        """``{parameter: s}``, CProp's per-element scales (see :meth:`CPropSGD.scales`).
+
+        Example:
+            >>> model = torch.nn.Linear(3, 1)
+            >>> opt = ss.CProp(torch.optim.SGD(model.parameters(), lr=0.1))
+            >>> model(torch.randn(8, 3)).pow(2).mean().backward()
+            >>> opt.step()
+            >>> opt.scales()[model.bias]
+            tensor([1.])
+        """
+        return {p: s for _, p, s in _scales(self.param_groups, lambda p: self.cprop_state.get(p))}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, loss: Tensor | None = None) -> Any:

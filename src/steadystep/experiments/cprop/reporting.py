@@ -1,13 +1,6 @@
-"""CProp reproduction (Preechakul & Kijsirikul, "CProp: Adaptive Learning Rate Scaling from Past
-Gradient Conformity", Sec. 3 and 4).
-
-The paper's fully connected 784-300-100-10 network and its CNN (16, M, 32, M, 64, M, 128, global
-average pool, 1x1 conv; both adapted to the input), batch size 32, no preprocessing beyond
-scaling. SGD (no momentum), Adam, RMSprop and AMSGrad at the paper's learning rates for
-Fashion-MNIST, each with and without ``ss.CProp(optimizer, beta=0.999, c=1)``; 3 seeds; training
-loss curves with one-std bands (Fig. 2), the histogram of CProp's scales over time (Fig. 8) and
-the overconfidence coefficient sweep (Fig. 11).
-"""
+"""Reporting the CProp reproduction: training speed with and without CProp at the paper's
+protocol, the distribution of scales, the overconfidence sweep, the claims' verdicts, figures
+like the paper's Figs. 2, 8 and 11."""
 
 from __future__ import annotations
 
@@ -16,26 +9,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch.nn import functional as F
 
-from steadystep.experiments import _common as C
-from steadystep.experiments.datasets import ClassificationData, load_classification
-from steadystep.experiments.models import build_classifier
-from steadystep.experiments.runner import RunContext, RunLog, RunSpec, Settings, read_csv
+from steadystep.experiments._common import (
+    band_plot,
+    claim,
+    fmt,
+    markdown_table,
+    mean_std,
+    plt,
+    read_log,
+    save,
+    text_table,
+)
+from steadystep.experiments.cprop.running import BATCH, OPTIMIZERS
 
-name = "cprop"
-title = "CProp: update scaling by past-gradient conformity"
-requires = ("CProp",)
-
-OPTIMIZERS = ("SGD", "Adam", "RMSprop", "AMSGrad")
-# The paper's learning rates for Fashion-MNIST (supplement, Figs. 15/16); AMSGrad shares Adam's.
-LRS = {
-    "FC": {"SGD": 0.1, "Adam": 1e-3, "RMSprop": 1e-3, "AMSGrad": 1e-3},
-    "CNN": {"SGD": 0.3, "Adam": 3e-3, "RMSprop": 3e-3, "AMSGrad": 3e-3},
-}
-BATCH = 32
-HIST_BINS = 40
+__all__ = ["figures", "markdown", "summarize", "terminal"]
 
 CLAIM_SPEED = (
     "CProp-augmented optimizers train faster (lower training loss) than their plain "
@@ -48,249 +36,6 @@ CLAIM_C = (
     "A larger overconfidence coefficient c trades training speed for generalization: test "
     "performance improves over c = 1 while training is slower (Fig. 11)"
 )
-
-SCALES: dict[str, dict[str, Any]] = {
-    "tiny": dict(
-        models=("FC",),
-        optimizers=("SGD", "Adam"),
-        epochs=1,
-        seeds=1,
-        n_train=320,
-        evals=2,
-        lr_factors=(1.0, 3.0),
-        sweep=(3.0,),
-    ),
-    "demo": dict(
-        models=("FC",),
-        optimizers=("SGD", "Adam"),
-        epochs=4,
-        seeds=3,
-        n_train=None,
-        evals=2,
-        lr_factors=(1.0, 3.0, 9.0),
-        sweep=(3.0, 9.0, 27.0),
-    ),
-    "quick": dict(
-        models=("FC", "CNN"),
-        optimizers=OPTIMIZERS,
-        epochs=10,
-        seeds=3,
-        n_train=None,
-        evals=2,
-        lr_factors=(1 / 3, 1.0, 3.0, 9.0),
-        sweep=(3.0, 9.0, 27.0),
-    ),
-    "paper": dict(
-        models=("FC", "CNN"),
-        optimizers=OPTIMIZERS,
-        epochs=20,
-        seeds=3,
-        n_train=None,
-        evals=4,
-        lr_factors=(1 / 3, 1.0, 3.0, 9.0),
-        sweep=(3.0, 9.0, 27.0),
-    ),
-}
-
-
-def plan(settings: Settings) -> list[RunSpec]:
-    s = SCALES[settings.scale]
-    dataset = settings.dataset or ("fashion-mnist" if settings.scale == "paper" else "mnist1d")
-    if dataset == "crops":
-        raise ValueError("the cprop experiment needs a classification dataset, not 'crops'")
-    seeds = settings.seeds or s["seeds"]
-    n_steps = s["epochs"] * 125  # MNIST-1D: 4000 / 32; only used for progress
-    specs = []
-
-    def add(model: str, opt: str, factor: float, c: float | None, seed: int) -> None:
-        lr = float(f"{LRS[model][opt] * factor:.3g}")
-        config = dict(
-            model=model,
-            optimizer=opt,
-            lr=lr,
-            lr_factor=factor,
-            cprop_c=c,
-            epochs=s["epochs"],
-            dataset=dataset,
-            n_train=s["n_train"],
-            evals_per_epoch=s["evals"],
-            # Fig. 8: the histogram of scales of the first seed's Adam+CProp run at the paper's lr.
-            histogram=opt == "Adam" and c == 1.0 and seed == 0 and factor == 1.0,
-        )
-        tag = "plain" if c is None else f"cprop-c{c:g}"
-        weight = 1.0 if model == "FC" else 3.0
-        run_id = f"{model}-{opt}-lr{lr:g}-{tag}-s{seed}"
-        specs.append(RunSpec(name, run_id, config, seed, n_steps, n_steps * weight * 1e-3))
-
-    # The paper compares at the learning rate that trains the *plain* optimizer fastest (found
-    # by a search in factors of 3); we run plain and CProp at the paper's Fashion-MNIST lr times
-    # each factor and pick that lr when summarising.
-    for model in s["models"]:
-        for opt in s["optimizers"]:
-            for factor in s["lr_factors"]:
-                for c in (None, 1.0):
-                    for seed in range(seeds):
-                        add(model, opt, factor, c, seed)
-    # The c sweep (Fig. 11): first model, Adam at the paper's lr; c = 1 and plain (c -> inf)
-    # come from the grid above.
-    for c in s["sweep"]:
-        for seed in range(seeds):
-            add(s["models"][0], "Adam", 1.0, c, seed)
-    return specs
-
-
-def _data(cfg: dict[str, Any], ctx: RunContext) -> ClassificationData:
-    def make() -> ClassificationData:
-        data = load_classification(cfg["dataset"], ctx.settings.data_dir)
-        if cfg["n_train"]:
-            data = data.subset(cfg["n_train"], max(cfg["n_train"] // 4, 100))
-        return data
-
-    return ctx.cached(f"cprop:{cfg['dataset']}:{cfg['n_train']}", make)
-
-
-def prepare(specs: list[RunSpec], ctx: RunContext) -> None:
-    """Load the data once (a missing real dataset fails here, before any run)."""
-    for spec in specs:
-        _data(spec.config, ctx)
-
-
-def make_optimizer(cfg: dict[str, Any], params: Any) -> Any:
-    """The base optimizer with the paper's defaults, wrapped in ``ss.CProp`` when asked."""
-    lr = cfg["lr"]
-    opt = cfg["optimizer"]
-    if opt == "SGD":
-        base = torch.optim.SGD(params, lr=lr)
-    elif opt == "Adam":
-        base = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)
-    elif opt == "AMSGrad":
-        base = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, amsgrad=True)
-    elif opt == "RMSprop":
-        base = torch.optim.RMSprop(params, lr=lr, alpha=0.99, eps=1e-8)
-    else:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {opt!r}")
-    if cfg["cprop_c"] is None:
-        return base
-    import steadystep as ss
-
-    return ss.CProp(base, beta=0.999, c=cfg["cprop_c"], eps=1e-8)
-
-
-@torch.no_grad()
-def cprop_scales(opt: Any) -> torch.Tensor | None:
-    """Every element's current CProp scale ``s``, flattened (None for a plain optimizer).
-
-    Recomputed from the wrapper's documented ``cprop_state`` and group hyperparameters with the
-    public functional core ``steadystep.optim.cprop.cprop_scales`` (the numbers the last step
-    applied, since the statistics have not changed since).
-    """
-    state = getattr(opt, "cprop_state", None)
-    if not state:
-        return None
-    from steadystep.optim.cprop import cprop_scales as scales_of
-
-    out = []
-    for group in opt.param_groups:
-        sts = [state[p] for p in group["params"] if p in state]
-        if not sts:
-            continue
-        second = "cprop_exp_avg_sq" if "cprop_exp_avg_sq" in sts[0] else "cprop_exp_avg_abs"
-        scales = scales_of(
-            [st["cprop_exp_avg"] for st in sts],
-            [st[second] for st in sts],
-            [st["step"] for st in sts],
-            found_finite=torch.ones((), dtype=torch.bool, device=sts[0]["step"].device),
-            beta=group["cprop_beta"],
-            c=group["cprop_c"],
-            eps=group["cprop_eps"],
-            cdf=group["cprop_cdf"],
-            method=group["cprop_method"],
-        )
-        out += [s.detach().flatten().float().cpu() for s in scales]
-    return torch.cat(out) if out else None
-
-
-def run(spec: RunSpec, ctx: RunContext) -> tuple[RunLog, dict[str, Any]]:
-    cfg = spec.config
-    data = _data(cfg, ctx)
-    device = ctx.device
-    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
-    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
-    n = len(y_train)
-    steps_per_epoch = n // BATCH
-    model = build_classifier(cfg["model"], data.input_shape, data.n_classes).to(device)
-    opt = make_optimizer(cfg, model.parameters())
-    gen = torch.Generator().manual_seed(3000 + spec.seed)  # same batches with and without CProp
-    eval_every = max(1, steps_per_epoch // cfg["evals_per_epoch"])
-    log = RunLog(["step", "epoch", "loss", "train_loss", "test_loss", "test_error", "mean_scale"])
-    hist_steps: list[int] = []
-    hist_counts: list[list[int]] = []
-    edges = np.linspace(0.0, 1.0, HIST_BINS + 1)
-
-    def snapshot(step: int) -> dict[str, float]:
-        row: dict[str, float] = {}
-        row["train_loss"], _ = C.evaluate_classifier(model, x_train, y_train)
-        row["test_loss"], row["test_error"] = C.evaluate_classifier(model, x_test, y_test)
-        scales = cprop_scales(opt)
-        if scales is not None and scales.numel():
-            row["mean_scale"] = float(scales.mean())
-        return row
-
-    def histogram(step: int) -> None:
-        scales = cprop_scales(opt)
-        if scales is not None and scales.numel():
-            hist_steps.append(step)
-            hist_counts.append(np.histogram(scales.numpy(), bins=edges)[0].tolist())
-
-    hist_every = max(1, cfg["epochs"] * steps_per_epoch // 50)  # ~50 rows in Fig. 8
-
-    log.append(step=0, epoch=0.0, **snapshot(0))
-    step = 0
-    for _ in range(cfg["epochs"]):
-        perm = torch.randperm(n, generator=gen).to(device)
-        for b in range(steps_per_epoch):
-            idx = perm[b * BATCH : (b + 1) * BATCH]
-            loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            row: dict[str, float] = {
-                "step": step,
-                "epoch": step / steps_per_epoch,
-                "loss": float(loss.detach()),
-            }
-            if step % eval_every == 0:
-                row.update(snapshot(step))
-            if cfg["histogram"] and step % hist_every == 0:
-                histogram(step)
-            log.append(**row)
-            if step % 25 == 0:
-                ctx.advance(25)
-    ctx.advance(step % 25)
-    final = log.rows[-1]
-    cols = log.columns
-    if not math.isfinite(final[cols.index("train_loss")]):
-        log.rows[-1] = final  # the last step is always an eval step when evals divide the epoch
-    last = [r for r in log.rows if math.isfinite(r[cols.index("train_loss")])][-1]
-    losses = np.asarray(log.column("loss")[1:])
-    summary: dict[str, Any] = {
-        "final_train_loss": last[cols.index("train_loss")],
-        "final_test_loss": last[cols.index("test_loss")],
-        "final_test_error": last[cols.index("test_error")],
-        "mean_minibatch_loss": float(np.mean(losses)),  # area under the curve: speed
-        "final_mean_scale": last[cols.index("mean_scale")],
-    }
-    if hist_steps:
-        summary["scale_histogram"] = {
-            "edges": edges.tolist(),
-            "steps": hist_steps,
-            "counts": hist_counts,
-        }
-    return log, summary
-
-
-# ----------------------------------------------------------------------------- report
 
 
 _KEYS = (
@@ -325,7 +70,7 @@ def summarize(records: list[dict[str, Any]], run_dir: Path) -> dict[str, Any]:
         tag = "plain" if c is None else f"c={c:g}"
         entry = {}
         for key in _KEYS:
-            m, sd, k = C.mean_std([r["summary"][key] for r in runs])
+            m, sd, k = mean_std([r["summary"][key] for r in runs])
             entry[key] = {"mean": m, "std": sd, "n": k}
         table.setdefault(model, {}).setdefault(opt, {}).setdefault(lr, {})[tag] = entry
         if runs[0]["config"].get("lr_factor", 1.0) == 1.0:
@@ -429,7 +174,7 @@ def _claims(summary: dict[str, Any]) -> list[dict[str, str]]:
             f"CProp vs plain at the lr that trains the plain optimizer fastest (the paper's "
             f"protocol), {better}/{n} faster: " + "; ".join(parts)
         )
-        out.append(C.claim(CLAIM_SPEED, measured, verdict))
+        out.append(claim(CLAIM_SPEED, measured, verdict))
     st = summary["scale_stats"]
     if st:
         measured = (
@@ -439,7 +184,7 @@ def _claims(summary: dict[str, Any]) -> list[dict[str, str]]:
             f"share > 0.9 at the end: {100 * st['above_0.9_at_end']:.1f}%"
         )
         ok = st["below_half_at_20pct"] > 0.5 and 0.0 < st["above_0.9_at_end"] < 0.5
-        out.append(C.claim(CLAIM_SCALE, measured, "reproduced" if ok else "not reproduced"))
+        out.append(claim(CLAIM_SCALE, measured, "reproduced" if ok else "not reproduced"))
     # c sweep on the first model with Adam at the paper's lr.
     if table:
         model = next(iter(table))
@@ -458,17 +203,17 @@ def _claims(summary: dict[str, Any]) -> list[dict[str, str]]:
                 hi["final_test_error"]["mean"] < lo["final_test_error"]["mean"]
                 and lo["final_train_loss"]["mean"] <= hi["final_train_loss"]["mean"]
             )
-            out.append(C.claim(CLAIM_C, measured, "reproduced" if ok else "not reproduced"))
+            out.append(claim(CLAIM_C, measured, "reproduced" if ok else "not reproduced"))
     return out
 
 
 def figures(summary: dict[str, Any], records: list[dict[str, Any]], run_dir: Path) -> list[str]:
-    plt = C.plt()
+    pyplot = plt()
     out = []
     groups = _group(records)
     models = list(summary["table"])
     opts = [o for o in OPTIMIZERS if any(o in summary["table"][m] for m in models)]
-    fig, axes = plt.subplots(
+    fig, axes = pyplot.subplots(
         len(models), len(opts), figsize=(3.4 * len(opts), 2.9 * len(models)), squeeze=False
     )
     for i, model in enumerate(models):
@@ -481,10 +226,10 @@ def figures(summary: dict[str, Any], records: list[dict[str, Any]], run_dir: Pat
                     continue
                 curves, x = [], None
                 for r in runs:
-                    d = read_csv(Path(r["csv_path"]))
+                    d = read_log(r["csv_path"])
                     ok = np.isfinite(d["train_loss"])
                     x, curves = d["step"][ok], [*curves, d["train_loss"][ok]]
-                C.band_plot(ax, x, curves, label, color)
+                band_plot(ax, x, curves, label, color)
             ax.set_yscale("log")
             ax.set_title(f"{model}, {opt}, lr {lr}", fontsize=9)
             ax.set_xlabel("iteration", fontsize=8)
@@ -498,7 +243,7 @@ def figures(summary: dict[str, Any], records: list[dict[str, Any]], run_dir: Pat
         fontsize=10,
     )
     fig.tight_layout()
-    out.append(C.save(fig, run_dir / "figures" / "cprop_training_loss.png"))
+    out.append(save(fig, run_dir / "figures" / "cprop_training_loss.png"))
 
     hist = next(
         (r["summary"]["scale_histogram"] for r in records if "scale_histogram" in r["summary"]),
@@ -507,7 +252,9 @@ def figures(summary: dict[str, Any], records: list[dict[str, Any]], run_dir: Pat
     if hist and hist["steps"]:
         counts = np.asarray(hist["counts"], dtype=np.float64)
         frac = counts / counts.sum(1, keepdims=True)
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6), gridspec_kw={"width_ratios": [3, 2]})
+        fig, (a1, a2) = pyplot.subplots(
+            1, 2, figsize=(9, 3.6), gridspec_kw={"width_ratios": [3, 2]}
+        )
         steps = np.asarray(hist["steps"])
         im = a1.imshow(
             np.log10(frac + 1e-6),
@@ -527,7 +274,7 @@ def figures(summary: dict[str, Any], records: list[dict[str, Any]], run_dir: Pat
         a2.set_ylim(0, 1)
         fig.suptitle("CProp scale distribution over time (cf. the paper's Fig. 8)", fontsize=10)
         fig.tight_layout()
-        out.append(C.save(fig, run_dir / "figures" / "cprop_scale_histogram.png"))
+        out.append(save(fig, run_dir / "figures" / "cprop_scale_histogram.png"))
 
     model = models[0] if models else None
     sweep_lr = summary["paper_lr"].get(model, {}).get("Adam") if model else None
@@ -540,20 +287,20 @@ def figures(summary: dict[str, Any], records: list[dict[str, Any]], run_dir: Pat
         key=lambda t: t[0] or math.inf,
     )
     if len(sweep) >= 3:
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
-        cmap = plt.get_cmap("viridis")
+        fig, (a1, a2) = pyplot.subplots(1, 2, figsize=(9, 3.4))
+        cmap = pyplot.get_cmap("viridis")
         for k, (c, runs) in enumerate(sweep):
             label = "Adam (c = ∞)" if c is None else f"c = {c:g}"
             color = "tab:gray" if c is None else cmap(k / max(len(sweep) - 1, 1))
             tr, te, x = [], [], None
             for r in runs:
-                d = read_csv(Path(r["csv_path"]))
+                d = read_log(r["csv_path"])
                 ok = np.isfinite(d["train_loss"])
                 x = d["step"][ok]
                 tr.append(d["train_loss"][ok])
                 te.append(100 * d["test_error"][ok])
-            C.band_plot(a1, x, tr, label, color)
-            C.band_plot(a2, x, te, label, color)
+            band_plot(a1, x, tr, label, color)
+            band_plot(a2, x, te, label, color)
         a1.set_yscale("log")
         a1.set_title("training loss", fontsize=9)
         a2.set_title("test error (%)", fontsize=9)
@@ -567,7 +314,7 @@ def figures(summary: dict[str, Any], records: list[dict[str, Any]], run_dir: Pat
             fontsize=10,
         )
         fig.tight_layout()
-        out.append(C.save(fig, run_dir / "figures" / "cprop_c_sweep.png"))
+        out.append(save(fig, run_dir / "figures" / "cprop_c_sweep.png"))
     return out
 
 
@@ -584,11 +331,11 @@ def _rows(summary: dict[str, Any]) -> list[list[str]]:
                             opt,
                             lr + best,
                             tag,
-                            f"{C.fmt(e['final_train_loss']['mean'], 4)} ± "
-                            f"{C.fmt(e['final_train_loss']['std'], 4)}",
-                            f"{C.fmt(e['mean_minibatch_loss']['mean'], 4)}",
-                            C.fmt(100 * e["final_test_error"]["mean"], 2),
-                            C.fmt(e["final_mean_scale"]["mean"], 3),
+                            f"{fmt(e['final_train_loss']['mean'], 4)} ± "
+                            f"{fmt(e['final_train_loss']['std'], 4)}",
+                            f"{fmt(e['mean_minibatch_loss']['mean'], 4)}",
+                            fmt(100 * e["final_test_error"]["mean"], 2),
+                            fmt(e["final_mean_scale"]["mean"], 3),
                         ]
                     )
     return rows
@@ -614,7 +361,7 @@ def markdown(summary: dict[str, Any], figs: list[str], run_dir: Path) -> str:
         "loss` is on the whole training set; `mean loss` is the mean minibatch loss over training "
         "(lower = faster); mean ± std over seeds.",
         "",
-        C.markdown_table(_HEADER, _rows(summary)),
+        markdown_table(_HEADER, _rows(summary)),
         "",
     ]
     for fpath in figs:
@@ -623,4 +370,4 @@ def markdown(summary: dict[str, Any], figs: list[str], run_dir: Path) -> str:
 
 
 def terminal(summary: dict[str, Any]) -> str:
-    return "CProp: final losses (mean over seeds)\n" + C.text_table(_HEADER, _rows(summary))
+    return "CProp: final losses (mean over seeds)\n" + text_table(_HEADER, _rows(summary))
