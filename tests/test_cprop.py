@@ -12,7 +12,7 @@ import torch
 
 import steadystep as ss
 from steadystep.optim import _compile
-from steadystep.optim import cprop as C
+from steadystep.optim import cprop as cprop_module
 
 F64 = torch.float64
 
@@ -166,7 +166,8 @@ def gradient_sequence(steps, n, seed=0):
 
 @pytest.mark.parametrize(
     "cdf,method",
-    [(cdf, "conformity") for cdf in C.CDFS] + [("normal", "relative"), ("normal", "moment")],
+    [(cdf, "conformity") for cdf in cprop_module.CDFS]
+    + [("normal", "relative"), ("normal", "moment")],
 )
 @pytest.mark.parametrize("native", [False, True], ids=["wrapper", "native"])
 def test_reference_matches_algorithm1(cdf, method, native):
@@ -196,7 +197,7 @@ def test_scale_is_one_at_first_step_and_depends_on_conformity():
     for t in range(20):
         p.grad = torch.tensor([1.0, (-1.0) ** t, -3.0], dtype=F64)
         opt.step()
-    s = C.cprop_scales(
+    s = cprop_module.cprop_scales(
         [opt.cprop_state[p]["cprop_exp_avg"]],
         [opt.cprop_state[p]["cprop_exp_avg_sq"]],
         [opt.cprop_state[p]["step"]],
@@ -269,7 +270,7 @@ def test_foreach_equals_reference_bitwise(native_cls, base_cls, kw):
 
 @pytest.mark.parametrize(
     "cdf,method,eps",
-    [(cdf, "conformity", 1e-8) for cdf in C.CDFS]
+    [(cdf, "conformity", 1e-8) for cdf in cprop_module.CDFS]
     + [("normal", "relative", 1e-8), ("normal", "moment", 1e-8), ("bft", "conformity", 0.0)],
 )
 def test_functional_foreach_equals_reference(cdf, method, eps):
@@ -287,8 +288,8 @@ def test_functional_foreach_equals_reference(cdf, method, eps):
         for mode in ("ref", "fe"):
             ms, vs = stats[mode]
             kw = {"found_finite": torch.tensor(t != 3), "foreach": mode == "fe"}
-            C.cprop_update_(grads, ms, vs, steps[mode], beta=0.9, method=method, **kw)
-            out[mode] = C.cprop_scales(
+            cprop_module.cprop_update_(grads, ms, vs, steps[mode], beta=0.9, method=method, **kw)
+            out[mode] = cprop_module.cprop_scales(
                 ms, vs, steps[mode], beta=0.9, c=2.0, eps=eps, cdf=cdf, method=method, **kw
             )
         for sr, sf in zip(out["ref"], out["fe"], strict=True):
@@ -669,19 +670,19 @@ def test_grads_finite_is_exact_at_the_dtype_limits(dtype):
     """The largest finite values are finite (a sum would overflow); NaN, inf, -inf are not."""
     big = torch.finfo(dtype).max
     grads = [torch.full((1000,), big, dtype=dtype), torch.full((7,), -big, dtype=dtype)]
-    assert bool(C.grads_finite(grads))
-    assert bool(C.grads_finite([*grads, torch.empty(0, dtype=dtype)]))
-    assert bool(C.grads_finite([torch.empty(0), torch.empty(0, 3)]))
-    assert bool(C.grads_finite([]))
+    assert bool(cprop_module.grads_finite(grads))
+    assert bool(cprop_module.grads_finite([*grads, torch.empty(0, dtype=dtype)]))
+    assert bool(cprop_module.grads_finite([torch.empty(0), torch.empty(0, 3)]))
+    assert bool(cprop_module.grads_finite([]))
     for bad in (math.nan, math.inf, -math.inf):
         for where in (0, 999):
             poisoned = grads[0].clone()
             poisoned[where] = bad
-            assert not bool(C.grads_finite([grads[1], poisoned]))
+            assert not bool(cprop_module.grads_finite([grads[1], poisoned]))
     mixed = [torch.ones(3, dtype=dtype), torch.ones(2, dtype=F64)]
-    assert bool(C.grads_finite(mixed))
+    assert bool(cprop_module.grads_finite(mixed))
     mixed[1][0] = math.nan
-    assert not bool(C.grads_finite(mixed))
+    assert not bool(cprop_module.grads_finite(mixed))
 
 
 def test_wrapper_nonfinite_keeps_cprop_statistics():
@@ -850,9 +851,11 @@ def test_fused_changing_lr_does_not_recompile(cls):
 
 def test_erf_float32_approximation_error():
     x = torch.linspace(0, 12, 400001)
-    error = (C.erf_float32(x).double() - torch.erf(x.double())).abs().max().item()
+    error = (cprop_module.erf_float32(x).double() - torch.erf(x.double())).abs().max().item()
     assert error < 2e-6
-    assert torch.equal(C.erf_float32(torch.tensor([0.0, math.inf])), torch.tensor([0.0, 1.0]))
+    assert torch.equal(
+        cprop_module.erf_float32(torch.tensor([0.0, math.inf])), torch.tensor([0.0, 1.0])
+    )
 
 
 @pytest.mark.parametrize("kw", [{"cprop_c": 2.0}, {"cdf": "bft", "cprop_beta": 0.99}])
@@ -1011,7 +1014,7 @@ def test_scales_are_the_per_element_scales_that_stats_summarise(name):
     group = opt.param_groups[0]
     params = list(model.parameters())
     second = [state[p].get("cprop_exp_avg_sq", state[p].get("exp_avg_sq")) for p in params]
-    reference = C.cprop_scales(
+    reference = cprop_module.cprop_scales(
         [state[p]["cprop_exp_avg"] for p in params],
         second,
         [state[p]["step"] for p in params],

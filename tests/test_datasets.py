@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from steadystep.experiments import datasets as D
+from steadystep.experiments import datasets
 
 
 def _write_mnist(root, sub, gz, n_train=5, n_test=3, seed=0):
@@ -24,15 +24,15 @@ def _write_mnist(root, sub, gz, n_train=5, n_test=3, seed=0):
         "t10k-labels-idx1-ubyte": rng.integers(0, 10, (n_test,), dtype=np.uint8),
     }
     for stem, a in arrays.items():
-        D.write_idx(folder / (stem + (".gz" if gz else "")), a)
+        datasets.write_idx(folder / (stem + (".gz" if gz else "")), a)
     return arrays
 
 
 def test_read_idx_round_trip_plain_and_gz(tmp_path):
     a = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
     for name in ("x-idx3-ubyte", "x-idx3-ubyte.gz"):
-        D.write_idx(tmp_path / name, a)
-        b = D.read_idx(tmp_path / name)
+        datasets.write_idx(tmp_path / name, a)
+        b = datasets.read_idx(tmp_path / name)
         assert b.dtype == np.uint8 and b.shape == (2, 3, 4)
         assert np.array_equal(a, b)
 
@@ -40,11 +40,11 @@ def test_read_idx_round_trip_plain_and_gz(tmp_path):
 def test_read_idx_rejects_bad_files(tmp_path):
     (tmp_path / "bad").write_bytes(b"\x01\x02\x08\x01\x00\x00\x00\x01\x00")
     with pytest.raises(ValueError, match="not an IDX file"):
-        D.read_idx(tmp_path / "bad")
+        datasets.read_idx(tmp_path / "bad")
     # Header promises 10 values, file holds 2.
     (tmp_path / "short").write_bytes(bytes([0, 0, 8, 1]) + (10).to_bytes(4, "big") + b"\x00\x01")
     with pytest.raises(ValueError, match="holds 2 values"):
-        D.read_idx(tmp_path / "short")
+        datasets.read_idx(tmp_path / "short")
 
 
 @pytest.mark.parametrize(
@@ -58,7 +58,7 @@ def test_read_idx_rejects_bad_files(tmp_path):
 )
 def test_idx_dataset_layouts(tmp_path, name, sub, gz):
     arrays = _write_mnist(tmp_path, sub, gz)
-    data = D.load_classification(name, tmp_path)
+    data = datasets.load_classification(name, tmp_path)
     assert data.x_train.shape == (5, 1, 28, 28) and data.x_test.shape == (3, 1, 28, 28)
     assert data.x_train.dtype == torch.float32 and data.y_train.dtype == torch.int64
     expected = torch.from_numpy(arrays["train-images-idx3-ubyte"].astype(np.float32) / 255)
@@ -82,29 +82,29 @@ def _write_cifar(folder, n=4, seed=0):
 
 def test_cifar10_pickle_batches(tmp_path):
     batches = _write_cifar(tmp_path / "cifar-10-batches-py")
-    data = D.load_classification("cifar10", tmp_path)
+    data = datasets.load_classification("cifar10", tmp_path)
     assert data.x_train.shape == (20, 3, 32, 32) and data.x_test.shape == (4, 3, 32, 32)
     first = torch.from_numpy(batches["data_batch_1"][0][0].reshape(3, 32, 32) / 255).float()
     assert torch.equal(data.x_train[0], first)
     assert data.y_test.tolist() == batches["test_batch"][1]
     # The same files directly in DATA_DIR are found too.
-    assert D.load_cifar10(tmp_path / "cifar-10-batches-py").x_train.shape[0] == 20
+    assert datasets.load_cifar10(tmp_path / "cifar-10-batches-py").x_train.shape[0] == 20
 
 
 def test_missing_files_name_the_files_and_the_place(tmp_path):
     _write_mnist(tmp_path, "MNIST/raw", gz=True)
     (tmp_path / "MNIST/raw/t10k-labels-idx1-ubyte.gz").unlink()
-    with pytest.raises(D.DatasetNotFoundError) as e:
-        D.load_classification("mnist", tmp_path)
+    with pytest.raises(datasets.DatasetNotFoundError) as e:
+        datasets.load_classification("mnist", tmp_path)
     msg = str(e.value)
     assert "t10k-labels-idx1-ubyte" in msg and "train-images" not in msg
     assert "MNIST/raw" in msg and "--data-dir" in msg and str(tmp_path) in msg
-    with pytest.raises(D.DatasetNotFoundError, match=r"data_batch_1.*test_batch"):
-        D.load_classification("cifar10", tmp_path)
-    with pytest.raises(D.DatasetNotFoundError, match="<none given>"):
-        D.load_classification("fashion-mnist", None)
+    with pytest.raises(datasets.DatasetNotFoundError, match=r"data_batch_1.*test_batch"):
+        datasets.load_classification("cifar10", tmp_path)
+    with pytest.raises(datasets.DatasetNotFoundError, match="<none given>"):
+        datasets.load_classification("fashion-mnist", None)
     with pytest.raises(ValueError, match="dataset must be one of"):
-        D.load_classification("imagenet", tmp_path)
+        datasets.load_classification("imagenet", tmp_path)
 
 
 def test_mnist1d_is_generated_not_downloaded_and_keeps_numpy_state(monkeypatch):
@@ -114,10 +114,10 @@ def test_mnist1d_is_generated_not_downloaded_and_keeps_numpy_state(monkeypatch):
         raise AssertionError("the downloader must never be called")
 
     monkeypatch.setattr(mnist1d.data, "get_dataset", no_download)
-    D._load_mnist1d.cache_clear()
+    datasets._load_mnist1d.cache_clear()
     np.random.seed(123)  # noqa: NPY002 - checks that the loader restores the legacy global state
     before = np.random.get_state()[1].copy()  # noqa: NPY002
-    data = D.load_classification("mnist1d")
+    data = datasets.load_classification("mnist1d")
     assert np.array_equal(np.random.get_state()[1], before)  # noqa: NPY002
     assert data.x_train.shape == (4000, 1, 40) and data.x_test.shape == (1000, 1, 40)
     assert set(data.y_train.unique().tolist()) == set(range(10))
@@ -125,10 +125,10 @@ def test_mnist1d_is_generated_not_downloaded_and_keeps_numpy_state(monkeypatch):
 
 
 def test_digits_and_crops():
-    digits = D.load_classification("digits")
+    digits = datasets.load_classification("digits")
     assert digits.x_train.shape == (1437, 1, 8, 8) and digits.x_test.shape == (360, 1, 8, 8)
     assert 0.0 <= float(digits.x_train.min()) and float(digits.x_train.max()) <= 1.0
-    crops = D.load_supersampling_images("crops")
+    crops = datasets.load_supersampling_images("crops")
     assert crops.shape == (2, 3, 427, 640) and crops.dtype == torch.float32
     assert 0.0 <= float(crops.min()) and float(crops.max()) <= 1.0
 
@@ -136,7 +136,7 @@ def test_digits_and_crops():
 def test_standardized_per_coordinate():
     x = torch.randn(50, 1, 6) * 3 + 2
     x[:, 0, 0] = 5.0  # a constant coordinate stays finite
-    data = D.ClassificationData(
+    data = datasets.ClassificationData(
         "t",
         x,
         torch.zeros(50, dtype=torch.long),
@@ -159,4 +159,4 @@ def test_gzip_detection_uses_the_suffix(tmp_path):
     with gzip.open(tmp_path / "x-idx2-ubyte", "wb") as f:
         f.write(bytes([0, 0, 8, 2]) + (2).to_bytes(4, "big") * 2 + a.tobytes())
     with pytest.raises(ValueError):
-        D.read_idx(tmp_path / "x-idx2-ubyte")
+        datasets.read_idx(tmp_path / "x-idx2-ubyte")

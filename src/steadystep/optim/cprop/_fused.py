@@ -387,12 +387,12 @@ def _fused_run(
     """A fused path: per (device, statistics dtype), the coefficient table of the advanced step
     counts, then ``kernel`` over flat views of every tensor list but the step counts (last)."""
     for (device, _), idx in _group_by_dtype(stats).items():
-        ok = found_finite.to(device)
+        device_found_finite = found_finite.to(device)
         ts = _select(tensors, idx)
-        coefs = coefficients(ts.state_steps, ok)
+        coefs = coefficients(ts.state_steps, device_found_finite)
         flats = [flat_shards(xs, len(idx)) for xs in ts[:-1]]
         calls = list(zip(*flats, strict=True))
-        launch(name, kernel, calls, coefs, ok, writes=writes, **static)
+        launch(name, kernel, calls, coefs, device_found_finite, writes=writes, **static)
 
 
 def _fused_cprop_adam(
@@ -409,7 +409,9 @@ def _fused_cprop_adam(
         tensors,
         tensors.exp_avgs,
         found_finite,
-        lambda steps, ok: _advance_to_coefficients(steps, ok, adam=adam, cprop=cprop),
+        lambda steps, device_found_finite: _advance_to_coefficients(
+            steps, device_found_finite, adam=adam, cprop=cprop
+        ),
         writes=(0, 2, 3, 4, 5, 6),  # the parameter and every state tensor, never the gradient
         static=static,
     )
@@ -503,7 +505,9 @@ def _fused_cprop_sgd(
         tensors,
         tensors.cprop_exp_avgs,
         found_finite,
-        lambda steps, ok: _sgd_coefficients(steps, ok, sgd=sgd, cprop=cprop),
+        lambda steps, device_found_finite: _sgd_coefficients(
+            steps, device_found_finite, sgd=sgd, cprop=cprop
+        ),
         writes=(0, 2, 3, 4),  # the parameter, momentum buffer and statistics
         static=static,
     )

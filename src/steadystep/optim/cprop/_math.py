@@ -145,9 +145,9 @@ class _Gates(NamedTuple):
 
 
 def _gate(found_finite: Tensor, if_ok: float, if_skip: float, dtype: torch.dtype) -> Tensor:
-    ok = torch.full((), if_ok, dtype=dtype, device=found_finite.device)
-    skip = torch.full((), if_skip, dtype=dtype, device=found_finite.device)
-    return torch.where(found_finite, ok, skip)
+    taken = torch.full((), if_ok, dtype=dtype, device=found_finite.device)
+    skipped = torch.full((), if_skip, dtype=dtype, device=found_finite.device)
+    return torch.where(found_finite, taken, skipped)
 
 
 def _gates(found_finite: Tensor, beta: float, dtype: torch.dtype) -> _Gates:
@@ -195,15 +195,15 @@ def _advance_steps(
     device and the step's gates; the step counts are advanced here (by 0 on a skipped step)."""
     out = []
     for (device, dtype), idx in _group_by_dtype(stats).items():
-        ok = found_finite.to(device)
-        gates = _gates(ok, beta, dtype)
+        device_found_finite = found_finite.to(device)
+        gates = _gates(device_found_finite, beta, dtype)
         keep32 = gates.keep.to(torch.float32)
         if foreach:
             torch._foreach_add_([state_steps[i] for i in idx], [keep32] * len(idx))
         else:
             for i in idx:
                 state_steps[i].add_(keep32)
-        out.append((idx, dtype, ok, gates))
+        out.append((idx, dtype, device_found_finite, gates))
     return out
 
 

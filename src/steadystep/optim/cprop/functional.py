@@ -68,8 +68,8 @@ def cprop_update_(
         foreach: use ``torch._foreach_*`` ops (same numbers on CPU).
     """
     groups = _advance_steps(exp_avgs, state_steps, found_finite, beta, foreach=foreach)
-    for idx, dtype, ok, gates in groups:
-        raws = [_sanitised(grads[i], ok, dtype) for i in idx]
+    for idx, dtype, device_found_finite, gates in groups:
+        raws = [_sanitised(grads[i], device_found_finite, dtype) for i in idx]
         if foreach:
             ms, vs = [exp_avgs[i] for i in idx], [seconds[i] for i in idx]
             _update_stats_foreach(ms, vs, raws, gates, beta=beta, method=method)
@@ -148,37 +148,39 @@ def _single_tensor_cprop_sgd(
     tensors: _SGDTensors, *, found_finite: Tensor, sgd: _SGDHyper, cprop: _CPropHyper
 ) -> None:
     steps = tensors.state_steps
-    for idx, dtype, ok, gates in _advance_steps(
+    for idx, dtype, device_found_finite, gates in _advance_steps(
         tensors.cprop_exp_avgs, steps, found_finite, cprop.beta, foreach=False
     ):
-        momentum_gate = _gate(ok, sgd.momentum, 1.0, dtype)
+        momentum_gate = _gate(device_found_finite, sgd.momentum, 1.0, dtype)
         scale_gate = _scale_gate(gates.keep, sgd.lr_multiplier)
         for i in idx:
             param, m, v = tensors.params[i], tensors.cprop_exp_avgs[i], tensors.cprop_exp_avg_sqs[i]
-            raw = _sanitised(tensors.grads[i], ok, dtype)
+            raw = _sanitised(tensors.grads[i], device_found_finite, dtype)
             grad = _with_weight_decay(raw, _in_dtype(param, dtype), sgd.weight_decay, gates.keep)
             _update_stats_one(m, v, raw, gates, beta=cprop.beta, method=cprop.method)
             buf = tensors.momentum_buffers[i]
-            update = _sgd_direction_one(grad, buf, steps[i], ok, momentum_gate, sgd)
+            update = _sgd_direction_one(
+                grad, buf, steps[i], device_found_finite, momentum_gate, sgd
+            )
             param.addcmul_(_scale_one(m, v, steps[i], scale_gate, cprop), update)
 
 
 def _multi_tensor_cprop_sgd(
     tensors: _SGDTensors, *, found_finite: Tensor, sgd: _SGDHyper, cprop: _CPropHyper
 ) -> None:
-    for idx, dtype, ok, gates in _advance_steps(
+    for idx, dtype, device_found_finite, gates in _advance_steps(
         tensors.cprop_exp_avgs, tensors.state_steps, found_finite, cprop.beta, foreach=True
     ):
         ts = _select(tensors, idx)
-        raws = [_sanitised(grad, ok, dtype) for grad in ts.grads]
+        raws = [_sanitised(grad, device_found_finite, dtype) for grad in ts.grads]
         dirs = _with_weight_decay_foreach(raws, ts.params, sgd.weight_decay, gates.keep)
         ms, vs = ts.cprop_exp_avgs, ts.cprop_exp_avg_sqs
         _update_stats_foreach(ms, vs, raws, gates, beta=cprop.beta, method=cprop.method)
         if sgd.momentum != 0:
             bufs = ts.momentum_buffers
-            momentum_gate = _gate(ok, sgd.momentum, 1.0, dtype)
+            momentum_gate = _gate(device_found_finite, sgd.momentum, 1.0, dtype)
             coefficients = [
-                _momentum_coefficients(step, ok, momentum_gate, sgd.dampening)
+                _momentum_coefficients(step, device_found_finite, momentum_gate, sgd.dampening)
                 for step in ts.state_steps
             ]
             torch._foreach_mul_(bufs, [a for a, _ in coefficients])
@@ -244,11 +246,11 @@ def _single_tensor_cprop_adam(
 ) -> None:
     lr, beta1, beta2, eps, weight_decay, amsgrad, decoupled, lr_multiplier = adam
     l2 = 0.0 if decoupled else weight_decay  # the penalty Adam's gradient gets
-    for idx, dtype, ok, gates in _advance_steps(
+    for idx, dtype, device_found_finite, gates in _advance_steps(
         tensors.exp_avgs, tensors.state_steps, found_finite, cprop.beta, foreach=False
     ):
-        weight1 = _gate(ok, 1.0 - beta1, 0.0, dtype)
-        beta2_gate = _gate(ok, beta2, 1.0, dtype)
+        weight1 = _gate(device_found_finite, 1.0 - beta1, 0.0, dtype)
+        beta2_gate = _gate(device_found_finite, beta2, 1.0, dtype)
         scale_gate = _scale_gate(gates.keep, lr_multiplier)
         for i in idx:
             param, exp_avg, exp_avg_sq = (
@@ -261,7 +263,7 @@ def _single_tensor_cprop_adam(
             cprop_v = None if tensors.cprop_exp_avg_sqs is None else tensors.cprop_exp_avg_sqs[i]
             t = _step_time(step, dtype)
             p = _in_dtype(param, dtype)
-            raw = _sanitised(tensors.grads[i], ok, dtype)
+            raw = _sanitised(tensors.grads[i], device_found_finite, dtype)
             grad = _with_weight_decay(raw, p, l2, gates.keep)
             _update_stats_one(cprop_m, cprop_v, raw, gates, beta=cprop.beta, method=cprop.method)
             exp_avg.lerp_(grad, weight1)
@@ -286,17 +288,19 @@ def _multi_tensor_cprop_adam(
 ) -> None:
     lr, beta1, beta2, eps, weight_decay, amsgrad, decoupled, lr_multiplier = adam
     l2 = 0.0 if decoupled else weight_decay
-    for idx, dtype, ok, gates in _advance_steps(
+    for idx, dtype, device_found_finite, gates in _advance_steps(
         tensors.exp_avgs, tensors.state_steps, found_finite, cprop.beta, foreach=True
     ):
         ts = _select(tensors, idx)
         ms, vs, cms, cvs = ts.exp_avgs, ts.exp_avg_sqs, ts.cprop_exp_avgs, ts.cprop_exp_avg_sqs
         times = [_step_time(step, dtype) for step in ts.state_steps]
-        raws = [_sanitised(grad, ok, dtype) for grad in ts.grads]
+        raws = [_sanitised(grad, device_found_finite, dtype) for grad in ts.grads]
         dirs = _with_weight_decay_foreach(raws, ts.params, l2, gates.keep)
         _update_stats_foreach(cms, cvs, raws, gates, beta=cprop.beta, method=cprop.method)
-        torch._foreach_lerp_(ms, dirs, [_gate(ok, 1.0 - beta1, 0.0, dtype)] * len(ms))
-        torch._foreach_mul_(vs, _gate(ok, beta2, 1.0, dtype))
+        torch._foreach_lerp_(
+            ms, dirs, [_gate(device_found_finite, 1.0 - beta1, 0.0, dtype)] * len(ms)
+        )
+        torch._foreach_mul_(vs, _gate(device_found_finite, beta2, 1.0, dtype))
         torch._foreach_addcmul_(vs, dirs, dirs, value=1 - beta2)
         bias_correction1 = _bias_corrections_foreach(beta1, times)
         bias_correction2_sqrt = _bias_corrections_foreach(beta2, times)
