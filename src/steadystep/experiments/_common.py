@@ -12,12 +12,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from steadystep.experiments.datasets import ClassificationData, load_classification
+from steadystep.experiments.runner import RunContext
 from steadystep.telemetry import read_csv
 
 __all__ = [
     "band_plot",
     "boxcar",
     "claim",
+    "classification_data",
     "evaluate_classifier",
     "finite_or_none",
     "fmt",
@@ -38,6 +41,22 @@ def plt() -> Any:
     import matplotlib.pyplot as pyplot
 
     return pyplot
+
+
+def classification_data(
+    experiment: str, cfg: dict[str, Any], ctx: RunContext, *, standardize: str | None = None
+) -> ClassificationData:
+    """The dataset of a run of ``experiment`` (``cfg["dataset"]``; with ``cfg["n_train"]`` its
+    first ``n_train`` training and ``max(n_train // 4, 100)`` test examples), standardised
+    per ``standardize`` if given; loaded once per run directory (``ctx.cached``)."""
+
+    def make() -> ClassificationData:
+        data = load_classification(cfg["dataset"], ctx.settings.data_dir)
+        if cfg["n_train"]:
+            data = data.subset(cfg["n_train"], max(cfg["n_train"] // 4, 100))
+        return data if standardize is None else data.standardized(standardize)
+
+    return ctx.cached(f"{experiment}:{cfg['dataset']}:{cfg['n_train']}", make)
 
 
 def read_log(path: str | Path) -> dict[str, np.ndarray]:

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from steadystep.experiments._common import evaluate_classifier
-from steadystep.experiments.datasets import ClassificationData, load_classification
+from steadystep.experiments._common import classification_data, evaluate_classifier
+from steadystep.experiments.datasets import ClassificationData
 from steadystep.experiments.models import build_classifier
 from steadystep.experiments.runner import RunContext, RunSpec, Settings
 
@@ -152,14 +152,8 @@ def plan(settings: Settings) -> list[RunSpec]:
 
 
 def _data(cfg: dict[str, Any], ctx: RunContext) -> ClassificationData:
-    def make() -> ClassificationData:
-        data = load_classification(cfg["dataset"], ctx.settings.data_dir)
-        if cfg["n_train"]:
-            data = data.subset(cfg["n_train"], max(cfg["n_train"] // 4, 100))
-        # The paper normalises each coordinate with the training set's mean and std.
-        return data.standardized("coordinate")
-
-    return ctx.cached(f"salera:{cfg['dataset']}:{cfg['n_train']}", make)
+    # The paper normalises each coordinate with the training set's mean and std.
+    return classification_data(name, cfg, ctx, standardize="coordinate")
 
 
 def prepare(specs: list[RunSpec], ctx: RunContext) -> None:

@@ -77,6 +77,24 @@ class _NativeCPropBase(Optimizer):
 
     _owner = "CProp"
 
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base: dict[str, Any],
+        cprop: _CPropHyper,
+        *,
+        foreach: bool | None,
+        fused: bool | None,
+    ) -> None:
+        """``base``: the base optimizer's defaults; then CProp's and the path's."""
+        if foreach and fused:
+            raise ValueError(
+                "foreach and fused pick different implementations and cannot both be True, "
+                f"got foreach={foreach!r}, fused={fused!r}"
+            )
+        defaults = {**base, **cprop.group_entries(), "foreach": foreach, "fused": fused}
+        super().__init__(params, defaults)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # the constructor's spelling (cdf=, method=) is accepted in groups too
         for short in ("cdf", "method"):
@@ -254,22 +272,15 @@ class CPropSGD(_NativeCPropBase):
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
-        if foreach and fused:
-            raise ValueError(
-                "foreach and fused pick different implementations and cannot both be True, "
-                f"got foreach={foreach!r}, fused={fused!r}"
-            )
-        defaults = {
+        base = {
             "lr": lr,
             "momentum": momentum,
             "dampening": dampening,
             "weight_decay": weight_decay,
             "nesterov": nesterov,
-            **_CPropHyper(cprop_beta, cprop_c, cprop_eps, cdf, method).group_entries(),
-            "foreach": foreach,
-            "fused": fused,
         }
-        super().__init__(params, defaults)
+        cprop = _CPropHyper(cprop_beta, cprop_c, cprop_eps, cdf, method)
+        super().__init__(params, base, cprop, foreach=foreach, fused=fused)
 
     def _validate_base_group(self, group: dict[str, Any]) -> None:
         check_nonnegative("lr", group["lr"])
@@ -374,23 +385,16 @@ class CPropAdam(_NativeCPropBase):
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
-        if foreach and fused:
-            raise ValueError(
-                "foreach and fused pick different implementations and cannot both be True, "
-                f"got foreach={foreach!r}, fused={fused!r}"
-            )
-        defaults = {
+        base = {
             "lr": lr,
             "betas": tuple(betas),
             "eps": eps,
             "weight_decay": weight_decay,
             "amsgrad": amsgrad,
             "decoupled_weight_decay": self._decoupled,
-            **_CPropHyper(cprop_beta, cprop_c, cprop_eps, cdf, method).group_entries(),
-            "foreach": foreach,
-            "fused": fused,
         }
-        super().__init__(params, defaults)
+        cprop = _CPropHyper(cprop_beta, cprop_c, cprop_eps, cdf, method)
+        super().__init__(params, base, cprop, foreach=foreach, fused=fused)
 
     def _validate_base_group(self, group: dict[str, Any]) -> None:
         check_nonnegative("lr", group["lr"])
