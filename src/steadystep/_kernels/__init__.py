@@ -24,6 +24,7 @@ from steadystep._kernels import _cpu
 __all__ = [
     "CDF_CONSTANT",
     "adam_",
+    "alera_",
     "enabled",
     "grads_ok",
     "gradient_limit",
@@ -420,4 +421,117 @@ def wrapper_after_(
         _flag(found_finite).data_ptr(),
         _threads(),
     )
+    return True
+
+
+def _doubles(values: Sequence[float]) -> ctypes.Array:
+    return (ctypes.c_double * max(len(values), 1))(*values)
+
+
+def alera_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    relaxed_paths: Sequence[Tensor],
+    element_multipliers: Sequence[Tensor] | None,
+    exp_avgs: Sequence[Tensor] | None,
+    exp_avg_sqs: Sequence[Tensor] | None,
+    adam_steps: Sequence[Tensor] | None,
+    *,
+    tensor_unit: Sequence[int],
+    tensor_weight_decay: Sequence[float],
+    tensor_lr: Sequence[float],
+    tensor_lr_scale: Sequence[Tensor | None],
+    unit_multipliers: Sequence[Tensor] | None,
+    unit_steps: Sequence[Tensor],
+    unit_numels: Sequence[int],
+    counters: Sequence[Tensor],
+    mirrors: Sequence[Tensor],
+    skipped: Tensor,
+    skip: Tensor | None,
+    alpha: float,
+    C: float,
+    norm_eps: float,
+    beta1: float = 0.0,
+    beta2: float = 0.0,
+    eps: float = 0.0,
+) -> bool:
+    """One ALeRA step (Ag-Adam's when ``exp_avgs`` is given) over all tensors in one call.
+
+    Tensor ``i`` belongs to unit ``tensor_unit[i]``; a unit has ``unit_numels[u]`` elements, the
+    step count ``unit_steps[u]`` of its reference mean ``E_t`` and (but with
+    ``element_multipliers``, "param" granularity) the 0-d multiplier ``unit_multipliers[u]``.
+    The learning rate of tensor ``i`` is ``tensor_lr[i] * tensor_lr_scale[i]`` (a 0-d tensor, or
+    None for 1). On a step taken, every tensor of ``counters`` advances by one (and each of
+    ``adam_steps`` that is not a counter already), and ``mirrors`` receive unit 0's new multiplier. A gradient that is not
+    finite or above :func:`gradient_limit` skips the step (``skipped`` + 1); ``skip`` (0-d bool)
+    masks it without counting. False, having touched nothing, when the kernels cannot take
+    these tensors.
+    """
+    n = len(params)
+    if n == 0:
+        return True
+    stats = [relaxed_paths, element_multipliers, exp_avgs, exp_avg_sqs]
+    scalars = [
+        *(unit_multipliers or []),
+        *[s for s in tensor_lr_scale if s is not None],
+        *mirrors,
+    ]
+    if not supported(params, grads, *[x for x in stats if x is not None], scalars):
+        return False
+    if not _stats_dtype_ok(params, *[x for x in stats if x is not None], scalars):
+        return False
+    floats = [*unit_steps, *counters, *(adam_steps or [])]
+    if not _steps_ok(floats) or skipped.dtype != torch.int64 or skipped.device.type != "cpu":
+        return False
+    if any(g.dtype != p.dtype for g, p in zip(grads, params, strict=True)):
+        return False
+    if skip is not None and (skip.dtype != torch.bool or skip.device.type != "cpu"):
+        return False
+    lib = _cpu.library({"SS_PARAM": _PARAM_CODE[params[0].dtype]})
+    if lib is None:
+        return False
+    stats_dtype = relaxed_paths[0].dtype
+    info = torch.finfo(stats_dtype)
+    hyper = _cpu.AleraHyper()
+    hyper.alpha, hyper.C, hyper.norm_eps = alpha, C, norm_eps
+    hyper.limit = gradient_limit(stats_dtype)
+    hyper.stats_max, hyper.stats_tiny = info.max, info.tiny
+    hyper.log_bound = math.log(info.max) - 1.0  # exp(bound) is finite after rounding
+    hyper.total_numel = float(sum(unit_numels))
+    hyper.beta1, hyper.beta2, hyper.eps = beta1, beta2, eps
+    hyper.param_wise = int(element_multipliers is not None)
+    hyper.adam = int(exp_avgs is not None)
+    # Adam's counts may be the units' own ("tensor" granularity): then they advance once
+    counted = {id(t) for t in counters}
+    hyper.advance_adam_steps = int(not any(id(t) in counted for t in adam_steps or []))
+    none = [None] * n
+    status = lib.ss_alera(
+        n,
+        _pointers(params),
+        _pointers(grads),
+        _pointers(relaxed_paths),
+        _pointers(element_multipliers or none),
+        _pointers(exp_avgs or none),
+        _pointers(exp_avg_sqs or none),
+        _pointers(adam_steps or none),
+        _numels(params),
+        (ctypes.c_int64 * n)(*tensor_unit),
+        _doubles(tensor_weight_decay),
+        _doubles(tensor_lr),
+        _pointers(tensor_lr_scale),
+        len(unit_steps),
+        _pointers(unit_multipliers or [None] * len(unit_steps)),
+        _pointers(unit_steps),
+        _doubles([float(x) for x in unit_numels]),
+        len(counters),
+        _pointers(counters),
+        len(mirrors),
+        _pointers(mirrors),
+        skipped.data_ptr(),
+        None if skip is None else skip.contiguous().data_ptr(),
+        ctypes.byref(hyper),
+        _threads(),
+    )
+    if status != 0:
+        raise MemoryError("steadystep's fused ALeRA kernel could not allocate its work space")
     return True

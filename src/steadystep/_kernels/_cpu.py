@@ -31,10 +31,18 @@ import threading
 import warnings
 from pathlib import Path
 
-__all__ = ["Hyper", "cache_dir", "library"]
+__all__ = ["AleraHyper", "Hyper", "cache_dir", "library"]
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
-_FLAGS = ("-O3", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-fno-trapping-math")
+_FLAGS = (
+    "-O3",
+    "-fPIC",
+    "-shared",
+    "-pthread",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+    "-fopenmp-simd",
+)
 _LOCK = threading.Lock()
 _LOADED: dict[tuple[tuple[str, int], ...], ctypes.CDLL | None] = {}
 
@@ -57,6 +65,32 @@ class Hyper(ctypes.Structure):
             "momentum",
             "dampening",
         )
+    ]
+
+
+class AleraHyper(ctypes.Structure):
+    """``alera_hyper_t`` of the C source."""
+
+    _fields_ = [
+        *[
+            (name, ctypes.c_double)
+            for name in (
+                "alpha",
+                "C",
+                "norm_eps",
+                "limit",
+                "stats_max",
+                "stats_tiny",
+                "log_bound",
+                "total_numel",
+                "beta1",
+                "beta2",
+                "eps",
+            )
+        ],
+        ("param_wise", ctypes.c_int),
+        ("adam", ctypes.c_int),
+        ("advance_adam_steps", ctypes.c_int),
     ]
 
 
@@ -187,6 +221,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.ss_sgd.argtypes = [i64, p, p, p, p, p, p, p, hyper, p, p, c_int]
     lib.ss_wrap_before.argtypes = [i64, p, p, p, p, p, p, p, hyper, p, c_int]
     lib.ss_wrap_after.argtypes = [i64, p, p, p, p, p, p, hyper, p, c_int]
-    for name in ("ss_grads_ok", "ss_adam", "ss_sgd", "ss_wrap_before", "ss_wrap_after"):
+    lib.ss_alera.argtypes = [
+        i64, p, p, p, p, p, p, p, p, p, p, p, p, i64, p, p, p, i64, p, i64, p, p, p,
+        ctypes.POINTER(AleraHyper), c_int,
+    ]
+    for name in ("ss_grads_ok", "ss_adam", "ss_sgd", "ss_wrap_before", "ss_wrap_after", "ss_alera"):
         getattr(lib, name).restype = c_int
     return lib
