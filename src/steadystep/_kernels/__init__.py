@@ -28,6 +28,7 @@ __all__ = [
     "enabled",
     "grads_ok",
     "gradient_limit",
+    "rollback_",
     "sgd_",
     "supported",
     "wrapper_after_",
@@ -534,4 +535,32 @@ def alera_(
     )
     if status != 0:
         raise MemoryError("steadystep's fused ALeRA kernel could not allocate its work space")
+    return True
+
+
+def rollback_(params: Sequence[Tensor], snapshots: Sequence[Tensor], alarm: Tensor) -> bool:
+    """The guard's masked rollback in one call: ``p <- snapshot`` where ``alarm`` (0-d bool),
+    else ``snapshot <- p`` (bitwise copies, any dtype). False when unsupported."""
+    if not params:
+        return True
+    if not enabled() or alarm.device.type != "cpu" or alarm.dtype != torch.bool:
+        return False
+    for p, s in zip(params, snapshots, strict=True):
+        if (
+            p.device.type != "cpu"
+            or s.device.type != "cpu"
+            or not p.is_contiguous()
+            or not s.is_contiguous()
+            or p.layout != torch.strided
+            or p.dtype != s.dtype
+            or p.numel() != s.numel()
+        ):
+            return False
+    lib = _cpu.library({"SS_PARAM": 0})
+    if lib is None:
+        return False
+    nbytes = (ctypes.c_int64 * len(params))(*[p.numel() * p.element_size() for p in params])
+    lib.ss_rollback(
+        len(params), _pointers(params), _pointers(snapshots), nbytes, alarm.data_ptr(), _threads()
+    )
     return True

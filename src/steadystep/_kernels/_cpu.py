@@ -225,6 +225,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         i64, p, p, p, p, p, p, p, p, p, p, p, p, i64, p, p, p, i64, p, i64, p, p, p,
         ctypes.POINTER(AleraHyper), c_int,
     ]
-    for name in ("ss_grads_ok", "ss_adam", "ss_sgd", "ss_wrap_before", "ss_wrap_after", "ss_alera"):
+    lib.ss_rollback.argtypes = [i64, p, p, p, p, c_int]
+    exported = ("ss_grads_ok", "ss_adam", "ss_sgd", "ss_wrap_before", "ss_wrap_after", "ss_alera")
+    for name in (*exported, "ss_rollback"):
         getattr(lib, name).restype = c_int
     return lib

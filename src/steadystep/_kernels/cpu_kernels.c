@@ -850,3 +850,30 @@ int ss_alera(int64_t n, void *const *params, void *const *grads, stat_t *const *
     free(per_tensor);
     return 0;
 }
+
+/* ---------------------------------------------------------------------------------------- */
+/* The guard's rollback snapshot: p <- snapshot on an alarm, else snapshot <- p              */
+/* ---------------------------------------------------------------------------------------- */
+
+typedef struct {
+    void *const *params, *const *snapshots;
+    int alarm;
+} rollback_ctx;
+
+static void rollback_range(const void *vctx, int thread, int64_t t, int64_t lo, int64_t hi) {
+    (void)thread;
+    const rollback_ctx *ctx = vctx;
+    char *p = (char *)ctx->params[t] + lo, *snap = (char *)ctx->snapshots[t] + lo;
+    if (ctx->alarm)
+        memcpy(p, snap, (size_t)(hi - lo));
+    else
+        memcpy(snap, p, (size_t)(hi - lo));
+}
+
+/* Byte counts in nbytes: any dtype. */
+int ss_rollback(int64_t n, void *const *params, void *const *snapshots, const int64_t *nbytes,
+                const uint8_t *alarm, int nthreads) {
+    rollback_ctx ctx = {params, snapshots, alarm[0] != 0};
+    parallel_over(&ctx, rollback_range, n, nbytes, nthreads);
+    return 0;
+}
