@@ -1,10 +1,10 @@
-"""Compile, cache and load the multi-tensor CPU kernels (``cpu_kernels.c``).
+"""Compile, cache and load the multi-tensor CPU kernels (``kernels_*.c``).
 
 Note [CPU kernels]
-    The C source is compiled on first use by the system C compiler (``$CC``, else ``cc``) into a
+    The C sources are compiled on first use by the system C compiler (``$CC``, else ``cc``) into a
     shared library, one per configuration (parameter dtype and the structural choices that the
-    ``SS_*`` macros of the source select), and loaded with :mod:`ctypes`. A library is cached on
-    disk under a name that hashes the source, the macros, the flags and this CPU's features, so
+    ``SS_*`` macros select), and loaded with :mod:`ctypes`. A library is cached on disk under a
+    name that hashes the sources, the macros, the flags and this CPU's features, so
     a later process loads it in milliseconds; compiling one takes about half a second. The cache
     is ``$STEADYSTEP_CACHE_DIR``, else ``$XDG_CACHE_HOME/steadystep``, else
     ``~/.cache/steadystep`` (a temporary folder when none of these is writable). Libraries are
@@ -33,7 +33,9 @@ from pathlib import Path
 
 __all__ = ["AleraHyper", "Hyper", "cache_dir", "library"]
 
-_SOURCE = Path(__file__).with_name("cpu_kernels.c")
+_HERE = Path(__file__).resolve().parent
+_SOURCES = (_HERE / "kernels_cprop.c", _HERE / "kernels_alera.c")
+_HEADERS = (_HERE / "kernels_common.h",)
 _FLAGS = (
     "-O3",
     "-fPIC",
@@ -48,7 +50,7 @@ _LOADED: dict[tuple[tuple[str, int], ...], ctypes.CDLL | None] = {}
 
 
 class Hyper(ctypes.Structure):
-    """``hyper_t`` of the C source: the hyperparameters of one call."""
+    """``hyper_t`` of kernels_cprop.c: the hyperparameters of one call."""
 
     _fields_ = [
         (name, ctypes.c_double)
@@ -69,7 +71,7 @@ class Hyper(ctypes.Structure):
 
 
 class AleraHyper(ctypes.Structure):
-    """``alera_hyper_t`` of the C source."""
+    """``alera_hyper_t`` of kernels_alera.c."""
 
     _fields_ = [
         *[
@@ -134,7 +136,7 @@ def _build(cc: str, defines: list[str], out: Path) -> str | None:
         last = ""
         # -march=native where the compiler knows it (not every clang does); plain otherwise
         for arch in (["-march=native"], []):
-            cmd = [cc, *_FLAGS, *arch, *defines, str(_SOURCE), "-o", tmp, "-lm"]
+            cmd = [cc, *_FLAGS, *arch, *defines, *map(str, _SOURCES), "-o", tmp, "-lm"]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if proc.returncode == 0:
                 os.replace(tmp, out)
@@ -148,7 +150,8 @@ def _build(cc: str, defines: list[str], out: Path) -> str | None:
 
 def _path_for(defines: list[str]) -> Path:
     digest = hashlib.sha256()
-    digest.update(_SOURCE.read_bytes())
+    for path in (*_SOURCES, *_HEADERS):
+        digest.update(path.read_bytes())
     for part in (*_FLAGS, *defines, _cpu_signature()):
         digest.update(part.encode() + b"\0")
     return cache_dir() / f"kernels-{digest.hexdigest()[:20]}.so"
@@ -222,8 +225,31 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.ss_wrap_before.argtypes = [i64, p, p, p, p, p, p, p, hyper, p, c_int]
     lib.ss_wrap_after.argtypes = [i64, p, p, p, p, p, p, hyper, p, c_int]
     lib.ss_alera.argtypes = [
-        i64, p, p, p, p, p, p, p, p, p, p, p, p, i64, p, p, p, i64, p, i64, p, p, p,
-        ctypes.POINTER(AleraHyper), c_int,
+        i64,
+        p,
+        p,
+        p,
+        p,
+        p,
+        p,
+        p,
+        p,
+        p,
+        p,
+        p,
+        p,
+        i64,
+        p,
+        p,
+        p,
+        i64,
+        p,
+        i64,
+        p,
+        p,
+        p,
+        ctypes.POINTER(AleraHyper),
+        c_int,
     ]
     lib.ss_rollback.argtypes = [i64, p, p, p, p, c_int]
     exported = ("ss_grads_ok", "ss_adam", "ss_sgd", "ss_wrap_before", "ss_wrap_after", "ss_alera")
