@@ -63,10 +63,12 @@ def _triton() -> SimpleNamespace | None:
     )
 
 
-def _backend(*lists: Sequence[Tensor | None]) -> str | None:
-    """ "cpu" or "cuda" when every tensor is a dense contiguous tensor of one device and a
-    supported dtype (None entries allowed), else None."""
-    if not enabled():
+def _backend(*lists: Sequence[Tensor | None], any_dtype: bool = False) -> str | None:
+    """ "cpu" or "cuda" when every tensor is a dense contiguous tensor of one device and (unless
+    ``any_dtype``) a dtype with a kernel, None entries allowed; else None (the eager paths).
+    Under ``torch.compile`` it is always None: the compiler traces the eager path (and fuses it
+    itself) rather than a call it cannot see into."""
+    if _compiling() or not enabled():
         return None
     device = None
     for ts in lists:
@@ -76,7 +78,7 @@ def _backend(*lists: Sequence[Tensor | None]) -> str | None:
             if (
                 t.layout != torch.strided
                 or not t.is_contiguous()
-                or t.dtype not in _PARAM_CODE
+                or (not any_dtype and t.dtype not in _PARAM_CODE)
                 or (type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter))
             ):
                 return None
@@ -89,6 +91,13 @@ def _backend(*lists: Sequence[Tensor | None]) -> str | None:
     if device.type == "cuda" and _triton() is None:
         return None
     return device.type
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return compiler.is_compiling()
+    return torch._dynamo.is_compiling()  # torch < 2.3
 
 
 def _same_dtype(params: Sequence[Tensor], grads: Sequence[Tensor] | None = None) -> bool:

@@ -51,6 +51,13 @@ def _cprop_coefficients(step, hyper, METHOD: tl.constexpr):
 
 
 @triton.jit
+def _tanh_nonnegative(y):
+    """tanh(y) for y >= 0 as (1 - e) / (1 + e), e = exp(-2y) in (0, 1]: no overflow."""
+    e = tl.exp(-2.0 * y)
+    return (1.0 - e) / (1.0 + e)
+
+
+@triton.jit
 def _scale(
     cm,
     cv,
@@ -84,10 +91,9 @@ def _scale(
         elif CDF == 0:
             conf = tl.erf(x)
         elif CDF == 1:
-            y = x * (x * x * 0.03528 + 0.7988)
-            conf = 1.0 - 2.0 / (tl.exp(2.0 * y) + 1.0)  # tanh(y), y >= 0
+            conf = _tanh_nonnegative(x * (x * x * 0.03528 + 0.7988))
         else:
-            conf = 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+            conf = _tanh_nonnegative(x)
         if not C_ONE:
             conf = tl.minimum(conf * cprop_c, 1.0)
         s = tl.maximum(conf, first)

@@ -23,7 +23,6 @@ from steadystep._kernels._common import (
     _steps_ok,
     _threads,
     _triton,
-    enabled,
     gradient_limit,
     stats_dtype,
 )
@@ -184,29 +183,17 @@ def rollback_(params: Sequence[Tensor], snapshots: Sequence[Tensor], alarm: Tens
     else ``snapshot <- p``; bitwise copies of any dtype. False when unsupported."""
     if not params:
         return True
-    if not enabled():
+    backend = _backend(params, snapshots, any_dtype=True)
+    if backend is None:
         return False
-    device = params[0].device
-    for p, s in zip(params, snapshots, strict=True):
-        if (
-            p.device != device
-            or s.device != device
-            or p.layout != torch.strided
-            or s.layout != torch.strided
-            or not p.is_contiguous()
-            or not s.is_contiguous()
-            or p.dtype != s.dtype
-            or p.numel() != s.numel()
-        ):
-            return False
-    alarm = _check_flag(alarm, device, "alarm")
-    if device.type == "cuda":
-        if _triton() is None:
-            return False
+    if any(
+        p.dtype != s.dtype or p.numel() != s.numel() for p, s in zip(params, snapshots, strict=True)
+    ):
+        return False
+    alarm = _check_flag(alarm, params[0].device, "alarm")
+    if backend == "cuda":
         _triton().rollback(params, snapshots, alarm)
         return True
-    if device.type != "cpu":
-        return False
     lib = _cpu.library({"SS_PARAM": 0})
     if lib is None:
         return False

@@ -31,10 +31,13 @@ def agadam(
     """Adam's step with per-parameter learning rates ``lrs`` (already times the multipliers).
 
     ``grads`` are finite-masked; where ``take_step`` is False moments and parameters stay bitwise
-    unchanged (``beta -> 1``, increment and step size -> 0). ``steps`` (after this step's
-    increment) drive the bias corrections.
+    unchanged (``beta -> 1``, increment and step size -> 0, and the gradient is replaced by 0:
+    a finite gradient above the limit of Note [huge gradients] in :mod:`steadystep._kernels`
+    would square to inf, and ``inf * 0`` is NaN). ``steps`` (after this step's increment) drive
+    the bias corrections.
     """
     for p, g, m, v, lr, t in zip(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, strict=True):
+        g = torch.where(take_step, g, 0.0)
         b1 = torch.where(take_step, torch.full_like(t, beta1, dtype=m.dtype), 1.0)
         b2 = torch.where(take_step, torch.full_like(t, beta2, dtype=v.dtype), 1.0)
         m.mul_(b1).addcmul_(g, 1.0 - b1)
