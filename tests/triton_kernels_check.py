@@ -35,9 +35,9 @@ assert _common._triton() is not None, "Triton does not import"
 
 def model(dtype, seed=0):
     torch.manual_seed(seed)
-    return torch.nn.Sequential(
-        torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)
-    ).to(dtype)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).to(
+        dtype
+    )
 
 
 def train(net, opt, steps, dtype, bad_at=(), guarded=False):

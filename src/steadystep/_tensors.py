@@ -33,6 +33,7 @@ __all__ = [
     "is_sharded",
     "local_tensor",
     "reduce_square_norms",
+    "scale_all_",
     "shards",
 ]
 
@@ -45,6 +46,17 @@ def clone_tensors(entries: dict[str, Any]) -> dict[str, Any]:
     """A copy of ``entries`` whose tensors are clones (e.g. a param group in a state_dict, so
     the saved 0-d multipliers and counts do not change with later steps)."""
     return {k: v.clone() if isinstance(v, Tensor) else v for k, v in entries.items()}
+
+
+def scale_all_(tensors: list[Tensor], factor: Tensor) -> None:
+    """``t *= factor`` for every tensor (0-d learning-rate multipliers of many param groups):
+    one ``torch._foreach_mul_`` per (device, dtype) with the factor as a tensor (read on the
+    device), not one multiplication per tensor."""
+    by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        by_kind.setdefault((t.device, t.dtype), []).append(t)
+    for (device, dtype), ts in by_kind.items():
+        torch._foreach_mul_(ts, factor.to(device=device, dtype=dtype))
 
 
 def local_tensor(t: Tensor) -> Tensor:

@@ -368,7 +368,7 @@ class CatastropheGuard(OptimizerWrapper):
         (torch's fused optimizers), else None (the optimizer checks)."""
         if self.backtrack:
             # On this rank's shards (FSDP2): the rollback is elementwise.
-            local_params = [local_tensor(p).detach() for p in params]
+            local_params = [local_tensor(p) for p in params]
             local_snaps = [local_tensor(s) for s in self.snapshots]
             if not kernels.rollback_(local_params, local_snaps, alarm):
                 for p, snap in zip(local_params, local_snaps, strict=True):
@@ -443,7 +443,7 @@ class CatastropheGuard(OptimizerWrapper):
     def _copy_snapshots(self, params: list[torch.Tensor], *, restore: bool) -> None:
         """``p <- snapshot`` (``restore``) or ``snapshot <- p``: one kernel call where the
         kernels take the tensors, else one copy per tensor (host memory, other devices)."""
-        local_params = [local_tensor(p).detach() for p in params]
+        local_params = [local_tensor(p) for p in params]
         local_snaps = [local_tensor(s) for s in self.snapshots]
         device = local_params[0].device if local_params else torch.device("cpu")
         flag = torch.full((), restore, dtype=torch.bool, device=device)

@@ -13,8 +13,8 @@ Note [huge gradients]
     Second-moment statistics hold ``g**2``; a finite gradient whose square overflows would put
     inf (then NaN) into them. Every steadystep optimizer therefore treats a gradient element
     above :func:`gradient_limit` (``2**63`` ~ 9.2e18 for float32 statistics, ``2**511`` for
-    float64) like a non-finite one and skips the step: squares and their EMA sums stay at least
-    4x below the largest finite value. Fused and reference paths apply the same rule.
+    float64) like a non-finite one and skips the step: squares and their EMA sums stay a factor
+    3 or more below the largest finite value. Fused and reference paths apply the same rule.
 """
 
 from steadystep._kernels._common import (

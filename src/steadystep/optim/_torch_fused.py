@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from steadystep._tensors import grads_finite
+from steadystep._tensors import grads_finite, scale_all_
 
 __all__ = ["TorchFusedMaskable", "torch_fused_maskable"]
 
@@ -48,9 +48,7 @@ class TorchFusedMaskable:
 
     @torch.no_grad()
     def scale_lr_(self, factor: Tensor) -> None:
-        for group in self.optimizer.param_groups:
-            lr = self._tensor_lr(group)
-            lr.mul_(factor.to(device=lr.device, dtype=lr.dtype))
+        scale_all_([self._tensor_lr(group) for group in self.optimizer.param_groups], factor)
 
     @torch.no_grad()
     def max_lr(self) -> Tensor:

@@ -15,7 +15,7 @@ import torch
 from torch.optim import Optimizer
 
 from steadystep import _kernels as kernels
-from steadystep._tensors import clone_tensors, full_max, is_sharded, local_tensor
+from steadystep._tensors import clone_tensors, full_max, is_sharded, local_tensor, scale_all_
 from steadystep._validation import (
     check_choice,
     check_nonnegative,
@@ -307,9 +307,7 @@ class ALeRA(Optimizer):
     @torch.no_grad()
     def scale_lr_(self, factor: torch.Tensor) -> None:
         """Multiply every effective learning rate by ``factor`` (0-d tensor), on the device."""
-        for group in self.param_groups:
-            m = group["lr_multiplier"]
-            m.mul_(factor.to(device=m.device, dtype=m.dtype))
+        scale_all_([group["lr_multiplier"] for group in self.param_groups], factor)
 
     @torch.no_grad()
     def max_lr(self) -> torch.Tensor:

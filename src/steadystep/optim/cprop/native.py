@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from steadystep._tensors import clone_tensors, shards
+from steadystep._tensors import clone_tensors, scale_all_, shards
 from steadystep._validation import (
     check_finite,
     check_nonnegative,
@@ -151,9 +151,7 @@ class _NativeCPropBase(Optimizer):
     @torch.no_grad()
     def scale_lr_(self, factor: Tensor) -> None:
         """Multiply every group's ``lr_multiplier`` by ``factor`` (0-d tensor), on the device."""
-        for group in self.param_groups:
-            m = group["lr_multiplier"]
-            m.mul_(factor.to(device=m.device, dtype=m.dtype))
+        scale_all_([group["lr_multiplier"] for group in self.param_groups], factor)
 
     @torch.no_grad()
     def max_lr(self) -> Tensor:

@@ -188,7 +188,7 @@ class CProp(OptimizerWrapper):
                 continue
             if fused:
                 kernels.wrapper_after_(
-                    [p.detach() for p in shards(params)],
+                    shards(params),
                     olds,
                     *self._statistics(group, params),
                     found_finite=found_finite,
@@ -212,7 +212,7 @@ class CProp(OptimizerWrapper):
         ``(fused, snapshots)``."""
         if not params:
             return False, []
-        local = [p.detach() for p in shards(params)]
+        local = shards(params)
         if self.fused is not False:
             # one buffer for the whole group's snapshot: one allocation, not one per tensor
             flat = torch.empty(
@@ -224,7 +224,7 @@ class CProp(OptimizerWrapper):
             ]
             if kernels.wrapper_before_(
                 local,
-                [p.grad for p in shards(params)],
+                shards([p.grad for p in params]),
                 olds,
                 *self._statistics(group, params),
                 found_finite=found_finite,
