@@ -261,7 +261,7 @@ def test_sixteen_bit_floats_without_a_kernel_take_the_eager_path():
 # Triton kernels, interpreted on the CPU
 # --------------------------------------------------------------------------------------------
 
-TRITON_CHECK = ROOT / "tests" / "triton_kernels_check.py"
+PARITY = ROOT / "tests" / "kernel_parity.py"
 
 
 @pytest.mark.skipif(
@@ -271,6 +271,17 @@ def test_triton_kernels_match_the_reference_under_the_interpreter():
     """Every Triton kernel (CProp's Adam/SGD/wrapper passes, ALeRA and Ag-Adam in every
     granularity, the gradient check, the rollback) against the reference paths, on CPU tensors
     under ``TRITON_INTERPRET=1`` (a fresh process: Triton reads it at import)."""
-    out = _fresh_process(TRITON_CHECK.read_text(), {"TRITON_INTERPRET": "1"})
+    out = _fresh_process(PARITY.read_text(), {"TRITON_INTERPRET": "1"})
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    assert "all Triton kernels match" in out.stdout
+    assert "all kernels match" in out.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_kernels_match_the_reference():
+    """The same runs with the Triton kernels compiled for the GPU."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        import kernel_parity
+    finally:
+        sys.path.pop(0)
+    kernel_parity.run("cuda")
