@@ -34,10 +34,11 @@ def run(opt, params, grads_seq):
         opt.step()
 
 
-def test_c_zero_is_adam():
+@pytest.mark.parametrize("fused", [False, True], ids=["loop", "fused"])
+def test_c_zero_is_adam(fused):
     params, grads = make()
     ref = [p.detach().clone().requires_grad_() for p in params]
-    run(ss.AgAdam(params, lr=0.01, C=0.0), params, grads)
+    run(ss.AgAdam(params, lr=0.01, C=0.0, fused=fused), params, grads)
     run(torch.optim.Adam(ref, lr=0.01, foreach=False), ref, grads)
     for a, b in zip(params, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -73,11 +74,12 @@ def plain_agadam(params, grads_seq, *, lr, betas, eps, alpha, C):
     return P, mult
 
 
-def test_matches_plain_python_restatement():
+@pytest.mark.parametrize("fused", [False, True], ids=["loop", "fused"])
+def test_matches_plain_python_restatement(fused):
     params, grads = make()
     hyper = dict(lr=0.01, betas=(0.9, 0.99), eps=1e-8, alpha=0.05, C=0.01)
     P, mult = plain_agadam(params, grads, **hyper)
-    opt = ss.AgAdam(params, **hyper)
+    opt = ss.AgAdam(params, **hyper, fused=fused)
     run(opt, params, grads)
     assert opt.param_groups[0]["lr_multiplier"].item() == pytest.approx(mult, rel=1e-12)
     assert abs(math.log(mult)) > 0.05  # the rate really moved
@@ -160,12 +162,13 @@ def test_stats_report_effective_lr_and_skipped_steps():
         assert group["lr_multiplier"].item() != 1.0
 
 
-def test_c_zero_is_adam_with_late_and_missing_gradients():
+@pytest.mark.parametrize("fused", [False, True], ids=["loop", "fused"])
+def test_c_zero_is_adam_with_late_and_missing_gradients(fused):
     # Parameter 1 gets its first gradient at step 5, parameter 2 has none on odd steps: Adam's
     # bias correction must count each parameter's own steps, not the group's.
     params, grads = make()
     ref = [p.detach().clone().requires_grad_() for p in params]
-    opt = ss.AgAdam(params, lr=0.01, C=0.0)
+    opt = ss.AgAdam(params, lr=0.01, C=0.0, fused=fused)
     ref_opt = torch.optim.Adam(ref, lr=0.01, foreach=False)
     for step, step_grads in enumerate(grads):
         for ps in (params, ref):

@@ -98,15 +98,22 @@ def close(a, b, rel=1e-12, abs_=1e-12):
     return all(math.isclose(x, y, rel_tol=rel, abs_tol=abs_) for x, y in zip(a, b, strict=True))
 
 
+PATHS = {
+    "loop": {"foreach": False, "fused": False},
+    "foreach": {"foreach": True},
+    "fused": {"fused": True},
+}
+
+
 @pytest.mark.parametrize("granularity", GRANULARITIES)
-@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_matches_plain_python_restatement(granularity, foreach, weight_decay):
+def test_matches_plain_python_restatement(granularity, path, weight_decay):
     hyper = dict(lr=0.01, alpha=0.1, C=0.003, granularity=granularity, weight_decay=weight_decay)
     params = make_params()
     grads_seq = make_grads(30)
     P, R, M = plain_alera(params, grads_seq, **hyper)
-    opt = run_alera(params, grads_seq, foreach=foreach, **hyper)
+    opt = run_alera(params, grads_seq, **PATHS[path], **hyper)
     for i, p in enumerate(params):
         assert close(p.detach().flatten().tolist(), P[i]), f"param {i}"
         assert close(opt.state[p]["relaxed_path"].flatten().tolist(), R[i]), f"r {i}"
@@ -126,13 +133,12 @@ def test_matches_plain_python_restatement(granularity, foreach, weight_decay):
     assert max(abs(math.log(m)) for m in flat_m) > 0.05
 
 
-def test_foreach_equals_reference_path_float32():
+@pytest.mark.parametrize("path", ["foreach", "fused"])
+def test_fast_paths_equal_reference_path_float32(path):
     outs = []
-    for foreach in (False, True):
+    for kw in (PATHS["loop"], PATHS[path]):
         params = make_params(torch.float32)
-        run_alera(
-            params, make_grads(15, torch.float32), lr=0.01, alpha=0.1, C=0.003, foreach=foreach
-        )
+        run_alera(params, make_grads(15, torch.float32), lr=0.01, alpha=0.1, C=0.003, **kw)
         outs.append([p.detach().clone() for p in params])
     for a, b in zip(*outs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
@@ -397,35 +403,53 @@ def test_skipped_steps_round_trips_and_late_groups_join_the_count():
     assert int(opt2.stats()["skipped_steps"]) == 0
 
 
-@pytest.mark.parametrize("granularity", GRANULARITIES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_foreach_path_is_bitwise_the_reference_loop(granularity, dtype):
-    # Same ops in the same order: on CPU the foreach kernels give the same bits. The run has a
-    # NaN step, an inf step and a guard-style masked skip, all no-ops on both paths.
+def _masked_run(granularity, dtype, path):
+    """A run with a NaN step, an inf step and a guard-style masked skip."""
     grads_seq = make_grads(14, dtype)
     grads_seq[4][1][0] = math.nan
     grads_seq[9][3][0] = -math.inf
-    outs = []
-    for foreach in (False, True):
-        params = make_params(dtype)
-        opt = ss.ALeRA(
-            [{"params": [params[i] for i in layer]} for layer in LAYERS],
-            lr=0.01,
-            alpha=0.1,
-            C=0.003,
-            granularity=granularity,
-            weight_decay=0.01,
-            foreach=foreach,
-        )
-        for t, grads in enumerate(grads_seq):
-            for p, g in zip(params, grads, strict=True):
-                p.grad = g.clone()
-            with torch.no_grad():  # the guard's masked step (step() is no_grad itself)
-                opt.masked_step(skip=torch.tensor(t == 7))
-        outs.append([p.detach() for p in params] + _state_tensors(opt))
+    params = make_params(dtype)
+    opt = ss.ALeRA(
+        [{"params": [params[i] for i in layer]} for layer in LAYERS],
+        lr=0.01,
+        alpha=0.1,
+        C=0.003,
+        granularity=granularity,
+        weight_decay=0.01,
+        **PATHS[path],
+    )
+    for t, grads in enumerate(grads_seq):
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        with torch.no_grad():  # the guard's masked step (step() is no_grad itself)
+            opt.masked_step(skip=torch.tensor(t == 7))
     assert int(opt.stats()["skipped_steps"]) == 2
-    for a, b in zip(*outs, strict=True):
+    assert all(float(g["step"]) == 11 for g in opt.param_groups)
+    return [p.detach() for p in params] + _state_tensors(opt)
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_foreach_path_is_bitwise_the_reference_loop(granularity, dtype):
+    # Same ops in the same order: on CPU the foreach kernels give the same bits. The NaN, inf
+    # and masked steps are no-ops on both paths.
+    loop, foreach = (
+        _masked_run(granularity, dtype, "loop"),
+        _masked_run(granularity, dtype, "foreach"),
+    )
+    for a, b in zip(loop, foreach, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_path_equals_the_reference_loop(granularity, dtype):
+    """The fused step (two passes, the relaxed path's new norm from sums of the first) agrees
+    with the loop to rounding, skips the same steps and counts the same."""
+    loop, fused = _masked_run(granularity, dtype, "loop"), _masked_run(granularity, dtype, "fused")
+    tol = {torch.float32: 2e-6, torch.float64: 1e-13}[dtype]
+    for a, b in zip(loop, fused, strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("cls", [ss.ALeRA, ss.AgAdam])

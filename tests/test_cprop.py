@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import steadystep as ss
-from steadystep.optim import _compile
+from steadystep import _kernels
 from steadystep.optim import cprop as cprop_module
 
 F64 = torch.float64
@@ -169,14 +169,15 @@ def gradient_sequence(steps, n, seed=0):
     [(cdf, "conformity") for cdf in cprop_module.CDFS]
     + [("normal", "relative"), ("normal", "moment")],
 )
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
 @pytest.mark.parametrize("native", [False, True], ids=["wrapper", "native"])
-def test_reference_matches_algorithm1(cdf, method, native):
+def test_reference_matches_algorithm1(cdf, method, native, fused):
     steps, n, lr = 50, 12, 0.05
     grads = gradient_sequence(steps, n)
     theta0 = torch.linspace(-1, 1, n, dtype=F64).tolist()
     expected = algorithm1(theta0, grads, lr=lr, beta=0.9, c=1.5, eps=1e-8, cdf=cdf, method=method)
     p = torch.nn.Parameter(torch.tensor(theta0, dtype=F64))
-    kw = {"cdf": cdf, "method": method}
+    kw = {"cdf": cdf, "method": method, "fused": fused}
     if native:
         opt = ss.CPropSGD([p], lr=lr, cprop_beta=0.9, cprop_c=1.5, cprop_eps=1e-8, **kw)
     else:
@@ -237,11 +238,12 @@ def _native_state(opt, p, key):
     return opt.state[p][key]
 
 
+@pytest.mark.parametrize("fused", [False, None], ids=["eager", "default"])
 @pytest.mark.parametrize("native_cls,base_cls,kw", NATIVE, ids=NATIVE_IDS)
-def test_native_matches_wrapper(native_cls, base_cls, kw):
+def test_native_matches_wrapper(native_cls, base_cls, kw, fused):
     a, b = mlp(F64), mlp(F64)
-    native = native_cls(a.parameters(), **kw, cprop_beta=0.99)
-    wrapper = ss.CProp(base_cls(b.parameters(), **kw), beta=0.99)
+    native = native_cls(a.parameters(), **kw, cprop_beta=0.99, fused=fused)
+    wrapper = ss.CProp(base_cls(b.parameters(), **kw), beta=0.99, fused=fused)
     train(a, native, 50, dtype=F64)
     train(b, wrapper, 50, dtype=F64)
     assert_params(a, b, atol=1e-12)
@@ -259,7 +261,7 @@ def test_native_matches_wrapper(native_cls, base_cls, kw):
 @pytest.mark.parametrize("native_cls,base_cls,kw", NATIVE, ids=NATIVE_IDS)
 def test_foreach_equals_reference_bitwise(native_cls, base_cls, kw):
     a, b = mlp(), mlp()
-    ref = native_cls(a.parameters(), **kw, foreach=False)
+    ref = native_cls(a.parameters(), **kw, foreach=False, fused=False)
     fe = native_cls(b.parameters(), **kw, foreach=True)
     train(a, ref, 12)
     train(b, fe, 12)
@@ -306,9 +308,9 @@ def test_functional_foreach_equals_reference(cdf, method, eps):
     [{"lr": 0.01}, {"lr": 0.01, "amsgrad": True, "weight_decay": 0.1, "cprop_beta": 0.99}],
     ids=["shared-v", "amsgrad-own-v"],
 )
-def test_fused_compiled_equals_reference(kw):
+def test_fused_equals_reference(kw):
     a, b = mlp(F64), mlp(F64)
-    ref = ss.CPropAdamW(a.parameters(), **kw)
+    ref = ss.CPropAdamW(a.parameters(), **kw, fused=False)
     fused = ss.CPropAdamW(b.parameters(), **kw, fused=True)
     train(a, ref, 12, dtype=F64)
     train(b, fused, 12, dtype=F64)
@@ -327,10 +329,10 @@ def test_fused_compiled_equals_reference(kw):
     ],
     ids=["plain", "momentum", "nesterov-wd", "dampening-own-beta", "relative"],
 )
-def test_fused_sgd_compiled_equals_reference(kw):
+def test_fused_sgd_equals_reference(kw):
     """Params, momentum buffers and CProp's statistics, with a non-finite step in the middle."""
     a, b = mlp(F64), mlp(F64)
-    ref = ss.CPropSGD(a.parameters(), lr=0.1, **kw)
+    ref = ss.CPropSGD(a.parameters(), lr=0.1, **kw, fused=False)
     fused = ss.CPropSGD(b.parameters(), lr=0.1, **kw, fused=True)
     x, y = data(F64)
     for i in range(12):
@@ -351,17 +353,18 @@ def test_fused_sgd_compiled_equals_reference(kw):
 @pytest.mark.parametrize(
     "make",
     [
-        lambda ps: ss.CPropAdamW(ps, lr=1e-2, fused=True),
-        lambda ps: ss.CPropAdam(ps, lr=1e-2, amsgrad=True, weight_decay=0.1, fused=True),
-        lambda ps: ss.CPropSGD(ps, lr=0.1, momentum=0.9, nesterov=True, fused=True),
-        lambda ps: ss.CProp(torch.optim.AdamW(ps, lr=1e-2), fused=True),
+        lambda ps, fused: ss.CPropAdamW(ps, lr=1e-2, fused=fused),
+        lambda ps, fused: ss.CPropAdam(ps, lr=1e-2, amsgrad=True, weight_decay=0.1, fused=fused),
+        lambda ps, fused: ss.CPropSGD(ps, lr=0.1, momentum=0.9, nesterov=True, fused=fused),
+        lambda ps, fused: ss.CProp(torch.optim.AdamW(ps, lr=1e-2), fused=fused),
     ],
     ids=["adamw", "adam-amsgrad-l2", "sgd-nesterov", "wrapper"],
 )
-def test_fused_batch_of_small_tensors_equals_one_call_per_tensor(make, dtype, monkeypatch):
-    """Note [Batching small tensors]: the concatenated call gives each tensor its own numbers."""
+def test_fused_late_parameter_and_every_dtype_close_to_reference(make, dtype):
+    """One kernel call for all tensors, each with its own step count (a parameter that joins
+    late has its own bias corrections), in every dtype the kernels take."""
     a, b = mlp(dtype), mlp(dtype)
-    batched, single = make(a.parameters()), make(b.parameters())
+    fused, ref = make(a.parameters(), True), make(b.parameters(), False)
 
     def run(model, opt):
         x, y = data(dtype)
@@ -373,19 +376,19 @@ def test_fused_batch_of_small_tensors_equals_one_call_per_tensor(make, dtype, mo
                 list(model.parameters())[1].grad = None
             opt.step()
 
-    run(a, batched)
-    monkeypatch.setattr(_compile, "_BATCH_NUMEL", 0)
-    run(b, single)
-    atol = {torch.float32: 1e-6, torch.bfloat16: 1e-2, F64: 1e-13}[dtype]
+    run(a, fused)
+    run(b, ref)
+    # float32: erf_float32 (2e-6); bfloat16: a rounding of the parameter (one ulp at 2^-2)
+    atol = {torch.float32: 1e-5, torch.bfloat16: 4e-3, F64: 1e-13}[dtype]
     assert_params(a, b, atol=atol)
-    key = "cprop_state" if isinstance(batched, ss.CProp) else "state"
-    assert_states_close(a, getattr(batched, key), b, getattr(single, key), atol=atol)
+    key = "cprop_state" if isinstance(fused, ss.CProp) else "state"
+    assert_states_close(a, getattr(fused, key), b, getattr(ref, key), atol=max(atol, 1e-6))
 
 
 def test_fused_sgd_float32_bf16_train():
     for dtype in (torch.float32, torch.bfloat16):
         a, b = mlp(dtype), mlp(dtype)
-        ref = ss.CPropSGD(a.parameters(), lr=0.1, momentum=0.9)
+        ref = ss.CPropSGD(a.parameters(), lr=0.1, momentum=0.9, fused=False)
         fused = ss.CPropSGD(b.parameters(), lr=0.1, momentum=0.9, fused=True)
         train(a, ref, 10, dtype=dtype)
         train(b, fused, 10, dtype=dtype)
@@ -665,16 +668,28 @@ def test_nonfinite_gradient_is_skipped_exactly(name, bad_at):
     assert_state_equal(_roundtrip(clean.state_dict()), _roundtrip(dirty.state_dict()))
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["kernel", "aminmax"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, F64])
-def test_grads_finite_is_exact_at_the_dtype_limits(dtype):
-    """The largest finite values are finite (a sum would overflow); NaN, inf, -inf are not."""
-    big = torch.finfo(dtype).max
+def test_grads_finite_is_exact_at_the_gradient_limit(dtype, fused, monkeypatch):
+    """Note [huge gradients]: elements up to the limit (2**63 for float32 statistics, the
+    largest value for float16) pass, the next larger value and NaN, inf, -inf do not; on the
+    kernel path and the aminmax path alike."""
+    if not fused:
+        monkeypatch.setenv("STEADYSTEP_FUSED", "0")
+    limit = _kernels.gradient_limit(_kernels.stats_dtype(dtype))
+    big = min(limit, torch.finfo(dtype).max)
+    assert torch.tensor(big, dtype=dtype).item() == big  # the limit is representable
     grads = [torch.full((1000,), big, dtype=dtype), torch.full((7,), -big, dtype=dtype)]
     assert bool(cprop_module.grads_finite(grads))
     assert bool(cprop_module.grads_finite([*grads, torch.empty(0, dtype=dtype)]))
     assert bool(cprop_module.grads_finite([torch.empty(0), torch.empty(0, 3)]))
     assert bool(cprop_module.grads_finite([]))
-    for bad in (math.nan, math.inf, -math.inf):
+    above = torch.nextafter(torch.tensor(big, dtype=F64), torch.tensor(math.inf, dtype=F64))
+    bads = [math.nan, math.inf, -math.inf]
+    if big < torch.finfo(dtype).max:  # a finite value above the limit exists
+        bads += [torch.tensor(big * 2, dtype=dtype).item(), -big * 2]
+    assert above > big
+    for bad in bads:
         for where in (0, 999):
             poisoned = grads[0].clone()
             poisoned[where] = bad
@@ -838,15 +853,18 @@ def test_stats_are_0d_tensors_in_unit_interval():
 
 
 @pytest.mark.parametrize("cls", [ss.CPropAdamW, ss.CPropSGD])
-def test_fused_changing_lr_does_not_recompile(cls):
+def test_fused_changing_lr_builds_nothing_new(cls):
+    """A scheduler's lr and a guard's cut are arguments of the kernel call: no new library."""
     model = mlp()
     opt = cls(model.parameters(), lr=1e-2, fused=True)
     train(model, opt, 2)
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for lr in (5e-3, 1e-3):
-            for g in opt.param_groups:
-                g["lr"] = lr
-            train(model, opt, 2, start=2)
+    built = dict(_kernels._cpu._LOADED)
+    for lr in (5e-3, 1e-3):
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.scale_lr_(torch.tensor(0.5, dtype=torch.float64))
+        train(model, opt, 2, start=2)
+    assert _kernels._cpu._LOADED == built
 
 
 def test_erf_float32_approximation_error():
@@ -861,7 +879,7 @@ def test_erf_float32_approximation_error():
 @pytest.mark.parametrize("kw", [{"cprop_c": 2.0}, {"cdf": "bft", "cprop_beta": 0.99}])
 def test_fused_float32_close_to_reference(kw):
     a, b = mlp(), mlp()
-    ref = ss.CPropAdamW(a.parameters(), lr=1e-2, **kw)
+    ref = ss.CPropAdamW(a.parameters(), lr=1e-2, fused=False, **kw)
     fused = ss.CPropAdamW(b.parameters(), lr=1e-2, fused=True, **kw)
     train(a, ref, 10)
     train(b, fused, 10)
@@ -874,7 +892,7 @@ def test_fused_float32_close_to_reference(kw):
 @pytest.mark.parametrize("kw", [{}, {"method": "relative", "c": 3.0, "cdf": "bft", "beta": 0.9}])
 def test_fused_wrapper_matches_eager_wrapper(kw):
     a, b = mlp(F64), mlp(F64)
-    eager = ss.CProp(torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9), **kw)
+    eager = ss.CProp(torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9), fused=False, **kw)
     fused = ss.CProp(torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9), fused=True, **kw)
     train(a, eager, 12, dtype=F64)
     train(b, fused, 12, dtype=F64)

@@ -105,6 +105,12 @@ CASES: dict[str, Case] = {
         bare=_adamw,
         host_sync=True,
     ),
+    # torch's fused AdamW is masked through its found_inf: sync-free too
+    "CatastropheGuard(AdamW fused)": Case(
+        lambda ps, fe: ss.CatastropheGuard(torch.optim.AdamW(ps, lr=1e-2, fused=True)),
+        extra=1,
+        bare=_adamw,
+    ),
     # a MaskableOptimizer inside: the sync-free path (CProp's shared v + the snapshot)
     "CatastropheGuard(CPropAdamW)": Case(
         lambda ps, fe: ss.CatastropheGuard(ss.CPropAdamW(ps, lr=1e-2, foreach=fe)),
@@ -134,10 +140,21 @@ def _batch(i: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     return x.to(device), y.to(device)
 
 
-def _train(model: torch.nn.Module, opt: Any, steps: range) -> None:
+def _batches(model: torch.nn.Module, steps: range) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every batch of ``steps`` on the model's device (a host-to-device copy is a sync: the
+    CUDA tests make them before the steps they check)."""
+    device = next(model.parameters()).device.type
+    return [_batch(i, device) for i in steps]
+
+
+def _train(
+    model: torch.nn.Module,
+    opt: Any,
+    steps: range,
+    batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> None:
     torch_optimizer = type(opt).__module__.startswith("torch.optim")
-    for i in steps:
-        x, y = _batch(i, next(model.parameters()).device.type)
+    for x, y in _batches(model, steps) if batches is None else batches:
         loss = (model(x) - y).pow(2).mean()
         opt.zero_grad()
         loss.backward()
@@ -430,15 +447,19 @@ def test_grad_is_bitwise_unchanged_by_step_including_a_nonfinite_one(name):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("foreach", [False, True], ids=["loop", "foreach"])
+@pytest.mark.parametrize("path", ["fused", "loop", "foreach"])
 @pytest.mark.parametrize("name", NAMES)
-def test_steady_state_step_reads_nothing_on_the_host(name, foreach, monkeypatch):
-    """The CPU stand-in for the CUDA test below, for the per-tensor and foreach paths (the
-    latter is the CUDA default). The CProp wrapper picks its path itself: forced here."""
+def test_steady_state_step_reads_nothing_on_the_host(name, path, monkeypatch):
+    """The CPU stand-in for the CUDA test below, for each path: the fused kernels (the
+    default), the per-tensor loop and foreach (``STEADYSTEP_FUSED=0`` turns the kernels off).
+    The CProp wrapper picks its eager path itself: forced here."""
     case = CASES[name]
+    foreach = path == "foreach"
+    if path != "fused":
+        monkeypatch.setenv("STEADYSTEP_FUSED", "0")
     monkeypatch.setattr(cprop_wrapper, "_default_foreach", lambda params: foreach)
     model = _mlp()
-    opt = case.make(model.parameters(), foreach)
+    opt = case.make(model.parameters(), True if foreach else None)
     _train(model, opt, range(3))
     reads = _HostReads()
     with reads:
@@ -470,13 +491,14 @@ def test_cuda_steady_state_step_does_not_sync(name):
     model = _mlp("cuda")
     opt = case.make(model.parameters(), None)
     _train(model, opt, range(3))
+    batches = _batches(model, range(3, 8))
     torch.cuda.synchronize()
     if case.host_sync:
         with _sync_debug("error"), pytest.raises(RuntimeError, match="synchroniz"):
-            _train(model, opt, range(3, 8))
+            _train(model, opt, range(3, 8), batches)
     else:
         with _sync_debug("error"):
-            _train(model, opt, range(3, 8))
+            _train(model, opt, range(3, 8), batches)
     torch.cuda.synchronize()
     assert all(torch.isfinite(p).all() for p in model.parameters())
 

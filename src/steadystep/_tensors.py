@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from steadystep import _kernels as kernels
 from steadystep._distributed import all_reduce_sum
 
 try:  # FSDP2 parameters are DTensors (torch >= 2.4)
@@ -32,12 +33,12 @@ __all__ = [
     "is_sharded",
     "local_tensor",
     "reduce_square_norms",
+    "scale_all_",
     "shards",
 ]
 
-# Tensors below this many elements are handled together rather than one by one (one reduction
-# here; one compiled-kernel call in steadystep.optim._compile); above it, a CPU loop gets all
-# threads.
+# Gradients below this many elements are reduced together rather than one by one (one reduction
+# for all small tensors where the fused kernels do not take them).
 PARALLEL_NUMEL = 1 << 16
 
 
@@ -45,6 +46,17 @@ def clone_tensors(entries: dict[str, Any]) -> dict[str, Any]:
     """A copy of ``entries`` whose tensors are clones (e.g. a param group in a state_dict, so
     the saved 0-d multipliers and counts do not change with later steps)."""
     return {k: v.clone() if isinstance(v, Tensor) else v for k, v in entries.items()}
+
+
+def scale_all_(tensors: list[Tensor], factor: Tensor) -> None:
+    """``t *= factor`` for every tensor (0-d learning-rate multipliers of many param groups):
+    one ``torch._foreach_mul_`` per (device, dtype) with the factor as a tensor (read on the
+    device), not one multiplication per tensor."""
+    by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        by_kind.setdefault((t.device, t.dtype), []).append(t)
+    for (device, dtype), ts in by_kind.items():
+        torch._foreach_mul_(ts, factor.to(device=device, dtype=dtype))
 
 
 def local_tensor(t: Tensor) -> Tensor:
@@ -115,12 +127,15 @@ def full_max(t: Tensor) -> Tensor:
 
 
 def grads_finite(grads: list[Tensor]) -> Tensor:
-    """0-d bool tensor: every element of every gradient is finite (no host sync).
+    """0-d bool tensor: every gradient element is finite and at most
+    :func:`~steadystep._kernels.gradient_limit` in magnitude (no host sync).
 
-    A tensor is finite exactly when its smallest and largest elements are: ``aminmax``
-    propagates NaN and returns -inf / inf where they occur. One reduction per tensor, exact for
-    every dtype (a sum would overflow on large finite values), and no slower than a sum.
-    Empty tensors are finite and are skipped (``aminmax`` has no identity).
+    The limit (``2**63`` for float32 statistics) keeps squares of gradients finite in the
+    statistics that hold them (Note [huge gradients] in :mod:`steadystep._kernels`); a larger
+    element skips the step like a NaN. Where the fused kernels take the gradients this is one
+    kernel call per dtype; otherwise one ``aminmax`` per tensor (small tensors are reduced
+    together), exact at every dtype's limits, with NaN-aware comparisons (``-limit <= min`` and
+    ``max <= limit`` are False for NaN).
 
     DTensor gradients (FSDP2) are read on this rank's shards and the flag is combined over
     ranks in one all-reduce of a 0-d tensor, so every rank decides alike.
@@ -128,23 +143,36 @@ def grads_finite(grads: list[Tensor]) -> Tensor:
     Example:
         >>> grads_finite([torch.ones(3), torch.tensor([1.0, float("nan")])])
         tensor(False)
+        >>> grads_finite([torch.tensor([1e20])])  # its square would overflow float32
+        tensor(False)
     """
     local = shards(grads)
+    found_finite = kernels.grads_ok(local) if local else None
+    if found_finite is None:
+        found_finite = _grads_within_limit(local)
+    if any(s is not g for s, g in zip(local, grads, strict=True)):  # some were DTensors
+        found_finite = all_reduce_sum((~found_finite).to(torch.float32)) == 0
+    return found_finite
+
+
+def _grads_within_limit(grads: list[Tensor]) -> Tensor:
+    """:func:`grads_finite` with one ``aminmax`` per tensor (per batch of small tensors)."""
     extremes: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     small: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for g in local:
+    for g in grads:
         if g.numel() >= PARALLEL_NUMEL:
             extremes.setdefault((g.device, g.dtype), []).extend(torch.aminmax(g))
         elif g.numel():
             small.setdefault((g.device, g.dtype), []).append(g.reshape(-1))
     for key, gs in small.items():  # one reduction over all small tensors (a few bytes each)
         extremes.setdefault(key, []).extend(torch.aminmax(torch.cat(gs) if len(gs) > 1 else gs[0]))
-    flags = [torch.stack(values).isfinite().all() for values in extremes.values()]
+    flags = []
+    for (_, dtype), values in extremes.items():
+        wide = kernels.stats_dtype(dtype)  # the limit is exact in the statistics' dtype
+        limit = kernels.gradient_limit(wide)
+        lo, hi = torch.stack(values[0::2]).to(wide), torch.stack(values[1::2]).to(wide)
+        flags.append(((lo >= -limit) & (hi <= limit)).all())  # NaN compares False
     if not flags:
-        device = local[0].device if local else torch.device("cpu")
-        found_finite = torch.ones((), dtype=torch.bool, device=device)
-    else:
-        found_finite = flags[0] if len(flags) == 1 else torch.stack(flags).all()
-    if any(s is not g for s, g in zip(local, grads, strict=True)):  # some were DTensors
-        found_finite = all_reduce_sum((~found_finite).to(torch.float32)) == 0
-    return found_finite
+        device = grads[0].device if grads else torch.device("cpu")
+        return torch.ones((), dtype=torch.bool, device=device)
+    return flags[0] if len(flags) == 1 else torch.stack(flags).all()

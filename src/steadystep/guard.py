@@ -25,14 +25,19 @@ native classes) skips such a step itself (ALeRA and AgAdam count it in their
 Note [host syncs]: around a :class:`~steadystep.optim._protocol.MaskableOptimizer`
 (:class:`~steadystep.ALeRA`, :class:`~steadystep.AgAdam`, :class:`~steadystep.CPropSGD`,
 :class:`~steadystep.CPropAdam`, :class:`~steadystep.CPropAdamW`) every decision stays on the
-device: the rollback is ``torch.where(alarm, snapshot, p)``, the cut multiplies the 0-d
-multipliers by ``where(alarm, lr_factor, 1)`` (``scale_lr_``) and the base step runs masked
-(``masked_step(alarm)``). The only host read is the ``min_lr`` check (``max_lr()``), once every
-``check_every`` steps. Any other optimizer (torch's, the CProp wrapper) keeps state the guard
+device: the rollback is one kernel call that copies ``snapshot -> p`` where ``alarm`` and
+``p -> snapshot`` elsewhere (:func:`steadystep._kernels.rollback_`), the cut multiplies the
+0-d multipliers by ``where(alarm, lr_factor, 1)`` (``scale_lr_``) and the base step runs
+masked (``masked_step(alarm)``). torch's own fused optimizers (``fused=True`` Adam, AdamW, SGD,
+Adagrad) take the same path through their ``found_inf`` flag, the one ``GradScaler`` uses
+(:mod:`steadystep.optim._torch_fused`, which stores their learning rates as 0-d tensors so
+the cut too stays on the device); there the guard checks the gradients itself, in one kernel
+call. The only host read is the ``min_lr`` check (``max_lr()``), once every ``check_every``
+steps. Any other optimizer (torch's non-fused ones, the CProp wrapper) keeps state the guard
 cannot mask, so the guard reads the alarm on the host once per step and skips
-``optimizer.step()`` on alarms; that read is the cost of wrapping a
-third-party optimizer (``benchmarks/bench_alera.py`` measures it). ``snapshot_device="cpu"``
-also takes the host path (a rollback from host memory is only worth paying on an alarm).
+``optimizer.step()`` on alarms; that read is the cost of wrapping such an optimizer.
+``snapshot_device="cpu"`` also takes the host path (a rollback from host memory is only worth
+paying on an alarm).
 """
 
 from __future__ import annotations
@@ -44,10 +49,12 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from steadystep import _kernels as kernels
 from steadystep._tensors import grads_finite, local_tensor
 from steadystep._validation import check_nonnegative, check_probability
 from steadystep.detect import PageHinkley
 from steadystep.optim._protocol import MaskableOptimizer
+from steadystep.optim._torch_fused import torch_fused_maskable
 from steadystep.optim._wrapper import OptimizerWrapper, call_with_step_hooks
 
 __all__ = ["CatastropheGuard", "TrainingDiverged"]
@@ -156,8 +163,14 @@ class CatastropheGuard(OptimizerWrapper):
         self.snapshot_device = None if snapshot_device is None else torch.device(snapshot_device)
         self.detector = PageHinkley() if detector is None else detector
         # Note [host syncs]: a MaskableOptimizer lets every decision stay on the device, and
-        # skips a non-finite gradient itself (Note [non-finite gradients]).
-        self._maskable = optimizer if isinstance(optimizer, MaskableOptimizer) else None
+        # skips a non-finite gradient itself (Note [non-finite gradients]); torch's fused
+        # optimizers are masked through their found_inf (steadystep.optim._torch_fused), with
+        # the gradients checked here.
+        self._maskable: Any = None
+        if isinstance(optimizer, MaskableOptimizer):
+            self._maskable = optimizer
+        elif self.snapshot_device is None:
+            self._maskable = torch_fused_maskable(optimizer)
         self._device_side = self._maskable is not None and self.snapshot_device is None
 
         params = self._params()
@@ -303,11 +316,13 @@ class CatastropheGuard(OptimizerWrapper):
         self._pending_loss = None
         observed = loss.detach() if isinstance(loss, torch.Tensor) else loss
         params = self._params()
-        bad_grads = None
-        if not self._device_side and not self._self_protecting():
+        bad_grads = found_finite = None
+        if not self._self_protecting():
             # Note [non-finite gradients]: decided before the detector sees the loss, so a
-            # skipped step leaves it untouched; read on the host together with the alarm.
-            bad_grads = ~grads_finite([p.grad for p in params if p.grad is not None])
+            # skipped step leaves it untouched; read on the host together with the alarm, or
+            # (torch's fused optimizers) handed to their masked step on the device.
+            found_finite = grads_finite([p.grad for p in params if p.grad is not None])
+            bad_grads = ~found_finite
         alarm = self._observe(observed, bad_grads)
         # History records the loss the detector tested: under torch.distributed the rank mean,
         # the same on every rank (a detector without ``last_loss`` gives the local loss).
@@ -317,7 +332,7 @@ class CatastropheGuard(OptimizerWrapper):
         self._ensure_snapshots(params)
         alarm = alarm.to(self.alarms.device)
         if self._device_side:
-            self._device_step(alarm, params)
+            self._device_step(alarm, params, found_finite)
             self._record(alarm, loss_t)
             self._calls += 1
             if self._calls % self.check_every == 0:
@@ -345,17 +360,23 @@ class CatastropheGuard(OptimizerWrapper):
             snap = torch.empty_like(p, device=device, pin_memory=pin)
             self.snapshots.append(snap.copy_(p))
 
-    def _device_step(self, alarm: torch.Tensor, params: list[torch.Tensor]) -> None:
+    def _device_step(
+        self, alarm: torch.Tensor, params: list[torch.Tensor], found_finite: torch.Tensor | None
+    ) -> None:
+        """Roll back where ``alarm``, cut the rates by ``where(alarm, lr_factor, 1)``, and take
+        the masked step, all on the device. ``found_finite``: the guard's own gradient check
+        (torch's fused optimizers), else None (the optimizer checks)."""
         if self.backtrack:
             # On this rank's shards (FSDP2): the rollback is elementwise.
             local_params = [local_tensor(p) for p in params]
             local_snaps = [local_tensor(s) for s in self.snapshots]
-            for p, snap in zip(local_params, local_snaps, strict=True):
-                # The masked rollback: a copy where alarm, bitwise even when p holds inf/NaN
-                # (lerp-style arithmetic would not be), sync-free on CUDA, and on CPU several
-                # times faster than torch.where with a 0-d condition.
-                p.masked_scatter_(alarm, snap)
-            torch._foreach_copy_(local_snaps, local_params)
+            if not kernels.rollback_(local_params, local_snaps, alarm):
+                for p, snap in zip(local_params, local_snaps, strict=True):
+                    # The masked rollback: a copy where alarm, bitwise even when p holds
+                    # inf/NaN (lerp-style arithmetic would not be), sync-free on CUDA, and on
+                    # CPU several times faster than torch.where with a 0-d condition.
+                    p.masked_scatter_(alarm, snap)
+                torch._foreach_copy_(local_snaps, local_params)
         cut = torch.full((), self.lr_factor, dtype=torch.float64, device=alarm.device)
         factor = torch.where(alarm, cut, 1.0)
         inner = self._maskable
@@ -363,6 +384,12 @@ class CatastropheGuard(OptimizerWrapper):
             raise RuntimeError("the sync-free path needs a MaskableOptimizer")
         inner.scale_lr_(factor)
         self.lr_scale.mul_(factor)
+        if found_finite is not None:
+            # torch's fused step: its own step runs its hooks; a skipped non-finite gradient
+            # that is not an alarm is counted here (Note [non-finite gradients])
+            self.nonfinite_grads.add_((~found_finite & ~alarm).to(self.nonfinite_grads.dtype))
+            inner.masked_step(alarm, found_finite)
+            return
         # Note [hooks]: ``masked_step`` bypasses the wrapped optimizer's ``step``, so its own
         # step hooks run here (the host path gets them from ``optimizer.step()``). They run
         # every step: an alarm's step is a masked no-op, not known on the host.
@@ -370,7 +397,7 @@ class CatastropheGuard(OptimizerWrapper):
 
     def _self_protecting(self) -> bool:
         """Does the wrapped optimizer skip non-finite gradients itself (a MaskableOptimizer)?"""
-        return self._maskable is not None
+        return isinstance(self.optimizer, MaskableOptimizer)
 
     def _observe(self, loss: torch.Tensor | float, bad_grads: torch.Tensor | None) -> torch.Tensor:
         """The detector's verdict on ``loss``; a no-op observation where ``bad_grads``."""
@@ -404,18 +431,30 @@ class CatastropheGuard(OptimizerWrapper):
                 self.detector.load_state_dict(backup)
             self.nonfinite_grads.add_(1)
             return False
+        if self.backtrack:
+            self._copy_snapshots(params, restore=alarmed)
         if alarmed:
-            if self.backtrack:
-                for p, snap in zip(params, self.snapshots, strict=True):
-                    p.copy_(snap, non_blocking=True)
             self._cut_lr()
             self.lr_scale.mul_(self.lr_factor)
         else:
-            if self.backtrack:
-                for snap, p in zip(self.snapshots, params, strict=True):
-                    snap.copy_(p, non_blocking=True)
             self.optimizer.step()
         return alarmed
+
+    def _copy_snapshots(self, params: list[torch.Tensor], *, restore: bool) -> None:
+        """``p <- snapshot`` (``restore``) or ``snapshot <- p``: one kernel call where the
+        kernels take the tensors, else one copy per tensor (host memory, other devices)."""
+        local_params = [local_tensor(p) for p in params]
+        local_snaps = [local_tensor(s) for s in self.snapshots]
+        device = local_params[0].device if local_params else torch.device("cpu")
+        flag = torch.full((), restore, dtype=torch.bool, device=device)
+        same_device = all(s.device == device for s in local_snaps)
+        if same_device and kernels.rollback_(local_params, local_snaps, flag):
+            return
+        for p, snap in zip(local_params, local_snaps, strict=True):
+            if restore:
+                p.copy_(snap, non_blocking=True)
+            else:
+                snap.copy_(p, non_blocking=True)
 
     def _cut_lr(self) -> None:
         if self._maskable is not None:

@@ -59,6 +59,7 @@ class SALeRA(CatastropheGuard):
         snapshot_device: torch.device | str | None = None,
         check_every: int = 100,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         check_positive("lr", lr)
         base = ALeRA(
@@ -70,6 +71,7 @@ class SALeRA(CatastropheGuard):
             weight_decay=weight_decay,
             norm_eps=norm_eps,
             foreach=foreach,
+            fused=fused,
         )
         super().__init__(
             base,
@@ -114,6 +116,7 @@ class SPALeRA(SALeRA):
         snapshot_device: torch.device | str | None = None,
         check_every: int = 100,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -131,4 +134,5 @@ class SPALeRA(SALeRA):
             snapshot_device=snapshot_device,
             check_every=check_every,
             foreach=foreach,
+            fused=fused,
         )

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from steadystep._tensors import reduce_square_norms
+from steadystep._tensors import grads_finite, reduce_square_norms
 from steadystep.agnostic import apply_log_change_, log_lr_change, random_walk_mean
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "grad_norms",
     "layout_step",
     "param_multipliers",
+    "unit_layout",
     "unit_norms",
 ]
 
@@ -89,8 +90,10 @@ def layout_step(
 
     The gradient each unit sees is ``d = g + weight_decay * theta`` (weight decay enters once,
     for ``r`` and the update alike). ``found_finite`` (every ``||d_u||`` finite, Note [finite
-    from norms]) and ``skip`` (a guard's mask) give ``take_step``; the step counts of the units
-    (``group_steps``, the groups' ``"step"``, or ``gathered.tensor_steps`` for ``"tensor"``)
+    from norms], and every raw gradient element within the limit of Note [huge gradients] in
+    :mod:`steadystep._kernels`) and ``skip`` (a guard's mask) give ``take_step``; the step
+    counts of the units (``group_steps``, the groups' ``"step"``, or ``gathered.tensor_steps``
+    for ``"tensor"``)
     advance by ``take_step`` and ``skipped_steps`` counts the steps skipped for a non-finite
     gradient that the guard did not mask. ``group_multipliers`` and ``group_lrs`` are the
     groups' ``lr_multiplier`` and ``lr``.
@@ -106,20 +109,12 @@ def layout_step(
     # Whole-tensor norms on every rank, so every rank decides alike (skip included).
     norms = reduce_square_norms(norms, gathered.sharded)
 
-    members = gathered.members
-    active = [gi for gi, group_members in enumerate(members) if group_members]
-    if granularity in ("global", "param"):
-        units = [[i for group_members in members for i in group_members]]
-        owners = [0 if granularity == "global" else active[0]]
-    elif granularity == "group":
-        units = [members[gi] for gi in active]
-        owners = active
-    else:
-        units = [[i] for i in range(len(params))]
-        owners = gathered.group_index
+    units, owners, active = unit_layout(gathered.members, gathered.group_index, granularity)
     norm_u = unit_norms(norms, units, dtypes)
-    # Note [finite from norms]: no pass over the gradients to find a NaN or inf.
+    # Note [finite from norms]: a NaN or inf anywhere makes its unit's norm non-finite; the
+    # gradient limit (Note [huge gradients] in steadystep._kernels) takes a pass of its own.
     found_finite = torch.stack([torch.isfinite(n) for n in norm_u]).all()
+    found_finite = found_finite & grads_finite(gathered.grads).to(found_finite.device)
     take_step = found_finite
     nonfinite_skip = ~found_finite
     if skip is not None:
@@ -165,6 +160,27 @@ def layout_step(
         numels=gathered.numels,
         sharded=gathered.sharded,
     )
+
+
+def unit_layout(
+    members: list[list[int]], group_index: list[int], granularity: str
+) -> tuple[list[list[int]], list[int], list[int]]:
+    """``(units, owners, active)`` of a step (Note [units]): the parameter indices of each unit,
+    the param group whose ``step``/``lr_multiplier`` each unit uses (for ``"tensor"``: the
+    tensor's group), and the groups with a gradient this step. ``members[g]`` are group
+    ``g``'s indices among the parameters with a gradient; ``group_index[i]`` is parameter
+    ``i``'s group."""
+    active = [gi for gi, group_members in enumerate(members) if group_members]
+    if granularity in ("global", "param"):
+        units = [[i for group_members in members for i in group_members]]
+        owners = [0 if granularity == "global" else active[0]]
+    elif granularity == "group":
+        units = [members[gi] for gi in active]
+        owners = active
+    else:
+        units = [[i] for i in range(len(group_index))]
+        owners = list(group_index)
+    return units, owners, active
 
 
 def grad_norms(

@@ -9,7 +9,7 @@ import torch
 
 from steadystep._tensors import local_tensor
 from steadystep._validation import check_positive, check_unit_interval
-from steadystep.optim._alera_core import adapt_multipliers_, param_multipliers
+from steadystep.optim._alera_core import Gathered, adapt_multipliers_, param_multipliers
 from steadystep.optim.alera import ALeRA
 
 __all__ = ["AgAdam", "agadam"]
@@ -31,10 +31,13 @@ def agadam(
     """Adam's step with per-parameter learning rates ``lrs`` (already times the multipliers).
 
     ``grads`` are finite-masked; where ``take_step`` is False moments and parameters stay bitwise
-    unchanged (``beta -> 1``, increment and step size -> 0). ``steps`` (after this step's
-    increment) drive the bias corrections.
+    unchanged (``beta -> 1``, increment and step size -> 0, and the gradient is replaced by 0:
+    a finite gradient above the limit of Note [huge gradients] in :mod:`steadystep._kernels`
+    would square to inf, and ``inf * 0`` is NaN). ``steps`` (after this step's increment) drive
+    the bias corrections.
     """
     for p, g, m, v, lr, t in zip(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, strict=True):
+        g = torch.where(take_step, g, 0.0)
         b1 = torch.where(take_step, torch.full_like(t, beta1, dtype=m.dtype), 1.0)
         b2 = torch.where(take_step, torch.full_like(t, beta2, dtype=v.dtype), 1.0)
         m.mul_(b1).addcmul_(g, 1.0 - b1)
@@ -77,7 +80,11 @@ class AgAdam(ALeRA):
         C: adaptation speed (default 3e-6).
         granularity: ``"global" | "group" | "tensor" | "param"`` (default ``"group"``).
         norm_eps: below this gradient norm ``r`` only decays (default 1e-6).
-        foreach: ``torch._foreach`` kernels for the agnostic part (default: on CUDA).
+        foreach: ``torch._foreach`` kernels for the agnostic part where the step is not fused
+            (default: on CUDA).
+        fused: the whole step (relaxed paths, multipliers and Adam's update) as one
+            multi-tensor kernel call, as in :class:`~steadystep.ALeRA` (default: None, wherever
+            the kernels take the parameters).
 
     There is no ``weight_decay``: the rates adapt from the raw gradient, and a param group
     that sets ``weight_decay`` is rejected with a ValueError (an L2 term belongs in the loss).
@@ -104,6 +111,7 @@ class AgAdam(ALeRA):
         granularity: str = "group",
         norm_eps: float = 1e-6,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         beta1 = check_unit_interval("betas[0]", betas[0])
         beta2 = check_unit_interval("betas[1]", betas[1])
@@ -117,6 +125,7 @@ class AgAdam(ALeRA):
             weight_decay=0.0,
             norm_eps=norm_eps,
             foreach=foreach,
+            fused=fused,
         )
 
     def _base_defaults(self) -> dict[str, Any]:
@@ -137,14 +146,48 @@ class AgAdam(ALeRA):
             )
         super().add_param_group(param_group)
 
+    def _adam_state(
+        self, gathered: Gathered, advanced: torch.Tensor | None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Adam's moments and step counts of the parameters with a gradient (created on a
+        parameter's first step). ``advanced``: what this step already added to the groups'
+        step counts (0 or 1, the reference path), or None before they advance (the fused one).
+
+        Note [two step counts]: Adam's bias correction counts the steps this parameter's
+        moments have taken (as torch.optim.Adam); a checkpoint from before the per-parameter
+        count existed used the group's."""
+        exp_avgs, exp_avg_sqs, adam_steps = [], [], []
+        groups = self.param_groups
+        for p, gi in zip(gathered.keys, gathered.group_index, strict=True):
+            state = self.state[p]
+            fresh = "exp_avg" not in state
+            if fresh:
+                state["exp_avg"] = torch.zeros_like(state["relaxed_path"])
+                state["exp_avg_sq"] = torch.zeros_like(state["relaxed_path"])
+            if "step" not in state:
+                device = groups[gi]["step"].device
+                state["step"] = torch.zeros((), dtype=torch.float32, device=device)
+                if not fresh:
+                    before = (
+                        groups[gi]["step"] if advanced is None else groups[gi]["step"] - advanced
+                    )
+                    state["step"].copy_(before)
+            exp_avgs.append(local_tensor(state["exp_avg"]))
+            exp_avg_sqs.append(local_tensor(state["exp_avg_sq"]))
+            adam_steps.append(state["step"])
+        return exp_avgs, exp_avg_sqs, adam_steps
+
     @torch.no_grad()
     def masked_step(self, skip: torch.Tensor | None) -> None:
         """The step, an exact no-op where ``skip`` (0-d bool) is True (decided on the device);
         ``skip=None`` is :meth:`step`."""
-        laid_out = self._layout(skip)
-        if laid_out is None:
+        gathered = self._gather()
+        if not gathered.params:
             return
-        step, gathered = laid_out
+        fusable = self.defaults.get("fused") is not False
+        if fusable and self._fused_step(gathered, skip, self._adam_state(gathered, None)):
+            return
+        step = self._layout(gathered, skip)
         hyper = self._hyper()
         adapt_multipliers_(
             step.grads,
@@ -162,27 +205,11 @@ class AgAdam(ALeRA):
         per_param_m = param_multipliers(
             step.units, step.multipliers, len(step.params), param_wise=hyper["param_wise"]
         )
-        exp_avgs, exp_avg_sqs, adam_steps = [], [], []
-        groups = self.param_groups
         increment = step.take_step.to(torch.float32)
-        for p, gi in zip(gathered.keys, gathered.group_index, strict=True):
-            state = self.state[p]
-            fresh = "exp_avg" not in state
-            if fresh:
-                state["exp_avg"] = torch.zeros_like(state["relaxed_path"])
-                state["exp_avg_sq"] = torch.zeros_like(state["relaxed_path"])
-            if "step" not in state:
-                # Note [two step counts]: Adam's bias correction counts the steps this
-                # parameter's moments have taken (as torch.optim.Adam); a checkpoint from
-                # before the per-parameter count existed used the group's.
-                state["step"] = torch.zeros((), dtype=torch.float32, device=increment.device)
-                if not fresh:
-                    state["step"].copy_(groups[gi]["step"] - increment)
-            if self.granularity != "tensor":  # for "tensor", layout_step counted it already
-                state["step"].add_(increment)
-            exp_avgs.append(local_tensor(state["exp_avg"]))
-            exp_avg_sqs.append(local_tensor(state["exp_avg_sq"]))
-            adam_steps.append(state["step"])
+        exp_avgs, exp_avg_sqs, adam_steps = self._adam_state(gathered, increment)
+        if self.granularity != "tensor":  # for "tensor", layout_step counted it already
+            for t in adam_steps:
+                t.add_(increment)
         beta1, beta2 = self.defaults["betas"]
         agadam(
             step.params,

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from steadystep._tensors import clone_tensors, full_max, is_sharded, local_tensor
+from steadystep import _kernels as kernels
+from steadystep._tensors import clone_tensors, full_max, is_sharded, local_tensor, scale_all_
 from steadystep._validation import (
     check_choice,
     check_nonnegative,
@@ -30,6 +31,7 @@ from steadystep.optim._alera_core import (
     alera,
     grad_norms,
     layout_step,
+    unit_layout,
     unit_norms,
 )
 
@@ -94,7 +96,13 @@ class ALeRA(Optimizer):
             normalised by the global norm, reference mean ``E_t / D``, std ``alpha / D``).
         weight_decay: L2 penalty added to the gradient (default 0).
         norm_eps: below this unit gradient norm the step has no direction and ``r`` only decays.
-        foreach: use ``torch._foreach`` kernels (default: on CUDA only, where they are faster).
+        foreach: use ``torch._foreach`` kernels where the step is not fused (default: on CUDA
+            only, where they are faster); True also turns the default fused path off.
+        fused: the whole step as one multi-tensor kernel call (two passes over the elements;
+            :func:`steadystep._kernels.alera_`: C on CPU, Triton on CUDA). None (default):
+            wherever the kernels take the parameters (not under FSDP2, not with tensor
+            learning rates), else the foreach/per-tensor path; True: fused or an error; False:
+            never. It agrees with the per-tensor path to rounding.
 
     ``group["lr_multiplier"]`` (0-d, every granularity) is also where
     :class:`~steadystep.CatastropheGuard` cuts the rate; ``group["step"]`` counts the steps
@@ -129,9 +137,15 @@ class ALeRA(Optimizer):
         weight_decay: float = 0.0,
         norm_eps: float = 1e-6,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         check_positive("lr", lr)
         check_nonnegative("weight_decay", weight_decay)
+        if foreach and fused:
+            raise ValueError(
+                "foreach and fused pick different implementations and cannot both be True, "
+                f"got foreach={foreach!r}, fused={fused!r}"
+            )
         defaults = dict(
             lr=lr,
             alpha=_check_alpha(alpha),
@@ -139,6 +153,7 @@ class ALeRA(Optimizer):
             weight_decay=weight_decay,
             norm_eps=check_nonnegative("norm_eps", norm_eps),
             foreach=foreach,
+            fused=fused,
             **self._base_defaults(),
         )
         self.granularity = check_choice("granularity", granularity, GRANULARITIES)
@@ -292,9 +307,7 @@ class ALeRA(Optimizer):
     @torch.no_grad()
     def scale_lr_(self, factor: torch.Tensor) -> None:
         """Multiply every effective learning rate by ``factor`` (0-d tensor), on the device."""
-        for group in self.param_groups:
-            m = group["lr_multiplier"]
-            m.mul_(factor.to(device=m.device, dtype=m.dtype))
+        scale_all_([group["lr_multiplier"] for group in self.param_groups], factor)
 
     @torch.no_grad()
     def max_lr(self) -> torch.Tensor:
@@ -378,17 +391,13 @@ class ALeRA(Optimizer):
                 state["lr_multiplier"] = torch.ones_like(p, dtype=sdtype)
         return state
 
-    def _layout(self, skip: torch.Tensor | None) -> tuple[AgnosticStep, Gathered] | None:
-        """This step laid out per unit (Note [units] in :mod:`steadystep.optim._alera_core`);
-        None without gradients."""
-        gathered = self._gather()
-        if not gathered.params:
-            return None
+    def _layout(self, gathered: Gathered, skip: torch.Tensor | None) -> AgnosticStep:
+        """This step laid out per unit (Note [units] in :mod:`steadystep.optim._alera_core`)."""
         foreach = self.defaults["foreach"]
         if foreach is None:
             foreach = gathered.params[0].is_cuda
         groups = self.param_groups
-        step = layout_step(
+        return layout_step(
             gathered,
             [g["step"] for g in groups],
             [g["lr_multiplier"] for g in groups],
@@ -399,7 +408,90 @@ class ALeRA(Optimizer):
             skip=skip,
             foreach=foreach,
         )
-        return step, gathered
+
+    def _fused_step(
+        self,
+        gathered: Gathered,
+        skip: torch.Tensor | None,
+        adam: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None,
+    ) -> bool:
+        """The whole step in one kernel call (``fused``); False, having changed nothing, where
+        the kernels cannot take it. ``adam``: Ag-Adam's moments and step counts."""
+        fused = self.defaults.get("fused")
+        if fused is False or (fused is None and self.defaults["foreach"]):
+            return False
+        groups = self.param_groups
+        lrs = [groups[gi]["lr"] for gi in gathered.group_index]
+        supported = not any(gathered.sharded) and not any(isinstance(x, torch.Tensor) for x in lrs)
+        if supported:
+            supported = self._run_kernel(gathered, skip, lrs, adam)
+        if not supported and fused:
+            raise RuntimeError(
+                f"{type(self).__name__}(fused=True): the fused kernels cannot take this step "
+                "(they need dense contiguous float32/float64/bfloat16 parameters of one dtype "
+                "on a CPU with a C compiler or on CUDA with Triton, float learning rates, no "
+                "FSDP2 sharding); pass fused=None to fall back"
+            )
+        return supported
+
+    def _run_kernel(
+        self,
+        gathered: Gathered,
+        skip: torch.Tensor | None,
+        lrs: list[Any],
+        adam: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None,
+    ) -> bool:
+        groups = self.param_groups
+        gran = self.granularity
+        units, owners, active = unit_layout(gathered.members, gathered.group_index, gran)
+        tensor_unit = [0] * len(gathered.params)
+        for u, members in enumerate(units):
+            for i in members:
+                tensor_unit[i] = u
+        group_steps = [
+            groups[gi]["step"] for gi in (range(len(groups)) if gran == "global" else active)
+        ]
+        if gran == "tensor":
+            unit_steps = gathered.tensor_steps
+            counters = group_steps + unit_steps
+        else:
+            unit_steps = [groups[gi]["step"] for gi in owners]
+            counters = group_steps
+        if gran in ("global", "group"):
+            unit_multipliers = [groups[gi]["lr_multiplier"] for gi in owners]
+            lr_scales: list[torch.Tensor | None] = [None] * len(gathered.params)
+        else:
+            unit_multipliers = None if gran == "param" else list(gathered.param_multipliers)
+            lr_scales = [groups[gi]["lr_multiplier"] for gi in gathered.group_index]
+        exp_avgs, exp_avg_sqs, adam_steps = adam if adam is not None else (None, None, None)
+        hyper = self.defaults
+        betas = hyper.get("betas", (0.0, 0.0))
+        return kernels.alera_(
+            gathered.params,
+            gathered.grads,
+            gathered.relaxed_paths,
+            list(gathered.param_multipliers) if gran == "param" else None,
+            exp_avgs,
+            exp_avg_sqs,
+            adam_steps,
+            tensor_unit=tensor_unit,
+            tensor_weight_decay=gathered.weight_decays,
+            tensor_lr=lrs,
+            tensor_lr_scale=lr_scales,
+            unit_multipliers=unit_multipliers,
+            unit_steps=unit_steps,
+            unit_numels=[sum(gathered.numels[i] for i in unit) for unit in units],
+            counters=counters,
+            mirrors=[g["lr_multiplier"] for g in groups[1:]] if gran == "global" else [],
+            skipped=groups[0]["skipped_steps"],
+            skip=skip,
+            alpha=hyper["alpha"],
+            C=hyper["C"],
+            norm_eps=hyper["norm_eps"],
+            beta1=betas[0],
+            beta2=betas[1],
+            eps=hyper.get("eps", 0.0),
+        )
 
     def _sync_global(self) -> None:
         if self.granularity == "global":
@@ -421,10 +513,10 @@ class ALeRA(Optimizer):
     def masked_step(self, skip: torch.Tensor | None) -> None:
         """The step, an exact no-op where ``skip`` (0-d bool) is True (decided on the device);
         ``skip=None`` is :meth:`step` (Note [host syncs] of :mod:`steadystep.guard`)."""
-        laid_out = self._layout(skip)
-        if laid_out is None:
+        gathered = self._gather()
+        if not gathered.params or self._fused_step(gathered, skip):
             return
-        step, _ = laid_out
+        step = self._layout(gathered, skip)
         alera(
             step.params,
             step.grads,

@@ -4,8 +4,8 @@
 Tensor lists are positional and hyperparameters keyword-only, as in ``torch.optim``'s
 functional API; each step dispatches to a per-tensor reference loop (``_single_tensor_*``,
 the readable one), a ``torch._foreach_*`` path (``_multi_tensor_*``, bitwise the same on CPU) or
-the compiled fused kernels of :mod:`~steadystep.optim.cprop._fused`. The math is in
-:mod:`~steadystep.optim.cprop._math`.
+the fused multi-tensor kernels of :mod:`~steadystep.optim.cprop._fused` (Note [Fused path]).
+The math is in :mod:`~steadystep.optim.cprop._math`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from steadystep.optim.cprop._fused import _fused_cprop_adam, _fused_cprop_sgd
+from steadystep.optim.cprop._fused import fused_cprop_adam, fused_cprop_sgd
 from steadystep.optim.cprop._math import (
     _AdamHyper,
     _AdamTensors,
@@ -213,27 +213,29 @@ def cprop_sgd(
     cdf: str,
     method: str,
     foreach: bool = False,
-    fused: bool = False,
+    fused: bool | None = False,
 ) -> None:
     """Functional :class:`CPropSGD`: SGD's update scaled per element by CProp, in place.
 
-    ``fused`` runs one torch.compile-generated loop per tensor (Note [Fused path]); else
-    ``foreach`` picks ``torch._foreach_*`` ops over the per-tensor reference loop.
-    ``lr_multiplier`` (0-d tensor, optional) multiplies ``lr`` on the device: the step is taken
-    at ``lr * lr_multiplier`` with no host read (a guard's LR cuts).
+    ``fused=True`` runs the whole step as one multi-tensor kernel call (Note [Fused path]) and
+    raises where the kernels cannot take the tensors; ``fused=None`` does so where they can and
+    else falls back; otherwise ``foreach`` picks ``torch._foreach_*`` ops over the per-tensor
+    reference loop. ``lr_multiplier`` (0-d float64 tensor, optional) multiplies ``lr`` on the
+    device: the step is taken at ``lr * lr_multiplier`` with no host read (a guard's LR cuts).
     """
-    if fused:
-        fn = _fused_cprop_sgd
-    else:
-        fn = _multi_tensor_cprop_sgd if foreach else _single_tensor_cprop_sgd
-    fn(
-        _SGDTensors(
-            params, grads, momentum_buffers, cprop_exp_avgs, cprop_exp_avg_sqs, state_steps
-        ),
-        found_finite=found_finite,
-        sgd=_SGDHyper(lr, momentum, dampening, weight_decay, nesterov, lr_multiplier),
-        cprop=_CPropHyper(cprop_beta, cprop_c, cprop_eps, cdf, method),
+    tensors = _SGDTensors(
+        params, grads, momentum_buffers, cprop_exp_avgs, cprop_exp_avg_sqs, state_steps
     )
+    sgd = _SGDHyper(lr, momentum, dampening, weight_decay, nesterov, lr_multiplier)
+    cprop = _CPropHyper(cprop_beta, cprop_c, cprop_eps, cdf, method)
+    if fused is not False and fused_cprop_sgd(
+        tensors, found_finite=found_finite, sgd=sgd, cprop=cprop
+    ):
+        return
+    if fused:
+        raise _no_kernels("cprop_sgd", params)
+    fn = _multi_tensor_cprop_sgd if foreach else _single_tensor_cprop_sgd
+    fn(tensors, found_finite=found_finite, sgd=sgd, cprop=cprop)
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,34 +350,43 @@ def cprop_adam(
     cdf: str,
     method: str,
     foreach: bool = False,
-    fused: bool = False,
+    fused: bool | None = False,
 ) -> None:
     """Functional :class:`CPropAdam` / :class:`CPropAdamW`, in place.
 
     ``cprop_exp_avg_sqs=None`` means CProp's ``v`` is Adam's ``exp_avg_sq`` (shared);
-    ``max_exp_avg_sqs`` is read only with ``amsgrad``; ``lr_multiplier`` as in
-    :func:`cprop_sgd`.
+    ``max_exp_avg_sqs`` is read only with ``amsgrad``; ``lr_multiplier``, ``fused`` and
+    ``foreach`` as in :func:`cprop_sgd`.
     """
+    tensors = _AdamTensors(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs if amsgrad else None,
+        cprop_exp_avgs,
+        cprop_exp_avg_sqs,
+        state_steps,
+    )
+    adam = _AdamHyper(
+        lr, beta1, beta2, eps, weight_decay, amsgrad, decoupled_weight_decay, lr_multiplier
+    )
+    cprop = _CPropHyper(cprop_beta, cprop_c, cprop_eps, cdf, method)
+    if fused is not False and fused_cprop_adam(
+        tensors, found_finite=found_finite, adam=adam, cprop=cprop
+    ):
+        return
     if fused:
-        fn = _fused_cprop_adam
-    elif foreach:
-        fn = _multi_tensor_cprop_adam
-    else:
-        fn = _single_tensor_cprop_adam
-    fn(
-        _AdamTensors(
-            params,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
-            max_exp_avg_sqs if amsgrad else None,
-            cprop_exp_avgs,
-            cprop_exp_avg_sqs,
-            state_steps,
-        ),
-        found_finite=found_finite,
-        adam=_AdamHyper(
-            lr, beta1, beta2, eps, weight_decay, amsgrad, decoupled_weight_decay, lr_multiplier
-        ),
-        cprop=_CPropHyper(cprop_beta, cprop_c, cprop_eps, cdf, method),
+        raise _no_kernels("cprop_adam", params)
+    fn = _multi_tensor_cprop_adam if foreach else _single_tensor_cprop_adam
+    fn(tensors, found_finite=found_finite, adam=adam, cprop=cprop)
+
+
+def _no_kernels(name: str, params: list[Tensor]) -> RuntimeError:
+    where = sorted({f"{p.device.type} {str(p.dtype).removeprefix('torch.')}" for p in params})
+    return RuntimeError(
+        f"{name}(fused=True): the fused kernels cannot take these tensors ({', '.join(where)}; "
+        "they need dense contiguous float32/float64/bfloat16 tensors on a CPU with a C "
+        "compiler, or on CUDA with Triton, and STEADYSTEP_FUSED not set to 0). Pass "
+        "fused=None to fall back to the eager paths."
     )

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from steadystep._tensors import clone_tensors, shards
+from steadystep._tensors import clone_tensors, scale_all_, shards
 from steadystep._validation import (
     check_finite,
     check_nonnegative,
@@ -42,6 +42,14 @@ __all__ = ["CPropAdam", "CPropAdamW", "CPropSGD"]
 
 def _use_foreach(group: dict[str, Any], params: list[Tensor]) -> bool:
     return _default_foreach(params) if group["foreach"] is None else group["foreach"]
+
+
+def _use_fused(group: dict[str, Any]) -> bool | None:
+    """``fused`` for the functional core: the group's choice; by default (None) the fused
+    kernels wherever they take the tensors, unless ``foreach=True`` asked for that path."""
+    if group["fused"] is None and group["foreach"]:
+        return False
+    return group["fused"]
 
 
 def _native_cprop_kwargs(group: dict[str, Any]) -> dict[str, Any]:
@@ -143,9 +151,7 @@ class _NativeCPropBase(Optimizer):
     @torch.no_grad()
     def scale_lr_(self, factor: Tensor) -> None:
         """Multiply every group's ``lr_multiplier`` by ``factor`` (0-d tensor), on the device."""
-        for group in self.param_groups:
-            m = group["lr_multiplier"]
-            m.mul_(factor.to(device=m.device, dtype=m.dtype))
+        scale_all_([group["lr_multiplier"] for group in self.param_groups], factor)
 
     @torch.no_grad()
     def max_lr(self) -> Tensor:
@@ -214,7 +220,8 @@ _CPROP_ARGS_DOC = """
         cdf (str): ``"normal"`` (erf), ``"bft"``, ``"bfo"`` or ``"logistic"`` (default: "normal").
         method (str): ``"conformity"`` (the paper's), ``"relative"`` or ``"moment"``
             (its section 2.4 alternatives) (default: "conformity").
-        foreach (bool, optional): ``torch._foreach_*`` ops; None picks them on CUDA only.
+        foreach (bool, optional): ``torch._foreach_*`` ops where the step is not fused; None
+            picks them on CUDA only; True also turns the default fused path off.
 """
 
 
@@ -235,8 +242,10 @@ class CPropSGD(_NativeCPropBase):
         weight_decay (float): L2 penalty added to the gradient SGD sees (default: 0).
         nesterov (bool): Nesterov momentum (default: False).
     <CPROP_ARGS>
-        fused (bool, optional): one torch.compile-generated kernel per tensor (CPU or CUDA;
-            the first step compiles, which takes seconds) (default: None = False).
+        fused (bool, optional): the whole step as one multi-tensor kernel call per param
+            group (Note [Fused path] in :mod:`steadystep.optim.cprop._fused`: C on CPU, Triton
+            on CUDA). None (default): fused wherever the kernels take the tensors, else the
+            foreach (CUDA) or per-tensor (CPU) path; True: fused or an error; False: never.
 
     State per parameter: ``step`` (0-d float32), ``cprop_exp_avg``, ``cprop_exp_avg_sq``
     (``cprop_exp_avg_abs`` for ``method="relative"``) and ``momentum_buffer`` when
@@ -322,7 +331,7 @@ class CPropSGD(_NativeCPropBase):
             lr_multiplier=group["lr_multiplier"],
             **_native_cprop_kwargs(group),
             foreach=_use_foreach(group, params),
-            fused=bool(group["fused"]),
+            fused=_use_fused(group),
         )
 
 
@@ -347,8 +356,10 @@ class CPropAdam(_NativeCPropBase):
         weight_decay (float): L2 penalty (decoupled in :class:`CPropAdamW`) (default: 0).
         amsgrad (bool): use the running maximum of ``v`` (default: False).
     <CPROP_ARGS>
-        fused (bool, optional): one torch.compile-generated kernel per tensor (CPU or CUDA;
-            the first step compiles, which takes seconds) (default: None = False).
+        fused (bool, optional): the whole step as one multi-tensor kernel call per param
+            group (Note [Fused path] in :mod:`steadystep.optim.cprop._fused`: C on CPU, Triton
+            on CUDA). None (default): fused wherever the kernels take the tensors, else the
+            foreach (CUDA) or per-tensor (CPU) path; True: fused or an error; False: never.
 
     State per parameter: ``step`` (0-d float32, Adam's and CProp's ``t``), ``exp_avg``,
     ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad), ``cprop_exp_avg`` and, unless shared,
@@ -459,7 +470,7 @@ class CPropAdam(_NativeCPropBase):
             lr_multiplier=group["lr_multiplier"],
             **_native_cprop_kwargs(group),
             foreach=_use_foreach(group, params),
-            fused=bool(group["fused"]),
+            fused=_use_fused(group),
         )
 
 

@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from steadystep import _kernels as kernels
 from steadystep._tensors import shards
 from steadystep.optim._wrapper import OptimizerWrapper
-from steadystep.optim.cprop._fused import _FusedWrapperStep
 from steadystep.optim.cprop._math import _check_hyper, _cprop_hyper, _CPropHyper, _second_key
 from steadystep.optim.cprop._state import (
     _call_closure,
@@ -45,9 +45,10 @@ class CProp(OptimizerWrapper):
         eps (float): floor of the standard error, >= 0 (default: 1e-8).
         cdf (str): ``"normal"``, ``"bft"``, ``"bfo"`` or ``"logistic"`` (default: "normal").
         method (str): ``"conformity"``, ``"relative"`` or ``"moment"`` (default: "conformity").
-        fused (bool, optional): CProp's own work as two torch.compile-generated passes per
-            tensor (statistics and snapshot before the base step, scale after it) instead of
-            eager ops; the first step compiles (default: None = False).
+        fused (bool, optional): CProp's own work as two multi-tensor kernel calls per param
+            group (statistics and snapshot before the base step, scale after it; Note [Fused
+            path] in :mod:`steadystep.optim.cprop._fused`). None (default): wherever the
+            kernels take the tensors, else eager ops; True: fused or an error; False: eager.
 
     These are defaults: they are stored in every param group of the base optimizer as
     ``cprop_beta``, ``cprop_c``, ``cprop_eps``, ``cprop_cdf``, ``cprop_method`` (a group that
@@ -90,7 +91,7 @@ class CProp(OptimizerWrapper):
     ) -> None:
         super().__init__(optimizer)
         _check_hyper(beta, c, eps, cdf, method, prefix="")
-        self.fused = bool(fused)
+        self.fused = fused
         self.cprop_defaults = _CPropHyper(beta, c, eps, cdf, method).group_entries()
         self.cprop_state: dict[Tensor, dict[str, Tensor]] = {}
         for group in self.optimizer.param_groups:
@@ -173,28 +174,26 @@ class CProp(OptimizerWrapper):
                     return closure()
 
         work, found_finite = _collect(self.param_groups, "CProp", self._init_state)
-        if self.fused:
-            return self._fused_step(work, found_finite, base_closure, out)
-        for group, params in work:
-            if params:
-                cprop_update_(
-                    shards([p.grad for p in params]),
-                    *self._statistics(group, params),
-                    found_finite=found_finite,
-                    beta=group["cprop_beta"],
-                    method=group["cprop_method"],
-                    foreach=_default_foreach(params),
-                )
-        # statistics are read before the base steps, so a base that writes into p.grad (torch's
-        # never do) cannot change them
-        snapshots = [[p.clone() for p in shards(params)] for _, params in work]
+        # before the base steps: CProp's statistics and the snapshot p_old, per group fused
+        # (one kernel call) where the kernels take it, else eager; statistics are read before
+        # the base steps, so a base that writes into p.grad (torch's never do) cannot change them
+        snapshots = [self._before(group, params, found_finite) for group, params in work]
 
         base_out = self.optimizer.step(base_closure) if base_closure else self.optimizer.step()
         if out is None:
             out = base_out
 
-        for (group, params), olds in zip(work, snapshots, strict=True):
+        for (group, params), (fused, olds) in zip(work, snapshots, strict=True):
             if not params:
+                continue
+            if fused:
+                kernels.wrapper_after_(
+                    shards(params),
+                    olds,
+                    *self._statistics(group, params),
+                    found_finite=found_finite,
+                    **_kernel_hyper(group),
+                )
                 continue
             scales = cprop_scales(
                 *self._statistics(group, params),
@@ -205,6 +204,48 @@ class CProp(OptimizerWrapper):
             for p, old, s in zip(shards(params), olds, scales, strict=True):
                 _apply_scale_(p, old, s, found_finite)
         return out
+
+    def _before(
+        self, group: dict[str, Any], params: list[Tensor], found_finite: Tensor
+    ) -> tuple[bool, list[Tensor]]:
+        """CProp's statistics from the raw gradients and the snapshot of the parameters:
+        ``(fused, snapshots)``."""
+        if not params:
+            return False, []
+        local = shards(params)
+        if self.fused is not False:
+            # one buffer for the whole group's snapshot: one allocation, not one per tensor
+            flat = torch.empty(
+                sum(p.numel() for p in local), dtype=local[0].dtype, device=local[0].device
+            )
+            olds = [
+                t.view_as(p)
+                for t, p in zip(flat.split([p.numel() for p in local]), local, strict=True)
+            ]
+            if kernels.wrapper_before_(
+                local,
+                shards([p.grad for p in params]),
+                olds,
+                *self._statistics(group, params),
+                found_finite=found_finite,
+                **_kernel_hyper(group),
+            ):
+                return True, olds
+            if self.fused:
+                raise RuntimeError(
+                    "CProp(fused=True): the fused kernels cannot take these parameters (they "
+                    "need dense contiguous float32/float64/bfloat16 tensors on a CPU with a C "
+                    "compiler, or on CUDA with Triton); pass fused=None to fall back"
+                )
+        cprop_update_(
+            shards([p.grad for p in params]),
+            *self._statistics(group, params),
+            found_finite=found_finite,
+            beta=group["cprop_beta"],
+            method=group["cprop_method"],
+            foreach=_default_foreach(params),
+        )
+        return False, [p.clone() for p in local]
 
     def _init_state(self, group: dict[str, Any], param: Tensor) -> None:
         if param not in self.cprop_state:
@@ -223,24 +264,11 @@ class CProp(OptimizerWrapper):
             [st["step"] for st in states],
         )
 
-    def _fused_step(
-        self,
-        work: list[tuple[dict[str, Any], list[Tensor]]],
-        found_finite: Tensor,
-        base_closure: Callable[[], Any] | None,
-        out: Any,
-    ) -> Any:
-        passes = [
-            _FusedWrapperStep(params, [self.cprop_state[p] for p in params], found_finite, group)
-            for group, params in work
-            if params
-        ]
-        for fused_pass in passes:
-            fused_pass.before()
-        base_out = self.optimizer.step(base_closure) if base_closure else self.optimizer.step()
-        for fused_pass in passes:
-            fused_pass.after()
-        return base_out if out is None else out
+
+def _kernel_hyper(group: dict[str, Any]) -> dict[str, Any]:
+    """A group's CProp hyperparameters as the kernels name them."""
+    beta, c, eps, cdf, method = _cprop_hyper(group)
+    return dict(cprop_beta=beta, cprop_c=c, cprop_eps=eps, cdf=cdf, method=method)
 
 
 def _apply_scale_(param: Tensor, old: Tensor, s: Tensor, found_finite: Tensor) -> None:

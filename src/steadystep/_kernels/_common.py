@@ -1,0 +1,241 @@
+"""What the kernel entry points share: backend choice, support checks, ctypes plumbing."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+import os
+from collections.abc import Sequence
+from types import SimpleNamespace
+
+import torch
+from torch import Tensor
+
+from steadystep._kernels import _cpu
+
+__all__ = ["CDF_CONSTANT", "enabled", "gradient_limit", "grads_ok", "stats_dtype"]
+
+_PARAM_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
+_METHOD_CODE = {"conformity": 0, "relative": 1, "moment": 2}
+_CDF_CODE = {"normal": 0, "bft": 1, "bfo": 2, "logistic": 3}
+# x = |m_hat| / se enters erf or tanh scaled by this (folded into the coefficients)
+CDF_CONSTANT = {
+    "normal": 1.0 / math.sqrt(2.0),
+    "bft": 1.0,
+    "bfo": 1.702 / 2.0,
+    "logistic": math.pi / math.sqrt(3.0) / 2.0,
+}
+
+
+def enabled() -> bool:
+    """False when ``STEADYSTEP_FUSED=0`` is set: every optimizer then takes its eager path."""
+    return os.environ.get("STEADYSTEP_FUSED", "1").strip().lower() not in ("0", "false", "no")
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of statistics kept for parameters of ``dtype``: float32 for 16-bit floats."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def gradient_limit(dtype: torch.dtype) -> float:
+    """The largest gradient magnitude a step accepts for statistics of ``dtype`` (Note [huge
+    gradients]): ``2**(max_exponent // 2 - 1)``."""
+    max_exponent = math.frexp(torch.finfo(dtype).max)[1]  # 128 for float32, 1024 for float64
+    return 2.0 ** (max_exponent // 2 - 1)
+
+
+@functools.lru_cache(maxsize=1)
+def _triton() -> SimpleNamespace | None:
+    """The Triton entry points, or None where Triton does not import (the eager paths run)."""
+    try:
+        from steadystep._kernels import _triton_alera, _triton_common, _triton_cprop
+    except Exception:  # no Triton, or one that does not load
+        return None
+    return SimpleNamespace(
+        grads_ok=_triton_common.grads_ok,
+        adam=_triton_cprop.adam,
+        sgd=_triton_cprop.sgd,
+        wrapper_before=_triton_cprop.wrapper_before,
+        wrapper_after=_triton_cprop.wrapper_after,
+        alera=_triton_alera.alera,
+        rollback=_triton_alera.rollback,
+    )
+
+
+def _backend(*lists: Sequence[Tensor | None], any_dtype: bool = False) -> str | None:
+    """ "cpu" or "cuda" when every tensor is a dense contiguous tensor of one device and (unless
+    ``any_dtype``) a dtype with a kernel, None entries allowed; else None (the eager paths).
+    Under ``torch.compile`` it is always None: the compiler traces the eager path (and fuses it
+    itself) rather than a call it cannot see into."""
+    if _compiling() or not enabled():
+        return None
+    device = None
+    for ts in lists:
+        for t in ts:
+            if t is None:
+                continue
+            if (
+                t.layout != torch.strided
+                or not t.is_contiguous()
+                or (not any_dtype and t.dtype not in _PARAM_CODE)
+                or (type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter))
+            ):
+                return None
+            if device is None:
+                device = t.device
+            elif t.device != device:
+                return None
+    if device is None or device.type not in ("cpu", "cuda"):
+        return None
+    if device.type == "cuda" and _triton() is None:
+        return None
+    return device.type
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return compiler.is_compiling()
+    return torch._dynamo.is_compiling()  # torch < 2.3
+
+
+def _same_dtype(params: Sequence[Tensor], grads: Sequence[Tensor] | None = None) -> bool:
+    dtype = params[0].dtype
+    return all(p.dtype == dtype for p in params) and (
+        grads is None or all(g.dtype == dtype for g in grads)
+    )
+
+
+def _stats_ok(params: Sequence[Tensor], *stats: Sequence[Tensor | None] | None) -> bool:
+    want = stats_dtype(params[0].dtype)
+    return all(s is None or s.dtype == want for ss in stats if ss is not None for s in ss)
+
+
+def _steps_ok(steps: Sequence[Tensor], device: torch.device) -> bool:
+    return all(s.dtype == torch.float32 and s.device == device and s.numel() == 1 for s in steps)
+
+
+def _pointers(tensors: Sequence[Tensor | None]) -> ctypes.Array:
+    return (ctypes.c_void_p * max(len(tensors), 1))(
+        *[None if t is None else t.data_ptr() for t in tensors]
+    )
+
+
+def _numels(tensors: Sequence[Tensor]) -> ctypes.Array:
+    return (ctypes.c_int64 * max(len(tensors), 1))(*[t.numel() for t in tensors])
+
+
+def _doubles(values: Sequence[float]) -> ctypes.Array:
+    return (ctypes.c_double * max(len(values), 1))(*values)
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _scale_config(c: float, eps: float, cdf: str, method: str) -> dict[str, int]:
+    return {
+        "SS_METHOD": _METHOD_CODE[method],
+        "SS_CDF": _CDF_CODE[cdf],
+        "SS_C_INF": int(math.isinf(c)),
+        "SS_C_ONE": int(c == 1),
+        "SS_EPS_ZERO": int(eps == 0),
+    }
+
+
+def _hyper_values(
+    *,
+    lr: float = 0.0,
+    beta1: float = 0.0,
+    beta2: float = 0.0,
+    eps: float = 0.0,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    cprop_beta: float,
+    cprop_c: float,
+    cprop_eps: float,
+    cdf: str,
+    method: str,
+) -> tuple[float, ...]:
+    """The hyperparameter row both backends read (the order of ``hyper_t`` in the C source)."""
+    constant = CDF_CONSTANT[cdf] if method == "conformity" else 1.0
+    c = 1.0 if math.isinf(cprop_c) else cprop_c
+    return tuple(
+        float(x)
+        for x in (
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            cprop_beta,
+            c,
+            cprop_eps,
+            constant,
+            momentum,
+            dampening,
+        )
+    )
+
+
+def _c_hyper(values: tuple[float, ...]) -> _cpu.Hyper:
+    return _cpu.Hyper(*values)
+
+
+def _lr_scale(lr_scale: Tensor | None, device: torch.device) -> Tensor:
+    if lr_scale is None:
+        return torch.ones((), dtype=torch.float64, device=device)
+    if lr_scale.dtype != torch.float64 or lr_scale.device != device:
+        raise ValueError(
+            f"lr_scale must be a 0-d float64 tensor on {device}, got {lr_scale.dtype} on "
+            f"{lr_scale.device}"
+        )
+    return lr_scale
+
+
+def _check_flag(flag: Tensor, device: torch.device, name: str = "found_finite") -> Tensor:
+    if flag.dtype != torch.bool or flag.numel() != 1 or flag.device != device:
+        raise ValueError(
+            f"{name} must be a 0-d bool tensor on {device}, got {flag.dtype} {tuple(flag.shape)} "
+            f"on {flag.device}"
+        )
+    return flag.contiguous()
+
+
+def _status(code: int, what: str) -> None:
+    if code != 0:
+        raise MemoryError(f"steadystep's fused {what} kernel could not allocate its work space")
+
+
+# ---------------------------------------------------------------------------------------------
+# The gradient check
+# ---------------------------------------------------------------------------------------------
+
+
+def grads_ok(grads: Sequence[Tensor]) -> Tensor | None:
+    """0-d bool on the gradients' device: every element is finite with ``|g| <=
+    gradient_limit(stats_dtype(g.dtype))`` (Note [huge gradients]); one kernel call per dtype.
+    None when the kernels cannot take these tensors."""
+    if not grads:
+        return None
+    backend = _backend(grads)
+    if backend is None:
+        return None
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    flags = []
+    for dtype, gs in by_dtype.items():
+        limit = gradient_limit(stats_dtype(dtype))
+        if backend == "cuda":
+            flags.append(_triton().grads_ok(gs, limit))
+            continue
+        lib = _cpu.library({"SS_PARAM": _PARAM_CODE[dtype]})
+        if lib is None:
+            return None
+        ok = torch.empty((), dtype=torch.bool)
+        lib.ss_grads_ok(len(gs), _pointers(gs), _numels(gs), limit, ok.data_ptr(), _threads())
+        flags.append(ok)
+    return flags[0] if len(flags) == 1 else torch.stack(flags).all()

@@ -1,0 +1,324 @@
+"""ALeRA / Ag-Adam and the guard's rollback in Triton (Note [Triton kernels] in
+:mod:`._triton_common`): two passes with the units' scalar math on the device between them."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from steadystep._kernels._triton_common import (
+    BLOCK,
+    TL_DTYPE,
+    block_table,
+    cached,
+    gather,
+    hyper_row,
+    pointer_table,
+    scatter,
+    stats_dtype,
+    to_param,
+)
+
+__all__ = ["alera", "rollback"]
+
+
+# ---------------------------------------------------------------------------------------------
+# ALeRA and Ag-Adam (the scheme of kernels_alera.c: two passes, vector math on the units between)
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _alera_sums_kernel(
+    p_ptrs,
+    g_ptrs,
+    r_ptrs,
+    wd,
+    block_tensor,
+    block_start,
+    numels,
+    out,
+    limit,
+    PDTYPE: tl.constexpr,
+    SDTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    start = tl.load(block_start + pid)
+    n = tl.load(numels + t)
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < n
+    g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(PDTYPE))
+    p_ptr = tl.load(p_ptrs + t).to(tl.pointer_type(PDTYPE))
+    r_ptr = tl.load(r_ptrs + t).to(tl.pointer_type(SDTYPE))
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(SDTYPE)
+    d = g + tl.load(wd + t).to(SDTYPE) * tl.load(p_ptr + offs, mask=mask, other=0.0).to(SDTYPE)
+    r = tl.load(r_ptr + offs, mask=mask, other=0.0)
+    bad = tl.max((~(tl.abs(g) <= limit) & mask).to(tl.float64), axis=0)
+    tl.store(out + pid * 4 + 0, tl.sum(d * d, axis=0).to(tl.float64))
+    tl.store(out + pid * 4 + 1, tl.sum(r * d, axis=0).to(tl.float64))
+    tl.store(out + pid * 4 + 2, tl.sum(r * r, axis=0).to(tl.float64))
+    tl.store(out + pid * 4 + 3, bad)
+
+
+@triton.jit
+def _alera_update_kernel(
+    p_ptrs,
+    g_ptrs,
+    r_ptrs,
+    me_ptrs,
+    m1_ptrs,
+    m2_ptrs,
+    wd,
+    scale,
+    coef,
+    inv_bc2_sqrt,
+    block_tensor,
+    block_start,
+    numels,
+    take,
+    scalars,
+    PDTYPE: tl.constexpr,
+    SDTYPE: tl.constexpr,
+    PARAM_WISE: tl.constexpr,
+    ADAM: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    if tl.load(take) == 0:
+        return
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    start = tl.load(block_start + pid)
+    n = tl.load(numels + t)
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < n
+    decay = tl.load(scalars + 0).to(SDTYPE)
+    p_ptr = tl.load(p_ptrs + t).to(tl.pointer_type(PDTYPE))
+    g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(PDTYPE))
+    r_ptr = tl.load(r_ptrs + t).to(tl.pointer_type(SDTYPE))
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(SDTYPE)
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(SDTYPE)
+    if ADAM:
+        d = g
+    else:
+        d = g + tl.load(wd + t).to(SDTYPE) * p
+    r = tl.load(r_ptr + offs, mask=mask, other=0.0) * decay + tl.load(scale + t).to(SDTYPE) * d
+    tl.store(r_ptr + offs, r, mask=mask)
+    k = tl.load(coef + t).to(SDTYPE)
+    if PARAM_WISE:
+        gain = tl.load(scalars + 1).to(SDTYPE)
+        offset = tl.load(scalars + 2).to(SDTYPE)
+        bound = tl.load(scalars + 3).to(SDTYPE)
+        tiny = tl.load(scalars + 4).to(SDTYPE)
+        top = tl.load(scalars + 5).to(SDTYPE)
+        me_ptr = tl.load(me_ptrs + t).to(tl.pointer_type(SDTYPE))
+        log_change = tl.minimum(tl.maximum(gain * r * r + offset, -bound), bound)
+        m = tl.load(me_ptr + offs, mask=mask, other=1.0) * tl.exp(log_change)
+        m = tl.minimum(tl.maximum(m, tiny), top)
+        tl.store(me_ptr + offs, m, mask=mask)
+        k = k * m
+    if ADAM:
+        beta1 = tl.load(scalars + 6).to(SDTYPE)
+        beta2 = tl.load(scalars + 7).to(SDTYPE)
+        eps = tl.load(scalars + 8).to(SDTYPE)
+        m1_ptr = tl.load(m1_ptrs + t).to(tl.pointer_type(SDTYPE))
+        m2_ptr = tl.load(m2_ptrs + t).to(tl.pointer_type(SDTYPE))
+        m1 = tl.load(m1_ptr + offs, mask=mask, other=0.0) * beta1 + (1.0 - beta1) * g
+        m2 = tl.load(m2_ptr + offs, mask=mask, other=0.0) * beta2 + (1.0 - beta2) * (g * g)
+        tl.store(m1_ptr + offs, m1, mask=mask)
+        tl.store(m2_ptr + offs, m2, mask=mask)
+        ib = tl.load(inv_bc2_sqrt + t).to(SDTYPE)
+        new = p + k * (m1 / (tl.sqrt(m2) * ib + eps))
+    else:
+        new = p + k * d
+    tl.store(p_ptr + offs, to_param(new, PDTYPE), mask=mask)
+
+
+def _random_walk_mean(alpha: float, t: Tensor) -> Tensor:
+    return alpha / (2.0 - alpha) * (1.0 - (1.0 - alpha) ** (2.0 * t))
+
+
+def alera(
+    lists: dict[str, Sequence[Tensor | None] | None],
+    plan: dict,
+    hyper: dict[str, float],
+) -> None:
+    """One ALeRA / Ag-Adam step; the arguments of :func:`steadystep._kernels.alera_` sorted
+    into ``lists`` (params, grads, relaxed_paths, element_multipliers, exp_avgs, exp_avg_sqs,
+    adam_steps), ``plan`` (the unit layout and the 0-d tensors to read and write) and
+    ``hyper``."""
+    params = lists["params"]
+    device = params[0].device
+    n = len(params)
+    dtype = params[0].dtype
+    sdtype = stats_dtype(dtype)
+    info = torch.finfo(sdtype)
+    alpha, C = hyper["alpha"], hyper["C"]
+    index, start, numel_t = block_table(tuple(p.numel() for p in params), device)
+    blocks = index.numel()
+    # structural vectors: cached (they change only with the layout)
+    key = (tuple(plan["tensor_unit"]), tuple(plan["tensor_weight_decay"]), tuple(plan["tensor_lr"]))
+    tensor_unit, wd, lr = cached(
+        ("alera", device, key),
+        lambda: (
+            torch.tensor(plan["tensor_unit"], dtype=torch.int64).to(device),
+            torch.tensor(plan["tensor_weight_decay"], dtype=torch.float64).to(device),
+            torch.tensor(plan["tensor_lr"], dtype=torch.float64).to(device),
+        ),
+    )
+    units = len(plan["unit_steps"])
+    unit_numel = cached(
+        ("alera-numel", device, tuple(plan["unit_numels"])),
+        lambda: torch.tensor(plan["unit_numels"], dtype=torch.float64).to(device),
+    )
+    partial = torch.empty(blocks, 4, dtype=torch.float64, device=device)
+    tables = {k: pointer_table(lists[k], device) for k in ("params", "grads", "relaxed_paths")}
+    if blocks:
+        _alera_sums_kernel[(blocks,)](
+            tables["params"],
+            tables["grads"],
+            tables["relaxed_paths"],
+            wd,
+            index,
+            start,
+            numel_t,
+            partial,
+            hyper["limit"],
+            PDTYPE=TL_DTYPE[dtype],
+            SDTYPE=TL_DTYPE[sdtype],
+            BLOCK=BLOCK,
+        )
+    sums = torch.zeros(n, 4, dtype=torch.float64, device=device).index_add_(0, index, partial)
+    unit_dd = torch.zeros(units, dtype=torch.float64, device=device).index_add_(
+        0, tensor_unit, sums[:, 0]
+    )
+    bad = (sums[:, 3] > 0).any() | ~(unit_dd <= info.max).all()
+    skip = plan["skip"]
+    masked = torch.zeros((), dtype=torch.bool, device=device) if skip is None else skip
+    take = ~bad & ~masked
+    skipped = plan["skipped"]
+    skipped.add_((bad & ~masked).to(skipped.dtype))
+    take64 = take.to(torch.float64)
+    counters = plan["counters"]
+    scatter(counters, gather(counters, device) + take64)
+
+    decay = 1.0 - alpha
+    norm = unit_dd.sqrt().to(sdtype)
+    unit_scale = torch.where(norm > hyper["norm_eps"], alpha / norm, 0.0).to(torch.float64)
+    scale_t = unit_scale[tensor_unit]
+    sq_t = (
+        (decay * decay * sums[:, 2] + 2.0 * decay * scale_t * sums[:, 1])
+        .add_(scale_t * scale_t * sums[:, 0])
+        .clamp_(min=0)
+    )
+    unit_sq = torch.zeros(units, dtype=torch.float64, device=device).index_add_(
+        0, tensor_unit, sq_t
+    )
+    bound = math.log(info.max) - 1.0
+    param_wise = lists["element_multipliers"] is not None
+    unit_steps = gather(plan["unit_steps"], device)
+    # every tensor's LR factor: its group multiplier ("tensor"/"param" granularity), else 1
+    one = cached(("one", device, sdtype), lambda: torch.ones((), dtype=sdtype, device=device))
+    scale_lr = gather([one if s is None else s for s in plan["tensor_lr_scale"]], device)
+    coef = -lr * scale_lr
+    if not param_wise:
+        m_u = gather(plan["unit_multipliers"], device)
+        mean = _random_walk_mean(alpha, unit_steps)
+        log_change = ((unit_sq - mean) * (C * unit_numel.sqrt() / alpha)).to(sdtype)
+        factor = log_change.clamp(-bound, bound).exp()
+        new_m = (m_u.to(sdtype) * factor).clamp(info.tiny, info.max).to(torch.float64)
+        new_m = torch.where(take, new_m, m_u)
+        scatter(plan["unit_multipliers"], new_m)
+        if plan["mirrors"]:
+            scatter(plan["mirrors"], new_m[:1].expand(len(plan["mirrors"])))
+        coef = coef * new_m[tensor_unit]
+    adam = lists["exp_avgs"] is not None
+    inv_bc2_sqrt = coef  # unused without Adam
+    if adam:
+        adam_steps = lists["adam_steps"]
+        steps = gather(adam_steps, device)
+        counted = {id(t) for t in counters}
+        if not any(id(t) in counted for t in adam_steps):
+            steps = steps + take64
+            scatter(adam_steps, steps)
+        coef = coef / (1.0 - hyper["beta1"] ** steps)
+        inv_bc2_sqrt = (1.0 - hyper["beta2"] ** steps).rsqrt()
+    total = float(sum(plan["unit_numels"]))
+    constants = (
+        decay,
+        C * total / alpha,
+        bound,
+        info.tiny,
+        info.max,
+        hyper["beta1"],
+        hyper["beta2"],
+        hyper["eps"],
+    )
+    row = hyper_row(constants, device)
+    offset = _random_walk_mean(alpha, unit_steps[:1]) * (-C / alpha) if param_wise else row[:1]
+    # [decay, gain, offset, bound, tiny, max, beta1, beta2, eps]
+    scalars = torch.cat([row[:2], offset, row[2:]])
+    none = [None] * n
+    if blocks:
+        _alera_update_kernel[(blocks,)](
+            tables["params"],
+            tables["grads"],
+            tables["relaxed_paths"],
+            pointer_table(lists["element_multipliers"] or none, device),
+            pointer_table(lists["exp_avgs"] or none, device),
+            pointer_table(lists["exp_avg_sqs"] or none, device),
+            wd,
+            scale_t,
+            coef,
+            inv_bc2_sqrt,
+            index,
+            start,
+            numel_t,
+            take,
+            scalars,
+            PDTYPE=TL_DTYPE[dtype],
+            SDTYPE=TL_DTYPE[sdtype],
+            PARAM_WISE=param_wise,
+            ADAM=adam,
+            BLOCK=BLOCK,
+        )
+
+
+@triton.jit
+def _rollback_kernel(
+    p_ptrs, snap_ptrs, block_tensor, block_start, numels, alarm, BLOCK: tl.constexpr
+):
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    start = tl.load(block_start + pid)
+    n = tl.load(numels + t)
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < n
+    p_ptr = tl.load(p_ptrs + t).to(tl.pointer_type(tl.int8))
+    snap_ptr = tl.load(snap_ptrs + t).to(tl.pointer_type(tl.int8))
+    if tl.load(alarm) != 0:
+        tl.store(p_ptr + offs, tl.load(snap_ptr + offs, mask=mask), mask=mask)
+    else:
+        tl.store(snap_ptr + offs, tl.load(p_ptr + offs, mask=mask), mask=mask)
+
+
+def rollback(params: Sequence[Tensor], snapshots: Sequence[Tensor], alarm: Tensor) -> None:
+    """``p <- snapshot`` where ``alarm``, else ``snapshot <- p``, as bytes: one launch."""
+    device = params[0].device
+    sizes = tuple(p.numel() * p.element_size() for p in params)
+    index, start, numel_t = block_table(sizes, device)
+    if index.numel():
+        _rollback_kernel[(index.numel(),)](
+            pointer_table(params, device),
+            pointer_table(snapshots, device),
+            index,
+            start,
+            numel_t,
+            alarm,
+            BLOCK=BLOCK,
+        )

@@ -1,0 +1,221 @@
+"""The multi-tensor kernels for CUDA, in Triton (same arithmetic as the C kernels, ``kernels_*.c``).
+
+Note [Triton kernels]
+    One launch covers every tensor of a list: a cached *block table* names, for each program,
+    the tensor it works on and the first element of its block; cached *pointer tables* (int64
+    device tensors of data pointers, rebuilt only when a pointer changes) give each program its
+    tensor's memory. Every decision is read on the device: a kernel returns at once when the
+    step is skipped (``found_finite`` of :func:`grads_ok` is False), and the per-tensor
+    coefficients (bias
+    corrections of the tensor's own step count) are computed per program in float64 from the
+    step count and a float64 hyperparameter row, so neither a scheduler's new lr nor a guard's
+    LR cut recompiles anything or copies anything to the device. A step is then: check the
+    gradients (a flag, the check, a comparison), the update, advance the step counts; five
+    launches whatever the number of tensors. Tests run these kernels on the CPU under
+    ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = [
+    "BLOCK",
+    "TL_DTYPE",
+    "advance",
+    "block_table",
+    "cached",
+    "gather",
+    "grads_ok",
+    "hyper_row",
+    "pointer_table",
+    "scatter",
+    "stats_dtype",
+    "to_param",
+]
+
+BLOCK = 2048
+_TABLES: OrderedDict[tuple, Tensor] = OrderedDict()
+_TABLE_LIMIT = 256
+
+
+def cached(key: tuple, make) -> Tensor:
+    table = _TABLES.get(key)
+    if table is None:
+        table = make()
+        _TABLES[key] = table
+        if len(_TABLES) > _TABLE_LIMIT:
+            _TABLES.popitem(last=False)
+    else:
+        _TABLES.move_to_end(key)
+    return table
+
+
+def pointer_table(tensors: Sequence[Tensor | None], device: torch.device) -> Tensor:
+    ptrs = tuple(0 if t is None else t.data_ptr() for t in tensors)
+    return cached(("ptr", device, ptrs), lambda: torch.tensor(ptrs, dtype=torch.int64).to(device))
+
+
+def block_table(numels: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """(tensor index, first element) of every block, and the numels, as device tensors."""
+
+    def make() -> tuple[Tensor, Tensor, Tensor]:
+        index = [i for i, n in enumerate(numels) for _ in range(0, n, BLOCK)]
+        start = [s for n in numels for s in range(0, n, BLOCK)]
+        return (
+            torch.tensor(index, dtype=torch.int32).to(device),
+            torch.tensor(start, dtype=torch.int64).to(device),
+            torch.tensor(numels, dtype=torch.int64).to(device),
+        )
+
+    return cached(("blocks", device, numels), make)
+
+
+def hyper_row(values: tuple[float, ...], device: torch.device) -> Tensor:
+    """The hyperparameters as a float64 device row (cached: changes only with the values)."""
+    return cached(
+        ("hyper", device, values), lambda: torch.tensor(values, dtype=torch.float64).to(device)
+    )
+
+
+TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16}
+
+
+# Hyperparameter row columns
+@triton.jit
+def to_param(x, PDTYPE: tl.constexpr):
+    """``x`` (statistics dtype) as the parameter dtype; bfloat16 rounds to nearest even in
+    integer arithmetic, so compiled kernels and the interpreter round alike."""
+    if PDTYPE == tl.bfloat16:
+        u = x.to(tl.float32).to(tl.int32, bitcast=True)
+        r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        return r.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(PDTYPE)
+
+
+@triton.jit
+def _check_kernel(
+    g_ptrs,
+    block_tensor,
+    block_start,
+    numels,
+    flag,
+    limit,
+    PDTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    start = tl.load(block_start + pid)
+    n = tl.load(numels + t)
+    g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(PDTYPE))
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+    bad = tl.max((~(tl.abs(g) <= limit)).to(tl.int32), axis=0)  # NaN compares False: bad
+    if bad > 0:
+        tl.atomic_max(flag, 1)
+
+
+def grads_ok(grads: Sequence[Tensor], limit: float) -> Tensor:
+    """0-d bool: every gradient element finite with ``|g| <= limit`` (one launch per dtype)."""
+    device = grads[0].device
+    flag = torch.zeros((), dtype=torch.int32, device=device)
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for dtype, gs in by_dtype.items():
+        device = gs[0].device
+        index, start, numels = block_table(tuple(g.numel() for g in gs), device)
+        if index.numel() == 0:
+            continue
+        _check_kernel[(index.numel(),)](
+            pointer_table(gs, device),
+            index,
+            start,
+            numels,
+            flag,
+            limit,
+            PDTYPE=TL_DTYPE[dtype],
+            BLOCK=BLOCK,
+        )
+    return flag == 0
+
+
+@triton.jit
+def _advance_kernel(step_ptrs, n, found_finite, BLOCK_T: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask = offs < n
+    ok = (tl.load(found_finite) != 0).to(tl.float32)
+    ptrs = tl.load(step_ptrs + offs, mask=mask, other=0).to(tl.pointer_type(tl.float32))
+    step = tl.load(ptrs, mask=mask, other=0.0)
+    tl.store(ptrs, step + ok, mask=mask)
+
+
+def advance(steps: Sequence[Tensor], found_finite: Tensor) -> None:
+    """Every step count + 1 where ``found_finite``, in one launch."""
+    device = steps[0].device
+    n = len(steps)
+    _advance_kernel[(triton.cdiv(n, 1024),)](
+        pointer_table(steps, device), n, found_finite, BLOCK_T=1024
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# 0-d scalars scattered over many tensors (step counts, multipliers), through pointer tables
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _gather_kernel(ptrs, n, out, DTYPE: tl.constexpr, BLOCK_T: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask = offs < n
+    src = tl.load(ptrs + offs, mask=mask, other=0).to(tl.pointer_type(DTYPE))
+    tl.store(out + offs, tl.load(src, mask=mask, other=0.0).to(tl.float64), mask=mask)
+
+
+@triton.jit
+def _scatter_kernel(ptrs, n, values, DTYPE: tl.constexpr, BLOCK_T: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask = offs < n
+    dst = tl.load(ptrs + offs, mask=mask, other=0).to(tl.pointer_type(DTYPE))
+    tl.store(dst, tl.load(values + offs, mask=mask, other=0.0).to(DTYPE), mask=mask)
+
+
+def gather(scalars: Sequence[Tensor], device: torch.device) -> Tensor:
+    """The values of 0-d tensors (one dtype) as a float64 vector, in one launch."""
+    n = len(scalars)
+    out = torch.empty(n, dtype=torch.float64, device=device)
+    if n:
+        _gather_kernel[(triton.cdiv(n, 1024),)](
+            pointer_table(scalars, device),
+            n,
+            out,
+            DTYPE=TL_DTYPE[scalars[0].dtype],
+            BLOCK_T=1024,
+        )
+    return out
+
+
+def scatter(scalars: Sequence[Tensor], values: Tensor) -> None:
+    """Write ``values[i]`` (float64) into the 0-d tensor ``scalars[i]``, in one launch."""
+    n = len(scalars)
+    if n:
+        _scatter_kernel[(triton.cdiv(n, 1024),)](
+            pointer_table(scalars, values.device),
+            n,
+            values.contiguous(),
+            DTYPE=TL_DTYPE[scalars[0].dtype],
+            BLOCK_T=1024,
+        )
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -1,0 +1,528 @@
+"""CProp's native steps (Adam/AdamW, SGD) and the wrapper's two passes in Triton (Note
+[Triton kernels] in :mod:`._triton_common`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from steadystep._kernels._triton_common import (
+    BLOCK,
+    TL_DTYPE,
+    advance,
+    block_table,
+    hyper_row,
+    pointer_table,
+    stats_dtype,
+    to_param,
+)
+
+__all__ = ["adam", "sgd", "wrapper_after", "wrapper_before"]
+
+
+@triton.jit
+def _step_count(step_ptrs, t, step_offset):
+    """The tensor's step count plus ``step_offset`` (1 before this step's advance, 0 after)."""
+    step_ptr = tl.load(step_ptrs + t).to(tl.pointer_type(tl.float32))
+    return tl.load(step_ptr).to(tl.float64) + step_offset
+
+
+@triton.jit
+def _cprop_coefficients(step, hyper, METHOD: tl.constexpr):
+    """CProp's per-tensor scalars (float64) at step ``step`` (see ``kernels_cprop.c``)."""
+    cprop_beta = tl.load(hyper + 5)
+    cprop_eps = tl.load(hyper + 7)
+    constant = tl.load(hyper + 8)
+    cprop_bc = 1.0 - tl.exp(step * tl.log(cprop_beta))
+    n_t = cprop_bc / (1.0 - cprop_beta)
+    inv_cprop_bc = 1.0 / cprop_bc
+    ratio = inv_cprop_bc * constant
+    if METHOD == 0:
+        variance_scale = inv_cprop_bc / (n_t - 1.0 + cprop_eps) / (ratio * ratio)
+    elif METHOD == 1:
+        variance_scale = inv_cprop_bc / ratio
+    else:
+        variance_scale = inv_cprop_bc / (ratio * ratio)
+    first = (step == 1.0).to(tl.float64)
+    return inv_cprop_bc, variance_scale, cprop_eps / ratio, first
+
+
+@triton.jit
+def _tanh_nonnegative(y):
+    """tanh(y) for y >= 0 as (1 - e) / (1 + e), e = exp(-2y) in (0, 1]: no overflow."""
+    e = tl.exp(-2.0 * y)
+    return (1.0 - e) / (1.0 + e)
+
+
+@triton.jit
+def _scale(
+    cm,
+    cv,
+    inv_cprop_bc,
+    variance_scale,
+    scaled_cprop_eps,
+    first,
+    cprop_c,
+    METHOD: tl.constexpr,
+    CDF: tl.constexpr,
+    C_INF: tl.constexpr,
+    C_ONE: tl.constexpr,
+    EPS_ZERO: tl.constexpr,
+):
+    if C_INF:
+        s = tl.full(cm.shape, 1.0, cm.dtype)
+    else:
+        if METHOD == 0:
+            centred = cv - (cm * cm) * inv_cprop_bc
+            se = tl.sqrt(tl.maximum(centred, 0.0) * variance_scale)
+        elif METHOD == 1:
+            se = cv * variance_scale
+        else:
+            se = tl.sqrt(cv * variance_scale)
+        se = se + scaled_cprop_eps
+        if EPS_ZERO:
+            se = tl.maximum(se, 1.1754943508222875e-38)
+        x = tl.abs(cm) / se
+        if METHOD != 0:
+            conf = x
+        elif CDF == 0:
+            conf = tl.erf(x)
+        elif CDF == 1:
+            conf = _tanh_nonnegative(x * (x * x * 0.03528 + 0.7988))
+        else:
+            conf = _tanh_nonnegative(x)
+        if not C_ONE:
+            conf = tl.minimum(conf * cprop_c, 1.0)
+        s = tl.maximum(conf, first)
+    return s
+
+
+@triton.jit
+def _adam_kernel(
+    p_ptrs,
+    g_ptrs,
+    m_ptrs,
+    v_ptrs,
+    vmax_ptrs,
+    cm_ptrs,
+    cv_ptrs,
+    step_ptrs,
+    block_tensor,
+    block_start,
+    numels,
+    found_finite,
+    hyper,
+    lr_scale_ptr,
+    PDTYPE: tl.constexpr,
+    SDTYPE: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    L2: tl.constexpr,
+    DECOUPLED: tl.constexpr,
+    SHARED_V: tl.constexpr,
+    METHOD: tl.constexpr,
+    CDF: tl.constexpr,
+    C_INF: tl.constexpr,
+    C_ONE: tl.constexpr,
+    EPS_ZERO: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    if tl.load(found_finite) == 0:
+        return
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    start = tl.load(block_start + pid)
+    n = tl.load(numels + t)
+    step = _step_count(step_ptrs, t, 1.0)
+    inv_cprop_bc, variance_scale, scaled_cprop_eps, first = _cprop_coefficients(step, hyper, METHOD)
+    lr = tl.load(hyper + 0) * tl.load(lr_scale_ptr).to(tl.float64)
+    neg_step_size = -lr / (1.0 - tl.exp(step * tl.log(tl.load(hyper + 1))))
+    inv_bc2_sqrt = 1.0 / tl.sqrt(1.0 - tl.exp(step * tl.log(tl.load(hyper + 2))))
+    beta1 = tl.load(hyper + 1).to(SDTYPE)
+    beta2 = tl.load(hyper + 2).to(SDTYPE)
+    eps = tl.load(hyper + 3).to(SDTYPE)
+    wd = tl.load(hyper + 4)
+    cprop_beta = tl.load(hyper + 5).to(SDTYPE)
+    cprop_c = tl.load(hyper + 6).to(SDTYPE)
+    one_minus_beta1 = (1.0 - tl.load(hyper + 1)).to(SDTYPE)
+    one_minus_beta2 = (1.0 - tl.load(hyper + 2)).to(SDTYPE)
+    one_minus_cprop_beta = (1.0 - tl.load(hyper + 5)).to(SDTYPE)
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < n
+    p_ptr = tl.load(p_ptrs + t).to(tl.pointer_type(PDTYPE))
+    g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(PDTYPE))
+    m_ptr = tl.load(m_ptrs + t).to(tl.pointer_type(SDTYPE))
+    v_ptr = tl.load(v_ptrs + t).to(tl.pointer_type(SDTYPE))
+    cm_ptr = tl.load(cm_ptrs + t).to(tl.pointer_type(SDTYPE))
+    raw = tl.load(g_ptr + offs, mask=mask, other=0.0).to(SDTYPE)
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(SDTYPE)
+    if L2:
+        g = raw + wd.to(SDTYPE) * p
+    else:
+        g = raw
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0) * beta1 + one_minus_beta1 * g
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0) * beta2 + one_minus_beta2 * (g * g)
+    if AMSGRAD:
+        vmax_ptr = tl.load(vmax_ptrs + t).to(tl.pointer_type(SDTYPE))
+        vmax = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0.0), v)
+        tl.store(vmax_ptr + offs, vmax, mask=mask)
+    else:
+        vmax = v
+    denom = tl.sqrt(vmax) * inv_bc2_sqrt.to(SDTYPE) + eps
+    update = neg_step_size.to(SDTYPE) * m / denom
+    if DECOUPLED:
+        update = update - (lr * wd).to(SDTYPE) * p
+    cm = tl.load(cm_ptr + offs, mask=mask, other=0.0) * cprop_beta + one_minus_cprop_beta * raw
+    if SHARED_V:
+        cv = v
+    else:
+        cv_ptr = tl.load(cv_ptrs + t).to(tl.pointer_type(SDTYPE))
+        if METHOD == 1:
+            second = tl.abs(raw)
+        else:
+            second = raw * raw
+        cv = (
+            tl.load(cv_ptr + offs, mask=mask, other=0.0) * cprop_beta
+            + one_minus_cprop_beta * second
+        )
+        tl.store(cv_ptr + offs, cv, mask=mask)
+    s = _scale(
+        cm,
+        cv,
+        inv_cprop_bc.to(SDTYPE),
+        variance_scale.to(SDTYPE),
+        scaled_cprop_eps.to(SDTYPE),
+        first.to(SDTYPE),
+        cprop_c,
+        METHOD,
+        CDF,
+        C_INF,
+        C_ONE,
+        EPS_ZERO,
+    )
+    tl.store(p_ptr + offs, to_param(p + s * update, PDTYPE), mask=mask)
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(v_ptr + offs, v, mask=mask)
+    tl.store(cm_ptr + offs, cm, mask=mask)
+
+
+def adam(
+    lists: dict[str, Sequence[Tensor | None]],
+    found_finite: Tensor,
+    hyper: tuple[float, ...],
+    lr_scale: Tensor,
+    config: dict[str, int],
+) -> None:
+    """Adam(W) + CProp over ``lists`` (keys params, grads, exp_avgs, exp_avg_sqs,
+    max_exp_avg_sqs, cprop_exp_avgs, cprop_seconds, steps); a no-op unless ``found_finite``."""
+    params = lists["params"]
+    device = params[0].device
+    numels = tuple(p.numel() for p in params)
+    index, start, numel_t = block_table(numels, device)
+    n = len(params)
+    none = [None] * n
+    tables = [
+        pointer_table(lists[k] if lists[k] is not None else none, device)
+        for k in (
+            "params",
+            "grads",
+            "exp_avgs",
+            "exp_avg_sqs",
+            "max_exp_avg_sqs",
+            "cprop_exp_avgs",
+            "cprop_seconds",
+            "steps",
+        )
+    ]
+    if index.numel():
+        dtype = params[0].dtype
+        _adam_kernel[(index.numel(),)](
+            *tables,
+            index,
+            start,
+            numel_t,
+            found_finite,
+            hyper_row(hyper, device),
+            lr_scale,
+            PDTYPE=TL_DTYPE[dtype],
+            SDTYPE=TL_DTYPE[stats_dtype(dtype)],
+            BLOCK=BLOCK,
+            **{k.removeprefix("SS_"): v for k, v in config.items() if k != "SS_PARAM"},
+        )
+    advance(lists["steps"], found_finite)
+
+
+@triton.jit
+def _sgd_kernel(
+    p_ptrs,
+    g_ptrs,
+    buf_ptrs,
+    cm_ptrs,
+    cv_ptrs,
+    step_ptrs,
+    block_tensor,
+    block_start,
+    numels,
+    found_finite,
+    hyper,
+    lr_scale_ptr,
+    PDTYPE: tl.constexpr,
+    SDTYPE: tl.constexpr,
+    L2: tl.constexpr,
+    MOMENTUM: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    METHOD: tl.constexpr,
+    CDF: tl.constexpr,
+    C_INF: tl.constexpr,
+    C_ONE: tl.constexpr,
+    EPS_ZERO: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    if tl.load(found_finite) == 0:
+        return
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    start = tl.load(block_start + pid)
+    n = tl.load(numels + t)
+    step = _step_count(step_ptrs, t, 1.0)
+    inv_cprop_bc, variance_scale, scaled_cprop_eps, first = _cprop_coefficients(step, hyper, METHOD)
+    lr = tl.load(hyper + 0) * tl.load(lr_scale_ptr).to(tl.float64)
+    wd = tl.load(hyper + 4).to(SDTYPE)
+    cprop_beta = tl.load(hyper + 5).to(SDTYPE)
+    cprop_c = tl.load(hyper + 6).to(SDTYPE)
+    one_minus_cprop_beta = (1.0 - tl.load(hyper + 5)).to(SDTYPE)
+    momentum = tl.load(hyper + 9)
+    dampening = tl.load(hyper + 10)
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < n
+    p_ptr = tl.load(p_ptrs + t).to(tl.pointer_type(PDTYPE))
+    g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(PDTYPE))
+    cm_ptr = tl.load(cm_ptrs + t).to(tl.pointer_type(SDTYPE))
+    cv_ptr = tl.load(cv_ptrs + t).to(tl.pointer_type(SDTYPE))
+    raw = tl.load(g_ptr + offs, mask=mask, other=0.0).to(SDTYPE)
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(SDTYPE)
+    if L2:
+        d = raw + wd * p
+    else:
+        d = raw
+    cm = tl.load(cm_ptr + offs, mask=mask, other=0.0) * cprop_beta + one_minus_cprop_beta * raw
+    if METHOD == 1:
+        second = tl.abs(raw)
+    else:
+        second = raw * raw
+    cv = tl.load(cv_ptr + offs, mask=mask, other=0.0) * cprop_beta + one_minus_cprop_beta * second
+    if MOMENTUM:
+        # torch.optim.SGD starts the buffer at d on the first step
+        momentum_a = tl.where(first == 1.0, 0.0, momentum).to(SDTYPE)
+        momentum_b = tl.where(first == 1.0, 1.0, 1.0 - dampening).to(SDTYPE)
+        buf_ptr = tl.load(buf_ptrs + t).to(tl.pointer_type(SDTYPE))
+        buf = tl.load(buf_ptr + offs, mask=mask, other=0.0) * momentum_a + momentum_b * d
+        tl.store(buf_ptr + offs, buf, mask=mask)
+        if NESTEROV:
+            d = d + momentum.to(SDTYPE) * buf
+        else:
+            d = buf
+    s = _scale(
+        cm,
+        cv,
+        inv_cprop_bc.to(SDTYPE),
+        variance_scale.to(SDTYPE),
+        scaled_cprop_eps.to(SDTYPE),
+        first.to(SDTYPE),
+        cprop_c,
+        METHOD,
+        CDF,
+        C_INF,
+        C_ONE,
+        EPS_ZERO,
+    )
+    tl.store(p_ptr + offs, to_param(p + s * ((-lr).to(SDTYPE) * d), PDTYPE), mask=mask)
+    tl.store(cm_ptr + offs, cm, mask=mask)
+    tl.store(cv_ptr + offs, cv, mask=mask)
+
+
+def sgd(
+    lists: dict[str, Sequence[Tensor | None]],
+    found_finite: Tensor,
+    hyper: tuple[float, ...],
+    lr_scale: Tensor,
+    config: dict[str, int],
+) -> None:
+    """SGD + CProp (keys params, grads, momentum_buffers, cprop_exp_avgs, cprop_seconds, steps)."""
+    params = lists["params"]
+    device = params[0].device
+    index, start, numel_t = block_table(tuple(p.numel() for p in params), device)
+    keys = ("params", "grads", "momentum_buffers", "cprop_exp_avgs", "cprop_seconds", "steps")
+    tables = [pointer_table(lists[k], device) for k in keys]
+    if index.numel():
+        dtype = params[0].dtype
+        _sgd_kernel[(index.numel(),)](
+            *tables,
+            index,
+            start,
+            numel_t,
+            found_finite,
+            hyper_row(hyper, device),
+            lr_scale,
+            PDTYPE=TL_DTYPE[dtype],
+            SDTYPE=TL_DTYPE[stats_dtype(dtype)],
+            BLOCK=BLOCK,
+            **{k.removeprefix("SS_"): v for k, v in config.items() if k != "SS_PARAM"},
+        )
+    advance(lists["steps"], found_finite)
+
+
+@triton.jit
+def _wrap_before_kernel(
+    p_ptrs,
+    g_ptrs,
+    snap_ptrs,
+    cm_ptrs,
+    cv_ptrs,
+    block_tensor,
+    block_start,
+    numels,
+    found_finite,
+    hyper,
+    PDTYPE: tl.constexpr,
+    SDTYPE: tl.constexpr,
+    METHOD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    start = tl.load(block_start + pid)
+    n = tl.load(numels + t)
+    cprop_beta = tl.load(hyper + 5).to(SDTYPE)
+    one_minus_cprop_beta = (1.0 - tl.load(hyper + 5)).to(SDTYPE)
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < n
+    p_ptr = tl.load(p_ptrs + t).to(tl.pointer_type(PDTYPE))
+    g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(PDTYPE))
+    snap_ptr = tl.load(snap_ptrs + t).to(tl.pointer_type(PDTYPE))
+    cm_ptr = tl.load(cm_ptrs + t).to(tl.pointer_type(SDTYPE))
+    cv_ptr = tl.load(cv_ptrs + t).to(tl.pointer_type(SDTYPE))
+    tl.store(snap_ptr + offs, tl.load(p_ptr + offs, mask=mask), mask=mask)
+    if tl.load(found_finite) == 0:
+        return  # the snapshot is taken anyway: the pass after restores it
+    raw = tl.load(g_ptr + offs, mask=mask, other=0.0).to(SDTYPE)
+    if METHOD == 1:
+        second = tl.abs(raw)
+    else:
+        second = raw * raw
+    cm = tl.load(cm_ptr + offs, mask=mask, other=0.0) * cprop_beta + one_minus_cprop_beta * raw
+    cv = tl.load(cv_ptr + offs, mask=mask, other=0.0) * cprop_beta + one_minus_cprop_beta * second
+    tl.store(cm_ptr + offs, cm, mask=mask)
+    tl.store(cv_ptr + offs, cv, mask=mask)
+
+
+def wrapper_before(lists, found_finite: Tensor, hyper, config) -> None:
+    """Snapshot and CProp statistics before the base step (keys params, grads, snapshots,
+    cprop_exp_avgs, cprop_seconds, steps); the step counts advance."""
+    params = lists["params"]
+    device = params[0].device
+    index, start, numel_t = block_table(tuple(p.numel() for p in params), device)
+    keys = ("params", "grads", "snapshots", "cprop_exp_avgs", "cprop_seconds")
+    if index.numel():
+        dtype = params[0].dtype
+        _wrap_before_kernel[(index.numel(),)](
+            *[pointer_table(lists[k], device) for k in keys],
+            index,
+            start,
+            numel_t,
+            found_finite,
+            hyper_row(hyper, device),
+            PDTYPE=TL_DTYPE[dtype],
+            SDTYPE=TL_DTYPE[stats_dtype(dtype)],
+            METHOD=config["SS_METHOD"],
+            BLOCK=BLOCK,
+        )
+    advance(lists["steps"], found_finite)
+
+
+@triton.jit
+def _wrap_after_kernel(
+    p_ptrs,
+    snap_ptrs,
+    cm_ptrs,
+    cv_ptrs,
+    step_ptrs,
+    block_tensor,
+    block_start,
+    numels,
+    found_finite,
+    hyper,
+    PDTYPE: tl.constexpr,
+    SDTYPE: tl.constexpr,
+    METHOD: tl.constexpr,
+    CDF: tl.constexpr,
+    C_INF: tl.constexpr,
+    C_ONE: tl.constexpr,
+    EPS_ZERO: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    start = tl.load(block_start + pid)
+    n = tl.load(numels + t)
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < n
+    p_ptr = tl.load(p_ptrs + t).to(tl.pointer_type(PDTYPE))
+    snap_ptr = tl.load(snap_ptrs + t).to(tl.pointer_type(PDTYPE))
+    old = tl.load(snap_ptr + offs, mask=mask, other=0.0)
+    if tl.load(found_finite) == 0:
+        tl.store(p_ptr + offs, old, mask=mask)  # skipped: the base may have written anything
+        return
+    # the step counts were advanced by the pass before
+    step = _step_count(step_ptrs, t, 0.0)
+    inv_cprop_bc, variance_scale, scaled_cprop_eps, first = _cprop_coefficients(step, hyper, METHOD)
+    cprop_c = tl.load(hyper + 6).to(SDTYPE)
+    cm_ptr = tl.load(cm_ptrs + t).to(tl.pointer_type(SDTYPE))
+    cv_ptr = tl.load(cv_ptrs + t).to(tl.pointer_type(SDTYPE))
+    cm = tl.load(cm_ptr + offs, mask=mask, other=0.0)
+    cv = tl.load(cv_ptr + offs, mask=mask, other=0.0)
+    s = _scale(
+        cm,
+        cv,
+        inv_cprop_bc.to(SDTYPE),
+        variance_scale.to(SDTYPE),
+        scaled_cprop_eps.to(SDTYPE),
+        first.to(SDTYPE),
+        cprop_c,
+        METHOD,
+        CDF,
+        C_INF,
+        C_ONE,
+        EPS_ZERO,
+    )
+    old_s = old.to(SDTYPE)
+    now = tl.load(p_ptr + offs, mask=mask, other=0.0).to(SDTYPE)
+    diff = now - old_s
+    out = tl.where(s < 0.5, old_s + s * diff, now - diff * (1.0 - s))  # torch.lerp
+    tl.store(p_ptr + offs, to_param(out, PDTYPE), mask=mask)
+
+
+def wrapper_after(lists, found_finite: Tensor, hyper, config) -> None:
+    """After the base step: ``p <- lerp(snapshot, p, s)``, or ``snapshot`` on a skipped step
+    (keys params, snapshots, cprop_exp_avgs, cprop_seconds, steps)."""
+    params = lists["params"]
+    device = params[0].device
+    index, start, numel_t = block_table(tuple(p.numel() for p in params), device)
+    keys = ("params", "snapshots", "cprop_exp_avgs", "cprop_seconds")
+    if index.numel():
+        dtype = params[0].dtype
+        _wrap_after_kernel[(index.numel(),)](
+            *[pointer_table(lists[k], device) for k in keys],
+            pointer_table(lists["steps"], device),
+            index,
+            start,
+            numel_t,
+            found_finite,
+            hyper_row(hyper, device),
+            PDTYPE=TL_DTYPE[dtype],
+            SDTYPE=TL_DTYPE[stats_dtype(dtype)],
+            BLOCK=BLOCK,
+            **{k.removeprefix("SS_"): v for k, v in config.items() if k != "SS_PARAM"},
+        )

@@ -1,0 +1,287 @@
+"""The fused multi-tensor kernels (steadystep._kernels): one call per step whatever the number
+of tensors, the gradient limit, the fallback without a compiler, and the Triton kernels (run
+on the CPU under ``TRITON_INTERPRET=1``) against the reference paths."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import steadystep as ss
+from steadystep import _kernels
+from steadystep._kernels import _cpu
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------------
+# Host work per step: the same number of kernel calls for 16 and for 300 tensors
+# --------------------------------------------------------------------------------------------
+
+
+class _Calls(TorchDispatchMode):
+    """Counts the ATen ops that run a kernel (every op but views, which only make metadata);
+    the names of the ops are kept for the failure message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class _CountingLibrary:
+    """A compiled library whose ``ss_*`` functions count their calls."""
+
+    calls = 0
+
+    def __init__(self, lib) -> None:
+        self._lib = lib
+
+    def __getattr__(self, name):
+        fn = getattr(self._lib, name)
+        if not name.startswith("ss_"):
+            return fn
+
+        def counted(*args):
+            _CountingLibrary.calls += 1
+            return fn(*args)
+
+        return counted
+
+
+def _layers(n_tensors: int) -> list[dict]:
+    """``n_tensors`` parameters in layers of a weight and a bias, with gradients."""
+    gen = torch.Generator().manual_seed(0)
+    groups = []
+    for _ in range(n_tensors // 2):
+        w = torch.nn.Parameter(torch.randn(8, 8, generator=gen))
+        b = torch.nn.Parameter(torch.randn(8, generator=gen))
+        for p in (w, b):
+            p.grad = torch.randn(p.shape, generator=gen)
+        groups.append({"params": [w, b]})
+    return groups
+
+
+MAKERS = {
+    "CPropAdamW": lambda groups: ss.CPropAdamW([p for g in groups for p in g["params"]]),
+    "CPropSGD": lambda groups: ss.CPropSGD(
+        [p for g in groups for p in g["params"]], lr=0.1, momentum=0.9
+    ),
+    "CProp(AdamW fused)": lambda groups: ss.CProp(
+        torch.optim.AdamW([p for g in groups for p in g["params"]], fused=True)
+    ),
+    "ALeRA(group)": lambda groups: ss.ALeRA(groups, lr=0.1),
+    "ALeRA(param)": lambda groups: ss.ALeRA(groups, lr=0.1, granularity="param"),
+    "AgAdam(group)": lambda groups: ss.AgAdam(groups),
+    "SALeRA": lambda groups: ss.SALeRA(groups, lr=0.1),
+    "guard(AdamW fused)": lambda groups: ss.CatastropheGuard(
+        torch.optim.AdamW([p for g in groups for p in g["params"]], fused=True)
+    ),
+}
+
+
+def _calls_per_step(name: str, n_tensors: int, monkeypatch) -> tuple[int, int]:
+    opt = MAKERS[name](_layers(n_tensors))
+    loss = torch.ones(())
+    for _ in range(2):  # state, compiled libraries and tables are made here
+        opt.step(loss=loss) if "guard" in name or "SALeRA" in name else opt.step()
+    real = _cpu.library
+    monkeypatch.setattr(_cpu, "library", lambda config: _CountingLibrary(real(config)))
+    _CountingLibrary.calls = 0
+    with _Calls() as mode:
+        opt.step(loss=loss) if "guard" in name or "SALeRA" in name else opt.step()
+    monkeypatch.setattr(_cpu, "library", real)
+    return len(mode.ops), _CountingLibrary.calls, sorted(set(mode.ops))
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_kernel_calls_per_step_do_not_grow_with_the_number_of_tensors(name, monkeypatch):
+    """Every optimizer's default path makes the same number of kernel calls (ATen ops and
+    calls into the compiled library) for 16 tensors as for 300."""
+    few = _calls_per_step(name, 16, monkeypatch)
+    many = _calls_per_step(name, 300, monkeypatch)
+    assert few[1] >= 1, "the fused kernels did not run"
+    assert few[:2] == many[:2], (
+        f"{name}: (ATen ops, library calls) {few[:2]} for 16 tensors, {many[:2]} for 300; "
+        f"ops {many[2]}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Huge finite gradients (Note [huge gradients])
+# --------------------------------------------------------------------------------------------
+
+HUGE_MAKERS = {
+    "CPropAdamW": lambda ps, fused: ss.CPropAdamW(ps, fused=fused),
+    "CPropAdam-amsgrad": lambda ps, fused: ss.CPropAdam(ps, amsgrad=True, fused=fused),
+    "CPropSGD": lambda ps, fused: ss.CPropSGD(ps, lr=0.1, momentum=0.9, fused=fused),
+    "CProp(Adam)": lambda ps, fused: ss.CProp(torch.optim.Adam(ps), fused=fused),
+    "ALeRA": lambda ps, fused: ss.ALeRA(ps, lr=0.1, fused=fused),
+    "AgAdam": lambda ps, fused: ss.AgAdam(ps, fused=fused),
+}
+
+
+@pytest.mark.parametrize("value", [1e19, 1e25, 1e30, 3.4e38])
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+@pytest.mark.parametrize("name", list(HUGE_MAKERS))
+def test_huge_finite_gradients_skip_the_step_on_every_path(name, fused, value):
+    """A finite gradient element above 2**63 (float32) skips the step: params and state stay
+    bitwise as they were, never NaN or inf; the next clean step goes on. (The CProp wrapper
+    protects its own statistics and the parameters; the base optimizer's own state sees the
+    gradient, as documented: guarding it is the guard's job.)"""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(70000))]
+    opt = HUGE_MAKERS[name](params, fused)
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+
+    def tensors():
+        states = getattr(opt, "cprop_state", {})
+        out = {}
+        for i, p in enumerate(params):
+            base = {} if isinstance(opt, ss.CProp) else opt.state.get(p, {})
+            for where, st in (("state", base), ("cprop", states.get(p, {}))):
+                out.update({(i, where, k): v.clone() for k, v in st.items() if torch.is_tensor(v)})
+        for gi, group in enumerate(opt.param_groups):
+            out.update({(gi, k): v.clone() for k, v in group.items() if torch.is_tensor(v)})
+        return out
+
+    state = tensors()
+    params[1].grad[123] = value
+    opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    after = tensors()
+    assert after.keys() == state.keys()
+    for key, v in after.items():
+        if key[-1] == "skipped_steps":
+            assert int(v) == int(state[key]) + 1  # counted as a skipped step
+            continue
+        assert torch.equal(v, state[key]) and torch.isfinite(v).all(), key
+    params[1].grad[123] = 1.0
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in params)
+    assert not all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+
+
+def test_the_limit_is_the_square_root_bound_of_the_statistics():
+    assert _kernels.gradient_limit(torch.float32) == 2.0**63
+    assert _kernels.gradient_limit(torch.float64) == 2.0**511
+    for dtype in (torch.float32, torch.float64):
+        limit = torch.tensor(_kernels.gradient_limit(dtype), dtype=dtype)
+        assert torch.isfinite(limit * limit * 3)  # squares and their EMA sums stay finite
+    assert _kernels.stats_dtype(torch.bfloat16) == torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# Building the library: cache, opt-out, no compiler
+# --------------------------------------------------------------------------------------------
+
+
+def _fresh_process(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    full = {**os.environ, "PYTHONPATH": str(ROOT / "src"), **env}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+STEP = """
+    import warnings, torch, steadystep as ss
+    from steadystep._kernels import _cpu
+    p = torch.nn.Parameter(torch.ones(10)); p.grad = torch.full((10,), 0.5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ss.CPropAdamW([p], lr=0.1).step()
+    print("warnings", sum("could not build" in str(w.message) for w in caught))
+    print("built", sum(lib is not None for lib in _cpu._LOADED.values()))
+    print("param", round(float(p.detach()[0]), 6))
+"""
+
+
+def test_without_a_compiler_the_eager_path_runs_with_one_warning(tmp_path):
+    out = _fresh_process(
+        STEP, {"CC": str(tmp_path / "no-such-cc"), "STEADYSTEP_CACHE_DIR": str(tmp_path)}
+    )
+    assert out.returncode == 0, out.stderr
+    assert "warnings 1" in out.stdout and "built 0" in out.stdout
+    fused = _fresh_process(STEP, {"STEADYSTEP_CACHE_DIR": str(tmp_path / "cache")})
+    assert fused.returncode == 0, fused.stderr
+    assert "warnings 0" in fused.stdout and "built 0" not in fused.stdout
+    # the same first step either way (s = 1 at t = 1), to float32 rounding
+    first = [float(run.stdout.split("param")[-1]) for run in (out, fused)]
+    assert math.isclose(first[0], first[1], rel_tol=1e-5)
+    assert list((tmp_path / "cache").glob("kernels-*.so")), "the library is cached on disk"
+
+
+def test_steadystep_fused_0_turns_the_kernels_off(tmp_path):
+    out = _fresh_process(STEP, {"STEADYSTEP_FUSED": "0", "STEADYSTEP_CACHE_DIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    assert "built 0" in out.stdout and "warnings 0" in out.stdout
+
+
+def test_fused_true_without_kernels_is_an_error(monkeypatch):
+    monkeypatch.setenv("STEADYSTEP_FUSED", "0")
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    for opt in (
+        ss.CPropAdamW([p], fused=True),
+        ss.CProp(torch.optim.SGD([p], lr=0.1), fused=True),
+        ss.ALeRA([p], lr=0.1, fused=True),
+    ):
+        with pytest.raises(RuntimeError, match="fused=True"):
+            opt.step()
+
+
+def test_sixteen_bit_floats_without_a_kernel_take_the_eager_path():
+    p = torch.nn.Parameter(torch.ones(4, dtype=torch.float16))
+    p.grad = torch.full((4,), 0.5, dtype=torch.float16)
+    opt = ss.CPropAdamW([p], lr=0.1)  # float16: no kernel, fused=None falls back
+    opt.step()
+    assert p.dtype == torch.float16 and torch.all(p < 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels, interpreted on the CPU
+# --------------------------------------------------------------------------------------------
+
+PARITY = ROOT / "tests" / "kernel_parity.py"
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("triton") is None, reason="needs Triton installed"
+)
+def test_triton_kernels_match_the_reference_under_the_interpreter():
+    """Every Triton kernel (CProp's Adam/SGD/wrapper passes, ALeRA and Ag-Adam in every
+    granularity, the gradient check, the rollback) against the reference paths, on CPU tensors
+    under ``TRITON_INTERPRET=1`` (a fresh process: Triton reads it at import)."""
+    out = _fresh_process(PARITY.read_text(), {"TRITON_INTERPRET": "1"})
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "all kernels match" in out.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_kernels_match_the_reference():
+    """The same runs with the Triton kernels compiled for the GPU."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        import kernel_parity
+    finally:
+        sys.path.pop(0)
+    kernel_parity.run("cuda")
