@@ -680,3 +680,42 @@ def test_without_guard_closures_reach_the_base_and_no_loss_is_needed():
     assert len(calls) > 2  # L-BFGS re-evaluated it
     assert float(per_sample_loss(model, 0, F64).mean()) < first
     assert opt.stats().keys() == {k for k in opt.stats() if k.startswith("alrc/")}
+
+
+# -- CUDA (run where a GPU is present) ---------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_steady_state_step_does_not_sync():
+    """ALRC's clip, the raw-loss window, the guard around the native CPropAdamW: warm-up steps
+    create the state, then steady-state steps run under ``set_sync_debug_mode("error")``."""
+    model = mlp().cuda()
+    opt = ss.stabilize(torch.optim.AdamW(model.parameters(), lr=1e-2))
+    assert opt.alrc.mu1.is_cuda and isinstance(opt.cprop, ss.CPropAdamW)
+
+    def steps(start, stop):
+        for step in range(start, stop):
+            x, y = batch(step)
+            per_sample = F.cross_entropy(model(x.cuda()), y.cuda(), reduction="none")
+            loss = opt.clip(per_sample).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    steps(0, 3)
+    torch.cuda.synchronize()
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        steps(3, 8)
+    finally:
+        torch.cuda.set_sync_debug_mode(before)
+    stats = opt.stats()
+    assert int(stats["guard/steps"]) == 8 and stats["alrc/threshold"].is_cuda
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_alrc_on_the_cpu_is_refused():
+    model = mlp().cuda()
+    with pytest.raises(ValueError, match="alrc's moments are on cpu"):
+        ss.stabilize(torch.optim.AdamW(model.parameters()), alrc=ss.ALRC())
