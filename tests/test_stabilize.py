@@ -626,8 +626,12 @@ def test_a_reduced_loss_is_refused_where_per_sample_is_needed():
 
 def test_components_on_another_device_are_refused():
     model = mlp()
+    base = torch.optim.AdamW(model.parameters())
+    keys = [set(group) for group in base.param_groups]
     with pytest.raises(ValueError, match="alrc's moments are on meta but the parameters are on"):
-        ss.stabilize(sgd(model), alrc=ss.ALRC().to("meta"))
+        ss.stabilize(base, alrc=ss.ALRC().to("meta"))
+    # refused before the native class took the groups over (it adds cprop_* and lr_multiplier)
+    assert [set(group) for group in base.param_groups] == keys
     detector = ss.PageHinkley(device="meta")
     with pytest.raises(ValueError, match="detector are on meta"):
         ss.stabilize(sgd(model), guard=detector)

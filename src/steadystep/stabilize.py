@@ -210,6 +210,77 @@ def _tensor_devices(obj: Any) -> set[torch.device]:
     return set()
 
 
+def _check_device(what: str, found: set[torch.device], devices: list[torch.device]) -> None:
+    """Statistics must live beside the parameters (a CPU detector may move at first use)."""
+    stray = sorted((d for d in found if d not in devices), key=str)
+    if stray and not (what == "guard's detector" and all(d.type == "cpu" for d in stray)):
+        raise ValueError(
+            f"{what} are on {', '.join(map(str, stray))} but the parameters are on "
+            f"{', '.join(map(str, devices))}: move it to the parameters' device first "
+            "(e.g. alrc.to(device)), or build the optimizer after moving the model"
+        )
+
+
+def _build_alrc(alrc: Any, params: list[Tensor], devices: list[torch.device]) -> ALRC | None:
+    """The ALRC module that ``alrc=`` asks for (checked, on the parameters' device)."""
+    kind = _kind(alrc, "alrc", "ALRC's settings")
+    if kind == "off":
+        return None
+    if isinstance(alrc, ALRC):
+        _check_device("alrc's moments", {b.device for b in alrc.buffers()}, devices)
+        return alrc
+    if kind == "object":
+        raise TypeError(
+            "alrc must be True, False, a dict of ALRC's settings or an ALRC, got "
+            f"alrc={type(alrc).__name__}"
+        )
+    settings = {} if kind == "on" else dict(alrc)
+    try:
+        built = ALRC(**settings)
+    except TypeError as e:
+        raise TypeError(f"alrc got settings ALRC does not take: {e}") from None
+    # Where the loss is: beside the last parameter (the output layer of a split model).
+    return built.to(params[-1].device)
+
+
+def _guard_kwargs(
+    guard: Any, given: CatastropheGuard | None, batch_size: int | None, devices: list[torch.device]
+) -> dict[str, Any] | None:
+    """CatastropheGuard's arguments for ``guard=`` (checked), or None when none is to be built."""
+    kind = _kind(guard, "guard", "CatastropheGuard's settings")
+    if given is not None:
+        if kind != "on":
+            raise ValueError(
+                f"optimizer is already a CatastropheGuard ({type(given).__name__}), so guard "
+                f"must be True (it is used as built), got guard={guard!r}"
+            )
+        if batch_size is not None:
+            raise ValueError(
+                "batch_size and dataset_size configure the detector of a guard that stabilize "
+                f"builds; {type(given).__name__} was built with its own: set rho there (e.g. "
+                "PageHinkley(rho=batch_size / dataset_size)), or pass the unguarded optimizer"
+            )
+        _check_device("the guard's counters", {given.alarms.device}, devices)
+        return None
+    if kind == "off":
+        return None
+    if kind == "object":
+        kwargs: dict[str, Any] = {"detector": guard}
+    elif kind == "settings":
+        kwargs = _check_keys("guard", guard, _GUARD_KEYS)
+    else:
+        kwargs = {}
+    detector = kwargs.get("detector")
+    if detector is not None:
+        if not callable(getattr(detector, "update", None)):
+            raise TypeError(
+                "guard's detector needs an update(loss) -> alarm method, got "
+                f"{type(detector).__name__}"
+            )
+        _check_device("guard's detector", _detector_devices(detector), devices)
+    return kwargs
+
+
 class Stabilized(OptimizerWrapper):
     """ALRC, a :class:`~steadystep.CatastropheGuard` and :class:`~steadystep.CProp` around an
     optimizer, as one ``torch.optim.Optimizer``; build it with :func:`stabilize` (same arguments).
@@ -299,7 +370,10 @@ class Stabilized(OptimizerWrapper):
         inner = given_guard.optimizer if given_guard is not None else optimizer
         given_cprop = inner if isinstance(inner, (CProp, _NativeCPropBase)) else None
 
-        # -- CProp, in the middle ----------------------------------------------------------
+        # Everything is checked before anything is built: a refused call leaves the caller's
+        # optimizer as it was (building the native class takes over its param-group dicts).
+        alrc_module = _build_alrc(alrc, params, devices)
+        guard_kwargs = _guard_kwargs(guard, given_guard, batch_size, devices)
         cprop_kind = _kind(cprop, "cprop", "CProp's settings")
         if cprop_kind == "object":
             raise TypeError(
@@ -307,113 +381,51 @@ class Stabilized(OptimizerWrapper):
                 f"{list(_CPROP_KEYS)}; to use a CProp you built, pass it as the optimizer: "
                 f"got cprop={type(cprop).__name__}"
             )
+        if given_cprop is not None and cprop_kind != "on":
+            raise ValueError(
+                f"optimizer already applies CProp ({type(given_cprop).__name__}), so cprop "
+                f"must be True (its settings are those it was built with), got cprop={cprop!r}"
+            )
+        if given_cprop is None and cprop_kind != "off" and given_guard is not None:
+            raise ValueError(
+                f"optimizer is already a CatastropheGuard ({type(given_guard).__name__}) "
+                "around its optimizer, and CProp goes inside the guard: pass the unguarded "
+                "optimizer (e.g. ALeRA(...) for SALeRA) with guard={...}, or cprop=False"
+            )
+        settings = _check_keys("cprop", cprop, _CPROP_KEYS) if cprop_kind == "settings" else {}
+
+        # -- CProp, in the middle ----------------------------------------------------------------
         self.native = False
+        self.cprop: Optimizer | None = None
         if given_cprop is not None:
-            if cprop_kind != "on":
-                raise ValueError(
-                    f"optimizer already applies CProp ({type(given_cprop).__name__}), so cprop "
-                    f"must be True (its settings are those it was built with), got cprop={cprop!r}"
-                )
-            self.cprop: Optimizer | None = given_cprop
+            self.cprop = given_cprop
             self.native = isinstance(given_cprop, _NativeCPropBase)
             base = given_cprop if self.native else given_cprop.optimizer
         elif cprop_kind == "off":
-            self.cprop = None
             base = inner
+        elif native and _plain_for_native(inner):
+            self.cprop = base = _native_cprop(inner, settings)
+            self.native = True
         else:
-            if given_guard is not None:
-                raise ValueError(
-                    f"optimizer is already a CatastropheGuard ({type(given_guard).__name__}) "
-                    "around its optimizer, and CProp goes inside the guard: pass the unguarded "
-                    "optimizer (e.g. ALeRA(...) for SALeRA) with guard={...}, or cprop=False"
-                )
-            settings = {} if cprop_kind == "on" else _check_keys("cprop", cprop, _CPROP_KEYS)
-            if native and _plain_for_native(inner):
-                self.cprop = _native_cprop(inner, settings)
-                self.native = True
-                base = self.cprop
-            else:
-                self.cprop = CProp(inner, **settings)
-                base = inner
+            self.cprop = CProp(inner, **settings)
+            base = inner
         self.base: Optimizer = base
         middle = self.cprop if self.cprop is not None else base
 
         # -- the guard, outermost -------------------------------------------------------------
-        guard_kind = _kind(guard, "guard", "CatastropheGuard's settings")
-        if given_guard is not None:
-            if guard_kind != "on":
-                raise ValueError(
-                    f"optimizer is already a CatastropheGuard ({type(given_guard).__name__}), "
-                    f"so guard must be True (it is used as built), got guard={guard!r}"
-                )
-            if batch_size is not None:
-                raise ValueError(
-                    "batch_size and dataset_size configure the detector of a guard that "
-                    f"stabilize builds; {type(given_guard).__name__} was built with its own: "
-                    "set rho there (e.g. PageHinkley(rho=batch_size / dataset_size)), or pass "
-                    "the unguarded optimizer"
-                )
-            self.guard: CatastropheGuard | None = given_guard
-        elif guard_kind == "off":
-            self.guard = None
-        else:
-            if guard_kind == "object":
-                kwargs: dict[str, Any] = {"detector": guard}
-            elif guard_kind == "settings":
-                kwargs = _check_keys("guard", guard, _GUARD_KEYS)
-            else:
-                kwargs = {}
-            detector = kwargs.get("detector")
-            if detector is not None:
-                if not callable(getattr(detector, "update", None)):
-                    raise TypeError(
-                        "guard's detector needs an update(loss) -> alarm method, got "
-                        f"{type(detector).__name__}"
-                    )
-                self._check_device("guard's detector", _detector_devices(detector), devices)
-            self.guard = CatastropheGuard(middle, **kwargs)
+        self.guard: CatastropheGuard | None = given_guard
+        if guard_kwargs is not None:
+            self.guard = CatastropheGuard(middle, **guard_kwargs)
             if batch_size is not None and dataset_size is not None:
                 configure_detector(
                     self.guard.detector, batch_size=batch_size, dataset_size=dataset_size
                 )
-        if given_guard is not None:
-            self._check_device("the guard's counters", {given_guard.alarms.device}, devices)
 
         # -- ALRC, on the loss ------------------------------------------------------------------
-        alrc_kind = _kind(alrc, "alrc", "ALRC's settings")
-        if alrc_kind == "object" and not isinstance(alrc, ALRC):
-            raise TypeError(
-                f"alrc must be True, False, a dict of ALRC's settings or an ALRC, got "
-                f"alrc={type(alrc).__name__}"
-            )
-        if alrc_kind == "off":
-            self.alrc: ALRC | None = None
-        elif isinstance(alrc, ALRC):
-            self._check_device("alrc's moments", {b.device for b in alrc.buffers()}, devices)
-            self.alrc = alrc
-        else:
-            settings = {} if alrc_kind == "on" else dict(alrc)  # type: ignore[arg-type]
-            try:
-                built = ALRC(**settings)
-            except TypeError as e:
-                raise TypeError(f"alrc got settings ALRC does not take: {e}") from None
-            # Where the loss is: beside the last parameter (the output layer of a split model).
-            self.alrc = built.to(params[-1].device)
-
+        self.alrc: ALRC | None = alrc_module
         super().__init__(self.guard if self.guard is not None else middle)
         self.per_sample = per_sample
         self._window = _LossWindow()
-
-    @staticmethod
-    def _check_device(what: str, found: set[torch.device], devices: list[torch.device]) -> None:
-        """Statistics must live beside the parameters (a CPU detector may move at first use)."""
-        stray = sorted((d for d in found if d not in devices), key=str)
-        if stray and not (what == "guard's detector" and all(d.type == "cpu" for d in stray)):
-            raise ValueError(
-                f"{what} are on {', '.join(map(str, stray))} but the parameters are on "
-                f"{', '.join(map(str, devices))}: move it to the parameters' device first "
-                "(e.g. alrc.to(device)), or build the optimizer after moving the model"
-            )
 
     def __repr__(self) -> str:
         parts = [
