@@ -23,7 +23,7 @@ model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.L
 
 opt = ss.stabilize(  # CProp on AdamW, the guard around them, ALRC for the loss
     torch.optim.AdamW(model.parameters(), lr=3e-3),
-    batch_size=32, dataset_size=len(data),  # the guard's rho = 32 / 2048
+    batch_size=32, dataset_size=len(data),  # for the guard's detector: rho = 32 / 2048
 )
 for epoch in range(3):
     for x, y in loader:
