@@ -2,9 +2,11 @@
 
     torchrun --nproc_per_node=2 --standalone examples/ddp_train.py --steps 50
 
-Every rank sees different data; ALRC's moments and the guard's loss are averaged over ranks, so
-every rank clips, alarms, rolls back and cuts its learning rate alike, and the parameters stay
-bitwise equal (checked at the end). Rank 0 writes a Monitor CSV (``--csv``).
+ALRC, the catastrophe guard and CProp around AdamW, composed by ``ss.stabilize``: the gradient
+comes from the clipped per-sample losses, the guard watches their raw mean. Every rank sees
+different data; ALRC's moments and the guard's loss are averaged over ranks, so every rank clips,
+alarms, rolls back and cuts its learning rate alike, and the parameters stay bitwise equal
+(checked at the end). Rank 0 writes a Monitor CSV (``--csv``).
 """
 
 from __future__ import annotations
@@ -35,24 +37,29 @@ def main(argv: list[str] | None = None) -> None:
     net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
     net = net.to(device)
     model = DDP(net)
-    alrc = ss.ALRC()
-    opt = ss.CatastropheGuard(ss.CPropAdamW(net.parameters(), lr=1e-2), lr_factor=0.5)
+    batch = 32
+    # the detector's rho = (samples per step over all ranks) / (samples in the data)
+    opt = ss.stabilize(
+        torch.optim.AdamW(net.parameters(), lr=1e-2),
+        batch_size=batch * world,
+        dataset_size=batch * world * args.steps,
+    )
     # one Monitor on rank 0 is enough: the statistics are the same on every rank
-    monitor = ss.Monitor(("alrc", alrc), ("guard", opt), every=10, csv_path=args.csv)
+    monitor = ss.Monitor(("opt", opt), every=10, csv_path=args.csv)
 
     g = torch.Generator().manual_seed(1000 + rank)  # different data on every rank
     spike = args.spike_step if args.spike_step is not None else args.steps // 2
     for step in range(args.steps):
-        x = torch.randn(32, 8, generator=g)
+        x = torch.randn(batch, 8, generator=g)
         y = x[:, :1] * 2.0 - x[:, 1:2]
         if rank == 1 % world and step == spike:
             y = y * 100.0  # a corrupted batch on one rank only
         x, y = x.to(device), y.to(device)
         per_sample = (model(x) - y).pow(2).squeeze(1)
-        loss = alrc(per_sample).mean()
+        loss = opt.clip(per_sample).mean()  # ALRC; the raw mean is kept for the guard
         opt.zero_grad()
         loss.backward()
-        opt.step(loss=loss.detach())
+        opt.step()  # the guard watches the raw loss (its rank mean), CProp scales AdamW
         if rank == 0:
             monitor.step(loss=loss.detach())
     monitor.close()
@@ -65,8 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     stats = {k: float(v) for k, v in opt.stats().items() if v.numel() == 1}
     print(
         f"rank {rank}/{world}: loss {float(loss.detach()):.4f}, "
-        f"ALRC clipped {int(alrc.clipped_total)}, "
-        f"guard alarms {int(stats['alarms'])}, params equal to rank 0: {same}",
+        f"ALRC clipped {int(stats['alrc/clipped_total'])}, "
+        f"guard alarms {int(stats['guard/alarms'])}, params equal to rank 0: {same}",
         flush=True,
     )
     dist.destroy_process_group()

@@ -198,3 +198,43 @@ def test_clear_errors(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("steadystep.experiments.missing_api", lambda name: ["CProp"])
     assert cli.main(["reproduce", "cprop", "--scale", "tiny", "--out", str(tmp_path / "z")]) == 2
     assert "lacks CProp" in capsys.readouterr().err
+
+
+def test_report_renders_a_directory_of_monitor_csvs(tmp_path, capsys):
+    # what the README says: `steadystep report RUN_DIR` plots a Monitor CSV
+    import torch
+
+    import steadystep as ss
+    from steadystep.telemetry import read_csv
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = ss.stabilize(torch.optim.AdamW(model.parameters(), lr=1e-2), guard=ss.PageHinkley(1.0))
+    (tmp_path / "sub").mkdir()
+    with ss.Monitor(("opt", opt), every=10, csv_path=tmp_path / "sub" / "train.csv") as monitor:
+        for step in range(30):
+            x = torch.randn(8, 4)
+            per_sample = (model(x) - 1).pow(2).squeeze(1) * (100.0 if step == 20 else 1.0)
+            loss = opt.clip(per_sample).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            monitor.step(loss=loss.detach())
+    (tmp_path / "notes.csv").write_text("a,b\n1,2\n")  # not a Monitor CSV: ignored
+    assert cli.main(["report", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    report = (tmp_path / "report.md").read_text()
+    assert "sub/train.csv" in report and "30 rows, steps 0 to 29" in report
+    assert "`opt/guard/rollbacks`" in report and "grew at steps" in report
+    assert "notes.csv" not in report
+    figures = sorted(p.name for p in (tmp_path / "figures").iterdir())
+    assert figures and all(name.startswith("sub__train") for name in figures)
+    assert all(f"figures/{name}" in report for name in figures)
+    columns = read_csv(tmp_path / "sub" / "train.csv")
+    assert all(f"`{column}`" in report for column in columns if column != "step")
+    assert "opt/guard/rollbacks" in printed and "report.md" in printed
+    # one file works too; a directory with neither a run nor a Monitor CSV is an error
+    assert cli.main(["report", str(tmp_path / "sub" / "train.csv")]) == 0
+    assert (tmp_path / "sub" / "train_report.md").is_file()
+    assert cli.main(["report", str(tmp_path / "sub" / "none")]) == 2
+    assert "holds no Monitor CSV" in capsys.readouterr().err

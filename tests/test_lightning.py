@@ -1,7 +1,8 @@
 """A real lightning.Trainer on CPU with steadystep optimizers and ALRC: the loss reaches the
 guard in every precision (the closure path of "32-true", the GradScaler path of "16-mixed"), a
 scripted spike is rolled back, stats reach the logger, and a step the GradScaler skips updates no
-statistic."""
+statistic. ss.stabilize (ALRC + guard + CProp) checkpointed by ModelCheckpoint and resumed with
+ckpt_path= matches the uninterrupted run bitwise."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 
 pytest.importorskip("lightning")
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 
@@ -183,3 +185,121 @@ def test_alrc_with_adamw_and_accumulation_feeds_window_mean(tmp_path):
     assert int(module.alrc.num_updates) == 8
     rows = _logged(trainer)
     assert any(r.get("steadystep/alrc/mu1") for r in rows)
+
+
+# -- ss.stabilize: ALRC + guard + CProp, checkpointed by Lightning and resumed -----------------
+
+STABLE_SPIKES = (4, 13)  # one before the checkpoint at step 10, one after it
+
+
+def _step_batch(step):
+    """The batch of a step, a function of the step: Lightning restarts a plain DataLoader on
+    resume (from an epoch-end checkpoint it even replays a batch), which is its business, not
+    what this test is about."""
+    g = torch.Generator().manual_seed(500 + step)
+    x = torch.randn(8, 4, generator=g)
+    return x, x.sum(dim=1, keepdim=True) * 0.5
+
+
+class Stable(L.LightningModule):
+    """A regression net whose training_step clips through the optimizer (ss.stabilize)."""
+
+    def __init__(self, seed=0, inf_grad_step=None):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)
+        )
+        self.raw_losses = {}
+        self.inf_grad_step = inf_grad_step
+
+    def training_step(self, batch, batch_idx):
+        x, y = _step_batch(self.global_step)
+        out = self.net(x)
+        if self.global_step == self.inf_grad_step:
+            out = _InfGrad.apply(out)
+        per_sample = (out - y).pow(2).squeeze(1)
+        if self.global_step in STABLE_SPIKES:
+            per_sample = per_sample * 100.0  # a corrupted batch: clipped, and an alarm
+        self.raw_losses[self.global_step] = per_sample.detach().mean()
+        return self.optimizers().clip(per_sample).mean()
+
+    def configure_optimizers(self):
+        return ss.stabilize(
+            torch.optim.AdamW(self.parameters(), lr=0.02),
+            guard={"detector": ss.PageHinkley(ph_lambda=1.0)},
+            batch_size=8,
+            dataset_size=64,
+        )
+
+
+def _stable_trainer(tmp_path, callbacks, max_steps=24, precision="32-true"):
+    return L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        **_precision(precision),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+        deterministic=True,
+    )
+
+
+def _stable_loader():
+    return _loader(n=64)  # 8 batches an epoch (their content is _step_batch's)
+
+
+# the data is a function of the step (see _step_batch): the restarted loader does not matter
+@pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before")
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+def test_stabilize_checkpointed_by_lightning_resumes_bitwise(tmp_path):
+    checkpoints = tmp_path / "ckpt"
+    whole = Stable()
+    saver = ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=10, save_top_k=-1)
+    trainer = _stable_trainer(tmp_path, [LossFeeder(), StatsLogger(every=4), saver])
+    trainer.fit(whole, _stable_loader())
+    opt = trainer.optimizers[0]
+    assert isinstance(opt, ss.Stabilized) and isinstance(opt.cprop, ss.CPropAdamW)
+    stats = opt.stats()
+    assert int(stats["guard/steps"]) == 24 and int(stats["alrc/num_updates"]) == 24
+    history = opt.guard.history()
+    assert [h["step"] for h in history] == list(STABLE_SPIKES)
+    # the guard watched the raw losses (the spikes unclipped), not training_step's result
+    for h in history:
+        assert h["loss"] == pytest.approx(float(whole.raw_losses[h["step"]]), rel=1e-6)
+    assert int(stats["alrc/clipped_total"]) >= 8
+    logged = trainer.callbacks[-2].monitor.history  # StatsLogger: prefixed columns
+    assert logged[-1]["stabilized/guard/rollbacks"] == 2
+
+    (ckpt,) = checkpoints.glob("*step=10.ckpt")  # mid-epoch, Lightning's own checkpoint
+    resumed = Stable(seed=1)  # other weights: they must come from the checkpoint
+    trainer_b = _stable_trainer(tmp_path, [LossFeeder()])
+    trainer_b.fit(resumed, _stable_loader(), ckpt_path=ckpt)
+    assert trainer_b.global_step == 24
+    for p, q in zip(whole.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+    opt_b = trainer_b.optimizers[0]
+    assert [h["step"] for h in opt_b.guard.history()] == list(STABLE_SPIKES)
+    for key, value in opt.stats().items():
+        torch.testing.assert_close(value, opt_b.stats()[key], rtol=0, atol=0, msg=key)
+
+
+def test_stabilize_under_16_mixed_a_skipped_step_leaves_alrc_and_the_loss_window(tmp_path):
+    inf_step = 13  # also a spike: its raw loss is 100x
+    module = Stable(inf_grad_step=inf_step)
+    trainer = _stable_trainer(
+        tmp_path, [LossFeeder()], max_steps=inf_step + 2, precision="16-mixed"
+    )
+    trainer.fit(module, _stable_loader())
+    opt = trainer.optimizers[0]
+    stats = opt.stats()
+    # GradScaler skipped the step of the inf gradient: no guard step, no ALRC update kept
+    assert int(stats["guard/steps"]) == inf_step + 1
+    assert int(stats["alrc/num_updates"]) == inf_step + 1
+    # and its raw loss was forgotten: the guard's last loss is the last step's alone
+    last = float(module.raw_losses[inf_step + 1])
+    assert float(opt.guard.detector.last_loss) == pytest.approx(last, rel=1e-3)
+    assert [h["step"] for h in opt.guard.history()] == [STABLE_SPIKES[0]]

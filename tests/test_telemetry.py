@@ -3,6 +3,7 @@ and WARNING events (rollback, LR cut, sustained clipping, non-finite) logged onc
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 
@@ -272,3 +273,90 @@ def test_events_false_logs_nothing(caplog):
             monitor.close()
         assert len(_warnings(caplog)) == expected
         assert [row["lr_0"] for row in monitor.history] == [1.0, 0.5]
+
+
+# -- resume ------------------------------------------------------------------------------------
+
+
+def _stabilized_run(model_seed=0):
+    torch.manual_seed(model_seed)
+    model = torch.nn.Linear(4, 1)
+    opt = ss.stabilize(torch.optim.AdamW(model.parameters(), lr=1e-2), guard=ss.PageHinkley(1.0))
+    return model, opt
+
+
+def _monitored_steps(model, opt, monitor, start, stop):
+    for step in range(start, stop):
+        g = torch.Generator().manual_seed(step)
+        x = torch.randn(8, 4, generator=g)
+        per_sample = (model(x) - x.sum(1, keepdim=True)).pow(2).squeeze(1)
+        if step == 70:
+            per_sample = per_sample * 100.0  # clipped, and an alarm for the guard
+        loss = opt.clip(per_sample).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        monitor.step(loss=loss.detach())
+
+
+def test_resumed_monitor_continues_the_csv_without_duplicate_or_missing_rows(tmp_path, caplog):
+    every, steps, checkpoint, killed = 7, 100, 50, 64
+    whole = tmp_path / "whole" / "monitor.csv"
+    whole.parent.mkdir()
+    model, opt = _stabilized_run()
+    monitor = ss.Monitor(("opt", opt), every=every, csv_path=whole)
+    with caplog.at_level(logging.WARNING, logger="steadystep"):
+        _monitored_steps(model, opt, monitor, 0, steps)
+        monitor.close()
+    late_events = [m for m in _warnings(caplog) if int(m.split()[2].rstrip(":")) >= checkpoint]
+    assert late_events  # the alarm after step 70 and its LR cut, at least
+
+    path = tmp_path / "resumed" / "monitor.csv"
+    path.parent.mkdir()
+    model, opt = _stabilized_run()
+    monitor = ss.Monitor(("opt", opt), every=every, csv_path=path)
+    _monitored_steps(model, opt, monitor, 0, checkpoint)
+    saved = {"model": model.state_dict(), "opt": opt.state_dict(), "monitor": monitor.state_dict()}
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    _monitored_steps(model, opt, monitor, checkpoint, killed)  # then killed: no close()
+    assert len(read_csv(path)["step"]) > checkpoint  # rows the resumed run will write again
+    del model, opt, monitor
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    model, opt = _stabilized_run(model_seed=1)
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    monitor = ss.Monitor(("opt", opt), every=every, csv_path=path)
+    monitor.load_state_dict(saved["monitor"])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="steadystep"):
+        _monitored_steps(model, opt, monitor, checkpoint, steps)
+        monitor.close()
+    assert path.read_bytes() == whole.read_bytes()
+    columns = read_csv(path)
+    assert columns["step"] == [float(s) for s in range(steps)]
+    assert columns["opt/guard/alarms"][-1] >= 1 and columns["opt/alrc/clipped_total"][-1] >= 1
+    # the event scan resumes too: the same warnings, each once, under the nested component
+    assert _warnings(caplog) == late_events
+    assert any("opt/guard rolled back" in m for m in late_events)
+
+
+def test_monitor_resume_refuses_another_file_or_a_used_monitor(tmp_path):
+    comp = Scripted(x=[1.0, 2.0, 3.0])
+    path = tmp_path / "m.csv"
+    monitor = ss.Monitor(("c", comp), every=2, csv_path=path)
+    for _ in range(3):
+        monitor.step()
+    state = monitor.state_dict()
+    assert state["count"] == 3 and state["csv_bytes"] == path.stat().st_size
+    with pytest.raises(ValueError, match="fresh Monitor"):
+        monitor.load_state_dict(state)
+    with pytest.raises(ValueError, match="is missing"):
+        ss.Monitor(("c", comp), csv_path=tmp_path / "other.csv").load_state_dict(state)
+    path.write_text("step,y\n")
+    with pytest.raises(ValueError, match="has 7"):
+        ss.Monitor(("c", comp), csv_path=path).load_state_dict(state)
+    with pytest.raises(ValueError, match="not a Monitor's"):
+        ss.Monitor(("c", comp)).load_state_dict({"count": 1})

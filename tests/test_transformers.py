@@ -156,3 +156,120 @@ def test_eval_leaves_alrc_and_guard_alone_and_checkpoint_carries_alrc(trained, t
         assert all(torch.equal(before[k], fresh.state_dict()[k]) for k in before)
     finally:
         trainer.alrc = saved_alrc
+
+
+# -- ss.stabilize: ALRC + guard + CProp, save_steps checkpoints and resume_from_checkpoint -------
+
+STABLE_SPIKES = (3, 7)  # before and after the checkpoint at step 5
+
+
+def _stable_model(seed=0):
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertForSequenceClassification(config)
+
+
+class StepSpikes:
+    """The default per-sample loss, 100x at the steps in STABLE_SPIKES (by the trainer's
+    global_step, which a resumed trainer restores)."""
+
+    def __init__(self):
+        self.trainer = None
+        self.raw = {}
+
+    def __call__(self, outputs, labels):
+        loss = default_per_sample_loss(outputs, labels)
+        if outputs.logits.requires_grad:  # training calls only
+            step = self.trainer.state.global_step
+            if step in STABLE_SPIKES:
+                loss = loss * 100.0
+            self.raw[step] = loss.detach().mean()
+        return loss
+
+
+def _stable_trainer(out, seed=0):
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=MAX_STEPS,
+        per_device_train_batch_size=8,
+        learning_rate=LR,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        logging_steps=2,
+        report_to=[],
+        save_strategy="steps",
+        save_steps=5,
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    spikes = StepSpikes()
+    trainer = SteadystepTrainer(
+        model=_stable_model(seed),
+        args=args,
+        train_dataset=_data(),
+        per_sample_loss=spikes,
+        optimizer_factory=lambda m: ss.stabilize(
+            torch.optim.AdamW(m.parameters(), lr=LR),
+            guard={"detector": ss.PageHinkley(ph_lambda=0.5)},
+            batch_size=8,
+            dataset_size=8 * MAX_STEPS,
+        ),
+    )
+    spikes.trainer = trainer
+    return trainer, spikes
+
+
+def test_stabilize_checkpointed_by_the_trainer_resumes_bitwise(tmp_path):
+    whole, spikes = _stable_trainer(tmp_path / "whole")
+    whole.train()
+    opt = whole.steadystep_optimizer
+    assert isinstance(opt, ss.Stabilized) and isinstance(opt.cprop, ss.CPropAdamW)
+    stats = opt.stats()
+    assert int(stats["guard/steps"]) == MAX_STEPS
+    assert int(stats["alrc/num_updates"]) == MAX_STEPS
+    history = opt.guard.history()
+    assert [h["step"] for h in history] == list(STABLE_SPIKES)
+    for h in history:  # the guard saw the raw (unclipped) losses
+        assert h["loss"] == pytest.approx(float(spikes.raw[h["step"]]), rel=1e-6)
+    assert int(stats["alrc/clipped_total"]) >= 8
+    assert whole.lr_scheduler.skipped_steps == len(STABLE_SPIKES)  # found the guard inside
+    logs = [h for h in whole.state.log_history if "loss" in h]
+    assert logs[-1]["steadystep/guard/alarms"] == len(STABLE_SPIKES)
+
+    checkpoint = tmp_path / "whole" / "checkpoint-5"
+    assert (checkpoint / "optimizer.pt").is_file()
+    resumed, _ = _stable_trainer(tmp_path / "resumed", seed=1)  # weights from the checkpoint
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    for p, q in zip(whole.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    opt_b = resumed.steadystep_optimizer
+    assert [h["step"] for h in opt_b.guard.history()] == list(STABLE_SPIKES)
+    for key, value in stats.items():
+        torch.testing.assert_close(value, opt_b.stats()[key], rtol=0, atol=0, msg=key)
+    assert resumed.lr_scheduler.state_dict() == whole.lr_scheduler.state_dict()
+
+
+def test_alrc_twice_is_refused(tmp_path):
+    args = TrainingArguments(
+        str(tmp_path), max_steps=1, report_to=[], save_strategy="no", use_cpu=True
+    )
+    trainer = SteadystepTrainer(
+        model=_stable_model(),
+        args=args,
+        train_dataset=_data(8),
+        alrc=ss.ALRC(),
+        optimizer_factory=lambda m: ss.stabilize(torch.optim.AdamW(m.parameters())),
+    )
+    with pytest.raises(ValueError, match="drop alrc="):
+        trainer.train()

@@ -6,6 +6,8 @@ Three published methods as one toolkit for PyTorch:
 * The agnostic learning-rate family (ALeRA, Ag-Adam, SALeRA, SPALeRA) with a Page-Hinkley
   catastrophe guard that rolls back one step and cuts the learning rate.
 * :class:`CProp` scales any optimizer's update by the confidence that past gradients agree.
+
+:func:`stabilize` composes the three around any optimizer, in the one order that works.
 """
 
 from steadystep import agnostic
@@ -16,6 +18,7 @@ from steadystep.guard import CatastropheGuard, TrainingDiverged
 from steadystep.optim import AgAdam, ALeRA
 from steadystep.optim.cprop import CProp, CPropAdam, CPropAdamW, CPropSGD
 from steadystep.salera import SALeRA, SPALeRA
+from steadystep.stabilize import Stabilized, stabilize
 from steadystep.telemetry import Monitor
 
 __version__ = "0.1.0"
@@ -33,8 +36,10 @@ __all__ = [
     "PageHinkley",
     "SALeRA",
     "SPALeRA",
+    "Stabilized",
     "TrainingDiverged",
     "agnostic",
     "alrc_clip",
     "layer_groups",
+    "stabilize",
 ]

@@ -5,6 +5,7 @@
     steadystep demo                      # one quick experiment per method, a one-page report
     steadystep reproduce alrc|salera|cprop [--scale quick|paper] [--data-dir DIR] ...
     steadystep report RUN_DIR            # rebuild report.md / results.json / figures
+    steadystep report MONITOR_DIR        # plot the Monitor CSV files there, with a summary
 
 Each run directory holds ``config.json``, per-run CSV logs and JSON summaries under ``runs/``,
 ``figures/*.png``, ``report.md``, ``results.json`` and ``timings.json``.
@@ -117,11 +118,19 @@ def _parser() -> argparse.ArgumentParser:
     _add_run_options(rep, "quick")
     report = sub.add_parser(
         "report",
-        help="rebuild report.md, results.json and figures of a run directory",
+        help="rebuild report.md, results.json and figures of a run directory, or plot the "
+        "Monitor CSV files of a directory",
         description="Rebuild report.md, results.json, timings.json and figures/ from the "
-        "finished runs in RUN_DIR (e.g. after Ctrl-C).",
+        "finished runs in RUN_DIR (e.g. after Ctrl-C). Given a directory without a run (no "
+        "config.json) that holds Monitor CSV files (ss.Monitor(..., csv_path=...)), or one such "
+        "file, plot each column against the step into figures/ and write report.md with a "
+        "summary of every column and of the alarms, rollbacks and LR cuts.",
     )
-    report.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by demo/reproduce")
+    report.add_argument(
+        "run_dir",
+        metavar="RUN_DIR",
+        help="a directory written by demo/reproduce, or a directory of Monitor CSV files (or one)",
+    )
     return parser
 
 
@@ -242,8 +251,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     if args.command == "report":
+        from steadystep.experiments.monitor_report import build_monitor_report, monitor_csvs
         from steadystep.experiments.report import build_report
 
+        target = Path(args.run_dir)
+        if not (target / "config.json").is_file() and monitor_csvs(target):
+            monitor_report, text = build_monitor_report(target)
+            print(text)
+            print(f"\nreport: {monitor_report}")
+            return 0
         try:
             _, text = build_report(Path(args.run_dir))
         except FileNotFoundError as e:

@@ -53,6 +53,7 @@ from steadystep import _kernels as kernels
 from steadystep._tensors import grads_finite, local_tensor
 from steadystep._validation import check_nonnegative, check_probability
 from steadystep.detect import PageHinkley
+from steadystep.optim._order import check_wrappable
 from steadystep.optim._protocol import MaskableOptimizer
 from steadystep.optim._torch_fused import torch_fused_maskable
 from steadystep.optim._wrapper import OptimizerWrapper, call_with_step_hooks
@@ -72,6 +73,16 @@ class TrainingDiverged(RuntimeError):
     def __init__(self, message: str, history: list[dict[str, float]]) -> None:
         super().__init__(message)
         self.history = history
+
+
+def _check_scalar_loss(owner: str, loss: Any) -> None:
+    """The guard watches one number per step: a per-sample loss is a mistake, said clearly."""
+    if isinstance(loss, torch.Tensor) and loss.numel() != 1:
+        raise ValueError(
+            f"{owner} watches the minibatch loss, a scalar; got a loss of shape "
+            f"{tuple(loss.shape)} (per-sample losses?): pass their mean, e.g. "
+            "opt.step(loss=per_sample.mean().detach())"
+        )
 
 
 def _missing_loss(owner: str) -> RuntimeError:
@@ -150,8 +161,8 @@ class CatastropheGuard(OptimizerWrapper):
         check_every: int = 100,
     ) -> None:
         super().__init__(optimizer)
-        if isinstance(optimizer, CatastropheGuard):
-            raise ValueError("optimizer is already a CatastropheGuard; wrap the base optimizer")
+        # Note [the order of the composition] (optim/_order.py): one guard, outermost
+        check_wrappable("CatastropheGuard", optimizer)
         self.lr_factor = check_probability("lr_factor", lr_factor)
         self.min_lr = check_nonnegative("min_lr", min_lr)
         if not isinstance(backtrack, bool):
@@ -251,7 +262,7 @@ class CatastropheGuard(OptimizerWrapper):
         self.backtrack = bool(guard["backtrack"])
         self.min_lr = check_nonnegative("min_lr", guard["min_lr"])
 
-    def stats(self) -> dict[str, torch.Tensor]:
+    def stats(self, *, include_optimizer: bool = True) -> dict[str, torch.Tensor]:
         """Telemetry as 0-d tensors, no host sync (a Monitor writes ``<component>/<key>``):
 
         * the guard's counters ``alarms``, ``rollbacks``, ``steps``, ``nonfinite_grads`` (steps
@@ -261,10 +272,13 @@ class CatastropheGuard(OptimizerWrapper):
           relaxed_loss, mean, cusum, gap, count, alarms);
         * the wrapped optimizer's ``stats()`` when it has one, under their own names (ALeRA:
           ``skipped_steps``, ``group{i}.lr``...; CProp: ``mean_scale``...); a name that clashes
-          with one of the guard's gets the prefix ``optimizer.``.
+          with one of the guard's gets the prefix ``optimizer.``. ``include_optimizer=False``
+          leaves them out (:class:`~steadystep.Stabilized` reports them under their own prefix).
         """
         out = {k: v for k, v in self._counters().items() if not k.startswith("history")}
         out.update({f"detector_{k}": v for k, v in self.detector.stats().items()})
+        if not include_optimizer:
+            return out
         base_stats = getattr(self.optimizer, "stats", None)
         if callable(base_stats):
             for key, value in base_stats().items():
@@ -286,6 +300,7 @@ class CatastropheGuard(OptimizerWrapper):
         It wins over a closure's returned loss and loses to ``step(loss=...)`` (Note [loss
         precedence] in :meth:`step`); a later call replaces it, and each step consumes it.
         """
+        _check_scalar_loss(type(self).__name__, loss)
         self._pending_loss = loss.detach() if isinstance(loss, torch.Tensor) else loss
 
     @torch.no_grad()
@@ -313,6 +328,7 @@ class CatastropheGuard(OptimizerWrapper):
             loss = result
         if loss is None:
             raise _missing_loss(type(self).__name__)
+        _check_scalar_loss(type(self).__name__, loss)
         self._pending_loss = None
         observed = loss.detach() if isinstance(loss, torch.Tensor) else loss
         params = self._params()

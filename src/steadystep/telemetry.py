@@ -25,6 +25,9 @@ CSV format (what ``steadystep report`` reads)
       delimiter=",", names=True)`` and ``pandas.read_csv``.
     * The file is created (overwritten) at the first flush and appended to afterwards; the
       columns never change within a file.
+    * A resumed run continues the same file: :meth:`Monitor.state_dict` records how much of it
+      belongs to the checkpoint, and :meth:`Monitor.load_state_dict` cuts off the rows that the
+      interrupted run wrote after it, so the file ends up as an uninterrupted run's would.
 
 Events logged at WARNING (logger ``"steadystep"``), each once, with its step number:
     * a rollback: a ``rollbacks`` (or ``alarms``) counter of a component increased;
@@ -90,6 +93,14 @@ def _stat_name(column: str) -> str:
     return parts[-1]
 
 
+def _component_of(column: str) -> str:
+    """``"opt/guard/rollbacks"`` -> ``"opt/guard"``; ``"salera/lr/1"`` -> ``"salera"``."""
+    parts = column.split("/")
+    if len(parts) >= 3 and parts[-1].isdigit():
+        parts = parts[:-1]
+    return "/".join(parts[:-1]) or parts[0]
+
+
 def _is_lr_key(column: str) -> bool:
     stat = _stat_name(column)
     return stat == "lr" or stat.startswith("lr_") or stat.endswith("_lr") or "lr_multiplier" in stat
@@ -122,6 +133,9 @@ class Monitor:
             NaN between evaluations).
 
     :meth:`close` (or leaving a ``with`` block) flushes what is left and closes the files.
+    :meth:`state_dict` / :meth:`load_state_dict` carry a Monitor across a checkpoint: a fresh
+    Monitor with the same components and ``csv_path`` continues the CSV of the interrupted run
+    without a duplicate or missing row.
 
     Example:
         >>> import torch, steadystep as ss
@@ -178,6 +192,7 @@ class Monitor:
             self.components.append((name, obj))
         self.every = every
         self.csv_path = None if csv_path is None else os.fspath(csv_path)
+        self.tensorboard_dir = None if tensorboard_dir is None else os.fspath(tensorboard_dir)
         self.log_fn = log_fn
         self.keep_history = keep_history
         self.clip_patience = clip_patience
@@ -313,7 +328,7 @@ class Monitor:
     def _scan(self, row: Row) -> None:
         last = self._last
         step = row["step"]
-        has_cut_counter = {c.split("/")[0] for c in self.columns if _stat_name(c) == "lr_cuts"}
+        has_cut_counter = {_component_of(c) for c in self.columns if _stat_name(c) == "lr_cuts"}
         for col in self.columns[1:]:
             stat = _stat_name(col)
             new = row[col]
@@ -325,7 +340,7 @@ class Monitor:
             if isinstance(old, float) and math.isfinite(old) and not math.isfinite(new):
                 logger.warning("steadystep: step %d: %s became %r", step, col, new)
             if stat in ("rollbacks", "alarms", "lr_cuts") and new > old:
-                component = col.split("/")[0]
+                component = _component_of(col)
                 rolled = f"{component}/rollbacks"
                 if (
                     stat == "alarms"
@@ -342,7 +357,7 @@ class Monitor:
                 )
             elif (
                 _is_lr_key(col)
-                and col.split("/")[0] not in has_cut_counter
+                and _component_of(col) not in has_cut_counter
                 and old > 0
                 and new < self.lr_cut_ratio * old
             ):
@@ -366,9 +381,101 @@ class Monitor:
                 "steadystep: step %d: %s has clipped over half of each batch for %d steps; "
                 "the loss may have shifted for good (consider a larger n_sigma or beta1 nearer 1)",
                 step,
-                col.split("/")[0],
+                _component_of(col),
                 self._clip_streak[col],
             )
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue this Monitor; **flushes** the kept rows first.
+
+        The flush (one host read, the CSV written, events logged) makes the checkpoint and the
+        CSV agree: the state records the step counter, the columns, the CSV's size in bytes at
+        this moment (``csv_bytes``) and what the event scan remembers (the last row, the
+        clipping streaks). :attr:`history` is not included: it holds the rows flushed by this
+        process (the CSV holds them all). Plain Python values, loadable with
+        ``torch.load(weights_only=True)``.
+        """
+        self.flush()
+        csv_bytes = 0
+        if self.csv_path is not None and self._csv_started:
+            csv_bytes = os.path.getsize(self.csv_path)
+        return {
+            "format": 1,
+            "count": self._count,
+            "columns": list(self.columns),
+            "kinds": list(self._kinds),
+            "layout": None if self._layout is None else [list(x) for x in self._layout],
+            "csv_started": self._csv_started,
+            "csv_bytes": csv_bytes,
+            "last": None if self._last is None else dict(self._last),
+            "clip_streak": dict(self._clip_streak),
+            "clip_warned": dict(self._clip_warned),
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Continue the run a :meth:`state_dict` was taken from; call it before the first step.
+
+        The CSV at this Monitor's ``csv_path`` (the interrupted run's file) is cut back to the
+        size it had at the checkpoint, dropping the rows the interrupted run wrote after it,
+        which the resumed run writes again; later flushes append. A file shorter than that, or
+        with another header, raises a ValueError (it is not the checkpoint's file). TensorBoard
+        events from after the checkpoint are purged when the writer restarts.
+        """
+        if self._count or self._pending or self._layout is not None:
+            raise ValueError(
+                "load_state_dict needs a fresh Monitor (this one has recorded steps already); "
+                "create the Monitor, load the state, then step"
+            )
+        missing = {"count", "columns", "kinds", "layout", "csv_started", "csv_bytes"} - set(
+            state_dict
+        )
+        if missing:
+            raise ValueError(
+                f"state_dict is not a Monitor's: it lacks {sorted(missing)} (found "
+                f"{sorted(state_dict)})"
+            )
+        layout = state_dict["layout"]
+        started = bool(state_dict["csv_started"])
+        if self.csv_path is not None and started:
+            self._cut_csv(int(state_dict["csv_bytes"]), list(state_dict["columns"]))
+        self._count = int(state_dict["count"])
+        self.columns = list(state_dict["columns"])
+        self._kinds = list(state_dict["kinds"])
+        self._layout = None if layout is None else [(str(k), int(n)) for k, n in layout]
+        self._csv_started = started and self.csv_path is not None
+        last = state_dict.get("last")
+        self._last = None if last is None else dict(last)
+        self._clip_streak = dict(state_dict.get("clip_streak", {}))
+        self._clip_warned = dict(state_dict.get("clip_warned", {}))
+        if self._writer is not None and self.tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer.close()
+            purge = 0 if self._last is None else int(self._last["step"]) + 1
+            self._writer = SummaryWriter(self.tensorboard_dir, purge_step=purge)
+
+    def _cut_csv(self, size: int, columns: list[str]) -> None:
+        """Cut the CSV back to ``size`` bytes, after checking it is the checkpoint's file."""
+        path = self.csv_path
+        assert path is not None
+        found = os.path.getsize(path) if os.path.isfile(path) else None
+        if found is None or found < size:
+            raise ValueError(
+                f"the checkpoint's Monitor had written {size} bytes to {path}, but the file "
+                + ("is missing" if found is None else f"has {found}")
+                + ": it is not the file of the interrupted run (give that csv_path)"
+            )
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != columns:
+            raise ValueError(
+                f"{path} has the columns {header[:4]}..., the checkpoint's Monitor wrote "
+                f"{columns[:4]}...: it is not the file of the interrupted run"
+            )
+        if found > size:
+            os.truncate(path, size)
 
     # -- lifecycle --------------------------------------------------------------------------
 

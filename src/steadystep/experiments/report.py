@@ -23,8 +23,9 @@ def read_config(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(
-            f"{run_dir} is not a steadystep run directory (no config.json); "
-            "give the --out directory of a `steadystep demo` or `steadystep reproduce` run"
+            f"{run_dir} is not a steadystep run directory (no config.json) and holds no "
+            "Monitor CSV; give the --out directory of a `steadystep demo` or `steadystep "
+            "reproduce` run, or a directory of ss.Monitor(csv_path=...) files"
         )
     with open(path) as f:
         return json.load(f)

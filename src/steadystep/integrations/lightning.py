@@ -4,13 +4,30 @@ Return steadystep optimizers from ``configure_optimizers`` as any other; add the
 
     trainer = lightning.Trainer(callbacks=[LossFeeder(), StatsLogger()], ...)
 
+With all three methods, return ``ss.stabilize(...)`` and clip the per-sample losses through it in
+``training_step``, so that the guard watches the raw loss while the gradient comes from the
+clipped one (a guard fed ALRC's clipped loss misses the catastrophes it is for)::
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        per_sample = F.cross_entropy(self.net(x), y, reduction="none")
+        return self.optimizers().clip(per_sample).mean()
+
+    def configure_optimizers(self):
+        return ss.stabilize(torch.optim.AdamW(self.parameters(), lr=1e-3),
+                            batch_size=32, dataset_size=len(self.train_set))
+
+Its one ``state_dict`` (ALRC's moments, the guard, CProp, AdamW) goes into Lightning's checkpoints,
+and ``trainer.fit(..., ckpt_path=...)`` resumes it bitwise.
+
 * :class:`LossFeeder` passes each training loss to every optimizer that has ``observe_loss``
-  (SALeRA, SPALeRA, a ``CatastropheGuard``) from ``on_before_backward``, which Lightning calls in
+  (SALeRA, SPALeRA, a ``CatastropheGuard``, a ``Stabilized``, where the raw loss remembered by
+  its ``clip()`` wins) from ``on_before_backward``, which Lightning calls in
   every precision, including ``precision="16-mixed"`` where the precision plugin runs the closure
   itself and then calls ``optimizer.step()`` with no closure and no loss (the hook receives the
   loss multiplied by the GradScaler's scale there; it is divided back). It also makes a step
-  that the GradScaler skips leave the model's ALRC moments untouched (see
-  :mod:`steadystep.integrations.amp`).
+  that the GradScaler skips leave ALRC's moments untouched, the model's and a ``Stabilized``
+  optimizer's alike (see :mod:`steadystep.integrations.amp`).
 * :class:`StatsLogger` records the ``stats()`` of the trainer's optimizers and of every
   submodule of the LightningModule that has one (ALRC) with a :class:`~steadystep.Monitor`, and
   sends them to the trainer's loggers every ``log_every_n_steps`` steps (one host read then).
@@ -50,6 +67,7 @@ from torch import Tensor
 
 from steadystep.integrations import find_stats_modules, loss_needing, unwrap_optimizer
 from steadystep.integrations.amp import skip_aware
+from steadystep.stabilize import Stabilized
 from steadystep.telemetry import Monitor
 
 __all__ = ["LossFeeder", "StatsLogger"]
@@ -57,6 +75,11 @@ __all__ = ["LossFeeder", "StatsLogger"]
 
 def _scaler(trainer: pl.Trainer) -> Any:
     return getattr(trainer.strategy.precision_plugin, "scaler", None)
+
+
+def _stabilized(trainer: pl.Trainer) -> list[Stabilized]:
+    """The trainer's :class:`~steadystep.Stabilized` optimizers."""
+    return [opt for opt in map(unwrap_optimizer, trainer.optimizers) if isinstance(opt, Stabilized)]
 
 
 class LossFeeder(Callback):
@@ -87,6 +110,7 @@ class LossFeeder(Callback):
             modules = [
                 m for _, m in find_stats_modules(pl_module) if any(True for _ in m.buffers())
             ]
+            modules += [opt.alrc for opt in _stabilized(trainer) if opt.alrc is not None]
             if scaler is not None and modules:
                 # Begins at the first micro-batch of an accumulation window: all of its forwards
                 # are undone if the window's step is skipped.
@@ -128,6 +152,9 @@ class LossFeeder(Callback):
     ) -> None:
         if self._stepping:
             self._stepping = False
+            for opt in _stabilized(trainer):
+                # a step the GradScaler skipped left its raw losses: the next window starts afresh
+                opt.reset_loss()
             if self._guard is not None:
                 self._guard.end()
                 self._guard = None

@@ -3,7 +3,13 @@
 :class:`SteadystepTrainer` is a ``Trainer`` subclass with three additions:
 
 * ``optimizer_factory(model) -> optimizer`` builds any steadystep optimizer (``SALeRA``,
-  ``CatastropheGuard(AdamW(...))``, ``CProp``...) instead of the default AdamW;
+  ``CatastropheGuard(AdamW(...))``, ``CProp``, ``ss.stabilize(AdamW(...))``...) instead of the
+  default AdamW;
+* with ``ss.stabilize(...)`` (ALRC, the guard and CProp in one optimizer) the per-sample losses
+  go through its ``clip()``: the gradient comes from the clipped losses and the guard watches
+  their raw mean (a guard fed the clipped loss misses the catastrophes it is for). Its one
+  ``state_dict`` is the Trainer's ``optimizer.pt``, so ``save_steps`` checkpoints carry every
+  component and ``train(resume_from_checkpoint=...)`` resumes them;
 * ``alrc=ALRC(...)`` clips the *per-sample* losses, computed from the model's outputs and the
   labels by ``per_sample_loss(outputs, labels)`` (default: cross-entropy for classification
   logits ``[B, C]``, squared error for regression ``[B]`` / ``[B, 1]``; pass your own for language
@@ -16,6 +22,9 @@
 
 Steadystep statistics are added to the Trainer's logs (``steadystep/<component>/<stat>``) every
 ``logging_steps``, and a :class:`~steadystep.Monitor` passed as ``monitor=`` records every step.
+
+With ``ss.stabilize``, pass ``optimizer_factory=lambda m: ss.stabilize(torch.optim.AdamW(
+m.parameters(), lr=1e-3), batch_size=..., dataset_size=...)`` and no ``alrc=`` (it has its own).
 
 Example (``tests/test_transformers.py`` runs the same; ``docs/integrations.md`` has more)::
 
@@ -48,8 +57,11 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 
 from steadystep.alrc import ALRC
+from steadystep.guard import CatastropheGuard
 from steadystep.integrations import loss_needing, unwrap_optimizer
+from steadystep.optim._order import layers
 from steadystep.optim._protocol import MaskableOptimizer
+from steadystep.stabilize import Stabilized
 from steadystep.telemetry import Monitor
 
 __all__ = ["SkipAwareScheduler", "SteadystepTrainer", "default_per_sample_loss"]
@@ -104,7 +116,9 @@ class SkipAwareScheduler:
 
     def __init__(self, scheduler: Any, optimizer: Any) -> None:
         self.scheduler = scheduler
-        self.guard = unwrap_optimizer(optimizer)
+        inner = unwrap_optimizer(optimizer)
+        # the guard, also inside a Stabilized; else the optimizer (it may count alarms itself)
+        self.guard = next((x for x in layers(inner) if isinstance(x, CatastropheGuard)), inner)
         alarms = getattr(self.guard, "alarms", None)
         self._alarms_seen = int(alarms) if isinstance(alarms, Tensor) else 0
         self.skipped_steps = 0
@@ -156,6 +170,10 @@ class _StepBoundary(TrainerCallback):
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.trainer._loss_window = None
+        opt = self.trainer.steadystep_optimizer
+        if isinstance(opt, Stabilized):
+            # empty after a step it took; a step a GradScaler skipped leaves its raw losses
+            opt.reset_loss()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.trainer.monitor is not None:
@@ -213,6 +231,11 @@ class SteadystepTrainer(Trainer):
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None and self.optimizer_factory is not None:
             self.optimizer = self.optimizer_factory(self.model if model is None else model)
+            if isinstance(self.optimizer, Stabilized) and self.alrc is not None:
+                raise ValueError(
+                    "alrc= and an optimizer from ss.stabilize(...) would both handle the "
+                    "per-sample losses; drop alrc= (pass ALRC's settings to stabilize, alrc={...})"
+                )
         return super().create_optimizer(model) if self.optimizer is None else self.optimizer
 
     def create_scheduler(
@@ -231,17 +254,26 @@ class SteadystepTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Tensor | int | None = None,
     ) -> Tensor | tuple[Tensor, Any]:
-        if self.alrc is None or "labels" not in inputs:
+        opt = self.steadystep_optimizer
+        stabilized = opt if isinstance(opt, Stabilized) else None
+        if (self.alrc is None and stabilized is None) or "labels" not in inputs:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             loss, outputs = result if return_outputs else (result, None)
-        else:
-            inputs = dict(inputs)
-            labels = inputs.pop("labels")
-            outputs = model(**inputs)
+            if model.training:
+                self._feed(loss)
+            return (loss, outputs) if return_outputs else loss
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        per_sample = self.per_sample_loss(outputs, labels)
+        if stabilized is not None:
+            # clip() remembers the raw mean for the guard; evaluation reports the raw loss
+            loss = stabilized.clip(per_sample).mean() if model.training else per_sample.mean()
+        elif self.alrc is not None:
             self.alrc.train(model.training)  # eval: identity, and the moments stay put
-            loss = self.alrc(self.per_sample_loss(outputs, labels)).mean()
-        if model.training:
-            self._feed(loss)
+            loss = self.alrc(per_sample).mean()
+            if model.training:
+                self._feed(loss)
         return (loss, outputs) if return_outputs else loss
 
     def _feed(self, loss: Tensor) -> None:
@@ -255,11 +287,14 @@ class SteadystepTrainer(Trainer):
 
     def steadystep_stats(self) -> dict[str, float]:
         """The optimizer's and ALRC's ``stats()`` as ``steadystep/<component>/<stat>`` floats
-        (one host read)."""
+        (one host read): ``optimizer/<stat>`` and ``alrc/<stat>``, or a Stabilized's own
+        ``alrc/``, ``guard/``, ``cprop/`` keys."""
         parts: list[tuple[str, Tensor]] = []
         opt = self.steadystep_optimizer
         if opt is not None and callable(getattr(opt, "stats", None)):
-            parts += [(f"optimizer/{k}", v) for k, v in opt.stats().items() if v.numel() == 1]
+            # a Stabilized's keys are already per component (alrc/, guard/, cprop/)
+            prefix = "" if isinstance(opt, Stabilized) else "optimizer/"
+            parts += [(f"{prefix}{k}", v) for k, v in opt.stats().items() if v.numel() == 1]
         if self.alrc is not None:
             parts += [(f"alrc/{k}", v) for k, v in self.alrc.stats().items()]
         if not parts:

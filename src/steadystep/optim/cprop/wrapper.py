@@ -11,6 +11,7 @@ from torch.optim import Optimizer
 
 from steadystep import _kernels as kernels
 from steadystep._tensors import shards
+from steadystep.optim._order import check_wrappable
 from steadystep.optim._wrapper import OptimizerWrapper
 from steadystep.optim.cprop._math import _check_hyper, _cprop_hyper, _CPropHyper, _second_key
 from steadystep.optim.cprop._state import (
@@ -64,6 +65,11 @@ class CProp(OptimizerWrapper):
     Extra memory: CProp's two statistics per parameter, plus one copy of the parameters while a
     step runs (the snapshot ``p_old``).
 
+    CProp goes *inside* a :class:`~steadystep.CatastropheGuard`, never around one:
+    ``CatastropheGuard(CProp(base))``. Around a guard (or SALeRA, SPALeRA) or around another
+    CProp (a wrapper or a native class) it raises a ValueError at construction that names the
+    right order; :func:`~steadystep.stabilize` composes the pieces for you.
+
     A non-finite gradient leaves CProp's statistics unchanged and restores the parameters to
     their values before the step (decided on the device); the base optimizer's own state still
     sees that gradient; guarding it is :class:`CatastropheGuard`'s job (or use the native
@@ -90,6 +96,8 @@ class CProp(OptimizerWrapper):
         fused: bool | None = None,
     ) -> None:
         super().__init__(optimizer)
+        # Note [the order of the composition] (optim/_order.py): no guard, no CProp inside
+        check_wrappable("CProp", optimizer)
         _check_hyper(beta, c, eps, cdf, method, prefix="")
         self.fused = fused
         self.cprop_defaults = _CPropHyper(beta, c, eps, cdf, method).group_entries()

@@ -1,0 +1,49 @@
+"""A complete training script with ALRC, the catastrophe guard and CProp: the README's recipe.
+
+    python docs/recipe.py
+
+The part between the ``recipe`` markers is the README's first example, verbatim (a test checks
+it). Compared with a plain PyTorch loop, three things change: the optimizer is wrapped by
+``ss.stabilize``, the loss is computed per sample and clipped by ``opt.clip``, and the
+checkpoint holds ``opt.state_dict()``, which carries every component.
+"""
+
+import torch
+import torch.nn.functional as F
+
+import steadystep as ss
+
+# --- recipe ---
+torch.manual_seed(0)
+x_all = torch.randn(2048, 20)
+y_all = (x_all @ torch.randn(20, 4)).argmax(dim=1)  # a learnable 4-class task
+data = torch.utils.data.TensorDataset(x_all, y_all)
+loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True)
+model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+
+opt = ss.stabilize(  # CProp on AdamW, the guard around them, ALRC for the loss
+    torch.optim.AdamW(model.parameters(), lr=3e-3),
+    batch_size=32, dataset_size=len(data),  # for the guard's detector: rho = 32 / 2048
+)
+for epoch in range(3):
+    for x, y in loader:
+        per_sample = F.cross_entropy(model(x), y, reduction="none")
+        loss = opt.clip(per_sample).mean()  # ALRC; remembers the raw mean for the guard
+        opt.zero_grad()
+        loss.backward()
+        opt.step()  # the guard watches the raw loss: rolls back and halves the LR on a jump
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, "checkpoint.pt")
+# --- recipe ---
+
+with torch.no_grad():
+    accuracy = (model(x_all).argmax(dim=1) == y_all).float().mean()
+stats = {key: float(value) for key, value in opt.stats().items()}
+print(
+    f"accuracy {float(accuracy):.3f}, alarms {stats['guard/alarms']:.0f}, "
+    f"clipped {stats['alrc/clipped_total']:.0f}, CProp scale {stats['cprop/mean_scale']:.2f}"
+)
+
+# Resuming: build the same objects, load the checkpoint; training continues bitwise.
+state = torch.load("checkpoint.pt", weights_only=True)
+model.load_state_dict(state["model"])
+opt.load_state_dict(state["opt"])

@@ -1,0 +1,696 @@
+r"""One object that stabilizes a training loop: ALRC, the catastrophe guard and CProp, composed.
+
+In the spirit of ``optax.chain``: :func:`stabilize` takes any ``torch.optim.Optimizer`` and returns
+a :class:`Stabilized` optimizer that applies, from the loss to the parameters,
+
+.. math::
+    \tilde L_i &= \mathrm{ALRC}(L_i)
+        \quad\text{(per-sample losses; the gradient comes from } \operatorname{mean}\tilde L_i)\\
+    L &= \operatorname{mean} L_i \quad\text{(the raw loss: what the guard's detector watches)}\\
+    A_t &: \ \theta \leftarrow \theta_b,\ \eta \leftarrow \texttt{lr\_factor}\cdot\eta
+        \quad\text{(an alarm: roll back, cut the rate, no update)}\\
+    \neg A_t &: \ \theta_b \leftarrow \theta,\
+        \theta \leftarrow \theta + s \odot \Delta_{\text{base}}(g)
+        \quad\text{(CProp's scale } s \text{ on the base optimizer's update)}
+
+Note [the guard watches the raw loss]
+    ALRC exists to bound what one bad batch does to the *gradient*; it also bounds the loss value
+    (a clipped element's forward value is the threshold). A guard fed that clipped loss is blind
+    to exactly the catastrophes it is for: after a gradient explosion has thrown the weights
+    away, the raw loss is in the thousands while the clipped loss sits at ALRC's threshold, a
+    few times the normal loss, so no alarm is raised and the damage is never rolled back (and
+    the threshold, fed clipped values, creeps up until later alarms cut the rate to nothing).
+    So the guard sees ``mean(L_i)`` of the *raw* per-sample losses and the gradient comes from
+    the clipped ones. :meth:`Stabilized.clip` does both: it returns the clipped losses and
+    remembers the raw mean for the next :meth:`Stabilized.step`, so the loop needs no extra
+    argument and cannot hand the guard the wrong loss by accident.
+
+The order (guard outermost, CProp in the middle, the base innermost) is the only one that works;
+see Note [the order of the composition] in :mod:`steadystep.optim._order`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from steadystep.alrc import ALRC
+from steadystep.detect import PageHinkley
+from steadystep.guard import CatastropheGuard
+from steadystep.optim._order import layers
+from steadystep.optim._wrapper import OptimizerWrapper
+from steadystep.optim.cprop.native import CPropAdam, CPropAdamW, CPropSGD, _NativeCPropBase
+from steadystep.optim.cprop.wrapper import CProp
+
+__all__ = ["Stabilized", "configure_detector", "stabilize"]
+
+_FORMAT = 1
+
+# torch's optimizers that have a native CProp class with the same hyperparameters, and the
+# constructor arguments that carry over (the defaults of groups added later).
+_NATIVE: dict[type[Optimizer], tuple[type[_NativeCPropBase], tuple[str, ...]]] = {
+    torch.optim.SGD: (CPropSGD, ("lr", "momentum", "dampening", "weight_decay", "nesterov")),
+    torch.optim.Adam: (CPropAdam, ("lr", "betas", "eps", "weight_decay", "amsgrad")),
+    torch.optim.AdamW: (CPropAdamW, ("lr", "betas", "eps", "weight_decay", "amsgrad")),
+}
+_CPROP_KEYS = ("beta", "c", "eps", "cdf", "method", "fused")
+_GUARD_KEYS = ("detector", "lr_factor", "backtrack", "min_lr", "snapshot_device", "check_every")
+
+
+def configure_detector(detector: Any, *, batch_size: int, dataset_size: int) -> None:
+    """Set what a change detector derives from the batch and dataset sizes.
+
+    A detector that defines ``configure(*, batch_size, dataset_size)`` is asked through it (the
+    hook for detectors whose settings depend on the data); a :class:`~steadystep.PageHinkley`
+    gets ``rho = batch_size / dataset_size``, the weight of its loss average in the paper (the
+    fraction of the data one step sees); any other detector needs nothing and is left alone.
+    Both sizes count samples per optimizer step over all ranks (the global batch).
+
+    Example:
+        >>> ph = ss.PageHinkley()
+        >>> configure_detector(ph, batch_size=32, dataset_size=1024)
+        >>> ph.rho
+        0.03125
+    """
+    _check_sizes(batch_size, dataset_size)
+    hook = getattr(detector, "configure", None)
+    if callable(hook):
+        hook(batch_size=batch_size, dataset_size=dataset_size)
+    elif isinstance(detector, PageHinkley):
+        if detector.observations.item() > 0:
+            raise ValueError(
+                "the detector has already observed losses; rho can only be set on a fresh one"
+            )
+        detector.rho = batch_size / dataset_size
+
+
+def _check_sizes(batch_size: Any, dataset_size: Any) -> None:
+    for name, value in (("batch_size", batch_size), ("dataset_size", dataset_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {name}={value!r}")
+    if batch_size > dataset_size:
+        raise ValueError(
+            "batch_size must be at most dataset_size (one step sees a fraction of the data), "
+            f"got batch_size={batch_size}, dataset_size={dataset_size}"
+        )
+
+
+class _LossWindow:
+    """The raw loss handed from :meth:`Stabilized.clip` / ``observe_loss`` to the next step.
+
+    Mutated in place, never rebound: Lightning's ``LightningOptimizer`` runs
+    :meth:`Stabilized.clip` with itself as ``self`` and reads missing attributes from the real
+    optimizer, so rebinding an attribute there would set it on the proxy and be lost.
+    """
+
+    def __init__(self) -> None:
+        self.raw_sum: Tensor | None = None
+        self.raw_count = 0
+        self.observed: Tensor | float | None = None
+
+    def clear(self) -> None:
+        self.raw_sum, self.raw_count, self.observed = None, 0, None
+
+    def add_raw(self, raw: Tensor) -> None:
+        self.raw_sum = raw if self.raw_sum is None else self.raw_sum + raw
+        self.raw_count += 1
+
+    def loss(self) -> Tensor | float | None:
+        """The mean raw loss of the clip() calls since the last step, else the observed one."""
+        if self.raw_sum is not None:
+            return self.raw_sum / self.raw_count
+        return self.observed
+
+
+def _params(optimizer: Optimizer) -> list[Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _kind(value: Any, name: str, what: str) -> str:
+    """``"off"``, ``"on"`` (True: defaults), ``"settings"`` (a dict) or ``"object"``."""
+    if value is None or value is False:
+        return "off"
+    if value is True:
+        return "on"
+    if isinstance(value, Mapping):
+        return "settings"
+    if isinstance(value, (bool, int, float, str)):
+        raise TypeError(f"{name} must be True, False, a dict of {what} or an object, got {value!r}")
+    return "object"
+
+
+def _check_keys(name: str, settings: Mapping[str, Any], allowed: tuple[str, ...]) -> dict[str, Any]:
+    unknown = sorted(set(settings) - set(allowed))
+    if unknown:
+        raise ValueError(f"{name} got unknown settings {unknown}; the settings are {list(allowed)}")
+    return dict(settings)
+
+
+def _plain_for_native(base: Optimizer) -> bool:
+    """Can ``base`` be rebuilt as its native CProp class with the same numbers?
+
+    Exactly torch's SGD/Adam/AdamW (a subclass may change the step), not yet stepped (its state
+    would be lost), no hooks of its own, and no setting the native classes lack (``maximize``,
+    ``capturable``, ``differentiable``, a tensor learning rate or betas).
+    """
+    if type(base) not in _NATIVE or base.state:
+        return False
+    hooks = (
+        base._optimizer_step_pre_hooks,
+        base._optimizer_step_post_hooks,
+        base._optimizer_state_dict_pre_hooks,
+        base._optimizer_state_dict_post_hooks,
+        base._optimizer_load_state_dict_pre_hooks,
+        base._optimizer_load_state_dict_post_hooks,
+    )
+    if any(hooks):
+        return False
+    decoupled = type(base) is torch.optim.AdamW
+    for group in base.param_groups:
+        if group.get("maximize") or group.get("capturable") or group.get("differentiable"):
+            return False
+        if any(isinstance(group.get(k), Tensor) for k in ("lr", "weight_decay")):
+            return False
+        if any(isinstance(b, Tensor) for b in group.get("betas", ())):
+            return False
+        if "betas" in group and bool(group.get("decoupled_weight_decay", False)) != decoupled:
+            return False
+    return True
+
+
+def _native_cprop(base: Optimizer, settings: dict[str, Any]) -> _NativeCPropBase:
+    """The native CProp class of ``base``, on the same param-group dicts (see :func:`stabilize`)."""
+    cls, names = _NATIVE[type(base)]
+    fused = settings.get("fused")
+    groups = base.param_groups
+    for group in groups:
+        # steadystep's fused path is its own (torch.compile-generated); torch's flag is not it
+        group["fused"] = fused
+        if fused:
+            group["foreach"] = None
+    hyper = {name: base.defaults[name] for name in names}
+    cprop = {f"cprop_{k}": settings[k] for k in ("beta", "c", "eps") if k in settings}
+    cprop.update({k: settings[k] for k in ("cdf", "method") if k in settings})
+    return cls(groups, **hyper, **cprop, fused=fused)
+
+
+def _devices(params: list[Tensor]) -> list[torch.device]:
+    return sorted({p.device for p in params}, key=str)
+
+
+def _tensor_devices(obj: Any) -> set[torch.device]:
+    if isinstance(obj, Tensor):
+        return {obj.device}
+    if isinstance(obj, Mapping):
+        return set().union(*(_tensor_devices(v) for v in obj.values())) if obj else set()
+    return set()
+
+
+def _check_device(what: str, found: set[torch.device], devices: list[torch.device]) -> None:
+    """Statistics must live beside the parameters (a CPU detector may move at first use)."""
+    stray = sorted((d for d in found if d not in devices), key=str)
+    if stray and not (what == "guard's detector" and all(d.type == "cpu" for d in stray)):
+        raise ValueError(
+            f"{what} are on {', '.join(map(str, stray))} but the parameters are on "
+            f"{', '.join(map(str, devices))}: move it to the parameters' device first "
+            "(e.g. alrc.to(device)), or build the optimizer after moving the model"
+        )
+
+
+def _build_alrc(alrc: Any, params: list[Tensor], devices: list[torch.device]) -> ALRC | None:
+    """The ALRC module that ``alrc=`` asks for (checked, on the parameters' device)."""
+    kind = _kind(alrc, "alrc", "ALRC's settings")
+    if kind == "off":
+        return None
+    if isinstance(alrc, ALRC):
+        _check_device("alrc's moments", {b.device for b in alrc.buffers()}, devices)
+        return alrc
+    if kind == "object":
+        raise TypeError(
+            "alrc must be True, False, a dict of ALRC's settings or an ALRC, got "
+            f"alrc={type(alrc).__name__}"
+        )
+    settings = {} if kind == "on" else dict(alrc)
+    try:
+        built = ALRC(**settings)
+    except TypeError as e:
+        raise TypeError(f"alrc got settings ALRC does not take: {e}") from None
+    # Where the loss is: beside the last parameter (the output layer of a split model).
+    return built.to(params[-1].device)
+
+
+def _guard_kwargs(
+    guard: Any, given: CatastropheGuard | None, batch_size: int | None, devices: list[torch.device]
+) -> dict[str, Any] | None:
+    """CatastropheGuard's arguments for ``guard=`` (checked), or None when none is to be built."""
+    kind = _kind(guard, "guard", "CatastropheGuard's settings")
+    if given is not None:
+        if kind != "on":
+            raise ValueError(
+                f"optimizer is already a CatastropheGuard ({type(given).__name__}), so guard "
+                f"must be True (it is used as built), got guard={guard!r}"
+            )
+        if batch_size is not None:
+            raise ValueError(
+                "batch_size and dataset_size configure the detector of a guard that stabilize "
+                f"builds; {type(given).__name__} was built with its own: set rho there (e.g. "
+                "PageHinkley(rho=batch_size / dataset_size)), or pass the unguarded optimizer"
+            )
+        _check_device("the guard's counters", {given.alarms.device}, devices)
+        return None
+    if kind == "off":
+        return None
+    if kind == "object":
+        kwargs: dict[str, Any] = {"detector": guard}
+    elif kind == "settings":
+        kwargs = _check_keys("guard", guard, _GUARD_KEYS)
+    else:
+        kwargs = {}
+    detector = kwargs.get("detector")
+    if detector is not None:
+        if not callable(getattr(detector, "update", None)):
+            raise TypeError(
+                "guard's detector needs an update(loss) -> alarm method, got "
+                f"{type(detector).__name__}"
+            )
+        _check_device("guard's detector", _detector_devices(detector), devices)
+    return kwargs
+
+
+class Stabilized(OptimizerWrapper):
+    """ALRC, a :class:`~steadystep.CatastropheGuard` and :class:`~steadystep.CProp` around an
+    optimizer, as one ``torch.optim.Optimizer``; build it with :func:`stabilize` (same arguments).
+
+    The loop::
+
+        per_sample = F.cross_entropy(model(x), y, reduction="none")
+        loss = opt.clip(per_sample).mean()   # ALRC; remembers mean(per_sample) for the guard
+        opt.zero_grad()
+        loss.backward()                      # the gradient of the clipped loss
+        opt.step()                           # the guard watches the raw loss
+
+    Attributes:
+        alrc: the :class:`~steadystep.ALRC` module, or None. Calling it directly clips without
+            remembering the raw loss; use :meth:`clip`.
+        guard: the :class:`~steadystep.CatastropheGuard` (outermost), or None.
+        cprop: the CProp layer (a native ``CPropSGD/Adam/AdamW`` or a ``CProp`` wrapper), or None.
+        base: the innermost optimizer (the native class itself when CProp is native).
+        optimizer: the outermost of guard, CProp, base: what ``param_groups``, ``state``,
+            ``zero_grad`` and ``add_param_group`` delegate to. ``param_groups`` are the
+            innermost optimizer's dicts, so an LR scheduler built on this object drives them.
+        per_sample: does :meth:`clip` require unreduced losses?
+
+    One :meth:`state_dict` holds every component (ALRC's moments, the guard with its detector
+    and snapshot, CProp's statistics, the base optimizer's state); loading it into an object
+    built the same way resumes bitwise. :meth:`stats` returns every component's statistics as
+    0-d tensors under ``alrc/``, ``guard/``, ``cprop/`` and ``base/``.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = ss.Stabilized(torch.optim.SGD(model.parameters(), lr=0.1), cprop=False)
+        >>> loss = opt.clip((model(torch.randn(8, 4)) - 1).pow(2).squeeze(1)).mean()
+        >>> loss.backward()
+        >>> _ = opt.step()
+        >>> sorted(opt.state_dict())
+        ['alrc', 'optimizer', 'stabilized']
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        alrc: bool | Mapping[str, Any] | ALRC | None = True,
+        cprop: bool | Mapping[str, Any] | None = True,
+        guard: bool | Mapping[str, Any] | Any = True,
+        batch_size: int | None = None,
+        dataset_size: int | None = None,
+        per_sample: bool | None = None,
+        native: bool = True,
+    ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                "optimizer must be a torch.optim.Optimizer for stabilize to wrap, got "
+                f"optimizer={type(optimizer).__name__}"
+            )
+        if (batch_size is None) != (dataset_size is None):
+            raise ValueError(
+                "batch_size and dataset_size must be given together (they set the detector's "
+                f"rho = batch_size / dataset_size), got batch_size={batch_size}, "
+                f"dataset_size={dataset_size}"
+            )
+        if batch_size is not None:
+            _check_sizes(batch_size, dataset_size)
+        if per_sample is None:
+            per_sample = batch_size != 1
+        if not isinstance(per_sample, bool):
+            raise TypeError(f"per_sample must be a bool, got per_sample={per_sample!r}")
+        if not isinstance(native, bool):
+            raise TypeError(f"native must be a bool, got native={native!r}")
+        params = _params(optimizer)
+        if not params:
+            raise ValueError(
+                f"optimizer ({type(optimizer).__name__}) has no parameters: its param_groups "
+                "hold no tensors; build it from model.parameters() of a model that has some"
+            )
+        devices = _devices(params)
+
+        # What the caller already built: a guard (outermost), then CProp, then the base.
+        chain = list(layers(optimizer))
+        for layer in chain:
+            if isinstance(layer, Stabilized):
+                raise ValueError(
+                    "optimizer is already a Stabilized optimizer; pass its base optimizer to "
+                    "ss.stabilize (it composes ALRC, the guard and CProp once)"
+                )
+        given_guard = chain[0] if isinstance(chain[0], CatastropheGuard) else None
+        inner = given_guard.optimizer if given_guard is not None else optimizer
+        given_cprop = inner if isinstance(inner, (CProp, _NativeCPropBase)) else None
+
+        # Everything is checked before anything is built: a refused call leaves the caller's
+        # optimizer as it was (building the native class takes over its param-group dicts).
+        alrc_module = _build_alrc(alrc, params, devices)
+        guard_kwargs = _guard_kwargs(guard, given_guard, batch_size, devices)
+        cprop_kind = _kind(cprop, "cprop", "CProp's settings")
+        if cprop_kind == "object":
+            raise TypeError(
+                "cprop must be True, False or a dict of CProp's settings "
+                f"{list(_CPROP_KEYS)}; to use a CProp you built, pass it as the optimizer: "
+                f"got cprop={type(cprop).__name__}"
+            )
+        if given_cprop is not None and cprop_kind != "on":
+            raise ValueError(
+                f"optimizer already applies CProp ({type(given_cprop).__name__}), so cprop "
+                f"must be True (its settings are those it was built with), got cprop={cprop!r}"
+            )
+        if given_cprop is None and cprop_kind != "off" and given_guard is not None:
+            raise ValueError(
+                f"optimizer is already a CatastropheGuard ({type(given_guard).__name__}) "
+                "around its optimizer, and CProp goes inside the guard: pass the unguarded "
+                "optimizer (e.g. ALeRA(...) for SALeRA) with guard={...}, or cprop=False"
+            )
+        settings = _check_keys("cprop", cprop, _CPROP_KEYS) if cprop_kind == "settings" else {}
+
+        # -- CProp, in the middle ----------------------------------------------------------------
+        self.native = False
+        self.cprop: Optimizer | None = None
+        if given_cprop is not None:
+            self.cprop = given_cprop
+            self.native = isinstance(given_cprop, _NativeCPropBase)
+            base = given_cprop if self.native else given_cprop.optimizer
+        elif cprop_kind == "off":
+            base = inner
+        elif native and _plain_for_native(inner):
+            self.cprop = base = _native_cprop(inner, settings)
+            self.native = True
+        else:
+            self.cprop = CProp(inner, **settings)
+            base = inner
+        self.base: Optimizer = base
+        middle = self.cprop if self.cprop is not None else base
+
+        # -- the guard, outermost -------------------------------------------------------------
+        self.guard: CatastropheGuard | None = given_guard
+        if guard_kwargs is not None:
+            self.guard = CatastropheGuard(middle, **guard_kwargs)
+            if batch_size is not None and dataset_size is not None:
+                configure_detector(
+                    self.guard.detector, batch_size=batch_size, dataset_size=dataset_size
+                )
+
+        # -- ALRC, on the loss ------------------------------------------------------------------
+        self.alrc: ALRC | None = alrc_module
+        super().__init__(self.guard if self.guard is not None else middle)
+        self.per_sample = per_sample
+        self._window = _LossWindow()
+
+    def __repr__(self) -> str:
+        parts = [
+            f"alrc={self.alrc!r}",
+            f"guard={self.guard.detector!r}" if self.guard is not None else "guard=None",
+            f"cprop={type(self.cprop).__name__ if self.cprop is not None else None}",
+            f"base={type(self.base).__name__}",
+        ]
+        return f"Stabilized({', '.join(parts)})"
+
+    # -- the loss side --------------------------------------------------------------------------
+
+    def clip(self, losses: Tensor) -> Tensor:
+        """ALRC on ``losses`` (one per sample, or per element); remember their raw mean.
+
+        Returns the clipped losses (same shape; ``losses`` itself when ALRC is off): reduce
+        them (``.mean()``) and backpropagate. The mean of the *raw* losses over all elements is
+        kept for the next :meth:`step`, where the guard watches it (Note [the guard watches the
+        raw loss]); several calls before one step (gradient accumulation) give it their mean.
+        A loss reduced some other way (a sum, a weighted mean) is better passed to the step
+        itself, ``step(loss=raw_loss)``.
+
+        With ``per_sample=True`` (the default unless ``batch_size == 1``) a 0-d loss is refused:
+        the paper applies ALRC "to individual losses" for batch sizes above 1, because a mean
+        over the batch lets one bad sample hide among the good ones, and is clipped whole.
+
+        Call it on training losses only; report validation losses raw.
+        """
+        if not isinstance(losses, Tensor) or not losses.is_floating_point():
+            raise TypeError(
+                "clip expects a floating-point tensor of losses, got "
+                + (f"dtype {losses.dtype}" if isinstance(losses, Tensor) else type(losses).__name__)
+            )
+        if self.per_sample and losses.dim() == 0:
+            raise ValueError(
+                "clip needs the unreduced losses, one per sample (e.g. F.cross_entropy(..., "
+                "reduction='none')), got a 0-d (already reduced) loss: ALRC clips each sample's "
+                "loss, and a batch mean would hide a bad sample among good ones. For batch size "
+                "1, or to clip the batch mean on purpose, build with per_sample=False"
+            )
+        if losses.numel() == 0:
+            raise ValueError("clip got an empty tensor of losses (shape with a 0 dimension)")
+        x = losses.detach()
+        raw = x.mean() if x.dtype in (torch.float32, torch.float64) else x.float().mean()
+        self._window.add_raw(raw)
+        return losses if self.alrc is None else self.alrc(losses)
+
+    def observe_loss(self, loss: Tensor | float) -> None:
+        """Give the next :meth:`step` a loss, for loops that do not call :meth:`clip`.
+
+        A loss remembered by :meth:`clip` wins over this one (framework callbacks such as
+        Lightning's ``LossFeeder`` observe the training step's *clipped* result); ``loss=``
+        given to :meth:`step` wins over both.
+        """
+        if isinstance(loss, Tensor):
+            _check_scalar(loss, "observe_loss")
+            loss = loss.detach()
+        self._window.observed = loss
+
+    def reset_loss(self) -> None:
+        """Forget the losses remembered since the last step (a step that was skipped, e.g. by a
+        GradScaler that found an inf gradient, leaves them; the next window starts afresh)."""
+        self._window.clear()
+
+    # -- stepping ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(
+        self, closure: Callable[[], Any] | None = None, *, loss: Tensor | float | None = None
+    ) -> Any:
+        """Watch the raw loss, then roll back and cut, or let CProp and the base step.
+
+        The guard watches, in this order: ``loss`` given here (the raw, unclipped loss), else the
+        mean raw loss remembered by :meth:`clip` since the last step (also inside ``closure``),
+        else the loss given to :meth:`observe_loss`, else the closure's result. Without a guard
+        the closure goes to the inner optimizer as it is (an L-BFGS line search works); with one
+        it is evaluated once, here. Returns the closure's result when there is a closure, else
+        the watched loss (None without a guard).
+        """
+        window = self._window
+        if self.guard is None:
+            try:
+                return (
+                    self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+                )
+            finally:
+                window.clear()
+        result = None
+        if closure is not None:
+            with torch.enable_grad():
+                result = closure()
+        watched = loss if loss is not None else window.loss()
+        if watched is None:
+            watched = result
+        window.clear()
+        if watched is None:
+            raise RuntimeError(
+                "the guard needs the raw minibatch loss: call opt.clip(per_sample_losses) "
+                "before opt.step() (it remembers their mean), or opt.step(loss=raw_loss), or "
+                "pass a closure that returns the loss"
+            )
+        if isinstance(watched, Tensor):
+            _check_scalar(watched, "step(loss=...)")
+        self.guard.step(loss=watched)
+        return result if closure is not None else watched
+
+    # -- checkpoints and telemetry ---------------------------------------------------------------
+
+    def _components(self) -> dict[str, Any]:
+        return {
+            "alrc": self.alrc is not None,
+            "guard": self.guard is not None,
+            "cprop": None if self.cprop is None else ("native" if self.native else "wrapper"),
+            "base": type(self.base).__name__,
+        }
+
+    def _wrapped_state_dict(self) -> dict[str, Any]:
+        """``{"stabilized": components, "alrc": ALRC's buffers, "optimizer": the outermost's}``.
+
+        ``"optimizer"`` nests the guard's (detector, counters, snapshot), CProp's and the base's;
+        ALRC's buffers are clones.
+        """
+        return {
+            "stabilized": {"format": _FORMAT, **self._components(), "per_sample": self.per_sample},
+            "alrc": None
+            if self.alrc is None
+            else {k: v.clone() for k, v in self.alrc.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    def _load_wrapped_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` saved from a Stabilized built the same way."""
+        meta = state_dict.get("stabilized")
+        if not isinstance(meta, Mapping) or not {"alrc", "optimizer"} <= set(state_dict):
+            raise ValueError(
+                "state_dict was not saved from a Stabilized optimizer (expected the keys "
+                f"'stabilized', 'alrc', 'optimizer', found {sorted(state_dict)})"
+            )
+        expected = self._components()
+        found = {k: meta.get(k) for k in expected}
+        if found != expected:
+            raise ValueError(
+                f"state_dict was saved from a Stabilized with components {found}, but this one "
+                f"has {expected}: build it with the same alrc=, guard=, cprop=, native= and "
+                "base optimizer"
+            )
+        if self.alrc is not None:
+            self.alrc.load_state_dict(state_dict["alrc"])
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self._window.clear()
+
+    def stats(self) -> dict[str, Tensor]:
+        """Every component's statistics as 0-d tensors, no host sync: ``alrc/<key>``
+        (:meth:`ALRC.stats <steadystep.ALRC.stats>`), ``guard/<key>`` (the guard's counters and
+        ``detector_<key>``), ``cprop/<key>`` (``mean_scale``...) and ``base/<key>`` when the base
+        optimizer has statistics of its own (ALeRA's learning rates)."""
+        out: dict[str, Tensor] = {}
+        if self.alrc is not None:
+            out.update({f"alrc/{k}": v for k, v in self.alrc.stats().items()})
+        if self.guard is not None:
+            guard_stats = self.guard.stats(include_optimizer=False)
+            out.update({f"guard/{k}": v for k, v in guard_stats.items()})
+        for prefix, part in (("cprop", self.cprop), ("base", self.base)):
+            if part is None or (prefix == "base" and part is self.cprop):
+                continue
+            part_stats = getattr(part, "stats", None)
+            if callable(part_stats):
+                out.update({f"{prefix}/{k}": v for k, v in part_stats().items()})
+        return out
+
+
+def _detector_devices(detector: Any) -> set[torch.device]:
+    """The devices of a detector's state (through its ``state_dict()``, when it has one)."""
+    state_dict = getattr(detector, "state_dict", None)
+    return _tensor_devices(state_dict()) if callable(state_dict) else set()
+
+
+def _check_scalar(loss: Tensor, where: str) -> None:
+    if loss.numel() != 1:
+        raise ValueError(
+            f"{where}: the guard watches the minibatch loss, a scalar, got a loss of shape "
+            f"{tuple(loss.shape)} (per-sample losses?): pass them to opt.clip() instead, or "
+            "their mean"
+        )
+
+
+def stabilize(
+    optimizer: Optimizer,
+    *,
+    alrc: bool | Mapping[str, Any] | ALRC | None = True,
+    cprop: bool | Mapping[str, Any] | None = True,
+    guard: bool | Mapping[str, Any] | Any = True,
+    batch_size: int | None = None,
+    dataset_size: int | None = None,
+    per_sample: bool | None = None,
+    native: bool = True,
+) -> Stabilized:
+    """Compose ALRC, the catastrophe guard and CProp around ``optimizer``, in the right order.
+
+    Args:
+        optimizer: the base optimizer (any ``torch.optim.Optimizer``: torch's, ALeRA, AgAdam,
+            your own), or one with some layers already built: a CProp (``CProp(base)`` or a
+            native ``CPropAdamW``...) and/or a guard around it (``CatastropheGuard(...)``,
+            ``SALeRA``), which are used as built.
+        alrc: loss clipping: True (default: ``ALRC()``), False, a dict of :class:`~steadystep.ALRC`
+            settings (``n_sigma``, ``beta1``, ...), or an ``ALRC`` (moved nowhere: it must be on
+            the parameters' device). A built one goes beside the last parameter.
+        cprop: True (default: CProp's defaults), False, or a dict of :class:`~steadystep.CProp`
+            settings (``beta``, ``c``, ``eps``, ``cdf``, ``method``, ``fused``). Must be True
+            when ``optimizer`` already applies CProp.
+        guard: True (default: a :class:`~steadystep.CatastropheGuard` with its default
+            detector), False, a dict of its settings (``detector``, ``lr_factor``, ``backtrack``,
+            ``min_lr``, ``snapshot_device``, ``check_every``), or a detector
+            (e.g. ``ss.PageHinkley(ph_lambda=0.5)``). Must be True when ``optimizer`` is a guard.
+        batch_size, dataset_size: samples per optimizer step (over all ranks) and in the
+            training set, given together; they set what the guard's detector derives from them
+            (:func:`configure_detector`: PageHinkley's ``rho = batch_size / dataset_size``),
+            on the default detector and on one passed in ``guard``. Default: the detector's
+            own settings (PageHinkley: ``rho=0.01``).
+        per_sample: :meth:`Stabilized.clip` refuses a 0-d (reduced) loss (default: True unless
+            ``batch_size == 1``).
+        native: when CProp is to be built around exactly ``torch.optim.SGD``, ``Adam`` or
+            ``AdamW`` with settings the native classes have (no ``maximize``, ``capturable``,
+            ``differentiable``, tensor ``lr``; not yet stepped; no hooks on it), build
+            :class:`~steadystep.CPropSGD` / ``CPropAdam`` / ``CPropAdamW`` instead of the
+            ``CProp`` wrapper (default True). Same hyperparameters and the same param-group
+            dicts (an LR scheduler built on ``optimizer`` keeps driving them, though torch warns
+            that it never saw that object step: build schedulers on the returned one; and do
+            not step ``optimizer`` itself afterwards); the numbers match the wrapper's up to
+            rounding, in fewer passes over memory, and the guard around it takes every decision
+            on the device.
+            The base's ``foreach`` is kept; steadystep's ``fused`` path (torch.compile-generated
+            kernels) is chosen by ``cprop={"fused": True}``, not by torch's ``fused`` flag.
+
+    Returns:
+        a :class:`Stabilized` optimizer.
+
+    Errors at construction: an optimizer with no parameters; an order that cannot work (a
+    Stabilized inside, CProp asked for around a built guard); components given twice;
+    ALRC or a detector on another device than the parameters; unknown settings.
+
+    Example:
+        >>> import torch.nn.functional as F
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(4, 3)
+        >>> opt = ss.stabilize(torch.optim.AdamW(model.parameters(), lr=1e-2),
+        ...                    batch_size=8, dataset_size=800)
+        >>> type(opt.cprop).__name__, type(opt.guard).__name__
+        ('CPropAdamW', 'CatastropheGuard')
+        >>> for _ in range(3):
+        ...     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+        ...     loss = opt.clip(F.cross_entropy(model(x), y, reduction="none")).mean()
+        ...     opt.zero_grad()
+        ...     loss.backward()
+        ...     _ = opt.step()
+        >>> int(opt.stats()["guard/steps"]), int(opt.stats()["alrc/num_updates"])
+        (3, 3)
+    """
+    return Stabilized(
+        optimizer,
+        alrc=alrc,
+        cprop=cprop,
+        guard=guard,
+        batch_size=batch_size,
+        dataset_size=dataset_size,
+        per_sample=per_sample,
+        native=native,
+    )
