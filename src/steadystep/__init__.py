@@ -3,14 +3,16 @@
 Three published methods as one toolkit for PyTorch:
 
 * :class:`ALRC` clips each loss to ``mu1 + n_sigma * sigma`` of its running moments.
-* The agnostic learning-rate family (ALeRA, Ag-Adam, SALeRA, SPALeRA) with a Page-Hinkley
-  catastrophe guard that rolls back one step and cuts the learning rate.
+* The agnostic learning-rate family (ALeRA, Ag-Adam, SALeRA, SPALeRA) with a catastrophe guard
+  that rolls back one step and cuts the learning rate; its detectors (the paper's Page-Hinkley
+  test and the rules used in practice, side by side) are in :mod:`steadystep.detectors`.
 * :class:`CProp` scales any optimizer's update by the confidence that past gradients agree.
 """
 
 from steadystep import agnostic
 from steadystep.alrc import ALRC, alrc_clip
-from steadystep.detect import PageHinkley
+from steadystep.detect import PageHinkley, PageHinkleyPaper
+from steadystep.detectors import EWMRatio, RollingZScore, SpikeDetector, ZClipDetector
 from steadystep.groups import layer_groups
 from steadystep.guard import CatastropheGuard, SALeRA, SPALeRA, TrainingDiverged
 from steadystep.optim import AgAdam, ALeRA
@@ -28,11 +30,16 @@ __all__ = [
     "CPropAdamW",
     "CPropSGD",
     "CatastropheGuard",
+    "EWMRatio",
     "Monitor",
     "PageHinkley",
+    "PageHinkleyPaper",
+    "RollingZScore",
     "SALeRA",
     "SPALeRA",
+    "SpikeDetector",
     "TrainingDiverged",
+    "ZClipDetector",
     "agnostic",
     "alrc_clip",
     "layer_groups",

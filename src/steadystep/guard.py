@@ -1,8 +1,10 @@
 """CatastropheGuard: detect a catastrophe on the loss, roll back one step, cut the learning rate.
 
 SALeRA's recovery (Algorithm 1, lines 7-11 of the paper; DESIGN.md) around any optimizer.
-Each step the minibatch loss goes to a change detector (:class:`~steadystep.PageHinkley` by
-default). On an alarm:
+Each step the minibatch loss goes to a change detector (:class:`~steadystep.SpikeDetector` by
+default; the paper's :class:`~steadystep.PageHinkleyPaper` is one argument away). A detector
+with ``needs_grad_norm`` also gets the global gradient norm, computed once per step on the
+device (:func:`~steadystep.detectors.global_grad_norm`). On an alarm:
 
 * the parameters return to their value before the last update (``backtrack=True``; with
   ``backtrack=False`` they stay, as in the authors' published runs),
@@ -43,6 +45,7 @@ from torch.optim import Optimizer
 
 from steadystep._validation import check_nonnegative, check_positive, check_probability
 from steadystep.detect import PageHinkley
+from steadystep.detectors import Detector, SpikeDetector, global_grad_norm
 from steadystep.optim.alera import ALeRA, local_tensor
 from steadystep.optim.cprop import grads_finite
 
@@ -87,7 +90,8 @@ class CatastropheGuard(Optimizer):
         optimizer: the optimizer to protect (any ``torch.optim.Optimizer``; steadystep's ALeRA
             and AgAdam stay sync-free, see Note [host syncs]).
         detector: change detector with ``update(loss) -> alarm``; default
-            ``PageHinkley(ph_lambda=0.1, rho=0.01)``.
+            :class:`~steadystep.SpikeDetector` ``()`` (the benchmark's best, ``docs/detectors.md``;
+            the paper's test is ``PageHinkleyPaper(ph_lambda=0.1, rho=batch/dataset)``).
         lr_factor: factor applied to every learning rate on an alarm (default 0.5, in (0, 1]).
             For ALeRA/AgAdam it multiplies ``group["lr_multiplier"]``; otherwise ``group["lr"]``
             (in place when it is a tensor). A scheduler that recomputes ``lr`` from its base
@@ -129,7 +133,7 @@ class CatastropheGuard(Optimizer):
     def __init__(
         self,
         optimizer: Optimizer,
-        detector: PageHinkley | None = None,
+        detector: Detector | PageHinkley | None = None,
         *,
         lr_factor: float = 0.5,
         backtrack: bool = True,
@@ -153,7 +157,7 @@ class CatastropheGuard(Optimizer):
         self.check_every = check_every
         self.snapshot_device = None if snapshot_device is None else torch.device(snapshot_device)
         self.optimizer = optimizer
-        self.detector = PageHinkley() if detector is None else detector
+        self.detector = SpikeDetector() if detector is None else detector
         self._device_side = (
             hasattr(optimizer, "scale_lr_")
             and hasattr(optimizer, "_step")
@@ -354,7 +358,10 @@ class CatastropheGuard(Optimizer):
             # Note [non-finite gradients]: decided before the detector sees the loss, so a
             # skipped step leaves it untouched; read on the host together with the alarm.
             bad_grads = ~grads_finite([p.grad for p in params if p.grad is not None])
-        alarm = self._observe(observed, bad_grads)
+        grad_norm = None
+        if getattr(self.detector, "needs_grad_norm", False):
+            grad_norm = global_grad_norm([p.grad for p in params if p.grad is not None])
+        alarm = self._observe(observed, bad_grads, grad_norm)
         # History records the loss the detector tested: under torch.distributed the rank mean,
         # the same on every rank (a detector without ``last_loss`` gives the local loss).
         loss_t = getattr(self.detector, "last_loss", None)
@@ -420,16 +427,28 @@ class CatastropheGuard(Optimizer):
         """Does the wrapped optimizer skip non-finite gradients itself (ALeRA, AgAdam)?"""
         return hasattr(self.optimizer, "scale_lr_") and hasattr(self.optimizer, "_step")
 
-    def _observe(self, loss: torch.Tensor | float, bad_grads: torch.Tensor | None) -> torch.Tensor:
-        """The detector's verdict on ``loss``; a no-op observation where ``bad_grads``."""
+    def _observe(
+        self,
+        loss: torch.Tensor | float,
+        bad_grads: torch.Tensor | None,
+        grad_norm: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The detector's verdict on ``loss`` (and ``grad_norm``); a no-op observation where
+        the gradients are not finite (``bad_grads``, or a non-finite ``grad_norm``)."""
+        extra = {} if grad_norm is None else {"grad_norm": grad_norm}
+        skip = bad_grads
+        if skip is None and grad_norm is not None:
+            # Note [non-finite gradients]: the norm is finite iff every gradient is, so the
+            # sync-free path gets the skip flag for free; such a step is not an alarm.
+            skip = ~torch.isfinite(grad_norm)
+        if isinstance(self.detector, (PageHinkley, Detector)):
+            return self.detector.update(loss, skip=skip, **extra)
         if bad_grads is None:
-            return self.detector.update(loss)
-        if isinstance(self.detector, PageHinkley):
-            return self.detector.update(loss, skip=bad_grads)
+            return self.detector.update(loss, **extra)
         # Another detector: restore its state if the step turns out to be skipped (host read
         # below anyway, so this costs clones of its few scalars, not a sync).
         saved = self.detector.state_dict()
-        alarm = self.detector.update(loss)
+        alarm = self.detector.update(loss, **extra)
         self._detector_backup = saved
         return alarm
 
@@ -505,19 +524,45 @@ class CatastropheGuard(Optimizer):
                 f"{type(self).__name__}: after {int(self.alarms)} alarms the largest learning "
                 f"rate is {max_lr:.3g} < min_lr={self.min_lr:g}; training diverged. Last alarms "
                 f"(step, loss): {[(h['step'], h['loss']) for h in history[-5:]]}. Lower the "
-                "initial lr, or raise ph_lambda if the alarms come from a noisy plateau.",
+                "initial lr, or make the detector less sensitive if the alarms come from a noisy "
+                "plateau (a larger sigma for SpikeDetector, ph_lambda for PageHinkleyPaper).",
                 history,
             )
 
 
-class SALeRA(CatastropheGuard):
-    """SALeRA (Algorithm 1): :class:`~steadystep.ALeRA` inside a Page-Hinkley
-    :class:`CatastropheGuard`, with the paper's robust defaults ``alpha=0.01, C=3e-6``.
+def _salera_detector(
+    detector: Detector | PageHinkley | None, ph_lambda: float | None, rho: float | None
+) -> Detector | PageHinkley:
+    """SALeRA's detector: ``detector``, else the paper's Page-Hinkley test when ``ph_lambda`` or
+    ``rho`` is given, else the default :class:`~steadystep.SpikeDetector`."""
+    paper = ph_lambda is not None or rho is not None
+    if detector is not None and paper:
+        raise ValueError(
+            "pass either detector=... or ph_lambda/rho (the paper's Page-Hinkley test), not "
+            f"both; got detector={detector!r}, ph_lambda={ph_lambda}, rho={rho}"
+        )
+    if detector is not None:
+        return detector
+    if paper:
+        return PageHinkley(
+            ph_lambda=0.1 if ph_lambda is None else ph_lambda, rho=0.01 if rho is None else rho
+        )
+    return SpikeDetector()
 
-    Equivalent to ``CatastropheGuard(ALeRA(params, lr, alpha=alpha, C=C, ...),
-    PageHinkley(ph_lambda, rho), lr_factor=lr_factor, backtrack=backtrack, min_lr=min_lr)``;
-    every step is sync-free (Note [host syncs]). ``rho`` is ``batch_size / dataset_size`` in
-    the paper. ``opt.optimizer`` is the ALeRA inside.
+
+class SALeRA(CatastropheGuard):
+    """SALeRA (Algorithm 1): :class:`~steadystep.ALeRA` inside a :class:`CatastropheGuard`, with
+    the paper's robust defaults ``alpha=0.01, C=3e-6``.
+
+    Equivalent to ``CatastropheGuard(ALeRA(params, lr, alpha=alpha, C=C, ...), detector,
+    lr_factor=lr_factor, backtrack=backtrack, min_lr=min_lr)``; every step is sync-free (Note
+    [host syncs]). ``opt.optimizer`` is the ALeRA inside.
+
+    The detector: ``detector`` when given; else the paper's Page-Hinkley test,
+    ``PageHinkleyPaper(ph_lambda, rho)``, when ``ph_lambda`` or ``rho`` is given (the one not
+    given takes the paper's value: 0.1, and 0.01 for ``rho``, which the paper sets to
+    ``batch_size / dataset_size``); else :class:`~steadystep.SpikeDetector` ``()``, the
+    benchmark's best (``docs/detectors.md`` says where and why it departs from the paper).
 
     Example:
         >>> import torch, steadystep as ss
@@ -538,8 +583,9 @@ class SALeRA(CatastropheGuard):
         granularity: str = "group",
         weight_decay: float = 0.0,
         norm_eps: float = 1e-6,
-        ph_lambda: float = 0.1,
-        rho: float = 0.01,
+        ph_lambda: float | None = None,
+        rho: float | None = None,
+        detector: Detector | PageHinkley | None = None,
         lr_factor: float = 0.5,
         backtrack: bool = True,
         min_lr: float = 1e-15,
@@ -548,6 +594,7 @@ class SALeRA(CatastropheGuard):
         foreach: bool | None = None,
     ) -> None:
         check_positive("lr", lr)
+        detector = _salera_detector(detector, ph_lambda, rho)
         base = ALeRA(
             params,
             lr,
@@ -560,7 +607,7 @@ class SALeRA(CatastropheGuard):
         )
         super().__init__(
             base,
-            PageHinkley(ph_lambda=ph_lambda, rho=rho),
+            detector,
             lr_factor=lr_factor,
             backtrack=backtrack,
             min_lr=min_lr,
@@ -593,8 +640,9 @@ class SPALeRA(SALeRA):
         C: float = 3e-8,
         weight_decay: float = 0.0,
         norm_eps: float = 1e-6,
-        ph_lambda: float = 0.1,
-        rho: float = 0.01,
+        ph_lambda: float | None = None,
+        rho: float | None = None,
+        detector: Detector | PageHinkley | None = None,
         lr_factor: float = 0.5,
         backtrack: bool = True,
         min_lr: float = 1e-15,
@@ -612,6 +660,7 @@ class SPALeRA(SALeRA):
             norm_eps=norm_eps,
             ph_lambda=ph_lambda,
             rho=rho,
+            detector=detector,
             lr_factor=lr_factor,
             backtrack=backtrack,
             min_lr=min_lr,
