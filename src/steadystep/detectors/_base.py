@@ -10,8 +10,8 @@ and the statistics after that observation; this shell decides what is committed:
 * a finite observation whose statistics would overflow (a loss near the dtype's largest value):
   treated as a non-finite one (an alarm, the old state kept);
 * ``skip`` (0-d bool, True): the observation of a finite loss is a bitwise no-op (no alarm, no
-  statistic or counter changes); a non-finite loss still alarms. A guard passes it for a step
-  it skips for a non-finite gradient.
+  statistic or counter changes), whatever the gradient norm; a non-finite loss still alarms. A
+  guard passes it for a step it skips for a non-finite gradient.
 
 Every decision is a 0-d tensor applied with ``torch.where``: no host sync. Under
 ``torch.distributed`` the loss is averaged over ranks in one all-reduce of a scalar (every rank
@@ -180,15 +180,19 @@ class Detector:
         g = None
         if self.needs_grad_norm and grad_norm is not None:
             g = self._scalar(grad_norm, "grad_norm")
-        finite = torch.isfinite(x) if g is None else torch.isfinite(x) & torch.isfinite(g)
+        finite = torch.isfinite(x) if g is None else torch.stack([x, g]).isfinite().all()
         # The core sees zeros in place of non-finite values; its result is then discarded.
         change, new = self._advance(
             torch.where(finite, x, torch.zeros_like(x)),
             None if g is None else torch.where(finite, g, torch.zeros_like(g)),
         )
-        floats = [t.isfinite().all() for t in new.values() if t.is_floating_point()]
-        ok = finite & torch.stack(floats).all() if floats else finite
-        active = None if skip is None else ~(skip.to(device=x.device, dtype=torch.bool) & finite)
+        floats = [t.reshape(-1) for t in new.values() if t.is_floating_point()]
+        ok = finite & torch.cat(floats).isfinite().all() if floats else finite
+        # skip: a finite loss is not observed (its gradient norm is NaN when the guard skips a
+        # step for non-finite gradients); a non-finite loss still alarms.
+        active = None
+        if skip is not None:
+            active = ~(skip.to(device=x.device, dtype=torch.bool) & torch.isfinite(x))
         commit = ok if active is None else ok & active
         # NaN-aware: a core writes its comparisons so that NaN alarms; ~ok covers overflow.
         alarm = ~ok | change
