@@ -372,12 +372,12 @@ def test_catastrophe_demo_salera_recovers_where_sgd_and_alera_diverge():
         initial, final = catastrophe_run(kind)
         assert not final < initial, kind  # diverged: inf or nan
     # The paper's detector (Page-Hinkley, rho given), then the default (SpikeDetector: its
-    # warm-up test stops the divergence from the second step; a few more alarms leave a
-    # slightly higher loss after 60 steps).
+    # warm-up test waits for a 10x jump, so the divergence runs a step longer and the
+    # recovery, from a worse point, leaves a higher loss after 60 steps).
     initial, final = catastrophe_run("salera", rho=0.01)
     assert final < 0.1 * initial
     initial, final = catastrophe_run("salera")
-    assert final < 0.15 * initial
+    assert final < 0.2 * initial
 
 
 @pytest.mark.parametrize(

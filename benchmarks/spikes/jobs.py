@@ -18,6 +18,7 @@ from steadystep import CatastropheGuard
 __all__ = ["closed_job", "init_worker", "record_job", "sweep_job", "timing"]
 
 _TRACES: dict[str, RunTrace] = {}
+FIRST_FAULT = 10  # faults at uniformly random steps from this one on
 
 
 def init_worker(traces: dict[str, RunTrace] | None = None) -> None:
@@ -34,13 +35,14 @@ def _seed(task: str, optimizer: str, salt: int) -> int:
     return 1000 * salt + 10 * TASKS.index(task) + OPTIMIZERS.index(optimizer)
 
 
-def record_job(task: str, optimizer: str, steps: int, post: int) -> RunTrace:
-    """The recorded clean run of one task, forked at its planned faults."""
+def record_job(task: str, optimizer: str, steps: int, post: int, eval_at: int) -> RunTrace:
+    """The recorded clean run of one task, forked at its planned faults; its evaluation loss
+    at ``eval_at`` is the unperturbed final loss of the guarded runs."""
     per = max(1, steps // 100)
     per_kind = {"bad_update": per, "corrupt_batch": per, "grad_explosion": per}
     per_kind["nan_loss"] = max(1, steps // 1000)
-    plan = plan_faults(steps, per_kind, seed=_seed(task, optimizer, 1))
-    return record_run(make_task(task, optimizer), steps, plan, post)
+    plan = plan_faults(steps, per_kind, seed=_seed(task, optimizer, 1), first=FIRST_FAULT)
+    return record_run(make_task(task, optimizer), steps, plan, post, eval_at=eval_at)
 
 
 def sweep_job(family: str, threshold: float) -> dict[str, Score]:
@@ -56,15 +58,13 @@ def sweep_job(family: str, threshold: float) -> dict[str, Score]:
 def closed_plan(task: str, optimizer: str, steps: int):
     per = max(1, steps // 400)
     per_kind = {k: per for k in KINDS if k != "nan_loss"} | {"nan_loss": 1}
-    return plan_faults(steps, per_kind, seed=_seed(task, optimizer, 2), first=50)
+    return plan_faults(steps, per_kind, seed=_seed(task, optimizer, 2), first=FIRST_FAULT)
 
 
 def closed_job(task: str, optimizer: str, steps: int, variant: str, threshold: float | None):
-    """A guarded run with faults: ``variant`` is a family key, ``"none"`` (no guard, faults)
-    or ``"clean"`` (no guard, no faults)."""
+    """A guarded run with faults: ``variant`` is a family key, or ``"none"`` (no guard). (The
+    unperturbed run is the recorded one: ``RunTrace.eval_loss``.)"""
     spec = make_task(task, optimizer)
-    if variant == "clean":
-        return guarded_run(spec, steps, [])
     plan = closed_plan(task, optimizer, steps)
     if variant == "none":
         return guarded_run(spec, steps, plan)

@@ -58,6 +58,7 @@ class RunTrace:
     losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
     faults: list[FaultTrace] = field(default_factory=list)
+    eval_loss: float | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -109,13 +110,21 @@ def train_step(
     return float(loss.detach()), norm
 
 
-def record_run(task: Task, steps: int, plan: list[FaultSpec], post: int) -> RunTrace:
-    """A clean run of ``steps`` steps, forked at each planned fault (see the module docstring)."""
+def record_run(
+    task: Task, steps: int, plan: list[FaultSpec], post: int, eval_at: int | None = None
+) -> RunTrace:
+    """A clean run of ``steps`` steps, forked at each planned fault (see the module docstring).
+
+    ``eval_at``: also record the evaluation loss before that step (``trace.eval_loss``): the
+    unperturbed run's final loss for guarded runs of ``eval_at`` steps.
+    """
     model = task.model()
     opt = task.make_optimizer(model.parameters())
     trace = RunTrace(task.name, task.optimizer, task.lr, task.batch_size, task.n_examples)
     by_step = {f.step: f for f in plan}
     for step in range(steps):
+        if step == eval_at:
+            trace.eval_loss = eval_loss(task, model)
         fault = by_step.get(step)
         if fault is not None:
             fork_model, fork_opt = copy.deepcopy((model, opt))

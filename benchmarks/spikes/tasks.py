@@ -47,7 +47,7 @@ LM_BATCH = 16
 
 
 class _Block(nn.Module):
-    """Pre-norm transformer block: causal self-attention, then a GELU MLP."""
+    """Pre-norm transformer block: causal self-attention, then a ReLU MLP."""
 
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
@@ -55,14 +55,17 @@ class _Block(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
         self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
         self.mlp = nn.Sequential(
-            nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width)
+            nn.Linear(width, 2 * width), nn.ReLU(), nn.Linear(2 * width, width)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape
         qkv = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, c // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # Plain attention: at this size it is faster on a CPU than the fused kernel.
+        scores = (q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5
+        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
+        a = scores.masked_fill(causal, -math.inf).softmax(-1) @ v
         x = x + self.proj(a.transpose(1, 2).reshape(b, t, c))
         return x + self.mlp(self.norm2(x))
 
@@ -135,8 +138,8 @@ class Task:
 
     def make_optimizer(self, params) -> torch.optim.Optimizer:
         if self.optimizer == "adamw":
-            return torch.optim.AdamW(params, lr=self.lr)
-        return torch.optim.SGD(params, lr=self.lr, momentum=0.9)
+            return torch.optim.AdamW(params, lr=self.lr, fused=True)
+        return torch.optim.SGD(params, lr=self.lr, momentum=0.9, fused=True)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The minibatch of ``step``: a seeded permutation per epoch, then consecutive slices."""

@@ -185,7 +185,7 @@ class PlainSpikeDetector(_Plain):
     needs_grad_norm = True
 
     def __init__(
-        self, window: int = 128, sigma: float = 8.0, warmup: int = 8, warmup_factor: float = 3.0
+        self, window: int = 128, sigma: float = 10.0, warmup: int = 8, warmup_factor: float = 10.0
     ) -> None:
         self.sigma, self.warmup, self.warmup_factor = sigma, warmup, warmup_factor
         self.loss = _ClippedWindow(window)

@@ -7,17 +7,21 @@ loss, and the global gradient norm when given), with ``W_t`` the last ``window``
 .. math::
     \\mu_t = \\operatorname{mean}(W_t), \\quad
     s_t = \\max\\big(\\operatorname{std}(W_t),\\ 10^{-3}|\\mu_t|\\big), \\quad
-    \\tau_t = \\mu_t + \\sigma s_t, \\qquad
-    \\text{alarm}_t = (x_t > \\tau_t) \\wedge (n_t + 1 \\ge \\text{warmup}), \\qquad
-    W_{t+1} = W_t \\cup \\{\\min(x_t, \\tau_t)\\}
+    \\tau_t = \\begin{cases} \\mu_t + \\sigma s_t & n_t + 1 \\ge \\text{warmup} \\\\
+        m_t + (f - 1)|m_t|,\\ m_t = \\min W_t & \\text{before (the loss only; } +\\infty
+        \\text{ for the first value)}\\end{cases}\\\\
+    \\text{alarm}_t = x_t > \\tau_t, \\qquad W_{t+1} = W_t \\cup \\{\\min(x_t, \\tau_t)\\}
+
+with ``n_t`` the values seen since the last reset and ``f`` the ``warmup_factor``.
 
 1. A short warm-up (8 values, not ``max(20, window // 2)``): catastrophes are most common early,
    at the largest learning rates, and a decaying loss's window is wide then (its trend inflates
    the standard deviation), so testing early costs no false alarms on the benchmark's runs.
-   During the warm-up a loss above ``warmup_factor`` (3) times the smallest loss so far alarms
+   During the warm-up a loss above ``warmup_factor`` (10) times the smallest loss so far alarms
    (the gradient norm is not tested then): a run that diverges from its first steps (a learning
    rate far too high) is stopped before its exploding losses fill the window, which would hide
-   the divergence from a z-score.
+   the divergence from a z-score. 10, not 3: early losses can jump 2-4x and come back by
+   themselves, and halving the learning rate for such a bump costs more than it saves.
 2. A value above the threshold enters the window clipped to the threshold (winsorized). An
    accepted spike would inflate the window's standard deviation for ``window`` steps and hide
    the next fault behind it; a clipped one raises it only slightly, and a lasting rise of the
@@ -83,12 +87,12 @@ class SpikeDetector(Detector):
 
     Args:
         window: values in each rolling window (default 128), a ring buffer on the device.
-        sigma: threshold in standard deviations (default 8.0, chosen by
+        sigma: threshold in standard deviations (default 10.0, chosen by
             ``benchmarks/bench_spikes.py``: ``docs/detectors.md``).
         warmup: values (the current one included) before the z-test starts, counted since the
             last reset (default 8; >= 3).
         warmup_factor: in the warm-up, a loss alarms above ``warmup_factor`` times the smallest
-            loss seen so far (``m + (warmup_factor - 1) |m|`` for a negative one; default 3.0;
+            loss seen so far (``m + (warmup_factor - 1) |m|`` for a negative one; default 10.0;
             > 1). The gradient norm is not tested in the warm-up (it moves a lot at the start).
         dtype, device: of the statistics (default float32, CPU; they move to the loss's
             device at the first :meth:`update`).
@@ -113,9 +117,9 @@ class SpikeDetector(Detector):
     def __init__(
         self,
         window: int = 128,
-        sigma: float = 8.0,
+        sigma: float = 10.0,
         warmup: int = 8,
-        warmup_factor: float = 3.0,
+        warmup_factor: float = 10.0,
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
