@@ -171,6 +171,17 @@ def test_spike_detector_stops_a_divergence_from_the_first_steps():
     assert alarms[100] and not any(alarms[130:])
 
 
+def test_a_caught_spike_does_not_hide_the_next_one():
+    # A 50x spike, then a 3x one 20 steps later: the rolling z-score took the first into its
+    # window and misses the second; SpikeDetector stored it clipped and catches both.
+    rng = random.Random(0)
+    losses = [1.0 + 0.05 * rng.gauss(0.0, 1.0) for _ in range(200)]
+    losses[100], losses[120] = 50.0, 3.0
+    for det, expected in ((ss.RollingZScore(sigma=10.0), [100]), (ss.SpikeDetector(), [100, 120])):
+        alarms = [bool(det.update(torch.tensor(x))) for x in losses]
+        assert [i for i, a in enumerate(alarms) if a] == expected, type(det).__name__
+
+
 # --------------------------------------------------------------------------------------------
 # No host sync
 # --------------------------------------------------------------------------------------------
@@ -556,3 +567,32 @@ def test_ranks_agree_and_match_a_single_process_on_the_mean():
             mean = (torch.tensor(locs[0], dtype=torch.float64) + locs[1]) / 2
             single.append(det.update(mean, grad_norm=g))
         assert torch.equal(torch.stack(single), a["alarms"]), name
+
+
+def _fsdp_grad_norm(rank, world):
+    """global_grad_norm of FSDP2 shards against the norm of a replica's rank-averaged gradient."""
+    from tests.test_distributed import _batch, _fsdp_model, _mlp
+
+    model, replica = _fsdp_model(), _mlp()
+    g = torch.Generator().manual_seed(600 + rank)
+    x, y = _batch(g, rank)
+    for net in (model, replica):
+        (net(x) - y).pow(2).mean().backward()
+    for p in replica.parameters():
+        torch.distributed.all_reduce(p.grad)
+        p.grad.div_(world)
+    sharded = global_grad_norm([p.grad for p in model.parameters()])
+    whole = global_grad_norm([p.grad for p in replica.parameters()])
+    return {"sharded": sharded, "whole": whole}
+
+
+def test_global_grad_norm_of_fsdp2_shards_is_the_whole_gradients_norm():
+    pytest.importorskip("torch.distributed.fsdp")
+    from torch.distributed import fsdp
+
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)")
+    results = run_distributed(_fsdp_grad_norm, world=2)
+    assert torch.equal(results[0]["sharded"], results[1]["sharded"])
+    for r in results:
+        assert r["sharded"].item() == pytest.approx(r["whole"].item(), rel=1e-6)

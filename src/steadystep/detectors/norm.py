@@ -37,10 +37,11 @@ def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
         for i, n in zip(index, norms, strict=True):
             squares[i] = n.square()
     device = shards[0].device
-    total = torch.stack([s.to(device) for s, sh in zip(squares, sharded, strict=True) if not sh])
-    total = total.sum() if total.numel() else torch.zeros((), dtype=torch.float64, device=device)
-    if any(sharded):
-        total = total + all_reduce_sum(
-            torch.stack([s.to(device) for s, sh in zip(squares, sharded, strict=True) if sh]).sum()
-        )
+    whole = [s.to(device) for s, sh in zip(squares, sharded, strict=True) if not sh]
+    parts = [s.to(device) for s, sh in zip(squares, sharded, strict=True) if sh]
+    total = (
+        torch.stack(whole).sum() if whole else torch.zeros((), dtype=torch.float64, device=device)
+    )
+    if parts:  # one all-reduce for every shard's share
+        total = total + all_reduce_sum(torch.stack(parts).sum())
     return total.sqrt()
