@@ -107,6 +107,8 @@ class Detector:
         """
         name = type(self).__name__
         found = state_dict.get("detector")
+        if found is None and "ph_lambda" in state_dict:
+            found = "PageHinkleyPaper"  # its state_dict predates the "detector" key
         if found != name:
             raise ValueError(
                 f"{name}.load_state_dict: expected a state_dict of {name}, found one of "
