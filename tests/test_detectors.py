@@ -520,6 +520,12 @@ def test_guard_skips_a_non_finite_gradient_without_alarm_or_observation(kind):
     _assert_same_state(before, opt.detector.state_dict())
 
 
+def test_training_diverged_pickles_with_its_history():
+    error = ss.TrainingDiverged("diverged", [{"step": 3, "loss": 9.0}])
+    copy_ = pickle.loads(pickle.dumps(error))
+    assert str(copy_) == "diverged" and copy_.history == error.history
+
+
 def test_guard_default_detector_and_sync_free_path():
     model = _model()
     opt = ss.CatastropheGuard(ss.ALeRA(ss.layer_groups(model), lr=1e-2))

@@ -70,8 +70,9 @@ def closed_job(task: str, optimizer: str, steps: int, variant: str, threshold: f
         return guarded_run(spec, steps, plan)
     fam = next(f for f in FAMILIES if f.key == variant)
     rho = spec.batch_size / spec.n_examples
+    # min_lr=0: a run whose alarms drive the rate to 0 goes on (and shows it in its loss).
     return guarded_run(
-        spec, steps, plan, lambda opt: CatastropheGuard(opt, fam.tensor(threshold, rho))
+        spec, steps, plan, lambda opt: CatastropheGuard(opt, fam.tensor(threshold, rho), min_lr=0.0)
     )
 
 

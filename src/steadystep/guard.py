@@ -65,6 +65,11 @@ class TrainingDiverged(RuntimeError):
         super().__init__(message)
         self.history = history
 
+    def __reduce__(self) -> tuple[type, tuple[str, list[dict[str, float]]]]:
+        # Pickle with the history (the default would call __init__ with the message alone), so
+        # the error crosses process boundaries: multiprocessing pools, spawned DDP workers.
+        return (type(self), (str(self), self.history))
+
 
 def _missing_loss(owner: str) -> RuntimeError:
     return RuntimeError(
