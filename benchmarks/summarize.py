@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     for path in sorted(Path(args.results).glob("*.json")):
         result = json.loads(path.read_text())
+        if "median_seconds" not in result:  # not a timing (spikes.json: docs/detectors.md)
+            continue
         machine = result.get("machine", {})
         where = machine.get("device_name") or f"CPU, {machine.get('cpu_count')} cores"
         sizes = result.get("params") or result.get("sizes")

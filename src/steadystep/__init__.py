@@ -3,8 +3,9 @@
 Three published methods as one toolkit for PyTorch:
 
 * :class:`ALRC` clips each loss to ``mu1 + n_sigma * sigma`` of its running moments.
-* The agnostic learning-rate family (ALeRA, Ag-Adam, SALeRA, SPALeRA) with a Page-Hinkley
-  catastrophe guard that rolls back one step and cuts the learning rate.
+* The agnostic learning-rate family (ALeRA, Ag-Adam, SALeRA, SPALeRA) with a catastrophe guard
+  that rolls back one step and cuts the learning rate; its detectors (the paper's Page-Hinkley
+  test and the rules used in practice, side by side) are in :mod:`steadystep.detectors`.
 * :class:`CProp` scales any optimizer's update by the confidence that past gradients agree.
 
 :func:`stabilize` composes the three around any optimizer, in the one order that works.
@@ -12,7 +13,8 @@ Three published methods as one toolkit for PyTorch:
 
 from steadystep import agnostic
 from steadystep.alrc import ALRC, alrc_clip
-from steadystep.detect import PageHinkley
+from steadystep.detect import PageHinkley, PageHinkleyPaper
+from steadystep.detectors import EWMRatio, RollingZScore, SpikeDetector, ZClipDetector
 from steadystep.groups import layer_groups
 from steadystep.guard import CatastropheGuard, TrainingDiverged
 from steadystep.optim import AgAdam, ALeRA
@@ -32,12 +34,17 @@ __all__ = [
     "CPropAdamW",
     "CPropSGD",
     "CatastropheGuard",
+    "EWMRatio",
     "Monitor",
     "PageHinkley",
+    "PageHinkleyPaper",
+    "RollingZScore",
     "SALeRA",
     "SPALeRA",
+    "SpikeDetector",
     "Stabilized",
     "TrainingDiverged",
+    "ZClipDetector",
     "agnostic",
     "alrc_clip",
     "layer_groups",

@@ -29,6 +29,7 @@ __all__ = [
     "flat",
     "flat_shards",
     "full_max",
+    "gradient_stats",
     "grads_finite",
     "is_sharded",
     "local_tensor",
@@ -147,12 +148,43 @@ def grads_finite(grads: list[Tensor]) -> Tensor:
         tensor(False)
     """
     local = shards(grads)
-    found_finite = kernels.grads_ok(local) if local else None
-    if found_finite is None:
-        found_finite = _grads_within_limit(local)
+    stats = kernels.grad_stats(local) if local else None
+    found_finite = _grads_within_limit(local) if stats is None else stats[0]
     if any(s is not g for s, g in zip(local, grads, strict=True)):  # some were DTensors
         found_finite = all_reduce_sum((~found_finite).to(torch.float32)) == 0
     return found_finite
+
+
+def gradient_stats(grads: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """``(found_finite, norm)``: :func:`grads_finite` and the global L2 norm of the gradients
+    (0-d float64, accumulated in float64 so large finite gradients do not overflow it; NaN or
+    inf where an element is), from one pass over the gradients where the fused kernels take
+    them. FSDP2 shards' squares are summed over ranks (the flag and the sum in one all-reduce).
+
+    Example:
+        >>> ok, norm = gradient_stats([torch.tensor([3.0]), torch.tensor([[4.0]])])
+        >>> bool(ok), float(norm)
+        (True, 5.0)
+    """
+    local = shards(grads)
+    if not local:
+        return torch.ones((), dtype=torch.bool), torch.zeros((), dtype=torch.float64)
+    stats = kernels.grad_stats(local)
+    if stats is None:
+        device = local[0].device
+        sums = [g.double().square().sum().to(device) for g in local if g.numel()]
+        total = torch.stack(sums).sum() if sums else torch.zeros((), dtype=torch.float64)
+        stats = (_grads_within_limit(local), total.to(device))
+    found_finite, sumsq = stats
+    sharded = [is_sharded(g) for g in grads]
+    if any(sharded):
+        # whole (not sharded) gradients are counted once: their squares join rank 0's share
+        whole = [g for g, split in zip(local, sharded, strict=True) if not split]
+        if whole and torch.distributed.get_rank() != 0:
+            sumsq = sumsq - gradient_stats(whole)[1].square()
+        both = all_reduce_sum(torch.stack([(~found_finite).to(torch.float64), sumsq]))
+        found_finite, sumsq = both[0] == 0, both[1]
+    return found_finite, sumsq.sqrt()
 
 
 def _grads_within_limit(grads: list[Tensor]) -> Tensor:

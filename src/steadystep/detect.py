@@ -1,6 +1,8 @@
 """Page-Hinkley change detection on the minibatch loss, with tensor state and no host sync.
 
-The test of SALeRA (Algorithm 1, lines 3-9 of the paper; decisions in DESIGN.md). With ``n`` the
+The test of SALeRA (Algorithm 1, lines 3-9 of the paper), as published: the class is
+:class:`PageHinkleyPaper`; ``PageHinkley`` is the same class under its earlier name, so code and
+checkpoints written for it keep working. With ``n`` the
 number of observations since the last reset and ``L_n`` the n-th loss:
 
 .. math::
@@ -30,13 +32,19 @@ import torch
 from steadystep._distributed import all_reduce_mean
 from steadystep._validation import check_positive, check_probability
 
-__all__ = ["PageHinkley"]
+__all__ = ["PageHinkley", "PageHinkleyPaper"]
 
 _STAT_NAMES = ("count", "relaxed_loss", "mean", "cusum", "cusum_min")
 
 
-class PageHinkley:
-    """Page-Hinkley test for an increase of the (relaxed) minibatch loss.
+class PageHinkleyPaper:
+    """Page-Hinkley test for an increase of the (relaxed) minibatch loss, as SALeRA publishes it.
+
+    Two choices the paper leaves open are made here: the relaxed loss is a cumulative mean for
+    its first ``1/rho`` observations (the paper's EMA starts from 0 and would rise for ``1/rho``
+    steps), and ``mean`` is the running mean of the relaxed losses. On decaying losses the test
+    rarely fires once the loss has fallen well below the first one (``Delta`` is fixed from it);
+    ``docs/detectors.md`` measures it against the other detectors.
 
     Args:
         ph_lambda: threshold as a fraction of the first observed loss, ``Delta = ph_lambda *
@@ -56,10 +64,12 @@ class PageHinkley:
 
     Example:
         >>> import torch, steadystep as ss
-        >>> ph = ss.PageHinkley(ph_lambda=0.1, rho=0.5)
+        >>> ph = ss.PageHinkleyPaper(ph_lambda=0.1, rho=0.5)
         >>> [bool(ph.update(torch.tensor(x))) for x in (1.0, 1.0, 1.0, 3.0)]
         [False, False, False, True]
     """
+
+    needs_grad_norm = False  # it watches the loss only
 
     def __init__(
         self,
@@ -112,7 +122,20 @@ class PageHinkley:
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; tensors land on this detector's device and dtypes."""
+        """Restore a :meth:`state_dict`; tensors land on this detector's device and dtypes.
+
+        A state_dict of another detector, or with missing or extra keys, raises ValueError
+        naming what was expected and what was found (checkpoints from before ``last_loss``
+        existed still load).
+        """
+        expected = {"ph_lambda", "rho", *self._tensors()}
+        found = set(state_dict)
+        if "detector" in found or not expected - {"last_loss"} <= found <= expected:
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: expected the keys {sorted(expected)}, "
+                f"found {sorted(found)}"
+                + (f" (a state_dict of {state_dict['detector']})" if "detector" in found else "")
+            )
         self.ph_lambda = check_positive("ph_lambda", state_dict["ph_lambda"])
         self.rho = check_probability("rho", state_dict["rho"])
         for name, value in self._tensors().items():
@@ -139,9 +162,16 @@ class PageHinkley:
 
     # -- the test ---------------------------------------------------------------------------
     def update(
-        self, loss: torch.Tensor | float, *, skip: torch.Tensor | None = None
+        self,
+        loss: torch.Tensor | float,
+        *,
+        grad_norm: torch.Tensor | float | None = None,
+        skip: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Observe one minibatch loss; return the alarm as a 0-d bool tensor (no host sync).
+
+        ``grad_norm`` is accepted for the common detector interface and ignored (the test
+        watches the loss only).
 
         On a change alarm the test resets itself; on a non-finite loss it alarms and keeps its
         statistics as they were. ``skip`` (0-d bool) makes the observation of a finite loss a
@@ -153,7 +183,7 @@ class PageHinkley:
             loss = torch.tensor(float(loss), dtype=self.dtype, device=self.threshold.device)
         if loss.numel() != 1:
             raise ValueError(
-                f"PageHinkley.update needs a scalar loss, got shape {tuple(loss.shape)}; "
+                f"{type(self).__name__}.update needs a scalar loss, got shape {tuple(loss.shape)}; "
                 "reduce it first (e.g. loss.mean())"
             )
         if loss.device != self.threshold.device:
@@ -221,4 +251,8 @@ class PageHinkley:
         }
 
     def __repr__(self) -> str:
-        return f"PageHinkley(ph_lambda={self.ph_lambda}, rho={self.rho})"
+        return f"{type(self).__name__}(ph_lambda={self.ph_lambda}, rho={self.rho})"
+
+
+# The earlier name: the same class, so code and checkpoints written for it keep working.
+PageHinkley = PageHinkleyPaper

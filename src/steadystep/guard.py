@@ -1,8 +1,10 @@
 """CatastropheGuard: detect a catastrophe on the loss, roll back one step, cut the learning rate.
 
 SALeRA's recovery (Algorithm 1, lines 7-11 of the paper; DESIGN.md) around any optimizer.
-Each step the minibatch loss goes to a change detector (:class:`~steadystep.PageHinkley` by
-default). On an alarm:
+Each step the minibatch loss goes to a change detector (:class:`~steadystep.SpikeDetector` by
+default; the paper's :class:`~steadystep.PageHinkleyPaper` is one argument away). A detector
+with ``needs_grad_norm`` also gets the global gradient norm, computed once per step on the
+device (:func:`~steadystep.detectors.global_grad_norm`). On an alarm:
 
 * the parameters return to their value before the last update (``backtrack=True``; with
   ``backtrack=False`` they stay, as in the authors' published runs),
@@ -50,9 +52,10 @@ import torch
 from torch.optim import Optimizer
 
 from steadystep import _kernels as kernels
-from steadystep._tensors import grads_finite, local_tensor
+from steadystep._tensors import gradient_stats, local_tensor
 from steadystep._validation import check_nonnegative, check_probability
 from steadystep.detect import PageHinkley
+from steadystep.detectors import Detector, SpikeDetector
 from steadystep.optim._order import check_wrappable
 from steadystep.optim._protocol import MaskableOptimizer
 from steadystep.optim._torch_fused import torch_fused_maskable
@@ -73,6 +76,11 @@ class TrainingDiverged(RuntimeError):
     def __init__(self, message: str, history: list[dict[str, float]]) -> None:
         super().__init__(message)
         self.history = history
+
+    def __reduce__(self) -> tuple[type, tuple[str, list[dict[str, float]]]]:
+        # Pickle with the history (the default would call __init__ with the message alone), so
+        # the error crosses process boundaries: multiprocessing pools, spawned DDP workers.
+        return (type(self), (str(self), self.history))
 
 
 def _check_scalar_loss(owner: str, loss: Any) -> None:
@@ -109,7 +117,8 @@ class CatastropheGuard(OptimizerWrapper):
         optimizer: the optimizer to protect (any ``torch.optim.Optimizer``; steadystep's ALeRA,
             AgAdam and native CProp classes stay sync-free, see Note [host syncs]).
         detector: change detector with ``update(loss) -> alarm``; default
-            ``PageHinkley(ph_lambda=0.1, rho=0.01)``.
+            :class:`~steadystep.SpikeDetector` ``()`` (the benchmark's best, ``docs/detectors.md``;
+            the paper's test is ``PageHinkleyPaper(ph_lambda=0.1, rho=batch/dataset)``).
         lr_factor: factor applied to every learning rate on an alarm (default 0.5, in (0, 1]).
             For a MaskableOptimizer (ALeRA, AgAdam, CPropSGD/Adam/AdamW) it multiplies
             ``group["lr_multiplier"]`` (through ``scale_lr_``); otherwise ``group["lr"]``
@@ -152,7 +161,7 @@ class CatastropheGuard(OptimizerWrapper):
     def __init__(
         self,
         optimizer: Optimizer,
-        detector: PageHinkley | None = None,
+        detector: Detector | PageHinkley | None = None,
         *,
         lr_factor: float = 0.5,
         backtrack: bool = True,
@@ -172,7 +181,7 @@ class CatastropheGuard(OptimizerWrapper):
         self.backtrack = backtrack
         self.check_every = check_every
         self.snapshot_device = None if snapshot_device is None else torch.device(snapshot_device)
-        self.detector = PageHinkley() if detector is None else detector
+        self.detector = SpikeDetector() if detector is None else detector
         # Note [host syncs]: a MaskableOptimizer lets every decision stay on the device, and
         # skips a non-finite gradient itself (Note [non-finite gradients]); torch's fused
         # optimizers are masked through their found_inf (steadystep.optim._torch_fused), with
@@ -332,14 +341,18 @@ class CatastropheGuard(OptimizerWrapper):
         self._pending_loss = None
         observed = loss.detach() if isinstance(loss, torch.Tensor) else loss
         params = self._params()
-        bad_grads = found_finite = None
-        if not self._self_protecting():
-            # Note [non-finite gradients]: decided before the detector sees the loss, so a
-            # skipped step leaves it untouched; read on the host together with the alarm, or
-            # (torch's fused optimizers) handed to their masked step on the device.
-            found_finite = grads_finite([p.grad for p in params if p.grad is not None])
-            bad_grads = ~found_finite
-        alarm = self._observe(observed, bad_grads)
+        # Note [non-finite gradients]: one pass over the gradients, before the detector sees the
+        # loss, gives the skip flag (so a skipped step leaves the detector untouched) and the
+        # norm some detectors watch. The flag is read on the host together with the alarm, or
+        # handed to the masked step of torch's fused optimizers; a MaskableOptimizer checks
+        # its gradients itself.
+        found_finite, grad_norm = gradient_stats([p.grad for p in params if p.grad is not None])
+        bad_grads = ~found_finite
+        if not getattr(self.detector, "needs_grad_norm", False):
+            grad_norm = None
+        alarm = self._observe(observed, bad_grads, grad_norm)
+        if self._self_protecting():
+            found_finite = None
         # History records the loss the detector tested: under torch.distributed the rank mean,
         # the same on every rank (a detector without ``last_loss`` gives the local loss).
         loss_t = getattr(self.detector, "last_loss", None)
@@ -354,7 +367,7 @@ class CatastropheGuard(OptimizerWrapper):
             if self._calls % self.check_every == 0:
                 self._check_min_lr()
         else:
-            alarmed = self._host_step(alarm, params, bad_grads)
+            alarmed = self._host_step(alarm, params, None if self._self_protecting() else bad_grads)
             self._record(alarm, loss_t)
             self._calls += 1
             if alarmed:
@@ -415,16 +428,28 @@ class CatastropheGuard(OptimizerWrapper):
         """Does the wrapped optimizer skip non-finite gradients itself (a MaskableOptimizer)?"""
         return isinstance(self.optimizer, MaskableOptimizer)
 
-    def _observe(self, loss: torch.Tensor | float, bad_grads: torch.Tensor | None) -> torch.Tensor:
-        """The detector's verdict on ``loss``; a no-op observation where ``bad_grads``."""
-        if bad_grads is None:
-            return self.detector.update(loss)
-        if isinstance(self.detector, PageHinkley):
-            return self.detector.update(loss, skip=bad_grads)
+    def _observe(
+        self,
+        loss: torch.Tensor | float,
+        bad_grads: torch.Tensor | None,
+        grad_norm: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The detector's verdict on ``loss`` (and ``grad_norm``); a no-op observation where
+        the gradients are not finite (``bad_grads``, or a non-finite ``grad_norm``)."""
+        extra = {} if grad_norm is None else {"grad_norm": grad_norm}
+        skip = bad_grads
+        if skip is None and grad_norm is not None:
+            # Note [non-finite gradients]: the norm is finite iff every gradient is, so the
+            # sync-free path gets the skip flag for free; such a step is not an alarm.
+            skip = ~torch.isfinite(grad_norm)
+        if isinstance(self.detector, (PageHinkley, Detector)):
+            return self.detector.update(loss, skip=skip, **extra)
+        if bad_grads is None or self._device_side:
+            return self.detector.update(loss, **extra)
         # Another detector: restore its state if the step turns out to be skipped (host read
         # below anyway, so this costs clones of its few scalars, not a sync).
         saved = self.detector.state_dict()
-        alarm = self.detector.update(loss)
+        alarm = self.detector.update(loss, **extra)
         self._detector_backup = saved
         return alarm
 
@@ -512,6 +537,7 @@ class CatastropheGuard(OptimizerWrapper):
                 f"{type(self).__name__}: after {int(self.alarms)} alarms the largest learning "
                 f"rate is {max_lr:.3g} < min_lr={self.min_lr:g}; training diverged. Last alarms "
                 f"(step, loss): {[(h['step'], h['loss']) for h in history[-5:]]}. Lower the "
-                "initial lr, or raise ph_lambda if the alarms come from a noisy plateau.",
+                "initial lr, or make the detector less sensitive if the alarms come from a noisy "
+                "plateau (a larger sigma for SpikeDetector, ph_lambda for PageHinkleyPaper).",
                 history,
             )

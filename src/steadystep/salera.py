@@ -1,11 +1,14 @@
-"""SALeRA and SPALeRA: ALeRA inside a Page-Hinkley :class:`~steadystep.CatastropheGuard`.
+"""SALeRA and SPALeRA: ALeRA inside a :class:`~steadystep.CatastropheGuard`.
 
 Schoenauer Sebag, Schoenauer & Sebag, "Stochastic Gradient Descent: Going As Fast As Possible
 But Not Faster": SALeRA (Algorithm 1) is ALeRA's agnostic learning-rate adaptation
-(:class:`~steadystep.ALeRA`) with its catastrophe detection and recovery, which is
-:class:`~steadystep.CatastropheGuard` with a :class:`~steadystep.PageHinkley` detector; SPALeRA
-(Algorithm 2) is the same with one learning rate per element. Both classes are those two
-pieces composed, with the paper's defaults in their signatures.
+(:class:`~steadystep.ALeRA`) with catastrophe detection and recovery, which is
+:class:`~steadystep.CatastropheGuard`; SPALeRA (Algorithm 2) is the same with one learning
+rate per element. Both classes are those two pieces composed, with the paper's defaults in
+their signatures. The paper detects with a Page-Hinkley test
+(:class:`~steadystep.PageHinkleyPaper`, one argument away: ``ph_lambda=`` or ``rho=``); the
+default is :class:`~steadystep.SpikeDetector`, which the spike benchmark shows catching far
+more bad updates on decaying losses (``docs/detectors.md``).
 """
 
 from __future__ import annotations
@@ -17,20 +20,48 @@ import torch
 
 from steadystep._validation import check_positive
 from steadystep.detect import PageHinkley
+from steadystep.detectors import Detector, SpikeDetector
 from steadystep.guard import CatastropheGuard
 from steadystep.optim.alera import ALeRA
 
 __all__ = ["SALeRA", "SPALeRA"]
 
 
-class SALeRA(CatastropheGuard):
-    """SALeRA (Algorithm 1): :class:`~steadystep.ALeRA` inside a Page-Hinkley
-    :class:`~steadystep.CatastropheGuard`, with the paper's robust defaults ``alpha=0.01, C=3e-6``.
+def _salera_detector(
+    detector: Detector | PageHinkley | None, ph_lambda: float | None, rho: float | None
+) -> Detector | PageHinkley:
+    """SALeRA's detector: ``detector``, else the paper's Page-Hinkley test when ``ph_lambda`` or
+    ``rho`` is given, else the default :class:`~steadystep.SpikeDetector`."""
+    paper = ph_lambda is not None or rho is not None
+    if detector is not None and paper:
+        raise ValueError(
+            "pass either detector=... or ph_lambda/rho (the paper's Page-Hinkley test), not "
+            f"both; got detector={detector!r}, ph_lambda={ph_lambda}, rho={rho}"
+        )
+    if detector is not None:
+        return detector
+    if paper:
+        return PageHinkley(
+            ph_lambda=0.1 if ph_lambda is None else ph_lambda, rho=0.01 if rho is None else rho
+        )
+    return SpikeDetector()
 
-    Equivalent to ``CatastropheGuard(ALeRA(params, lr, alpha=alpha, C=C, ...),
-    PageHinkley(ph_lambda, rho), lr_factor=lr_factor, backtrack=backtrack, min_lr=min_lr)``;
-    every step is sync-free (Note [host syncs] of :mod:`steadystep.guard`). ``rho`` is
-    ``batch_size / dataset_size`` in the paper. ``opt.optimizer`` is the ALeRA inside.
+
+class SALeRA(CatastropheGuard):
+    """SALeRA (Algorithm 1): :class:`~steadystep.ALeRA` inside a
+    :class:`~steadystep.CatastropheGuard`, with the paper's robust defaults
+    ``alpha=0.01, C=3e-6``.
+
+    Equivalent to ``CatastropheGuard(ALeRA(params, lr, alpha=alpha, C=C, ...), detector,
+    lr_factor=lr_factor, backtrack=backtrack, min_lr=min_lr)``; every step is sync-free (Note
+    [host syncs] of :mod:`steadystep.guard`). ``opt.optimizer`` is the ALeRA inside.
+
+    The detector: ``detector`` when given; else the paper's Page-Hinkley test,
+    ``PageHinkleyPaper(ph_lambda, rho)``, when ``ph_lambda`` or ``rho`` is given (the one not
+    given takes the paper's value: 0.1, and 0.01 for ``rho``, which the paper sets to
+    ``batch_size / dataset_size``); else :class:`~steadystep.SpikeDetector` ``()``, the
+    benchmark's best (``docs/detectors.md`` says where and why it departs from the paper).
+    ``fused`` and ``foreach`` pick ALeRA's path (:class:`~steadystep.ALeRA`).
 
     Example:
         >>> import torch, steadystep as ss
@@ -51,8 +82,9 @@ class SALeRA(CatastropheGuard):
         granularity: str = "group",
         weight_decay: float = 0.0,
         norm_eps: float = 1e-6,
-        ph_lambda: float = 0.1,
-        rho: float = 0.01,
+        ph_lambda: float | None = None,
+        rho: float | None = None,
+        detector: Detector | PageHinkley | None = None,
         lr_factor: float = 0.5,
         backtrack: bool = True,
         min_lr: float = 1e-15,
@@ -62,6 +94,7 @@ class SALeRA(CatastropheGuard):
         fused: bool | None = None,
     ) -> None:
         check_positive("lr", lr)
+        detector = _salera_detector(detector, ph_lambda, rho)
         base = ALeRA(
             params,
             lr,
@@ -75,7 +108,7 @@ class SALeRA(CatastropheGuard):
         )
         super().__init__(
             base,
-            PageHinkley(ph_lambda=ph_lambda, rho=rho),
+            detector,
             lr_factor=lr_factor,
             backtrack=backtrack,
             min_lr=min_lr,
@@ -108,8 +141,9 @@ class SPALeRA(SALeRA):
         C: float = 3e-8,
         weight_decay: float = 0.0,
         norm_eps: float = 1e-6,
-        ph_lambda: float = 0.1,
-        rho: float = 0.01,
+        ph_lambda: float | None = None,
+        rho: float | None = None,
+        detector: Detector | PageHinkley | None = None,
         lr_factor: float = 0.5,
         backtrack: bool = True,
         min_lr: float = 1e-15,
@@ -128,6 +162,7 @@ class SPALeRA(SALeRA):
             norm_eps=norm_eps,
             ph_lambda=ph_lambda,
             rho=rho,
+            detector=detector,
             lr_factor=lr_factor,
             backtrack=backtrack,
             min_lr=min_lr,

@@ -20,6 +20,7 @@ Note [huge gradients]
 from steadystep._kernels._common import (
     CDF_CONSTANT,
     enabled,
+    grad_stats,
     gradient_limit,
     grads_ok,
     stats_dtype,
@@ -32,6 +33,7 @@ __all__ = [
     "adam_",
     "alera_",
     "enabled",
+    "grad_stats",
     "gradient_limit",
     "grads_ok",
     "rollback_",

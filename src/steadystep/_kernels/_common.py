@@ -14,7 +14,14 @@ from torch import Tensor
 
 from steadystep._kernels import _cpu
 
-__all__ = ["CDF_CONSTANT", "enabled", "gradient_limit", "grads_ok", "stats_dtype"]
+__all__ = [
+    "CDF_CONSTANT",
+    "enabled",
+    "grad_stats",
+    "gradient_limit",
+    "grads_ok",
+    "stats_dtype",
+]
 
 _PARAM_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
 _METHOD_CODE = {"conformity": 0, "relative": 1, "moment": 2}
@@ -53,7 +60,7 @@ def _triton() -> SimpleNamespace | None:
     except Exception:  # no Triton, or one that does not load
         return None
     return SimpleNamespace(
-        grads_ok=_triton_common.grads_ok,
+        grad_stats=_triton_common.grad_stats,
         adam=_triton_cprop.adam,
         sgd=_triton_cprop.sgd,
         wrapper_before=_triton_cprop.wrapper_before,
@@ -214,10 +221,11 @@ def _status(code: int, what: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def grads_ok(grads: Sequence[Tensor]) -> Tensor | None:
-    """0-d bool on the gradients' device: every element is finite with ``|g| <=
-    gradient_limit(stats_dtype(g.dtype))`` (Note [huge gradients]); one kernel call per dtype.
-    None when the kernels cannot take these tensors."""
+def grad_stats(grads: Sequence[Tensor]) -> tuple[Tensor, Tensor] | None:
+    """``(found_finite, sum_of_squares)`` of the gradients in one pass, one kernel call per
+    dtype: a 0-d bool, every element finite with ``|g| <= gradient_limit(stats_dtype(g.dtype))``
+    (Note [huge gradients]), and the 0-d float64 sum of every element's square (NaN or inf where
+    an element is). None when the kernels cannot take these tensors."""
     if not grads:
         return None
     backend = _backend(grads)
@@ -226,16 +234,37 @@ def grads_ok(grads: Sequence[Tensor]) -> Tensor | None:
     by_dtype: dict[torch.dtype, list[Tensor]] = {}
     for g in grads:
         by_dtype.setdefault(g.dtype, []).append(g)
-    flags = []
+    flags, sums = [], []
     for dtype, gs in by_dtype.items():
         limit = gradient_limit(stats_dtype(dtype))
         if backend == "cuda":
-            flags.append(_triton().grads_ok(gs, limit))
-            continue
-        lib = _cpu.library({"SS_PARAM": _PARAM_CODE[dtype]})
-        if lib is None:
-            return None
-        ok = torch.empty((), dtype=torch.bool)
-        lib.ss_grads_ok(len(gs), _pointers(gs), _numels(gs), limit, ok.data_ptr(), _threads())
+            ok, sumsq = _triton().grad_stats(gs, limit)
+        else:
+            lib = _cpu.library({"SS_PARAM": _PARAM_CODE[dtype]})
+            if lib is None:
+                return None
+            ok = torch.empty((), dtype=torch.bool)
+            sumsq = torch.empty((), dtype=torch.float64)
+            _status(
+                lib.ss_grads_ok(
+                    len(gs),
+                    _pointers(gs),
+                    _numels(gs),
+                    limit,
+                    ok.data_ptr(),
+                    sumsq.data_ptr(),
+                    _threads(),
+                ),
+                "gradient check",
+            )
         flags.append(ok)
-    return flags[0] if len(flags) == 1 else torch.stack(flags).all()
+        sums.append(sumsq)
+    if len(flags) == 1:
+        return flags[0], sums[0]
+    return torch.stack(flags).all(), torch.stack(sums).sum()
+
+
+def grads_ok(grads: Sequence[Tensor]) -> Tensor | None:
+    """The ``found_finite`` of :func:`grad_stats`."""
+    stats = grad_stats(grads)
+    return None if stats is None else stats[0]

@@ -219,7 +219,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Argument types of the exported functions (pointer arrays pass as void pointers)."""
     i64, p, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     hyper = ctypes.POINTER(Hyper)
-    lib.ss_grads_ok.argtypes = [i64, p, p, ctypes.c_double, p, c_int]
+    lib.ss_grads_ok.argtypes = [i64, p, p, ctypes.c_double, p, p, c_int]
     lib.ss_adam.argtypes = [i64, p, p, p, p, p, p, p, p, p, hyper, p, p, c_int]
     lib.ss_sgd.argtypes = [i64, p, p, p, p, p, p, p, hyper, p, p, c_int]
     lib.ss_wrap_before.argtypes = [i64, p, p, p, p, p, p, p, hyper, p, c_int]

@@ -42,7 +42,7 @@ def _alera_sums_kernel(
     block_start,
     numels,
     out,
-    limit,
+    limit_ptr,
     PDTYPE: tl.constexpr,
     SDTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -59,7 +59,8 @@ def _alera_sums_kernel(
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(SDTYPE)
     d = g + tl.load(wd + t).to(SDTYPE) * tl.load(p_ptr + offs, mask=mask, other=0.0).to(SDTYPE)
     r = tl.load(r_ptr + offs, mask=mask, other=0.0)
-    bad = tl.max((~(tl.abs(g) <= limit) & mask).to(tl.float64), axis=0)
+    limit = tl.load(limit_ptr)  # float64: 2**511 does not fit a float32 argument
+    bad = tl.max((~(tl.abs(g.to(tl.float64)) <= limit) & mask).to(tl.float64), axis=0)
     tl.store(out + pid * 4 + 0, tl.sum(d * d, axis=0).to(tl.float64))
     tl.store(out + pid * 4 + 1, tl.sum(r * d, axis=0).to(tl.float64))
     tl.store(out + pid * 4 + 2, tl.sum(r * r, axis=0).to(tl.float64))
@@ -188,7 +189,7 @@ def alera(
             start,
             numel_t,
             partial,
-            hyper["limit"],
+            hyper_row((hyper["limit"],), device),
             PDTYPE=TL_DTYPE[dtype],
             SDTYPE=TL_DTYPE[sdtype],
             BLOCK=BLOCK,

@@ -32,7 +32,7 @@ __all__ = [
     "block_table",
     "cached",
     "gather",
-    "grads_ok",
+    "grad_stats",
     "hyper_row",
     "pointer_table",
     "scatter",
@@ -107,7 +107,8 @@ def _check_kernel(
     block_start,
     numels,
     flag,
-    limit,
+    partial,
+    limit_ptr,
     PDTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -118,35 +119,41 @@ def _check_kernel(
     g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(PDTYPE))
     offs = start + tl.arange(0, BLOCK)
     mask = offs < n
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+    tl.store(partial + pid, tl.sum(g * g, axis=0))
+    limit = tl.load(limit_ptr)  # float64: 2**511 does not fit a float32 argument
     bad = tl.max((~(tl.abs(g) <= limit)).to(tl.int32), axis=0)  # NaN compares False: bad
     if bad > 0:
         tl.atomic_max(flag, 1)
 
 
-def grads_ok(grads: Sequence[Tensor], limit: float) -> Tensor:
-    """0-d bool: every gradient element finite with ``|g| <= limit`` (one launch per dtype)."""
+def grad_stats(grads: Sequence[Tensor], limit: float) -> tuple[Tensor, Tensor]:
+    """(every gradient element finite with ``|g| <= limit``, float64 sum of squares), from one
+    launch per dtype plus the sum of the per-block partial sums (a fixed order: deterministic)."""
     device = grads[0].device
     flag = torch.zeros((), dtype=torch.int32, device=device)
+    sums = []
     by_dtype: dict[torch.dtype, list[Tensor]] = {}
     for g in grads:
         by_dtype.setdefault(g.dtype, []).append(g)
     for dtype, gs in by_dtype.items():
-        device = gs[0].device
         index, start, numels = block_table(tuple(g.numel() for g in gs), device)
-        if index.numel() == 0:
-            continue
-        _check_kernel[(index.numel(),)](
-            pointer_table(gs, device),
-            index,
-            start,
-            numels,
-            flag,
-            limit,
-            PDTYPE=TL_DTYPE[dtype],
-            BLOCK=BLOCK,
-        )
-    return flag == 0
+        partial = torch.zeros(max(index.numel(), 1), dtype=torch.float64, device=device)
+        if index.numel():
+            _check_kernel[(index.numel(),)](
+                pointer_table(gs, device),
+                index,
+                start,
+                numels,
+                flag,
+                partial,
+                hyper_row((limit,), device),
+                PDTYPE=TL_DTYPE[dtype],
+                BLOCK=BLOCK,
+            )
+        sums.append(partial.sum())
+    total = sums[0] if len(sums) == 1 else torch.stack(sums).sum()
+    return flag == 0, total
 
 
 @triton.jit

@@ -2,36 +2,54 @@
 #include "kernels_common.h"
 
 /* ---------------------------------------------------------------------------------------- */
-/* gradient check: every element finite and |g| <= limit                                    */
+/* gradient statistics: every element finite with |g| <= limit, and the sum of squares      */
 /* ---------------------------------------------------------------------------------------- */
 
 typedef struct {
     void *const *grads;
     double limit;
-    int *bad; /* one flag per tensor, written by the thread that owns the range */
+    double *acc; /* [thread][2]: sum of squares, bad */
 } check_ctx;
 
-static void check_range(const void *vctx, int thread, int64_t t, int64_t lo, int64_t hi) {
-    (void)thread;
-    const check_ctx *ctx = vctx;
-    const param_t *g = ctx->grads[t];
-    const stat_t limit = (stat_t)ctx->limit;
-    int bad = 0;
-    for (int64_t i = lo; i < hi; i++) bad |= !(FABS(load_p(g, i)) <= limit); /* NaN: bad */
-    if (bad) ctx->bad[t] = 1; /* a benign race: every writer writes 1 */
+static void check_loop(const param_t *restrict G, stat_t limit, int64_t lo, int64_t hi,
+                       double *acc) {
+    double sq = 0;
+    stat_t amax = 0;
+    /* a NaN or inf makes sq NaN or inf (caught below); a NaN compares False in the max */
+#pragma omp simd reduction(+ : sq) reduction(max : amax)
+    for (int64_t i = lo; i < hi; i++) {
+        stat_t g = load_p(G, i);
+        stat_t a = FABS(g);
+        amax = a > amax ? a : amax;
+        sq += (double)g * (double)g;
+    }
+    acc[0] += sq;
+    if (!(amax <= limit) || !isfinite(sq)) acc[1] = 1;
 }
 
-/* ok[0] = 1 when every gradient is finite with |g| <= limit, else 0 */
+static void check_range(const void *vctx, int thread, int64_t t, int64_t lo, int64_t hi) {
+    const check_ctx *ctx = vctx;
+    check_loop(ctx->grads[t], (stat_t)ctx->limit, lo, hi, ctx->acc + 2 * (int64_t)thread);
+}
+
+/* ok[0] = 1 when every gradient is finite with |g| <= limit, else 0; sumsq[0] = the sum of the
+ * squares of every element (double; the order of the sum is fixed for a given thread count) */
 int ss_grads_ok(int64_t n, void *const *grads, const int64_t *numel, double limit, uint8_t *ok,
-                int nthreads) {
-    int *bad = calloc(n > 0 ? n : 1, sizeof(int));
-    if (!bad) return -1;
-    check_ctx ctx = {grads, limit, bad};
+                double *sumsq, int nthreads) {
+    int threads = threads_for(total_of(n, numel), nthreads);
+    double *acc = calloc((size_t)threads * 2, sizeof(double));
+    if (!acc) return -1;
+    check_ctx ctx = {grads, limit, acc};
     parallel_over(&ctx, check_range, n, numel, nthreads);
-    int any = 0;
-    for (int64_t t = 0; t < n; t++) any |= bad[t];
-    free(bad);
-    ok[0] = !any;
+    double total = 0;
+    int bad = 0;
+    for (int k = 0; k < threads; k++) {
+        total += acc[2 * k];
+        bad |= acc[2 * k + 1] != 0;
+    }
+    free(acc);
+    ok[0] = !bad;
+    sumsq[0] = total;
     return 0;
 }
 

@@ -1,0 +1,1 @@
+"""Helpers of ``benchmarks/bench_spikes.py``: tasks, faults, runs, evaluation, report."""

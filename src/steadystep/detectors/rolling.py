@@ -1,0 +1,148 @@
+"""Rolling-window z-score on the loss and the gradient norm (OLMo-core's skip-step rule).
+
+OLMo-core's ``SkipStepOptimizer`` (allenai/OLMo-core, ``olmo_core/optim/skip_step_optimizer.py``,
+used by ``SkipStepAdamW``) skips an update when the loss or the gradient norm is more than
+``sigma_factor`` standard deviations above the mean of the previous ``rolling_interval_length``
+values (defaults 6 and 128), once at least ``max(20, rolling_interval_length // 2)`` values have
+been seen. With ``W_t`` the last ``window`` values before ``x_t`` (a loss or a gradient norm):
+
+.. math::
+    \\mu_t = \\operatorname{mean}(W_t), \\qquad
+    s_t = \\operatorname{std}(W_t)\\ \\text{(unbiased, } n - 1\\text{)}, \\qquad
+    \\text{alarm}_t = (x_t - \\mu_t > \\sigma\\, s_t) \\wedge (n_t + 1 \\ge \\text{warmup})
+
+with ``n_t`` the values seen since the last reset (an alarm on either signal is an alarm). As
+in OLMo-core every finite value enters its window, alarms included. The departures: a
+non-finite loss or gradient norm is an alarm that leaves the windows untouched (OLMo-core
+would store it, and a NaN in the window makes every later comparison fail for ``window`` steps);
+each signal has its own count, so a detector fed the gradient norm only some of the time tests
+it only once its own window is warm. This is our own code, written from that public description.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from steadystep._validation import check_positive
+from steadystep.detectors._base import Detector
+
+__all__ = ["RollingZScore"]
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {name}={value!r}")
+    return value
+
+
+def window_test(
+    window: torch.Tensor, count: torch.Tensor, x: torch.Tensor, *, sigma: float, warmup: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One rolling z-score test: ``(change, window with x stored, mean, std)`` (pure).
+
+    ``window`` is a ring buffer whose first ``min(count, len(window))`` slots hold the last
+    values; ``x`` goes into slot ``count % len(window)``.
+    """
+    size = window.numel()
+    n = count.clamp(max=size)
+    filled = torch.arange(size, device=window.device) < n
+    nf = n.to(window.dtype)
+    mean = torch.where(filled, window, 0.0).sum() / nf
+    var = torch.where(filled, window - mean, 0.0).square().sum() / (nf - 1)
+    std = var.sqrt()
+    # NaN-aware: a NaN gap alarms (``gap > sigma * std`` would be False for it).
+    change = ~(x - mean <= sigma * std) & (count >= warmup - 1)
+    stored = window.index_copy(0, (count % size).reshape(1), x.reshape(1))
+    return change, stored, mean, std
+
+
+class RollingZScore(Detector):
+    """Alarm when the loss (or the gradient norm) leaves ``mean + sigma * std`` of its window.
+
+    Args:
+        window: values in each rolling window (default 128, OLMo-core's
+            ``rolling_interval_length``). Each window is a ring buffer on the device.
+        sigma: threshold in standard deviations (default 6.0, OLMo-core's ``sigma_factor``).
+        warmup: no alarm before this many values (the current one included) have been seen
+            since the last reset (default ``max(20, window // 2)``, as in OLMo-core; >= 3).
+        dtype, device: of the statistics (default float32, CPU; they move to the loss's
+            device at the first :meth:`update`).
+
+    The gradient norm is tested when given (a :class:`~steadystep.CatastropheGuard` gives it,
+    since ``needs_grad_norm`` is True); without it the loss alone is tested, as OLMo-core does
+    when no gradient norm was set. The rule is in the module docstring.
+
+    Example:
+        >>> import torch, steadystep as ss
+        >>> det = ss.RollingZScore(window=8, sigma=3.0, warmup=4)
+        >>> [bool(det.update(torch.tensor(x))) for x in (1.0, 1.1, 0.9, 1.0, 1.05, 5.0)]
+        [False, False, False, False, False, True]
+    """
+
+    needs_grad_norm: ClassVar[bool] = True
+    _HPARAMS = ("window", "sigma", "warmup")
+    _STATE = ("loss_window", "loss_count", "grad_norm_window", "grad_norm_count")
+    _RESET = _STATE
+
+    def __init__(
+        self,
+        window: int = 128,
+        sigma: float = 6.0,
+        warmup: int | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        hp = self._check_hparams({"window": window, "sigma": sigma, "warmup": warmup})
+        self.window, self.sigma, self.warmup = hp["window"], hp["sigma"], hp["warmup"]
+        super().__init__(dtype=dtype, device=device)
+
+    def _check_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        window = _check_int("window", hparams["window"], 2)
+        warmup = hparams["warmup"]
+        warmup = max(20, window // 2) if warmup is None else _check_int("warmup", warmup, 3)
+        return {
+            "window": window,
+            "sigma": check_positive("sigma", hparams["sigma"]),
+            "warmup": warmup,
+        }
+
+    def _init_state(self, device: torch.device) -> dict[str, torch.Tensor]:
+        return {
+            "loss_window": torch.zeros(self.window, dtype=self.dtype, device=device),
+            "loss_count": torch.zeros((), dtype=torch.int64, device=device),
+            "grad_norm_window": torch.zeros(self.window, dtype=self.dtype, device=device),
+            "grad_norm_count": torch.zeros((), dtype=torch.int64, device=device),
+        }
+
+    def _advance(
+        self, loss: torch.Tensor, grad_norm: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        change, window, _, _ = window_test(
+            self.loss_window, self.loss_count, loss, sigma=self.sigma, warmup=self.warmup
+        )
+        new = {"loss_window": window, "loss_count": self.loss_count + 1}
+        if grad_norm is not None:
+            g_change, g_window, _, _ = window_test(
+                self.grad_norm_window,
+                self.grad_norm_count,
+                grad_norm,
+                sigma=self.sigma,
+                warmup=self.warmup,
+            )
+            change = change | g_change
+            new.update(grad_norm_window=g_window, grad_norm_count=self.grad_norm_count + 1)
+        return change, new
+
+    def stats(self) -> dict[str, torch.Tensor]:
+        """0-d tensors: mean and std of each window, the counts, alarms."""
+        out = {}
+        for name in ("loss", "grad_norm"):
+            window, count = getattr(self, f"{name}_window"), getattr(self, f"{name}_count")
+            _, _, mean, std = window_test(
+                window, count, window[0], sigma=self.sigma, warmup=self.warmup
+            )
+            out.update({f"{name}_mean": mean, f"{name}_std": std, f"{name}_count": count})
+        return {**out, "alarms": self.alarms}
