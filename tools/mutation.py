@@ -643,6 +643,8 @@ class _LineTracer:
         self.hits: dict[str | None, set[int]] = {}
         self.spawning: set[str] = set()
         self.durations: dict[str, float] = {}
+        self.setup: dict[str, float] = {}
+        self.shared: dict[str, list[str]] = {}
         self._t0 = 0.0
 
     def _global(self, frame: Any, event: str, arg: Any) -> Any:
@@ -685,6 +687,30 @@ class _LineTracer:
         self.durations[nodeid] = time.perf_counter() - self._t0
         self.current = None
 
+    def pytest_runtest_setup(self, item: Any) -> None:
+        # Fixtures shared beyond one test: the first user pays their setup, the others seem
+        # free, yet any of them run alone would pay it too.
+        info = getattr(item, "_fixtureinfo", None)
+        defs = getattr(info, "name2fixturedefs", {}) or {}
+        self.shared[item.nodeid] = sorted(
+            name for name, d in defs.items() if d and d[-1].scope != "function"
+        )
+
+    def pytest_runtest_logreport(self, report: Any) -> None:
+        if report.when == "setup":
+            self.setup[report.nodeid] = report.duration
+
+    def _costs(self) -> dict[str, float]:
+        """Seconds each test takes when run alone: its own time plus its shared fixtures'."""
+        fixture: dict[str, float] = {}
+        for test, names in self.shared.items():
+            for name in names:
+                fixture[name] = max(fixture.get(name, 0.0), self.setup.get(test, 0.0))
+        return {
+            t: d + sum(fixture[n] for n in self.shared.get(t, ()))
+            for t, d in self.durations.items()
+        }
+
     def pytest_sessionfinish(self, session: Any, exitstatus: int) -> None:
         sys.settrace(None)
         threading.settrace(None)  # type: ignore[arg-type]
@@ -692,7 +718,7 @@ class _LineTracer:
             "hits": {k: sorted(v) for k, v in self.hits.items() if k is not None},
             "import": sorted(self.hits.get(None, ())),
             "spawning": sorted(self.spawning),
-            "durations": self.durations,
+            "durations": self._costs(),
         }
         Path(self.out).write_text(json.dumps(data))
 
@@ -719,7 +745,7 @@ class Result:
     diff: str
     status: str  # killed | timeout | survived | equivalent
     seconds: float
-    tests_run: int  # -1: the whole test files
+    tests_run: int  # -1: the whole test files (--all-tests)
     killed_by: str | None = None
     note: str | None = None
 
@@ -1174,7 +1200,8 @@ def _run(args: argparse.Namespace) -> int:
                 tests = args.tests if args.all_tests else _select(m, cov)
                 return runner.run_mutant(m, tests, timeout)
 
-            with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            pool = ThreadPoolExecutor(max_workers=max(1, args.jobs))
+            try:
                 for i, res in enumerate(pool.map(one, mutants), 1):
                     if res.id in equivalents:
                         if res.status == "survived":
@@ -1187,6 +1214,9 @@ def _run(args: argparse.Namespace) -> int:
                         f"[{i}/{len(mutants)}] {res.id} {res.status} ({res.seconds:.1f}s){extra}",
                         flush=True,
                     )
+            finally:
+                # On Ctrl-C: drop the queued mutants, kill the running ones, then clean up.
+                pool.shutdown(wait=False, cancel_futures=True)
         except KeyboardInterrupt:
             runner.stop()
             print("interrupted; the working tree was never modified", file=sys.stderr)
