@@ -35,12 +35,15 @@ and its one-line diff shows the changed source line before and after.
 
 Running: the package holding the module is copied to a temporary directory (one per job) that
 goes first on ``PYTHONPATH``; the mutant is written there, never in the working tree, and the
-temporary tree is removed on exit, Ctrl-C included. A first run of the tests on the unmutated
-copy (it must pass) records which tests execute each line of the module (a tracer in this file,
-loaded as a pytest plugin); each mutant then runs only the tests that execute its lines, fastest
-first, plus every test that starts processes (their lines run where the tracer cannot see).
-Mutants on lines run at import, or on lines no test was seen to execute, run every test.
-``--all-tests`` turns the selection off.
+temporary tree is removed on exit, Ctrl-C included (a check at start makes sure the tests import
+the copy). A first run of the tests on the unmutated copy (it must pass) records which tests
+execute each line of the module (a tracer in this file, loaded as a pytest plugin) and how long
+each takes alone; each mutant then runs only the tests that execute its lines, fastest first,
+then every test that starts processes (their lines run where the tracer cannot see). Mutants on
+lines run at import, or on lines no test was seen to execute, run every test. ``--all-tests``
+turns the selection off. To spare each run the imports of torch and the like, a warm server
+process per job that has imported them (never the package under test) forks one pytest run per
+mutant; ``--no-fork`` starts a fresh interpreter instead.
 
 Usage::
 
