@@ -161,7 +161,7 @@ def test_run_on_a_fake_project(tmp_path):
     before = _snapshot(project)
     out = tmp_path / "results" / "mod.json"
     cmd = [sys.executable, str(TOOL), "--module", "src/fakepkg/mod.py"]
-    cmd += ["--tests", "tests/test_mod.py", "--root", str(project), "--timeout", "4", "--jobs", "2"]
+    cmd += ["--tests", "tests/test_mod.py", "--root", str(project), "--timeout", "8", "--jobs", "2"]
     cmd += ["--equivalents", str(equivalents), "--out", str(out)]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
