@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test bench lint venv install install-dev clean
+.PHONY: demo test bench lint mutation venv install install-dev clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,24 @@ bench: install-dev
 	cat benchmarks/results/SUMMARY.md
 
 lint: install-dev
-	$(VENV)/bin/ruff check src tests benchmarks examples
-	$(VENV)/bin/ruff format --check src tests benchmarks examples
+	$(VENV)/bin/ruff check src tests benchmarks examples tools
+	$(VENV)/bin/ruff format --check src tests benchmarks examples tools
+
+# Mutation testing of the core modules against their own tests (tools/mutation.py); not part of
+# `make test`. Results: mutation-results/*.json; equivalent mutants: tools/mutation_equivalent.json.
+MUTATION_JOBS ?= 1
+MUTATION_FAIL_UNDER ?= 95
+MUTATE := $(PY) tools/mutation.py --jobs $(MUTATION_JOBS)
+
+mutation: install-dev
+	$(MUTATE) --module src/steadystep/alrc.py --tests tests/test_alrc.py \
+		--tests tests/test_alrc_distributed.py --out mutation-results/alrc.json
+	$(MUTATE) --module src/steadystep/agnostic.py --tests tests/test_agnostic.py \
+		--out mutation-results/agnostic.json
+	$(MUTATE) --module src/steadystep/detect.py --tests tests/test_detect.py \
+		--out mutation-results/detect.json
+	$(PY) tools/mutation.py --fail-under $(MUTATION_FAIL_UNDER) --summary \
+		mutation-results/alrc.json mutation-results/agnostic.json mutation-results/detect.json
 
 clean:
-	rm -rf $(VENV) runs build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs build dist src/*.egg-info .pytest_cache .ruff_cache mutation-results

@@ -9,6 +9,7 @@ import torch
 
 from steadystep.agnostic import (
     apply_log_change,
+    apply_log_change_,
     log_lr_change,
     random_walk_mean,
     random_walk_variance,
@@ -112,3 +113,39 @@ def test_apply_log_change_never_inf_nor_zero(dtype):
     big = torch.full((), info.max / 2, dtype=dtype)
     assert torch.isfinite(apply_log_change(big, torch.tensor(80.0, dtype=dtype)))
     assert torch.equal(apply_log_change(m, torch.zeros((), dtype=dtype)), m)
+
+
+def test_reference_std_of_a_tensor_numel():
+    std = reference_std(0.01, torch.tensor(100.0, dtype=torch.float64))
+    assert isinstance(std, torch.Tensor) and std.item() == pytest.approx(0.001, rel=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_change_moves_the_multiplier_by_at_most_exp_of_log_max_minus_one(dtype):
+    # The exponent is clipped to +-(log(max) - 1), so its exp is finite: from the smallest
+    # multiplier a huge exponent gives tiny * max / e (a bounded step), not the largest value.
+    info = torch.finfo(dtype)
+    bound = math.log(info.max) - 1.0
+    factor = torch.exp(torch.tensor(bound, dtype=dtype))
+    assert torch.isfinite(factor)
+    tiny = torch.full((), info.tiny, dtype=dtype)
+    up = apply_log_change(tiny, torch.tensor(1e9, dtype=dtype))
+    assert torch.equal(up, tiny * factor) and 1.0 < up.item() < 2.0
+    big = torch.full((), info.max, dtype=dtype)
+    down = apply_log_change(big, torch.tensor(-1e9, dtype=dtype))
+    assert torch.equal(down, big * torch.exp(torch.tensor(-bound, dtype=dtype)))
+    assert 2.0 < down.item() < 3.0  # max / (max / e)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_in_place_log_change_and_its_take_step_gate(dtype):
+    m = torch.tensor([1.0, 2.0, 3.0], dtype=dtype)
+    change = torch.tensor([0.5, 1e9, -1e9], dtype=dtype)
+    want = apply_log_change(m, change)
+    for take_step in (None, torch.tensor(True)):
+        got = m.clone()
+        assert apply_log_change_(got, change.clone(), take_step) is got  # in place, returned
+        assert torch.equal(got, want)
+    kept = m.clone()
+    apply_log_change_(kept, change.clone(), torch.tensor(False))
+    assert torch.equal(kept, m)  # a step not taken leaves the multiplier bitwise unchanged

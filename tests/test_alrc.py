@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import steadystep as ss
-from steadystep.alrc import alrc_clip
+from steadystep.alrc import alrc_clip, alrc_moment_update
 
 
 def reference_alrc(batches, *, n_sigma, beta1, beta2, mu1, mu2, eps, update):
@@ -379,3 +379,120 @@ def test_compiled_loss_fn_fullgraph_no_recompiles():
             torch.testing.assert_close(gw, ew, rtol=1e-5, atol=1e-7)
     assert float(alrc.clipped_total) > 0
     torch.testing.assert_close(alrc.mu1, eager.mu1)
+
+
+# -- Edges that mutation testing (tools/mutation.py) found untested ------------------------------
+
+
+def test_fresh_module_state_and_repr():
+    alrc = ss.ALRC()
+    stats = alrc.stats()
+    for name in ("mu1", "mu2", "clipped_fraction", "clipped_total", "num_updates"):
+        assert stats[name].item() == 0, name
+    assert stats["threshold"].item() == math.inf  # nothing is clipped before the first batch
+    assert torch.equal(stats["sigma"], torch.tensor(1e-8).sqrt())  # sqrt(eps), eps = 1e-8
+    assert repr(alrc) == "ALRC(n_sigma=3.0, beta1=0.999, beta2=0.999)"
+    every = ss.ALRC(update="raw", n_sigma_lower=2.0, shift=1.0)
+    assert repr(every) == (
+        "ALRC(n_sigma=3.0, beta1=0.999, beta2=0.999, update='raw', n_sigma_lower=2.0, shift=1.0)"
+    )
+    assert every.stats()["lower"].item() == -math.inf
+
+
+@pytest.mark.parametrize("update", ["clipped", "raw"])
+@pytest.mark.parametrize("shift", [1.0, -0.75])
+def test_shift_is_clipping_the_shifted_loss(update, shift):
+    """ALRC(shift=s) on L is ALRC() on L + s, minus s: the same moments, masks and gradients."""
+    kwargs = dict(beta1=0.9, beta2=0.9, update=update, n_sigma_lower=1.0)
+    shifted = ss.ALRC(shift=shift, **kwargs).double()
+    plain = ss.ALRC(**kwargs).double()
+    for losses in spiky_batches(60, 8, seed=5):
+        x = losses.clone().requires_grad_(True)
+        out = shifted(x)
+        ref = plain(x + shift)
+        torch.testing.assert_close(out + shift, ref, rtol=0, atol=1e-12)
+        (g,) = torch.autograd.grad(out.sum(), x)
+        (g_ref,) = torch.autograd.grad(ref.sum(), x)
+        assert torch.equal(g, g_ref)
+        assert torch.equal(shifted.mu1, plain.mu1) and torch.equal(shifted.mu2, plain.mu2)
+        s, p = shifted.stats(), plain.stats()
+        assert torch.equal(s["threshold"], p["threshold"] - shift)
+        assert torch.equal(s["lower"], p["lower"] - shift)
+    assert int(shifted.clipped_total) == int(plain.clipped_total) > 0
+
+
+def test_lower_bound_is_n_sigma_lower_standard_deviations_below_the_mean():
+    # sigma = 2 (not 1): lower = 10 - 2 * 2 = 6 raises 5 and leaves 7 alone.
+    alrc = ss.ALRC(mu1_init=10.0, mu2_init=104.0, n_sigma_lower=2.0).double()
+    bound = 10.0 - 2.0 * math.sqrt(4.0 + 1e-8)
+    assert alrc.stats()["lower"].item() == pytest.approx(bound, rel=1e-12)
+    x = torch.tensor([5.0, 7.0, 10.0], dtype=torch.float64, requires_grad=True)
+    out = alrc(x)
+    assert out[0].item() == pytest.approx(bound, rel=1e-12)
+    assert torch.equal(out[1:].detach(), x[1:].detach())
+    (g,) = torch.autograd.grad(out.sum(), x)
+    assert g[0].item() == pytest.approx(bound / 5.0, rel=1e-12)
+
+
+def test_infinite_n_sigma_lower_never_raises_a_loss():
+    alrc = ss.ALRC(mu1_init=10.0, mu2_init=101.0, n_sigma_lower=math.inf)
+    assert alrc.stats()["lower"].item() == -math.inf
+    x = torch.tensor([1e-3, 5.0, 10.0], requires_grad=True)
+    out = alrc(x)
+    (g,) = torch.autograd.grad(out.sum(), x)
+    assert torch.equal(out.detach(), x.detach()) and torch.equal(g, torch.ones(3))
+    assert int(alrc.clipped_total) == 0
+
+
+def test_bounds_are_strict_and_never_scale_by_zero_or_infinity():
+    # a loss exactly at a bound is not scaled (Algorithm 1 clips L > L_max)
+    loss = torch.tensor([4.0, 2.0])
+    out, scaled, _ = alrc_clip(loss, torch.tensor(4.0), torch.tensor(2.0))
+    assert not scaled.any() and torch.equal(out, loss)
+    # losses and bounds below 1 clip like any others
+    x = torch.tensor([0.9, 0.05, 0.3])
+    out, scaled, _ = alrc_clip(x, torch.tensor(0.5), torch.tensor(0.1))
+    assert scaled.tolist() == [True, True, False]
+    torch.testing.assert_close(out, torch.tensor([0.5, 0.1, 0.3]), rtol=0, atol=0)
+    # a zero loss is not raised to a positive lower bound (scale 0.5 / 0 = inf); a threshold of 0
+    # does not scale a positive loss by 0 (that would drop the sample)
+    for loss, threshold, lower in ((0.0, 5.0, 0.5), (1.0, 0.0, None)):
+        x = torch.tensor([loss], requires_grad=True)
+        low = None if lower is None else torch.tensor(lower)
+        out, scaled, _ = alrc_clip(x, torch.tensor(threshold), low)
+        (g,) = torch.autograd.grad(out.sum(), x)
+        assert not scaled.any() and torch.equal(out.detach(), x.detach())
+        assert torch.equal(g, torch.ones(1))
+
+
+@pytest.mark.parametrize("update", ["clipped", "raw"])
+def test_finite_batch_whose_mean_square_overflows_is_not_a_statistic(update):
+    """1e20 is finite in float32 but its square is not: the batch must not enter the moments."""
+    alrc = ss.ALRC(update=update)
+    big = torch.full((4,), 1e20)
+    before = {k: v.clone() for k, v in alrc.state_dict().items()}
+    assert torch.equal(alrc(big), big)  # not initialised yet: nothing is clipped
+    for name in ("mu1", "mu2", "initialized", "num_updates"):
+        assert torch.equal(alrc.state_dict()[name], before[name]), name
+    alrc(torch.tensor([1.0, 3.0]))
+    assert bool(alrc.initialized) and alrc.mu1.item() == 2.0
+    if update == "raw":  # the raw losses feed the moments even once clipping is active
+        before = {k: v.clone() for k, v in alrc.state_dict().items()}
+        alrc(big)
+        for name in ("mu1", "mu2", "num_updates"):
+            assert torch.equal(alrc.state_dict()[name], before[name]), name
+    # the functional update: a finite mean with an infinite mean square changes nothing
+    mu1, mu2, init = torch.tensor(1.0), torch.tensor(2.0), torch.tensor(True)
+    new = alrc_moment_update(
+        mu1, mu2, init, torch.tensor(1e20), torch.tensor(math.inf), beta1=0.9, beta2=0.9
+    )
+    assert torch.equal(torch.stack(new[:2]), torch.stack([mu1, mu2])) and bool(new[2])
+
+
+def test_empty_loss_passes_through_and_changes_nothing():
+    alrc = ss.ALRC(mu1_init=1.0, mu2_init=2.0)
+    before = {k: v.clone() for k, v in alrc.state_dict().items()}
+    out = alrc(torch.empty(0))
+    assert out.shape == (0,)
+    for name, value in alrc.state_dict().items():
+        assert torch.equal(value, before[name]), name  # clipped_fraction 0, not 0 / 0

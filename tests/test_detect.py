@@ -254,3 +254,66 @@ def test_reset_zeroes_the_test_keeps_delta_and_honours_the_mask():
         assert int(ph.observations) == 3
         assert not bool(ph.update(torch.tensor(100.0)))  # first observation after a reset
         assert int(ph.count) == 1 and ph.relaxed_loss.item() == 100.0
+
+
+# -- PageHinkley edges that mutation testing (tools/mutation.py) found untested --------------------
+# One block, PageHinkley's current behaviour only.
+
+
+def test_page_hinkley_defaults_and_repr():
+    ph = ss.PageHinkley()
+    assert (ph.ph_lambda, ph.rho, ph.dtype) == (0.1, 0.01, torch.float32)
+    assert repr(ph) == "PageHinkley(ph_lambda=0.1, rho=0.01)"
+
+
+def test_page_hinkley_rejects_an_integer_dtype():
+    with pytest.raises(ValueError, match=r"dtype.*torch\.int64"):
+        ss.PageHinkley(dtype=torch.int64)
+
+
+def test_page_hinkley_stats_gap_is_cusum_minus_its_minimum():
+    ph = ss.PageHinkley(ph_lambda=10.0, rho=0.5, dtype=torch.float64)  # Delta = 30: no reset
+    ref = PlainPH(10.0, 0.5)
+    for x in (3.0, 1.0, 1.0, 2.0, 2.5):
+        assert not bool(ph.update(torch.tensor(x, dtype=torch.float64)))
+        assert not ref.update(x)
+    assert ref.U_min < 0  # the minimum is not 0, so the gap is not the cusum
+    gap = ph.stats()["gap"]
+    assert torch.equal(gap, ph.cusum - ph.cusum_min)
+    assert gap.item() == pytest.approx(ref.U - ref.U_min, rel=1e-12)
+
+
+def test_page_hinkley_skipped_first_observation_is_never_seen():
+    ph = ss.PageHinkley(ph_lambda=0.1, rho=0.5)
+    assert not bool(ph.update(torch.tensor(100.0), skip=torch.tensor(True)))
+    assert not bool(ph.initialized) and ph.threshold.item() == 0.0
+    fresh = ss.PageHinkley(ph_lambda=0.1, rho=0.5)
+    for x in (2.0, 2.1, 1.9, 2.0):
+        assert torch.equal(ph.update(torch.tensor(x)), fresh.update(torch.tensor(x)))
+    assert ph.threshold.item() == pytest.approx(0.2)  # Delta from the first loss it observed
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(torch.as_tensor(value), torch.as_tensor(ph.state_dict()[key])), key
+
+
+def test_page_hinkley_overflow_still_alarms_when_skip_is_passed_as_false():
+    # A guard always passes skip; skip=False must not weaken the overflow rule.
+    ph = ss.PageHinkley(ph_lambda=0.1, rho=0.25)
+    no = torch.tensor(False)
+    for x in (1.0, 1.0, 1.0, -3e38):
+        assert not bool(ph.update(torch.tensor(x), skip=no))
+    before = ph.state_dict()
+    assert bool(ph.update(torch.tensor(3e38), skip=no))
+    after = ph.state_dict()
+    for key in ("threshold", "count", "relaxed_loss", "mean", "cusum", "cusum_min"):
+        assert torch.equal(before[key], after[key]), key
+    assert int(after["alarms"]) == 1
+
+
+def test_page_hinkley_statistics_move_to_the_loss_device():
+    # "meta" stands in for an accelerator: every statistic follows the loss at its update.
+    ph = ss.PageHinkley()
+    alarm = ph.update(torch.tensor(1.0, device="meta"))
+    assert alarm.device.type == "meta"
+    for key, value in ph.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert value.device.type == "meta", key

@@ -108,13 +108,14 @@ def apply_log_change_(
 ) -> torch.Tensor:
     """``multiplier *= exp(log_change)`` in place, never inf and never 0; returns ``multiplier``.
 
-    The exponent is clipped to ``[-log(max), log(max)]`` of the multiplier's dtype before
-    ``exp`` and the product to ``[tiny, max]``: a long run of agreeing gradients saturates the
-    multiplier at the largest finite value instead of reaching ``inf`` (then ``inf * 0 = nan``),
-    and a long run of disagreeing ones cannot reach an exact 0 from which it could never grow
-    back. Where ``take_step`` (0-d bool) is False the multiplier is unchanged, bitwise: the
-    exponent's range is then ``[0, 0]`` and ``m * exp(0) = m`` exactly, with no ``torch.where``
-    pass. ``log_change`` (a temporary) is overwritten.
+    The exponent is clipped to ``[-(log(max) - 1), log(max) - 1]`` of the multiplier's dtype
+    before ``exp`` (so its ``exp`` is finite after rounding: one call moves the multiplier by a
+    factor of at most ``max / e``) and the product to ``[tiny, max]``: a long run of agreeing
+    gradients saturates the multiplier at the largest finite value instead of reaching ``inf``
+    (then ``inf * 0 = nan``), and a long run of disagreeing ones cannot reach an exact 0 from
+    which it could never grow back. Where ``take_step`` (0-d bool) is False the multiplier is
+    unchanged, bitwise: the exponent's range is then ``[0, 0]`` and ``m * exp(0) = m`` exactly,
+    with no ``torch.where`` pass. ``log_change`` (a temporary) is overwritten.
 
     Example:
         >>> m = apply_log_change_(torch.ones(2), torch.tensor([1e9, -1e9]))
