@@ -43,7 +43,8 @@ __all__ = [
     "unit_norms",
 ]
 
-_WIDE_KEYS = ("alpha", "C", "norm_eps")  # optimizer-wide: a unit may span several groups
+# optimizer-wide: a unit may span several groups
+_WIDE_KEYS = ("alpha", "C", "norm_eps", "granularity")
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -139,10 +140,18 @@ class ALeRA(Optimizer):
             weight_decay=weight_decay,
             norm_eps=check_nonnegative("norm_eps", norm_eps),
             foreach=foreach,
+            # In defaults (so in every group and the state_dict): torch.optim copies and pickles
+            # only defaults, state and param_groups.
+            granularity=check_choice("granularity", granularity, GRANULARITIES),
             **self._base_defaults(),
         )
-        self.granularity = check_choice("granularity", granularity, GRANULARITIES)
         super().__init__(params, defaults)
+
+    @property
+    def granularity(self) -> str:
+        """``"global"``, ``"group"``, ``"tensor"`` or ``"param"``: ``defaults["granularity"]``,
+        also in every param group and so in the state_dict (checked on load)."""
+        return self.defaults["granularity"]
 
     def _base_defaults(self) -> dict[str, Any]:
         """Defaults of the base step (none for SGD; Adam's ``betas``, ``eps`` in AgAdam)."""
@@ -195,7 +204,12 @@ class ALeRA(Optimizer):
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As torch's, but statistics keep their saved dtype (fp32 stays fp32 for bf16 params)."""
+        """As torch's, but statistics keep their saved dtype (fp32 stays fp32 for bf16 params).
+
+        A state_dict saved with another ``granularity`` is refused (ValueError naming both); one
+        written before the groups held it loads where its state tells it apart.
+        """
+        self._check_granularity(state_dict)
         super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -215,6 +229,44 @@ class ALeRA(Optimizer):
                 group[key] = group[key].to(device)
         for group in self.param_groups[1:]:  # one shared optimizer-wide count again
             group["skipped_steps"] = self.param_groups[0]["skipped_steps"]
+        for group in self.param_groups:
+            group.setdefault("granularity", self.granularity)
+
+    def _check_granularity(self, state_dict: dict[str, Any]) -> None:
+        saved = {g.get("granularity") for g in state_dict["param_groups"]} - {None}
+        if saved:
+            found = saved.pop() if len(saved) == 1 else sorted(saved)
+            compatible: tuple[str, ...] = (found,) if isinstance(found, str) else ()
+        else:
+            # Written before the groups held it: only the per-parameter multipliers tell.
+            found, compatible = self._granularity_from_state(state_dict)
+        if self.granularity not in compatible:
+            owner = type(self).__name__
+            raise ValueError(
+                f"{owner}.load_state_dict: the state_dict was saved with granularity={found!r}, "
+                f"this {owner} has granularity={self.granularity!r}; create it with the "
+                "checkpoint's granularity to load it"
+            )
+
+    def _granularity_from_state(self, state_dict: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
+        params = [p for g in self.param_groups for p in g["params"]]
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        shapes = {i: tuple(p.shape) for i, p in zip(ids, params, strict=False)}
+        kinds = set()
+        for i, st in state_dict["state"].items():
+            m = st.get("lr_multiplier") if isinstance(st, dict) else None
+            if isinstance(m, torch.Tensor) and shapes.get(i, ()) != ():
+                kinds.add("param" if tuple(m.shape) == shapes[i] else "tensor")
+            elif isinstance(m, torch.Tensor):
+                kinds.add("tensor or param")
+            else:
+                kinds.add("global or group")
+        if len(kinds - {"tensor or param"}) == 1:
+            kinds -= {"tensor or param"}
+        if len(kinds) != 1:
+            return " or ".join(sorted(kinds)) or "any", GRANULARITIES if not kinds else ()
+        found = kinds.pop()
+        return found, tuple(found.split(" or "))
 
     # -- telemetry --------------------------------------------------------------------------
     @torch.no_grad()
