@@ -695,3 +695,43 @@ def test_salera_and_spalera_signatures_show_the_papers_defaults():
     assert ss.SALeRA(model.parameters(), lr=0.1, granularity="tensor").optimizer.granularity == (
         "tensor"
     )
+
+
+@pytest.mark.parametrize("snapshot_device", [None, "cpu"], ids=["sync_free", "host"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("kind", ["salera", "spalera", "agadam", "cpropadamw"])
+def test_a_step_skipped_for_a_nonfinite_gradient_leaves_the_detector_bitwise_unchanged(
+    kind, bad, snapshot_device
+):
+    """A MaskableOptimizer skips the step itself; the guard must not let the detector observe
+    that step's loss either (the flag is computed on the device and passed as ``skip``), on the
+    sync-free path without any host read. The next clean steps match a run without the bad
+    batch, detector included."""
+    ref_model, model = make_model(), make_model()
+    ref = build(kind, ref_model, snapshot_device=snapshot_device)
+    opt = build(kind, model, snapshot_device=snapshot_device)
+    losses = [1.0, 1.2, 0.9, 5.0, 1.1, 1.0]  # the bad step's loss is a jump: it must not count
+    for step in range(3):
+        for m, o in ((ref_model, ref), (model, opt)):
+            backward(m, step)
+            o.step(loss=torch.tensor(losses[step]))
+    before = opt.detector.state_dict()
+    backward(model, 3)
+    next(model.parameters()).grad[0, 0] = bad
+    if snapshot_device is None:
+        reads = []
+        with pytest.MonkeyPatch.context() as patch:
+            for name in ("item", "__bool__", "tolist", "__float__", "__int__"):
+                patch.setattr(torch.Tensor, name, lambda *a, _r=reads, **k: _r.append(a))
+            opt.step(loss=torch.tensor(losses[3]))
+        assert reads == []
+    else:
+        opt.step(loss=torch.tensor(losses[3]))
+    assert_same_tree(before, opt.detector.state_dict())
+    assert int(opt.stats()["alarms"]) == 0
+    for step in range(4, 6):
+        for m, o in ((ref_model, ref), (model, opt)):
+            backward(m, step)
+            o.step(loss=torch.tensor(losses[step]))
+    assert_same_tree(ref.detector.state_dict(), opt.detector.state_dict())
+    assert equal(params_of(model), params_of(ref_model))

@@ -20,7 +20,10 @@ does not observe that step's loss (bitwise unchanged), and ``stats()["nonfinite_
 it. The flag is read in the same single host read as the alarm. An optimizer that implements
 :class:`~steadystep.optim._protocol.MaskableOptimizer` (steadystep's ALeRA, AgAdam and CProp's
 native classes) skips such a step itself (ALeRA and AgAdam count it in their
-``skipped_steps``), so the guard leaves it to it.
+``skipped_steps``), so the guard leaves the step to it; the guard still computes the flag on the
+device (:func:`~steadystep._tensors.grads_finite`, one reduction over the gradients, no host
+read) and passes it to the detector as ``skip``, so the detector does not observe that step's
+loss there either (bitwise unchanged).
 
 Note [host syncs]: around a :class:`~steadystep.optim._protocol.MaskableOptimizer`
 (:class:`~steadystep.ALeRA`, :class:`~steadystep.AgAdam`, :class:`~steadystep.CPropSGD`,
@@ -304,7 +307,12 @@ class CatastropheGuard(OptimizerWrapper):
         observed = loss.detach() if isinstance(loss, torch.Tensor) else loss
         params = self._params()
         bad_grads = None
-        if not self._device_side and not self._self_protecting():
+        if self._self_protecting():
+            if self._detector_takes_skip:
+                # Note [non-finite gradients]: the optimizer skips such a step on the device;
+                # the detector must not observe its loss either (the same flag, no host read).
+                bad_grads = ~grads_finite([p.grad for p in params if p.grad is not None])
+        else:
             # Note [non-finite gradients]: decided before the detector sees the loss, so a
             # skipped step leaves it untouched; read on the host together with the alarm.
             bad_grads = ~grads_finite([p.grad for p in params if p.grad is not None])
@@ -372,11 +380,16 @@ class CatastropheGuard(OptimizerWrapper):
         """Does the wrapped optimizer skip non-finite gradients itself (a MaskableOptimizer)?"""
         return self._maskable is not None
 
+    @property
+    def _detector_takes_skip(self) -> bool:
+        """Can the detector drop an observation on the device (``update(loss, skip=...)``)?"""
+        return isinstance(self.detector, PageHinkley)
+
     def _observe(self, loss: torch.Tensor | float, bad_grads: torch.Tensor | None) -> torch.Tensor:
         """The detector's verdict on ``loss``; a no-op observation where ``bad_grads``."""
         if bad_grads is None:
             return self.detector.update(loss)
-        if isinstance(self.detector, PageHinkley):
+        if self._detector_takes_skip:
             return self.detector.update(loss, skip=bad_grads)
         # Another detector: restore its state if the step turns out to be skipped (host read
         # below anyway, so this costs clones of its few scalars, not a sync).
@@ -391,7 +404,8 @@ class CatastropheGuard(OptimizerWrapper):
         # Note [host syncs]: the one read per step a third-party optimizer costs; the alarm
         # and the non-finite-gradient flag come back together.
         alarm = alarm.to(torch.bool)
-        if bad_grads is None:
+        if bad_grads is None or self._self_protecting():
+            # A MaskableOptimizer skips (and counts) a non-finite gradient itself.
             alarmed, skipped = bool(alarm), False
         else:
             flags = torch.stack([alarm, bad_grads.to(alarm.device)]).tolist()
