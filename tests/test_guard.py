@@ -735,3 +735,73 @@ def test_a_step_skipped_for_a_nonfinite_gradient_leaves_the_detector_bitwise_unc
             o.step(loss=torch.tensor(losses[step]))
     assert_same_tree(ref.detector.state_dict(), opt.detector.state_dict())
     assert equal(params_of(model), params_of(ref_model))
+
+
+def _sparse_or_complex_case(name: str, seed: int = 0):
+    """(parameters, guarded-optimizer factory, loss of step t) for a wrapped optimizer that
+    handles sparse gradients or complex parameters itself."""
+    torch.manual_seed(seed)
+    if name == "complex":
+        w = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.complex64))
+
+        def loss_fn(t: int) -> torch.Tensor:
+            x = torch.randn(8, 4, dtype=torch.complex64, generator=torch.Generator().manual_seed(t))
+            return (x @ w).abs().pow(2).mean()
+
+        return [w], lambda ps: torch.optim.AdamW(ps, lr=1e-2), loss_fn
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+
+    def loss_fn(t: int) -> torch.Tensor:
+        idx = torch.randint(0, 10, (6,), generator=torch.Generator().manual_seed(t))
+        return (emb(idx) - 1.0).pow(2).mean()
+
+    make = {
+        "sgd_sparse": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+        "sparse_adam": lambda ps: torch.optim.SparseAdam(ps, lr=0.05),
+    }[name]
+    return list(emb.parameters()), make, loss_fn
+
+
+@pytest.mark.parametrize("name", ["sgd_sparse", "sparse_adam", "complex"])
+def test_the_guard_supports_sparse_gradients_and_complex_params_its_optimizer_supports(name):
+    """Around torch.optim.SGD with a sparse gradient, SparseAdam and AdamW on complex
+    parameters, the guard steps exactly as the bare optimizer, skips a step with a NaN/inf in
+    the (sparse) gradient, and a spike rolls the (complex) parameters back bitwise."""
+    bare_params, make, bare_loss = _sparse_or_complex_case(name)
+    bare = make(bare_params)
+    params, _, loss_fn = _sparse_or_complex_case(name)
+    opt = ss.CatastropheGuard(make(params), ss.PageHinkley(ph_lambda=0.5, rho=0.5))
+
+    def step(o: torch.optim.Optimizer, ps: list, loss_of, t: int, **kwargs) -> None:
+        o.zero_grad()
+        loss_of(t).backward()
+        if kwargs.get("bad") is not None:
+            grad = ps[0].grad
+            values = grad._values() if grad.is_sparse else torch.view_as_real(grad)
+            values.view(-1)[0] = kwargs["bad"]
+        if isinstance(o, ss.CatastropheGuard):
+            o.step(loss=torch.tensor(kwargs.get("loss", 1.0)))
+        elif kwargs.get("bad") is None:
+            o.step()
+
+    for t in range(4):
+        step(bare, bare_params, bare_loss, t)
+        step(opt, params, loss_fn, t)
+    assert equal(params_of_list(params), params_of_list(bare_params))
+    for bad in (math.nan, math.inf):
+        step(opt, params, loss_fn, 4, bad=bad)
+    assert int(opt.stats()["nonfinite_grads"]) == 2 and int(opt.stats()["alarms"]) == 0
+    assert equal(params_of_list(params), params_of_list(bare_params))
+    for t in range(4, 6):
+        step(bare, bare_params, bare_loss, t)
+        step(opt, params, loss_fn, t)
+    assert equal(params_of_list(params), params_of_list(bare_params))
+    before = params_of_list(params)
+    step(opt, params, loss_fn, 6, loss=100.0)  # a spike: roll back to before the last update
+    assert int(opt.stats()["rollbacks"]) == 1
+    assert not equal(params_of_list(params), before)
+    assert equal(params_of_list(params), opt.snapshots)
+
+
+def params_of_list(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in params]

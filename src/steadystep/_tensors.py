@@ -33,6 +33,7 @@ __all__ = [
     "local_tensor",
     "reduce_square_norms",
     "shards",
+    "stored_real_values",
 ]
 
 # Tensors below this many elements are handled together rather than one by one (one reduction
@@ -112,6 +113,24 @@ def full_max(t: Tensor) -> Tensor:
     """Max over the whole tensor; for a DTensor a max over its shards (a collective)."""
     top = t.max()
     return top.full_tensor() if DTensor is not None and isinstance(top, DTensor) else top
+
+
+def stored_real_values(t: Tensor) -> Tensor:
+    """The real, strided tensor whose elements are the numbers ``t`` stores: the values of a
+    sparse tensor (COO: uncoalesced entries included, so no sort), seen as real where complex
+    (``torch.view_as_real``: real and imaginary parts); ``t`` itself otherwise. An alias, no copy:
+    what :func:`grads_finite` needs to check the gradients of any optimizer torch supports.
+
+    Example:
+        >>> g = torch.sparse_coo_tensor([[0, 2]], [1.0, float("inf")], (4,))
+        >>> stored_real_values(g)
+        tensor([1., inf])
+    """
+    if t.layout == torch.sparse_coo:
+        t = t._values()
+    elif t.layout != torch.strided:  # CSR, CSC, BSR, BSC
+        t = t.values()
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def grads_finite(grads: list[Tensor]) -> Tensor:

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from steadystep._tensors import grads_finite, local_tensor
+from steadystep._tensors import grads_finite, local_tensor, stored_real_values
 from steadystep._validation import check_nonnegative, check_probability
 from steadystep.detect import PageHinkley
 from steadystep.optim._protocol import MaskableOptimizer
@@ -91,8 +91,9 @@ class CatastropheGuard(OptimizerWrapper):
         \\ \\theta \\leftarrow \\text{optimizer.step}(\\theta)
 
     Args:
-        optimizer: the optimizer to protect (any ``torch.optim.Optimizer``; steadystep's ALeRA,
-            AgAdam and native CProp classes stay sync-free, see Note [host syncs]).
+        optimizer: the optimizer to protect (any ``torch.optim.Optimizer``, with whatever it
+            supports: sparse gradients for SGD or SparseAdam, complex parameters; steadystep's
+            ALeRA, AgAdam and native CProp classes stay sync-free, see Note [host syncs]).
         detector: change detector with ``update(loss) -> alarm``; default
             ``PageHinkley(ph_lambda=0.1, rho=0.01)``.
         lr_factor: factor applied to every learning rate on an alarm (default 0.5, in (0, 1]).
@@ -311,11 +312,11 @@ class CatastropheGuard(OptimizerWrapper):
             if self._detector_takes_skip:
                 # Note [non-finite gradients]: the optimizer skips such a step on the device;
                 # the detector must not observe its loss either (the same flag, no host read).
-                bad_grads = ~grads_finite([p.grad for p in params if p.grad is not None])
+                bad_grads = ~self._grads_finite(params)
         else:
             # Note [non-finite gradients]: decided before the detector sees the loss, so a
             # skipped step leaves it untouched; read on the host together with the alarm.
-            bad_grads = ~grads_finite([p.grad for p in params if p.grad is not None])
+            bad_grads = ~self._grads_finite(params)
         alarm = self._observe(observed, bad_grads)
         # History records the loss the detector tested: under torch.distributed the rank mean,
         # the same on every rank (a detector without ``last_loss`` gives the local loss).
@@ -379,6 +380,13 @@ class CatastropheGuard(OptimizerWrapper):
     def _self_protecting(self) -> bool:
         """Does the wrapped optimizer skip non-finite gradients itself (a MaskableOptimizer)?"""
         return self._maskable is not None
+
+    @staticmethod
+    def _grads_finite(params: list[torch.Tensor]) -> torch.Tensor:
+        """0-d bool: every gradient is finite. Sparse gradients (SGD, SparseAdam) are checked
+        on their stored values and complex ones on their real and imaginary parts, so the guard
+        takes whatever the wrapped optimizer takes."""
+        return grads_finite([stored_real_values(p.grad) for p in params if p.grad is not None])
 
     @property
     def _detector_takes_skip(self) -> bool:
