@@ -122,7 +122,7 @@ def stored_real_values(t: Tensor) -> Tensor:
     what :func:`grads_finite` needs to check the gradients of any optimizer torch supports.
 
     Example:
-        >>> g = torch.sparse_coo_tensor([[0, 2]], [1.0, float("inf")], (4,))
+        >>> g = torch.tensor([1.0, 0.0, float("inf"), 0.0]).to_sparse()
         >>> stored_real_values(g)
         tensor([1., inf])
     """

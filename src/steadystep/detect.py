@@ -29,6 +29,7 @@ import torch
 
 from steadystep._distributed import all_reduce_mean
 from steadystep._validation import check_positive, check_probability
+from steadystep.optim._state_checks import check_class, check_shape
 
 __all__ = ["PageHinkley"]
 
@@ -112,10 +113,23 @@ class PageHinkley:
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; tensors land on this detector's device and dtypes."""
-        self.ph_lambda = check_positive("ph_lambda", state_dict["ph_lambda"])
+        """Restore a :meth:`state_dict`; tensors land on this detector's device and dtypes.
+
+        Checked first: a dict tagged with another class (``"class"``), a missing statistic or
+        one that is not 0-d is a ValueError and nothing is loaded."""
+        tensors = self._tensors()
+        required = ["ph_lambda", "rho", *(k for k in tensors if k != "last_loss")]
+        owner = type(self).__name__
+        check_class(state_dict, owner=owner, expected="PageHinkley", required=required)
+        for name, value in tensors.items():
+            if name in state_dict:
+                check_shape(state_dict[name], "scalar", value, owner=owner, where=repr(name))
+                if not isinstance(state_dict[name], torch.Tensor):
+                    raise ValueError(f"{owner}.load_state_dict: {name!r} must be a 0-d tensor")
+        ph_lambda = check_positive("ph_lambda", state_dict["ph_lambda"])
         self.rho = check_probability("rho", state_dict["rho"])
-        for name, value in self._tensors().items():
+        self.ph_lambda = ph_lambda
+        for name, value in tensors.items():
             if name == "last_loss" and name not in state_dict:
                 continue  # a checkpoint from before last_loss existed
             # A copy: the loaded dict must not alias (and later see) this detector's state.

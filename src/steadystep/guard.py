@@ -40,6 +40,7 @@ also takes the host path (a rollback from host memory is only worth paying on an
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from typing import Any
@@ -51,6 +52,7 @@ from steadystep._tensors import grads_finite, local_tensor, stored_real_values
 from steadystep._validation import check_nonnegative, check_probability
 from steadystep.detect import PageHinkley
 from steadystep.optim._protocol import MaskableOptimizer
+from steadystep.optim._state_checks import CLASS_KEY, check_class, check_same, check_shape
 from steadystep.optim._wrapper import OptimizerWrapper, call_with_step_hooks
 
 __all__ = ["CatastropheGuard", "TrainingDiverged"]
@@ -218,11 +220,23 @@ class CatastropheGuard(OptimizerWrapper):
             "lr_factor": self.lr_factor,
             "backtrack": self.backtrack,
             "min_lr": self.min_lr,
+            "optimizer_class": type(self.optimizer).__name__,
+            "detector_class": type(self.detector).__name__,
         }
-        return {"optimizer": self.optimizer.state_dict(), "guard": guard}
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "guard": guard,
+            CLASS_KEY: "CatastropheGuard",
+        }
 
     def _load_wrapped_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; resuming continues bitwise as the saved run would."""
+        """Restore a :meth:`state_dict`; resuming continues bitwise as the saved run would.
+
+        Checked first (:mod:`steadystep.optim._state_checks`): a dict that is not a guard's
+        (a plain optimizer's), a guard's around another optimizer class, snapshots of other
+        shapes or a detector state of another kind fail with a ValueError, and nothing loads.
+        """
+        self._check_wrapped_state_dict(state_dict)
         self.optimizer.load_state_dict(state_dict["optimizer"])
         guard = state_dict["guard"]
         self.detector.load_state_dict(guard["detector"])
@@ -241,6 +255,39 @@ class CatastropheGuard(OptimizerWrapper):
         self.lr_factor = check_probability("lr_factor", guard["lr_factor"])
         self.backtrack = bool(guard["backtrack"])
         self.min_lr = check_nonnegative("min_lr", guard["min_lr"])
+
+    def _check_wrapped_state_dict(self, state_dict: dict[str, Any]) -> None:
+        owner = type(self).__name__
+        keys = ("optimizer", "guard")
+        check_class(state_dict, owner=owner, expected="CatastropheGuard", required=keys)
+        guard = state_dict["guard"]
+        keys = ("detector", "snapshots", "calls", "lr_factor", "backtrack", "min_lr")
+        check_class(
+            guard, owner=owner, expected="CatastropheGuard", required=keys, what="its 'guard'"
+        )
+        inner = type(self.optimizer).__name__
+        check_same("optimizer_class", guard.get("optimizer_class"), inner, owner=owner)
+        detector = type(self.detector).__name__
+        check_same("detector_class", guard.get("detector_class"), detector, owner=owner)
+        params = self._params()
+        snapshots = guard["snapshots"]
+        if not isinstance(snapshots, list) or len(snapshots) > len(params):
+            found = len(snapshots) if isinstance(snapshots, list) else type(snapshots).__name__
+            raise ValueError(
+                f"{owner}.load_state_dict: the state_dict holds {found} rollback snapshots, "
+                f"this guard's optimizer has {len(params)} parameters"
+            )
+        for i, (snap, p) in enumerate(zip(snapshots, params, strict=False)):
+            check_shape(snap, "param", p, owner=owner, where=f"the rollback snapshot {i}")
+        for name, value in self._counters().items():
+            if name in guard and value.dim() == 0:
+                check_shape(guard[name], "scalar", value, owner=owner, where=f"{name!r}")
+            elif name in guard:
+                check_shape(guard[name], "param", value, owner=owner, where=f"{name!r}")
+        check_probability("lr_factor", guard["lr_factor"])
+        check_nonnegative("min_lr", guard["min_lr"])
+        # The detector checks its own part; on a copy, so a failure leaves it as it was.
+        copy.deepcopy(self.detector).load_state_dict(guard["detector"])
 
     def stats(self) -> dict[str, torch.Tensor]:
         """Telemetry as 0-d tensors, no host sync (a Monitor writes ``<component>/<key>``):

@@ -10,6 +10,7 @@ import torch
 from steadystep._tensors import local_tensor
 from steadystep._validation import check_positive, check_unit_interval
 from steadystep.optim._alera_core import adapt_multipliers_, param_multipliers
+from steadystep.optim._state_checks import Kind
 from steadystep.optim.alera import ALeRA
 
 __all__ = ["AgAdam", "agadam"]
@@ -91,6 +92,7 @@ class AgAdam(ALeRA):
     """
 
     _wide_keys = (*ALeRA._wide_keys, "betas", "eps")
+    _checkpoint_class = "AgAdam"
 
     def __init__(
         self,
@@ -137,6 +139,14 @@ class AgAdam(ALeRA):
             )
         super().add_param_group(param_group)
 
+    def _state_spec(self, group: dict[str, Any]) -> dict[str, tuple[Kind, bool]]:
+        return {
+            **super()._state_spec(group),
+            "exp_avg": ("param", True),
+            "exp_avg_sq": ("param", True),
+            "step": ("scalar", True),
+        }
+
     @torch.no_grad()
     def masked_step(self, skip: torch.Tensor | None) -> None:
         """The step, an exact no-op where ``skip`` (0-d bool) is True (decided on the device);
@@ -163,21 +173,16 @@ class AgAdam(ALeRA):
             step.units, step.multipliers, len(step.params), param_wise=hyper["param_wise"]
         )
         exp_avgs, exp_avg_sqs, adam_steps = [], [], []
-        groups = self.param_groups
         increment = step.take_step.to(torch.float32)
-        for p, gi in zip(gathered.keys, gathered.group_index, strict=True):
+        for p in gathered.keys:
             state = self.state[p]
-            fresh = "exp_avg" not in state
-            if fresh:
+            if "exp_avg" not in state:
                 state["exp_avg"] = torch.zeros_like(state["relaxed_path"])
                 state["exp_avg_sq"] = torch.zeros_like(state["relaxed_path"])
             if "step" not in state:
                 # Note [two step counts]: Adam's bias correction counts the steps this
-                # parameter's moments have taken (as torch.optim.Adam); a checkpoint from
-                # before the per-parameter count existed used the group's.
+                # parameter's moments have taken (as torch.optim.Adam).
                 state["step"] = torch.zeros((), dtype=torch.float32, device=increment.device)
-                if not fresh:
-                    state["step"].copy_(groups[gi]["step"] - increment)
             if self.granularity != "tensor":  # for "tensor", layout_step counted it already
                 state["step"].add_(increment)
             exp_avgs.append(local_tensor(state["exp_avg"]))

@@ -32,6 +32,15 @@ from steadystep.optim._alera_core import (
     layout_step,
     unit_norms,
 )
+from steadystep.optim._state_checks import (
+    CLASS_KEY,
+    Kind,
+    check_class,
+    check_groups,
+    check_param_state,
+    check_same,
+    step_tensor,
+)
 
 __all__ = [
     "GRANULARITIES",
@@ -118,6 +127,7 @@ class ALeRA(Optimizer):
     """
 
     _wide_keys: tuple[str, ...] = _WIDE_KEYS
+    _checkpoint_class = "ALeRA"  # Note [class tag] of steadystep.optim._state_checks
 
     def __init__(
         self,
@@ -201,26 +211,52 @@ class ALeRA(Optimizer):
         # Each group gets its own clone (skipped_steps too, shared live): the saved format keeps
         # one entry per group; load_state_dict shares the count again.
         out["param_groups"] = [clone_tensors(group) for group in out["param_groups"]]
+        out[CLASS_KEY] = self._checkpoint_class
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, but statistics keep their saved dtype (fp32 stays fp32 for bf16 params).
 
-        A state_dict saved with another ``granularity`` is refused (ValueError naming both); one
-        written before the groups held it loads where its state tells it apart.
+        The whole dict is checked first (:mod:`steadystep.optim._state_checks`): a state_dict
+        of another class (``state_dict()["class"]``), saved with another ``granularity`` (one
+        written before the groups held it loads where its state tells it apart), with a param
+        group that lacks a hyperparameter or a parameter's state that lacks a key or has
+        another shape is refused with a ValueError, and nothing is loaded. As torch's optimizers
+        restore the groups' hyperparameters, the optimizer-wide ones (``alpha``, ``C``,
+        ``norm_eps``; AgAdam's ``betas``, ``eps``) are restored too.
         """
+        owner = type(self).__name__
+        check_class(
+            state_dict,
+            owner=owner,
+            expected=self._checkpoint_class,
+            required=("state", "param_groups"),
+        )
+        skip = ("foreach", "differentiable", "granularity")
+        required = [k for k in self.defaults if k not in skip] + ["lr_multiplier", "step"]
+        saved_groups = state_dict["param_groups"]
+        saved = check_groups(saved_groups, self.param_groups, owner=owner, required=required)
         self._check_granularity(state_dict)
+        check_param_state(state_dict["state"], saved, self._state_spec, owner=owner)
+        wide = {k: saved_groups[0][k] for k in self._wide_keys if k != "granularity"}
+        for group in saved_groups[1:]:
+            for key, value in wide.items():
+                check_same(key, group[key], value, owner=f"{owner} (optimizer-wide)")
         super().load_state_dict(state_dict)
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        self.defaults.update(wide)
+        saved_ids = [i for g in saved_groups for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params, strict=True):
-            saved = state_dict["state"].get(saved_id)
-            if saved is None:
+            entry = state_dict["state"].get(saved_id)
+            if entry is None:
                 continue
-            self.state[p] = {
+            state = {
                 k: v.to(device=p.device, copy=True) if isinstance(v, torch.Tensor) else v
-                for k, v in saved.items()
+                for k, v in entry.items()
             }
+            if "step" in state:  # a float step (old torch style) becomes the tensor it updates
+                state["step"] = step_tensor(state["step"], p.device)
+            self.state[p] = state
         for group in self.param_groups:
             device = group["params"][0].device if group["params"] else torch.device("cpu")
             # A checkpoint written before skipped_steps existed starts the count at 0.
@@ -231,6 +267,15 @@ class ALeRA(Optimizer):
             group["skipped_steps"] = self.param_groups[0]["skipped_steps"]
         for group in self.param_groups:
             group.setdefault("granularity", self.granularity)
+
+    def _state_spec(self, group: dict[str, Any]) -> dict[str, tuple[Kind, bool]]:
+        """``{key: (kind, required)}`` of a parameter's state (checked on load)."""
+        spec: dict[str, tuple[Kind, bool]] = {"relaxed_path": ("param", True)}
+        if self.granularity == "tensor":
+            spec.update(lr_multiplier=("scalar", True), step=("scalar", True))
+        elif self.granularity == "param":
+            spec["lr_multiplier"] = ("param", True)
+        return spec
 
     def _check_granularity(self, state_dict: dict[str, Any]) -> None:
         saved = {g.get("granularity") for g in state_dict["param_groups"]} - {None}
@@ -414,13 +459,8 @@ class ALeRA(Optimizer):
         state = self.state[p]
         if self.granularity == "tensor" and "step" not in state:
             # Note [unit step]: E_t counts the unit's own steps; for "tensor" the unit is the
-            # tensor, which may get its first gradient after its group's. A checkpoint from
-            # before this count existed used the group's steps.
-            state["step"] = (
-                group["step"].clone()
-                if state
-                else torch.zeros((), dtype=torch.float32, device=p.device)
-            )
+            # tensor, which may get its first gradient after its group's.
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         if "relaxed_path" not in state:
             sdtype = _state_dtype(p.dtype)
             state["relaxed_path"] = torch.zeros_like(p, dtype=sdtype)
