@@ -11,8 +11,11 @@ number of observations since the last reset and ``L_n`` the n-th loss:
     U_n &= U_{n-1} + (\\ell_n - \\bar\\ell_n), \\qquad U^{\\min}_n = \\min(U^{\\min}_{n-1}, U_n)\\\\
     \\text{alarm} &= (U_n - U^{\\min}_n > \\Delta) \\wedge (n > 1)
 
-``lambda`` is ``ph_lambda`` and ``rho`` is ``rho``; ``ell`` is ``relaxed_loss``, ``ell_bar`` is
-``mean``, ``U`` is ``cusum`` and ``U_min`` is ``cusum_min``. An alarm resets ``n, ell, ell_bar, U,
+``L_first`` is the first finite non-zero loss. Note [a first loss of 0]: a loss of exactly 0
+before it is not observed (no alarm, nothing changes, as a skipped observation): it gives Delta
+no scale, and Delta = 0 would make every later bit of noise an alarm. ``lambda`` is
+``ph_lambda`` and ``rho`` is ``rho``; ``ell`` is ``relaxed_loss``, ``ell_bar`` is ``mean``,
+``U`` is ``cusum`` and ``U_min`` is ``cusum_min``. An alarm resets ``n, ell, ell_bar, U,
 U_min`` to 0 (Delta is kept), so the next observation starts a fresh test and never alarms.
 
 A non-finite loss is an alarm too (the clearest catastrophe there is) and leaves every statistic
@@ -40,8 +43,8 @@ class PageHinkley:
     """Page-Hinkley test for an increase of the (relaxed) minibatch loss.
 
     Args:
-        ph_lambda: threshold as a fraction of the first observed loss, ``Delta = ph_lambda *
-            |first loss|`` (default 0.1, the paper's ``1/10``). The paper (and DESIGN.md) write
+        ph_lambda: threshold as a fraction of the first observed (non-zero) loss, ``Delta =
+            ph_lambda * |first loss|`` (default 0.1, the paper's ``1/10``). The paper (and DESIGN.md) write
             ``ph_lambda * first loss``; the absolute value is an extension for losses that can
             be negative (equal for a positive first loss; for a negative one it keeps ``Delta``
             positive, where the literal formula would alarm at the second observation).
@@ -174,17 +177,19 @@ class PageHinkley:
             self._to(loss.device)
         x = all_reduce_mean(loss.detach().reshape(()).to(self.dtype))
         finite = torch.isfinite(x)
-        active = None
+        # Note [a first loss of 0]: before Delta is set, an exact 0 is not observed.
+        active = ~(finite & ~self.initialized & (x == 0))
         if skip is not None:
             # A non-finite loss is an alarm even in a skipped step; a finite one is not observed.
-            active = ~(skip.to(device=x.device, dtype=torch.bool) & finite)
-        self.last_loss.copy_(x if active is None else torch.where(active, x, self.last_loss))
+            active = active & ~(skip.to(device=x.device, dtype=torch.bool) & finite)
+        self.last_loss.copy_(torch.where(active, x, self.last_loss))
         x = torch.where(finite, x, torch.zeros_like(x))
-        if active is not None:
-            # A skipped observation behaves as a non-finite one (keep everything) minus the alarm.
-            finite = finite & active
+        # An observation that is not made behaves as a non-finite one (keep everything) minus
+        # the alarm.
+        finite = finite & active
 
-        # Delta from the first finite loss ever seen; |.| so a negative loss gives a usable test.
+        # Delta from the first finite (non-zero) loss observed; |.| so a negative loss gives a
+        # usable test.
         first = finite & ~self.initialized
         threshold = torch.where(first, self.ph_lambda * x.abs(), self.threshold)
 
@@ -203,13 +208,10 @@ class PageHinkley:
                 [t.isfinite() for t in (threshold, relaxed, mean, cusum, cusum_min)]
             ).all()
         )
-        if active is not None:
-            valid = valid | ~active  # a skipped step keeps its state and raises no alarm
+        valid = valid | ~active  # an observation not made keeps the state and raises no alarm
         # NaN-aware: a NaN gap is an alarm (``gap > Delta`` would be False for it).
         change = ~(cusum - cusum_min <= threshold) & (count > 1) & finite & valid
-        alarm = change | ~valid | ~finite
-        if active is not None:
-            alarm = alarm & active
+        alarm = (change | ~valid | ~finite) & active
 
         # finite & no change: commit; change: reset to 0; non-finite: keep everything.
         keep = ~(finite & valid)
@@ -217,8 +219,8 @@ class PageHinkley:
             old = getattr(self, name)
             old.copy_(torch.where(keep, old, torch.where(change, torch.zeros_like(new), new)))
         self.threshold.copy_(torch.where(valid, threshold, self.threshold))
-        self.initialized.logical_or_(finite & valid)
-        self.observations.add_(1 if active is None else active.to(self.observations.dtype))
+        self.initialized.logical_or_(first & valid)
+        self.observations.add_(active.to(self.observations.dtype))
         self.alarms.add_(alarm.to(self.alarms.dtype))
         return alarm
 
