@@ -44,10 +44,11 @@ class PageHinkley:
 
     Args:
         ph_lambda: threshold as a fraction of the first observed (non-zero) loss, ``Delta =
-            ph_lambda * |first loss|`` (default 0.1, the paper's ``1/10``). The paper (and DESIGN.md) write
-            ``ph_lambda * first loss``; the absolute value is an extension for losses that can
-            be negative (equal for a positive first loss; for a negative one it keeps ``Delta``
-            positive, where the literal formula would alarm at the second observation).
+            ph_lambda * |first loss|`` (default 0.1, the paper's ``1/10``). The paper (and
+            DESIGN.md) write ``ph_lambda * first loss``; the absolute value is an extension for
+            losses that can be negative (equal for a positive first loss; for a negative one it
+            keeps ``Delta`` positive, where the literal formula would alarm at the second
+            observation).
         rho: weight of the loss EMA, ``batch_size / dataset_size`` in the paper (default 0.01).
             The first ``1/rho`` observations after a reset are averaged cumulatively.
         dtype: dtype of the statistics (default float32).
