@@ -803,3 +803,42 @@ def test_the_guard_supports_sparse_gradients_and_complex_params_its_optimizer_su
 
 def params_of_list(params: list[torch.Tensor]) -> list[torch.Tensor]:
     return [p.detach().clone() for p in params]
+
+
+LOSS_TAKERS = {
+    "SALeRA": lambda m: ss.SALeRA(m.parameters(), lr=0.05),
+    "guard(AdamW)": lambda m: ss.CatastropheGuard(torch.optim.AdamW(m.parameters())),
+    "ALeRA": lambda m: ss.ALeRA(m.parameters(), lr=0.05),
+    "AgAdam": lambda m: ss.AgAdam(m.parameters()),
+    "CPropAdamW": lambda m: ss.CPropAdamW(m.parameters()),
+    "CPropSGD": lambda m: ss.CPropSGD(m.parameters()),
+    "CProp(SGD)": lambda m: ss.CProp(torch.optim.SGD(m.parameters(), lr=0.1)),
+}
+
+
+@pytest.mark.parametrize("bad", ["0.5", [0.5], True, None, 1 + 2j], ids=repr)
+@pytest.mark.parametrize("name", list(LOSS_TAKERS))
+def test_a_loss_that_is_not_a_real_number_or_tensor_is_a_type_error(name, bad):
+    """``step(loss=...)`` (and the guard's ``observe_loss``) take a real number or a real
+    tensor; a string, a list, a bool or a complex number is a TypeError naming ``loss``."""
+    model = make_model()
+    opt = LOSS_TAKERS[name](model)
+    backward(model, 0)
+    before = params_of(model)
+    if bad is None:  # None means "no loss": an error only where one is needed
+        if isinstance(opt, ss.CatastropheGuard):
+            with pytest.raises(RuntimeError, match="loss"):
+                opt.step(loss=bad)
+        else:
+            opt.step(loss=bad)
+        return
+    with pytest.raises(TypeError, match=r"loss must be a real number or a tensor, got loss="):
+        opt.step(loss=bad)
+    with pytest.raises(TypeError, match="loss"):
+        opt.step(loss=torch.tensor(1.0 + 2.0j))
+    assert equal(params_of(model), before)
+    if isinstance(opt, ss.CatastropheGuard):
+        with pytest.raises(TypeError, match="loss must be a real number"):
+            opt.observe_loss(bad)
+    opt.step(loss=0.5)
+    opt.step(loss=torch.tensor(0.5))

@@ -49,7 +49,7 @@ import torch
 from torch.optim import Optimizer
 
 from steadystep._tensors import grads_finite, local_tensor, stored_real_values
-from steadystep._validation import check_nonnegative, check_probability
+from steadystep._validation import check_loss, check_nonnegative, check_probability
 from steadystep.detect import PageHinkley
 from steadystep.optim._protocol import MaskableOptimizer
 from steadystep.optim._state_checks import CLASS_KEY, check_class, check_same, check_shape
@@ -324,6 +324,7 @@ class CatastropheGuard(OptimizerWrapper):
         It wins over a closure's returned loss and loses to ``step(loss=...)`` (Note [loss
         precedence] in :meth:`step`); a later call replaces it, and each step consumes it.
         """
+        check_loss(f"{type(self).__name__}.observe_loss", loss)
         self._pending_loss = loss.detach() if isinstance(loss, torch.Tensor) else loss
 
     @torch.no_grad()
@@ -341,6 +342,8 @@ class CatastropheGuard(OptimizerWrapper):
         over them. The closure still runs (it computes the gradients). Returns the closure's
         result when there is a closure (as torch's optimizers do), else the watched loss.
         """
+        owner = f"{type(self).__name__}.step"
+        check_loss(owner, loss)
         result = None
         if closure is not None:
             with torch.enable_grad():
@@ -348,6 +351,7 @@ class CatastropheGuard(OptimizerWrapper):
         if loss is None:
             loss = self._pending_loss
         if loss is None:
+            check_loss(owner, result, name="the closure's result (the loss)")
             loss = result
         if loss is None:
             raise _missing_loss(type(self).__name__)

@@ -17,6 +17,7 @@ from torch.optim import Optimizer
 from steadystep._tensors import clone_tensors, full_max, is_sharded, local_tensor
 from steadystep._validation import (
     check_choice,
+    check_loss,
     check_nonnegative,
     check_param_tensors,
     check_positive,
@@ -416,6 +417,7 @@ class ALeRA(Optimizer):
     ) -> Any:
         """One ALeRA step. ``closure`` re-evaluates the loss (returned); ``loss`` is accepted
         for a uniform signature with the guarded optimizers and returned as is."""
+        check_loss(f"{type(self).__name__}.step", loss)
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()

@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 from steadystep._tensors import clone_tensors, shards
 from steadystep._validation import (
     check_finite,
+    check_loss,
     check_nonnegative,
     check_param_tensors,
     check_unit_interval,
@@ -227,6 +228,7 @@ class _NativeCPropBase(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, loss: Tensor | None = None) -> Any:
         """One step. ``closure`` re-evaluates the model; ``loss`` is accepted and unused."""
+        check_loss(f"{self._owner}.step", loss)
         out = _call_closure(closure)
         self.masked_step(None)
         return out

@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from steadystep._tensors import shards
+from steadystep._validation import check_loss
 from steadystep.optim._state_checks import (
     CLASS_KEY,
     check_class,
@@ -182,6 +183,7 @@ class CProp(OptimizerWrapper):
         closure whose first call returns that loss and later calls (e.g. L-BFGS line search)
         re-evaluate. ``loss`` is accepted for API uniformity and unused.
         """
+        check_loss("CProp.step", loss)
         out = _call_closure(closure)
         base_closure = None
         if closure is not None:
