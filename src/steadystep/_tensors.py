@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from steadystep._distributed import all_reduce_sum
+from steadystep._distributed import all_ranks, all_reduce_sum
 
 try:  # FSDP2 parameters are DTensors (torch >= 2.4)
     from torch.distributed.tensor import DTensor
@@ -141,8 +141,11 @@ def grads_finite(grads: list[Tensor]) -> Tensor:
     every dtype (a sum would overflow on large finite values), and no slower than a sum.
     Empty tensors are finite and are skipped (``aminmax`` has no identity).
 
-    DTensor gradients (FSDP2) are read on this rank's shards and the flag is combined over
-    ranks in one all-reduce of a 0-d tensor, so every rank decides alike.
+    DTensor gradients (FSDP2) are read on this rank's shards. Under ``torch.distributed`` (more
+    than one rank) the flag is combined over ranks in one all-reduce of a 0-d tensor, so every
+    rank decides alike: a shard's NaN under FSDP2, and a NaN that reaches one rank's ``p.grad``
+    after DDP's all-reduce (a gradient hook, a clip, a bit flip), make every rank skip. Every
+    rank must therefore call it at the same point of each step (every optimizer step does).
 
     Example:
         >>> grads_finite([torch.ones(3), torch.tensor([1.0, float("nan")])])
@@ -164,6 +167,4 @@ def grads_finite(grads: list[Tensor]) -> Tensor:
         found_finite = torch.ones((), dtype=torch.bool, device=device)
     else:
         found_finite = flags[0] if len(flags) == 1 else torch.stack(flags).all()
-    if any(s is not g for s, g in zip(local, grads, strict=True)):  # some were DTensors
-        found_finite = all_reduce_sum((~found_finite).to(torch.float32)) == 0
-    return found_finite
+    return all_ranks(found_finite)  # the same decision on every rank

@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import torch
 
+from steadystep._distributed import all_ranks
 from steadystep._tensors import reduce_square_norms
 from steadystep.agnostic import apply_log_change_, log_lr_change, random_walk_mean
 
@@ -118,8 +119,9 @@ def layout_step(
         units = [[i] for i in range(len(params))]
         owners = gathered.group_index
     norm_u = unit_norms(norms, units, dtypes)
-    # Note [finite from norms]: no pass over the gradients to find a NaN or inf.
-    found_finite = torch.stack([torch.isfinite(n) for n in norm_u]).all()
+    # Note [finite from norms]: no pass over the gradients to find a NaN or inf. The same
+    # decision on every rank (a NaN in one rank's p.grad after DDP's all-reduce skips all).
+    found_finite = all_ranks(torch.stack([torch.isfinite(n) for n in norm_u]).all())
     take_step = found_finite
     nonfinite_skip = ~found_finite
     if skip is not None:
