@@ -842,3 +842,30 @@ def test_a_loss_that_is_not_a_real_number_or_tensor_is_a_type_error(name, bad):
             opt.observe_loss(bad)
     opt.step(loss=0.5)
     opt.step(loss=torch.tensor(0.5))
+
+
+@pytest.mark.parametrize("kind", ["salera", "spalera", "cpropadamw", "adam", "cprop"])
+def test_a_spike_after_a_skipped_nonfinite_step_rolls_back_the_last_real_update(kind):
+    """A step skipped for a NaN gradient is no update: it must not move the rollback snapshot
+    either. A spike on the next step then undoes the last *real* update, on the sync-free and
+    the host path alike (bitwise), and the state after it equals that of a run whose bad
+    step never happened."""
+    runs = []
+    for snapshot_device, with_bad_step in ((None, True), ("cpu", True), (None, False)):
+        model = make_model()
+        opt = build(kind, model, snapshot_device=snapshot_device)
+        run_script(opt, model, 0, 4)
+        before_update = params_of(model)
+        backward(model, 4)
+        opt.step(loss=torch.tensor(1.0))  # the last real update
+        if with_bad_step:
+            backward(model, 5)
+            next(model.parameters()).grad[0, 0] = math.nan
+            opt.step(loss=torch.tensor(1.0))  # skipped
+            assert_same_tree(before_update, opt.snapshots)
+        backward(model, 6)
+        opt.step(loss=torch.tensor(50.0))  # spike: roll back the last real update
+        assert int(opt.stats()["alarms"]) == 1
+        assert equal(params_of(model), before_update)
+        runs.append(params_of(model))
+    assert equal(runs[0], runs[1]) and equal(runs[0], runs[2])

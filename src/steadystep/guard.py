@@ -377,7 +377,7 @@ class CatastropheGuard(OptimizerWrapper):
         self._ensure_snapshots(params)
         alarm = alarm.to(self.alarms.device)
         if self._device_side:
-            self._device_step(alarm, params)
+            self._device_step(alarm, params, bad_grads)
             self._record(alarm, loss_t)
             self._calls += 1
             if self._calls % self.check_every == 0:
@@ -405,7 +405,9 @@ class CatastropheGuard(OptimizerWrapper):
             snap = torch.empty_like(p, device=device, pin_memory=pin)
             self.snapshots.append(snap.copy_(p))
 
-    def _device_step(self, alarm: torch.Tensor, params: list[torch.Tensor]) -> None:
+    def _device_step(
+        self, alarm: torch.Tensor, params: list[torch.Tensor], bad_grads: torch.Tensor | None
+    ) -> None:
         if self.backtrack:
             # On this rank's shards (FSDP2): the rollback is elementwise.
             local_params = [local_tensor(p) for p in params]
@@ -415,7 +417,14 @@ class CatastropheGuard(OptimizerWrapper):
                 # (lerp-style arithmetic would not be), sync-free on CUDA, and on CPU several
                 # times faster than torch.where with a 0-d condition.
                 p.masked_scatter_(alarm, snap)
-            torch._foreach_copy_(local_snaps, local_params)
+            if bad_grads is None:
+                torch._foreach_copy_(local_snaps, local_params)
+            else:
+                # Note [non-finite gradients]: a skipped step is no update, so the snapshot
+                # keeps the parameters from before the last real one.
+                refresh = ~bad_grads.to(alarm.device)
+                for snap, p in zip(local_snaps, local_params, strict=True):
+                    snap.masked_scatter_(refresh, p)
         cut = torch.full((), self.lr_factor, dtype=torch.float64, device=alarm.device)
         factor = torch.where(alarm, cut, 1.0)
         inner = self._maskable
@@ -463,14 +472,18 @@ class CatastropheGuard(OptimizerWrapper):
         # Note [host syncs]: the one read per step a third-party optimizer costs; the alarm
         # and the non-finite-gradient flag come back together.
         alarm = alarm.to(torch.bool)
-        if bad_grads is None or self._self_protecting():
-            # A MaskableOptimizer skips (and counts) a non-finite gradient itself.
+        if bad_grads is None:
             alarmed, skipped = bool(alarm), False
         else:
             flags = torch.stack([alarm, bad_grads.to(alarm.device)]).tolist()
             alarmed, skipped = bool(flags[0]), bool(flags[1]) and not flags[0]
         backup = getattr(self, "_detector_backup", None)
         self._detector_backup = None
+        if skipped and self._self_protecting():
+            # A MaskableOptimizer skips (and counts) a non-finite gradient itself; a skipped
+            # step is no update, so the snapshot stays as it is.
+            self.optimizer.step()
+            return False
         if skipped:
             # Note [non-finite gradients]: no update, no cut, the detector as it was.
             if backup is not None:
