@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -130,12 +131,11 @@ def measure(set_name: str, dtype: torch.dtype, rounds: int, inner: int) -> dict[
                 gc.collect()
                 _empty_cache()
                 params = make_params(shapes, dtype)
-                before = _allocated()
                 opts[name] = BUILD[name](params)
                 steps[name] = stepper(name, opts[name])
                 steps[name]()
                 _sync()
-                row[f"state_bytes_per_param[{name}]"] = (_allocated() - before) / n
+                row[f"state_bytes_per_param[{name}]"] = state_bytes(opts[name]) / n
             samples = time_pair(steps, rounds, inner)
             ratios = [v / b for v, b in zip(samples[variant], samples[base], strict=True)]
             row["ms"] = statistics.median(samples[variant])
@@ -160,8 +160,57 @@ def measure(set_name: str, dtype: torch.dtype, rounds: int, inner: int) -> dict[
     return out
 
 
-def _allocated() -> int:
-    return torch.cuda.memory_allocated() if DEVICE.type == "cuda" else 0
+def state_bytes(opt: Any) -> int:
+    """Bytes of every distinct tensor in the optimizer's state_dict (the guard's rollback
+    snapshot included): its memory on top of the parameters and gradients."""
+    seen: dict[int, int] = {}
+
+    def walk(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            seen[x.data_ptr()] = max(seen.get(x.data_ptr(), 0), x.numel() * x.element_size())
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+
+    walk(opt.state_dict())
+    return sum(seen.values())
+
+
+def sweep(rounds: int, inner: int) -> list[dict[str, Any]]:
+    """CPropAdamW's step against torch's fused AdamW for each launch shape of the elementwise
+    kernels (STEADYSTEP_TRITON_BLOCK/WARPS): how the default was chosen."""
+    shapes = SETS["gpt350M"]()
+    out = []
+    for block, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8)):
+        os.environ["STEADYSTEP_TRITON_BLOCK"] = str(block)
+        os.environ["STEADYSTEP_TRITON_WARPS"] = str(warps)
+        try:
+            steps = {}
+            for name in ("torch AdamW fused", "CPropAdamW", "ALeRA"):
+                opt = BUILD[name](make_params(shapes, torch.float32))
+                steps[name] = stepper(name, opt)
+                steps[name]()
+            samples = time_pair(steps, rounds, inner)
+            base = samples["torch AdamW fused"]
+            row = {"block": block, "warps": warps}
+            for name in ("CPropAdamW", "ALeRA"):
+                ratios = [v / b for v, b in zip(samples[name], base, strict=True)]
+                row[name] = statistics.median(ratios)
+                row[f"{name} ms"] = statistics.median(samples[name])
+            row["torch ms"] = statistics.median(base)
+        except Exception as e:
+            row = {"block": block, "warps": warps, "error": f"{type(e).__name__}: {e}"}
+        print("sweep", json.dumps(row), flush=True)
+        out.append(row)
+        steps = None
+        gc.collect()
+        _empty_cache()
+    os.environ.pop("STEADYSTEP_TRITON_BLOCK", None)
+    os.environ.pop("STEADYSTEP_TRITON_WARPS", None)
+    return out
 
 
 def _empty_cache() -> None:
@@ -198,6 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--inner", type=int, default=5)
     parser.add_argument("--device", default="cuda", help="cuda; cpu only smoke-tests the script")
+    parser.add_argument("--sweep", action="store_true", help="time the kernels' launch shapes")
     args = parser.parse_args(argv)
     global DEVICE
     DEVICE = torch.device(args.device)
@@ -205,6 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("bench_gpu.py needs a CUDA device")
     started = time.time()
     device = DEVICE
+    swept = sweep(args.rounds, args.inner) if args.sweep else None
     results = [
         measure(args.set, torch.float32, args.rounds, args.inner),
         measure(args.set, torch.bfloat16, args.rounds, args.inner),
@@ -220,6 +271,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": {**machine_info(device), "triton": triton_version},
         "seconds": time.time() - started,
         "results": results,
+        "launch_shapes": swept,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

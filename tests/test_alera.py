@@ -567,3 +567,90 @@ def test_group_lrs_is_lr_times_each_groups_mean_multiplier(granularity, monkeypa
         expected.append(group["lr"] * m)
     assert lrs.dtype == torch.float64 and torch.equal(lrs, torch.stack(expected))
     assert not torch.allclose(lrs, torch.tensor([0.005, 0.01], dtype=torch.float64))
+
+
+def _copy_case(name: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    cls, _, granularity = name.partition("-")
+    kwargs = {"granularity": granularity} if granularity else {}
+    make = {"ALeRA": ss.ALeRA, "AgAdam": ss.AgAdam, "SALeRA": ss.SALeRA, "SPALeRA": ss.SPALeRA}
+    return model, make[cls](ss.layer_groups(model), lr=0.05, C=1e-2, **kwargs)
+
+
+def _copy_train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
+    for t in steps:
+        gen = torch.Generator().manual_seed(t)
+        x = torch.randn(8, 3, generator=gen)
+        loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach())
+
+
+COPY_CASES = [
+    *(f"ALeRA-{g}" for g in GRANULARITIES),
+    *(f"AgAdam-{g}" for g in GRANULARITIES),
+    "SALeRA-tensor",
+    "SPALeRA",
+]
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("name", COPY_CASES)
+def test_a_copy_steps_bitwise_like_the_original(name, how):
+    """RELIABILITY 23: the copy (model and optimizer together, so the copy's parameters are
+    the copied model's) is stepped and must follow the original bitwise."""
+    model, opt = _copy_case(name)
+    _copy_train(model, opt, range(3))
+    if how == "deepcopy":
+        model2, opt2 = copy.deepcopy((model, opt))
+    else:
+        model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
+    _copy_train(model, opt, range(3, 7))
+    _copy_train(model2, opt2, range(3, 7))
+    inner = getattr(opt2, "optimizer", opt2)
+    assert inner.granularity == getattr(opt, "optimizer", opt).granularity
+    for a, b in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(a, b)
+    sd, sd2 = opt.state_dict(), opt2.state_dict()
+    flat, flat2 = torch.utils._pytree.tree_leaves(sd), torch.utils._pytree.tree_leaves(sd2)
+    assert len(flat) == len(flat2)
+    for a, b in zip(flat, flat2, strict=True):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b) or (a.isnan().all() and b.isnan().all())
+        else:
+            assert a == b
+
+
+@pytest.mark.parametrize("cls", [ss.ALeRA, ss.AgAdam])
+def test_granularity_is_in_the_state_dict_and_checked_at_load(cls):
+    """A "tensor" checkpoint loaded into a "group" optimizer fails at load, naming both."""
+    model, opt = _copy_case(f"{cls.__name__}-tensor")
+    _copy_train(model, opt, range(2))
+    sd = opt.state_dict()
+    assert all(group["granularity"] == "tensor" for group in sd["param_groups"])
+    other = cls(ss.layer_groups(model), lr=0.05, C=1e-2, granularity="group")
+    with pytest.raises(ValueError, match=r"granularity='tensor'.*granularity='group'"):
+        other.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("saved", GRANULARITIES)
+def test_a_checkpoint_without_granularity_loads_where_its_state_tells_it_apart(saved):
+    """Checkpoints written before the groups held ``granularity``: per-parameter multipliers
+    tell "tensor" (0-d) and "param" (full size) apart from "global"/"group" (none)."""
+    model, opt = _copy_case(f"ALeRA-{saved}")
+    _copy_train(model, opt, range(2))
+    sd = copy.deepcopy(opt.state_dict())
+    for group in sd["param_groups"]:
+        del group["granularity"]
+    compatible = {"global": ("global", "group"), "group": ("global", "group")}.get(saved, (saved,))
+    for target in GRANULARITIES:
+        other = ss.ALeRA(ss.layer_groups(model), lr=0.05, C=1e-2, granularity=target)
+        if target in compatible:
+            other.load_state_dict(sd)
+            assert all(g["granularity"] == target for g in other.param_groups)
+        else:
+            found = " or ".join(compatible)
+            with pytest.raises(ValueError, match=f"granularity='{found}'.*'{target}'"):
+                other.load_state_dict(sd)

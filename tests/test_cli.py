@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -238,3 +239,110 @@ def test_report_renders_a_directory_of_monitor_csvs(tmp_path, capsys):
     assert (tmp_path / "sub" / "train_report.md").is_file()
     assert cli.main(["report", str(tmp_path / "sub" / "none")]) == 2
     assert "holds no Monitor CSV" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Torn files and kills (RELIABILITY 27)
+# --------------------------------------------------------------------------------------------
+
+ALRC_TINY = ["reproduce", "alrc", "--scale", "tiny", "--device", "cpu"]
+
+
+def _mtimes(out):
+    return {p.name: p.stat().st_mtime_ns for p in (out / "runs" / "alrc").glob("*.json")}
+
+
+def test_torn_files_are_treated_as_missing_and_a_rerun_recovers(tmp_path, capsys):
+    """A 0-byte config.json, a truncated run summary and a truncated results.json (what a
+    kill during an in-place write, a full disk or a cut copy leaves) are reported and treated
+    as missing: ``report`` says how to recover, a rerun rewrites config.json without redoing
+    finished runs, redoes exactly the run whose summary is torn, and ``report`` works again."""
+    out = tmp_path / "run"
+    argv = [*ALRC_TINY, "--out", str(out)]
+    assert cli.main(argv) == 0
+    config = (out / "config.json").read_text()
+    before = _mtimes(out)
+    (out / ".config.json.x1.tmp").write_text("{")  # a temporary file a kill left behind
+    capsys.readouterr()
+
+    (out / "config.json").write_text("")
+    assert cli.main(["report", str(out)]) == 2
+    assert "torn" in capsys.readouterr().err
+    assert cli.main(argv) == 0
+    assert "torn" in capsys.readouterr().err
+    assert (out / "config.json").read_text() == config
+    assert _mtimes(out) == before  # nothing was run again
+    assert not list(out.glob(".*.tmp"))
+
+    torn = sorted(before)[3]
+    path = out / "runs" / "alrc" / torn
+    path.write_text(path.read_text()[:40])
+    assert cli.main(["report", str(out)]) == 0
+    assert torn in capsys.readouterr().err
+    entry = json.loads((out / "results.json").read_text())["experiments"]["alrc"]
+    assert entry["status"] == "partial" and entry["runs_finished"] == len(before) - 1
+    assert cli.main(argv) == 0
+    after = _mtimes(out)
+    assert [n for n in before if after[n] != before[n]] == [torn]  # only the torn run redone
+
+    results = (out / "results.json").read_text()
+    (out / "results.json").write_text(results[: len(results) // 2])
+    assert cli.main(["report", str(out)]) == 0
+    assert (out / "results.json").read_text() == results
+    _check_run_dir(out, ["alrc"])
+
+
+def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
+    from steadystep.experiments._files import atomic_write, write_text
+
+    path = tmp_path / "results.json"
+    write_text(path, '{"old": 1}\n')
+
+    def crash(f):
+        f.write('{"new": ')
+        raise KeyboardInterrupt  # e.g. Ctrl-C in the middle of a write
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, crash)
+    assert path.read_text() == '{"old": 1}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_the_rerun_completes_and_report_works(tmp_path):
+    """The CLI in a subprocess, killed with SIGKILL three times at seeded random moments after
+    it started writing; the same command then finishes the directory and ``steadystep report``
+    rebuilds it (at ``--scale tiny``, one experiment, to stay within seconds)."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "steadystep.cli", *ALRC_TINY, "--out", str(out)]
+    src = str(Path(steadystep.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    rng = random.Random(0)
+    for _ in range(3):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while not (out / "config.json").exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, "the CLI did not start"
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 2.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = subprocess.run(
+        [sys.executable, "-m", "steadystep.cli", "report", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert report.returncode == 0, report.stderr[-2000:]
+    _check_run_dir(out, ["alrc"])
+    assert not list(out.rglob(".*.tmp"))

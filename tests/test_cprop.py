@@ -1046,3 +1046,34 @@ def test_scales_are_the_per_element_scales_that_stats_summarise(name):
     for s, ref in zip(scales.values(), reference, strict=True):
         assert torch.equal(s, ref)
     assert not torch.equal(flat, torch.ones_like(flat))
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["reference", "foreach"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps, fe: ss.CPropAdamW(ps, lr=1e30, foreach=fe, fused=False),
+        lambda ps, fe: ss.CPropAdam(ps, lr=1e30, weight_decay=0.1, foreach=fe, fused=False),
+        lambda ps, fe: ss.CPropSGD(
+            ps, lr=1e30, momentum=0.9, weight_decay=0.1, foreach=fe, fused=False
+        ),
+    ],
+    ids=["CPropAdamW", "CPropAdam-l2", "CPropSGD"],
+)
+def test_a_skipped_step_at_a_huge_lr_leaves_params_and_state_unchanged(make, foreach):
+    """At lr = 1e30 a clean step leaves parameters near 1e30; on the next, NaN-gradient step
+    AdamW's decoupled decay ``-lr * wd * p`` would overflow to inf and a multiply by the 0 of
+    the skipped step would give NaN. The skip is a select on the step's factors, so the
+    parameters and every statistic stay bitwise as they were."""
+    p = torch.nn.Parameter(torch.randn(6, generator=torch.Generator().manual_seed(0)))
+    opt = make([p], foreach)
+    p.grad = torch.randn(6, generator=torch.Generator().manual_seed(1))
+    opt.step()
+    assert torch.isfinite(p).all()
+    before = p.detach().clone()
+    state = copy.deepcopy(opt.state_dict())
+    p.grad = p.grad.clone()
+    p.grad[2] = math.nan
+    opt.step()
+    assert torch.equal(p.detach(), before)
+    assert_state_equal(_roundtrip(state), _roundtrip(opt.state_dict()))

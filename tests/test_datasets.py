@@ -160,3 +160,84 @@ def test_gzip_detection_uses_the_suffix(tmp_path):
         f.write(bytes([0, 0, 8, 2]) + (2).to_bytes(4, "big") * 2 + a.tobytes())
     with pytest.raises(ValueError):
         datasets.read_idx(tmp_path / "x-idx2-ubyte")
+
+
+def _cifar_batch(n: int, seed: int) -> dict[bytes, object]:
+    """A batch in the real format: the dict of the CIFAR-10 python tarball (bytes keys, uint8
+    data of shape (n, 3072), a list of int labels, bytes file names)."""
+    rng = np.random.default_rng(seed)
+    return {
+        b"batch_label": b"training batch 1 of 5",
+        b"labels": rng.integers(0, 10, n).tolist(),
+        b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        b"filenames": [f"img_{i}.png".encode() for i in range(n)],
+    }
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_cifar10_restricted_unpickler_reads_the_real_format(tmp_path, protocol):
+    """Protocol 2, as the tarball's files (numpy arrays through _reconstruct, bytes through
+    _codecs.encode when pickled by Python 3), and the newest protocol (_frombuffer)."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    batches = {}
+    for i, fname in enumerate([*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]):
+        batches[fname] = _cifar_batch(3, seed=i)
+        with open(folder / fname, "wb") as f:
+            pickle.dump(batches[fname], f, protocol=protocol)
+    data = datasets.load_cifar10(tmp_path)
+    assert data.x_train.shape == (15, 3, 32, 32)
+    assert data.y_test.tolist() == batches["test_batch"][b"labels"]
+    first = batches["data_batch_1"][b"data"][0].reshape(3, 32, 32)
+    assert torch.equal(data.x_train[0], torch.from_numpy(first / 255).float())
+
+
+class _Exploit:
+    """Unpickling this runs a shell command: what a crafted file in --data-dir would do."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        lambda marker: _Exploit(marker),
+        lambda marker: {b"data": _Exploit(marker), b"labels": [0]},
+        lambda marker: {b"data": np.array([_Exploit(marker)], dtype=object), b"labels": [0]},
+    ],
+    ids=["object", "inside_the_dict", "object_array"],
+)
+def test_cifar10_refuses_a_malicious_pickle_and_runs_nothing(tmp_path, payload):
+    folder = tmp_path / "cifar-10-batches-py"
+    _write_cifar(folder)
+    marker = tmp_path / "pwned"
+    with open(folder / "data_batch_3", "wb") as f:
+        pickle.dump(payload(marker), f, protocol=2)
+    with pytest.raises(pickle.UnpicklingError, match=r"data_batch_3.*refus"):
+        datasets.load_cifar10(tmp_path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("entry", "match"),
+    [
+        ([1, 2, 3], "a dict"),
+        ({b"labels": [0]}, "b'data'"),
+        ({b"data": np.zeros((1, 3072), np.float32), b"labels": [0]}, "uint8"),
+        ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}, "2 images and 1 labels"),
+        ({b"data": np.zeros((1, 3072), np.uint8), b"labels": [11]}, r"labels in \[0, 10\)"),
+    ],
+)
+def test_cifar10_refuses_a_batch_of_another_shape(tmp_path, entry, match):
+    folder = tmp_path / "cifar-10-batches-py"
+    _write_cifar(folder)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump(entry, f, protocol=2)
+    with pytest.raises(ValueError, match=match):
+        datasets.load_cifar10(tmp_path)

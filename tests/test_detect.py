@@ -24,6 +24,8 @@ class PlainPH:
         if not math.isfinite(loss):
             return True
         if self.delta is None:
+            if loss == 0:  # before Delta is set, an exact 0 is not observed
+                return False
             self.delta = self.ph_lambda * abs(loss)
         self.n += 1
         w = max(1.0 / self.n, self.rho)
@@ -263,7 +265,7 @@ def test_reset_zeroes_the_test_keeps_delta_and_honours_the_mask():
 def test_page_hinkley_defaults_and_repr():
     ph = ss.PageHinkley()
     assert (ph.ph_lambda, ph.rho, ph.dtype) == (0.1, 0.01, torch.float32)
-    assert repr(ph) == "PageHinkley(ph_lambda=0.1, rho=0.01)"
+    assert repr(ph) == "PageHinkleyPaper(ph_lambda=0.1, rho=0.01)"
 
 
 def test_page_hinkley_rejects_an_integer_dtype():
@@ -317,3 +319,33 @@ def test_page_hinkley_statistics_move_to_the_loss_device():
     for key, value in ph.state_dict().items():
         if isinstance(value, torch.Tensor):
             assert value.device.type == "meta", key
+
+
+def test_a_first_loss_of_zero_does_not_make_delta_zero():
+    """Note [a first loss of 0]: a first loss of exactly 0 (a solved batch) would set Delta = 0
+    and every later bit of noise would alarm. Zeros before the first non-zero loss are not
+    observed, so small noisy losses after them raise exactly the alarms (none) they raise
+    without them, and Delta is ph_lambda times the first non-zero loss; zeros alone never
+    alarm. (A small decaying loss with 2% noise: the test raises no alarm on it.)"""
+    gen = torch.Generator().manual_seed(0)
+    decay = torch.exp(-torch.arange(200, dtype=torch.float64) / 200)
+    noisy = 1e-3 * decay * (1.0 + 0.02 * torch.randn(200, generator=gen, dtype=torch.float64))
+    for rho in (0.01, 0.5):
+        plain = ss.PageHinkley(ph_lambda=0.1, rho=rho)
+        assert not any(bool(plain.update(torch.tensor(x))) for x in noisy.tolist())
+        ph = ss.PageHinkley(ph_lambda=0.1, rho=rho)
+        assert not bool(ph.update(torch.tensor(0.0)))
+        assert not bool(ph.update(torch.tensor(0.0)))
+        assert ph.threshold.item() == 0.0 and int(ph.count) == 0
+        alarms = [bool(ph.update(torch.tensor(x))) for x in noisy.tolist()]
+        assert sum(alarms) == 0, rho
+        assert ph.threshold.item() == pytest.approx(0.1 * noisy[0].item(), rel=1e-6)
+        for key in ("threshold", "count", "relaxed_loss", "mean", "cusum", "cusum_min"):
+            assert torch.equal(getattr(ph, key), getattr(plain, key)), key
+        assert not bool(ph.update(torch.tensor(0.0))) and int(ph.count) == 201  # observed now
+    zeros = ss.PageHinkley(ph_lambda=0.1, rho=0.5)
+    assert not any(bool(zeros.update(torch.tensor(0.0))) for _ in range(50))
+    # the plain restatement follows the same rule
+    losses = [0.0, *noisy.tolist()[:40], 5e-3, *noisy.tolist()[40:60]]
+    alarms, ref_alarms = run(losses, rho=0.5)
+    assert alarms == ref_alarms and alarms

@@ -92,8 +92,59 @@ def _salera(rank):
     }
 
 
+NAN_STEP_DDP = 7
+DDP_NAN_CASES = {
+    "cpropadamw": (lambda net: ss.CPropAdamW(net.parameters(), lr=1e-2), False),
+    "agadam": (lambda net: ss.AgAdam(ss.layer_groups(net), lr=1e-2), False),
+    "alera_param": (lambda net: ss.ALeRA(net.parameters(), lr=0.05, granularity="param"), False),
+    "salera": (lambda net: ss.SALeRA(ss.layer_groups(net), lr=0.05), True),
+    "guard_adamw": (
+        lambda net: ss.CatastropheGuard(torch.optim.AdamW(net.parameters(), lr=1e-2)),
+        True,
+    ),
+    "guard_cprop_adamw": (
+        lambda net: ss.CatastropheGuard(ss.CProp(torch.optim.AdamW(net.parameters(), lr=1e-2))),
+        True,
+    ),
+}
+
+
+def _ddp_nan_after_allreduce(rank, make_opt, needs_loss):
+    """A NaN written into rank 1's p.grad *after* DDP's all-reduce (a gradient hook, a bad
+    clip, a bit flip): the skip decision is collective, so both ranks skip that step."""
+    net = _mlp()
+    model = DDP(net)
+    opt = make_opt(net)
+    g = torch.Generator().manual_seed(500 + rank)
+    skipped = None
+    for step in range(12):
+        x, y = _batch(g, rank)
+        loss = (model(x) - y).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        before = _params(net)
+        if rank == 1 and step == NAN_STEP_DDP:
+            next(net.parameters()).grad[0, 0] = float("nan")
+        if needs_loss:
+            opt.step(loss=loss.detach())
+        else:
+            opt.step()
+        if step == NAN_STEP_DDP:
+            skipped = all(torch.equal(a, b) for a, b in zip(before, _params(net), strict=True))
+    stats = opt.stats()
+    counts = {k: int(stats[k]) for k in ("skipped_steps", "nonfinite_grads") if k in stats}
+    # the optimizer's own step counts (CProp's, Adam's): one step fewer than calls
+    counts["steps"] = sorted({int(st["step"]) for st in opt.state.values() if "step" in st})
+    return {"params": _params(net), "skipped": skipped, "counts": counts}
+
+
 def _ddp_worker(rank, world):
+    nan_cases = {
+        f"nan_{name}": _ddp_nan_after_allreduce(rank, make, needs_loss)
+        for name, (make, needs_loss) in DDP_NAN_CASES.items()
+    }
     return {
+        **nan_cases,
         "cprop": _alrc_cprop(
             rank, lambda ps: ss.CProp(torch.optim.AdamW(ps, lr=1e-2), beta=0.9, c=1.0)
         ),
@@ -136,6 +187,23 @@ def test_ddp_salera_alarms_on_every_rank_at_the_spike(ddp_results):
     assert torch.equal(r0["detector"], r1["detector"])
     for a, b in zip(r0["params"], r1["params"], strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", list(DDP_NAN_CASES))
+def test_ddp_nan_in_one_ranks_grad_after_the_all_reduce_is_skipped_on_every_rank(ddp_results, name):
+    r0, r1 = ddp_results[0][f"nan_{name}"], ddp_results[1][f"nan_{name}"]
+    assert r0["skipped"] and r1["skipped"]  # rank 0's gradient was finite: it skipped too
+    for a, b in zip(r0["params"], r1["params"], strict=True):
+        assert torch.equal(a, b) and torch.isfinite(a).all()
+    assert r0["counts"] == r1["counts"]
+    # who counts the skipped step: ALeRA/AgAdam (skipped_steps), the guard around a third-party
+    # optimizer (nonfinite_grads), CProp's and Adam's per-parameter step counts (11 of 12)
+    if name in ("agadam", "alera_param", "salera"):
+        assert r0["counts"]["skipped_steps"] == 1
+    if name.startswith("guard_"):
+        assert r0["counts"]["nonfinite_grads"] == 1
+    if name in ("cpropadamw", "agadam", "guard_adamw"):
+        assert r0["counts"]["steps"] == [11]
 
 
 # -- FSDP2 -----------------------------------------------------------------------------------

@@ -535,9 +535,7 @@ def test_nonfinite_gradient_with_finite_loss_skips_third_party_step(via_cprop, b
     for pid, state in ref_sd["state"].items():
         for key, value in state.items():
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(sd["state"][pid][key]))
-    det, ref_det = opt.detector.state_dict(), ref.detector.state_dict()
-    for key, value in ref_det.items():
-        assert torch.equal(torch.as_tensor(value), torch.as_tensor(det[key])), key
+    assert_same_tree(ref.detector.state_dict(), opt.detector.state_dict())
 
 
 def test_nonfinite_gradient_under_guarded_cpropadamw_is_skipped_by_the_optimizer():
@@ -714,3 +712,179 @@ def test_salera_and_spalera_signatures_show_the_papers_defaults():
     assert ss.SALeRA(model.parameters(), lr=0.1, granularity="tensor").optimizer.granularity == (
         "tensor"
     )
+
+
+@pytest.mark.parametrize("snapshot_device", [None, "cpu"], ids=["sync_free", "host"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("kind", ["salera", "spalera", "agadam", "cpropadamw"])
+def test_a_step_skipped_for_a_nonfinite_gradient_leaves_the_detector_bitwise_unchanged(
+    kind, bad, snapshot_device
+):
+    """A MaskableOptimizer skips the step itself; the guard must not let the detector observe
+    that step's loss either (the flag is computed on the device and passed as ``skip``), on the
+    sync-free path without any host read. The next clean steps match a run without the bad
+    batch, detector included."""
+    ref_model, model = make_model(), make_model()
+    ref = build(kind, ref_model, snapshot_device=snapshot_device)
+    opt = build(kind, model, snapshot_device=snapshot_device)
+    losses = [1.0, 1.2, 0.9, 5.0, 1.1, 1.0]  # the bad step's loss is a jump: it must not count
+    for step in range(3):
+        for m, o in ((ref_model, ref), (model, opt)):
+            backward(m, step)
+            o.step(loss=torch.tensor(losses[step]))
+    before = opt.detector.state_dict()
+    backward(model, 3)
+    next(model.parameters()).grad[0, 0] = bad
+    if snapshot_device is None:
+        reads = []
+        with pytest.MonkeyPatch.context() as patch:
+            for name in ("item", "__bool__", "tolist", "__float__", "__int__"):
+                patch.setattr(torch.Tensor, name, lambda *a, _r=reads, **k: _r.append(a))
+            opt.step(loss=torch.tensor(losses[3]))
+        assert reads == []
+    else:
+        opt.step(loss=torch.tensor(losses[3]))
+    assert_same_tree(before, opt.detector.state_dict())
+    assert int(opt.stats()["alarms"]) == 0
+    for step in range(4, 6):
+        for m, o in ((ref_model, ref), (model, opt)):
+            backward(m, step)
+            o.step(loss=torch.tensor(losses[step]))
+    assert_same_tree(ref.detector.state_dict(), opt.detector.state_dict())
+    assert equal(params_of(model), params_of(ref_model))
+
+
+def _sparse_or_complex_case(name: str, seed: int = 0):
+    """(parameters, guarded-optimizer factory, loss of step t) for a wrapped optimizer that
+    handles sparse gradients or complex parameters itself."""
+    torch.manual_seed(seed)
+    if name == "complex":
+        w = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.complex64))
+
+        def loss_fn(t: int) -> torch.Tensor:
+            x = torch.randn(8, 4, dtype=torch.complex64, generator=torch.Generator().manual_seed(t))
+            return (x @ w).abs().pow(2).mean()
+
+        return [w], lambda ps: torch.optim.AdamW(ps, lr=1e-2), loss_fn
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+
+    def loss_fn(t: int) -> torch.Tensor:
+        idx = torch.randint(0, 10, (6,), generator=torch.Generator().manual_seed(t))
+        return (emb(idx) - 1.0).pow(2).mean()
+
+    make = {
+        "sgd_sparse": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+        "sparse_adam": lambda ps: torch.optim.SparseAdam(ps, lr=0.05),
+    }[name]
+    return list(emb.parameters()), make, loss_fn
+
+
+@pytest.mark.parametrize("name", ["sgd_sparse", "sparse_adam", "complex"])
+def test_the_guard_supports_sparse_gradients_and_complex_params_its_optimizer_supports(name):
+    """Around torch.optim.SGD with a sparse gradient, SparseAdam and AdamW on complex
+    parameters, the guard steps exactly as the bare optimizer, skips a step with a NaN/inf in
+    the (sparse) gradient, and a spike rolls the (complex) parameters back bitwise."""
+    bare_params, make, bare_loss = _sparse_or_complex_case(name)
+    bare = make(bare_params)
+    params, _, loss_fn = _sparse_or_complex_case(name)
+    opt = ss.CatastropheGuard(make(params), ss.PageHinkley(ph_lambda=0.5, rho=0.5))
+
+    def step(o: torch.optim.Optimizer, ps: list, loss_of, t: int, **kwargs) -> None:
+        o.zero_grad()
+        loss_of(t).backward()
+        if kwargs.get("bad") is not None:
+            grad = ps[0].grad
+            values = grad._values() if grad.is_sparse else torch.view_as_real(grad)
+            values.view(-1)[0] = kwargs["bad"]
+        if isinstance(o, ss.CatastropheGuard):
+            o.step(loss=torch.tensor(kwargs.get("loss", 1.0)))
+        elif kwargs.get("bad") is None:
+            o.step()
+
+    for t in range(4):
+        step(bare, bare_params, bare_loss, t)
+        step(opt, params, loss_fn, t)
+    assert equal(params_of_list(params), params_of_list(bare_params))
+    for bad in (math.nan, math.inf):
+        step(opt, params, loss_fn, 4, bad=bad)
+    assert int(opt.stats()["nonfinite_grads"]) == 2 and int(opt.stats()["alarms"]) == 0
+    assert equal(params_of_list(params), params_of_list(bare_params))
+    for t in range(4, 6):
+        step(bare, bare_params, bare_loss, t)
+        step(opt, params, loss_fn, t)
+    assert equal(params_of_list(params), params_of_list(bare_params))
+    before = params_of_list(params)
+    step(opt, params, loss_fn, 6, loss=100.0)  # a spike: roll back to before the last update
+    assert int(opt.stats()["rollbacks"]) == 1
+    assert not equal(params_of_list(params), before)
+    assert equal(params_of_list(params), opt.snapshots)
+
+
+def params_of_list(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in params]
+
+
+LOSS_TAKERS = {
+    "SALeRA": lambda m: ss.SALeRA(m.parameters(), lr=0.05),
+    "guard(AdamW)": lambda m: ss.CatastropheGuard(torch.optim.AdamW(m.parameters())),
+    "ALeRA": lambda m: ss.ALeRA(m.parameters(), lr=0.05),
+    "AgAdam": lambda m: ss.AgAdam(m.parameters()),
+    "CPropAdamW": lambda m: ss.CPropAdamW(m.parameters()),
+    "CPropSGD": lambda m: ss.CPropSGD(m.parameters()),
+    "CProp(SGD)": lambda m: ss.CProp(torch.optim.SGD(m.parameters(), lr=0.1)),
+}
+
+
+@pytest.mark.parametrize("bad", ["0.5", [0.5], True, None, 1 + 2j], ids=repr)
+@pytest.mark.parametrize("name", list(LOSS_TAKERS))
+def test_a_loss_that_is_not_a_real_number_or_tensor_is_a_type_error(name, bad):
+    """``step(loss=...)`` (and the guard's ``observe_loss``) take a real number or a real
+    tensor; a string, a list, a bool or a complex number is a TypeError naming ``loss``."""
+    model = make_model()
+    opt = LOSS_TAKERS[name](model)
+    backward(model, 0)
+    before = params_of(model)
+    if bad is None:  # None means "no loss": an error only where one is needed
+        if isinstance(opt, ss.CatastropheGuard):
+            with pytest.raises(RuntimeError, match="loss"):
+                opt.step(loss=bad)
+        else:
+            opt.step(loss=bad)
+        return
+    with pytest.raises(TypeError, match=r"loss must be a real number or a tensor, got loss="):
+        opt.step(loss=bad)
+    with pytest.raises(TypeError, match="loss"):
+        opt.step(loss=torch.tensor(1.0 + 2.0j))
+    assert equal(params_of(model), before)
+    if isinstance(opt, ss.CatastropheGuard):
+        with pytest.raises(TypeError, match="loss must be a real number"):
+            opt.observe_loss(bad)
+    opt.step(loss=0.5)
+    opt.step(loss=torch.tensor(0.5))
+
+
+@pytest.mark.parametrize("kind", ["salera", "spalera", "cpropadamw", "adam", "cprop"])
+def test_a_spike_after_a_skipped_nonfinite_step_rolls_back_the_last_real_update(kind):
+    """A step skipped for a NaN gradient is no update: it must not move the rollback snapshot
+    either. A spike on the next step then undoes the last *real* update, on the sync-free and
+    the host path alike (bitwise), and the state after it equals that of a run whose bad
+    step never happened."""
+    runs = []
+    for snapshot_device, with_bad_step in ((None, True), ("cpu", True), (None, False)):
+        model = make_model()
+        opt = build(kind, model, snapshot_device=snapshot_device)
+        run_script(opt, model, 0, 4)
+        before_update = params_of(model)
+        backward(model, 4)
+        opt.step(loss=torch.tensor(1.0))  # the last real update
+        if with_bad_step:
+            backward(model, 5)
+            next(model.parameters()).grad[0, 0] = math.nan
+            opt.step(loss=torch.tensor(1.0))  # skipped
+            assert_same_tree(before_update, opt.snapshots)
+        backward(model, 6)
+        opt.step(loss=torch.tensor(50.0))  # spike: roll back the last real update
+        assert int(opt.stats()["alarms"]) == 1
+        assert equal(params_of(model), before_update)
+        runs.append(params_of(model))
+    assert equal(runs[0], runs[1]) and equal(runs[0], runs[2])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_reduce_mean", "all_reduce_sum", "is_distributed", "world_size"]
+__all__ = ["all_ranks", "all_reduce_mean", "all_reduce_sum", "is_distributed", "world_size"]
 
 
 def is_distributed() -> bool:
@@ -36,3 +36,12 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return tensor
     return all_reduce_sum(tensor) / dist.get_world_size()
+
+
+def all_ranks(flag: torch.Tensor) -> torch.Tensor:
+    """True where ``flag`` (0-d bool) is True on every rank: one all-reduce of a 0-d tensor, no
+    host read (``flag`` itself when not distributed). Every rank must call it, in the same
+    order, as every collective."""
+    if not is_distributed():
+        return flag
+    return all_reduce_sum((~flag).to(torch.float32)) == 0

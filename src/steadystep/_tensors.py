@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from steadystep import _kernels as kernels
-from steadystep._distributed import all_reduce_sum
+from steadystep._distributed import all_ranks, all_reduce_sum
 
 try:  # FSDP2 parameters are DTensors (torch >= 2.4)
     from torch.distributed.tensor import DTensor
@@ -36,6 +36,7 @@ __all__ = [
     "reduce_square_norms",
     "scale_all_",
     "shards",
+    "stored_real_values",
 ]
 
 # Gradients below this many elements are reduced together rather than one by one (one reduction
@@ -127,7 +128,25 @@ def full_max(t: Tensor) -> Tensor:
     return top.full_tensor() if DTensor is not None and isinstance(top, DTensor) else top
 
 
-def grads_finite(grads: list[Tensor]) -> Tensor:
+def stored_real_values(t: Tensor) -> Tensor:
+    """The real, strided tensor whose elements are the numbers ``t`` stores: the values of a
+    sparse tensor (COO: uncoalesced entries included, so no sort), seen as real where complex
+    (``torch.view_as_real``: real and imaginary parts); ``t`` itself otherwise. An alias, no copy:
+    what :func:`grads_finite` needs to check the gradients of any optimizer torch supports.
+
+    Example:
+        >>> g = torch.tensor([1.0, 0.0, float("inf"), 0.0]).to_sparse()
+        >>> stored_real_values(g)
+        tensor([1., inf])
+    """
+    if t.layout == torch.sparse_coo:
+        t = t._values()
+    elif t.layout != torch.strided:  # CSR, CSC, BSR, BSC
+        t = t.values()
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def grads_finite(grads: list[Tensor], *, collective: bool = True) -> Tensor:
     """0-d bool tensor: every gradient element is finite and at most
     :func:`~steadystep._kernels.gradient_limit` in magnitude (no host sync).
 
@@ -138,8 +157,11 @@ def grads_finite(grads: list[Tensor]) -> Tensor:
     together), exact at every dtype's limits, with NaN-aware comparisons (``-limit <= min`` and
     ``max <= limit`` are False for NaN).
 
-    DTensor gradients (FSDP2) are read on this rank's shards and the flag is combined over
-    ranks in one all-reduce of a 0-d tensor, so every rank decides alike.
+    DTensor gradients (FSDP2) are read on this rank's shards. Under ``torch.distributed`` (more
+    than one rank) the flag is combined over ranks in one all-reduce of a 0-d tensor, so every
+    rank decides alike: a shard's NaN under FSDP2, and a NaN that reaches one rank's ``p.grad``
+    after DDP's all-reduce (a gradient hook, a clip, a bit flip), make every rank skip. Every
+    rank must therefore call it at the same point of each step (every optimizer step does).
 
     Example:
         >>> grads_finite([torch.ones(3), torch.tensor([1.0, float("nan")])])
@@ -150,9 +172,9 @@ def grads_finite(grads: list[Tensor]) -> Tensor:
     local = shards(grads)
     stats = kernels.grad_stats(local) if local else None
     found_finite = _grads_within_limit(local) if stats is None else stats[0]
-    if any(s is not g for s, g in zip(local, grads, strict=True)):  # some were DTensors
-        found_finite = all_reduce_sum((~found_finite).to(torch.float32)) == 0
-    return found_finite
+    # the same decision on every rank (``collective=False``: this rank's, for a caller that
+    # combines it with flags of its own in one all-reduce)
+    return all_ranks(found_finite) if collective else found_finite
 
 
 def gradient_stats(grads: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -184,6 +206,8 @@ def gradient_stats(grads: list[Tensor]) -> tuple[Tensor, Tensor]:
             sumsq = sumsq - gradient_stats(whole)[1].square()
         both = all_reduce_sum(torch.stack([(~found_finite).to(torch.float64), sumsq]))
         found_finite, sumsq = both[0] == 0, both[1]
+    else:
+        found_finite = all_ranks(found_finite)  # DDP: each rank holds the whole gradient
     return found_finite, sumsq.sqrt()
 
 

@@ -7,6 +7,7 @@ NaN fails it (``not (lo <= x < hi)`` is True for NaN).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 __all__ = [
     "check_choice",
     "check_finite",
+    "check_loss",
     "check_nonnegative",
     "check_param_tensors",
     "check_positive",
@@ -96,3 +98,20 @@ def check_param_tensors(params: Iterable[torch.Tensor], owner: str) -> None:
             )
         if not p.is_floating_point():
             raise ValueError(f"{owner} needs floating-point parameters, got dtype={p.dtype}")
+
+
+def check_loss(owner: str, loss: Any, name: str = "loss") -> None:
+    """``loss`` is None, a real number (not a bool) or a real-valued tensor (not complex, not
+    bool), as every ``step(loss=...)`` takes it; else a TypeError naming the argument."""
+    if loss is None:
+        return
+    if isinstance(loss, torch.Tensor):
+        ok = not (loss.is_complex() or loss.dtype == torch.bool)
+    else:
+        ok = isinstance(loss, numbers.Real) and not isinstance(loss, bool)
+    if not ok:
+        kind = f"a {loss.dtype} tensor" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise TypeError(
+            f"{owner}: {name} must be a real number or a tensor, got {name}={loss!r} ({kind}); "
+            "pass the minibatch loss, e.g. loss.detach()"
+        )

@@ -8,7 +8,9 @@
     steadystep report MONITOR_DIR        # plot the Monitor CSV files there, with a summary
 
 Each run directory holds ``config.json``, per-run CSV logs and JSON summaries under ``runs/``,
-``figures/*.png``, ``report.md``, ``results.json`` and ``timings.json``.
+``figures/*.png``, ``report.md``, ``results.json`` and ``timings.json``, each written atomically,
+so a kill at any moment leaves a directory that the same command continues (Note [atomic files]
+in :mod:`steadystep.experiments._files`).
 """
 
 from __future__ import annotations
@@ -151,6 +153,7 @@ def _device(choice: str) -> Any:
 
 def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from steadystep.experiments import get_experiment, missing_api
+    from steadystep.experiments._files import read_json, remove_stale_temporaries, write_text
     from steadystep.experiments.datasets import DatasetNotFoundError
     from steadystep.experiments.report import build_report
     from steadystep.experiments.runner import RunContext, Settings, run_all
@@ -206,18 +209,20 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "unavailable": unavailable,
     }
     config_path = out / "config.json"
-    if config_path.is_file():
-        with open(config_path) as f:
-            old = json.load(f)
+    # Note [atomic files] in steadystep.experiments._files: a torn config.json (a kill while
+    # it was written by an older version, a damaged copy) is treated as missing and rewritten.
+    old = read_json(config_path)
+    if old is not None:
         keys = ("command", "experiments", "settings", "planned")
-        if any(old.get(k) != config[k] for k in keys):
+        if not isinstance(old, dict) or any(old.get(k) != config[k] for k in keys):
+            argv_old = old.get("argv") if isinstance(old, dict) else None
             return _error(
-                f"{out} holds a run with other settings ({old.get('argv')}); "
+                f"{out} holds a run with other settings ({argv_old}); "
                 "choose another --out or the same options to continue it"
             )
     out.mkdir(parents=True, exist_ok=True)
-    with open(config_path, "w") as f:
-        json.dump(config, f, indent=1)
+    remove_stale_temporaries(out)
+    write_text(config_path, json.dumps(config, indent=1))
     for n, reason in unavailable.items():
         print(f"steadystep: {n} skipped: {reason}", file=sys.stderr)
     total = sum(len(s) for _, s in plans)

@@ -13,8 +13,11 @@ number of observations since the last reset and ``L_n`` the n-th loss:
     U_n &= U_{n-1} + (\\ell_n - \\bar\\ell_n), \\qquad U^{\\min}_n = \\min(U^{\\min}_{n-1}, U_n)\\\\
     \\text{alarm} &= (U_n - U^{\\min}_n > \\Delta) \\wedge (n > 1)
 
-``lambda`` is ``ph_lambda`` and ``rho`` is ``rho``; ``ell`` is ``relaxed_loss``, ``ell_bar`` is
-``mean``, ``U`` is ``cusum`` and ``U_min`` is ``cusum_min``. An alarm resets ``n, ell, ell_bar, U,
+``L_first`` is the first finite non-zero loss. Note [a first loss of 0]: a loss of exactly 0
+before it is not observed (no alarm, nothing changes, as a skipped observation): it gives Delta
+no scale, and Delta = 0 would make every later bit of noise an alarm. ``lambda`` is
+``ph_lambda`` and ``rho`` is ``rho``; ``ell`` is ``relaxed_loss``, ``ell_bar`` is ``mean``,
+``U`` is ``cusum`` and ``U_min`` is ``cusum_min``. An alarm resets ``n, ell, ell_bar, U,
 U_min`` to 0 (Delta is kept), so the next observation starts a fresh test and never alarms.
 
 A non-finite loss is an alarm too (the clearest catastrophe there is) and leaves every statistic
@@ -31,6 +34,7 @@ import torch
 
 from steadystep._distributed import all_reduce_mean
 from steadystep._validation import check_positive, check_probability
+from steadystep.optim._state_checks import check_class, check_shape
 
 __all__ = ["PageHinkley", "PageHinkleyPaper"]
 
@@ -47,11 +51,12 @@ class PageHinkleyPaper:
     ``docs/detectors.md`` measures it against the other detectors.
 
     Args:
-        ph_lambda: threshold as a fraction of the first observed loss, ``Delta = ph_lambda *
-            |first loss|`` (default 0.1, the paper's ``1/10``). The paper (and DESIGN.md) write
-            ``ph_lambda * first loss``; the absolute value is an extension for losses that can
-            be negative (equal for a positive first loss; for a negative one it keeps ``Delta``
-            positive, where the literal formula would alarm at the second observation).
+        ph_lambda: threshold as a fraction of the first observed (non-zero) loss, ``Delta =
+            ph_lambda * |first loss|`` (default 0.1, the paper's ``1/10``). The paper (and
+            DESIGN.md) write ``ph_lambda * first loss``; the absolute value is an extension for
+            losses that can be negative (equal for a positive first loss; for a negative one it
+            keeps ``Delta`` positive, where the literal formula would alarm at the second
+            observation).
         rho: weight of the loss EMA, ``batch_size / dataset_size`` in the paper (default 0.01).
             The first ``1/rho`` observations after a reset are averaged cumulatively.
         dtype: dtype of the statistics (default float32).
@@ -124,21 +129,27 @@ class PageHinkleyPaper:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; tensors land on this detector's device and dtypes.
 
-        A state_dict of another detector, or with missing or extra keys, raises ValueError
-        naming what was expected and what was found (checkpoints from before ``last_loss``
-        existed still load).
-        """
-        expected = {"ph_lambda", "rho", *self._tensors()}
-        found = set(state_dict)
-        if "detector" in found or not expected - {"last_loss"} <= found <= expected:
+        Checked first: a dict tagged with another class (``"class"``), a missing statistic or
+        one that is not 0-d is a ValueError and nothing is loaded."""
+        tensors = self._tensors()
+        required = ["ph_lambda", "rho", *(k for k in tensors if k != "last_loss")]
+        owner = type(self).__name__
+        other = state_dict.get("detector") if isinstance(state_dict, dict) else None
+        if other is not None:  # the detectors of steadystep.detectors tag their dicts
             raise ValueError(
-                f"{type(self).__name__}.load_state_dict: expected the keys {sorted(expected)}, "
-                f"found {sorted(found)}"
-                + (f" (a state_dict of {state_dict['detector']})" if "detector" in found else "")
+                f"{owner}.load_state_dict: expected the keys {sorted(required)}, found "
+                f"{sorted(state_dict)} (a state_dict of {other})"
             )
-        self.ph_lambda = check_positive("ph_lambda", state_dict["ph_lambda"])
+        check_class(state_dict, owner=owner, expected="PageHinkley", required=required)
+        for name, value in tensors.items():
+            if name in state_dict:
+                check_shape(state_dict[name], "scalar", value, owner=owner, where=repr(name))
+                if not isinstance(state_dict[name], torch.Tensor):
+                    raise ValueError(f"{owner}.load_state_dict: {name!r} must be a 0-d tensor")
+        ph_lambda = check_positive("ph_lambda", state_dict["ph_lambda"])
         self.rho = check_probability("rho", state_dict["rho"])
-        for name, value in self._tensors().items():
+        self.ph_lambda = ph_lambda
+        for name, value in tensors.items():
             if name == "last_loss" and name not in state_dict:
                 continue  # a checkpoint from before last_loss existed
             # A copy: the loaded dict must not alias (and later see) this detector's state.
@@ -190,17 +201,22 @@ class PageHinkleyPaper:
             self._to(loss.device)
         x = all_reduce_mean(loss.detach().reshape(()).to(self.dtype))
         finite = torch.isfinite(x)
-        active = None
+        # Note [a first loss of 0]: before Delta is set, an exact 0 is not observed (it is
+        # tested, and recorded as the last loss tested, but changes no statistic).
+        active = ~(finite & ~self.initialized & (x == 0))
+        tested = torch.ones_like(finite)
         if skip is not None:
             # A non-finite loss is an alarm even in a skipped step; a finite one is not observed.
-            active = ~(skip.to(device=x.device, dtype=torch.bool) & finite)
-        self.last_loss.copy_(x if active is None else torch.where(active, x, self.last_loss))
+            tested = ~(skip.to(device=x.device, dtype=torch.bool) & finite)
+            active = active & tested
+        self.last_loss.copy_(torch.where(tested, x, self.last_loss))
         x = torch.where(finite, x, torch.zeros_like(x))
-        if active is not None:
-            # A skipped observation behaves as a non-finite one (keep everything) minus the alarm.
-            finite = finite & active
+        # An observation that is not made behaves as a non-finite one (keep everything) minus
+        # the alarm.
+        finite = finite & active
 
-        # Delta from the first finite loss ever seen; |.| so a negative loss gives a usable test.
+        # Delta from the first finite (non-zero) loss observed; |.| so a negative loss gives a
+        # usable test.
         first = finite & ~self.initialized
         threshold = torch.where(first, self.ph_lambda * x.abs(), self.threshold)
 
@@ -219,13 +235,10 @@ class PageHinkleyPaper:
                 [t.isfinite() for t in (threshold, relaxed, mean, cusum, cusum_min)]
             ).all()
         )
-        if active is not None:
-            valid = valid | ~active  # a skipped step keeps its state and raises no alarm
+        valid = valid | ~active  # an observation not made keeps the state and raises no alarm
         # NaN-aware: a NaN gap is an alarm (``gap > Delta`` would be False for it).
         change = ~(cusum - cusum_min <= threshold) & (count > 1) & finite & valid
-        alarm = change | ~valid | ~finite
-        if active is not None:
-            alarm = alarm & active
+        alarm = (change | ~valid | ~finite) & active
 
         # finite & no change: commit; change: reset to 0; non-finite: keep everything.
         keep = ~(finite & valid)
@@ -233,8 +246,8 @@ class PageHinkleyPaper:
             old = getattr(self, name)
             old.copy_(torch.where(keep, old, torch.where(change, torch.zeros_like(new), new)))
         self.threshold.copy_(torch.where(valid, threshold, self.threshold))
-        self.initialized.logical_or_(finite & valid)
-        self.observations.add_(1 if active is None else active.to(self.observations.dtype))
+        self.initialized.logical_or_(first & valid)
+        self.observations.add_(active.to(self.observations.dtype))
         self.alarms.add_(alarm.to(self.alarms.dtype))
         return alarm
 

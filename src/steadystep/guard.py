@@ -22,7 +22,10 @@ does not observe that step's loss (bitwise unchanged), and ``stats()["nonfinite_
 it. The flag is read in the same single host read as the alarm. An optimizer that implements
 :class:`~steadystep.optim._protocol.MaskableOptimizer` (steadystep's ALeRA, AgAdam and CProp's
 native classes) skips such a step itself (ALeRA and AgAdam count it in their
-``skipped_steps``), so the guard leaves it to it.
+``skipped_steps``), so the guard leaves the step to it; the guard still computes the flag on the
+device (:func:`~steadystep._tensors.grads_finite`, one reduction over the gradients, no host
+read) and passes it to the detector as ``skip``, so the detector does not observe that step's
+loss there either (bitwise unchanged).
 
 Note [host syncs]: around a :class:`~steadystep.optim._protocol.MaskableOptimizer`
 (:class:`~steadystep.ALeRA`, :class:`~steadystep.AgAdam`, :class:`~steadystep.CPropSGD`,
@@ -44,6 +47,7 @@ paying on an alarm).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from typing import Any
@@ -52,12 +56,13 @@ import torch
 from torch.optim import Optimizer
 
 from steadystep import _kernels as kernels
-from steadystep._tensors import gradient_stats, local_tensor
-from steadystep._validation import check_nonnegative, check_probability
+from steadystep._tensors import gradient_stats, local_tensor, stored_real_values
+from steadystep._validation import check_loss, check_nonnegative, check_probability
 from steadystep.detect import PageHinkley
 from steadystep.detectors import Detector, SpikeDetector
 from steadystep.optim._order import check_wrappable
 from steadystep.optim._protocol import MaskableOptimizer
+from steadystep.optim._state_checks import CLASS_KEY, check_class, check_same, check_shape
 from steadystep.optim._torch_fused import torch_fused_maskable
 from steadystep.optim._wrapper import OptimizerWrapper, call_with_step_hooks
 
@@ -114,8 +119,9 @@ class CatastropheGuard(OptimizerWrapper):
         \\ \\theta \\leftarrow \\text{optimizer.step}(\\theta)
 
     Args:
-        optimizer: the optimizer to protect (any ``torch.optim.Optimizer``; steadystep's ALeRA,
-            AgAdam and native CProp classes stay sync-free, see Note [host syncs]).
+        optimizer: the optimizer to protect (any ``torch.optim.Optimizer``, with whatever it
+            supports: sparse gradients for SGD or SparseAdam, complex parameters; steadystep's
+            ALeRA, AgAdam and native CProp classes stay sync-free, see Note [host syncs]).
         detector: change detector with ``update(loss) -> alarm``; default
             :class:`~steadystep.SpikeDetector` ``()`` (the benchmark's best, ``docs/detectors.md``;
             the paper's test is ``PageHinkleyPaper(ph_lambda=0.1, rho=batch/dataset)``).
@@ -247,11 +253,23 @@ class CatastropheGuard(OptimizerWrapper):
             "lr_factor": self.lr_factor,
             "backtrack": self.backtrack,
             "min_lr": self.min_lr,
+            "optimizer_class": type(self.optimizer).__name__,
+            "detector_class": type(self.detector).__name__,
         }
-        return {"optimizer": self.optimizer.state_dict(), "guard": guard}
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "guard": guard,
+            CLASS_KEY: "CatastropheGuard",
+        }
 
     def _load_wrapped_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; resuming continues bitwise as the saved run would."""
+        """Restore a :meth:`state_dict`; resuming continues bitwise as the saved run would.
+
+        Checked first (:mod:`steadystep.optim._state_checks`): a dict that is not a guard's
+        (a plain optimizer's), a guard's around another optimizer class, snapshots of other
+        shapes or a detector state of another kind fail with a ValueError, and nothing loads.
+        """
+        self._check_wrapped_state_dict(state_dict)
         self.optimizer.load_state_dict(state_dict["optimizer"])
         guard = state_dict["guard"]
         self.detector.load_state_dict(guard["detector"])
@@ -270,6 +288,39 @@ class CatastropheGuard(OptimizerWrapper):
         self.lr_factor = check_probability("lr_factor", guard["lr_factor"])
         self.backtrack = bool(guard["backtrack"])
         self.min_lr = check_nonnegative("min_lr", guard["min_lr"])
+
+    def _check_wrapped_state_dict(self, state_dict: dict[str, Any]) -> None:
+        owner = type(self).__name__
+        keys = ("optimizer", "guard")
+        check_class(state_dict, owner=owner, expected="CatastropheGuard", required=keys)
+        guard = state_dict["guard"]
+        keys = ("detector", "snapshots", "calls", "lr_factor", "backtrack", "min_lr")
+        check_class(
+            guard, owner=owner, expected="CatastropheGuard", required=keys, what="its 'guard'"
+        )
+        inner = type(self.optimizer).__name__
+        check_same("optimizer_class", guard.get("optimizer_class"), inner, owner=owner)
+        detector = type(self.detector).__name__
+        check_same("detector_class", guard.get("detector_class"), detector, owner=owner)
+        params = self._params()
+        snapshots = guard["snapshots"]
+        if not isinstance(snapshots, list) or len(snapshots) > len(params):
+            found = len(snapshots) if isinstance(snapshots, list) else type(snapshots).__name__
+            raise ValueError(
+                f"{owner}.load_state_dict: the state_dict holds {found} rollback snapshots, "
+                f"this guard's optimizer has {len(params)} parameters"
+            )
+        for i, (snap, p) in enumerate(zip(snapshots, params, strict=False)):
+            check_shape(snap, "param", p, owner=owner, where=f"the rollback snapshot {i}")
+        for name, value in self._counters().items():
+            if name in guard and value.dim() == 0:
+                check_shape(guard[name], "scalar", value, owner=owner, where=f"{name!r}")
+            elif name in guard:
+                check_shape(guard[name], "param", value, owner=owner, where=f"{name!r}")
+        check_probability("lr_factor", guard["lr_factor"])
+        check_nonnegative("min_lr", guard["min_lr"])
+        # The detector checks its own part; on a copy, so a failure leaves it as it was.
+        copy.deepcopy(self.detector).load_state_dict(guard["detector"])
 
     def stats(self, *, include_optimizer: bool = True) -> dict[str, torch.Tensor]:
         """Telemetry as 0-d tensors, no host sync (a Monitor writes ``<component>/<key>``):
@@ -309,6 +360,7 @@ class CatastropheGuard(OptimizerWrapper):
         It wins over a closure's returned loss and loses to ``step(loss=...)`` (Note [loss
         precedence] in :meth:`step`); a later call replaces it, and each step consumes it.
         """
+        check_loss(f"{type(self).__name__}.observe_loss", loss)
         _check_scalar_loss(type(self).__name__, loss)
         self._pending_loss = loss.detach() if isinstance(loss, torch.Tensor) else loss
 
@@ -327,6 +379,8 @@ class CatastropheGuard(OptimizerWrapper):
         over them. The closure still runs (it computes the gradients). Returns the closure's
         result when there is a closure (as torch's optimizers do), else the watched loss.
         """
+        owner = f"{type(self).__name__}.step"
+        check_loss(owner, loss)
         result = None
         if closure is not None:
             with torch.enable_grad():
@@ -334,6 +388,7 @@ class CatastropheGuard(OptimizerWrapper):
         if loss is None:
             loss = self._pending_loss
         if loss is None:
+            check_loss(owner, result, name="the closure's result (the loss)")
             loss = result
         if loss is None:
             raise _missing_loss(type(self).__name__)
@@ -342,17 +397,16 @@ class CatastropheGuard(OptimizerWrapper):
         observed = loss.detach() if isinstance(loss, torch.Tensor) else loss
         params = self._params()
         # Note [non-finite gradients]: one pass over the gradients, before the detector sees the
-        # loss, gives the skip flag (so a skipped step leaves the detector untouched) and the
-        # norm some detectors watch. The flag is read on the host together with the alarm, or
-        # handed to the masked step of torch's fused optimizers; a MaskableOptimizer checks
-        # its gradients itself.
-        found_finite, grad_norm = gradient_stats([p.grad for p in params if p.grad is not None])
+        # loss, gives the skip flag (so a skipped step leaves the detector untouched, whoever
+        # skips it) and the norm some detectors watch, on the device. Sparse gradients are read
+        # on their stored values, complex ones as real pairs (stored_real_values), so the guard
+        # takes whatever the wrapped optimizer takes.
+        grads = [stored_real_values(p.grad) for p in params if p.grad is not None]
+        found_finite, grad_norm = gradient_stats(grads)
         bad_grads = ~found_finite
         if not getattr(self.detector, "needs_grad_norm", False):
             grad_norm = None
         alarm = self._observe(observed, bad_grads, grad_norm)
-        if self._self_protecting():
-            found_finite = None
         # History records the loss the detector tested: under torch.distributed the rank mean,
         # the same on every rank (a detector without ``last_loss`` gives the local loss).
         loss_t = getattr(self.detector, "last_loss", None)
@@ -361,13 +415,13 @@ class CatastropheGuard(OptimizerWrapper):
         self._ensure_snapshots(params)
         alarm = alarm.to(self.alarms.device)
         if self._device_side:
-            self._device_step(alarm, params, found_finite)
+            self._device_step(alarm, params, bad_grads)
             self._record(alarm, loss_t)
             self._calls += 1
             if self._calls % self.check_every == 0:
                 self._check_min_lr()
         else:
-            alarmed = self._host_step(alarm, params, None if self._self_protecting() else bad_grads)
+            alarmed = self._host_step(alarm, params, bad_grads)
             self._record(alarm, loss_t)
             self._calls += 1
             if alarmed:
@@ -390,22 +444,27 @@ class CatastropheGuard(OptimizerWrapper):
             self.snapshots.append(snap.copy_(p))
 
     def _device_step(
-        self, alarm: torch.Tensor, params: list[torch.Tensor], found_finite: torch.Tensor | None
+        self, alarm: torch.Tensor, params: list[torch.Tensor], bad_grads: torch.Tensor
     ) -> None:
         """Roll back where ``alarm``, cut the rates by ``where(alarm, lr_factor, 1)``, and take
-        the masked step, all on the device. ``found_finite``: the guard's own gradient check
-        (torch's fused optimizers), else None (the optimizer checks)."""
+        the masked step, all on the device. ``bad_grads``: the guard's gradient check of this
+        step (Note [non-finite gradients]): torch's fused optimizers take it as their mask, a
+        MaskableOptimizer checks its gradients itself."""
         if self.backtrack:
             # On this rank's shards (FSDP2): the rollback is elementwise.
             local_params = [local_tensor(p) for p in params]
             local_snaps = [local_tensor(s) for s in self.snapshots]
-            if not kernels.rollback_(local_params, local_snaps, alarm):
+            # Note [non-finite gradients]: a skipped step is no update, so the snapshot keeps
+            # the parameters from before the last real one (``hold``).
+            if not kernels.rollback_(local_params, local_snaps, alarm, hold=bad_grads):
                 for p, snap in zip(local_params, local_snaps, strict=True):
                     # The masked rollback: a copy where alarm, bitwise even when p holds
                     # inf/NaN (lerp-style arithmetic would not be), sync-free on CUDA, and on
                     # CPU several times faster than torch.where with a 0-d condition.
                     p.masked_scatter_(alarm, snap)
-                torch._foreach_copy_(local_snaps, local_params)
+                refresh = ~bad_grads.to(alarm.device)
+                for snap, p in zip(local_snaps, local_params, strict=True):
+                    snap.masked_scatter_(refresh, p)
         cut = torch.full((), self.lr_factor, dtype=torch.float64, device=alarm.device)
         factor = torch.where(alarm, cut, 1.0)
         inner = self._maskable
@@ -413,11 +472,11 @@ class CatastropheGuard(OptimizerWrapper):
             raise RuntimeError("the sync-free path needs a MaskableOptimizer")
         inner.scale_lr_(factor)
         self.lr_scale.mul_(factor)
-        if found_finite is not None:
+        if not self._self_protecting():
             # torch's fused step: its own step runs its hooks; a skipped non-finite gradient
             # that is not an alarm is counted here (Note [non-finite gradients])
-            self.nonfinite_grads.add_((~found_finite & ~alarm).to(self.nonfinite_grads.dtype))
-            inner.masked_step(alarm, found_finite)
+            self.nonfinite_grads.add_((bad_grads & ~alarm).to(self.nonfinite_grads.dtype))
+            inner.masked_step(alarm, ~bad_grads)
             return
         # Note [hooks]: ``masked_step`` bypasses the wrapped optimizer's ``step``, so its own
         # step hooks run here (the host path gets them from ``optimizer.step()``). They run
@@ -466,6 +525,11 @@ class CatastropheGuard(OptimizerWrapper):
             alarmed, skipped = bool(flags[0]), bool(flags[1]) and not flags[0]
         backup = getattr(self, "_detector_backup", None)
         self._detector_backup = None
+        if skipped and self._self_protecting():
+            # A MaskableOptimizer skips (and counts) a non-finite gradient itself; a skipped
+            # step is no update, so the snapshot stays as it is.
+            self.optimizer.step()
+            return False
         if skipped:
             # Note [non-finite gradients]: no update, no cut, the detector as it was.
             if backup is not None:

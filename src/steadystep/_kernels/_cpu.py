@@ -248,10 +248,11 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         p,
         p,
         p,
+        p,
         ctypes.POINTER(AleraHyper),
         c_int,
     ]
-    lib.ss_rollback.argtypes = [i64, p, p, p, p, c_int]
+    lib.ss_rollback.argtypes = [i64, p, p, p, p, p, c_int]
     exported = ("ss_grads_ok", "ss_adam", "ss_sgd", "ss_wrap_before", "ss_wrap_after", "ss_alera")
     for name in (*exported, "ss_rollback"):
         getattr(lib, name).restype = c_int

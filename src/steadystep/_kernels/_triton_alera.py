@@ -12,15 +12,16 @@ import triton.language as tl
 from torch import Tensor
 
 from steadystep._kernels._triton_common import (
-    BLOCK,
     TL_DTYPE,
     block_table,
     cached,
     gather,
     hyper_row,
+    launch_shape,
     pointer_table,
     scatter,
     stats_dtype,
+    to_device,
     to_param,
 )
 
@@ -160,22 +161,23 @@ def alera(
     sdtype = stats_dtype(dtype)
     info = torch.finfo(sdtype)
     alpha, C = hyper["alpha"], hyper["C"]
-    index, start, numel_t = block_table(tuple(p.numel() for p in params), device)
+    block, warps = launch_shape()
+    index, start, numel_t = block_table(tuple(p.numel() for p in params), device, block)
     blocks = index.numel()
     # structural vectors: cached (they change only with the layout)
     key = (tuple(plan["tensor_unit"]), tuple(plan["tensor_weight_decay"]), tuple(plan["tensor_lr"]))
     tensor_unit, wd, lr = cached(
         ("alera", device, key),
         lambda: (
-            torch.tensor(plan["tensor_unit"], dtype=torch.int64).to(device),
-            torch.tensor(plan["tensor_weight_decay"], dtype=torch.float64).to(device),
-            torch.tensor(plan["tensor_lr"], dtype=torch.float64).to(device),
+            to_device(plan["tensor_unit"], torch.int64, device),
+            to_device(plan["tensor_weight_decay"], torch.float64, device),
+            to_device(plan["tensor_lr"], torch.float64, device),
         ),
     )
     units = len(plan["unit_steps"])
     unit_numel = cached(
         ("alera-numel", device, tuple(plan["unit_numels"])),
-        lambda: torch.tensor(plan["unit_numels"], dtype=torch.float64).to(device),
+        lambda: to_device(plan["unit_numels"], torch.float64, device),
     )
     partial = torch.empty(blocks, 4, dtype=torch.float64, device=device)
     tables = {k: pointer_table(lists[k], device) for k in ("params", "grads", "relaxed_paths")}
@@ -192,13 +194,16 @@ def alera(
             hyper_row((hyper["limit"],), device),
             PDTYPE=TL_DTYPE[dtype],
             SDTYPE=TL_DTYPE[sdtype],
-            BLOCK=BLOCK,
+            BLOCK=block,
+            num_warps=warps,
         )
     sums = torch.zeros(n, 4, dtype=torch.float64, device=device).index_add_(0, index, partial)
     unit_dd = torch.zeros(units, dtype=torch.float64, device=device).index_add_(
         0, tensor_unit, sums[:, 0]
     )
     bad = (sums[:, 3] > 0).any() | ~(unit_dd <= info.max).all()
+    if plan.get("found_finite") is not None:  # a decision made before (every rank's)
+        bad = bad | ~plan["found_finite"]
     skip = plan["skip"]
     masked = torch.zeros((), dtype=torch.bool, device=device) if skip is None else skip
     take = ~bad & ~masked
@@ -286,13 +291,22 @@ def alera(
             SDTYPE=TL_DTYPE[sdtype],
             PARAM_WISE=param_wise,
             ADAM=adam,
-            BLOCK=BLOCK,
+            BLOCK=block,
+            num_warps=warps,
         )
 
 
 @triton.jit
 def _rollback_kernel(
-    p_ptrs, snap_ptrs, block_tensor, block_start, numels, alarm, BLOCK: tl.constexpr
+    p_ptrs,
+    snap_ptrs,
+    block_tensor,
+    block_start,
+    numels,
+    alarm,
+    hold,
+    WORD: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.load(block_tensor + pid)
@@ -300,26 +314,44 @@ def _rollback_kernel(
     n = tl.load(numels + t)
     offs = start + tl.arange(0, BLOCK)
     mask = offs < n
-    p_ptr = tl.load(p_ptrs + t).to(tl.pointer_type(tl.int8))
-    snap_ptr = tl.load(snap_ptrs + t).to(tl.pointer_type(tl.int8))
+    p_ptr = tl.load(p_ptrs + t).to(tl.pointer_type(WORD))
+    snap_ptr = tl.load(snap_ptrs + t).to(tl.pointer_type(WORD))
     if tl.load(alarm) != 0:
         tl.store(p_ptr + offs, tl.load(snap_ptr + offs, mask=mask), mask=mask)
-    else:
+    elif tl.load(hold) == 0:
         tl.store(snap_ptr + offs, tl.load(p_ptr + offs, mask=mask), mask=mask)
 
 
-def rollback(params: Sequence[Tensor], snapshots: Sequence[Tensor], alarm: Tensor) -> None:
-    """``p <- snapshot`` where ``alarm``, else ``snapshot <- p``, as bytes: one launch."""
+_WORDS = {1: tl.int8, 2: tl.int16, 4: tl.int32, 8: tl.int64}
+
+
+def rollback(
+    params: Sequence[Tensor], snapshots: Sequence[Tensor], alarm: Tensor, hold: Tensor | None
+) -> None:
+    """``p <- snapshot`` where ``alarm``, else ``snapshot <- p`` unless ``hold``: bitwise
+    copies as integer words of each tensor's element size, one launch per element size."""
     device = params[0].device
-    sizes = tuple(p.numel() * p.element_size() for p in params)
-    index, start, numel_t = block_table(sizes, device)
-    if index.numel():
+    if hold is None:
+        hold = cached(("false", device), lambda: torch.zeros((), dtype=torch.bool, device=device))
+    block, warps = launch_shape()
+    by_size: dict[int, list[int]] = {}
+    for i, p in enumerate(params):
+        by_size.setdefault(p.element_size(), []).append(i)
+    for size, index_list in by_size.items():
+        ps = [params[i] for i in index_list]
+        snaps = [snapshots[i] for i in index_list]
+        index, start, numel_t = block_table(tuple(p.numel() for p in ps), device, block)
+        if index.numel() == 0:
+            continue
         _rollback_kernel[(index.numel(),)](
-            pointer_table(params, device),
-            pointer_table(snapshots, device),
+            pointer_table(ps, device),
+            pointer_table(snaps, device),
             index,
             start,
             numel_t,
             alarm,
-            BLOCK=BLOCK,
+            hold,
+            WORD=_WORDS[size],
+            BLOCK=block,
+            num_warps=warps,
         )

@@ -17,8 +17,10 @@ Note [Triton kernels]
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import triton
@@ -27,6 +29,7 @@ from torch import Tensor
 
 __all__ = [
     "BLOCK",
+    "NUM_WARPS",
     "TL_DTYPE",
     "advance",
     "block_table",
@@ -34,18 +37,33 @@ __all__ = [
     "gather",
     "grad_stats",
     "hyper_row",
+    "launch",
+    "launch_shape",
     "pointer_table",
     "scatter",
     "stats_dtype",
+    "to_device",
     "to_param",
 ]
 
-BLOCK = 2048
-_TABLES: OrderedDict[tuple, Tensor] = OrderedDict()
+BLOCK = 4096  # elements per program of the elementwise kernels
+NUM_WARPS = 8
+
+_TABLES: OrderedDict[tuple, Any] = OrderedDict()
 _TABLE_LIMIT = 256
 
 
-def cached(key: tuple, make) -> Tensor:
+def launch_shape() -> tuple[int, int]:
+    """``(BLOCK, num_warps)`` of the elementwise kernels: elements per program and warps per
+    program (``STEADYSTEP_TRITON_BLOCK`` / ``STEADYSTEP_TRITON_WARPS`` override them, for
+    tuning on a new device)."""
+    block = int(os.environ.get("STEADYSTEP_TRITON_BLOCK", BLOCK))
+    warps = int(os.environ.get("STEADYSTEP_TRITON_WARPS", NUM_WARPS))
+    return block, warps
+
+
+def cached(key: tuple, make) -> Any:
+    """A table made by ``make()`` once per ``key`` (an LRU of the last 256)."""
     table = _TABLES.get(key)
     if table is None:
         table = make()
@@ -57,30 +75,71 @@ def cached(key: tuple, make) -> Tensor:
     return table
 
 
+def to_device(values: Sequence[Any], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``values`` as a tensor on ``device``: through pinned host memory and an asynchronous
+    copy, so a table made while a step runs (new gradient pointers after ``zero_grad``, a new
+    learning rate) never synchronises the host with the device."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype)
+    host = torch.tensor(values, dtype=dtype, pin_memory=True)
+    return host.to(device, non_blocking=True)
+
+
 def pointer_table(tensors: Sequence[Tensor | None], device: torch.device) -> Tensor:
+    """The data pointers of ``tensors`` (0 for None) as an int64 device tensor."""
     ptrs = tuple(0 if t is None else t.data_ptr() for t in tensors)
-    return cached(("ptr", device, ptrs), lambda: torch.tensor(ptrs, dtype=torch.int64).to(device))
+    return cached(("ptr", device, ptrs), lambda: to_device(ptrs, torch.int64, device))
 
 
-def block_table(numels: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """(tensor index, first element) of every block, and the numels, as device tensors."""
+def block_table(
+    numels: tuple[int, ...], device: torch.device, block: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(tensor index, first element) of every block of ``block`` elements, and the numels, as
+    device tensors."""
 
     def make() -> tuple[Tensor, Tensor, Tensor]:
-        index = [i for i, n in enumerate(numels) for _ in range(0, n, BLOCK)]
-        start = [s for n in numels for s in range(0, n, BLOCK)]
+        index = [i for i, n in enumerate(numels) for _ in range(0, n, block)]
+        start = [s for n in numels for s in range(0, n, block)]
         return (
-            torch.tensor(index, dtype=torch.int32).to(device),
-            torch.tensor(start, dtype=torch.int64).to(device),
-            torch.tensor(numels, dtype=torch.int64).to(device),
+            to_device(index, torch.int32, device),
+            to_device(start, torch.int64, device),
+            to_device(numels, torch.int64, device),
         )
 
-    return cached(("blocks", device, numels), make)
+    return cached(("blocks", device, numels, block), make)
 
 
 def hyper_row(values: tuple[float, ...], device: torch.device) -> Tensor:
     """The hyperparameters as a float64 device row (cached: changes only with the values)."""
-    return cached(
-        ("hyper", device, values), lambda: torch.tensor(values, dtype=torch.float64).to(device)
+    return cached(("hyper", device, values), lambda: to_device(values, torch.float64, device))
+
+
+def launch(
+    kernel: Any,
+    numels: tuple[int, ...],
+    device: torch.device,
+    *tables: Tensor,
+    found_finite: Tensor,
+    hyper: Tensor,
+    **constexprs: Any,
+) -> None:
+    """``kernel`` over every element of the tensors of ``numels``: one program per block, its
+    arguments the pointer/coefficient ``tables``, then the block table, ``found_finite`` and
+    the hyperparameter row."""
+    block, warps = launch_shape()
+    index, start, numel_t = block_table(numels, device, block)
+    if index.numel() == 0:
+        return
+    kernel[(index.numel(),)](
+        *tables,
+        index,
+        start,
+        numel_t,
+        found_finite,
+        hyper,
+        **constexprs,
+        BLOCK=block,
+        num_warps=warps,
     )
 
 
@@ -137,7 +196,8 @@ def grad_stats(grads: Sequence[Tensor], limit: float) -> tuple[Tensor, Tensor]:
     for g in grads:
         by_dtype.setdefault(g.dtype, []).append(g)
     for dtype, gs in by_dtype.items():
-        index, start, numels = block_table(tuple(g.numel() for g in gs), device)
+        block, warps = launch_shape()
+        index, start, numels = block_table(tuple(g.numel() for g in gs), device, block)
         partial = torch.zeros(max(index.numel(), 1), dtype=torch.float64, device=device)
         if index.numel():
             _check_kernel[(index.numel(),)](
@@ -149,7 +209,8 @@ def grad_stats(grads: Sequence[Tensor], limit: float) -> tuple[Tensor, Tensor]:
                 partial,
                 hyper_row((limit,), device),
                 PDTYPE=TL_DTYPE[dtype],
-                BLOCK=BLOCK,
+                BLOCK=block,
+                num_warps=warps,
             )
         sums.append(partial.sum())
     total = sums[0] if len(sums) == 1 else torch.stack(sums).sum()

@@ -1,20 +1,26 @@
 """CProp's native steps (Adam/AdamW, SGD) and the wrapper's two passes in Triton (Note
-[Triton kernels] in :mod:`._triton_common`)."""
+[Triton kernels] in :mod:`._triton_common`).
+
+Every step first writes a small table of per-tensor coefficients (bias corrections from each
+tensor's own step count, in float64; one launch for all tensors), which the elementwise
+kernel's programs then load: the transcendental float64 work is done once per tensor, not once
+per block of elements.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from steadystep._kernels._triton_common import (
-    BLOCK,
     TL_DTYPE,
     advance,
-    block_table,
     hyper_row,
+    launch,
     pointer_table,
     stats_dtype,
     to_param,
@@ -22,20 +28,34 @@ from steadystep._kernels._triton_common import (
 
 __all__ = ["adam", "sgd", "wrapper_after", "wrapper_before"]
 
+# columns of the per-tensor coefficient table (float64)
+_NEG_STEP_SIZE, _INV_BC2_SQRT, _INV_CPROP_BC, _VARIANCE_SCALE, _SCALED_EPS, _FIRST, _LR_WD = range(
+    7
+)
+_COLUMNS = 8
+
 
 @triton.jit
-def _step_count(step_ptrs, t, step_offset):
-    """The tensor's step count plus ``step_offset`` (1 before this step's advance, 0 after)."""
-    step_ptr = tl.load(step_ptrs + t).to(tl.pointer_type(tl.float32))
-    return tl.load(step_ptr).to(tl.float64) + step_offset
-
-
-@triton.jit
-def _cprop_coefficients(step, hyper, METHOD: tl.constexpr):
-    """CProp's per-tensor scalars (float64) at step ``step`` (see ``kernels_cprop.c``)."""
+def _coef_kernel(
+    step_ptrs, n, hyper, lr_scale_ptr, out, step_offset, METHOD: tl.constexpr, BLOCK_T: tl.constexpr
+):
+    """One row of coefficients per tensor from its step count plus ``step_offset`` (1 before
+    this step's advance, 0 after it); see ``coefficients`` in ``kernels_cprop.c``."""
+    offs = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask = offs < n
+    step_ptr = tl.load(step_ptrs + offs, mask=mask, other=0).to(tl.pointer_type(tl.float32))
+    raw = tl.load(step_ptr, mask=mask, other=0.0).to(tl.float64) + step_offset
+    first = (raw == 1.0).to(tl.float64)
+    step = tl.maximum(raw, 1.0)
+    lr = tl.load(hyper + 0) * tl.load(lr_scale_ptr).to(tl.float64)
+    beta1 = tl.load(hyper + 1)
+    beta2 = tl.load(hyper + 2)
     cprop_beta = tl.load(hyper + 5)
     cprop_eps = tl.load(hyper + 7)
     constant = tl.load(hyper + 8)
+    # beta**t as exp(t log beta); a beta of 0 (SGD's rows) gives 0 without a log of 0
+    bias_correction1 = 1.0 - tl.exp(step * tl.log(tl.maximum(beta1, 1e-300)))
+    bias_correction2 = 1.0 - tl.exp(step * tl.log(tl.maximum(beta2, 1e-300)))
     cprop_bc = 1.0 - tl.exp(step * tl.log(cprop_beta))
     n_t = cprop_bc / (1.0 - cprop_beta)
     inv_cprop_bc = 1.0 / cprop_bc
@@ -46,8 +66,37 @@ def _cprop_coefficients(step, hyper, METHOD: tl.constexpr):
         variance_scale = inv_cprop_bc / ratio
     else:
         variance_scale = inv_cprop_bc / (ratio * ratio)
-    first = (step == 1.0).to(tl.float64)
-    return inv_cprop_bc, variance_scale, cprop_eps / ratio, first
+    row = out + offs * 8
+    tl.store(row + 0, -lr / bias_correction1, mask=mask)
+    tl.store(row + 1, 1.0 / tl.sqrt(bias_correction2), mask=mask)
+    tl.store(row + 2, inv_cprop_bc, mask=mask)
+    tl.store(row + 3, variance_scale, mask=mask)
+    tl.store(row + 4, cprop_eps / ratio, mask=mask)
+    tl.store(row + 5, first, mask=mask)
+    tl.store(row + 6, lr * tl.load(hyper + 4), mask=mask)
+
+
+def _coefficients(
+    steps: Sequence[Tensor],
+    hyper: Tensor,
+    lr_scale: Tensor,
+    method: int,
+    step_offset: float,
+) -> Tensor:
+    n = len(steps)
+    device = steps[0].device
+    out = torch.empty(n, _COLUMNS, dtype=torch.float64, device=device)
+    _coef_kernel[(triton.cdiv(n, 1024),)](
+        pointer_table(steps, device),
+        n,
+        hyper,
+        lr_scale,
+        out,
+        step_offset,
+        METHOD=method,
+        BLOCK_T=1024,
+    )
+    return out
 
 
 @triton.jit
@@ -61,20 +110,21 @@ def _tanh_nonnegative(y):
 def _scale(
     cm,
     cv,
-    inv_cprop_bc,
-    variance_scale,
-    scaled_cprop_eps,
-    first,
+    row,
     cprop_c,
+    SDTYPE: tl.constexpr,
     METHOD: tl.constexpr,
     CDF: tl.constexpr,
     C_INF: tl.constexpr,
     C_ONE: tl.constexpr,
     EPS_ZERO: tl.constexpr,
 ):
+    """CProp's scale from the updated statistics and the tensor's coefficient row."""
     if C_INF:
         s = tl.full(cm.shape, 1.0, cm.dtype)
     else:
+        inv_cprop_bc = tl.load(row + 2).to(SDTYPE)
+        variance_scale = tl.load(row + 3).to(SDTYPE)
         if METHOD == 0:
             centred = cv - (cm * cm) * inv_cprop_bc
             se = tl.sqrt(tl.maximum(centred, 0.0) * variance_scale)
@@ -82,7 +132,7 @@ def _scale(
             se = cv * variance_scale
         else:
             se = tl.sqrt(cv * variance_scale)
-        se = se + scaled_cprop_eps
+        se = se + tl.load(row + 4).to(SDTYPE)
         if EPS_ZERO:
             se = tl.maximum(se, 1.1754943508222875e-38)
         x = tl.abs(cm) / se
@@ -96,7 +146,7 @@ def _scale(
             conf = _tanh_nonnegative(x)
         if not C_ONE:
             conf = tl.minimum(conf * cprop_c, 1.0)
-        s = tl.maximum(conf, first)
+        s = tl.maximum(conf, tl.load(row + 5).to(SDTYPE))
     return s
 
 
@@ -109,13 +159,12 @@ def _adam_kernel(
     vmax_ptrs,
     cm_ptrs,
     cv_ptrs,
-    step_ptrs,
+    coefs,
     block_tensor,
     block_start,
     numels,
     found_finite,
     hyper,
-    lr_scale_ptr,
     PDTYPE: tl.constexpr,
     SDTYPE: tl.constexpr,
     AMSGRAD: tl.constexpr,
@@ -135,15 +184,10 @@ def _adam_kernel(
     t = tl.load(block_tensor + pid)
     start = tl.load(block_start + pid)
     n = tl.load(numels + t)
-    step = _step_count(step_ptrs, t, 1.0)
-    inv_cprop_bc, variance_scale, scaled_cprop_eps, first = _cprop_coefficients(step, hyper, METHOD)
-    lr = tl.load(hyper + 0) * tl.load(lr_scale_ptr).to(tl.float64)
-    neg_step_size = -lr / (1.0 - tl.exp(step * tl.log(tl.load(hyper + 1))))
-    inv_bc2_sqrt = 1.0 / tl.sqrt(1.0 - tl.exp(step * tl.log(tl.load(hyper + 2))))
+    row = coefs + t * 8
     beta1 = tl.load(hyper + 1).to(SDTYPE)
     beta2 = tl.load(hyper + 2).to(SDTYPE)
     eps = tl.load(hyper + 3).to(SDTYPE)
-    wd = tl.load(hyper + 4)
     cprop_beta = tl.load(hyper + 5).to(SDTYPE)
     cprop_c = tl.load(hyper + 6).to(SDTYPE)
     one_minus_beta1 = (1.0 - tl.load(hyper + 1)).to(SDTYPE)
@@ -159,7 +203,7 @@ def _adam_kernel(
     raw = tl.load(g_ptr + offs, mask=mask, other=0.0).to(SDTYPE)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(SDTYPE)
     if L2:
-        g = raw + wd.to(SDTYPE) * p
+        g = raw + tl.load(hyper + 4).to(SDTYPE) * p
     else:
         g = raw
     m = tl.load(m_ptr + offs, mask=mask, other=0.0) * beta1 + one_minus_beta1 * g
@@ -170,10 +214,10 @@ def _adam_kernel(
         tl.store(vmax_ptr + offs, vmax, mask=mask)
     else:
         vmax = v
-    denom = tl.sqrt(vmax) * inv_bc2_sqrt.to(SDTYPE) + eps
-    update = neg_step_size.to(SDTYPE) * m / denom
+    denom = tl.sqrt(vmax) * tl.load(row + 1).to(SDTYPE) + eps
+    update = tl.load(row + 0).to(SDTYPE) * m / denom
     if DECOUPLED:
-        update = update - (lr * wd).to(SDTYPE) * p
+        update = update - tl.load(row + 6).to(SDTYPE) * p
     cm = tl.load(cm_ptr + offs, mask=mask, other=0.0) * cprop_beta + one_minus_cprop_beta * raw
     if SHARED_V:
         cv = v
@@ -183,29 +227,18 @@ def _adam_kernel(
             second = tl.abs(raw)
         else:
             second = raw * raw
-        cv = (
-            tl.load(cv_ptr + offs, mask=mask, other=0.0) * cprop_beta
-            + one_minus_cprop_beta * second
-        )
+        cv = tl.load(cv_ptr + offs, mask=mask, other=0.0) * cprop_beta
+        cv = cv + one_minus_cprop_beta * second
         tl.store(cv_ptr + offs, cv, mask=mask)
-    s = _scale(
-        cm,
-        cv,
-        inv_cprop_bc.to(SDTYPE),
-        variance_scale.to(SDTYPE),
-        scaled_cprop_eps.to(SDTYPE),
-        first.to(SDTYPE),
-        cprop_c,
-        METHOD,
-        CDF,
-        C_INF,
-        C_ONE,
-        EPS_ZERO,
-    )
+    s = _scale(cm, cv, row, cprop_c, SDTYPE, METHOD, CDF, C_INF, C_ONE, EPS_ZERO)
     tl.store(p_ptr + offs, to_param(p + s * update, PDTYPE), mask=mask)
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
     tl.store(cm_ptr + offs, cm, mask=mask)
+
+
+def _static(config: dict[str, int]) -> dict[str, int]:
+    return {k.removeprefix("SS_"): v for k, v in config.items() if k != "SS_PARAM"}
 
 
 def adam(
@@ -219,38 +252,33 @@ def adam(
     max_exp_avg_sqs, cprop_exp_avgs, cprop_seconds, steps); a no-op unless ``found_finite``."""
     params = lists["params"]
     device = params[0].device
-    numels = tuple(p.numel() for p in params)
-    index, start, numel_t = block_table(numels, device)
     n = len(params)
     none = [None] * n
-    tables = [
-        pointer_table(lists[k] if lists[k] is not None else none, device)
-        for k in (
-            "params",
-            "grads",
-            "exp_avgs",
-            "exp_avg_sqs",
-            "max_exp_avg_sqs",
-            "cprop_exp_avgs",
-            "cprop_seconds",
-            "steps",
-        )
-    ]
-    if index.numel():
-        dtype = params[0].dtype
-        _adam_kernel[(index.numel(),)](
-            *tables,
-            index,
-            start,
-            numel_t,
-            found_finite,
-            hyper_row(hyper, device),
-            lr_scale,
-            PDTYPE=TL_DTYPE[dtype],
-            SDTYPE=TL_DTYPE[stats_dtype(dtype)],
-            BLOCK=BLOCK,
-            **{k.removeprefix("SS_"): v for k, v in config.items() if k != "SS_PARAM"},
-        )
+    keys = (
+        "params",
+        "grads",
+        "exp_avgs",
+        "exp_avg_sqs",
+        "max_exp_avg_sqs",
+        "cprop_exp_avgs",
+        "cprop_seconds",
+    )
+    tables = [pointer_table(lists[k] if lists[k] is not None else none, device) for k in keys]
+    row = hyper_row(hyper, device)
+    coefs = _coefficients(lists["steps"], row, lr_scale, config["SS_METHOD"], 1.0)
+    dtype = params[0].dtype
+    launch(
+        _adam_kernel,
+        tuple(p.numel() for p in params),
+        device,
+        *tables,
+        coefs,
+        found_finite=found_finite,
+        hyper=row,
+        PDTYPE=TL_DTYPE[dtype],
+        SDTYPE=TL_DTYPE[stats_dtype(dtype)],
+        **_static(config),
+    )
     advance(lists["steps"], found_finite)
 
 
@@ -261,13 +289,12 @@ def _sgd_kernel(
     buf_ptrs,
     cm_ptrs,
     cv_ptrs,
-    step_ptrs,
+    coefs,
     block_tensor,
     block_start,
     numels,
     found_finite,
     hyper,
-    lr_scale_ptr,
     PDTYPE: tl.constexpr,
     SDTYPE: tl.constexpr,
     L2: tl.constexpr,
@@ -286,15 +313,10 @@ def _sgd_kernel(
     t = tl.load(block_tensor + pid)
     start = tl.load(block_start + pid)
     n = tl.load(numels + t)
-    step = _step_count(step_ptrs, t, 1.0)
-    inv_cprop_bc, variance_scale, scaled_cprop_eps, first = _cprop_coefficients(step, hyper, METHOD)
-    lr = tl.load(hyper + 0) * tl.load(lr_scale_ptr).to(tl.float64)
-    wd = tl.load(hyper + 4).to(SDTYPE)
+    row = coefs + t * 8
     cprop_beta = tl.load(hyper + 5).to(SDTYPE)
     cprop_c = tl.load(hyper + 6).to(SDTYPE)
     one_minus_cprop_beta = (1.0 - tl.load(hyper + 5)).to(SDTYPE)
-    momentum = tl.load(hyper + 9)
-    dampening = tl.load(hyper + 10)
     offs = start + tl.arange(0, BLOCK)
     mask = offs < n
     p_ptr = tl.load(p_ptrs + t).to(tl.pointer_type(PDTYPE))
@@ -304,7 +326,7 @@ def _sgd_kernel(
     raw = tl.load(g_ptr + offs, mask=mask, other=0.0).to(SDTYPE)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(SDTYPE)
     if L2:
-        d = raw + wd * p
+        d = raw + tl.load(hyper + 4).to(SDTYPE) * p
     else:
         d = raw
     cm = tl.load(cm_ptr + offs, mask=mask, other=0.0) * cprop_beta + one_minus_cprop_beta * raw
@@ -315,8 +337,10 @@ def _sgd_kernel(
     cv = tl.load(cv_ptr + offs, mask=mask, other=0.0) * cprop_beta + one_minus_cprop_beta * second
     if MOMENTUM:
         # torch.optim.SGD starts the buffer at d on the first step
-        momentum_a = tl.where(first == 1.0, 0.0, momentum).to(SDTYPE)
-        momentum_b = tl.where(first == 1.0, 1.0, 1.0 - dampening).to(SDTYPE)
+        momentum = tl.load(hyper + 9)
+        first = tl.load(row + 5) == 1.0
+        momentum_a = tl.where(first, 0.0, momentum).to(SDTYPE)
+        momentum_b = tl.where(first, 1.0, 1.0 - tl.load(hyper + 10)).to(SDTYPE)
         buf_ptr = tl.load(buf_ptrs + t).to(tl.pointer_type(SDTYPE))
         buf = tl.load(buf_ptr + offs, mask=mask, other=0.0) * momentum_a + momentum_b * d
         tl.store(buf_ptr + offs, buf, mask=mask)
@@ -324,21 +348,9 @@ def _sgd_kernel(
             d = d + momentum.to(SDTYPE) * buf
         else:
             d = buf
-    s = _scale(
-        cm,
-        cv,
-        inv_cprop_bc.to(SDTYPE),
-        variance_scale.to(SDTYPE),
-        scaled_cprop_eps.to(SDTYPE),
-        first.to(SDTYPE),
-        cprop_c,
-        METHOD,
-        CDF,
-        C_INF,
-        C_ONE,
-        EPS_ZERO,
-    )
-    tl.store(p_ptr + offs, to_param(p + s * ((-lr).to(SDTYPE) * d), PDTYPE), mask=mask)
+    s = _scale(cm, cv, row, cprop_c, SDTYPE, METHOD, CDF, C_INF, C_ONE, EPS_ZERO)
+    # the first column is -lr / (1 - 0**t) = -lr for SGD's rows
+    tl.store(p_ptr + offs, to_param(p + s * (tl.load(row + 0).to(SDTYPE) * d), PDTYPE), mask=mask)
     tl.store(cm_ptr + offs, cm, mask=mask)
     tl.store(cv_ptr + offs, cv, mask=mask)
 
@@ -353,24 +365,23 @@ def sgd(
     """SGD + CProp (keys params, grads, momentum_buffers, cprop_exp_avgs, cprop_seconds, steps)."""
     params = lists["params"]
     device = params[0].device
-    index, start, numel_t = block_table(tuple(p.numel() for p in params), device)
-    keys = ("params", "grads", "momentum_buffers", "cprop_exp_avgs", "cprop_seconds", "steps")
+    keys = ("params", "grads", "momentum_buffers", "cprop_exp_avgs", "cprop_seconds")
     tables = [pointer_table(lists[k], device) for k in keys]
-    if index.numel():
-        dtype = params[0].dtype
-        _sgd_kernel[(index.numel(),)](
-            *tables,
-            index,
-            start,
-            numel_t,
-            found_finite,
-            hyper_row(hyper, device),
-            lr_scale,
-            PDTYPE=TL_DTYPE[dtype],
-            SDTYPE=TL_DTYPE[stats_dtype(dtype)],
-            BLOCK=BLOCK,
-            **{k.removeprefix("SS_"): v for k, v in config.items() if k != "SS_PARAM"},
-        )
+    row = hyper_row(hyper, device)
+    coefs = _coefficients(lists["steps"], row, lr_scale, config["SS_METHOD"], 1.0)
+    dtype = params[0].dtype
+    launch(
+        _sgd_kernel,
+        tuple(p.numel() for p in params),
+        device,
+        *tables,
+        coefs,
+        found_finite=found_finite,
+        hyper=row,
+        PDTYPE=TL_DTYPE[dtype],
+        SDTYPE=TL_DTYPE[stats_dtype(dtype)],
+        **_static(config),
+    )
     advance(lists["steps"], found_finite)
 
 
@@ -395,18 +406,18 @@ def _wrap_before_kernel(
     t = tl.load(block_tensor + pid)
     start = tl.load(block_start + pid)
     n = tl.load(numels + t)
-    cprop_beta = tl.load(hyper + 5).to(SDTYPE)
-    one_minus_cprop_beta = (1.0 - tl.load(hyper + 5)).to(SDTYPE)
     offs = start + tl.arange(0, BLOCK)
     mask = offs < n
     p_ptr = tl.load(p_ptrs + t).to(tl.pointer_type(PDTYPE))
-    g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(PDTYPE))
     snap_ptr = tl.load(snap_ptrs + t).to(tl.pointer_type(PDTYPE))
-    cm_ptr = tl.load(cm_ptrs + t).to(tl.pointer_type(SDTYPE))
-    cv_ptr = tl.load(cv_ptrs + t).to(tl.pointer_type(SDTYPE))
     tl.store(snap_ptr + offs, tl.load(p_ptr + offs, mask=mask), mask=mask)
     if tl.load(found_finite) == 0:
         return  # the snapshot is taken anyway: the pass after restores it
+    cprop_beta = tl.load(hyper + 5).to(SDTYPE)
+    one_minus_cprop_beta = (1.0 - tl.load(hyper + 5)).to(SDTYPE)
+    g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(PDTYPE))
+    cm_ptr = tl.load(cm_ptrs + t).to(tl.pointer_type(SDTYPE))
+    cv_ptr = tl.load(cv_ptrs + t).to(tl.pointer_type(SDTYPE))
     raw = tl.load(g_ptr + offs, mask=mask, other=0.0).to(SDTYPE)
     if METHOD == 1:
         second = tl.abs(raw)
@@ -423,22 +434,19 @@ def wrapper_before(lists, found_finite: Tensor, hyper, config) -> None:
     cprop_exp_avgs, cprop_seconds, steps); the step counts advance."""
     params = lists["params"]
     device = params[0].device
-    index, start, numel_t = block_table(tuple(p.numel() for p in params), device)
     keys = ("params", "grads", "snapshots", "cprop_exp_avgs", "cprop_seconds")
-    if index.numel():
-        dtype = params[0].dtype
-        _wrap_before_kernel[(index.numel(),)](
-            *[pointer_table(lists[k], device) for k in keys],
-            index,
-            start,
-            numel_t,
-            found_finite,
-            hyper_row(hyper, device),
-            PDTYPE=TL_DTYPE[dtype],
-            SDTYPE=TL_DTYPE[stats_dtype(dtype)],
-            METHOD=config["SS_METHOD"],
-            BLOCK=BLOCK,
-        )
+    dtype = params[0].dtype
+    launch(
+        _wrap_before_kernel,
+        tuple(p.numel() for p in params),
+        device,
+        *[pointer_table(lists[k], device) for k in keys],
+        found_finite=found_finite,
+        hyper=hyper_row(hyper, device),
+        PDTYPE=TL_DTYPE[dtype],
+        SDTYPE=TL_DTYPE[stats_dtype(dtype)],
+        METHOD=config["SS_METHOD"],
+    )
     advance(lists["steps"], found_finite)
 
 
@@ -448,7 +456,7 @@ def _wrap_after_kernel(
     snap_ptrs,
     cm_ptrs,
     cv_ptrs,
-    step_ptrs,
+    coefs,
     block_tensor,
     block_start,
     numels,
@@ -475,28 +483,13 @@ def _wrap_after_kernel(
     if tl.load(found_finite) == 0:
         tl.store(p_ptr + offs, old, mask=mask)  # skipped: the base may have written anything
         return
-    # the step counts were advanced by the pass before
-    step = _step_count(step_ptrs, t, 0.0)
-    inv_cprop_bc, variance_scale, scaled_cprop_eps, first = _cprop_coefficients(step, hyper, METHOD)
+    row = coefs + t * 8
     cprop_c = tl.load(hyper + 6).to(SDTYPE)
     cm_ptr = tl.load(cm_ptrs + t).to(tl.pointer_type(SDTYPE))
     cv_ptr = tl.load(cv_ptrs + t).to(tl.pointer_type(SDTYPE))
     cm = tl.load(cm_ptr + offs, mask=mask, other=0.0)
     cv = tl.load(cv_ptr + offs, mask=mask, other=0.0)
-    s = _scale(
-        cm,
-        cv,
-        inv_cprop_bc.to(SDTYPE),
-        variance_scale.to(SDTYPE),
-        scaled_cprop_eps.to(SDTYPE),
-        first.to(SDTYPE),
-        cprop_c,
-        METHOD,
-        CDF,
-        C_INF,
-        C_ONE,
-        EPS_ZERO,
-    )
+    s = _scale(cm, cv, row, cprop_c, SDTYPE, METHOD, CDF, C_INF, C_ONE, EPS_ZERO)
     old_s = old.to(SDTYPE)
     now = tl.load(p_ptr + offs, mask=mask, other=0.0).to(SDTYPE)
     diff = now - old_s
@@ -509,20 +502,21 @@ def wrapper_after(lists, found_finite: Tensor, hyper, config) -> None:
     (keys params, snapshots, cprop_exp_avgs, cprop_seconds, steps)."""
     params = lists["params"]
     device = params[0].device
-    index, start, numel_t = block_table(tuple(p.numel() for p in params), device)
     keys = ("params", "snapshots", "cprop_exp_avgs", "cprop_seconds")
-    if index.numel():
-        dtype = params[0].dtype
-        _wrap_after_kernel[(index.numel(),)](
-            *[pointer_table(lists[k], device) for k in keys],
-            pointer_table(lists["steps"], device),
-            index,
-            start,
-            numel_t,
-            found_finite,
-            hyper_row(hyper, device),
-            PDTYPE=TL_DTYPE[dtype],
-            SDTYPE=TL_DTYPE[stats_dtype(dtype)],
-            BLOCK=BLOCK,
-            **{k.removeprefix("SS_"): v for k, v in config.items() if k != "SS_PARAM"},
-        )
+    row = hyper_row(hyper, device)
+    one = torch.ones((), dtype=torch.float64, device=device)
+    # the step counts were advanced by the pass before
+    coefs = _coefficients(lists["steps"], row, one, config["SS_METHOD"], 0.0)
+    dtype = params[0].dtype
+    launch(
+        _wrap_after_kernel,
+        tuple(p.numel() for p in params),
+        device,
+        *[pointer_table(lists[k], device) for k in keys],
+        coefs,
+        found_finite=found_finite,
+        hyper=row,
+        PDTYPE=TL_DTYPE[dtype],
+        SDTYPE=TL_DTYPE[stats_dtype(dtype)],
+        **_static(config),
+    )

@@ -55,6 +55,7 @@ def alera_(
     mirrors: Sequence[Tensor],
     skipped: Tensor,
     skip: Tensor | None,
+    found_finite: Tensor | None = None,
     alpha: float,
     C: float,
     norm_eps: float,
@@ -71,8 +72,10 @@ def alera_(
     for 1). On a step taken every tensor of ``counters`` advances by one (and each of
     ``adam_steps`` that is not a counter already) and ``mirrors`` receive unit 0's new
     multiplier ("global" granularity keeps a copy per group). A gradient element that is not
-    finite or above :func:`gradient_limit` skips the step and adds one to ``skipped``; ``skip``
-    (0-d bool) masks it without counting. False, having touched nothing, when unsupported.
+    finite or above :func:`gradient_limit` skips the step and adds one to ``skipped``, and so
+    does ``found_finite`` (0-d bool) False: a decision made before, e.g. every rank's under
+    ``torch.distributed``; ``skip`` (0-d bool) masks the step without counting. False, having
+    touched nothing, when unsupported.
     """
     n = len(params)
     if n == 0:
@@ -93,6 +96,8 @@ def alera_(
         return False
     if skip is not None:
         skip = _check_flag(skip, device, "skip")
+    if found_finite is not None:
+        found_finite = _check_flag(found_finite, device)
     sdtype = stats_dtype(params[0].dtype)
     if backend == "cuda":
         lists = dict(
@@ -116,6 +121,7 @@ def alera_(
             mirrors=list(mirrors),
             skipped=skipped,
             skip=skip,
+            found_finite=found_finite,
         )
         hyper = dict(
             alpha=alpha,
@@ -170,6 +176,7 @@ def alera_(
             _pointers(mirrors),
             skipped.data_ptr(),
             None if skip is None else skip.data_ptr(),
+            None if found_finite is None else found_finite.data_ptr(),
             ctypes.byref(hyper),
             _threads(),
         ),
@@ -178,9 +185,17 @@ def alera_(
     return True
 
 
-def rollback_(params: Sequence[Tensor], snapshots: Sequence[Tensor], alarm: Tensor) -> bool:
+def rollback_(
+    params: Sequence[Tensor],
+    snapshots: Sequence[Tensor],
+    alarm: Tensor,
+    *,
+    hold: Tensor | None = None,
+) -> bool:
     """The guard's masked rollback in one call: ``p <- snapshot`` where ``alarm`` (0-d bool),
-    else ``snapshot <- p``; bitwise copies of any dtype. False when unsupported."""
+    else ``snapshot <- p`` unless ``hold`` (0-d bool: a step that takes no update, so the
+    snapshot keeps what the next alarm must restore); bitwise copies of any dtype. False when
+    unsupported."""
     if not params:
         return True
     backend = _backend(params, snapshots, any_dtype=True)
@@ -191,14 +206,22 @@ def rollback_(params: Sequence[Tensor], snapshots: Sequence[Tensor], alarm: Tens
     ):
         return False
     alarm = _check_flag(alarm, params[0].device, "alarm")
+    if hold is not None:
+        hold = _check_flag(hold, params[0].device, "hold")
     if backend == "cuda":
-        _triton().rollback(params, snapshots, alarm)
+        _triton().rollback(params, snapshots, alarm, hold)
         return True
     lib = _cpu.library({"SS_PARAM": 0})
     if lib is None:
         return False
     nbytes = (ctypes.c_int64 * len(params))(*[p.numel() * p.element_size() for p in params])
     lib.ss_rollback(
-        len(params), _pointers(params), _pointers(snapshots), nbytes, alarm.data_ptr(), _threads()
+        len(params),
+        _pointers(params),
+        _pointers(snapshots),
+        nbytes,
+        alarm.data_ptr(),
+        None if hold is None else hold.data_ptr(),
+        _threads(),
     )
     return True

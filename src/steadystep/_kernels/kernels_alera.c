@@ -140,7 +140,9 @@ static double random_walk_mean(double alpha, double t) {
  * learning rate is tensor_lr[i] times *tensor_lr_scale[i] when given. counters are every
  * step count to advance by one on a step taken; mirrors receive unit 0's new multiplier
  * ("global" granularity keeps a copy per group). skipped counts steps skipped for a bad
- * gradient (not those masked by *skip). Returns 0, or -1 when out of memory. */
+ * gradient (not those masked by *skip); found_finite, when given, is a decision made before
+ * (every rank's, under torch.distributed) that a step with its gradients would be taken.
+ * Returns 0, or -1 when out of memory. */
 int ss_alera(int64_t n, void *const *params, void *const *grads, stat_t *const *relaxed,
              stat_t *const *elem_m, stat_t *const *exp_avgs, stat_t *const *exp_avg_sqs,
              float *const *adam_steps, const int64_t *numel, const int64_t *tensor_unit,
@@ -148,7 +150,7 @@ int ss_alera(int64_t n, void *const *params, void *const *grads, stat_t *const *
              int64_t n_units, stat_t *const *unit_m, float *const *unit_step,
              const double *unit_numel, int64_t n_counters, float *const *counters,
              int64_t n_mirrors, stat_t *const *mirrors, int64_t *skipped, const uint8_t *skip,
-             const alera_hyper_t *h, int nthreads) {
+             const uint8_t *found_finite, const alera_hyper_t *h, int nthreads) {
     int64_t total = total_of(n, numel);
     int threads = threads_for(total, nthreads);
     double *sums = calloc((size_t)(threads * (n > 0 ? n : 1) * 4), sizeof(double));
@@ -184,6 +186,7 @@ int ss_alera(int64_t n, void *const *params, void *const *grads, stat_t *const *
         unit_dd[tensor_unit[t]] += dd;
     }
     for (int64_t u = 0; u < n_units; u++) bad |= !(unit_dd[u] <= h->stats_max);
+    if (found_finite && !found_finite[0]) bad = 1; /* every rank's decision (torch.distributed) */
     int masked = skip && skip[0];
     if (bad && !masked) skipped[0] += 1;
     if (bad || masked) {
@@ -261,7 +264,7 @@ int ss_alera(int64_t n, void *const *params, void *const *grads, stat_t *const *
 typedef struct {
     void *const *params, *const *snapshots;
     int alarm;
-} rollback_ctx;
+} rollback_ctx; /* on an alarm p <- snapshot, else snapshot <- p */
 
 static void rollback_range(const void *vctx, int thread, int64_t t, int64_t lo, int64_t hi) {
     (void)thread;
@@ -273,9 +276,11 @@ static void rollback_range(const void *vctx, int thread, int64_t t, int64_t lo, 
         memcpy(snap, p, (size_t)(hi - lo));
 }
 
-/* Byte counts in nbytes: any dtype. */
+/* Byte counts in nbytes: any dtype. With *hold set (a skipped step: no update to undo
+ * later) and no alarm, nothing is copied. */
 int ss_rollback(int64_t n, void *const *params, void *const *snapshots, const int64_t *nbytes,
-                const uint8_t *alarm, int nthreads) {
+                const uint8_t *alarm, const uint8_t *hold, int nthreads) {
+    if (!alarm[0] && hold && hold[0]) return 0;
     rollback_ctx ctx = {params, snapshots, alarm[0] != 0};
     parallel_over(&ctx, rollback_range, n, nbytes, nthreads);
     return 0;

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from steadystep.experiments._files import atomic_write
 from steadystep.experiments.datasets import ClassificationData, load_classification
 from steadystep.experiments.runner import RunContext
 from steadystep.telemetry import read_csv
@@ -146,8 +147,11 @@ def fmt(x: float | None, digits: int = 3) -> str:
 
 
 def save(fig: Any, path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    """Write ``fig`` to ``path`` atomically (Note [atomic files] in ``experiments._files``)."""
+    fmt = path.suffix.lstrip(".") or "png"
+    atomic_write(
+        path, lambda f: fig.savefig(f, format=fmt, dpi=110, bbox_inches="tight"), binary=True
+    )
     plt().close(fig)
     return str(path)
 

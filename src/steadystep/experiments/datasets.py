@@ -14,7 +14,8 @@ Real (read from ``--data-dir``; nothing is ever downloaded):
   (``DATA_DIR/MNIST/raw/train-images-idx3-ubyte[.gz]``, ``DATA_DIR/FashionMNIST/raw/...``) or
   directly in ``DATA_DIR``.
 * ``cifar10``: the python pickle batches (``DATA_DIR/cifar-10-batches-py/data_batch_1..5`` and
-  ``test_batch``) or the same files directly in ``DATA_DIR``.
+  ``test_batch``) or the same files directly in ``DATA_DIR``, read with an unpickler that builds
+  only what the format holds (a crafted file is refused, never run).
 
 Every loader returns float32 tensors on the CPU; the experiments move them to the device once.
 """
@@ -23,11 +24,13 @@ from __future__ import annotations
 
 import functools
 import gzip
+import importlib
 import pickle
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,6 +40,7 @@ __all__ = [
     "REAL",
     "ClassificationData",
     "DatasetNotFoundError",
+    "UnsafePickleError",
     "load_cifar10",
     "load_classification",
     "load_idx_dataset",
@@ -222,15 +226,8 @@ def load_cifar10(data_dir: str | Path | None) -> ClassificationData:
         where = "in DATA_DIR/cifar-10-batches-py/ (torchvision's layout) or directly in DATA_DIR"
         raise DatasetNotFoundError(_missing_message("cifar10", root, missing, where))
 
-    def batch(fname: str) -> tuple[np.ndarray, np.ndarray]:
-        with open(folder / fname, "rb") as f:
-            entry = pickle.load(f, encoding="bytes")
-        data = entry.get(b"data", entry.get("data"))
-        labels = entry.get(b"labels", entry.get("labels"))
-        return np.asarray(data, dtype=np.uint8), np.asarray(labels, dtype=np.int64)
-
-    train = [batch(f) for f in _CIFAR_FILES[:5]]
-    test_x, test_y = batch("test_batch")
+    train = [_read_cifar_batch(folder / f) for f in _CIFAR_FILES[:5]]
+    test_x, test_y = _read_cifar_batch(folder / "test_batch")
 
     def images(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a.reshape(-1, 3, 32, 32).astype(np.float32) / 255.0)
@@ -244,6 +241,116 @@ def load_cifar10(data_dir: str | Path | None) -> ClassificationData:
         10,
         f"pickle batches in {folder}",
     )
+
+
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
+    """A dataset file that is not what its format holds (refused, never executed)."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler for CIFAR-10's python batches that builds nothing else.
+
+    ``pickle.load`` calls whatever a file names, so a crafted file in ``--data-dir`` would run
+    code. A batch is a dict of bytes keys, lists of ints and bytes, and a uint8 numpy array;
+    pickled, that names only numpy's array rebuilders (``_reconstruct`` with ``ndarray`` and
+    ``dtype`` up to protocol 4, ``_frombuffer`` from protocol 5) and, in files that Python 3
+    wrote with protocol 2, ``_codecs.encode`` for bytes. Those are the only globals resolved,
+    each to a guarded stand-in: dtypes that hold Python objects are refused and the codec is
+    latin-1 only. Anything else is an ``UnpicklingError`` naming the file and the global.
+    """
+
+    def __init__(self, file: Any) -> None:
+        super().__init__(file, encoding="bytes")
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = _CIFAR_GLOBALS.get((module, name))
+        if allowed is None:
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}.{name}: a CIFAR-10 python batch holds "
+                "only dicts, lists, bytes, ints and uint8 numpy arrays (a crafted or foreign "
+                "file; replace it with the original from the CIFAR-10 tarball)"
+            )
+        return allowed()
+
+
+def _numpy_function(name: str, modules: tuple[str, ...]) -> Any:
+    """numpy's ``name`` from the first of ``modules`` that has it (``numpy._core`` in numpy 2,
+    ``numpy.core`` before)."""
+    for module in modules:
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+    raise pickle.UnpicklingError(f"this numpy has no {name} in {modules}")  # pragma: no cover
+
+
+def _plain_dtype(*args: Any) -> np.dtype:
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError(
+            f"refusing a numpy dtype that holds Python objects ({dtype}): a CIFAR-10 batch "
+            "holds uint8 arrays"
+        )
+    return dtype
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding={encoding!r}")
+    return text.encode("latin1")
+
+
+def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: str) -> np.ndarray:
+    frombuffer = _numpy_function("_frombuffer", ("numpy._core.numeric", "numpy.core.numeric"))
+    return frombuffer(buffer, _plain_dtype(dtype), shape, order)
+
+
+_RECONSTRUCT = ("numpy._core.multiarray", "numpy.core.multiarray")
+_CIFAR_GLOBALS: dict[tuple[str, str], Any] = {
+    **{
+        (m, "_reconstruct"): lambda: _numpy_function("_reconstruct", _RECONSTRUCT)
+        for m in _RECONSTRUCT
+    },
+    **{
+        (m, "_frombuffer"): lambda: _frombuffer
+        for m in ("numpy._core.numeric", "numpy.core.numeric")
+    },
+    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "dtype"): lambda: _plain_dtype,
+    ("_codecs", "encode"): lambda: _latin1_encode,
+}
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(data, labels)`` of one python batch: uint8 ``(N, 3072)`` and int64 ``(N,)`` in
+    [0, 10), read with :class:`_CifarUnpickler`; anything else is a ValueError (or an
+    ``UnpicklingError``) naming the file."""
+    try:
+        with open(path, "rb") as f:
+            entry = _CifarUnpickler(f).load()
+    except OSError:
+        raise
+    except Exception as e:  # whatever the bytes made the unpickler raise: not a CIFAR batch
+        raise UnsafePickleError(f"{path}: {e}") from e
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path}: a CIFAR-10 batch is a dict, found {type(entry).__name__}")
+    data = entry.get(b"data", entry.get("data"))
+    labels = entry.get(b"labels", entry.get("labels"))
+    if data is None or labels is None:
+        raise ValueError(f"{path}: a CIFAR-10 batch has b'data' and b'labels', found {list(entry)}")
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2):
+        found = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data)
+        raise ValueError(f"{path}: b'data' must be a uint8 array of shape (N, 3072), found {found}")
+    if data.shape[1] != 3072:
+        raise ValueError(f"{path}: b'data' must have 3072 columns (3x32x32), found {data.shape}")
+    if not (isinstance(labels, list) and all(type(y) is int for y in labels)):
+        raise ValueError(f"{path}: b'labels' must be a list of ints")
+    if len(labels) != len(data):
+        raise ValueError(f"{path}: {len(data)} images and {len(labels)} labels")
+    y = np.asarray(labels, dtype=np.int64)
+    if y.size and not (0 <= y.min() and y.max() < 10):
+        raise ValueError(f"{path}: CIFAR-10 has labels in [0, 10), found {y.min()}..{y.max()}")
+    return data, y
 
 
 # ----------------------------------------------------------------------------- embedded

@@ -14,6 +14,7 @@ from typing import Any
 
 from steadystep.experiments import get_experiment
 from steadystep.experiments._common import finite_or_none, markdown_table, text_table
+from steadystep.experiments._files import read_json, write_text
 from steadystep.experiments.runner import load_records
 
 __all__ = ["build_report", "read_config"]
@@ -27,8 +28,14 @@ def read_config(run_dir: Path) -> dict[str, Any]:
             "Monitor CSV; give the --out directory of a `steadystep demo` or `steadystep "
             "reproduce` run, or a directory of ss.Monitor(csv_path=...) files"
         )
-    with open(path) as f:
-        return json.load(f)
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise FileNotFoundError(
+            f"{path} is torn (an interrupted write); run the same `steadystep demo` or "
+            f"`steadystep reproduce` command with --out {run_dir} to rewrite it (finished runs "
+            "are kept), then `steadystep report` again"
+        )
+    return config
 
 
 def _version() -> str:
@@ -115,16 +122,13 @@ def build_report(run_dir: Path) -> tuple[dict[str, Any], str]:
             "experiments": experiments,
         }
     )
-    with open(run_dir / "results.json", "w") as f:
-        json.dump(results, f, indent=1, sort_keys=True, allow_nan=False)
-        f.write("\n")
-    with open(run_dir / "timings.json", "w") as f:
-        json.dump(
-            {"total_run_s": sum(timings.values()), "runs": dict(sorted(timings.items()))},
-            f,
-            indent=1,
-        )
-        f.write("\n")
+    # Note [atomic files] in steadystep.experiments._files: each file is replaced whole.
+    write_text(
+        run_dir / "results.json",
+        json.dumps(results, indent=1, sort_keys=True, allow_nan=False) + "\n",
+    )
+    timing = {"total_run_s": sum(timings.values()), "runs": dict(sorted(timings.items()))}
+    write_text(run_dir / "timings.json", json.dumps(timing, indent=1) + "\n")
 
     md = [
         f"# steadystep {config['command']} report",
@@ -153,7 +157,7 @@ def build_report(run_dir: Path) -> tuple[dict[str, Any], str]:
         f"`steadystep report {run_dir}`.",
         "",
     ]
-    (run_dir / "report.md").write_text("\n".join(md))
+    write_text(run_dir / "report.md", "\n".join(md))
 
     text = []
     if claims_rows:

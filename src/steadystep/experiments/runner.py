@@ -11,7 +11,8 @@ Layout of a run directory::
 
 A run whose JSON already exists is not run again, so an interrupted directory can be continued
 by running the same command with the same ``--out``; ``steadystep report RUN_DIR`` rebuilds the
-report from whatever runs have finished.
+report from whatever runs have finished. Every file is written atomically and a torn one is
+treated as missing (Note [atomic files] in :mod:`steadystep.experiments._files`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from steadystep.experiments._files import read_json, write_text
 from steadystep.telemetry import Monitor
 
 __all__ = [
@@ -163,15 +165,32 @@ def run_paths(run_dir: Path, spec: RunSpec) -> tuple[Path, Path]:
     return folder / f"{spec.run_id}.csv", folder / f"{spec.run_id}.json"
 
 
+def _finished(json_path: Path) -> dict[str, Any] | None:
+    """The JSON summary of a finished run; None when it is missing or torn (said on stderr:
+    the run counts as not finished, Note [atomic files] in ``experiments._files``)."""
+    record = read_json(json_path)
+    if record is None:
+        return None
+    if not isinstance(record, dict) or not {"run_id", "summary"} <= record.keys():
+        print(
+            f"steadystep: warning: {json_path} is not a run summary: treated as missing",
+            file=sys.stderr,
+        )
+        return None
+    return record
+
+
 def load_records(run_dir: Path, experiment: str) -> list[dict[str, Any]]:
-    """Every finished run of ``experiment`` in ``run_dir``, sorted by run id."""
+    """Every finished run of ``experiment`` in ``run_dir``, sorted by run id (a torn summary
+    is left out, with a warning)."""
     folder = Path(run_dir) / "runs" / experiment
     if not folder.is_dir():
         return []
     records = []
     for path in sorted(folder.glob("*.json")):
-        with open(path) as f:
-            rec = json.load(f)
+        rec = _finished(path)
+        if rec is None:
+            continue
         rec["csv_path"] = str(path.with_suffix(".csv"))
         records.append(rec)
     return records
@@ -217,14 +236,15 @@ def run_all(
 ) -> dict[str, float]:
     """Run every pending spec; returns the wall time of each run (by ``experiment/run_id``).
 
-    Runs already finished in ``run_dir`` are skipped. KeyboardInterrupt propagates after the
-    current run's partial state is dropped (finished runs stay on disk).
+    Runs already finished in ``run_dir`` are skipped (a torn summary is run again).
+    KeyboardInterrupt propagates after the current run's partial state is dropped (finished
+    runs stay on disk).
     """
     todo: list[tuple[Experiment, RunSpec]] = []
     n_done_before = 0
     for exp, specs in experiments:
         for spec in specs:
-            if run_paths(run_dir, spec)[1].exists():
+            if _finished(run_paths(run_dir, spec)[1]) is not None:
                 n_done_before += 1
             else:
                 todo.append((exp, spec))
@@ -262,10 +282,9 @@ def run_all(
                 "wall_s": wall,  # kept out of results.json (see report.py)
             }
             # Write the JSON last and atomically: its presence marks the run as finished.
-            tmp = json_path.with_suffix(".json.tmp")
-            with open(tmp, "w") as f:
-                json.dump(record, f, indent=1, sort_keys=True, default=_json_default)
-            tmp.replace(json_path)
+            write_text(
+                json_path, json.dumps(record, indent=1, sort_keys=True, default=_json_default)
+            )
             key = f"{spec.experiment}/{spec.run_id}"
             timings[key] = wall
             if overall is not None:

@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import torch
 
+from steadystep._distributed import all_ranks
 from steadystep._tensors import grads_finite, reduce_square_norms
 from steadystep.agnostic import apply_log_change_, log_lr_change, random_walk_mean
 
@@ -113,8 +114,11 @@ def layout_step(
     norm_u = unit_norms(norms, units, dtypes)
     # Note [finite from norms]: a NaN or inf anywhere makes its unit's norm non-finite; the
     # gradient limit (Note [huge gradients] in steadystep._kernels) takes a pass of its own.
+    # The same decision on every rank (a NaN in one rank's p.grad after DDP's all-reduce skips
+    # all), in one all-reduce.
     found_finite = torch.stack([torch.isfinite(n) for n in norm_u]).all()
-    found_finite = found_finite & grads_finite(gathered.grads).to(found_finite.device)
+    within = grads_finite(gathered.grads, collective=False).to(found_finite.device)
+    found_finite = all_ranks(found_finite & within)
     take_step = found_finite
     nonfinite_skip = ~found_finite
     if skip is not None:

@@ -5,7 +5,8 @@ read per step either (Note [host syncs] in :mod:`steadystep.guard`).
 
 Note [tensor learning rates]
     To cut a rate on the device the rate must be a tensor: :class:`TorchFusedMaskable` turns
-    each group's ``lr`` into a 0-d float64 tensor beside the parameters, once. torch's fused
+    each group's ``lr`` into a 0-d tensor beside the parameters, once (float64 on the CPU;
+    float32 on CUDA, the dtype torch's fused CUDA kernels take). torch's fused
     kernels take tensor rates, and torch's LR schedulers write them in place
     (``param_group["lr"].fill_``), so a chainable scheduler and the guard's cuts compose as
     with a float rate; a scheduler that recomputes from its base values overwrites the cut, as
@@ -42,7 +43,8 @@ class TorchFusedMaskable:
         lr = group["lr"]
         if not isinstance(lr, Tensor):
             device = group["params"][0].device if group["params"] else torch.device("cpu")
-            lr = torch.tensor(float(lr), dtype=torch.float64, device=device)
+            dtype = torch.float32 if device.type == "cuda" else torch.float64
+            lr = torch.tensor(float(lr), dtype=dtype, device=device)
             group["lr"] = lr
         return lr
 

@@ -10,6 +10,7 @@ import torch
 from steadystep._tensors import local_tensor
 from steadystep._validation import check_positive, check_unit_interval
 from steadystep.optim._alera_core import Gathered, adapt_multipliers_, param_multipliers
+from steadystep.optim._state_checks import Kind
 from steadystep.optim.alera import ALeRA
 
 __all__ = ["AgAdam", "agadam"]
@@ -98,6 +99,7 @@ class AgAdam(ALeRA):
     """
 
     _wide_keys = (*ALeRA._wide_keys, "betas", "eps")
+    _checkpoint_class = "AgAdam"
 
     def __init__(
         self,
@@ -147,35 +149,33 @@ class AgAdam(ALeRA):
         super().add_param_group(param_group)
 
     def _adam_state(
-        self, gathered: Gathered, advanced: torch.Tensor | None
+        self, gathered: Gathered
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """Adam's moments and step counts of the parameters with a gradient (created on a
-        parameter's first step). ``advanced``: what this step already added to the groups'
-        step counts (0 or 1, the reference path), or None before they advance (the fused one).
-
-        Note [two step counts]: Adam's bias correction counts the steps this parameter's
-        moments have taken (as torch.optim.Adam); a checkpoint from before the per-parameter
-        count existed used the group's."""
+        parameter's first step). Note [two step counts]: Adam's bias correction counts the
+        steps this parameter's moments have taken (as torch.optim.Adam)."""
         exp_avgs, exp_avg_sqs, adam_steps = [], [], []
         groups = self.param_groups
         for p, gi in zip(gathered.keys, gathered.group_index, strict=True):
             state = self.state[p]
-            fresh = "exp_avg" not in state
-            if fresh:
+            if "exp_avg" not in state:
                 state["exp_avg"] = torch.zeros_like(state["relaxed_path"])
                 state["exp_avg_sq"] = torch.zeros_like(state["relaxed_path"])
             if "step" not in state:
                 device = groups[gi]["step"].device
                 state["step"] = torch.zeros((), dtype=torch.float32, device=device)
-                if not fresh:
-                    before = (
-                        groups[gi]["step"] if advanced is None else groups[gi]["step"] - advanced
-                    )
-                    state["step"].copy_(before)
             exp_avgs.append(local_tensor(state["exp_avg"]))
             exp_avg_sqs.append(local_tensor(state["exp_avg_sq"]))
             adam_steps.append(state["step"])
         return exp_avgs, exp_avg_sqs, adam_steps
+
+    def _state_spec(self, group: dict[str, Any]) -> dict[str, tuple[Kind, bool]]:
+        return {
+            **super()._state_spec(group),
+            "exp_avg": ("param", True),
+            "exp_avg_sq": ("param", True),
+            "step": ("scalar", True),
+        }
 
     @torch.no_grad()
     def masked_step(self, skip: torch.Tensor | None) -> None:
@@ -185,7 +185,7 @@ class AgAdam(ALeRA):
         if not gathered.params:
             return
         fusable = self.defaults.get("fused") is not False
-        if fusable and self._fused_step(gathered, skip, self._adam_state(gathered, None)):
+        if fusable and self._fused_step(gathered, skip, self._adam_state(gathered)):
             return
         step = self._layout(gathered, skip)
         hyper = self._hyper()
@@ -206,7 +206,7 @@ class AgAdam(ALeRA):
             step.units, step.multipliers, len(step.params), param_wise=hyper["param_wise"]
         )
         increment = step.take_step.to(torch.float32)
-        exp_avgs, exp_avg_sqs, adam_steps = self._adam_state(gathered, increment)
+        exp_avgs, exp_avg_sqs, adam_steps = self._adam_state(gathered)
         if self.granularity != "tensor":  # for "tensor", layout_step counted it already
             for t in adam_steps:
                 t.add_(increment)

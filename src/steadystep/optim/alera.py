@@ -15,9 +15,18 @@ import torch
 from torch.optim import Optimizer
 
 from steadystep import _kernels as kernels
-from steadystep._tensors import clone_tensors, full_max, is_sharded, local_tensor, scale_all_
+from steadystep._distributed import is_distributed
+from steadystep._tensors import (
+    clone_tensors,
+    full_max,
+    grads_finite,
+    is_sharded,
+    local_tensor,
+    scale_all_,
+)
 from steadystep._validation import (
     check_choice,
+    check_loss,
     check_nonnegative,
     check_param_tensors,
     check_positive,
@@ -34,6 +43,15 @@ from steadystep.optim._alera_core import (
     unit_layout,
     unit_norms,
 )
+from steadystep.optim._state_checks import (
+    CLASS_KEY,
+    Kind,
+    check_class,
+    check_groups,
+    check_param_state,
+    check_same,
+    step_tensor,
+)
 
 __all__ = [
     "GRANULARITIES",
@@ -45,7 +63,8 @@ __all__ = [
     "unit_norms",
 ]
 
-_WIDE_KEYS = ("alpha", "C", "norm_eps")  # optimizer-wide: a unit may span several groups
+# optimizer-wide: a unit may span several groups
+_WIDE_KEYS = ("alpha", "C", "norm_eps", "granularity")
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -125,6 +144,7 @@ class ALeRA(Optimizer):
     """
 
     _wide_keys: tuple[str, ...] = _WIDE_KEYS
+    _checkpoint_class = "ALeRA"  # Note [class tag] of steadystep.optim._state_checks
 
     def __init__(
         self,
@@ -154,10 +174,18 @@ class ALeRA(Optimizer):
             norm_eps=check_nonnegative("norm_eps", norm_eps),
             foreach=foreach,
             fused=fused,
+            # In defaults (so in every group and the state_dict): torch.optim copies and pickles
+            # only defaults, state and param_groups.
+            granularity=check_choice("granularity", granularity, GRANULARITIES),
             **self._base_defaults(),
         )
-        self.granularity = check_choice("granularity", granularity, GRANULARITIES)
         super().__init__(params, defaults)
+
+    @property
+    def granularity(self) -> str:
+        """``"global"``, ``"group"``, ``"tensor"`` or ``"param"``: ``defaults["granularity"]``,
+        also in every param group and so in the state_dict (checked on load)."""
+        return self.defaults["granularity"]
 
     def _base_defaults(self) -> dict[str, Any]:
         """Defaults of the base step (none for SGD; Adam's ``betas``, ``eps`` in AgAdam)."""
@@ -207,21 +235,52 @@ class ALeRA(Optimizer):
         # Each group gets its own clone (skipped_steps too, shared live): the saved format keeps
         # one entry per group; load_state_dict shares the count again.
         out["param_groups"] = [clone_tensors(group) for group in out["param_groups"]]
+        out[CLASS_KEY] = self._checkpoint_class
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As torch's, but statistics keep their saved dtype (fp32 stays fp32 for bf16 params)."""
+        """As torch's, but statistics keep their saved dtype (fp32 stays fp32 for bf16 params).
+
+        The whole dict is checked first (:mod:`steadystep.optim._state_checks`): a state_dict
+        of another class (``state_dict()["class"]``), saved with another ``granularity`` (one
+        written before the groups held it loads where its state tells it apart), with a param
+        group that lacks a hyperparameter or a parameter's state that lacks a key or has
+        another shape is refused with a ValueError, and nothing is loaded. As torch's optimizers
+        restore the groups' hyperparameters, the optimizer-wide ones (``alpha``, ``C``,
+        ``norm_eps``; AgAdam's ``betas``, ``eps``) are restored too.
+        """
+        owner = type(self).__name__
+        check_class(
+            state_dict,
+            owner=owner,
+            expected=self._checkpoint_class,
+            required=("state", "param_groups"),
+        )
+        skip = ("foreach", "fused", "differentiable", "granularity")
+        required = [k for k in self.defaults if k not in skip] + ["lr_multiplier", "step"]
+        saved_groups = state_dict["param_groups"]
+        saved = check_groups(saved_groups, self.param_groups, owner=owner, required=required)
+        self._check_granularity(state_dict)
+        check_param_state(state_dict["state"], saved, self._state_spec, owner=owner)
+        wide = {k: saved_groups[0][k] for k in self._wide_keys if k != "granularity"}
+        for group in saved_groups[1:]:
+            for key, value in wide.items():
+                check_same(key, group[key], value, owner=f"{owner} (optimizer-wide)")
         super().load_state_dict(state_dict)
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        self.defaults.update(wide)
+        saved_ids = [i for g in saved_groups for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params, strict=True):
-            saved = state_dict["state"].get(saved_id)
-            if saved is None:
+            entry = state_dict["state"].get(saved_id)
+            if entry is None:
                 continue
-            self.state[p] = {
+            state = {
                 k: v.to(device=p.device, copy=True) if isinstance(v, torch.Tensor) else v
-                for k, v in saved.items()
+                for k, v in entry.items()
             }
+            if "step" in state:  # a float step (old torch style) becomes the tensor it updates
+                state["step"] = step_tensor(state["step"], p.device)
+            self.state[p] = state
         for group in self.param_groups:
             device = group["params"][0].device if group["params"] else torch.device("cpu")
             # A checkpoint written before skipped_steps existed starts the count at 0.
@@ -230,6 +289,53 @@ class ALeRA(Optimizer):
                 group[key] = group[key].to(device)
         for group in self.param_groups[1:]:  # one shared optimizer-wide count again
             group["skipped_steps"] = self.param_groups[0]["skipped_steps"]
+        for group in self.param_groups:
+            group.setdefault("granularity", self.granularity)
+
+    def _state_spec(self, group: dict[str, Any]) -> dict[str, tuple[Kind, bool]]:
+        """``{key: (kind, required)}`` of a parameter's state (checked on load)."""
+        spec: dict[str, tuple[Kind, bool]] = {"relaxed_path": ("param", True)}
+        if self.granularity == "tensor":
+            spec.update(lr_multiplier=("scalar", True), step=("scalar", True))
+        elif self.granularity == "param":
+            spec["lr_multiplier"] = ("param", True)
+        return spec
+
+    def _check_granularity(self, state_dict: dict[str, Any]) -> None:
+        saved = {g.get("granularity") for g in state_dict["param_groups"]} - {None}
+        if saved:
+            found = saved.pop() if len(saved) == 1 else sorted(saved)
+            compatible: tuple[str, ...] = (found,) if isinstance(found, str) else ()
+        else:
+            # Written before the groups held it: only the per-parameter multipliers tell.
+            found, compatible = self._granularity_from_state(state_dict)
+        if self.granularity not in compatible:
+            owner = type(self).__name__
+            raise ValueError(
+                f"{owner}.load_state_dict: the state_dict was saved with granularity={found!r}, "
+                f"this {owner} has granularity={self.granularity!r}; create it with the "
+                "checkpoint's granularity to load it"
+            )
+
+    def _granularity_from_state(self, state_dict: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
+        params = [p for g in self.param_groups for p in g["params"]]
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        shapes = {i: tuple(p.shape) for i, p in zip(ids, params, strict=False)}
+        kinds = set()
+        for i, st in state_dict["state"].items():
+            m = st.get("lr_multiplier") if isinstance(st, dict) else None
+            if isinstance(m, torch.Tensor) and shapes.get(i, ()) != ():
+                kinds.add("param" if tuple(m.shape) == shapes[i] else "tensor")
+            elif isinstance(m, torch.Tensor):
+                kinds.add("tensor or param")
+            else:
+                kinds.add("global or group")
+        if len(kinds - {"tensor or param"}) == 1:
+            kinds -= {"tensor or param"}
+        if len(kinds) != 1:
+            return " or ".join(sorted(kinds)) or "any", GRANULARITIES if not kinds else ()
+        found = kinds.pop()
+        return found, tuple(found.split(" or "))
 
     # -- telemetry --------------------------------------------------------------------------
     @torch.no_grad()
@@ -332,6 +438,7 @@ class ALeRA(Optimizer):
     ) -> Any:
         """One ALeRA step. ``closure`` re-evaluates the loss (returned); ``loss`` is accepted
         for a uniform signature with the guarded optimizers and returned as is."""
+        check_loss(f"{type(self).__name__}.step", loss)
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -375,13 +482,8 @@ class ALeRA(Optimizer):
         state = self.state[p]
         if self.granularity == "tensor" and "step" not in state:
             # Note [unit step]: E_t counts the unit's own steps; for "tensor" the unit is the
-            # tensor, which may get its first gradient after its group's. A checkpoint from
-            # before this count existed used the group's steps.
-            state["step"] = (
-                group["step"].clone()
-                if state
-                else torch.zeros((), dtype=torch.float32, device=p.device)
-            )
+            # tensor, which may get its first gradient after its group's.
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         if "relaxed_path" not in state:
             sdtype = _state_dtype(p.dtype)
             state["relaxed_path"] = torch.zeros_like(p, dtype=sdtype)
@@ -485,6 +587,9 @@ class ALeRA(Optimizer):
             mirrors=[g["lr_multiplier"] for g in groups[1:]] if gran == "global" else [],
             skipped=groups[0]["skipped_steps"],
             skip=skip,
+            # the kernel decides on this rank's gradients; under torch.distributed every rank
+            # must decide alike (a NaN in one rank's p.grad after DDP's all-reduce)
+            found_finite=grads_finite(gathered.grads) if is_distributed() else None,
             alpha=hyper["alpha"],
             C=hyper["C"],
             norm_eps=hyper["norm_eps"],

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from steadystep._tensors import grads_finite, local_tensor
+from steadystep.optim._state_checks import Kind, step_tensor
 from steadystep.optim.cprop._math import (
     _check_grad,
     _check_hyper,
@@ -35,6 +36,16 @@ def _init_cprop_state(state: dict[str, Any], param: Tensor, method: str, share_v
     state["cprop_exp_avg"] = _zeros_stat(param)
     if not share_v:
         state[_second_key(method)] = _zeros_stat(param)
+
+
+def _cprop_state_spec(group: dict[str, Any]) -> dict[str, tuple[Kind, bool]]:
+    """CProp's per-parameter state in ``group`` as :func:`_init_cprop_state` creates it
+    (``{key: (kind, required)}``, checked on load by the classes and the wrapper)."""
+    return {
+        "step": ("scalar", True),
+        "cprop_exp_avg": ("param", True),
+        _second_key(group["cprop_method"]): ("param", True),
+    }
 
 
 def _params_with_grad(group: dict[str, Any], group_index: int, owner: str) -> list[Tensor]:
@@ -70,12 +81,16 @@ def _call_closure(closure: Callable[[], Any] | None) -> Any:
 
 
 def _states_by_param(saved: dict[Any, Any], params: list[Tensor], what: str) -> dict[Tensor, Any]:
-    """Saved per-parameter state keyed by index -> keyed by parameter (copied, see _copy_state)."""
+    """Saved per-parameter state keyed by index -> keyed by parameter (copied, see _copy_state;
+    a float ``step`` of an old torch-style checkpoint becomes the 0-d tensor the step needs)."""
     out = {}
     for key, value in saved.items():
         if not isinstance(key, int) or not 0 <= key < len(params):
             raise ValueError(f"{what} has state for unknown parameter index {key!r}")
-        out[params[key]] = _copy_state(value, params[key])
+        state = _copy_state(value, params[key])
+        if "step" in state:
+            state["step"] = step_tensor(state["step"], params[key].device)
+        out[params[key]] = state
     return out
 
 

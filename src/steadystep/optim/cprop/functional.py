@@ -243,6 +243,25 @@ def cprop_sgd(
 # --------------------------------------------------------------------------------------------
 
 
+def _decay_gate(
+    found_finite: Tensor, lr: float, weight_decay: float, decoupled: bool, dtype: torch.dtype
+) -> Tensor | None:
+    """AdamW's decoupled decay factor ``-lr * weight_decay`` (0-d), 0 on a skipped step; None
+    without decoupled decay.
+
+    Note [a skipped step at any lr]: the skip multiplies the update by a scale of 0, but
+    ``inf * 0`` is NaN. The other terms of the update are the (unchanged) statistics times
+    ``lr``, finite whenever a clean step at that ``lr`` is; the decay term is ``p * lr * wd``
+    of the parameters the last step moved (at lr = 1e30 they are near 1e30, and the term is
+    inf in float32). Its factor is therefore selected, 0 on a skipped step (``torch.where`` on
+    the 0-d factor, no extra pass), so the term is ``p * 0 = 0`` and the parameters stay
+    bitwise as they were.
+    """
+    if not decoupled or weight_decay == 0:
+        return None
+    return _gate(found_finite, -lr * weight_decay, 0.0, dtype)
+
+
 def _single_tensor_cprop_adam(
     tensors: _AdamTensors, *, found_finite: Tensor, adam: _AdamHyper, cprop: _CPropHyper
 ) -> None:
@@ -254,6 +273,7 @@ def _single_tensor_cprop_adam(
         weight1 = _gate(device_found_finite, 1.0 - beta1, 0.0, dtype)
         beta2_gate = _gate(device_found_finite, beta2, 1.0, dtype)
         scale_gate = _scale_gate(gates.keep, lr_multiplier)
+        decay = _decay_gate(device_found_finite, lr, weight_decay, decoupled, dtype)
         for i in idx:
             param, exp_avg, exp_avg_sq = (
                 tensors.params[i],
@@ -279,8 +299,8 @@ def _single_tensor_cprop_adam(
             else:
                 denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)
             update = torch.div(exp_avg, denom, out=denom).mul_(-lr / bias_correction1)
-            if decoupled and weight_decay != 0:
-                update.add_(p, alpha=-lr * weight_decay)
+            if decay is not None:
+                update.add_(p * decay)
             second = exp_avg_sq if cprop_v is None else cprop_v
             param.addcmul_(_scale_one(cprop_m, second, step, scale_gate, cprop), update)
 
@@ -317,9 +337,10 @@ def _multi_tensor_cprop_adam(
         updates = torch._foreach_div(ms, denoms)
         # -lr / bias_correction1, with the same rounding as the reference's 0-d division
         torch._foreach_mul_(updates, [-lr / bc for bc in bias_correction1])
-        if decoupled and weight_decay != 0:
+        decay = _decay_gate(device_found_finite, lr, weight_decay, decoupled, dtype)
+        if decay is not None:
             p32 = [_in_dtype(p, dtype) for p in ts.params]
-            torch._foreach_add_(updates, p32, alpha=-lr * weight_decay)
+            torch._foreach_add_(updates, torch._foreach_mul(p32, decay))
         scale_gate = _scale_gate(gates.keep, lr_multiplier)
         scales = _scale_foreach(cms, vs if cvs is None else cvs, ts.state_steps, scale_gate, cprop)
         torch._foreach_addcmul_(ts.params, scales, updates)

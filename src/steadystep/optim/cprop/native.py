@@ -18,14 +18,24 @@ from torch.optim import Optimizer
 from steadystep._tensors import clone_tensors, scale_all_, shards
 from steadystep._validation import (
     check_finite,
+    check_loss,
     check_nonnegative,
     check_param_tensors,
     check_unit_interval,
+)
+from steadystep.optim._state_checks import (
+    CLASS_KEY,
+    Kind,
+    check_class,
+    check_groups,
+    check_param_state,
+    check_same,
 )
 from steadystep.optim.cprop._math import _cprop_hyper, _CPropHyper, _second_key
 from steadystep.optim.cprop._state import (
     _call_closure,
     _collect,
+    _cprop_state_spec,
     _default_foreach,
     _group_stats,
     _init_cprop_state,
@@ -118,6 +128,14 @@ class _NativeCPropBase(Optimizer):
     def _validate_base_group(self, group: dict[str, Any]) -> None:  # pragma: no cover
         raise NotImplementedError
 
+    def _class_entries(self) -> dict[str, Any]:
+        """Group entries the class fixes (a checkpoint must agree: CPropAdam vs CPropAdamW)."""
+        return {}
+
+    def _state_spec(self, group: dict[str, Any]) -> dict[str, tuple[Kind, bool]]:
+        """``{key: (kind, required)}`` of a parameter's state in ``group`` (checked on load)."""
+        return _cprop_state_spec(group)
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
@@ -126,9 +144,12 @@ class _NativeCPropBase(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """As torch's; the groups' ``lr_multiplier`` tensors are clones, so they do not change
-        with later steps (per-parameter ``state`` holds the live tensors, as torch.optim's)."""
+        with later steps (per-parameter ``state`` holds the live tensors, as torch.optim's).
+        ``state_dict()["class"]`` names the class (Note [class tag] of
+        :mod:`steadystep.optim._state_checks`)."""
         out = super().state_dict()
         out["param_groups"] = [clone_tensors(group) for group in out["param_groups"]]
+        out[CLASS_KEY] = self._owner
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -137,8 +158,22 @@ class _NativeCPropBase(Optimizer):
         ``torch.optim.Optimizer.load_state_dict`` would cast every floating state tensor to the
         parameter's dtype, rounding fp32 statistics of bf16 parameters; the state is therefore
         copied here, on the parameter's device, dtype unchanged. A checkpoint without
-        ``lr_multiplier`` loads with 1.
+        ``lr_multiplier`` loads with 1; a float ``step`` (old torch style) as a tensor.
+
+        The whole dict is checked first (:mod:`steadystep.optim._state_checks`): another
+        class, a param group without this class's hyperparameters, a missing per-parameter
+        state key or a statistic of another shape is a ValueError, and nothing is loaded.
         """
+        owner = self._owner
+        check_class(state_dict, owner=owner, expected=owner, required=("state", "param_groups"))
+        hyper = [k for k in self.defaults if k not in ("foreach", "fused", "differentiable")]
+        saved = check_groups(
+            state_dict["param_groups"], self.param_groups, owner=owner, required=hyper
+        )
+        for group in state_dict["param_groups"]:
+            for key, value in self._class_entries().items():
+                check_same(key, group[key], value, owner=owner)
+        check_param_state(state_dict["state"], saved, self._state_spec, owner=owner)
         saved_state = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})
         params = _param_index_map(self.param_groups)
@@ -199,6 +234,7 @@ class _NativeCPropBase(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, loss: Tensor | None = None) -> Any:
         """One step. ``closure`` re-evaluates the model; ``loss`` is accepted and unused."""
+        check_loss(f"{self._owner}.step", loss)
         out = _call_closure(closure)
         self.masked_step(None)
         return out
@@ -301,6 +337,9 @@ class CPropSGD(_NativeCPropBase):
                 "nesterov=True requires momentum > 0 and dampening == 0, got "
                 f"momentum={group['momentum']}, dampening={group['dampening']}"
             )
+
+    def _state_spec(self, group: dict[str, Any]) -> dict[str, tuple[Kind, bool]]:
+        return {**super()._state_spec(group), "momentum_buffer": ("param", group["momentum"] != 0)}
 
     def _init_state(self, group: dict[str, Any], param: Tensor) -> None:
         state = self.state[param]
@@ -424,6 +463,21 @@ class CPropAdam(_NativeCPropBase):
             and group["betas"][1] == group["cprop_beta"]
             and group["cprop_method"] != "relative"
         )
+
+    def _class_entries(self) -> dict[str, Any]:
+        return {"decoupled_weight_decay": self._decoupled}
+
+    def _state_spec(self, group: dict[str, Any]) -> dict[str, tuple[Kind, bool]]:
+        spec = super()._state_spec(group)
+        # CProp's own v is optional where Adam's exp_avg_sq can serve as it (decided when the
+        # state was created), required where it cannot.
+        spec[_second_key(group["cprop_method"])] = ("param", not self._shares_v(group))
+        spec.update(
+            exp_avg=("param", True),
+            exp_avg_sq=("param", True),
+            max_exp_avg_sq=("param", bool(group["amsgrad"])),
+        )
+        return spec
 
     def _init_state(self, group: dict[str, Any], param: Tensor) -> None:
         state = self.state[param]

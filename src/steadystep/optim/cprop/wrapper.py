@@ -11,12 +11,21 @@ from torch.optim import Optimizer
 
 from steadystep import _kernels as kernels
 from steadystep._tensors import shards
+from steadystep._validation import check_loss
 from steadystep.optim._order import check_wrappable
+from steadystep.optim._state_checks import (
+    CLASS_KEY,
+    check_class,
+    check_groups,
+    check_param_state,
+    check_same,
+)
 from steadystep.optim._wrapper import OptimizerWrapper
 from steadystep.optim.cprop._math import _check_hyper, _cprop_hyper, _CPropHyper, _second_key
 from steadystep.optim.cprop._state import (
     _call_closure,
     _collect,
+    _cprop_state_spec,
     _default_foreach,
     _group_stats,
     _init_cprop_state,
@@ -121,21 +130,34 @@ class CProp(OptimizerWrapper):
     # -- checkpoints -----------------------------------------------------------------------
 
     def _wrapped_state_dict(self) -> dict[str, Any]:
-        """The base's ``state_dict()`` plus ``"cprop_state"``: {param index: CProp state}."""
+        """The base's ``state_dict()`` plus ``"cprop_state"``: {param index: CProp state}, and
+        the class tags ``"class": "CProp"`` and ``"base_class"`` (the base's class name)."""
         out = dict(self.optimizer.state_dict())
         params = _param_index_map(self.param_groups)
         out["cprop_state"] = {
             i: dict(self.cprop_state[p]) for i, p in enumerate(params) if p in self.cprop_state
         }
+        out[CLASS_KEY] = "CProp"
+        out["base_class"] = type(self.optimizer).__name__
         return out
 
     def _load_wrapped_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict` (the base's part through the base's own loader)."""
+        """Load a :meth:`state_dict` (the base's part through the base's own loader), after
+        checking CProp's part and the base's class (:mod:`steadystep.optim._state_checks`)."""
         if "cprop_state" not in state_dict:
             raise ValueError(
                 "state_dict has no 'cprop_state': it was not saved from a CProp wrapper; load "
                 "it into the base optimizer (CProp(...).optimizer.load_state_dict) instead"
             )
+        check_class(state_dict, owner="CProp", expected="CProp", required=("param_groups",))
+        base = type(self.optimizer).__name__
+        check_same("base_class", state_dict.pop("base_class", None), base, owner="CProp")
+        state_dict.pop(CLASS_KEY, None)
+        groups, keys = self.param_groups, tuple(self.cprop_defaults)
+        saved = check_groups(state_dict["param_groups"], groups, owner="CProp", required=keys)
+        check_param_state(
+            state_dict["cprop_state"], saved, _cprop_state_spec, owner="CProp", what="cprop_state"
+        )
         cprop_saved = state_dict.pop("cprop_state")
         self.optimizer.load_state_dict(state_dict)
         params = _param_index_map(self.param_groups)
@@ -170,6 +192,7 @@ class CProp(OptimizerWrapper):
         closure whose first call returns that loss and later calls (e.g. L-BFGS line search)
         re-evaluate. ``loss`` is accepted for API uniformity and unused.
         """
+        check_loss("CProp.step", loss)
         out = _call_closure(closure)
         base_closure = None
         if closure is not None:
