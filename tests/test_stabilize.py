@@ -700,10 +700,13 @@ def test_cuda_steady_state_step_does_not_sync():
     opt = ss.stabilize(torch.optim.AdamW(model.parameters(), lr=1e-2))
     assert opt.alrc.mu1.is_cuda and isinstance(opt.cprop, ss.CPropAdamW)
 
+    # every batch on the device first: a host-to-device copy is itself a sync
+    batches = [tuple(t.cuda() for t in batch(step)) for step in range(8)]
+
     def steps(start, stop):
         for step in range(start, stop):
-            x, y = batch(step)
-            per_sample = F.cross_entropy(model(x.cuda()), y.cuda(), reduction="none")
+            x, y = batches[step]
+            per_sample = F.cross_entropy(model(x), y, reduction="none")
             loss = opt.clip(per_sample).mean()
             opt.zero_grad()
             loss.backward()

@@ -56,15 +56,20 @@ def gradient_limit(dtype: torch.dtype) -> float:
 def _triton() -> SimpleNamespace | None:
     """The Triton entry points, or None where Triton does not import (the eager paths run)."""
     try:
-        from steadystep._kernels import _triton_alera, _triton_common, _triton_cprop
+        from steadystep._kernels import (
+            _triton_alera,
+            _triton_common,
+            _triton_cprop,
+            _triton_wrapper,
+        )
     except Exception:  # no Triton, or one that does not load
         return None
     return SimpleNamespace(
         grad_stats=_triton_common.grad_stats,
         adam=_triton_cprop.adam,
         sgd=_triton_cprop.sgd,
-        wrapper_before=_triton_cprop.wrapper_before,
-        wrapper_after=_triton_cprop.wrapper_after,
+        wrapper_before=_triton_wrapper.wrapper_before,
+        wrapper_after=_triton_wrapper.wrapper_after,
         alera=_triton_alera.alera,
         rollback=_triton_alera.rollback,
     )

@@ -13,13 +13,18 @@ from torch import Tensor
 
 from steadystep._kernels._triton_common import (
     TL_DTYPE,
+    all_aligned,
+    block_start,
     block_table,
     cached,
     gather,
     hyper_row,
     launch_shape,
+    ld,
+    pointer,
     pointer_table,
     scatter,
+    st,
     stats_dtype,
     to_device,
     to_param,
@@ -34,38 +39,115 @@ __all__ = ["alera", "rollback"]
 
 
 @triton.jit
+def _alera_sums_body(
+    p_ptr,
+    g_ptr,
+    r_ptr,
+    wd,
+    out,
+    limit,
+    offs,
+    mask,
+    SDTYPE: tl.constexpr,
+    EVEN: tl.constexpr,
+):
+    g = ld(g_ptr, offs, mask, EVEN).to(SDTYPE)
+    d = g + wd * ld(p_ptr, offs, mask, EVEN).to(SDTYPE)
+    r = ld(r_ptr, offs, mask, EVEN)
+    bad = tl.max((~(tl.abs(g.to(tl.float64)) <= limit) & mask).to(tl.float64), axis=0)
+    tl.store(out + 0, tl.sum(d * d, axis=0).to(tl.float64))
+    tl.store(out + 1, tl.sum(r * d, axis=0).to(tl.float64))
+    tl.store(out + 2, tl.sum(r * r, axis=0).to(tl.float64))
+    tl.store(out + 3, bad)
+
+
+@triton.jit
 def _alera_sums_kernel(
     p_ptrs,
     g_ptrs,
     r_ptrs,
     wd,
     block_tensor,
-    block_start,
+    block_starts,
     numels,
     out,
     limit_ptr,
     PDTYPE: tl.constexpr,
     SDTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.load(block_tensor + pid)
-    start = tl.load(block_start + pid)
+    start = block_start(block_starts, pid, BLOCK)
     n = tl.load(numels + t)
     offs = start + tl.arange(0, BLOCK)
     mask = offs < n
-    g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(PDTYPE))
-    p_ptr = tl.load(p_ptrs + t).to(tl.pointer_type(PDTYPE))
-    r_ptr = tl.load(r_ptrs + t).to(tl.pointer_type(SDTYPE))
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(SDTYPE)
-    d = g + tl.load(wd + t).to(SDTYPE) * tl.load(p_ptr + offs, mask=mask, other=0.0).to(SDTYPE)
-    r = tl.load(r_ptr + offs, mask=mask, other=0.0)
+    g_ptr = pointer(g_ptrs, t, PDTYPE, ALIGNED)
+    p_ptr = pointer(p_ptrs, t, PDTYPE, ALIGNED)
+    r_ptr = pointer(r_ptrs, t, SDTYPE, ALIGNED)
+    weight_decay = tl.load(wd + t).to(SDTYPE)
     limit = tl.load(limit_ptr)  # float64: 2**511 does not fit a float32 argument
-    bad = tl.max((~(tl.abs(g.to(tl.float64)) <= limit) & mask).to(tl.float64), axis=0)
-    tl.store(out + pid * 4 + 0, tl.sum(d * d, axis=0).to(tl.float64))
-    tl.store(out + pid * 4 + 1, tl.sum(r * d, axis=0).to(tl.float64))
-    tl.store(out + pid * 4 + 2, tl.sum(r * r, axis=0).to(tl.float64))
-    tl.store(out + pid * 4 + 3, bad)
+    row = out + pid * 4
+    if start + BLOCK <= n:
+        _alera_sums_body(p_ptr, g_ptr, r_ptr, weight_decay, row, limit, offs, mask, SDTYPE, True)
+    else:
+        _alera_sums_body(p_ptr, g_ptr, r_ptr, weight_decay, row, limit, offs, mask, SDTYPE, False)
+
+
+@triton.jit
+def _alera_update_body(
+    p_ptr,
+    g_ptr,
+    r_ptr,
+    me_ptr,
+    m1_ptr,
+    m2_ptr,
+    weight_decay,
+    unit_scale,
+    k,
+    ib,
+    scalars,
+    offs,
+    mask,
+    PDTYPE: tl.constexpr,
+    SDTYPE: tl.constexpr,
+    PARAM_WISE: tl.constexpr,
+    ADAM: tl.constexpr,
+    EVEN: tl.constexpr,
+):
+    decay = tl.load(scalars + 0).to(SDTYPE)
+    g = ld(g_ptr, offs, mask, EVEN).to(SDTYPE)
+    p = ld(p_ptr, offs, mask, EVEN).to(SDTYPE)
+    if ADAM:
+        d = g
+    else:
+        d = g + weight_decay * p
+    r = ld(r_ptr, offs, mask, EVEN) * decay + unit_scale * d
+    st(r_ptr, offs, r, mask, EVEN)
+    if PARAM_WISE:
+        gain = tl.load(scalars + 1).to(SDTYPE)
+        offset = tl.load(scalars + 2).to(SDTYPE)
+        bound = tl.load(scalars + 3).to(SDTYPE)
+        tiny = tl.load(scalars + 4).to(SDTYPE)
+        top = tl.load(scalars + 5).to(SDTYPE)
+        log_change = tl.minimum(tl.maximum(gain * r * r + offset, -bound), bound)
+        m = ld(me_ptr, offs, mask, EVEN) * tl.exp(log_change)
+        m = tl.minimum(tl.maximum(m, tiny), top)
+        st(me_ptr, offs, m, mask, EVEN)
+        k = k * m
+    if ADAM:
+        beta1 = tl.load(scalars + 6).to(SDTYPE)
+        beta2 = tl.load(scalars + 7).to(SDTYPE)
+        eps = tl.load(scalars + 8).to(SDTYPE)
+        m1 = ld(m1_ptr, offs, mask, EVEN) * beta1 + (1.0 - beta1) * g
+        m2 = ld(m2_ptr, offs, mask, EVEN) * beta2 + (1.0 - beta2) * (g * g)
+        st(m1_ptr, offs, m1, mask, EVEN)
+        st(m2_ptr, offs, m2, mask, EVEN)
+        new = p + k * (m1 / (tl.sqrt(m2) * ib + eps))
+    else:
+        new = p + k * d
+    st(p_ptr, offs, to_param(new, PDTYPE), mask, EVEN)
 
 
 @triton.jit
@@ -81,7 +163,7 @@ def _alera_update_kernel(
     coef,
     inv_bc2_sqrt,
     block_tensor,
-    block_start,
+    block_starts,
     numels,
     take,
     scalars,
@@ -89,56 +171,69 @@ def _alera_update_kernel(
     SDTYPE: tl.constexpr,
     PARAM_WISE: tl.constexpr,
     ADAM: tl.constexpr,
+    ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     if tl.load(take) == 0:
         return
     pid = tl.program_id(0)
     t = tl.load(block_tensor + pid)
-    start = tl.load(block_start + pid)
+    start = block_start(block_starts, pid, BLOCK)
     n = tl.load(numels + t)
     offs = start + tl.arange(0, BLOCK)
     mask = offs < n
-    decay = tl.load(scalars + 0).to(SDTYPE)
-    p_ptr = tl.load(p_ptrs + t).to(tl.pointer_type(PDTYPE))
-    g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(PDTYPE))
-    r_ptr = tl.load(r_ptrs + t).to(tl.pointer_type(SDTYPE))
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(SDTYPE)
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(SDTYPE)
-    if ADAM:
-        d = g
-    else:
-        d = g + tl.load(wd + t).to(SDTYPE) * p
-    r = tl.load(r_ptr + offs, mask=mask, other=0.0) * decay + tl.load(scale + t).to(SDTYPE) * d
-    tl.store(r_ptr + offs, r, mask=mask)
+    p_ptr = pointer(p_ptrs, t, PDTYPE, ALIGNED)
+    g_ptr = pointer(g_ptrs, t, PDTYPE, ALIGNED)
+    r_ptr = pointer(r_ptrs, t, SDTYPE, ALIGNED)
+    me_ptr = pointer(me_ptrs, t, SDTYPE, ALIGNED)
+    m1_ptr = pointer(m1_ptrs, t, SDTYPE, ALIGNED)
+    m2_ptr = pointer(m2_ptrs, t, SDTYPE, ALIGNED)
+    weight_decay = tl.load(wd + t).to(SDTYPE)
+    unit_scale = tl.load(scale + t).to(SDTYPE)
     k = tl.load(coef + t).to(SDTYPE)
-    if PARAM_WISE:
-        gain = tl.load(scalars + 1).to(SDTYPE)
-        offset = tl.load(scalars + 2).to(SDTYPE)
-        bound = tl.load(scalars + 3).to(SDTYPE)
-        tiny = tl.load(scalars + 4).to(SDTYPE)
-        top = tl.load(scalars + 5).to(SDTYPE)
-        me_ptr = tl.load(me_ptrs + t).to(tl.pointer_type(SDTYPE))
-        log_change = tl.minimum(tl.maximum(gain * r * r + offset, -bound), bound)
-        m = tl.load(me_ptr + offs, mask=mask, other=1.0) * tl.exp(log_change)
-        m = tl.minimum(tl.maximum(m, tiny), top)
-        tl.store(me_ptr + offs, m, mask=mask)
-        k = k * m
-    if ADAM:
-        beta1 = tl.load(scalars + 6).to(SDTYPE)
-        beta2 = tl.load(scalars + 7).to(SDTYPE)
-        eps = tl.load(scalars + 8).to(SDTYPE)
-        m1_ptr = tl.load(m1_ptrs + t).to(tl.pointer_type(SDTYPE))
-        m2_ptr = tl.load(m2_ptrs + t).to(tl.pointer_type(SDTYPE))
-        m1 = tl.load(m1_ptr + offs, mask=mask, other=0.0) * beta1 + (1.0 - beta1) * g
-        m2 = tl.load(m2_ptr + offs, mask=mask, other=0.0) * beta2 + (1.0 - beta2) * (g * g)
-        tl.store(m1_ptr + offs, m1, mask=mask)
-        tl.store(m2_ptr + offs, m2, mask=mask)
-        ib = tl.load(inv_bc2_sqrt + t).to(SDTYPE)
-        new = p + k * (m1 / (tl.sqrt(m2) * ib + eps))
+    ib = tl.load(inv_bc2_sqrt + t).to(SDTYPE)
+    if start + BLOCK <= n:
+        _alera_update_body(
+            p_ptr,
+            g_ptr,
+            r_ptr,
+            me_ptr,
+            m1_ptr,
+            m2_ptr,
+            weight_decay,
+            unit_scale,
+            k,
+            ib,
+            scalars,
+            offs,
+            mask,
+            PDTYPE,
+            SDTYPE,
+            PARAM_WISE,
+            ADAM,
+            True,
+        )
     else:
-        new = p + k * d
-    tl.store(p_ptr + offs, to_param(new, PDTYPE), mask=mask)
+        _alera_update_body(
+            p_ptr,
+            g_ptr,
+            r_ptr,
+            me_ptr,
+            m1_ptr,
+            m2_ptr,
+            weight_decay,
+            unit_scale,
+            k,
+            ib,
+            scalars,
+            offs,
+            mask,
+            PDTYPE,
+            SDTYPE,
+            PARAM_WISE,
+            ADAM,
+            False,
+        )
 
 
 def _random_walk_mean(alpha: float, t: Tensor) -> Tensor:
@@ -180,6 +275,7 @@ def alera(
         lambda: to_device(plan["unit_numels"], torch.float64, device),
     )
     partial = torch.empty(blocks, 4, dtype=torch.float64, device=device)
+    aligned = all_aligned(*[x for x in lists.values() if x is not None])
     tables = {k: pointer_table(lists[k], device) for k in ("params", "grads", "relaxed_paths")}
     if blocks:
         _alera_sums_kernel[(blocks,)](
@@ -194,6 +290,7 @@ def alera(
             hyper_row((hyper["limit"],), device),
             PDTYPE=TL_DTYPE[dtype],
             SDTYPE=TL_DTYPE[sdtype],
+            ALIGNED=aligned,
             BLOCK=block,
             num_warps=warps,
         )
@@ -291,9 +388,18 @@ def alera(
             SDTYPE=TL_DTYPE[sdtype],
             PARAM_WISE=param_wise,
             ADAM=adam,
+            ALIGNED=aligned,
             BLOCK=block,
             num_warps=warps,
         )
+
+
+@triton.jit
+def _rollback_body(p_ptr, snap_ptr, alarm, hold, offs, mask, EVEN: tl.constexpr):
+    if tl.load(alarm) != 0:
+        st(p_ptr, offs, ld(snap_ptr, offs, mask, EVEN), mask, EVEN)
+    elif tl.load(hold) == 0:
+        st(snap_ptr, offs, ld(p_ptr, offs, mask, EVEN), mask, EVEN)
 
 
 @triton.jit
@@ -301,25 +407,26 @@ def _rollback_kernel(
     p_ptrs,
     snap_ptrs,
     block_tensor,
-    block_start,
+    block_starts,
     numels,
     alarm,
     hold,
     WORD: tl.constexpr,
+    ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.load(block_tensor + pid)
-    start = tl.load(block_start + pid)
+    start = block_start(block_starts, pid, BLOCK)
     n = tl.load(numels + t)
     offs = start + tl.arange(0, BLOCK)
     mask = offs < n
-    p_ptr = tl.load(p_ptrs + t).to(tl.pointer_type(WORD))
-    snap_ptr = tl.load(snap_ptrs + t).to(tl.pointer_type(WORD))
-    if tl.load(alarm) != 0:
-        tl.store(p_ptr + offs, tl.load(snap_ptr + offs, mask=mask), mask=mask)
-    elif tl.load(hold) == 0:
-        tl.store(snap_ptr + offs, tl.load(p_ptr + offs, mask=mask), mask=mask)
+    p_ptr = pointer(p_ptrs, t, WORD, ALIGNED)
+    snap_ptr = pointer(snap_ptrs, t, WORD, ALIGNED)
+    if start + BLOCK <= n:
+        _rollback_body(p_ptr, snap_ptr, alarm, hold, offs, mask, True)
+    else:
+        _rollback_body(p_ptr, snap_ptr, alarm, hold, offs, mask, False)
 
 
 _WORDS = {1: tl.int8, 2: tl.int16, 4: tl.int32, 8: tl.int64}
@@ -352,6 +459,7 @@ def rollback(
             alarm,
             hold,
             WORD=_WORDS[size],
+            ALIGNED=all_aligned(ps, snaps),
             BLOCK=block,
             num_warps=warps,
         )

@@ -32,6 +32,8 @@ __all__ = [
     "NUM_WARPS",
     "TL_DTYPE",
     "advance",
+    "all_aligned",
+    "block_start",
     "block_table",
     "cached",
     "gather",
@@ -39,15 +41,18 @@ __all__ = [
     "hyper_row",
     "launch",
     "launch_shape",
+    "ld",
+    "pointer",
     "pointer_table",
     "scatter",
+    "st",
     "stats_dtype",
     "to_device",
     "to_param",
 ]
 
-BLOCK = 4096  # elements per program of the elementwise kernels
-NUM_WARPS = 8
+BLOCK = 1024  # elements per program of the elementwise kernels (benchmarks/bench_gpu.py)
+NUM_WARPS = 4
 
 _TABLES: OrderedDict[tuple, Any] = OrderedDict()
 _TABLE_LIMIT = 256
@@ -121,11 +126,12 @@ def launch(
     *tables: Tensor,
     found_finite: Tensor,
     hyper: Tensor,
+    aligned: bool,
     **constexprs: Any,
 ) -> None:
     """``kernel`` over every element of the tensors of ``numels``: one program per block, its
     arguments the pointer/coefficient ``tables``, then the block table, ``found_finite`` and
-    the hyperparameter row."""
+    the hyperparameter row; ``aligned``: every tensor starts at a 16-byte boundary."""
     block, warps = launch_shape()
     index, start, numel_t = block_table(numels, device, block)
     if index.numel() == 0:
@@ -138,12 +144,54 @@ def launch(
         found_finite,
         hyper,
         **constexprs,
+        ALIGNED=aligned,
         BLOCK=block,
         num_warps=warps,
     )
 
 
 TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16}
+
+
+def all_aligned(*lists: Sequence[Tensor | None]) -> bool:
+    """Does every tensor start at a 16-byte boundary? Then the kernels may load and store
+    vectors (Note [Triton kernels])."""
+    return all(t is None or t.data_ptr() % 16 == 0 for ts in lists for t in ts)
+
+
+@triton.jit
+def pointer(ptrs, t, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Tensor ``t``'s data pointer from a pointer table; with ``ALIGNED`` (checked on the host)
+    rounded to its own value in a form that tells the compiler it is a multiple of 16 bytes."""
+    address = tl.load(ptrs + t)
+    if ALIGNED:
+        address = address // 16 * 16
+    return address.to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def block_start(starts, pid, BLOCK: tl.constexpr):
+    """The first element of program ``pid``'s block, a multiple of ``BLOCK`` (so written)."""
+    return tl.load(starts + pid) // BLOCK * BLOCK
+
+
+@triton.jit
+def ld(ptr, offs, mask, EVEN: tl.constexpr):
+    """A block of elements; a whole block (``EVEN``) is loaded without a mask, which lets the
+    compiler use vector loads."""
+    if EVEN:
+        return tl.load(ptr + offs)
+    else:
+        return tl.load(ptr + offs, mask=mask, other=0)
+
+
+@triton.jit
+def st(ptr, offs, value, mask, EVEN: tl.constexpr):
+    """Store a block of elements (see :func:`ld`)."""
+    if EVEN:
+        tl.store(ptr + offs, value)
+    else:
+        tl.store(ptr + offs, value, mask=mask)
 
 
 # Hyperparameter row columns
@@ -160,30 +208,39 @@ def to_param(x, PDTYPE: tl.constexpr):
 
 
 @triton.jit
+def _check_body(g_ptr, offs, mask, partial, pid, flag, limit, EVEN: tl.constexpr):
+    g = ld(g_ptr, offs, mask, EVEN).to(tl.float64)
+    tl.store(partial + pid, tl.sum(g * g, axis=0))
+    bad = tl.max((~(tl.abs(g) <= limit)).to(tl.int32), axis=0)  # NaN compares False: bad
+    if bad > 0:
+        tl.atomic_max(flag, 1)
+
+
+@triton.jit
 def _check_kernel(
     g_ptrs,
     block_tensor,
-    block_start,
+    block_starts,
     numels,
     flag,
     partial,
     limit_ptr,
     PDTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.load(block_tensor + pid)
-    start = tl.load(block_start + pid)
+    start = block_start(block_starts, pid, BLOCK)
     n = tl.load(numels + t)
-    g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(PDTYPE))
+    g_ptr = pointer(g_ptrs, t, PDTYPE, ALIGNED)
     offs = start + tl.arange(0, BLOCK)
     mask = offs < n
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float64)
-    tl.store(partial + pid, tl.sum(g * g, axis=0))
     limit = tl.load(limit_ptr)  # float64: 2**511 does not fit a float32 argument
-    bad = tl.max((~(tl.abs(g) <= limit)).to(tl.int32), axis=0)  # NaN compares False: bad
-    if bad > 0:
-        tl.atomic_max(flag, 1)
+    if start + BLOCK <= n:
+        _check_body(g_ptr, offs, mask, partial, pid, flag, limit, True)
+    else:
+        _check_body(g_ptr, offs, mask, partial, pid, flag, limit, False)
 
 
 def grad_stats(grads: Sequence[Tensor], limit: float) -> tuple[Tensor, Tensor]:
@@ -209,6 +266,7 @@ def grad_stats(grads: Sequence[Tensor], limit: float) -> tuple[Tensor, Tensor]:
                 partial,
                 hyper_row((limit,), device),
                 PDTYPE=TL_DTYPE[dtype],
+                ALIGNED=all_aligned(gs),
                 BLOCK=block,
                 num_warps=warps,
             )

@@ -19,19 +19,23 @@ from torch import Tensor
 from steadystep._kernels._triton_common import (
     TL_DTYPE,
     advance,
+    all_aligned,
+    block_start,
     hyper_row,
     launch,
+    ld,
+    pointer,
     pointer_table,
+    st,
     stats_dtype,
     to_param,
 )
 
-__all__ = ["adam", "sgd", "wrapper_after", "wrapper_before"]
+__all__ = ["adam", "coefficients", "scale", "sgd"]
 
-# columns of the per-tensor coefficient table (float64)
-_NEG_STEP_SIZE, _INV_BC2_SQRT, _INV_CPROP_BC, _VARIANCE_SCALE, _SCALED_EPS, _FIRST, _LR_WD = range(
-    7
-)
+# The per-tensor coefficient table (float64), one row of 8 per tensor: -lr / (1 - beta1^t),
+# 1 / sqrt(1 - beta2^t), 1 / (1 - cprop_beta^t), the variance scale, the scaled CProp eps, 1 at
+# the first step, lr * weight_decay (and one spare column).
 _COLUMNS = 8
 
 
@@ -76,7 +80,7 @@ def _coef_kernel(
     tl.store(row + 6, lr * tl.load(hyper + 4), mask=mask)
 
 
-def _coefficients(
+def coefficients(
     steps: Sequence[Tensor],
     hyper: Tensor,
     lr_scale: Tensor,
@@ -107,7 +111,7 @@ def _tanh_nonnegative(y):
 
 
 @triton.jit
-def _scale(
+def scale(
     cm,
     cv,
     row,
@@ -151,6 +155,74 @@ def _scale(
 
 
 @triton.jit
+def _adam_body(
+    p_ptr,
+    g_ptr,
+    m_ptr,
+    v_ptr,
+    vmax_ptr,
+    cm_ptr,
+    cv_ptr,
+    row,
+    hyper,
+    offs,
+    mask,
+    PDTYPE: tl.constexpr,
+    SDTYPE: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    L2: tl.constexpr,
+    DECOUPLED: tl.constexpr,
+    SHARED_V: tl.constexpr,
+    METHOD: tl.constexpr,
+    CDF: tl.constexpr,
+    C_INF: tl.constexpr,
+    C_ONE: tl.constexpr,
+    EPS_ZERO: tl.constexpr,
+    EVEN: tl.constexpr,
+):
+    beta1 = tl.load(hyper + 1).to(SDTYPE)
+    beta2 = tl.load(hyper + 2).to(SDTYPE)
+    eps = tl.load(hyper + 3).to(SDTYPE)
+    cprop_beta = tl.load(hyper + 5).to(SDTYPE)
+    cprop_c = tl.load(hyper + 6).to(SDTYPE)
+    one_minus_beta1 = (1.0 - tl.load(hyper + 1)).to(SDTYPE)
+    one_minus_beta2 = (1.0 - tl.load(hyper + 2)).to(SDTYPE)
+    one_minus_cprop_beta = (1.0 - tl.load(hyper + 5)).to(SDTYPE)
+    raw = ld(g_ptr, offs, mask, EVEN).to(SDTYPE)
+    p = ld(p_ptr, offs, mask, EVEN).to(SDTYPE)
+    if L2:
+        g = raw + tl.load(hyper + 4).to(SDTYPE) * p
+    else:
+        g = raw
+    m = ld(m_ptr, offs, mask, EVEN) * beta1 + one_minus_beta1 * g
+    v = ld(v_ptr, offs, mask, EVEN) * beta2 + one_minus_beta2 * (g * g)
+    if AMSGRAD:
+        vmax = tl.maximum(ld(vmax_ptr, offs, mask, EVEN), v)
+        st(vmax_ptr, offs, vmax, mask, EVEN)
+    else:
+        vmax = v
+    denom = tl.sqrt(vmax) * tl.load(row + 1).to(SDTYPE) + eps
+    update = tl.load(row + 0).to(SDTYPE) * m / denom
+    if DECOUPLED:
+        update = update - tl.load(row + 6).to(SDTYPE) * p
+    cm = ld(cm_ptr, offs, mask, EVEN) * cprop_beta + one_minus_cprop_beta * raw
+    if SHARED_V:
+        cv = v
+    else:
+        if METHOD == 1:
+            second = tl.abs(raw)
+        else:
+            second = raw * raw
+        cv = ld(cv_ptr, offs, mask, EVEN) * cprop_beta + one_minus_cprop_beta * second
+        st(cv_ptr, offs, cv, mask, EVEN)
+    s = scale(cm, cv, row, cprop_c, SDTYPE, METHOD, CDF, C_INF, C_ONE, EPS_ZERO)
+    st(p_ptr, offs, to_param(p + s * update, PDTYPE), mask, EVEN)
+    st(m_ptr, offs, m, mask, EVEN)
+    st(v_ptr, offs, v, mask, EVEN)
+    st(cm_ptr, offs, cm, mask, EVEN)
+
+
+@triton.jit
 def _adam_kernel(
     p_ptrs,
     g_ptrs,
@@ -161,7 +233,7 @@ def _adam_kernel(
     cv_ptrs,
     coefs,
     block_tensor,
-    block_start,
+    block_starts,
     numels,
     found_finite,
     hyper,
@@ -176,65 +248,77 @@ def _adam_kernel(
     C_INF: tl.constexpr,
     C_ONE: tl.constexpr,
     EPS_ZERO: tl.constexpr,
+    ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     if tl.load(found_finite) == 0:
         return
     pid = tl.program_id(0)
     t = tl.load(block_tensor + pid)
-    start = tl.load(block_start + pid)
+    start = block_start(block_starts, pid, BLOCK)
     n = tl.load(numels + t)
-    row = coefs + t * 8
-    beta1 = tl.load(hyper + 1).to(SDTYPE)
-    beta2 = tl.load(hyper + 2).to(SDTYPE)
-    eps = tl.load(hyper + 3).to(SDTYPE)
-    cprop_beta = tl.load(hyper + 5).to(SDTYPE)
-    cprop_c = tl.load(hyper + 6).to(SDTYPE)
-    one_minus_beta1 = (1.0 - tl.load(hyper + 1)).to(SDTYPE)
-    one_minus_beta2 = (1.0 - tl.load(hyper + 2)).to(SDTYPE)
-    one_minus_cprop_beta = (1.0 - tl.load(hyper + 5)).to(SDTYPE)
     offs = start + tl.arange(0, BLOCK)
     mask = offs < n
-    p_ptr = tl.load(p_ptrs + t).to(tl.pointer_type(PDTYPE))
-    g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(PDTYPE))
-    m_ptr = tl.load(m_ptrs + t).to(tl.pointer_type(SDTYPE))
-    v_ptr = tl.load(v_ptrs + t).to(tl.pointer_type(SDTYPE))
-    cm_ptr = tl.load(cm_ptrs + t).to(tl.pointer_type(SDTYPE))
-    raw = tl.load(g_ptr + offs, mask=mask, other=0.0).to(SDTYPE)
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(SDTYPE)
-    if L2:
-        g = raw + tl.load(hyper + 4).to(SDTYPE) * p
+    p_ptr = pointer(p_ptrs, t, PDTYPE, ALIGNED)
+    g_ptr = pointer(g_ptrs, t, PDTYPE, ALIGNED)
+    m_ptr = pointer(m_ptrs, t, SDTYPE, ALIGNED)
+    v_ptr = pointer(v_ptrs, t, SDTYPE, ALIGNED)
+    vmax_ptr = pointer(vmax_ptrs, t, SDTYPE, ALIGNED)
+    cm_ptr = pointer(cm_ptrs, t, SDTYPE, ALIGNED)
+    cv_ptr = pointer(cv_ptrs, t, SDTYPE, ALIGNED)
+    row = coefs + t * 8
+    if start + BLOCK <= n:
+        _adam_body(
+            p_ptr,
+            g_ptr,
+            m_ptr,
+            v_ptr,
+            vmax_ptr,
+            cm_ptr,
+            cv_ptr,
+            row,
+            hyper,
+            offs,
+            mask,
+            PDTYPE,
+            SDTYPE,
+            AMSGRAD,
+            L2,
+            DECOUPLED,
+            SHARED_V,
+            METHOD,
+            CDF,
+            C_INF,
+            C_ONE,
+            EPS_ZERO,
+            True,
+        )
     else:
-        g = raw
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0) * beta1 + one_minus_beta1 * g
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0) * beta2 + one_minus_beta2 * (g * g)
-    if AMSGRAD:
-        vmax_ptr = tl.load(vmax_ptrs + t).to(tl.pointer_type(SDTYPE))
-        vmax = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0.0), v)
-        tl.store(vmax_ptr + offs, vmax, mask=mask)
-    else:
-        vmax = v
-    denom = tl.sqrt(vmax) * tl.load(row + 1).to(SDTYPE) + eps
-    update = tl.load(row + 0).to(SDTYPE) * m / denom
-    if DECOUPLED:
-        update = update - tl.load(row + 6).to(SDTYPE) * p
-    cm = tl.load(cm_ptr + offs, mask=mask, other=0.0) * cprop_beta + one_minus_cprop_beta * raw
-    if SHARED_V:
-        cv = v
-    else:
-        cv_ptr = tl.load(cv_ptrs + t).to(tl.pointer_type(SDTYPE))
-        if METHOD == 1:
-            second = tl.abs(raw)
-        else:
-            second = raw * raw
-        cv = tl.load(cv_ptr + offs, mask=mask, other=0.0) * cprop_beta
-        cv = cv + one_minus_cprop_beta * second
-        tl.store(cv_ptr + offs, cv, mask=mask)
-    s = _scale(cm, cv, row, cprop_c, SDTYPE, METHOD, CDF, C_INF, C_ONE, EPS_ZERO)
-    tl.store(p_ptr + offs, to_param(p + s * update, PDTYPE), mask=mask)
-    tl.store(m_ptr + offs, m, mask=mask)
-    tl.store(v_ptr + offs, v, mask=mask)
-    tl.store(cm_ptr + offs, cm, mask=mask)
+        _adam_body(
+            p_ptr,
+            g_ptr,
+            m_ptr,
+            v_ptr,
+            vmax_ptr,
+            cm_ptr,
+            cv_ptr,
+            row,
+            hyper,
+            offs,
+            mask,
+            PDTYPE,
+            SDTYPE,
+            AMSGRAD,
+            L2,
+            DECOUPLED,
+            SHARED_V,
+            METHOD,
+            CDF,
+            C_INF,
+            C_ONE,
+            EPS_ZERO,
+            False,
+        )
 
 
 def _static(config: dict[str, int]) -> dict[str, int]:
@@ -265,7 +349,7 @@ def adam(
     )
     tables = [pointer_table(lists[k] if lists[k] is not None else none, device) for k in keys]
     row = hyper_row(hyper, device)
-    coefs = _coefficients(lists["steps"], row, lr_scale, config["SS_METHOD"], 1.0)
+    coefs = coefficients(lists["steps"], row, lr_scale, config["SS_METHOD"], 1.0)
     dtype = params[0].dtype
     launch(
         _adam_kernel,
@@ -275,11 +359,69 @@ def adam(
         coefs,
         found_finite=found_finite,
         hyper=row,
+        aligned=all_aligned(*[lists[k] or [] for k in keys]),
         PDTYPE=TL_DTYPE[dtype],
         SDTYPE=TL_DTYPE[stats_dtype(dtype)],
         **_static(config),
     )
     advance(lists["steps"], found_finite)
+
+
+@triton.jit
+def _sgd_body(
+    p_ptr,
+    g_ptr,
+    buf_ptr,
+    cm_ptr,
+    cv_ptr,
+    row,
+    hyper,
+    offs,
+    mask,
+    PDTYPE: tl.constexpr,
+    SDTYPE: tl.constexpr,
+    L2: tl.constexpr,
+    MOMENTUM: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    METHOD: tl.constexpr,
+    CDF: tl.constexpr,
+    C_INF: tl.constexpr,
+    C_ONE: tl.constexpr,
+    EPS_ZERO: tl.constexpr,
+    EVEN: tl.constexpr,
+):
+    cprop_beta = tl.load(hyper + 5).to(SDTYPE)
+    cprop_c = tl.load(hyper + 6).to(SDTYPE)
+    one_minus_cprop_beta = (1.0 - tl.load(hyper + 5)).to(SDTYPE)
+    raw = ld(g_ptr, offs, mask, EVEN).to(SDTYPE)
+    p = ld(p_ptr, offs, mask, EVEN).to(SDTYPE)
+    if L2:
+        d = raw + tl.load(hyper + 4).to(SDTYPE) * p
+    else:
+        d = raw
+    cm = ld(cm_ptr, offs, mask, EVEN) * cprop_beta + one_minus_cprop_beta * raw
+    if METHOD == 1:
+        second = tl.abs(raw)
+    else:
+        second = raw * raw
+    cv = ld(cv_ptr, offs, mask, EVEN) * cprop_beta + one_minus_cprop_beta * second
+    if MOMENTUM:
+        # torch.optim.SGD starts the buffer at d on the first step
+        momentum = tl.load(hyper + 9)
+        first = tl.load(row + 5) == 1.0
+        momentum_a = tl.where(first, 0.0, momentum).to(SDTYPE)
+        momentum_b = tl.where(first, 1.0, 1.0 - tl.load(hyper + 10)).to(SDTYPE)
+        buf = ld(buf_ptr, offs, mask, EVEN) * momentum_a + momentum_b * d
+        st(buf_ptr, offs, buf, mask, EVEN)
+        if NESTEROV:
+            d = d + momentum.to(SDTYPE) * buf
+        else:
+            d = buf
+    s = scale(cm, cv, row, cprop_c, SDTYPE, METHOD, CDF, C_INF, C_ONE, EPS_ZERO)
+    # the first column is -lr / (1 - 0**t) = -lr for SGD's rows
+    st(p_ptr, offs, to_param(p + s * (tl.load(row + 0).to(SDTYPE) * d), PDTYPE), mask, EVEN)
+    st(cm_ptr, offs, cm, mask, EVEN)
+    st(cv_ptr, offs, cv, mask, EVEN)
 
 
 @triton.jit
@@ -291,7 +433,7 @@ def _sgd_kernel(
     cv_ptrs,
     coefs,
     block_tensor,
-    block_start,
+    block_starts,
     numels,
     found_finite,
     hyper,
@@ -305,54 +447,69 @@ def _sgd_kernel(
     C_INF: tl.constexpr,
     C_ONE: tl.constexpr,
     EPS_ZERO: tl.constexpr,
+    ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     if tl.load(found_finite) == 0:
         return
     pid = tl.program_id(0)
     t = tl.load(block_tensor + pid)
-    start = tl.load(block_start + pid)
+    start = block_start(block_starts, pid, BLOCK)
     n = tl.load(numels + t)
-    row = coefs + t * 8
-    cprop_beta = tl.load(hyper + 5).to(SDTYPE)
-    cprop_c = tl.load(hyper + 6).to(SDTYPE)
-    one_minus_cprop_beta = (1.0 - tl.load(hyper + 5)).to(SDTYPE)
     offs = start + tl.arange(0, BLOCK)
     mask = offs < n
-    p_ptr = tl.load(p_ptrs + t).to(tl.pointer_type(PDTYPE))
-    g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(PDTYPE))
-    cm_ptr = tl.load(cm_ptrs + t).to(tl.pointer_type(SDTYPE))
-    cv_ptr = tl.load(cv_ptrs + t).to(tl.pointer_type(SDTYPE))
-    raw = tl.load(g_ptr + offs, mask=mask, other=0.0).to(SDTYPE)
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(SDTYPE)
-    if L2:
-        d = raw + tl.load(hyper + 4).to(SDTYPE) * p
+    p_ptr = pointer(p_ptrs, t, PDTYPE, ALIGNED)
+    g_ptr = pointer(g_ptrs, t, PDTYPE, ALIGNED)
+    buf_ptr = pointer(buf_ptrs, t, SDTYPE, ALIGNED)
+    cm_ptr = pointer(cm_ptrs, t, SDTYPE, ALIGNED)
+    cv_ptr = pointer(cv_ptrs, t, SDTYPE, ALIGNED)
+    row = coefs + t * 8
+    if start + BLOCK <= n:
+        _sgd_body(
+            p_ptr,
+            g_ptr,
+            buf_ptr,
+            cm_ptr,
+            cv_ptr,
+            row,
+            hyper,
+            offs,
+            mask,
+            PDTYPE,
+            SDTYPE,
+            L2,
+            MOMENTUM,
+            NESTEROV,
+            METHOD,
+            CDF,
+            C_INF,
+            C_ONE,
+            EPS_ZERO,
+            True,
+        )
     else:
-        d = raw
-    cm = tl.load(cm_ptr + offs, mask=mask, other=0.0) * cprop_beta + one_minus_cprop_beta * raw
-    if METHOD == 1:
-        second = tl.abs(raw)
-    else:
-        second = raw * raw
-    cv = tl.load(cv_ptr + offs, mask=mask, other=0.0) * cprop_beta + one_minus_cprop_beta * second
-    if MOMENTUM:
-        # torch.optim.SGD starts the buffer at d on the first step
-        momentum = tl.load(hyper + 9)
-        first = tl.load(row + 5) == 1.0
-        momentum_a = tl.where(first, 0.0, momentum).to(SDTYPE)
-        momentum_b = tl.where(first, 1.0, 1.0 - tl.load(hyper + 10)).to(SDTYPE)
-        buf_ptr = tl.load(buf_ptrs + t).to(tl.pointer_type(SDTYPE))
-        buf = tl.load(buf_ptr + offs, mask=mask, other=0.0) * momentum_a + momentum_b * d
-        tl.store(buf_ptr + offs, buf, mask=mask)
-        if NESTEROV:
-            d = d + momentum.to(SDTYPE) * buf
-        else:
-            d = buf
-    s = _scale(cm, cv, row, cprop_c, SDTYPE, METHOD, CDF, C_INF, C_ONE, EPS_ZERO)
-    # the first column is -lr / (1 - 0**t) = -lr for SGD's rows
-    tl.store(p_ptr + offs, to_param(p + s * (tl.load(row + 0).to(SDTYPE) * d), PDTYPE), mask=mask)
-    tl.store(cm_ptr + offs, cm, mask=mask)
-    tl.store(cv_ptr + offs, cv, mask=mask)
+        _sgd_body(
+            p_ptr,
+            g_ptr,
+            buf_ptr,
+            cm_ptr,
+            cv_ptr,
+            row,
+            hyper,
+            offs,
+            mask,
+            PDTYPE,
+            SDTYPE,
+            L2,
+            MOMENTUM,
+            NESTEROV,
+            METHOD,
+            CDF,
+            C_INF,
+            C_ONE,
+            EPS_ZERO,
+            False,
+        )
 
 
 def sgd(
@@ -368,7 +525,7 @@ def sgd(
     keys = ("params", "grads", "momentum_buffers", "cprop_exp_avgs", "cprop_seconds")
     tables = [pointer_table(lists[k], device) for k in keys]
     row = hyper_row(hyper, device)
-    coefs = _coefficients(lists["steps"], row, lr_scale, config["SS_METHOD"], 1.0)
+    coefs = coefficients(lists["steps"], row, lr_scale, config["SS_METHOD"], 1.0)
     dtype = params[0].dtype
     launch(
         _sgd_kernel,
@@ -378,145 +535,9 @@ def sgd(
         coefs,
         found_finite=found_finite,
         hyper=row,
+        aligned=all_aligned(*[lists[k] for k in keys]),
         PDTYPE=TL_DTYPE[dtype],
         SDTYPE=TL_DTYPE[stats_dtype(dtype)],
         **_static(config),
     )
     advance(lists["steps"], found_finite)
-
-
-@triton.jit
-def _wrap_before_kernel(
-    p_ptrs,
-    g_ptrs,
-    snap_ptrs,
-    cm_ptrs,
-    cv_ptrs,
-    block_tensor,
-    block_start,
-    numels,
-    found_finite,
-    hyper,
-    PDTYPE: tl.constexpr,
-    SDTYPE: tl.constexpr,
-    METHOD: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    start = tl.load(block_start + pid)
-    n = tl.load(numels + t)
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < n
-    p_ptr = tl.load(p_ptrs + t).to(tl.pointer_type(PDTYPE))
-    snap_ptr = tl.load(snap_ptrs + t).to(tl.pointer_type(PDTYPE))
-    tl.store(snap_ptr + offs, tl.load(p_ptr + offs, mask=mask), mask=mask)
-    if tl.load(found_finite) == 0:
-        return  # the snapshot is taken anyway: the pass after restores it
-    cprop_beta = tl.load(hyper + 5).to(SDTYPE)
-    one_minus_cprop_beta = (1.0 - tl.load(hyper + 5)).to(SDTYPE)
-    g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(PDTYPE))
-    cm_ptr = tl.load(cm_ptrs + t).to(tl.pointer_type(SDTYPE))
-    cv_ptr = tl.load(cv_ptrs + t).to(tl.pointer_type(SDTYPE))
-    raw = tl.load(g_ptr + offs, mask=mask, other=0.0).to(SDTYPE)
-    if METHOD == 1:
-        second = tl.abs(raw)
-    else:
-        second = raw * raw
-    cm = tl.load(cm_ptr + offs, mask=mask, other=0.0) * cprop_beta + one_minus_cprop_beta * raw
-    cv = tl.load(cv_ptr + offs, mask=mask, other=0.0) * cprop_beta + one_minus_cprop_beta * second
-    tl.store(cm_ptr + offs, cm, mask=mask)
-    tl.store(cv_ptr + offs, cv, mask=mask)
-
-
-def wrapper_before(lists, found_finite: Tensor, hyper, config) -> None:
-    """Snapshot and CProp statistics before the base step (keys params, grads, snapshots,
-    cprop_exp_avgs, cprop_seconds, steps); the step counts advance."""
-    params = lists["params"]
-    device = params[0].device
-    keys = ("params", "grads", "snapshots", "cprop_exp_avgs", "cprop_seconds")
-    dtype = params[0].dtype
-    launch(
-        _wrap_before_kernel,
-        tuple(p.numel() for p in params),
-        device,
-        *[pointer_table(lists[k], device) for k in keys],
-        found_finite=found_finite,
-        hyper=hyper_row(hyper, device),
-        PDTYPE=TL_DTYPE[dtype],
-        SDTYPE=TL_DTYPE[stats_dtype(dtype)],
-        METHOD=config["SS_METHOD"],
-    )
-    advance(lists["steps"], found_finite)
-
-
-@triton.jit
-def _wrap_after_kernel(
-    p_ptrs,
-    snap_ptrs,
-    cm_ptrs,
-    cv_ptrs,
-    coefs,
-    block_tensor,
-    block_start,
-    numels,
-    found_finite,
-    hyper,
-    PDTYPE: tl.constexpr,
-    SDTYPE: tl.constexpr,
-    METHOD: tl.constexpr,
-    CDF: tl.constexpr,
-    C_INF: tl.constexpr,
-    C_ONE: tl.constexpr,
-    EPS_ZERO: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    start = tl.load(block_start + pid)
-    n = tl.load(numels + t)
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < n
-    p_ptr = tl.load(p_ptrs + t).to(tl.pointer_type(PDTYPE))
-    snap_ptr = tl.load(snap_ptrs + t).to(tl.pointer_type(PDTYPE))
-    old = tl.load(snap_ptr + offs, mask=mask, other=0.0)
-    if tl.load(found_finite) == 0:
-        tl.store(p_ptr + offs, old, mask=mask)  # skipped: the base may have written anything
-        return
-    row = coefs + t * 8
-    cprop_c = tl.load(hyper + 6).to(SDTYPE)
-    cm_ptr = tl.load(cm_ptrs + t).to(tl.pointer_type(SDTYPE))
-    cv_ptr = tl.load(cv_ptrs + t).to(tl.pointer_type(SDTYPE))
-    cm = tl.load(cm_ptr + offs, mask=mask, other=0.0)
-    cv = tl.load(cv_ptr + offs, mask=mask, other=0.0)
-    s = _scale(cm, cv, row, cprop_c, SDTYPE, METHOD, CDF, C_INF, C_ONE, EPS_ZERO)
-    old_s = old.to(SDTYPE)
-    now = tl.load(p_ptr + offs, mask=mask, other=0.0).to(SDTYPE)
-    diff = now - old_s
-    out = tl.where(s < 0.5, old_s + s * diff, now - diff * (1.0 - s))  # torch.lerp
-    tl.store(p_ptr + offs, to_param(out, PDTYPE), mask=mask)
-
-
-def wrapper_after(lists, found_finite: Tensor, hyper, config) -> None:
-    """After the base step: ``p <- lerp(snapshot, p, s)``, or ``snapshot`` on a skipped step
-    (keys params, snapshots, cprop_exp_avgs, cprop_seconds, steps)."""
-    params = lists["params"]
-    device = params[0].device
-    keys = ("params", "snapshots", "cprop_exp_avgs", "cprop_seconds")
-    row = hyper_row(hyper, device)
-    one = torch.ones((), dtype=torch.float64, device=device)
-    # the step counts were advanced by the pass before
-    coefs = _coefficients(lists["steps"], row, one, config["SS_METHOD"], 0.0)
-    dtype = params[0].dtype
-    launch(
-        _wrap_after_kernel,
-        tuple(p.numel() for p in params),
-        device,
-        *[pointer_table(lists[k], device) for k in keys],
-        coefs,
-        found_finite=found_finite,
-        hyper=row,
-        PDTYPE=TL_DTYPE[dtype],
-        SDTYPE=TL_DTYPE[stats_dtype(dtype)],
-        **_static(config),
-    )
