@@ -184,7 +184,7 @@ def sweep(rounds: int, inner: int) -> list[dict[str, Any]]:
     kernels (STEADYSTEP_TRITON_BLOCK/WARPS): how the default was chosen."""
     shapes = SETS["gpt350M"]()
     out = []
-    for block, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8)):
+    for block, warps in ((512, 4), (1024, 4), (1024, 8), (2048, 4), (4096, 8)):
         os.environ["STEADYSTEP_TRITON_BLOCK"] = str(block)
         os.environ["STEADYSTEP_TRITON_WARPS"] = str(warps)
         try:
@@ -254,29 +254,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py needs a CUDA device")
     started = time.time()
-    device = DEVICE
-    swept = sweep(args.rounds, args.inner) if args.sweep else None
-    results = [
-        measure(args.set, torch.float32, args.rounds, args.inner),
-        measure(args.set, torch.bfloat16, args.rounds, args.inner),
-    ]
     try:
         import triton  # the kernels' compiler: its version goes with the numbers
 
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    payload = {
+    payload: dict[str, Any] = {
         "benchmark": "gpu",
-        "machine": {**machine_info(device), "triton": triton_version},
-        "seconds": time.time() - started,
-        "results": results,
-        "launch_shapes": swept,
+        "machine": {**machine_info(DEVICE), "triton": triton_version},
+        "results": [],
+        "launch_shapes": None,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "gpu.json" if DEVICE.type == "cuda" else "gpu_smoke_cpu.json"
-    (out / name).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+    def write() -> None:  # after each part, so a run cut short keeps what it measured
+        payload["seconds"] = time.time() - started
+        (out / name).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+    if args.sweep:
+        payload["launch_shapes"] = sweep(args.rounds, args.inner)
+        write()
+    for dtype in (torch.float32, torch.bfloat16):
+        payload["results"].append(measure(args.set, dtype, args.rounds, args.inner))
+        write()
+    results = payload["results"]
     for result in results:
         print(table(result) + "\n")
     print(f"wrote {out / name} in {payload['seconds']:.0f} s")
