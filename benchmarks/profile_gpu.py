@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", nargs="*", default=list(bench_gpu.BUILD))
     parser.add_argument("--rows", type=int, default=12)
+    parser.add_argument(
+        "--host", action="store_true", help="profile the Python side (cProfile) instead"
+    )
     args = parser.parse_args(argv)
     shapes = SETS["gpt350M"]()
     for name in args.only:
@@ -33,6 +36,9 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
+        if args.host:
+            host_profile(name, step, args.rows)
+            continue
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
                 step()
@@ -43,6 +49,31 @@ def main(argv: list[str] | None = None) -> None:
         opt = step = None
         gc.collect()
         torch.cuda.empty_cache()
+
+
+def host_profile(name: str, step, rows: int) -> None:
+    """The host's time per step (steps queue on the device, so this is the Python side while
+    it outruns the device) and cProfile's busiest functions."""
+    import cProfile
+    import io
+    import pstats
+    import time
+
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(20):
+        step()
+    host = (time.perf_counter() - started) / 20 * 1e3
+    torch.cuda.synchronize()
+    total = (time.perf_counter() - started) / 20 * 1e3
+    print(f"==== {name}: host {host:.2f} ms/step to enqueue, {total:.2f} ms/step with the device")
+    profiler = cProfile.Profile()
+    profiler.runcall(lambda: [step() for _ in range(20)])
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(rows)
+    lines = out.getvalue().splitlines()
+    start = next(i for i, line in enumerate(lines) if "ncalls" in line)
+    print("\n".join(line[:150] for line in lines[start : start + rows + 1]))
 
 
 if __name__ == "__main__":

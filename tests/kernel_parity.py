@@ -24,8 +24,8 @@ def use_triton_on_cpu() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     real = _common._backend
 
-    def backend(*lists, any_dtype=False):
-        found = real(*lists, any_dtype=any_dtype)
+    def backend(*lists, **kwargs):
+        found = real(*lists, **kwargs)
         return "cuda" if found == "cpu" else found
 
     for module in (_common, cprop, alera):

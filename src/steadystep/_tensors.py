@@ -35,6 +35,7 @@ __all__ = [
     "local_tensor",
     "reduce_square_norms",
     "scale_all_",
+    "sharded_flags",
     "shards",
     "stored_real_values",
 ]
@@ -61,17 +62,24 @@ def scale_all_(tensors: list[Tensor], factor: Tensor) -> None:
         torch._foreach_mul_(ts, factor.to(device=device, dtype=dtype))
 
 
+_PLAIN = (Tensor, torch.nn.Parameter, type(None))
+
+
 def local_tensor(t: Tensor) -> Tensor:
     """The shard this rank holds of a DTensor (an alias: in-place ops write the DTensor), else
     ``t`` itself."""
-    if DTensor is not None and isinstance(t, DTensor):
+    if type(t) not in _PLAIN and DTensor is not None and isinstance(t, DTensor):
         return t.to_local()
     return t
 
 
 def shards(tensors: list[Any]) -> list[Any]:
     """This rank's shards of FSDP2 DTensors (aliases: in-place ops write the DTensor); other
-    tensors and None as they are."""
+    tensors and None as they are. (Every step calls it on every state list: plain tensors are
+    told apart by their exact type, without an ``isinstance`` per tensor.)"""
+    plain = _PLAIN
+    if all(type(t) in plain for t in tensors):
+        return list(tensors)
     return [local_tensor(t) for t in tensors]
 
 
@@ -88,13 +96,20 @@ def flat_shards(tensors: list[Tensor] | None, n: int) -> list[Tensor | None]:
     return [None] * n if tensors is None else [flat(t) for t in shards(tensors)]
 
 
+def sharded_flags(tensors: list[Any]) -> list[bool]:
+    """:func:`is_sharded` of each tensor (plain tensors told apart by their exact type)."""
+    if all(type(t) in _PLAIN for t in tensors):
+        return [False] * len(tensors)
+    return [is_sharded(t) for t in tensors]
+
+
 def is_sharded(t: Tensor) -> bool:
     """Is ``t`` a DTensor split across ranks? Its norms then need a sum over the shards.
 
     Only FSDP2's layout, one mesh dimension over every rank, is supported: summing over the
     whole world would double count a tensor replicated along another mesh dimension (HSDP).
     """
-    if DTensor is None or not isinstance(t, DTensor):
+    if type(t) in _PLAIN or DTensor is None or not isinstance(t, DTensor):
         return False
     placements = t.placements
     if not any(pl.is_shard() for pl in placements):
@@ -139,7 +154,10 @@ def stored_real_values(t: Tensor) -> Tensor:
         >>> stored_real_values(g)
         tensor([1., inf])
     """
-    if t.layout == torch.sparse_coo:
+    layout = t.layout
+    if layout is torch.strided:
+        return torch.view_as_real(t) if t.is_complex() else t
+    if layout == torch.sparse_coo:
         t = t._values()
     elif t.layout != torch.strided:  # CSR, CSC, BSR, BSC
         t = t.values()
@@ -198,7 +216,7 @@ def gradient_stats(grads: list[Tensor]) -> tuple[Tensor, Tensor]:
         total = torch.stack(sums).sum() if sums else torch.zeros((), dtype=torch.float64)
         stats = (_grads_within_limit(local), total.to(device))
     found_finite, sumsq = stats
-    sharded = [is_sharded(g) for g in grads]
+    sharded = sharded_flags(grads)
     if any(sharded):
         # whole (not sharded) gradients are counted once: their squares join rank 0's share
         whole = [g for g, split in zip(local, sharded, strict=True) if not split]

@@ -56,7 +56,7 @@ import torch
 from torch.optim import Optimizer
 
 from steadystep import _kernels as kernels
-from steadystep._tensors import gradient_stats, local_tensor, stored_real_values
+from steadystep._tensors import gradient_stats, shards, stored_real_values
 from steadystep._validation import check_loss, check_nonnegative, check_probability
 from steadystep.detect import PageHinkley
 from steadystep.detectors import Detector, SpikeDetector
@@ -452,8 +452,8 @@ class CatastropheGuard(OptimizerWrapper):
         MaskableOptimizer checks its gradients itself."""
         if self.backtrack:
             # On this rank's shards (FSDP2): the rollback is elementwise.
-            local_params = [local_tensor(p) for p in params]
-            local_snaps = [local_tensor(s) for s in self.snapshots]
+            local_params = shards(params)
+            local_snaps = shards(self.snapshots)
             # Note [non-finite gradients]: a skipped step is no update, so the snapshot keeps
             # the parameters from before the last real one (``hold``).
             if not kernels.rollback_(local_params, local_snaps, alarm, hold=bad_grads):
@@ -548,8 +548,8 @@ class CatastropheGuard(OptimizerWrapper):
     def _copy_snapshots(self, params: list[torch.Tensor], *, restore: bool) -> None:
         """``p <- snapshot`` (``restore``) or ``snapshot <- p``: one kernel call where the
         kernels take the tensors, else one copy per tensor (host memory, other devices)."""
-        local_params = [local_tensor(p) for p in params]
-        local_snaps = [local_tensor(s) for s in self.snapshots]
+        local_params = shards(params)
+        local_snaps = shards(self.snapshots)
         device = local_params[0].device if local_params else torch.device("cpu")
         flag = torch.full((), restore, dtype=torch.bool, device=device)
         same_device = all(s.device == device for s in local_snaps)

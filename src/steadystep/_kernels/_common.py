@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import ctypes
 import functools
 import math
@@ -24,6 +25,8 @@ __all__ = [
 ]
 
 _PARAM_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
+_STRIDED = torch.strided
+_Parameter = torch.nn.Parameter
 _METHOD_CODE = {"conformity": 0, "relative": 1, "moment": 2}
 _CDF_CODE = {"normal": 0, "bft": 1, "bfo": 2, "logistic": 3}
 # x = |m_hat| / se enters erf or tanh scaled by this (folded into the coefficients)
@@ -75,34 +78,60 @@ def _triton() -> SimpleNamespace | None:
     )
 
 
-def _backend(*lists: Sequence[Tensor | None], any_dtype: bool = False) -> str | None:
-    """ "cpu" or "cuda" when every tensor is a dense contiguous tensor of one device and (unless
-    ``any_dtype``) a dtype with a kernel, None entries allowed; else None (the eager paths).
-    Under ``torch.compile`` it is always None: the compiler traces the eager path (and fuses it
-    itself) rather than a call it cannot see into."""
+def _backend(
+    *lists: Sequence[Tensor | None],
+    stats: Sequence[Sequence[Tensor | None]] = (),
+    dtypes: str = "same",
+) -> str | None:
+    """ "cpu" or "cuda" when every tensor of ``lists`` and ``stats`` is a dense contiguous
+    tensor of one device, None entries allowed; else None (the eager paths). ``dtypes``: "same"
+    (every tensor of ``lists`` has the first one's dtype, which has a kernel), "kernel" (each
+    has some dtype with a kernel) or "any"; every tensor of ``stats`` has the statistics dtype
+    of the first one's. Under ``torch.compile`` it is always None: the compiler traces the
+    eager path (and fuses it itself) rather than a call it cannot see into.
+
+    One pass, a few attribute reads per tensor: it runs on every step for every tensor, so its
+    cost is the host's share of a step (benchmarks/bench_gpu.py)."""
     if _compiling() or not enabled():
         return None
-    device = None
-    for ts in lists:
-        for t in ts:
-            if t is None:
-                continue
-            if (
-                t.layout != torch.strided
-                or not t.is_contiguous()
-                or (not any_dtype and t.dtype not in _PARAM_CODE)
-                or (type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter))
-            ):
-                return None
-            if device is None:
-                device = t.device
-            elif t.device != device:
-                return None
-    if device is None or device.type not in ("cpu", "cuda"):
+    first = next((t for ts in lists for t in ts if t is not None), None)
+    if first is None:
         return None
-    if device.type == "cuda" and _triton() is None:
+    device = first.device
+    kind = device.type
+    if kind == "cuda":
+        if _triton() is None:
+            return None
+        index = device.index
+    elif kind != "cpu":
         return None
-    return device.type
+    dtype = first.dtype
+    if dtypes != "any" and dtype not in _PARAM_CODE:
+        return None
+    on_cpu = kind == "cpu"
+    wanted = ((lists, dtype if dtypes == "same" else None), (stats, stats_dtype(dtype)))
+    for group, want in wanted:
+        for ts in group:
+            for t in ts:
+                if t is None:
+                    continue
+                kind_of = type(t)
+                if kind_of is not Tensor and kind_of is not _Parameter:
+                    if not isinstance(t, _Parameter):
+                        return None
+                if t.layout is not _STRIDED or not t.is_contiguous():
+                    return None
+                if want is not None:
+                    if t.dtype is not want:
+                        return None
+                elif dtypes == "kernel" and t.dtype not in _PARAM_CODE:
+                    return None
+                if on_cpu:
+                    if not t.is_cpu:
+                        return None
+                elif not t.is_cuda or t.get_device() != index:
+                    return None
+    return kind
 
 
 def _compiling() -> bool:
@@ -112,34 +141,39 @@ def _compiling() -> bool:
     return torch._dynamo.is_compiling()  # torch < 2.3
 
 
-def _same_dtype(params: Sequence[Tensor], grads: Sequence[Tensor] | None = None) -> bool:
-    dtype = params[0].dtype
-    return all(p.dtype == dtype for p in params) and (
-        grads is None or all(g.dtype == dtype for g in grads)
-    )
-
-
-def _stats_ok(params: Sequence[Tensor], *stats: Sequence[Tensor | None] | None) -> bool:
-    want = stats_dtype(params[0].dtype)
-    return all(s is None or s.dtype == want for ss in stats if ss is not None for s in ss)
-
-
 def _steps_ok(steps: Sequence[Tensor], device: torch.device) -> bool:
-    return all(s.dtype == torch.float32 and s.device == device and s.numel() == 1 for s in steps)
+    """Every step count a 0-d (or one-element) float32 tensor on ``device``."""
+    f32 = torch.float32
+    on_cpu = device.type == "cpu"
+    index = device.index
+    for t in steps:
+        if t.dtype is not f32 or t.numel() != 1:
+            return False
+        if on_cpu:
+            if not t.is_cpu:
+                return False
+        elif not t.is_cuda or t.get_device() != index:
+            return False
+    return True
+
+
+def _int64s(values: list[int]) -> ctypes.Array:
+    """``values`` as a C ``int64_t`` array (built by :mod:`array`, then shared with ctypes)."""
+    buffer = array.array("q", values or [0])
+    return (ctypes.c_int64 * len(buffer)).from_buffer(buffer)
 
 
 def _pointers(tensors: Sequence[Tensor | None]) -> ctypes.Array:
-    return (ctypes.c_void_p * max(len(tensors), 1))(
-        *[None if t is None else t.data_ptr() for t in tensors]
-    )
+    return _int64s([0 if t is None else t.data_ptr() for t in tensors])
 
 
 def _numels(tensors: Sequence[Tensor]) -> ctypes.Array:
-    return (ctypes.c_int64 * max(len(tensors), 1))(*[t.numel() for t in tensors])
+    return _int64s([t.numel() for t in tensors])
 
 
 def _doubles(values: Sequence[float]) -> ctypes.Array:
-    return (ctypes.c_double * max(len(values), 1))(*values)
+    buffer = array.array("d", values or [0.0])
+    return (ctypes.c_double * len(buffer)).from_buffer(buffer)
 
 
 def _threads() -> int:
@@ -233,7 +267,7 @@ def grad_stats(grads: Sequence[Tensor]) -> tuple[Tensor, Tensor] | None:
     an element is). None when the kernels cannot take these tensors."""
     if not grads:
         return None
-    backend = _backend(grads)
+    backend = _backend(grads, dtypes="kernel")
     if backend is None:
         return None
     by_dtype: dict[torch.dtype, list[Tensor]] = {}

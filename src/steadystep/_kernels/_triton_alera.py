@@ -22,7 +22,7 @@ from steadystep._kernels._triton_common import (
     launch_shape,
     ld,
     pointer,
-    pointer_table,
+    pointer_tables,
     scatter,
     st,
     stats_dtype,
@@ -275,8 +275,11 @@ def alera(
         lambda: to_device(plan["unit_numels"], torch.float64, device),
     )
     partial = torch.empty(blocks, 4, dtype=torch.float64, device=device)
-    aligned = all_aligned(*[x for x in lists.values() if x is not None])
-    tables = {k: pointer_table(lists[k], device) for k in ("params", "grads", "relaxed_paths")}
+    none = [None] * n
+    keys = ("params", "grads", "relaxed_paths", "element_multipliers", "exp_avgs", "exp_avg_sqs")
+    found, aligned = pointer_tables([lists[k] or none for k in keys], device)
+    aligned = aligned and all_aligned(lists["adam_steps"] or [])
+    tables = dict(zip(keys, found, strict=True))
     if blocks:
         _alera_sums_kernel[(blocks,)](
             tables["params"],
@@ -366,15 +369,14 @@ def alera(
     offset = _random_walk_mean(alpha, unit_steps[:1]) * (-C / alpha) if param_wise else row[:1]
     # [decay, gain, offset, bound, tiny, max, beta1, beta2, eps]
     scalars = torch.cat([row[:2], offset, row[2:]])
-    none = [None] * n
     if blocks:
         _alera_update_kernel[(blocks,)](
             tables["params"],
             tables["grads"],
             tables["relaxed_paths"],
-            pointer_table(lists["element_multipliers"] or none, device),
-            pointer_table(lists["exp_avgs"] or none, device),
-            pointer_table(lists["exp_avg_sqs"] or none, device),
+            tables["element_multipliers"],
+            tables["exp_avgs"],
+            tables["exp_avg_sqs"],
             wd,
             scale_t,
             coef,
@@ -450,16 +452,17 @@ def rollback(
         index, start, numel_t = block_table(tuple(p.numel() for p in ps), device, block)
         if index.numel() == 0:
             continue
+        (p_table, s_table), aligned = pointer_tables([ps, snaps], device)
         _rollback_kernel[(index.numel(),)](
-            pointer_table(ps, device),
-            pointer_table(snaps, device),
+            p_table,
+            s_table,
             index,
             start,
             numel_t,
             alarm,
             hold,
             WORD=_WORDS[size],
-            ALIGNED=all_aligned(ps, snaps),
+            ALIGNED=aligned,
             BLOCK=block,
             num_warps=warps,
         )

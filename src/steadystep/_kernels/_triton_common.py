@@ -44,6 +44,7 @@ __all__ = [
     "ld",
     "pointer",
     "pointer_table",
+    "pointer_tables",
     "scatter",
     "st",
     "stats_dtype",
@@ -90,10 +91,30 @@ def to_device(values: Sequence[Any], dtype: torch.dtype, device: torch.device) -
     return host.to(device, non_blocking=True)
 
 
+def pointer_tables(
+    lists: Sequence[Sequence[Tensor | None]], device: torch.device
+) -> tuple[list[Tensor], bool]:
+    """The data pointers of each list of tensors (0 for None) as int64 device tensors, and
+    whether every tensor starts at a 16-byte boundary (then the kernels may load and store
+    vectors, Note [Triton kernels]). One ``data_ptr`` read per tensor."""
+    tables, aligned = [], True
+    for tensors in lists:
+        ptrs = tuple(0 if t is None else t.data_ptr() for t in tensors)
+        table, ok = cached(
+            ("ptr", device, ptrs),
+            lambda ptrs=ptrs: (
+                to_device(ptrs, torch.int64, device),
+                all(p % 16 == 0 for p in ptrs),
+            ),
+        )
+        tables.append(table)
+        aligned = aligned and ok
+    return tables, aligned
+
+
 def pointer_table(tensors: Sequence[Tensor | None], device: torch.device) -> Tensor:
     """The data pointers of ``tensors`` (0 for None) as an int64 device tensor."""
-    ptrs = tuple(0 if t is None else t.data_ptr() for t in tensors)
-    return cached(("ptr", device, ptrs), lambda: to_device(ptrs, torch.int64, device))
+    return pointer_tables([tensors], device)[0][0]
 
 
 def block_table(
@@ -257,8 +278,9 @@ def grad_stats(grads: Sequence[Tensor], limit: float) -> tuple[Tensor, Tensor]:
         index, start, numels = block_table(tuple(g.numel() for g in gs), device, block)
         partial = torch.zeros(max(index.numel(), 1), dtype=torch.float64, device=device)
         if index.numel():
+            (table,), aligned = pointer_tables([gs], device)
             _check_kernel[(index.numel(),)](
-                pointer_table(gs, device),
+                table,
                 index,
                 start,
                 numels,
@@ -266,7 +288,7 @@ def grad_stats(grads: Sequence[Tensor], limit: float) -> tuple[Tensor, Tensor]:
                 partial,
                 hyper_row((limit,), device),
                 PDTYPE=TL_DTYPE[dtype],
-                ALIGNED=all_aligned(gs),
+                ALIGNED=aligned,
                 BLOCK=block,
                 num_warps=warps,
             )

@@ -19,13 +19,13 @@ from torch import Tensor
 from steadystep._kernels._triton_common import (
     TL_DTYPE,
     advance,
-    all_aligned,
     block_start,
     hyper_row,
     launch,
     ld,
     pointer,
     pointer_table,
+    pointer_tables,
     st,
     stats_dtype,
     to_param,
@@ -347,7 +347,9 @@ def adam(
         "cprop_exp_avgs",
         "cprop_seconds",
     )
-    tables = [pointer_table(lists[k] if lists[k] is not None else none, device) for k in keys]
+    tables, aligned = pointer_tables(
+        [lists[k] if lists[k] is not None else none for k in keys], device
+    )
     row = hyper_row(hyper, device)
     coefs = coefficients(lists["steps"], row, lr_scale, config["SS_METHOD"], 1.0)
     dtype = params[0].dtype
@@ -359,7 +361,7 @@ def adam(
         coefs,
         found_finite=found_finite,
         hyper=row,
-        aligned=all_aligned(*[lists[k] or [] for k in keys]),
+        aligned=aligned,
         PDTYPE=TL_DTYPE[dtype],
         SDTYPE=TL_DTYPE[stats_dtype(dtype)],
         **_static(config),
@@ -523,7 +525,7 @@ def sgd(
     params = lists["params"]
     device = params[0].device
     keys = ("params", "grads", "momentum_buffers", "cprop_exp_avgs", "cprop_seconds")
-    tables = [pointer_table(lists[k], device) for k in keys]
+    tables, aligned = pointer_tables([lists[k] for k in keys], device)
     row = hyper_row(hyper, device)
     coefs = coefficients(lists["steps"], row, lr_scale, config["SS_METHOD"], 1.0)
     dtype = params[0].dtype
@@ -535,7 +537,7 @@ def sgd(
         coefs,
         found_finite=found_finite,
         hyper=row,
-        aligned=all_aligned(*[lists[k] for k in keys]),
+        aligned=aligned,
         PDTYPE=TL_DTYPE[dtype],
         SDTYPE=TL_DTYPE[stats_dtype(dtype)],
         **_static(config),

@@ -12,13 +12,12 @@ from torch import Tensor
 from steadystep._kernels._triton_common import (
     TL_DTYPE,
     advance,
-    all_aligned,
     block_start,
     hyper_row,
     launch,
     ld,
     pointer,
-    pointer_table,
+    pointer_tables,
     st,
     stats_dtype,
     to_param,
@@ -133,14 +132,15 @@ def wrapper_before(lists, found_finite: Tensor, hyper, config) -> None:
     device = params[0].device
     keys = ("params", "grads", "snapshots", "cprop_exp_avgs", "cprop_seconds")
     dtype = params[0].dtype
+    tables, aligned = pointer_tables([lists[k] for k in keys], device)
     launch(
         _wrap_before_kernel,
         tuple(p.numel() for p in params),
         device,
-        *[pointer_table(lists[k], device) for k in keys],
+        *tables,
         found_finite=found_finite,
         hyper=hyper_row(hyper, device),
-        aligned=all_aligned(*[lists[k] for k in keys]),
+        aligned=aligned,
         PDTYPE=TL_DTYPE[dtype],
         SDTYPE=TL_DTYPE[stats_dtype(dtype)],
         METHOD=config["SS_METHOD"],
@@ -269,15 +269,16 @@ def wrapper_after(lists, found_finite: Tensor, hyper, config) -> None:
     # the step counts were advanced by the pass before
     coefs = coefficients(lists["steps"], row, one, config["SS_METHOD"], 0.0)
     dtype = params[0].dtype
+    tables, aligned = pointer_tables([lists[k] for k in keys], device)
     launch(
         _wrap_after_kernel,
         tuple(p.numel() for p in params),
         device,
-        *[pointer_table(lists[k], device) for k in keys],
+        *tables,
         coefs,
         found_finite=found_finite,
         hyper=row,
-        aligned=all_aligned(*[lists[k] for k in keys]),
+        aligned=aligned,
         PDTYPE=TL_DTYPE[dtype],
         SDTYPE=TL_DTYPE[stats_dtype(dtype)],
         **_static(config),

@@ -15,10 +15,9 @@ from steadystep._kernels._common import (
     _backend,
     _check_flag,
     _doubles,
+    _int64s,
     _numels,
     _pointers,
-    _same_dtype,
-    _stats_ok,
     _status,
     _steps_ok,
     _threads,
@@ -86,8 +85,8 @@ def alera_(
         *[s for s in tensor_lr_scale if s is not None],
         *mirrors,
     ]
-    backend = _backend(params, grads, *stats, scalars)
-    if backend is None or not _same_dtype(params, grads) or not _stats_ok(params, *stats, scalars):
+    backend = _backend(params, grads, stats=[*stats, scalars])
+    if backend is None:
         return False
     device = params[0].device
     if not _steps_ok([*unit_steps, *counters, *(adam_steps or [])], device):
@@ -162,7 +161,7 @@ def alera_(
             _pointers(exp_avg_sqs or none),
             _pointers(adam_steps or none),
             _numels(params),
-            (ctypes.c_int64 * n)(*tensor_unit),
+            _int64s(list(tensor_unit)),
             _doubles(tensor_weight_decay),
             _doubles([float(x) for x in tensor_lr]),
             _pointers(tensor_lr_scale),
@@ -198,12 +197,13 @@ def rollback_(
     unsupported."""
     if not params:
         return True
-    backend = _backend(params, snapshots, any_dtype=True)
+    backend = _backend(params, snapshots, dtypes="any")
     if backend is None:
         return False
-    if any(
-        p.dtype != s.dtype or p.numel() != s.numel() for p, s in zip(params, snapshots, strict=True)
-    ):
+    sizes = [p.nbytes for p in params]
+    if any(p.dtype is not s.dtype for p, s in zip(params, snapshots, strict=True)) or sizes != [
+        s.nbytes for s in snapshots
+    ]:
         return False
     alarm = _check_flag(alarm, params[0].device, "alarm")
     if hold is not None:
@@ -214,7 +214,7 @@ def rollback_(
     lib = _cpu.library({"SS_PARAM": 0})
     if lib is None:
         return False
-    nbytes = (ctypes.c_int64 * len(params))(*[p.numel() * p.element_size() for p in params])
+    nbytes = _int64s(sizes)
     lib.ss_rollback(
         len(params),
         _pointers(params),

@@ -17,9 +17,7 @@ from steadystep._kernels._common import (
     _lr_scale,
     _numels,
     _pointers,
-    _same_dtype,
     _scale_config,
-    _stats_ok,
     _status,
     _steps_ok,
     _threads,
@@ -69,8 +67,8 @@ def adam_(
         return True
     vmax = max_exp_avg_sqs if amsgrad else None
     stats = (exp_avgs, exp_avg_sqs, cprop_exp_avgs, vmax, cprop_seconds)
-    backend = _backend(params, grads, *[s for s in stats if s is not None])
-    if backend is None or not _same_dtype(params, grads) or not _stats_ok(params, *stats):
+    backend = _backend(params, grads, stats=[s for s in stats if s is not None])
+    if backend is None:
         return False
     device = params[0].device
     if not _steps_ok(steps, device) or isinstance(lr, Tensor):
@@ -165,8 +163,8 @@ def sgd_(
         return True
     buffers = list(momentum_buffers) if momentum != 0 else [None] * n
     stats = (buffers, cprop_exp_avgs, cprop_seconds)
-    backend = _backend(params, grads, *stats)
-    if backend is None or not _same_dtype(params, grads) or not _stats_ok(params, *stats):
+    backend = _backend(params, grads, stats=stats)
+    if backend is None:
         return False
     device = params[0].device
     if not _steps_ok(steps, device) or isinstance(lr, Tensor):
@@ -227,11 +225,10 @@ def sgd_(
 
 
 def _wrapper_args(params, snapshots, cprop_exp_avgs, cprop_seconds, steps, grads=None):
-    lists = [params, snapshots, cprop_exp_avgs, cprop_seconds, *([grads] if grads else [])]
-    backend = _backend(*lists)
-    if backend is None or not _same_dtype(params, grads) or not _same_dtype(params, snapshots):
-        return None
-    if not _stats_ok(params, cprop_exp_avgs, cprop_seconds):
+    backend = _backend(
+        params, snapshots, *([grads] if grads else []), stats=[cprop_exp_avgs, cprop_seconds]
+    )
+    if backend is None:
         return None
     if not _steps_ok(steps, params[0].device):
         return None

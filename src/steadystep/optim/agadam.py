@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from steadystep._tensors import local_tensor
+from steadystep._tensors import shards
 from steadystep._validation import check_positive, check_unit_interval
 from steadystep.optim._alera_core import Gathered, adapt_multipliers_, param_multipliers
 from steadystep.optim._state_checks import Kind
@@ -155,19 +155,20 @@ class AgAdam(ALeRA):
         parameter's first step). Note [two step counts]: Adam's bias correction counts the
         steps this parameter's moments have taken (as torch.optim.Adam)."""
         exp_avgs, exp_avg_sqs, adam_steps = [], [], []
-        groups = self.param_groups
+        groups, states = self.param_groups, self.state
         for p, gi in zip(gathered.keys, gathered.group_index, strict=True):
-            state = self.state[p]
-            if "exp_avg" not in state:
-                state["exp_avg"] = torch.zeros_like(state["relaxed_path"])
-                state["exp_avg_sq"] = torch.zeros_like(state["relaxed_path"])
-            if "step" not in state:
-                device = groups[gi]["step"].device
-                state["step"] = torch.zeros((), dtype=torch.float32, device=device)
-            exp_avgs.append(local_tensor(state["exp_avg"]))
-            exp_avg_sqs.append(local_tensor(state["exp_avg_sq"]))
+            state = states[p]
+            if "exp_avg" not in state or "step" not in state:
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(state["relaxed_path"])
+                    state["exp_avg_sq"] = torch.zeros_like(state["relaxed_path"])
+                if "step" not in state:
+                    device = groups[gi]["step"].device
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=device)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
             adam_steps.append(state["step"])
-        return exp_avgs, exp_avg_sqs, adam_steps
+        return shards(exp_avgs), shards(exp_avg_sqs), adam_steps
 
     def _state_spec(self, group: dict[str, Any]) -> dict[str, tuple[Kind, bool]]:
         return {

@@ -20,9 +20,10 @@ from steadystep._tensors import (
     clone_tensors,
     full_max,
     grads_finite,
-    is_sharded,
     local_tensor,
     scale_all_,
+    sharded_flags,
+    shards,
 )
 from steadystep._validation import (
     check_choice,
@@ -448,35 +449,55 @@ class ALeRA(Optimizer):
     def _gather(self) -> Gathered:
         """The parameters with a gradient, group by group, and their state (created here on a
         parameter's first gradient)."""
-        gathered = Gathered([], [], [], [], [], [], [], [], [], [], [])
+        keys: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
+        paths: list[torch.Tensor] = []
+        decays: list[float] = []
+        group_index: list[int] = []
+        members: list[list[int]] = []
+        multipliers: list[torch.Tensor | None] = []
+        tensor_steps: list[torch.Tensor] = []
+        per_tensor = self.granularity == "tensor"
+        states = self.state
         for gi, group in enumerate(self.param_groups):
-            members = []
+            first = len(keys)
+            decay = group["weight_decay"]
             for p in group["params"]:
-                if p.grad is None:
+                g = p.grad
+                if g is None:
                     continue
-                if p.grad.is_sparse:
+                if g.is_sparse:
                     raise RuntimeError(
                         f"{type(self).__name__} does not support sparse gradients; "
                         "use dense embeddings (sparse=False)"
                     )
-                state = self._init_state(group, p)
-                members.append(len(gathered.params))
-                # Note [FSDP2]: the math runs on this rank's shards (state stays DTensor, so
-                # checkpoints keep their layout); only norms need the other ranks' shards.
-                gathered.keys.append(p)
-                gathered.params.append(local_tensor(p))
-                gathered.grads.append(local_tensor(p.grad))
-                gathered.relaxed_paths.append(local_tensor(state["relaxed_path"]))
-                gathered.weight_decays.append(group["weight_decay"])
-                gathered.group_index.append(gi)
-                m = state.get("lr_multiplier")
-                gathered.param_multipliers.append(None if m is None else local_tensor(m))
-                if self.granularity == "tensor":
-                    gathered.tensor_steps.append(state["step"])
-                gathered.numels.append(p.numel())
-                gathered.sharded.append(is_sharded(p))
-            gathered.members.append(members)
-        return gathered
+                state = states[p]
+                if "relaxed_path" not in state or (per_tensor and "step" not in state):
+                    state = self._init_state(group, p)
+                keys.append(p)
+                grads.append(g)
+                paths.append(state["relaxed_path"])
+                decays.append(decay)
+                multipliers.append(state.get("lr_multiplier"))
+                if per_tensor:
+                    tensor_steps.append(state["step"])
+            members.append(list(range(first, len(keys))))
+            group_index.extend([gi] * (len(keys) - first))
+        # Note [FSDP2]: the math runs on this rank's shards (state stays DTensor, so
+        # checkpoints keep their layout); only norms need the other ranks' shards.
+        return Gathered(
+            keys=keys,
+            params=shards(keys),
+            grads=shards(grads),
+            relaxed_paths=shards(paths),
+            weight_decays=decays,
+            group_index=group_index,
+            members=members,
+            param_multipliers=shards(multipliers),
+            tensor_steps=tensor_steps,
+            numels=[p.numel() for p in keys],
+            sharded=sharded_flags(keys),
+        )
 
     def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
         state = self.state[p]

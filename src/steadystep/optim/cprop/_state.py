@@ -51,10 +51,13 @@ def _cprop_state_spec(group: dict[str, Any]) -> dict[str, tuple[Kind, bool]]:
 def _params_with_grad(group: dict[str, Any], group_index: int, owner: str) -> list[Tensor]:
     """The group's parameters that have a gradient (checked: dense and real)."""
     params = []
+    strided = torch.strided
     for pi, p in enumerate(group["params"]):
-        if p.grad is None:
+        g = p.grad
+        if g is None:
             continue
-        _check_grad(p.grad, owner, group_index, pi, p.shape)
+        if g.layout is not strided or g.is_complex():
+            _check_grad(g, owner, group_index, pi, p.shape)
         params.append(p)
     return params
 

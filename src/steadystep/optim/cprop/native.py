@@ -492,16 +492,26 @@ class CPropAdam(_NativeCPropBase):
         self, group: dict[str, Any], params: list[Tensor], found_finite: Tensor
     ) -> None:
         key = _second_key(group["cprop_method"])
+        state_of = self.state
+        states = [state_of[p] for p in params]
         # parameters whose v is shared and those with their own v go in separate calls
+        own = [key in st for st in states]
         for shared in (True, False):
-            ps = [p for p in params if (key not in self.state[p]) == shared]
-            if ps:
-                self._run(group, ps, found_finite, None if shared else key)
+            pick = [i for i, o in enumerate(own) if o != shared]
+            if len(pick) == len(params):
+                self._run(group, params, states, found_finite, None if shared else key)
+            elif pick:
+                ps, sts = [params[i] for i in pick], [states[i] for i in pick]
+                self._run(group, ps, sts, found_finite, None if shared else key)
 
     def _run(
-        self, group: dict[str, Any], params: list[Tensor], found_finite: Tensor, key: str | None
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        states: list[dict[str, Any]],
+        found_finite: Tensor,
+        key: str | None,
     ) -> None:
-        states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
         # Note [FSDP2]: CProp is elementwise, so it runs on this rank's shards
         cprop_adam(
