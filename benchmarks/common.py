@@ -22,6 +22,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }
     if device.type == "cuda":
         info["device_name"] = torch.cuda.get_device_name(device)
