@@ -9,8 +9,10 @@
  *
  * The file is compiled once per configuration: the SS_* macros below select the parameter dtype
  * and the structural choices (method, cdf, amsgrad, ...), so each inner loop is straight-line
- * code that the compiler vectorises. Built with -O3 -fno-math-errno -fno-trapping-math (no FP
- * traps are used; IEEE semantics of NaN and inf are kept).
+ * code that the compiler vectorises. Built with -O3 -fno-math-errno (IEEE semantics of NaN and
+ * inf are kept). Not -fno-trapping-math: with it the compiler speculates floating-point work
+ * past selects (a polynomial evaluated at an unclamped argument whose lanes are then thrown
+ * away), and the subnormals that speculation produces cost a microcode assist each.
  */
 #include <math.h>
 #include <pthread.h>
