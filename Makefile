@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test bench lint mutation venv install install-dev clean
+.PHONY: demo test bench bench-gpu docs lint mutation venv install install-dev clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +26,22 @@ demo: install
 test: install-dev
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
+# The benchmarks behind docs/performance.md (CPU; minutes), then its tables re-rendered.
 bench: install-dev
-	$(PY) benchmarks/run_all.py --out benchmarks/results
-	$(PY) benchmarks/summarize.py --results benchmarks/results > benchmarks/results/SUMMARY.md
-	cat benchmarks/results/SUMMARY.md
+	$(PY) benchmarks/bench_speed.py --out benchmarks/results
+	$(PY) benchmarks/bench_alrc.py --out benchmarks/results
+	$(PY) tools/render_docs.py
+
+# On a CUDA machine: the CUDA tests and bench_gpu.py (logs in runs/gpu/), then its tables.
+bench-gpu: install-dev
+	OUT=runs/gpu PY=$(PY) bash benchmarks/gpu_check.sh
+	cp runs/gpu/gpu.json benchmarks/results/gpu.json
+	$(PY) tools/render_docs.py
+
+# The documentation site (API reference from the docstrings) into build/site; warnings fail.
+docs: install-dev
+	$(PY) tools/render_docs.py --check
+	$(VENV)/bin/mkdocs build --strict --site-dir build/site
 
 lint: install-dev
 	$(VENV)/bin/ruff check src tests benchmarks examples tools

@@ -7,6 +7,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import torch
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -19,6 +21,9 @@ def main(argv: list[str] | None = None) -> None:
     for path in sorted(HERE.glob("bench_*.py")):
         name = path.stem.removeprefix("bench_")
         if args.only and name not in args.only:
+            continue
+        if name == "gpu" and not torch.cuda.is_available():
+            print("== bench_gpu.py skipped: no CUDA device", flush=True)
             continue
         spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(spec)

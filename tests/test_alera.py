@@ -39,7 +39,7 @@ def make_grads(steps: int, dtype=torch.float64):
 
 
 def plain_alera(params, grads_seq, *, lr, alpha, C, granularity, weight_decay, norm_eps=1e-6):
-    """The update rule in plain Python floats, from the paper and DESIGN.md."""
+    """The update rule in plain Python floats, from the paper and docs/decisions.md."""
     P = [p.detach().flatten().tolist() for p in params]
     R = [[0.0] * len(x) for x in P]
     n_tensors = len(P)

@@ -122,7 +122,7 @@ def _sigmoid(a):
 def algorithm1(theta0, grads, *, lr, beta, c, eps, cdf="normal", method="conformity"):
     """Algorithm 1 with SGD (g_hat = -lr g), element by element, in Python floats.
 
-    DESIGN.md's decisions: se = sqrt(max(v_hat - m_hat^2, 0) / (n - 1 + eps)) + eps and s = 1 at
+    docs/decisions.md: se = sqrt(max(v_hat - m_hat^2, 0) / (n - 1 + eps)) + eps and s = 1 at
     t = 1. The CDFs are the paper's Phi and the authors' logistic approximations as printed.
     """
     theta = list(theta0)

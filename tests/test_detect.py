@@ -1,4 +1,4 @@
-"""Page-Hinkley against a plain-Python restatement of DESIGN.md's rules."""
+"""Page-Hinkley against a plain-Python restatement of the rules of docs/decisions.md."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import steadystep as ss
 
 
 class PlainPH:
-    """The test in plain Python floats, line by line from DESIGN.md."""
+    """The test in plain Python floats, line by line from docs/decisions.md."""
 
     def __init__(self, ph_lambda: float, rho: float) -> None:
         self.ph_lambda, self.rho = ph_lambda, rho

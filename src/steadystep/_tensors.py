@@ -149,7 +149,7 @@ def stored_real_values(t: Tensor) -> Tensor:
     (``torch.view_as_real``: real and imaginary parts); ``t`` itself otherwise. An alias, no copy:
     what :func:`grads_finite` needs to check the gradients of any optimizer torch supports.
 
-    Example:
+    Examples:
         >>> g = torch.tensor([1.0, 0.0, float("inf"), 0.0]).to_sparse()
         >>> stored_real_values(g)
         tensor([1., inf])
@@ -181,7 +181,7 @@ def grads_finite(grads: list[Tensor], *, collective: bool = True) -> Tensor:
     after DDP's all-reduce (a gradient hook, a clip, a bit flip), make every rank skip. Every
     rank must therefore call it at the same point of each step (every optimizer step does).
 
-    Example:
+    Examples:
         >>> grads_finite([torch.ones(3), torch.tensor([1.0, float("nan")])])
         tensor(False)
         >>> grads_finite([torch.tensor([1e20])])  # its square would overflow float32
@@ -201,7 +201,7 @@ def gradient_stats(grads: list[Tensor]) -> tuple[Tensor, Tensor]:
     inf where an element is), from one pass over the gradients where the fused kernels take
     them. FSDP2 shards' squares are summed over ranks (the flag and the sum in one all-reduce).
 
-    Example:
+    Examples:
         >>> ok, norm = gradient_stats([torch.tensor([3.0]), torch.tensor([[4.0]])])
         >>> bool(ok), float(norm)
         (True, 5.0)

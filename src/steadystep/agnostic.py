@@ -23,7 +23,7 @@ Note [eq. 5 as printed]: the paper prints the variance with a factor 2 instead o
 cross terms are uncorrelated with variance ``1/d`` each, which gives the expression above; the
 Monte Carlo test in ``tests/test_agnostic.py`` confirms it and rejects the printed one.
 
-The update itself does not use that variance: following the authors' code (DESIGN.md), the
+The update itself does not use that variance: following the authors' code (docs/decisions.md), the
 reference standard deviation is ``std = alpha / sqrt(d)`` and the learning rate moves by
 
 .. math::
@@ -32,7 +32,7 @@ reference standard deviation is ``std = alpha / sqrt(d)`` and the learning rate 
 
 with :math:`\\mathbb{E}_t` the mean of eq. 4 at the current step ``t`` (not its limit).
 
-Example:
+Examples:
     >>> from steadystep.agnostic import random_walk_mean
     >>> round(random_walk_mean(0.01, 1), 6)  # one unit vector times alpha: alpha**2
     0.0001
@@ -117,7 +117,7 @@ def apply_log_change_(
     unchanged, bitwise: the exponent's range is then ``[0, 0]`` and ``m * exp(0) = m`` exactly,
     with no ``torch.where`` pass. ``log_change`` (a temporary) is overwritten.
 
-    Example:
+    Examples:
         >>> m = apply_log_change_(torch.ones(2), torch.tensor([1e9, -1e9]))
         >>> bool(torch.isfinite(m).all()), bool((m > 0).all())
         (True, True)

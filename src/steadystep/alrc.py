@@ -100,7 +100,7 @@ def alrc_clip(
         boolean mask of scaled elements; ``bound`` is the value (in shifted units) each scaled
         element was set to (``z`` elsewhere, detached), i.e. the clipped shifted loss.
 
-    Example:
+    Examples:
         >>> loss = torch.tensor([1.0, 10.0], requires_grad=True)
         >>> out, scaled, _ = alrc_clip(loss, torch.tensor(4.0))
         >>> out.detach(), scaled
@@ -194,7 +194,7 @@ class ALRC(nn.Module):
     Non-finite losses never enter the moments: a batch whose mean or mean square is not finite
     leaves them bitwise unchanged (its elements pass through unclipped).
 
-    Example:
+    Examples:
         >>> alrc = ALRC(n_sigma=3.0)
         >>> for step in range(30):
         ...     loss = alrc(torch.rand(8) + 1.0).mean()

@@ -52,8 +52,8 @@ class PageHinkleyPaper:
 
     Args:
         ph_lambda: threshold as a fraction of the first observed (non-zero) loss, ``Delta =
-            ph_lambda * |first loss|`` (default 0.1, the paper's ``1/10``). The paper (and
-            DESIGN.md) write ``ph_lambda * first loss``; the absolute value is an extension for
+            ph_lambda * |first loss|`` (default 0.1, the paper's ``1/10``). The paper (and the
+            decisions) write ``ph_lambda * first loss``; the absolute value is an extension for
             losses that can be negative (equal for a positive first loss; for a negative one it
             keeps ``Delta`` positive, where the literal formula would alarm at the second
             observation).
@@ -67,7 +67,7 @@ class PageHinkleyPaper:
     scalar), so every rank takes the same decision; ``last_loss`` (0-d) holds the loss the last
     :meth:`update` tested, that mean.
 
-    Example:
+    Examples:
         >>> import torch, steadystep as ss
         >>> ph = ss.PageHinkleyPaper(ph_lambda=0.1, rho=0.5)
         >>> [bool(ph.update(torch.tensor(x))) for x in (1.0, 1.0, 1.0, 3.0)]

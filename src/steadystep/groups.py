@@ -22,7 +22,7 @@ def layer_groups(model: torch.nn.Module, **group_kwargs: Any) -> list[dict[str, 
         model: the module to split.
         **group_kwargs: extra keys copied into every group (e.g. ``weight_decay=1e-4``).
 
-    Example:
+    Examples:
         >>> import torch, steadystep as ss
         >>> nn = torch.nn
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))

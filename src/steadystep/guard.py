@@ -1,6 +1,6 @@
 """CatastropheGuard: detect a catastrophe on the loss, roll back one step, cut the learning rate.
 
-SALeRA's recovery (Algorithm 1, lines 7-11 of the paper; DESIGN.md) around any optimizer.
+SALeRA's recovery (Algorithm 1, lines 7-11 of the paper; docs/decisions.md) around any optimizer.
 Each step the minibatch loss goes to a change detector (:class:`~steadystep.SpikeDetector` by
 default; the paper's :class:`~steadystep.PageHinkleyPaper` is one argument away). A detector
 with ``needs_grad_norm`` also gets the global gradient norm, computed once per step on the
@@ -153,7 +153,7 @@ class CatastropheGuard(OptimizerWrapper):
     skipped non-finite gradients); on the sync-free path every step, with ``args=()`` and
     ``kwargs={}`` (their return values are ignored there), since a masked step is still a step.
 
-    Example:
+    Examples:
         >>> import torch, steadystep as ss
         >>> model = torch.nn.Linear(4, 1)
         >>> opt = ss.CatastropheGuard(torch.optim.AdamW(model.parameters(), lr=1e-3))

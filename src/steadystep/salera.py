@@ -63,7 +63,7 @@ class SALeRA(CatastropheGuard):
     benchmark's best (``docs/detectors.md`` says where and why it departs from the paper).
     ``fused`` and ``foreach`` pick ALeRA's path (:class:`~steadystep.ALeRA`).
 
-    Example:
+    Examples:
         >>> import torch, steadystep as ss
         >>> model = torch.nn.Linear(4, 1)
         >>> opt = ss.SALeRA(ss.layer_groups(model), lr=0.1)
@@ -124,7 +124,7 @@ class SPALeRA(SALeRA):
     Same arguments as :class:`SALeRA` except ``granularity``, which is ``"param"`` by
     definition (a SPALeRA with another granularity is a SALeRA: use that class).
 
-    Example:
+    Examples:
         >>> import torch, steadystep as ss
         >>> model = torch.nn.Linear(4, 1)
         >>> opt = ss.SPALeRA(model.parameters(), lr=0.1)

@@ -70,7 +70,7 @@ def configure_detector(detector: Any, *, batch_size: int, dataset_size: int) -> 
     fraction of the data one step sees); any other detector needs nothing and is left alone.
     Both sizes count samples per optimizer step over all ranks (the global batch).
 
-    Example:
+    Examples:
         >>> ph = ss.PageHinkley()
         >>> configure_detector(ph, batch_size=32, dataset_size=1024)
         >>> ph.rho
@@ -309,7 +309,7 @@ class Stabilized(OptimizerWrapper):
     built the same way resumes bitwise. :meth:`stats` returns every component's statistics as
     0-d tensors under ``alrc/``, ``guard/``, ``cprop/`` and ``base/``.
 
-    Example:
+    Examples:
         >>> model = torch.nn.Linear(4, 1)
         >>> opt = ss.Stabilized(torch.optim.SGD(model.parameters(), lr=0.1), cprop=False)
         >>> loss = opt.clip((model(torch.randn(8, 4)) - 1).pow(2).squeeze(1)).mean()
@@ -667,7 +667,7 @@ def stabilize(
     Stabilized inside, CProp asked for around a built guard); components given twice;
     ALRC or a detector on another device than the parameters; unknown settings.
 
-    Example:
+    Examples:
         >>> import torch.nn.functional as F
         >>> _ = torch.manual_seed(0)
         >>> model = torch.nn.Linear(4, 3)

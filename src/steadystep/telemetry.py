@@ -38,7 +38,7 @@ Events logged at WARNING (logger ``"steadystep"``), each once, with its step num
       consecutive steps; logged once per such stretch;
     * a non-finite (``nan``/``inf``) value appearing in a stat that was finite.
 
-Example:
+Examples:
     >>> import torch, steadystep as ss
     >>> alrc = ss.ALRC()
     >>> monitor = ss.Monitor(alrc, every=10)
@@ -137,7 +137,7 @@ class Monitor:
     Monitor with the same components and ``csv_path`` continues the CSV of the interrupted run
     without a duplicate or missing row.
 
-    Example:
+    Examples:
         >>> import torch, steadystep as ss
         >>> alrc = ss.ALRC()
         >>> with ss.Monitor(("clip", alrc), every=5) as monitor:
@@ -500,7 +500,7 @@ class Monitor:
 def read_csv(path: str | os.PathLike[str]) -> dict[str, list[float]]:
     """Read a Monitor CSV into ``{column: values}`` (floats; ``nan``/``inf`` kept).
 
-    Example:
+    Examples:
         >>> import tempfile, os, torch, steadystep as ss
         >>> path = os.path.join(tempfile.mkdtemp(), "m.csv")
         >>> alrc = ss.ALRC()

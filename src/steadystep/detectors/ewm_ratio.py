@@ -42,7 +42,7 @@ class EWMRatio(Detector):
     Meant for positive losses (cross-entropy, squared error). The rule is in the module
     docstring.
 
-    Example:
+    Examples:
         >>> import torch, steadystep as ss
         >>> det = ss.EWMRatio(threshold=2.0)
         >>> [bool(det.update(torch.tensor(x))) for x in (1.0, 0.9, 0.8, 2.5, 0.8)]

@@ -19,7 +19,7 @@ def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     all-reduce; other gradients (DDP's are already averaged) count as they are. A NaN or inf
     anywhere makes the norm non-finite. An empty list gives 0.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from steadystep.detectors import global_grad_norm
         >>> float(global_grad_norm([torch.tensor([3.0]), torch.tensor([[4.0]])]))

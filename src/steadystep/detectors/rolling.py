@@ -74,7 +74,7 @@ class RollingZScore(Detector):
     since ``needs_grad_norm`` is True); without it the loss alone is tested, as OLMo-core does
     when no gradient norm was set. The rule is in the module docstring.
 
-    Example:
+    Examples:
         >>> import torch, steadystep as ss
         >>> det = ss.RollingZScore(window=8, sigma=3.0, warmup=4)
         >>> [bool(det.update(torch.tensor(x))) for x in (1.0, 1.1, 0.9, 1.0, 1.05, 5.0)]

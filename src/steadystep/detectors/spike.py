@@ -101,7 +101,7 @@ class SpikeDetector(Detector):
     gradient norm once per step and passes it; without ``grad_norm`` the loss alone is tested.
     Nothing depends on the dataset or batch size.
 
-    Example:
+    Examples:
         >>> import torch, steadystep as ss
         >>> det = ss.SpikeDetector(warmup=4)
         >>> losses = (2.0, 1.8, 1.7, 1.5, 1.45, 1.4, 9.0, 1.35)

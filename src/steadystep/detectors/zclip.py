@@ -50,7 +50,7 @@ class ZClipDetector(Detector):
     ``update`` needs ``grad_norm`` (a :class:`~steadystep.CatastropheGuard` passes it, since
     ``needs_grad_norm`` is True); the loss only matters when it is non-finite (an alarm).
 
-    Example:
+    Examples:
         >>> import torch, steadystep as ss
         >>> det = ss.ZClipDetector(warmup=3)
         >>> loss = torch.tensor(1.0)

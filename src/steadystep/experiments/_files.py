@@ -11,7 +11,7 @@ without its summary is run again from scratch (its CSV rewritten), so a torn CSV
 to a finished run. A file torn some other way (0 bytes, truncated: a full disk, a copy cut
 short) is reported on stderr and treated as missing, so a rerun writes it again.
 
-Example:
+Examples:
     >>> import json, pathlib, tempfile
     >>> path = pathlib.Path(tempfile.mkdtemp()) / "results.json"
     >>> write_text(path, json.dumps({"ok": 1}))

@@ -42,7 +42,7 @@ def _is_monitor_csv(path: Path) -> bool:
 def monitor_csvs(path: str | os.PathLike[str]) -> list[Path]:
     """The Monitor CSV files at ``path``: the file itself, or those under a directory (sorted).
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> monitor_csvs(tempfile.mkdtemp())
         []
@@ -178,7 +178,7 @@ def build_monitor_report(path: str | os.PathLike[str]) -> tuple[Path, str]:
 
     Raises FileNotFoundError when ``path`` holds no Monitor CSV.
 
-    Example:
+    Examples:
         >>> import tempfile, os
         >>> folder = tempfile.mkdtemp()
         >>> alrc = ss.ALRC()

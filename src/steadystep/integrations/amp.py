@@ -14,7 +14,7 @@ Note [how a skip is seen without a host sync]
     read it on the host, so the (long-standing, private) ``GradScaler._scale`` tensor is read
     instead, falling back to ``get_scale()`` where it is absent.
 
-Example:
+Examples:
     >>> import torch, steadystep as ss
     >>> from steadystep.integrations.amp import skip_aware
     >>> model, alrc = torch.nn.Linear(4, 1), ss.ALRC()

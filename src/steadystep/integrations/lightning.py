@@ -35,7 +35,7 @@ and ``trainer.fit(..., ckpt_path=...)`` resumes it bitwise.
 With ``accumulate_grad_batches = k`` the loss fed is the mean over the k micro-batches of the step
 (Lightning hands ``on_before_backward`` each micro-batch loss divided by k; their sum is fed).
 
-Example:
+Examples:
     >>> import torch, lightning as L, steadystep as ss
     >>> from steadystep.integrations.lightning import LossFeeder, StatsLogger
     >>> class Tiny(L.LightningModule):

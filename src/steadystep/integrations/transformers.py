@@ -103,7 +103,7 @@ class SkipAwareScheduler:
         optimizer: the optimizer it drives (framework wrappers are looked through); without an
             ``alarms`` counter the wrapper only delegates.
 
-    Example:
+    Examples:
         >>> import torch, steadystep as ss
         >>> p = torch.nn.Parameter(torch.zeros(2))
         >>> opt = ss.CatastropheGuard(torch.optim.SGD([p], lr=1.0))

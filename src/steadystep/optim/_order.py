@@ -71,7 +71,7 @@ def check_wrappable(wrapper: str, optimizer: Optimizer) -> None:
     """Raise a ValueError if ``wrapper`` (``"CProp"`` or ``"CatastropheGuard"``) may not wrap
     ``optimizer`` (see Note [the order of the composition]).
 
-    Example:
+    Examples:
         >>> p = torch.nn.Parameter(torch.ones(2))
         >>> check_wrappable("CProp", torch.optim.SGD([p], lr=0.1))  # fine
         >>> check_wrappable("CProp", ss.CatastropheGuard(torch.optim.SGD([p], lr=0.1)))

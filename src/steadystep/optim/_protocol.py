@@ -39,7 +39,7 @@ class MaskableOptimizer(Protocol):
 
     ``isinstance(opt, MaskableOptimizer)`` checks that the three methods exist.
 
-    Example:
+    Examples:
         >>> from steadystep.optim._protocol import MaskableOptimizer
         >>> p = torch.nn.Parameter(torch.ones(2))
         >>> isinstance(ss.CPropAdamW([p]), MaskableOptimizer)

@@ -13,7 +13,7 @@ tag is optional on load: checkpoints written before it existed, and dicts rebuil
 keep only ``state`` and ``param_groups`` (``torch.distributed.checkpoint``), are checked by
 their keys and shapes alone.
 
-Example:
+Examples:
     >>> p = torch.nn.Parameter(torch.ones(2))
     >>> sd = ss.CPropAdamW([p]).state_dict()
     >>> sd["class"]

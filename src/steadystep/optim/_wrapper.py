@@ -33,7 +33,7 @@ class OptimizerWrapper(Optimizer):
     Args:
         optimizer: the optimizer to wrap (a ``torch.optim.Optimizer``, else a TypeError).
 
-    Example:
+    Examples:
         >>> class Plain(OptimizerWrapper):
         ...     def step(self, closure=None):
         ...         return self.optimizer.step(closure)

@@ -90,7 +90,7 @@ class AgAdam(ALeRA):
     There is no ``weight_decay``: the rates adapt from the raw gradient, and a param group
     that sets ``weight_decay`` is rejected with a ValueError (an L2 term belongs in the loss).
 
-    Example:
+    Examples:
         >>> import torch, steadystep as ss
         >>> model = torch.nn.Linear(4, 1)
         >>> opt = ss.AgAdam(ss.layer_groups(model), lr=1e-3)
@@ -136,7 +136,7 @@ class AgAdam(ALeRA):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As :meth:`ALeRA.add_param_group`; a ``weight_decay`` in the group is rejected.
 
-        Ag-Adam adapts its rates from the raw gradient (DESIGN), and an L2 term in the group
+        Ag-Adam adapts its rates from the raw gradient (a decision), and an L2 term in the group
         would have entered both the agnostic statistics and Adam's moments. Use
         ``torch.optim.AdamW``-style decay outside, or an L2 term in the loss.
         """

@@ -134,7 +134,7 @@ class ALeRA(Optimizer):
     whose gradient holds a NaN or inf anywhere changes nothing (decided on the device).
     Parameters whose ``grad`` is None are left out of the step, and their unit.
 
-    Example:
+    Examples:
         >>> import torch, steadystep as ss
         >>> model = torch.nn.Linear(4, 1)
         >>> opt = ss.ALeRA(ss.layer_groups(model), lr=0.1)
@@ -389,7 +389,7 @@ class ALeRA(Optimizer):
         group's tensors of each tensor's mean multiplier (a tensor's multiplier is 1 before its
         first step; under FSDP2 this rank's shards). One number per layer, e.g. to plot.
 
-        Example:
+        Examples:
             >>> import torch, steadystep as ss
             >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1))
             >>> opt = ss.ALeRA(ss.layer_groups(model), lr=0.1)

@@ -41,7 +41,7 @@ def erf_float32(x: Tensor) -> Tensor:
     """erf for ``x >= 0`` in float32 without exp (absolute error below 2e-6): the function the
     CPU kernels compute, as torch ops.
 
-    Example:
+    Examples:
         >>> import torch
         >>> round(float(erf_float32(torch.tensor(1.0))), 5)  # erf(1) = 0.8427008
         0.8427

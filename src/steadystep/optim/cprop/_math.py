@@ -2,7 +2,7 @@
 foreach twins), used by :mod:`~steadystep.optim.cprop.functional` and the classes.
 
 Preechakul & Kijsirikul, "CProp: Adaptive Learning Rate Scaling from Past Gradient Conformity"
-(2019), Algorithm 1, with the decisions recorded in DESIGN.md. For every element, with ``t`` the
+(2019), Algorithm 1, with the decisions in docs/decisions.md. For every element, with ``t`` the
 element's step count, ``g`` the raw gradient ``p.grad`` (before any weight decay), ``beta`` the
 CProp horizon, ``c`` the overconfidence coefficient and ``eps`` the floor:
 

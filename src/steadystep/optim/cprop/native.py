@@ -221,7 +221,7 @@ class _NativeCPropBase(Optimizer):
         FSDP2). It is recomputed from the current statistics, so it is the scale that the last
         step applied; :meth:`stats` summarises the same numbers.
 
-        Example:
+        Examples:
             >>> model = torch.nn.Linear(3, 1)
             >>> opt = ss.CPropAdamW(model.parameters())
             >>> model(torch.randn(8, 3)).pow(2).mean().backward()
@@ -289,7 +289,7 @@ class CPropSGD(_NativeCPropBase):
     1 at first; the step is taken at ``lr * lr_multiplier``, where a
     :class:`~steadystep.CatastropheGuard` cuts the rate without a host read).
 
-    Example:
+    Examples:
         >>> model = torch.nn.Linear(3, 1)
         >>> opt = ss.CPropSGD(model.parameters(), lr=0.1, momentum=0.9)
         >>> model(torch.randn(8, 3)).pow(2).mean().backward()
@@ -406,7 +406,7 @@ class CPropAdam(_NativeCPropBase):
     fp32 for bf16/fp16 parameters (``torch.optim.Adam`` would keep them in bf16). Per group:
     ``lr_multiplier``, as in :class:`CPropSGD`.
 
-    Example:
+    Examples:
         >>> model = torch.nn.Linear(3, 1)
         >>> opt = ss.CPropAdam(model.parameters(), lr=1e-3)
         >>> model(torch.randn(8, 3)).pow(2).mean().backward()
@@ -545,7 +545,7 @@ class CPropAdamW(CPropAdam):
     Adam always sees the raw gradient, so CProp's ``v`` is shared whenever
     ``betas[1] == cprop_beta``. Matches ``CProp(torch.optim.AdamW(...))`` up to rounding.
 
-    Example:
+    Examples:
         >>> model = torch.nn.Linear(3, 1)
         >>> opt = ss.CPropAdamW(model.parameters(), lr=3e-3, cprop_c=1.0)
         >>> model(torch.randn(8, 3)).pow(2).mean().backward()

@@ -84,7 +84,7 @@ class CProp(OptimizerWrapper):
     sees that gradient; guarding it is :class:`CatastropheGuard`'s job (or use the native
     classes, whose whole state is protected).
 
-    Example:
+    Examples:
         >>> model = torch.nn.Linear(3, 1)
         >>> opt = ss.CProp(torch.optim.AdamW(model.parameters(), lr=3e-3), beta=0.999, c=1.0)
         >>> model(torch.randn(8, 3)).pow(2).mean().backward()
@@ -174,7 +174,7 @@ class CProp(OptimizerWrapper):
     def scales(self) -> dict[Tensor, Tensor]:
         """``{parameter: s}``, CProp's per-element scales (see :meth:`CPropSGD.scales`).
 
-        Example:
+        Examples:
             >>> model = torch.nn.Linear(3, 1)
             >>> opt = ss.CProp(torch.optim.SGD(model.parameters(), lr=0.1))
             >>> model(torch.randn(8, 3)).pow(2).mean().backward()
