@@ -30,6 +30,7 @@ test: install-dev
 bench: install-dev
 	$(PY) benchmarks/bench_speed.py --out benchmarks/results
 	$(PY) benchmarks/bench_alrc.py --out benchmarks/results
+	$(PY) benchmarks/bench_first_step.py --out benchmarks/results
 	$(PY) tools/render_docs.py
 
 # On a CUDA machine: the CUDA tests and bench_gpu.py (logs in runs/gpu/), then its tables.

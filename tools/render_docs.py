@@ -18,6 +18,8 @@ speed-cpu          benchmarks/results/speed.json       make bench
 speed-gpu          benchmarks/results/gpu.json         bash benchmarks/gpu_check.sh (CUDA)
 launch-shapes      benchmarks/results/gpu.json         bash benchmarks/gpu_check.sh (CUDA)
 alrc-overhead      benchmarks/results/alrc.json        make bench
+first-step         benchmarks/results/first_step.json  make bench
+first-step-readme  benchmarks/results/first_step.json  make bench
 spikes-headline    benchmarks/results/spikes.json      python benchmarks/bench_spikes.py
 bench_spikes       benchmarks/results/spikes.json      python benchmarks/bench_spikes.py
 =================  ==================================  ==========================================
@@ -150,6 +152,38 @@ def alrc_overhead(results: dict[str, Any]) -> str:
     )
 
 
+def first_step(results: dict[str, Any]) -> str:
+    """bench_first_step.py: a fresh process's first step, cold and warm kernel cache, eager."""
+    rows = [
+        [
+            name,
+            f"{cells['cold']:.2f}",
+            f"{cells['warm']:.2f}",
+            f"{cells['eager']:.2f}",
+            f"{cells['second'] * 1e3:.0f}",
+        ]
+        for name, cells in results["seconds"].items()
+    ]
+    header = ["optimizer", "cold cache s", "warm cache s", "eager s", "next step ms"]
+    return (
+        f"Measured on {_machine(results['machine'])}; the {results['set']} set, median of "
+        f"{results['repeats']} fresh processes per cell.\n\n" + _table(header, rows)
+    )
+
+
+def first_step_readme(results: dict[str, Any]) -> str:
+    """One sentence for the README: the slowest cold and warm first step."""
+    cells = results["seconds"].values()
+    cold = max(c["cold"] for c in cells)
+    warm = max(c["warm"] for c in cells)
+    return (
+        f"On the CPU, the first step of a new process compiles the C kernels once: at most "
+        f"{cold:.1f} s, then {warm:.1f} s at most from the warm cache in a new process "
+        f"(`benchmarks/bench_first_step.py`, {_machine(results['machine'])}). "
+        f"`STEADYSTEP_FUSED=0` or `fused=False` runs the eager path, with nothing compiled."
+    )
+
+
 def spikes_headline(results: dict[str, Any]) -> str:
     """One sentence for the README: the default detector against the paper's test."""
     sweep, operating = results["sweep"], results["operating"]
@@ -195,6 +229,12 @@ BLOCKS = {
     "alrc-overhead": Block(
         "docs/performance.md", "benchmarks/results/alrc.json", "make bench", alrc_overhead
     ),
+    "first-step": Block(
+        "docs/performance.md", "benchmarks/results/first_step.json", "make bench", first_step
+    ),
+    "first-step-readme": Block(
+        "README.md", "benchmarks/results/first_step.json", "make bench", first_step_readme
+    ),
     "spikes-headline": Block(
         "README.md",
         "benchmarks/results/spikes.json",
@@ -236,20 +276,27 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
     parser.add_argument("--check", action="store_true", help="report stale blocks, change none")
     parser.add_argument("--only", nargs="*", choices=sorted(BLOCKS), help="these blocks only")
     args = parser.parse_args(argv)
-    stale = []
+    stale: list[str] = []
+    missing: list[str] = []
     for name, block in BLOCKS.items():
         if args.only and name not in args.only:
             continue
         page = root / block.page
         text = page.read_text()
+        if not (root / block.source).is_file():
+            missing.append(f"{block.page}: block {name} needs {block.source} ({block.command})")
+            continue
         new = apply(text, name, block, rendered(name, block, root))
         if new == text:
             continue
         stale.append(f"{block.page}: block {name} (from {block.source}; {block.command})")
         if not args.check:
             page.write_text(new)
+    if missing:
+        print("result files missing:\n  " + "\n  ".join(missing), file=sys.stderr)
     if stale and args.check:
         print("stale generated blocks:\n  " + "\n  ".join(stale), file=sys.stderr)
+    if args.check and (stale or missing):
         return 1
     for line in stale:
         print(f"rewrote {line}")

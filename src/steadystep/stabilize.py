@@ -188,7 +188,7 @@ def _native_cprop(base: Optimizer, settings: dict[str, Any]) -> _NativeCPropBase
     fused = settings.get("fused")
     groups = base.param_groups
     for group in groups:
-        # steadystep's fused path is its own (torch.compile-generated); torch's flag is not it
+        # steadystep's fused path is its own (C / Triton kernels); torch's flag is not it
         group["fused"] = fused
         if fused:
             group["foreach"] = None
@@ -657,8 +657,10 @@ def stabilize(
             not step ``optimizer`` itself afterwards); the numbers match the wrapper's up to
             rounding, in fewer passes over memory, and the guard around it takes every decision
             on the device.
-            The base's ``foreach`` is kept; steadystep's ``fused`` path (torch.compile-generated
-            kernels) is chosen by ``cprop={"fused": True}``, not by torch's ``fused`` flag.
+            The base's ``foreach`` is kept; steadystep's own fused kernels (C on CPU, Triton on
+            CUDA) run by default wherever they take the tensors and a ``foreach=True`` base does
+            not ask otherwise; ``cprop={"fused": False}`` turns them off and
+            ``cprop={"fused": True}`` requires them. torch's ``fused`` flag is not read.
 
     Returns:
         a :class:`Stabilized` optimizer.
