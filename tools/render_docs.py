@@ -108,7 +108,7 @@ def speed(results: dict[str, Any]) -> str:
                 f"{ms:.2f}",
                 f"{row['ratio']:.2f}x",
                 f"<= {row['target']}x",
-                "yes" if row["met"] else "no",
+                "yes" if row["met"] else f"no (+{row['ratio'] - row['target']:.2f}x)",
                 f"{row['byte_floor']:.2f}x",
             ]
             if gpu:
