@@ -22,8 +22,8 @@ per-group step counts), and a resume at a random step (``state_dict`` -> ``torch
 Length: about 2,000 steps per case would take minutes on a 2-core CPU shared with the rest of
 the suite, so each case runs ``STEPS`` = 300 steps (plus the resumed tail) with a high fault
 rate instead: about 18 bad gradients per case and, for the guarded ones, about 15 loss faults.
-Each optimizer runs its default path on CPU (the per-tensor reference); the torch.compile'd
-fused paths are not soaked here (compiling them would take the whole budget).
+Each optimizer runs its default path on CPU: the fused C kernels wherever a C compiler is
+present (as in CI), else the per-tensor reference.
 ``CProp(torch.optim.Adam)`` is soaked inside a guard: alone, its contract leaves the base
 optimizer's own moments to see a bad gradient (protecting them is the guard's job).
 """
