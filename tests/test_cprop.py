@@ -1077,3 +1077,15 @@ def test_a_skipped_step_at_a_huge_lr_leaves_params_and_state_unchanged(make, for
     opt.step()
     assert torch.equal(p.detach(), before)
     assert_state_equal(_roundtrip(state), _roundtrip(opt.state_dict()))
+
+
+def test_the_import_paths_of_the_single_module_layout_still_work():
+    """Code written against ``steadystep/optim/cprop.py`` (before it became a package) imports
+    the same objects from ``steadystep.optim.cprop`` as from ``steadystep``."""
+    import steadystep.optim.cprop as old
+
+    for name in ("CProp", "CPropAdam", "CPropAdamW", "CPropSGD"):
+        assert getattr(old, name) is getattr(ss, name), name
+    for name in ("cprop_adam", "cprop_scales", "cprop_sgd", "cprop_update_", "grads_finite"):
+        assert callable(getattr(old, name)), name
+    assert set(old.__all__) <= set(dir(old))
