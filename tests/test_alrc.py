@@ -15,10 +15,13 @@ import steadystep as ss
 from steadystep.alrc import alrc_clip, alrc_moment_update
 
 
-def reference_alrc(batches, *, n_sigma, beta1, beta2, mu1, mu2, eps, update):
+def reference_alrc(batches, *, n_sigma, beta1, beta2, mu1, mu2, eps, update, warmup=False):
     """Algorithm 1 line by line with Python floats; the authors' code's update of the moments
-    with the clipped loss when update == "clipped". mu1 None: first batch initialises."""
+    with the clipped loss when update == "clipped". mu1 None: first batch initialises. warmup:
+    the moments are the plain average of the k observations so far (the initial moments count
+    as one) while 1 / (k + 1) > 1 - beta, then the paper's moving average."""
     initialized = mu1 is not None
+    k = int(initialized)  # observations in the moments
     outputs, moments = [], []
     for batch in batches:
         if initialized:
@@ -31,10 +34,13 @@ def reference_alrc(batches, *, n_sigma, beta1, beta2, mu1, mu2, eps, update):
         mean = sum(x) / len(x)
         mean_sq = sum(v * v for v in x) / len(x)
         if initialized:
-            mu1 = beta1 * mu1 + (1 - beta1) * mean
-            mu2 = beta2 * mu2 + (1 - beta2) * mean_sq
+            w1 = max(1 - beta1, 1 / (k + 1)) if warmup else 1 - beta1
+            w2 = max(1 - beta2, 1 / (k + 1)) if warmup else 1 - beta2
+            mu1 = (1 - w1) * mu1 + w1 * mean
+            mu2 = (1 - w2) * mu2 + w2 * mean_sq
         else:
             mu1, mu2, initialized = mean, mean_sq + mean * mean, True
+        k += 1
         outputs.append(out)
         moments.append((mu1, mu2))
     return outputs, moments
@@ -53,12 +59,13 @@ def spiky_batches(steps, batch, seed=0):
     return out
 
 
+@pytest.mark.parametrize("warmup", [True, False])
 @pytest.mark.parametrize("update", ["clipped", "raw"])
 @pytest.mark.parametrize("batch", [1, 16])
 @pytest.mark.parametrize("inits", [(None, None), (2.0, 9.0)])
-def test_matches_reference_algorithm(update, batch, inits):
+def test_matches_reference_algorithm(update, batch, inits, warmup):
     mu1, mu2 = inits
-    kwargs = dict(n_sigma=3.0, beta1=0.99, beta2=0.995, eps=1e-8, update=update)
+    kwargs = dict(n_sigma=3.0, beta1=0.99, beta2=0.995, eps=1e-8, update=update, warmup=warmup)
     batches = spiky_batches(200, batch)
     module = ss.ALRC(mu1_init=mu1, mu2_init=mu2, **kwargs).double()
     ref_out, ref_moments = reference_alrc([b.tolist() for b in batches], mu1=mu1, mu2=mu2, **kwargs)

@@ -10,15 +10,30 @@ per sample, or one per pixel):
     L_{\max} = \mu_1 + n\,\sigma \\
     \tilde L &= \begin{cases}
         L \cdot \operatorname{sg}(L_{\max} / L) & L > L_{\max} \\ L & \text{otherwise}\end{cases} \\
-    \mu_1 &\leftarrow \beta_1 \mu_1 + (1 - \beta_1)\,\overline{x}, \qquad
-    \mu_2 \leftarrow \beta_2 \mu_2 + (1 - \beta_2)\,\overline{x^2}
+    \mu_1 &\leftarrow \mu_1 + w_1\,(\overline{x} - \mu_1), \qquad
+    \mu_2 \leftarrow \mu_2 + w_2\,(\overline{x^2} - \mu_2), \qquad
+    w_i = \max\!\left(1 - \beta_i, \tfrac{1}{k + 1}\right)
 
 where :math:`\operatorname{sg}` stops the gradient, the threshold uses the moments *before* this
 step's update, and :math:`x = \operatorname{sg}(\tilde L)` (``update="clipped"``, the authors' code)
 or :math:`x = \operatorname{sg}(L)` (``update="raw"``, Algorithm 1 as printed); the bars are means
-over all elements. Symbols map to arguments as :math:`n` = ``n_sigma``,
+over all elements; :math:`k` is the number of observations the moments already hold (the initial
+estimate counts as one). Symbols map to arguments as :math:`n` = ``n_sigma``,
 :math:`\beta_{1,2}` = ``beta1``/``beta2``, :math:`\epsilon` = ``eps``, and the initial
 :math:`\mu_{1,2}` = ``mu1_init``/``mu2_init``.
+
+Note [warm-up: where the default departs from the paper]
+    Algorithm 1 decays with the constant weight :math:`w_i = 1 - \beta_i` (``warmup=False``). The
+    initial moments are a deliberate overestimate (the authors: overestimate, never
+    underestimate), and with :math:`\beta = 0.999` a fraction :math:`\beta^t` of it is still there
+    after :math:`t` steps: two thirds after 400 steps, when a training loss has typically fallen
+    several-fold, so the threshold stays far above every loss and nothing is clipped in a short
+    run. With ``warmup=True`` (default) the moments are the plain average of the observations
+    so far, the initial estimate counting as one, until :math:`1/(k+1)` falls below
+    :math:`1 - \beta_i`; from then on the update is Algorithm 1's, bit for bit. The
+    overestimate's weight falls as :math:`1/(k+1)` instead of :math:`\beta^k`, so the threshold
+    follows the loss from the first steps, and it still keeps the threshold from resting on one
+    or two batches. ``docs/alrc.md`` has the benchmark behind this choice.
 
 Note [why a stop-gradient scale and not a clamp]
     ``clamp(L, max=L_max)`` would zero the gradient of a clipped element: the sample is thrown
@@ -135,21 +150,55 @@ def alrc_moment_update(
     *,
     beta1: float,
     beta2: float,
+    observations: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One moment update from the batch statistics ``mean(x)`` and ``mean(x**2)``.
+    r"""One moment update from the batch statistics ``mean(x)`` and ``mean(x**2)``.
+
+    .. math::
+
+        \mu_i \leftarrow \mu_i + w_i\,(s_i - \mu_i), \qquad
+        w_i = \max\!\left(1 - \beta_i, \tfrac{1}{k + 1}\right)
+
+    with :math:`s_1 = ` ``batch_mean``, :math:`s_2 = ` ``batch_mean_sq`` and :math:`k` =
+    ``observations``, the number of observations the moments hold (the initial estimate counts as
+    one): the plain average of all observations until it would weigh the newest less than
+    :math:`1 - \beta_i`, then the exponential moving average. ``observations=None`` (the default
+    here) gives :math:`w_i = 1 - \beta_i` from the start, Algorithm 1's update.
 
     A non-finite batch leaves everything unchanged. Before initialisation, the first finite batch
     sets ``mu1 = mean(x)`` and ``mu2 = mean(x**2) + mean(x)**2`` (so ``sigma >= |mu1|``: a
     deliberate overestimate, the threshold starts at ``(1 + n_sigma)`` times the first loss or
-    more, and the EMA decays it to the true value, as the authors advise).
+    more, and the averages decay it to the true value, as the authors advise).
 
     Returns the new ``(mu1, mu2, initialized)``.
+
+    Example:
+        >>> one = torch.tensor(1.0)
+        >>> mu1, mu2, _ = alrc_moment_update(
+        ...     torch.tensor(4.0), torch.tensor(20.0), torch.tensor(True), one, one,
+        ...     beta1=0.999, beta2=0.999, observations=torch.tensor(1))
+        >>> mu1, mu2  # the average of the initial estimate and the batch
+        (tensor(2.5000), tensor(10.5000))
     """
     finite = torch.isfinite(batch_mean) & torch.isfinite(batch_mean_sq)
-    # lerp(mu, x, 1 - beta) = beta * mu + (1 - beta) * x, written as mu + (1 - beta) * (x - mu) so a
-    # constant loss sequence keeps mu1 exactly at the constant (no false clipping from rounding).
-    ema1 = torch.lerp(mu1, batch_mean, 1.0 - beta1)
-    ema2 = torch.lerp(mu2, batch_mean_sq, 1.0 - beta2)
+    # lerp(mu, x, w) = (1 - w) * mu + w * x, written as mu + w * (x - mu) so a constant loss
+    # sequence keeps mu1 exactly at the constant (no false clipping from rounding).
+    if observations is None:
+        ema1 = torch.lerp(mu1, batch_mean, 1.0 - beta1)
+        ema2 = torch.lerp(mu2, batch_mean_sq, 1.0 - beta2)
+    else:
+        # Note [warm-up: where the default departs from the paper]. Once 1 / (k + 1) < 1 - beta
+        # the clamp returns 1 - beta itself and lerp gives what the constant weight gives, bit for
+        # bit. A scalar weight is applied in float32 at least (lerp's opmath), so a tensor weight
+        # is too: in bfloat16 it would round 1 - beta and the two updates would differ.
+        dtype = torch.promote_types(mu1.dtype, torch.float32)
+        fresh = torch.reciprocal(observations.to(dtype) + 1.0)
+        ema1 = torch.lerp(
+            mu1.to(dtype), batch_mean.to(dtype), torch.clamp_min(fresh, 1.0 - beta1)
+        ).to(mu1.dtype)
+        ema2 = torch.lerp(
+            mu2.to(dtype), batch_mean_sq.to(dtype), torch.clamp_min(fresh, 1.0 - beta2)
+        ).to(mu2.dtype)
     new1 = torch.where(initialized, ema1, batch_mean)
     new2 = torch.where(initialized, ema2, batch_mean_sq + batch_mean * batch_mean)
     return (
@@ -182,6 +231,13 @@ class ALRC(nn.Module):
             ``mu2_init > mu1_init**2``. Left as None (default), the first finite training batch
             initialises them as an overestimate (``mu1 = mean(L)``, ``mu2 = mean(L**2) +
             mean(L)**2``, i.e. ``sigma >= mu1``) and is not clipped.
+        warmup: True (default): the moments are the plain average of the batches seen so far,
+            the initial moments counting as one batch, until ``1 / (k + 1)`` falls below
+            ``1 - beta`` (``k`` batches in; 999 for 0.999), then the moving averages of the paper.
+            The initial overestimate then fades as ``1 / k``, not as ``beta**k``, and clipping
+            works from the first steps of a run. False: Algorithm 1's constant decay from the
+            start (the paper's behaviour; with 0.999, two thirds of the overestimate remain after
+            400 steps and a short run clips nothing). See ``docs/alrc.md`` for the benchmark.
         eps: added to the variance under the square root (default 1e-8).
         update: ``"clipped"`` (default, the authors' code) updates the moments with the clipped
             losses; ``"raw"`` (Algorithm 1 as printed) with the raw ones.
@@ -221,8 +277,12 @@ class ALRC(nn.Module):
         update: str = "clipped",
         n_sigma_lower: float | None = None,
         shift: float = 0.0,
+        warmup: bool = True,
     ) -> None:
         super().__init__()
+        if not isinstance(warmup, bool):
+            raise TypeError(f"warmup must be True or False, got warmup={warmup!r}")
+        self.warmup = warmup
         self.n_sigma = check_positive("n_sigma", n_sigma, allow_inf=True)
         self.beta1 = check_unit_interval("beta1", beta1)
         self.beta2 = check_unit_interval("beta2", beta2)
@@ -240,6 +300,9 @@ class ALRC(nn.Module):
                 f"mu1_init={mu1_init}, mu2_init={mu2_init}"
             )
         initialized = mu1_init is not None
+        # Given initial moments count as one observation (warmup); a first batch that initialises
+        # them is counted by num_updates like every later one.
+        self._prior_observations = int(initialized)
         if mu1_init is not None and mu2_init is not None:
             m1 = check_finite("mu1_init", mu1_init)
             m2 = check_finite("mu2_init", mu2_init)
@@ -265,6 +328,8 @@ class ALRC(nn.Module):
             parts.append(f"n_sigma_lower={self.n_sigma_lower}")
         if self.shift != 0.0:
             parts.append(f"shift={self.shift}")
+        if not self.warmup:
+            parts.append("warmup=False")
         return ", ".join(parts)
 
     def _bounds(self) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -313,6 +378,7 @@ class ALRC(nn.Module):
                 batch[1],
                 beta1=self.beta1,
                 beta2=self.beta2,
+                observations=self.num_updates + self._prior_observations if self.warmup else None,
             )
             updated = torch.isfinite(batch).all()
             n_scaled = scaled.sum()
