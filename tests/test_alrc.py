@@ -503,3 +503,107 @@ def test_empty_loss_passes_through_and_changes_nothing():
     assert out.shape == (0,)
     for name, value in alrc.state_dict().items():
         assert torch.equal(value, before[name]), name  # clipped_fraction 0, not 0 / 0
+
+
+# -- Warm-up (the default) against the paper's constant decay ------------------------------------
+
+
+@pytest.mark.parametrize("warmup", [1, 0, "yes", None, 1.0])
+def test_warmup_must_be_a_bool(warmup):
+    with pytest.raises(TypeError, match=f"warmup must be True or False, got warmup={warmup!r}"):
+        ss.ALRC(warmup=warmup)
+
+
+def test_repr_names_the_papers_decay():
+    assert repr(ss.ALRC(warmup=False)) == (
+        "ALRC(n_sigma=3.0, beta1=0.999, beta2=0.999, warmup=False)"
+    )
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+@pytest.mark.parametrize("inits", [(None, None), (3.0, 12.0)])
+@pytest.mark.parametrize("k", [1, 7, 40])  # just after the first batch, early, mid-warm-up
+def test_state_dict_resume_mid_warmup_bitwise(warmup, inits, k):
+    mu1, mu2 = inits
+    batches = [b.float() for b in spiky_batches(90, 8, seed=5)]
+    batches[k + 3] = batches[k + 3].clone()
+    batches[k + 3][0] = math.nan  # a skipped batch after the resume point
+    kwargs = dict(mu1_init=mu1, mu2_init=mu2, warmup=warmup)
+    full = ss.ALRC(**kwargs)
+    full_out = _run(full, batches)
+    first = ss.ALRC(**kwargs)
+    _run(first, batches[:k])
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    buf.seek(0)
+    resumed = ss.ALRC(**kwargs)
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    rest = _run(resumed, batches[k:])
+    for a, b in zip(full_out[k:], rest, strict=True):  # bitwise, the NaN element included
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    for name, value in full.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+    assert int(full.num_updates) == len(batches) - 1  # the NaN batch is not an observation
+
+
+def decaying_losses(steps, batch, *, seed=0, start=2.0, scale=60.0, noise=0.2):
+    """Per-sample losses of a run whose loss falls as start * exp(-t / scale), +-noise relative."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for t in range(steps):
+        level = start * math.exp(-t / scale)
+        out.append(level * (1.0 + noise * (2.0 * torch.rand(batch, generator=gen) - 1.0)))
+    return out
+
+
+def test_warmup_clips_an_early_corrupted_batch_the_papers_setting_does_not():
+    steps, spike_at, factor = 100, 80, 10.0
+    batches = decaying_losses(steps, 16, seed=11)
+    batches[spike_at] = batches[spike_at] * factor  # a corrupted batch: 10x the current losses
+    outs = {}
+    for warmup in (True, False):
+        alrc = ss.ALRC(warmup=warmup)
+        outs[warmup] = _run(alrc, batches)
+        threshold_after = float(alrc.stats()["threshold"])
+        assert math.isfinite(threshold_after)
+    raw = batches[spike_at]
+    # The paper's threshold still holds most of the first batch's overestimate: no clipping.
+    assert torch.equal(outs[False][spike_at], raw)
+    # The warm-up's follows the loss: every element of the corrupted batch is clipped to one
+    # value (the threshold) below the smallest raw one.
+    clipped = outs[True][spike_at]
+    assert bool((clipped == clipped[0]).all())
+    assert float(clipped.max()) < float(raw.min())
+    # Clean batches are left alone by both, in every step.
+    for warmup in (True, False):
+        for t in range(steps):
+            if t != spike_at:
+                assert torch.equal(outs[warmup][t], batches[t]), (warmup, t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_after_warmup_the_update_is_the_papers_bitwise(dtype):
+    beta = 0.99  # the warm-up ends when 1 / (k + 1) <= 1 - beta: 99 observations in
+    batches = [b.to(dtype) for b in spiky_batches(160, 8, seed=2)]
+    warm = ss.ALRC(beta1=beta, beta2=beta).to(dtype)
+    _run(warm, batches[:99])
+    paper = ss.ALRC(beta1=beta, beta2=beta, warmup=False).to(dtype)
+    paper.load_state_dict(warm.state_dict())
+    for b in batches[99:]:
+        assert torch.equal(warm(b), paper(b))
+        for name, value in warm.state_dict().items():
+            assert torch.equal(value, paper.state_dict()[name]), name
+    assert int(paper.clipped_total) > 0, "the sequence must exercise clipping"
+
+
+def test_moment_update_weight_switches_at_one_over_one_minus_beta():
+    mu1, mu2 = torch.tensor(2.0), torch.tensor(6.0)
+    mean, mean_sq = torch.tensor(1.0), torch.tensor(1.5)
+    args = (mu1, mu2, torch.tensor(True), mean, mean_sq)
+    paper = alrc_moment_update(*args, beta1=0.99, beta2=0.99)
+    for k, same in [(1, False), (98, False), (99, True), (100, True), (10**6, True)]:
+        warm = alrc_moment_update(*args, beta1=0.99, beta2=0.99, observations=torch.tensor(k))
+        assert all(torch.equal(a, b) for a, b in zip(warm, paper)) == same, k
+        if not same:  # the plain average: the k observations held and this one
+            expected = (k * mu1 + mean) / (k + 1)
+            torch.testing.assert_close(warm[0], expected, rtol=1e-6, atol=0)

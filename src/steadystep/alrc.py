@@ -172,7 +172,7 @@ def alrc_moment_update(
 
     Returns the new ``(mu1, mu2, initialized)``.
 
-    Example:
+    Examples:
         >>> one = torch.tensor(1.0)
         >>> mu1, mu2, _ = alrc_moment_update(
         ...     torch.tensor(4.0), torch.tensor(20.0), torch.tensor(True), one, one,

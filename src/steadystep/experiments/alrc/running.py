@@ -144,8 +144,10 @@ def run(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
     net = SupersamplingNet(cfg["width"]).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"])
     n_sigma = float(cfg["threshold"])
+    # warmup=False: this experiment reproduces the paper, whose moments decay with the constant
+    # weight 1 - beta from the first step (the library's default averages them while they warm up).
     alrc = (
-        ss.ALRC(n_sigma=n_sigma, beta1=cfg["beta"], beta2=cfg["beta"]).to(device)
+        ss.ALRC(n_sigma=n_sigma, beta1=cfg["beta"], beta2=cfg["beta"], warmup=False).to(device)
         if math.isfinite(n_sigma)
         else None
     )
