@@ -603,7 +603,7 @@ def test_moment_update_weight_switches_at_one_over_one_minus_beta():
     paper = alrc_moment_update(*args, beta1=0.99, beta2=0.99)
     for k, same in [(1, False), (98, False), (99, True), (100, True), (10**6, True)]:
         warm = alrc_moment_update(*args, beta1=0.99, beta2=0.99, observations=torch.tensor(k))
-        assert all(torch.equal(a, b) for a, b in zip(warm, paper)) == same, k
+        assert all(torch.equal(a, b) for a, b in zip(warm, paper, strict=True)) == same, k
         if not same:  # the plain average: the k observations held and this one
             expected = (k * mu1 + mean) / (k + 1)
             torch.testing.assert_close(warm[0], expected, rtol=1e-6, atol=0)

@@ -13,7 +13,7 @@ from steadystep.experiments._common import boxcar, finite_or_none, mean_std
 from steadystep.experiments.alrc import reporting as alrc_report
 from steadystep.experiments.alrc import running as alrc_run
 from steadystep.experiments.models import SupersamplingNet, build_classifier
-from steadystep.experiments.runner import Settings
+from steadystep.experiments.runner import RunContext, Settings
 from steadystep.experiments.salera import reporting as salera_report
 from steadystep.experiments.salera import running as salera_run
 
@@ -85,6 +85,22 @@ def test_alrc_plan_grid():
     paper = alrc_run.plan(Settings(scale="paper"))
     assert {s.config["dataset"] for s in paper} == {"cifar10"}
     assert all(s.config["decay_at"] == 54687 for s in paper if s.config["batch_size"] == 64)
+
+
+def test_alrc_experiment_keeps_the_papers_constant_decay(monkeypatch):
+    """The reproduction runs Algorithm 1's decay from the first step, not the library's warm-up."""
+    made = []
+
+    class Recorded(ss.ALRC):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(ss, "ALRC", Recorded)
+    settings = Settings(scale="tiny")
+    spec = next(s for s in alrc_run.plan(settings) if s.config["threshold"] == "3")
+    alrc_run.run(spec, RunContext(settings, torch.device("cpu")))
+    assert len(made) == 1 and made[0].warmup is False
 
 
 def test_layer_lrs_follow_the_multipliers():

@@ -20,6 +20,7 @@ launch-shapes      benchmarks/results/gpu.json         bash benchmarks/gpu_check
 alrc-overhead      benchmarks/results/alrc.json        make bench
 first-step         benchmarks/results/first_step.json  make bench
 first-step-readme  benchmarks/results/first_step.json  make bench
+alrc-early         benchmarks/results/alrc_early.json  make bench
 spikes-headline    benchmarks/results/spikes.json      python benchmarks/bench_spikes.py
 bench_spikes       benchmarks/results/spikes.json      python benchmarks/bench_spikes.py
 =================  ==================================  ==========================================
@@ -184,6 +185,51 @@ def first_step_readme(results: dict[str, Any]) -> str:
     )
 
 
+def alrc_early(results: dict[str, Any]) -> str:
+    """bench_alrc_early.py: ALRC's arms against corrupted batches in the first few hundred steps."""
+    settings = results["settings"]
+    head = (
+        f"Measured on {_machine(results['machine'])}: {settings['seeds']} seeds per task, "
+        f"{settings['steps']} steps of {settings['optimizer']}, batch {settings['batch']}, "
+        f"{settings['faults_per_run']} corrupted batches per run from step "
+        f"{settings['first_fault']} on. Test losses are over the fault-free run without ALRC."
+    )
+    probes = settings["probes"]
+    header = [
+        "task",
+        "arm",
+        "corrupted batches clipped",
+        f"before step {settings['early_steps']}",
+        "clipped / raw loss",
+        "clean samples clipped",
+        "clean batches touched",
+        *[f"threshold / loss, step {p}" for p in probes],
+        "test loss, faults",
+        "test loss, no faults",
+    ]
+    rows = []
+    for task in settings["tasks"]:
+        for arm, label in settings["arms"]:
+            e = results["tasks"][task][arm]
+            ratio = e["corrupted_clipped_over_raw_median"]
+            thr = e.get("threshold_over_running_loss", {})
+            rows.append(
+                [
+                    task,
+                    f"`{label}`" if arm != "none" else label,
+                    f"{100 * e['corrupted_clipped']:.0f}% of {e['corrupted_batches']}",
+                    f"{100 * e['corrupted_early_clipped']:.0f}% of {e['corrupted_early']}",
+                    "" if ratio is None else f"{ratio:.3f}",
+                    f"{100 * e['clean_samples_clipped']:.2f}%",
+                    f"{100 * e['clean_batches_clipped']:.1f}%",
+                    *[f"{thr[str(p)]:.1f}x" if thr else "" for p in probes],
+                    f"{e['test_loss_faults_vs_baseline']:.3f}x",
+                    f"{e['test_loss_clean_vs_baseline']:.3f}x",
+                ]
+            )
+    return head + "\n\n" + _table(header, rows)
+
+
 def spikes_headline(results: dict[str, Any]) -> str:
     """One sentence for the README: the default detector against the paper's test."""
     sweep, operating = results["sweep"], results["operating"]
@@ -234,6 +280,9 @@ BLOCKS = {
     ),
     "first-step-readme": Block(
         "README.md", "benchmarks/results/first_step.json", "make bench", first_step_readme
+    ),
+    "alrc-early": Block(
+        "docs/alrc.md", "benchmarks/results/alrc_early.json", "make bench", alrc_early
     ),
     "spikes-headline": Block(
         "README.md",
