@@ -34,9 +34,11 @@ def _alrc_worker(rank: int, world: int):
 
 def _single_process_expectation() -> torch.Tensor:
     """The moments restated in plain Python: each step, the ranks' means of the clipped losses
-    are averaged; a non-finite batch on any rank leaves the moments as they were."""
+    are averaged; a non-finite batch on any rank leaves the moments as they were. The weight of
+    a new batch is max(1 - beta, 1 / (k + 1)) after k batches (the default warm-up)."""
     per_rank = [[b.tolist() for b in _rank_batches(r)] for r in range(2)]
     mu1 = mu2 = None
+    k = 0
     history = []
     for step in range(len(per_rank[0])):
         batches = [per_rank[r][step] for r in range(2)]
@@ -53,7 +55,9 @@ def _single_process_expectation() -> torch.Tensor:
         if mu1 is None:
             mu1, mu2 = m, s + m * m
         else:
-            mu1, mu2 = 0.9 * mu1 + 0.1 * m, 0.9 * mu2 + 0.1 * s
+            w = max(1 - 0.9, 1 / (k + 1))
+            mu1, mu2 = (1 - w) * mu1 + w * m, (1 - w) * mu2 + w * s
+        k += 1
         history.append((mu1, mu2))
     return torch.tensor(history, dtype=torch.float64)
 
