@@ -27,13 +27,14 @@ Note [warm-up: where the default departs from the paper]
     initial moments are a deliberate overestimate (the authors: overestimate, never
     underestimate), and with :math:`\beta = 0.999` a fraction :math:`\beta^t` of it is still there
     after :math:`t` steps: two thirds after 400 steps, when a training loss has typically fallen
-    several-fold, so the threshold stays far above every loss and nothing is clipped in a short
-    run. With ``warmup=True`` (default) the moments are the plain average of the observations
-    so far, the initial estimate counting as one, until :math:`1/(k+1)` falls below
-    :math:`1 - \beta_i`; from then on the update is Algorithm 1's, bit for bit. The
-    overestimate's weight falls as :math:`1/(k+1)` instead of :math:`\beta^k`, so the threshold
-    follows the loss from the first steps, and it still keeps the threshold from resting on one
-    or two batches. ``docs/alrc.md`` has the benchmark behind this choice.
+    several-fold, so the threshold stays several times above the loss and a corrupted batch early
+    in a run is clipped only when it is far out, and then less. With ``warmup=True`` (default)
+    the moments are the plain average of the observations so far, the initial estimate counting
+    as one, until :math:`1/(k+1)` falls below :math:`1 - \beta_i`; from then on the update is
+    Algorithm 1's, bit for bit. The overestimate's weight falls as :math:`1/(k+1)` instead of
+    :math:`\beta^k`, so the threshold comes down with the loss from the first steps, and it
+    still never rests on one or two batches alone. ``docs/alrc.md`` has the benchmark behind
+    this choice.
 
 Note [why a stop-gradient scale and not a clamp]
     ``clamp(L, max=L_max)`` would zero the gradient of a clipped element: the sample is thrown
@@ -234,10 +235,10 @@ class ALRC(nn.Module):
         warmup: True (default): the moments are the plain average of the batches seen so far,
             the initial moments counting as one batch, until ``1 / (k + 1)`` falls below
             ``1 - beta`` (``k`` batches in; 999 for 0.999), then the moving averages of the paper.
-            The initial overestimate then fades as ``1 / k``, not as ``beta**k``, and clipping
-            works from the first steps of a run. False: Algorithm 1's constant decay from the
-            start (the paper's behaviour; with 0.999, two thirds of the overestimate remain after
-            400 steps and a short run clips nothing). See ``docs/alrc.md`` for the benchmark.
+            The initial overestimate then fades as ``1 / k``, not as ``beta**k``, and the threshold
+            comes down with the loss from the first steps of a run. False: Algorithm 1's
+            constant decay from the start (the paper's behaviour; with 0.999, two thirds of the
+            overestimate remain after 400 steps). See ``docs/alrc.md`` for the benchmark.
         eps: added to the variance under the square root (default 1e-8).
         update: ``"clipped"`` (default, the authors' code) updates the moments with the clipped
             losses; ``"raw"`` (Algorithm 1 as printed) with the raw ones.
