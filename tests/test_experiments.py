@@ -128,15 +128,18 @@ def test_salera_failure_verdict_rule():
     assert v(1, 0) == "inconclusive" and v(5, 4) == "inconclusive"  # one run could be chance
     assert v(2, 0) == v(4, 0) == v(20, 16) == "reproduced"  # >= 2 runs and >= 20%
     assert v(4, 4) == v(4, 5) == v(6, 5) == v(20, 17) == "not reproduced"
+    # the seeds of one grid cell are not a grid: too little evidence
+    assert v(2, 0, 1) == v(20, 0, 1) == "inconclusive" and v(2, 0, 2) == "reproduced"
     assert "20%" in salera_report.VERDICT_RULE_FAILURES and salera_report.MIN_AVOIDED_SHARE == 0.2
 
 
-def _record(alg, hp, seed, failed, model="M2"):
+def _record(alg, hp, seed, failed, model="M2", error=None):
+    error = (0.9 if failed else 0.3) if error is None else error
     return {
         "run_id": f"{model}-{alg}-{salera_run.hp_id(hp)}-s{seed}",
         "seed": seed,
         "config": {"model": model, "algorithm": alg, "hp": hp},
-        "summary": {"failed": failed},
+        "summary": {"failed": failed, "test_error_final": error},
     }
 
 
@@ -155,12 +158,32 @@ def test_salera_failures_are_paired_by_setting_and_seed():
     f = salera_report._failures(records)
     assert f["ALeRA"] == {"failed": 2, "runs": 3, "rate": 2 / 3}
     assert f["SALeRA"] == {"failed": 2, "runs": 3, "rate": 2 / 3}
-    assert (f["rescued"], f["worsened"]) == (1, 1)
+    assert (f["rescued"], f["worsened"], f["rescued_settings"]) == (1, 1, 1)
     assert f["grid"] == {"alpha": [0.001, 0.01], "C": [3e-6, 3e-5], "lr": [1.0]}
     assert f["models"] == ["M2"] and f["seeds"] == [0, 1]
     assert (
         "alpha in {0.001, 0.01} x C in {3e-06, 3e-05} x eta_0 in {1}" in salera_report._grid_text(f)
     )
+
+
+def test_salera_recovered_means_near_the_healthy_runs():
+    hot, cold = {"alpha": 0.001, "C": 3e-5, "lr": 1.0}, {"alpha": 0.01, "C": 3e-6, "lr": 1.0}
+    records = [
+        _record("ALeRA", hot, 0, 1),
+        _record("SALeRA", hot, 0, 0, error=0.34),  # rescued, within 5 points of 0.30: recovered
+        _record("ALeRA", hot, 1, 1),
+        _record("SALeRA", hot, 1, 0, error=0.48),  # rescued, not recovered (0.48 vs 0.30)
+        _record("ALeRA", cold, 0, 0, error=0.28),
+        _record("SALeRA", cold, 0, 0, error=0.30),
+        _record("ALeRA", cold, 1, 0, error=0.30),
+        _record("SALeRA", cold, 1, 0, error=0.32),
+    ]
+    f = salera_report._failures(records)
+    # healthy: 0.28, 0.30, 0.30, 0.32, 0.34, 0.48 -> median 0.31
+    assert f["healthy_median"] == {"M2": pytest.approx(0.31)}
+    assert (f["rescued"], f["recovered"], f["rescued_settings"]) == (2, 1, 1)
+    assert salera_report.failure_verdict(2, 0, f["rescued_settings"]) == "inconclusive"
+    assert "1 of them recovered" in salera_report._recovered_text(f)
 
 
 def test_salera_failure_grids_are_full_subgrids_of_the_papers():
@@ -190,6 +213,9 @@ def test_salera_claims_state_grid_counts_and_rule():
             "SALeRA": {"failed": 0, "runs": 12, "rate": 0.0},
             "rescued": 2,
             "worsened": 0,
+            "rescued_settings": 2,
+            "recovered": 1,
+            "healthy_median": {"M2": 0.3},
             "grid": {"alpha": [0.001, 0.01, 0.1], "C": [3e-6, 3e-5], "lr": [1.0]},
             "models": ["M2"],
             "seeds": [0, 1],
@@ -202,6 +228,9 @@ def test_salera_claims_state_grid_counts_and_rule():
     for text in ("12 paired runs", "ALeRA failed 2 (16.7%)", "SALeRA failed 0 (0.0%)", "Rule:"):
         assert text in claim["measured"]
     assert "alpha in {0.001, 0.01, 0.1}" in claim["measured"]
+    assert "1 of them recovered" in claim["measured"] and "M2 30.0%" in claim["measured"]
+    summary["failures"]["rescued_settings"] = 1  # both from one grid cell
+    assert salera_report._claims(summary)[0]["verdict"] == "inconclusive"
     summary["failures"]["SALeRA"].update(failed=2, rate=2 / 12)
     assert salera_report._claims(summary)[0]["verdict"] == "not reproduced"
     summary["setup"]["epochs"] = 10

@@ -24,12 +24,41 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from steadystep.experiments import EXPERIMENTS, SUMMARIES
+import steadystep
+from steadystep.experiments import EXPERIMENTS, SUMMARIES, default_seeds
+from steadystep.experiments._deps import (
+    DATASET_MODULES,
+    MissingDependencyError,
+    missing,
+)
+from steadystep.experiments.runner import SCALES
 
 __all__ = ["main"]
 
 _EXIT_USAGE = 2
 _EXIT_INTERRUPTED = 130
+
+
+SCALE_HELP = {
+    "tiny": "seconds: a smoke test of the whole pipeline (what the test-suite runs); its "
+    "numbers and verdicts mean nothing",
+    "demo": "one to three minutes per experiment on a 2-core CPU",
+    "quick": "a larger grid, minutes to a few hours per experiment on a 2-core CPU",
+    "paper": "the paper's grid, iterations and model sizes (days to years on a CPU: use a GPU "
+    "and --data-dir with the paper's dataset)",
+}
+
+
+def _seeds_help(default_scale: str) -> str:
+    """The ``--seeds`` help, from the experiments' own defaults (``running.SCALES``)."""
+    per_scale = "; ".join(
+        f"{scale}: " + ", ".join(f"{n} {default_seeds(n, scale)}" for n in EXPERIMENTS)
+        for scale in SCALES
+    )
+    return (
+        "number of seeds per configuration (seeds 0..N-1). Default: the scale's "
+        f"(default scale {default_scale}), per experiment: {per_scale}."
+    )
 
 
 def _add_run_options(p: argparse.ArgumentParser, default_scale: str) -> None:
@@ -45,22 +74,14 @@ def _add_run_options(p: argparse.ArgumentParser, default_scale: str) -> None:
         default="auto",
         help="where to train: 'auto' (default) uses CUDA when available, else the CPU.",
     )
-    p.add_argument(
-        "--seeds",
-        type=int,
-        metavar="N",
-        help="number of seeds per configuration (seeds 0..N-1; default: the scale's, "
-        "2 for demo/quick on ALRC, 3 for CProp, 1-5 elsewhere; see docs/experiments.md).",
-    )
+    p.add_argument("--seeds", type=int, metavar="N", help=_seeds_help(default_scale))
     p.add_argument(
         "--scale",
-        choices=("tiny", "demo", "quick", "paper"),
+        choices=SCALES,
         default=default_scale,
-        metavar="{demo,quick,paper}",
-        help=f"how much to run (default: {default_scale}). 'demo': one to three minutes per "
-        "experiment on a 2-core CPU; 'quick': a larger grid, minutes to tens of minutes on a "
-        "CPU; 'paper': the paper's grid, iterations and model sizes (hours to days: use a GPU "
-        "and --data-dir with the paper's dataset).",
+        help=f"how much to run (default: {default_scale}). "
+        + "; ".join(f"'{k}': {v}" for k, v in SCALE_HELP.items())
+        + ".",
     )
     p.add_argument(
         "--data-dir",
@@ -97,6 +118,9 @@ def _parser() -> argparse.ArgumentParser:
         "  steadystep reproduce salera --scale paper --device cuda --data-dir ~/data\n"
         "  steadystep report runs/demo",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"steadystep {steadystep.__version__}"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser(
@@ -141,6 +165,54 @@ def _error(msg: str) -> int:
     return _EXIT_USAGE
 
 
+def _warn(msg: str) -> None:
+    print(f"steadystep: warning: {msg}", file=sys.stderr)
+
+
+def _check_dependencies(datasets: dict[str, list[str]]) -> None:
+    """Raise one :class:`MissingDependencyError` for every package of the ``exp`` extra that
+    the planned runs need (figures, progress bars, the embedded datasets) and that is missing."""
+    needed = {"matplotlib": "the figures", "tqdm": "the progress bars"}
+    for experiment, names in datasets.items():
+        for name in names:
+            for module in DATASET_MODULES.get(name, ()):
+                needed.setdefault(module, f"the embedded dataset {name} ({experiment})")
+    absent = missing(needed)
+    if absent:
+        raise MissingDependencyError(absent, ", ".join(dict.fromkeys(needed[m] for m in absent)))
+
+
+def _warn_unused_data_dir(data_dir: str | None, datasets: dict[str, list[str]]) -> None:
+    """--data-dir is read only by the real datasets: say so when no planned run reads it."""
+    from steadystep.experiments.datasets import EMBEDDED
+
+    if data_dir is None:
+        return
+    unused = {e: names for e, names in datasets.items() if set(names) <= set(EMBEDDED)}
+    if unused:
+        which = ", ".join(f"{e} runs on {' and '.join(n)}" for e, n in unused.items())
+        _warn(
+            f"--data-dir {data_dir} is not read: {which}, embedded (no files); choose a real "
+            "dataset with --dataset mnist, fashion-mnist or cifar10 to read it"
+        )
+
+
+def _warn_paper_on_cpu(plans: list[tuple[Any, list[Any]]], threads: int) -> None:
+    """Before ``--scale paper`` starts on a CPU: how many runs and roughly how long."""
+    from steadystep.experiments.estimate import CPU_FLOPS_PER_THREAD, describe_seconds
+
+    flops = sum(module.flops(spec) for module, specs in plans for spec in specs)
+    runs = sum(len(specs) for _, specs in plans)
+    seconds = flops / (CPU_FLOPS_PER_THREAD * threads)
+    _warn(
+        f"--scale paper on a CPU: {runs} runs at the paper's sizes, about {flops:.1e} "
+        f"floating-point operations, roughly {describe_seconds(seconds)} with {threads} "
+        f"thread(s) (at ~{CPU_FLOPS_PER_THREAD / 1e9:.0f} GFLOP/s per thread; a GPU is "
+        "10-100x faster: --device cuda). Starting anyway: Ctrl-C stops it, finished runs are "
+        "kept and the same command continues."
+    )
+
+
 def _device(choice: str) -> Any:
     import torch
 
@@ -177,10 +249,10 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     modules = {n: get_experiment(n) for n in names}
     unavailable: dict[str, str] = {}
     for n in names:
-        missing = missing_api(n)
-        if missing:
+        lacking = missing_api(n)
+        if lacking:
             reason = (
-                f"this steadystep lacks {', '.join(missing)}, which the {n} experiment needs "
+                f"this steadystep lacks {', '.join(lacking)}, which the {n} experiment needs "
                 "(the method has not landed in this version)"
             )
             if args.command == "reproduce":
@@ -190,11 +262,18 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     plans: list[tuple[Any, list[Any]]] = []
     try:
         for n in names:
-            if n in unavailable:
-                continue
-            specs = modules[n].plan(settings)
-            modules[n].prepare(specs, ctx)  # loads data now, so a missing file fails early
-            plans.append((modules[n], specs))
+            if n not in unavailable:
+                plans.append((modules[n], modules[n].plan(settings)))
+    except ValueError as e:
+        return _error(str(e))
+    datasets = {m.name: sorted({s.config["dataset"] for s in specs}) for m, specs in plans}
+    _check_dependencies(datasets)
+    _warn_unused_data_dir(args.data_dir, datasets)
+    if settings.scale == "paper" and device.type == "cpu":
+        _warn_paper_on_cpu(plans, args.threads)  # before the data loads: it may take a while
+    try:
+        for module, specs in plans:
+            module.prepare(specs, ctx)  # loads data now, so a missing file fails early
     except DatasetNotFoundError as e:
         return _error(str(e))
     except ValueError as e:
@@ -255,7 +334,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``steadystep`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    try:
+        return _main(args, argv)
+    except MissingDependencyError as e:
+        return _error(str(e))
+
+
+def _main(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "report":
+        absent = missing(["matplotlib"])
+        if absent:
+            raise MissingDependencyError(absent, "the figures")
         from steadystep.experiments.monitor_report import build_monitor_report, monitor_csvs
         from steadystep.experiments.report import build_report
 

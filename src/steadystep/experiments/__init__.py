@@ -3,10 +3,11 @@
 ``EXPERIMENTS`` names them, in the order ``steadystep demo`` runs them; ``get_experiment(name)``
 returns an experiment's package, which implements
 :class:`~steadystep.experiments.runner.Experiment` (``name``, ``title``, ``requires`` (the public
-steadystep names it uses), ``plan``, ``prepare``, ``run``, ``summarize``, ``figures``,
-``markdown`` and ``terminal``), running in its ``running`` module and reporting in its
-``reporting`` module. ``SUMMARIES`` says in one line what each runs, for the command's help
-(kept here so that ``--help`` imports no experiment).
+steadystep names it uses), ``plan``, ``prepare``, ``flops`` (a rough compute estimate of one
+run), ``run``, ``summarize``, ``figures``, ``markdown`` and ``terminal``), running in its
+``running`` module and reporting in its ``reporting`` module. ``SUMMARIES`` says in one line
+what each runs and ``default_seeds`` how many seeds it runs at each scale, for the command's
+help.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["EXPERIMENTS", "SUMMARIES", "get_experiment", "missing_api"]
+__all__ = ["EXPERIMENTS", "SUMMARIES", "default_seeds", "get_experiment", "missing_api"]
 
 EXPERIMENTS = ("alrc", "salera", "cprop")
 SUMMARIES = {
@@ -30,6 +31,13 @@ def get_experiment(name: str) -> ModuleType:
     if name not in EXPERIMENTS:
         raise ValueError(f"experiment must be one of {EXPERIMENTS}, got {name!r}")
     return importlib.import_module(f"steadystep.experiments.{name}")
+
+
+def default_seeds(name: str, scale: str) -> int:
+    """The number of seeds experiment ``name`` runs at ``scale`` when ``--seeds`` is not given
+    (read from its ``running.SCALES``, the table its ``plan`` uses)."""
+    running = importlib.import_module(f"steadystep.experiments.{name}.running")
+    return int(running.SCALES[scale]["seeds"])
 
 
 def missing_api(name: str) -> list[str]:

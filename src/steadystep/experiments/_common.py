@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -12,12 +13,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from steadystep.experiments._deps import require
 from steadystep.experiments._files import atomic_write
 from steadystep.experiments.datasets import ClassificationData, load_classification
 from steadystep.experiments.runner import RunContext
 from steadystep.telemetry import read_csv
 
 __all__ = [
+    "RECOVERED_MARGIN",
+    "RECOVERED_RULE",
+    "VERDICTS",
     "band_plot",
     "boxcar",
     "claim",
@@ -35,13 +40,11 @@ __all__ = [
 
 
 def plt() -> Any:
-    """matplotlib.pyplot with the non-interactive Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as pyplot
-
-    return pyplot
+    """matplotlib.pyplot with the non-interactive Agg backend (no display needed); a
+    :class:`~steadystep.experiments._deps.MissingDependencyError` naming the ``exp`` extra when
+    matplotlib is not installed."""
+    require("matplotlib", "the figures").use("Agg", force=True)
+    return require("matplotlib.pyplot", "the figures")
 
 
 def classification_data(
@@ -102,10 +105,27 @@ def boxcar(x: np.ndarray, window: int) -> np.ndarray:
         return np.where(n > 0, (cs[idx] - cs[lo]) / np.maximum(n, 1), np.nan)
 
 
+# The words a report uses for a claim, and what each means. Every experiment decides its verdict
+# by a rule written next to its claim (and printed in the report); these are the shared meanings.
+VERDICTS = {
+    "reproduced": "the measured effect has the paper's direction, beyond the seed-to-seed noise "
+    "the rule states, on enough of the evidence the rule asks for",
+    "not reproduced": "enough evidence, and the effect is absent or reversed",
+    "inconclusive": "too little evidence to say either (too few cells or seeds, or an effect "
+    "inside the seed noise, or evidence split both ways)",
+}
+# A run that went bad and came back: what "recovered" means in a report (SALeRA's rescued runs).
+RECOVERED_MARGIN = 0.05
+RECOVERED_RULE = (
+    "recovered: a final test error within 5 percentage points of the median final test error "
+    "of the healthy runs of the same model (the runs of the grid that did not fail)"
+)
+
+
 def claim(paper: str, measured: str, verdict: str) -> dict[str, str]:
-    """A paper claim next to what this run measured; verdict is one of the three below."""
-    if verdict not in ("reproduced", "not reproduced", "inconclusive"):
-        raise ValueError(f"bad verdict {verdict!r}")
+    """A paper claim next to what this run measured; verdict is one of :data:`VERDICTS`."""
+    if verdict not in VERDICTS:
+        raise ValueError(f"verdict must be one of {sorted(VERDICTS)}, got {verdict!r}")
     return {"paper": paper, "measured": measured, "verdict": verdict}
 
 
@@ -115,15 +135,22 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def text_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """A plain aligned table for the terminal."""
+def text_table(header: Sequence[str], rows: Iterable[Sequence[Any]], width: int = 100) -> str:
+    """A plain aligned table for the terminal, at most ``width`` columns wide when the other
+    columns leave the last one 20 or more: the last column's cells wrap onto more lines."""
     rows = [[str(c) for c in r] for r in rows]
     widths = [
         max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)
     ]
+    room = width - sum(widths[:-1]) - 2 * (len(widths) - 1)
+    if widths[-1] > room >= 20:
+        widths[-1] = room
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
-    out += [fmt.format(*r) for r in rows]
+    out = [fmt.format(*header).rstrip(), fmt.format(*("-" * w for w in widths))]
+    for r in rows:
+        lines = textwrap.wrap(r[-1], widths[-1]) or [""]
+        out.append(fmt.format(*r[:-1], lines[0]).rstrip())
+        out += [fmt.format(*("" for _ in r[:-1]), more).rstrip() for more in lines[1:]]
     return "\n".join(out)
 
 

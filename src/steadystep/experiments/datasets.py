@@ -35,9 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from steadystep.experiments._deps import require
+
 __all__ = [
     "EMBEDDED",
     "REAL",
+    "SIZES",
     "ClassificationData",
     "DatasetNotFoundError",
     "UnsafePickleError",
@@ -51,6 +54,15 @@ __all__ = [
 
 EMBEDDED = ("mnist1d", "digits", "crops")
 REAL = ("mnist", "fashion-mnist", "cifar10")
+# (training examples, test examples, shape of one input) of each classification dataset, known
+# without loading it (for the compute estimate in steadystep.experiments.estimate)
+SIZES: dict[str, tuple[int, int, tuple[int, ...]]] = {
+    "mnist1d": (4000, 1000, (1, 40)),
+    "digits": (1437, 360, (1, 8, 8)),
+    "mnist": (60000, 10000, (1, 28, 28)),
+    "fashion-mnist": (60000, 10000, (1, 28, 28)),
+    "cifar10": (50000, 10000, (3, 32, 32)),
+}
 
 _IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -358,10 +370,8 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 @functools.lru_cache(maxsize=1)
 def _load_mnist1d() -> ClassificationData:
-    try:
-        from mnist1d.data import get_dataset_args, make_dataset
-    except ImportError as e:  # pragma: no cover - the exp extra provides it
-        raise ImportError("dataset 'mnist1d' needs the mnist1d package: pip install mnist1d") from e
+    mnist1d = require("mnist1d.data", "the embedded dataset mnist1d")
+    get_dataset_args, make_dataset = mnist1d.get_dataset_args, mnist1d.make_dataset
     # make_dataset reseeds numpy's global RNG; keep the caller's stream untouched.
     state = np.random.get_state()  # noqa: NPY002 - mnist1d uses the legacy global RNG
     try:
@@ -385,9 +395,7 @@ def _load_mnist1d() -> ClassificationData:
 
 @functools.lru_cache(maxsize=1)
 def _load_digits() -> ClassificationData:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
+    digits = require("sklearn.datasets", "the embedded dataset digits").load_digits()
     x = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)
     y = torch.from_numpy(digits.target.astype(np.int64))
     # A fixed shuffle, then 1437 train / 360 test (80/20).
@@ -426,9 +434,8 @@ def load_supersampling_images(name: str, data_dir: str | Path | None = None) -> 
     drawn from them at random. ``cifar10``: the 50,000 CIFAR-10 training images (32x32).
     """
     if name == "crops":
-        from sklearn.datasets import load_sample_images
-
-        images = np.stack(load_sample_images().images).astype(np.float32) / 255.0
+        sklearn_datasets = require("sklearn.datasets", "the embedded dataset crops")
+        images = np.stack(sklearn_datasets.load_sample_images().images).astype(np.float32) / 255.0
         return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     if name == "cifar10":
         return load_cifar10(data_dir).x_train

@@ -13,7 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from steadystep.experiments import get_experiment
-from steadystep.experiments._common import finite_or_none, markdown_table, text_table
+from steadystep.experiments._common import (
+    VERDICTS,
+    finite_or_none,
+    markdown_table,
+    text_table,
+)
 from steadystep.experiments._files import read_json, write_text
 from steadystep.experiments.runner import load_records
 
@@ -100,8 +105,14 @@ def build_report(run_dir: Path) -> tuple[dict[str, Any], str]:
                 "(interrupted); numbers below use the finished runs only.*\n"
             )
         claim_lines = []
+        # A partial experiment says so in the summary table itself, beside each verdict.
+        partial = (
+            f" (partial: {len(records)} of {len(planned)} runs)"
+            if entry["status"] == "partial"
+            else ""
+        )
         for c in summary.get("claims", []):
-            claims_rows.append([name, c["paper"], c["measured"], f"**{c['verdict']}**"])
+            claims_rows.append([name, c["paper"], c["measured"], f"**{c['verdict']}**{partial}"])
             claim_lines.append(
                 f"- Paper: {c['paper']}.\n  Measured: {c['measured']}.\n  "
                 f"Verdict: **{c['verdict']}**."
@@ -143,6 +154,8 @@ def build_report(run_dir: Path) -> tuple[dict[str, Any], str]:
         "of an effect, not the paper's absolute numbers; a verdict is only as strong as the "
         "number of seeds behind it.",
         "",
+        "Verdicts: " + "; ".join(f"**{k}**: {v}" for k, v in VERDICTS.items()) + ".",
+        "",
     ]
     if claims_rows:
         md += [
@@ -164,7 +177,7 @@ def build_report(run_dir: Path) -> tuple[dict[str, Any], str]:
         text.append(
             text_table(
                 ["method", "verdict", "paper's claim"],
-                [[r[0], r[3].strip("*"), r[1]] for r in claims_rows],
+                [[r[0], r[3].replace("*", ""), r[1]] for r in claims_rows],
             )
         )
     text += [t for t in terminal if t]

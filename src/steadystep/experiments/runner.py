@@ -129,6 +129,11 @@ class Experiment(Protocol):
         run (DatasetNotFoundError)."""
         ...
 
+    def flops(self, spec: RunSpec) -> float:
+        """A rough count of the floating-point operations of one run
+        (:mod:`steadystep.experiments.estimate`)."""
+        ...
+
     def run(self, spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
         """Train one run; its per-step rows go to ``ctx.log()``; returns its summary (the
         numbers of ``runs/<experiment>/<run_id>.json``)."""

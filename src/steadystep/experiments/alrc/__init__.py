@@ -15,10 +15,11 @@ Running: :mod:`~steadystep.experiments.alrc.running`; reporting:
 """
 
 from steadystep.experiments.alrc.reporting import figures, markdown, summarize, terminal
-from steadystep.experiments.alrc.running import name, plan, prepare, requires, run, title
+from steadystep.experiments.alrc.running import flops, name, plan, prepare, requires, run, title
 
 __all__ = [
     "figures",
+    "flops",
     "markdown",
     "name",
     "plan",

@@ -14,10 +14,11 @@ import torch
 from torch.nn import functional as F
 
 from steadystep.experiments.datasets import load_supersampling_images
+from steadystep.experiments.estimate import model_flops
 from steadystep.experiments.models import SupersamplingNet
 from steadystep.experiments.runner import RunContext, RunSpec, Settings
 
-__all__ = ["LOSSES", "SCALES", "name", "plan", "prepare", "requires", "run", "title"]
+__all__ = ["LOSSES", "SCALES", "flops", "name", "plan", "prepare", "requires", "run", "title"]
 
 name = "alrc"
 title = "ALRC: adaptive learning rate clipping (2x supersampling)"
@@ -80,6 +81,13 @@ def plan(settings: Settings) -> list[RunSpec]:
                     cost = s["steps"] * (0.2 + bs) * s["width"] * 1e-3
                     specs.append(RunSpec(name, run_id, config, seed, s["steps"], cost))
     return specs
+
+
+def flops(spec: RunSpec) -> float:
+    """Rough FLOPs of the run (:mod:`steadystep.experiments.estimate`): its training steps."""
+    width, bs = spec.config["width"], spec.config["batch_size"]
+    step = model_flops(("alrc", width), lambda: SupersamplingNet(width), (3, 16, 16), bs, True)
+    return float(spec.config["steps"] * step)
 
 
 def prepare(specs: list[RunSpec], ctx: RunContext) -> None:

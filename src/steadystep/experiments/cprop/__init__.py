@@ -14,10 +14,11 @@ Running: :mod:`~steadystep.experiments.cprop.running`; reporting:
 """
 
 from steadystep.experiments.cprop.reporting import figures, markdown, summarize, terminal
-from steadystep.experiments.cprop.running import name, plan, prepare, requires, run, title
+from steadystep.experiments.cprop.running import flops, name, plan, prepare, requires, run, title
 
 __all__ = [
     "figures",
+    "flops",
     "markdown",
     "name",
     "plan",

@@ -318,12 +318,12 @@ def figures(summary: dict[str, Any], records: list[dict[str, Any]], run_dir: Pat
     return out
 
 
-def _rows(summary: dict[str, Any]) -> list[list[str]]:
+def _rows(summary: dict[str, Any], mark: str = " (fastest plain)") -> list[list[str]]:
     rows = []
     for model, opts in summary["table"].items():
         for opt, lrs in opts.items():
             for lr, cells in lrs.items():
-                best = " (fastest plain)" if summary["best_lr"][model][opt] == lr else ""
+                best = mark if summary["best_lr"][model][opt] == lr else ""
                 for tag, e in cells.items():
                     rows.append(
                         [
@@ -370,4 +370,9 @@ def markdown(summary: dict[str, Any], figs: list[str], run_dir: Path) -> str:
 
 
 def terminal(summary: dict[str, Any]) -> str:
-    return "CProp: final losses (mean over seeds)\n" + text_table(_HEADER, _rows(summary))
+    header = ["model", "opt", "lr", "CProp", "train loss", "mean loss", "test err %", "scale"]
+    return (
+        "CProp: final losses (mean over seeds; mean loss over training: lower = faster; "
+        "* the lr where\nthe plain optimizer trained fastest)\n"
+        + text_table(header, _rows(summary, " *"))
+    )

@@ -15,7 +15,8 @@ import torch
 from torch.nn import functional as F
 
 from steadystep.experiments._common import classification_data, evaluate_classifier
-from steadystep.experiments.datasets import ClassificationData
+from steadystep.experiments.datasets import SIZES, ClassificationData
+from steadystep.experiments.estimate import model_flops
 from steadystep.experiments.models import build_classifier
 from steadystep.experiments.runner import RunContext, RunSpec, Settings
 
@@ -24,6 +25,7 @@ __all__ = [
     "LRS",
     "OPTIMIZERS",
     "SCALES",
+    "flops",
     "make_optimizer",
     "name",
     "plan",
@@ -134,6 +136,23 @@ def plan(settings: Settings) -> list[RunSpec]:
         for seed in range(seeds):
             add(s["models"][0], "Adam", 1.0, c, seed)
     return specs
+
+
+def flops(spec: RunSpec) -> float:
+    """Rough FLOPs of the run (:mod:`steadystep.experiments.estimate`): training steps and the
+    evaluations on the training and test sets."""
+    cfg = spec.config
+    n, n_test, shape = SIZES[cfg["dataset"]]
+    if cfg["n_train"]:
+        n, n_test = min(n, cfg["n_train"]), min(n_test, max(cfg["n_train"] // 4, 100))
+
+    def make() -> torch.nn.Module:
+        return build_classifier(cfg["model"], shape, 10)
+
+    key = ("cprop", cfg["model"])
+    train = cfg["epochs"] * (n // BATCH) * model_flops(key, make, shape, BATCH, True)
+    evals = (cfg["epochs"] * cfg["evals_per_epoch"] + 1) * (n + n_test)
+    return float(train + evals * model_flops(key, make, shape, 1, False))
 
 
 def _data(cfg: dict[str, Any], ctx: RunContext) -> ClassificationData:

@@ -20,10 +20,11 @@ Running: :mod:`~steadystep.experiments.salera.running`; reporting:
 """
 
 from steadystep.experiments.salera.reporting import figures, markdown, summarize, terminal
-from steadystep.experiments.salera.running import name, plan, prepare, requires, run, title
+from steadystep.experiments.salera.running import flops, name, plan, prepare, requires, run, title
 
 __all__ = [
     "figures",
+    "flops",
     "markdown",
     "name",
     "plan",

@@ -15,7 +15,8 @@ import torch
 from torch.nn import functional as F
 
 from steadystep.experiments._common import classification_data, evaluate_classifier
-from steadystep.experiments.datasets import ClassificationData
+from steadystep.experiments.datasets import SIZES, ClassificationData
+from steadystep.experiments.estimate import model_flops
 from steadystep.experiments.models import build_classifier
 from steadystep.experiments.runner import RunContext, RunSpec, Settings
 
@@ -24,6 +25,7 @@ __all__ = [
     "FAIL_ERROR",
     "ROBUST",
     "SCALES",
+    "flops",
     "hp_id",
     "layer_lrs",
     "make_optimizer",
@@ -149,6 +151,24 @@ def plan(settings: Settings) -> list[RunSpec]:
                     steps = s["epochs"] * 100  # 1% mini-batches: 100 steps per epoch
                     specs.append(RunSpec(name, run_id, config, seed, steps, steps * weight * 1e-3))
     return specs
+
+
+def flops(spec: RunSpec) -> float:
+    """Rough FLOPs of the run (:mod:`steadystep.experiments.estimate`): training steps and
+    test-set evaluations."""
+    cfg = spec.config
+    n, n_test, shape = SIZES[cfg["dataset"]]
+    if cfg["n_train"]:
+        n, n_test = min(n, cfg["n_train"]), min(n_test, max(cfg["n_train"] // 4, 100))
+    bs = max(1, round(0.01 * n))
+
+    def make() -> torch.nn.Module:
+        return build_classifier(cfg["model"], shape, 10)
+
+    key = ("salera", cfg["model"])
+    train = cfg["epochs"] * (n // bs) * model_flops(key, make, shape, bs, True)
+    evals = (cfg["epochs"] * cfg["evals_per_epoch"] + 1) * n_test
+    return float(train + evals * model_flops(key, make, shape, 1, False))
 
 
 def _data(cfg: dict[str, Any], ctx: RunContext) -> ClassificationData:
