@@ -30,8 +30,10 @@ __all__ = [
     "evaluate_classifier",
     "finite_or_none",
     "fmt",
+    "mark_overlaps",
     "markdown_table",
     "mean_std",
+    "overlaps",
     "plt",
     "read_log",
     "save",
@@ -154,8 +156,11 @@ def text_table(header: Sequence[str], rows: Iterable[Sequence[Any]], width: int 
     return "\n".join(out)
 
 
-def band_plot(ax: Any, x: np.ndarray, curves: Sequence[np.ndarray], label: str, color: Any) -> None:
-    """Mean over seeds with a +-1 std band (NaN-aware; all curves on the same x)."""
+def band_plot(
+    ax: Any, x: np.ndarray, curves: Sequence[np.ndarray], label: str, color: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over seeds with a +-1 std band (NaN-aware; all curves on the same x); returns the
+    plotted (x, mean), for :func:`mark_overlaps`."""
     n = min(len(c) for c in curves)
     y = np.stack([np.asarray(c[:n], dtype=np.float64) for c in curves])
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
@@ -165,6 +170,57 @@ def band_plot(ax: Any, x: np.ndarray, curves: Sequence[np.ndarray], label: str, 
     ax.plot(x[:n], mean, label=label, color=color, lw=1.2)
     if len(curves) > 1:
         ax.fill_between(x[:n], mean - std, mean + std, color=color, alpha=0.2, lw=0)
+    return np.asarray(x[:n]), mean
+
+
+OVERLAP_RTOL = 0.01
+
+
+def overlaps(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[tuple[str, str]]:
+    """Pairs ``(hidden, top)`` of curves drawn in this order whose means coincide: within
+    :data:`OVERLAP_RTOL` (relative) at every point both have, so the first is hidden under the
+    second at a figure's resolution."""
+    out = []
+    labels = list(curves)
+    for i, low in enumerate(labels):
+        for top in labels[i + 1 :]:
+            (xa, a), (xb, b) = curves[low], curves[top]
+            n = min(len(a), len(b))
+            if n == 0 or not np.array_equal(xa[:n], xb[:n]):
+                continue
+            a, b = a[:n], b[:n]
+            both = np.isfinite(a) & np.isfinite(b)
+            if not both.any() or (np.isfinite(a) != np.isfinite(b)).any():
+                continue
+            scale = np.maximum(np.abs(a[both]), np.abs(b[both]))
+            if np.all(np.abs(a[both] - b[both]) <= OVERLAP_RTOL * scale):
+                out.append((low, top))
+                break
+    return out
+
+
+def mark_overlaps(ax: Any, curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[str]:
+    """Make a curve hidden under a later one visible: it is drawn again on top, dashed with
+    markers, and a note on the panel says which curves coincide; returns the notes (for the
+    figure's caption)."""
+    notes = []
+    for k, (low, top) in enumerate(overlaps(curves)):
+        x, y = curves[low]
+        line = next(ln for ln in ax.get_lines() if ln.get_label() == low)
+        ax.plot(
+            x,
+            y,
+            color=line.get_color(),
+            ls="--",
+            marker="o",
+            ms=3,
+            markevery=max(1, len(x) // 8),
+            lw=1.0,
+        )
+        note = f"{low} is under {top} (the curves coincide; dashed)"
+        ax.text(0.02, 0.03 + 0.07 * k, note, transform=ax.transAxes, fontsize=6.5, va="bottom")
+        notes.append(note)
+    return notes
 
 
 def fmt(x: float | None, digits: int = 3) -> str:

@@ -14,6 +14,7 @@ from steadystep.experiments._common import (
     boxcar,
     claim,
     fmt,
+    mark_overlaps,
     markdown_table,
     mean_std,
     plt,
@@ -168,9 +169,11 @@ def figures(summary: dict[str, Any], records: list[dict[str, Any]], run_dir: Pat
     fig, axes = pyplot.subplots(
         2, len(batch_sizes), figsize=(3.4 * len(batch_sizes), 5.6), squeeze=False
     )
+    notes: list[str] = []
     for i, loss in enumerate(LOSSES):
         for j, bs in enumerate(batch_sizes):
             ax = axes[i][j]
+            drawn = {}
             for thr in thresholds:
                 cs = curves.get((loss, bs, thr))
                 if not cs:
@@ -178,16 +181,18 @@ def figures(summary: dict[str, Any], records: list[dict[str, Any]], run_dir: Pat
                 steps = len(cs[0])
                 smooth = [boxcar(c, max(1, steps // 20)) for c in cs]
                 label = "no ALRC" if thr == "inf" else f"ALRC {thr}σ"
-                band_plot(ax, np.arange(steps), smooth, label, colors.get(thr, "k"))
+                drawn[label] = band_plot(ax, np.arange(steps), smooth, label, colors.get(thr, "k"))
+            # ALRC that clips nothing leaves the curve of the unclipped run: say so on the panel
+            notes += [f"{loss} errors, batch {bs}: {n}" for n in mark_overlaps(ax, drawn)]
             ax.set_yscale("log")
             ax.set_title(f"{loss} error, batch {bs}", fontsize=9)
             ax.set_xlabel("iteration", fontsize=8)
-            if j == 0:
-                ax.set_ylabel("training loss (boxcar)", fontsize=8)
+            ax.set_ylabel("training loss (boxcar mean)", fontsize=8)
+            ax.legend(fontsize=7, loc="upper right")
             ax.tick_params(labelsize=7)
-    axes[0][0].legend(fontsize=7)
     fig.suptitle("ALRC: unclipped learning curves, mean ± std over seeds", fontsize=10)
     fig.tight_layout()
+    summary.setdefault("figure_notes", {})["alrc_learning_curves"] = notes
     return [save(fig, run_dir / "figures" / "alrc_learning_curves.png")]
 
 
@@ -229,6 +234,9 @@ def markdown(summary: dict[str, Any], figs: list[str], run_dir: Path) -> str:
         lines += [f"**{loss.capitalize()} errors (x100)**", "", markdown_table(header, rows), ""]
     for f in figs:
         lines += [f"![ALRC learning curves]({Path(f).relative_to(run_dir).as_posix()})", ""]
+        notes = summary.get("figure_notes", {}).get(Path(f).stem)
+        if notes:
+            lines += ["*Overlapping curves: " + "; ".join(notes) + ".*", ""]
     return "\n".join(lines)
 
 

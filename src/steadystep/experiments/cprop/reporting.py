@@ -14,6 +14,7 @@ from steadystep.experiments._common import (
     band_plot,
     claim,
     fmt,
+    mark_overlaps,
     markdown_table,
     mean_std,
     plt,
@@ -37,6 +38,17 @@ CLAIM_C = (
     "performance improves over c = 1 while training is slower (Fig. 11)"
 )
 
+
+# Why the histogram of Fig. 8 has thin bright lines (measured: docs/experiments.md)
+HISTOGRAM_CAPTION = (
+    "*The thin bright line that drifts from about 0.68 towards 0.56 is a few hundred elements "
+    "(under 1%) of the hidden layers whose gradient was non-zero at the first step only (inputs "
+    "of ReLU units that died at once). With one non-zero gradient g at step 1 and zeros after, "
+    "|m_hat| / se depends on the step t alone, not on g, so all of them share one scale: "
+    "erf(x / sqrt 2) with x^2 = w (n_t - 1) / (1 - w), w = (1 - beta) beta^(t-1) / "
+    "(1 - beta^t), n_t = (1 - beta^t) / (1 - beta): 0.65 at step 125, 0.56 at step 500 "
+    "(beta = 0.999). Elements with two or three such gradients make fainter lines above it.*"
+)
 
 _KEYS = (
     "final_train_loss",
@@ -216,9 +228,11 @@ def figures(summary: dict[str, Any], records: list[dict[str, Any]], run_dir: Pat
     fig, axes = pyplot.subplots(
         len(models), len(opts), figsize=(3.4 * len(opts), 2.9 * len(models)), squeeze=False
     )
+    notes: list[str] = []
     for i, model in enumerate(models):
         for j, opt in enumerate(opts):
             ax = axes[i][j]
+            drawn = {}
             lr = summary["best_lr"].get(model, {}).get(opt)
             for c, color, label in ((None, "tab:gray", opt), (1.0, "tab:blue", f"{opt} + CProp")):
                 runs = groups.get((model, opt, lr, c)) if lr else None
@@ -229,12 +243,12 @@ def figures(summary: dict[str, Any], records: list[dict[str, Any]], run_dir: Pat
                     d = read_log(r["csv_path"])
                     ok = np.isfinite(d["train_loss"])
                     x, curves = d["step"][ok], [*curves, d["train_loss"][ok]]
-                band_plot(ax, x, curves, label, color)
+                drawn[label] = band_plot(ax, x, curves, label, color)
+            notes += [f"{model}, {opt}: {n}" for n in mark_overlaps(ax, drawn)]
             ax.set_yscale("log")
             ax.set_title(f"{model}, {opt}, lr {lr}", fontsize=9)
             ax.set_xlabel("iteration", fontsize=8)
-            if j == 0:
-                ax.set_ylabel("training loss", fontsize=8)
+            ax.set_ylabel("training loss (whole training set)", fontsize=8)
             ax.legend(fontsize=7)
             ax.tick_params(labelsize=7)
     fig.suptitle(
@@ -243,6 +257,7 @@ def figures(summary: dict[str, Any], records: list[dict[str, Any]], run_dir: Pat
         fontsize=10,
     )
     fig.tight_layout()
+    summary.setdefault("figure_notes", {})["cprop_training_loss"] = notes
     out.append(save(fig, run_dir / "figures" / "cprop_training_loss.png"))
 
     hist = next(
@@ -268,7 +283,8 @@ def figures(summary: dict[str, Any], records: list[dict[str, Any]], run_dir: Pat
         a1.set_ylabel("iteration", fontsize=8)
         a1.set_title(f"histogram of scales over time ({summary['histogram_run']})", fontsize=9)
         centers = (np.asarray(hist["edges"][:-1]) + np.asarray(hist["edges"][1:])) / 2
-        a2.plot(steps, (frac * centers).sum(1), color="tab:blue")
+        a2.plot(steps, (frac * centers).sum(1), color="tab:blue", label="mean scale")
+        a2.legend(fontsize=7)
         a2.set_xlabel("iteration", fontsize=8)
         a2.set_ylabel("mean scale", fontsize=8)
         a2.set_ylim(0, 1)
@@ -289,6 +305,8 @@ def figures(summary: dict[str, Any], records: list[dict[str, Any]], run_dir: Pat
     if len(sweep) >= 3:
         fig, (a1, a2) = pyplot.subplots(1, 2, figsize=(9, 3.4))
         cmap = pyplot.get_cmap("viridis")
+        drawn_tr: dict[str, Any] = {}
+        drawn_te: dict[str, Any] = {}
         for k, (c, runs) in enumerate(sweep):
             label = "Adam (c = ∞)" if c is None else f"c = {c:g}"
             color = "tab:gray" if c is None else cmap(k / max(len(sweep) - 1, 1))
@@ -299,15 +317,20 @@ def figures(summary: dict[str, Any], records: list[dict[str, Any]], run_dir: Pat
                 x = d["step"][ok]
                 tr.append(d["train_loss"][ok])
                 te.append(100 * d["test_error"][ok])
-            band_plot(a1, x, tr, label, color)
-            band_plot(a2, x, te, label, color)
+            drawn_tr[label] = band_plot(a1, x, tr, label, color)
+            drawn_te[label] = band_plot(a2, x, te, label, color)
+        sweep_notes = [f"training loss: {n}" for n in mark_overlaps(a1, drawn_tr)]
+        sweep_notes += [f"test error: {n}" for n in mark_overlaps(a2, drawn_te)]
+        summary.setdefault("figure_notes", {})["cprop_c_sweep"] = sweep_notes
         a1.set_yscale("log")
         a1.set_title("training loss", fontsize=9)
         a2.set_title("test error (%)", fontsize=9)
+        a1.set_ylabel("training loss (whole training set)", fontsize=8)
+        a2.set_ylabel("test error (%)", fontsize=8)
         for a in (a1, a2):
             a.set_xlabel("iteration", fontsize=8)
             a.tick_params(labelsize=7)
-        a2.legend(fontsize=7)
+            a.legend(fontsize=7)
         fig.suptitle(
             f"CProp overconfidence coefficient c, {model} + Adam lr {sweep_lr} "
             "(cf. the paper's Fig. 11)",
@@ -365,7 +388,13 @@ def markdown(summary: dict[str, Any], figs: list[str], run_dir: Path) -> str:
         "",
     ]
     for fpath in figs:
-        lines += [f"![{Path(fpath).stem}]({Path(fpath).relative_to(run_dir).as_posix()})", ""]
+        stem = Path(fpath).stem
+        lines += [f"![{stem}]({Path(fpath).relative_to(run_dir).as_posix()})", ""]
+        notes = summary.get("figure_notes", {}).get(stem)
+        if notes:
+            lines += ["*Overlapping curves: " + "; ".join(notes) + ".*", ""]
+        if stem == "cprop_scale_histogram":
+            lines += [HISTOGRAM_CAPTION, ""]
     return "\n".join(lines)
 
 

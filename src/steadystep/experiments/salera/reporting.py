@@ -16,6 +16,7 @@ from steadystep.experiments._common import (
     boxcar,
     claim,
     fmt,
+    mark_overlaps,
     markdown_table,
     mean_std,
     plt,
@@ -306,13 +307,18 @@ def figures(summary: dict[str, Any], records: list[dict[str, Any]], run_dir: Pat
             d = read_log(r["csv_path"])
             ep = d["epoch"]
             ok = np.isfinite(d["test_error"])
-            axes[0][j].plot(ep[ok], 100 * d["test_error"][ok], color="tab:red")
+            axes[0][j].plot(ep[ok], 100 * d["test_error"][ok], color="tab:red", label="test error")
+            axes[0][j].axhline(
+                100 * FAIL_ERROR, color="k", ls=":", lw=0.8, label="failure line (80%)"
+            )
             axes[0][j].set_ylim(0, 100)
             axes[0][j].set_title(
                 f"{alg} ({choice['model']}, {choice['hp']}, seed {choice['seed']})", fontsize=9
             )
             loss = d["loss"]
-            axes[1][j].plot(ep, boxcar(loss, 10), color="tab:blue", lw=0.8)
+            axes[1][j].plot(
+                ep, boxcar(loss, 10), color="tab:blue", lw=0.8, label="minibatch loss (mean of 10)"
+            )
             axes[1][j].set_yscale("log")
             names = r["summary"].get("layers", [])
             for i in range(sum(k.startswith("lr_") for k in d)):
@@ -324,12 +330,13 @@ def figures(summary: dict[str, Any], records: list[dict[str, Any]], run_dir: Pat
                 axes[1][j].set_title(
                     f"alarms (rollback + lr/2): {int(r['summary']['alarms'])}", fontsize=8
                 )
-        axes[0][0].set_ylabel("test error (%)", fontsize=8)
-        axes[1][0].set_ylabel("minibatch loss", fontsize=8)
-        axes[2][0].set_ylabel("learning rate per layer", fontsize=8)
-        axes[2][1].legend(fontsize=6, ncol=2)
+        for j in range(2):
+            axes[0][j].set_ylabel("test error (%)", fontsize=8)
+            axes[1][j].set_ylabel("minibatch loss", fontsize=8)
+            axes[2][j].set_ylabel("learning rate per layer", fontsize=8)
         for row in axes:
             for ax in row:
+                ax.legend(fontsize=6, ncol=2 if ax in axes[2] else 1, loc="best")
                 ax.tick_params(labelsize=7)
         fig.suptitle("ALeRA vs SALeRA, same seed (cf. the paper's Fig. 1)", fontsize=10)
         fig.tight_layout()
@@ -338,8 +345,10 @@ def figures(summary: dict[str, Any], records: list[dict[str, Any]], run_dir: Pat
     models = summary["models"]
     fig, axes = pyplot.subplots(1, len(models), figsize=(4.2 * len(models), 3.4), squeeze=False)
     cmap = pyplot.get_cmap("tab10")
+    notes: list[str] = []
     for j, model in enumerate(models):
         ax = axes[0][j]
+        drawn = {}
         for k, alg in enumerate(ALGORITHMS):
             b = summary["best"].get(model, {}).get(alg)
             if not b:
@@ -353,12 +362,15 @@ def figures(summary: dict[str, Any], records: list[dict[str, Any]], run_dir: Pat
                     x = d["epoch"][ok]
                     curves.append(100 * d["test_error"][ok])
             if curves and x is not None:
-                band_plot(ax, x, curves, alg, cmap(k))
+                drawn[alg] = band_plot(ax, x, curves, alg, cmap(k))
+        # SALeRA without an alarm runs exactly as ALeRA: say so where one hides the other
+        notes += [f"{model}: {n}" for n in mark_overlaps(ax, drawn)]
         ax.set_title(f"{model}: best setting per algorithm", fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.set_ylabel("test error (%)", fontsize=8)
         ax.tick_params(labelsize=7)
-    axes[0][0].legend(fontsize=6)
+        ax.legend(fontsize=6, loc="upper right")
+    summary.setdefault("figure_notes", {})["salera_test_error"] = notes
     fig.tight_layout()
     out.append(save(fig, run_dir / "figures" / "salera_test_error.png"))
     return out
@@ -443,6 +455,9 @@ def markdown(summary: dict[str, Any], figs: list[str], run_dir: Path) -> str:
         ]
     for fpath in figs:
         lines += [f"![{Path(fpath).stem}]({Path(fpath).relative_to(run_dir).as_posix()})", ""]
+        notes = summary.get("figure_notes", {}).get(Path(fpath).stem)
+        if notes:
+            lines += ["*Overlapping curves: " + "; ".join(notes) + ".*", ""]
     return "\n".join(lines)
 
 
