@@ -260,3 +260,26 @@ def test_salera_table_verdict_compares_at_an_equal_search_budget():
     assert "equal search budget (1 setting(s)) best agnostic Ag-Adam 40.00%" in claim["measured"]
     (claim,) = salera_report._claims(summary(alera_err=27.0, agadam_err=32.0))
     assert claim["verdict"] == "reproduced"
+
+
+def test_cprop_c_sweep_verdict_needs_an_effect_beyond_seed_noise():
+    from steadystep.experiments.cprop import reporting as cprop_report
+
+    def cell(err, err_std, loss, loss_std, n=3):
+        return {
+            "final_test_error": {"mean": err, "std": err_std, "n": n},
+            "final_train_loss": {"mean": loss, "std": loss_std, "n": n},
+        }
+
+    v = cprop_report._c_verdict
+    # test error 2 points lower at large c, c = 1 trains faster: the paper's trade-off
+    assert v(cell(0.40, 0.005, 0.60, 0.01), cell(0.38, 0.005, 0.65, 0.01)) == "reproduced"
+    # the same means inside a seed noise of 3 points: inconclusive
+    assert v(cell(0.40, 0.03, 0.60, 0.01), cell(0.38, 0.03, 0.65, 0.01)) == "inconclusive"
+    # c = 1 trains clearly slower than the large c: not reproduced
+    assert v(cell(0.40, 0.005, 0.70, 0.01), cell(0.39, 0.005, 0.65, 0.01)) == "not reproduced"
+    # large c generalises clearly worse: not reproduced
+    assert v(cell(0.38, 0.005, 0.60, 0.01), cell(0.41, 0.005, 0.60, 0.01)) == "not reproduced"
+    # one seed: no noise estimate
+    assert v(cell(0.40, 0, 0.6, 0, n=1), cell(0.30, 0, 0.7, 0, n=1)) == "inconclusive"
+    assert "2 se" in cprop_report.RULE_C
