@@ -170,8 +170,8 @@ def _warn(msg: str) -> None:
 
 
 def _check_dependencies(datasets: dict[str, list[str]]) -> None:
-    """Raise one :class:`MissingDependencyError` for every package of the ``exp`` extra that
-    the planned runs need (figures, progress bars, the embedded datasets) and that is missing."""
+    """One :class:`MissingDependencyError` naming every package of the ``exp`` extra that the
+    planned runs need (figures, progress bars, the embedded datasets) and that is missing."""
     needed = {"matplotlib": "the figures", "tqdm": "the progress bars"}
     for experiment, names in datasets.items():
         for name in names:
@@ -207,9 +207,9 @@ def _warn_paper_on_cpu(plans: list[tuple[Any, list[Any]]], threads: int) -> None
     _warn(
         f"--scale paper on a CPU: {runs} runs at the paper's sizes, about {flops:.1e} "
         f"floating-point operations, roughly {describe_seconds(seconds)} with {threads} "
-        f"thread(s) (at ~{CPU_FLOPS_PER_THREAD / 1e9:.0f} GFLOP/s per thread; a GPU is "
-        "10-100x faster: --device cuda). Starting anyway: Ctrl-C stops it, finished runs are "
-        "kept and the same command continues."
+        f"thread(s) (at ~{CPU_FLOPS_PER_THREAD / 1e9:.0f} GFLOP/s per thread; use a GPU: "
+        "--device cuda). Starting anyway: Ctrl-C stops it, finished runs are kept and the same "
+        "command continues."
     )
 
 
