@@ -19,7 +19,7 @@ Examples:
     >>> from steadystep.experiments.estimate import describe_seconds, model_flops
     >>> from steadystep.experiments.models import build_classifier
     >>> model_flops(("M0", 4), lambda: build_classifier("M0", (1, 2), 3), (1, 2), 4, True)
-    144
+    96
     >>> describe_seconds(5400.0)
     '1.5 hours'
 """

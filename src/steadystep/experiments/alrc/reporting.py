@@ -188,7 +188,8 @@ def figures(summary: dict[str, Any], records: list[dict[str, Any]], run_dir: Pat
             ax.set_title(f"{loss} error, batch {bs}", fontsize=9)
             ax.set_xlabel("iteration", fontsize=8)
             ax.set_ylabel("training loss (boxcar mean)", fontsize=8)
-            ax.legend(fontsize=7, loc="upper right")
+            if drawn:  # a partial run may have no curve in a panel yet
+                ax.legend(fontsize=7, loc="upper right")
             ax.tick_params(labelsize=7)
     fig.suptitle("ALRC: unclipped learning curves, mean ± std over seeds", fontsize=10)
     fig.tight_layout()

@@ -274,7 +274,8 @@ def figures(summary: dict[str, Any], records: list[dict[str, Any]], run_dir: Pat
             ax.set_title(f"{model}, {opt}, lr {lr}", fontsize=9)
             ax.set_xlabel("iteration", fontsize=8)
             ax.set_ylabel("training loss (whole training set)", fontsize=8)
-            ax.legend(fontsize=7)
+            if drawn:  # a partial run may have no curve in a panel yet
+                ax.legend(fontsize=7)
             ax.tick_params(labelsize=7)
     fig.suptitle(
         "CProp: training loss at the lr that trains the plain optimizer fastest, mean ± std "

@@ -369,7 +369,8 @@ def figures(summary: dict[str, Any], records: list[dict[str, Any]], run_dir: Pat
         ax.set_xlabel("epoch", fontsize=8)
         ax.set_ylabel("test error (%)", fontsize=8)
         ax.tick_params(labelsize=7)
-        ax.legend(fontsize=6, loc="upper right")
+        if drawn:  # a partial run may have no curve in a panel yet
+            ax.legend(fontsize=6, loc="upper right")
     summary.setdefault("figure_notes", {})["salera_test_error"] = notes
     fig.tight_layout()
     out.append(save(fig, run_dir / "figures" / "salera_test_error.png"))
