@@ -60,7 +60,7 @@ from steadystep._tensors import gradient_stats, shards, stored_real_values
 from steadystep._validation import check_loss, check_nonnegative, check_probability
 from steadystep.detect import PageHinkley
 from steadystep.detectors import Detector, SpikeDetector
-from steadystep.optim._order import check_wrappable
+from steadystep.optim._order import Composable, check_wrappable
 from steadystep.optim._protocol import MaskableOptimizer
 from steadystep.optim._state_checks import CLASS_KEY, check_class, check_same, check_shape
 from steadystep.optim._torch_fused import torch_fused_maskable
@@ -106,7 +106,7 @@ def _missing_loss(owner: str) -> RuntimeError:
     )
 
 
-class CatastropheGuard(OptimizerWrapper):
+class CatastropheGuard(OptimizerWrapper, Composable):
     """Wrap any optimizer with detect -> roll back -> cut the learning rate (SALeRA's recovery).
 
     With ``theta_b`` the parameters saved before the last update and ``A_t`` the detector's alarm
@@ -163,6 +163,8 @@ class CatastropheGuard(OptimizerWrapper):
         >>> int(opt.stats()["alarms"])
         0
     """
+
+    composition_role = "guard"  # Note [the order of the composition]
 
     def __init__(
         self,

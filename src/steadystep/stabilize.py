@@ -41,7 +41,7 @@ from torch.optim import Optimizer
 from steadystep.alrc import ALRC
 from steadystep.detect import PageHinkley
 from steadystep.guard import CatastropheGuard
-from steadystep.optim._order import layers
+from steadystep.optim._order import Composable, layers
 from steadystep.optim._wrapper import OptimizerWrapper
 from steadystep.optim.cprop.native import CPropAdam, CPropAdamW, CPropSGD, _NativeCPropBase
 from steadystep.optim.cprop.wrapper import CProp
@@ -281,7 +281,7 @@ def _guard_kwargs(
     return kwargs
 
 
-class Stabilized(OptimizerWrapper):
+class Stabilized(OptimizerWrapper, Composable):
     """ALRC, a :class:`~steadystep.CatastropheGuard` and :class:`~steadystep.CProp` around an
     optimizer, as one ``torch.optim.Optimizer``; build it with :func:`stabilize` (same arguments).
 
@@ -318,6 +318,8 @@ class Stabilized(OptimizerWrapper):
         >>> sorted(opt.state_dict())
         ['alrc', 'optimizer', 'stabilized']
     """
+
+    composition_role = "stabilized"  # Note [the order of the composition]
 
     def __init__(
         self,

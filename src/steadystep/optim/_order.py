@@ -21,11 +21,21 @@ under another wrapper is found too.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 from torch.optim import Optimizer
 
-__all__ = ["check_wrappable", "layers"]
+__all__ = ["Composable", "check_wrappable", "layers"]
+
+Role = Literal["stabilized", "guard", "cprop"]
+
+
+class Composable:
+    """Mixin of the steadystep optimizers that take a place in the composition order: each
+    declares its role (``"stabilized"``, ``"guard"`` or ``"cprop"``), which
+    :func:`check_wrappable` reads, so this module needs none of their classes."""
+
+    composition_role: ClassVar[Role]
 
 
 def layers(optimizer: Any) -> Iterator[Any]:
@@ -41,20 +51,8 @@ def layers(optimizer: Any) -> Iterator[Any]:
         optimizer = optimizer.optimizer
 
 
-def _role(layer: Any) -> str | None:
-    # Imported here: these modules import this one.
-    from steadystep.guard import CatastropheGuard
-    from steadystep.optim.cprop.native import _NativeCPropBase
-    from steadystep.optim.cprop.wrapper import CProp
-    from steadystep.stabilize import Stabilized
-
-    if isinstance(layer, Stabilized):
-        return "stabilized"
-    if isinstance(layer, CatastropheGuard):
-        return "guard"
-    if isinstance(layer, (CProp, _NativeCPropBase)):
-        return "cprop"
-    return None
+def _role(layer: Any) -> Role | None:
+    return layer.composition_role if isinstance(layer, Composable) else None
 
 
 def _salera_hint(layer: Any) -> str:

@@ -23,6 +23,7 @@ from steadystep._validation import (
     check_param_tensors,
     check_unit_interval,
 )
+from steadystep.optim._order import Composable
 from steadystep.optim._state_checks import (
     CLASS_KEY,
     Kind,
@@ -84,7 +85,7 @@ def _set_lr_multiplier(group: dict[str, Any]) -> None:
     group["lr_multiplier"] = torch.as_tensor(value, dtype=torch.float64).to(_group_device(group))
 
 
-class _NativeCPropBase(Optimizer):
+class _NativeCPropBase(Optimizer, Composable):
     """Validation, state_dict handling, telemetry and the guard's protocol
     (:class:`~steadystep.optim._protocol.MaskableOptimizer`) of the native CProp optimizers.
 
@@ -92,6 +93,8 @@ class _NativeCPropBase(Optimizer):
     step multiplies ``lr`` on the device; :class:`~steadystep.CatastropheGuard` cuts the rate
     there (:meth:`scale_lr_`), so a guarded step needs no host read.
     """
+
+    composition_role = "cprop"  # Note [the order of the composition]
 
     _owner = "CProp"
 

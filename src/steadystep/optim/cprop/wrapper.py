@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 from steadystep import _kernels as kernels
 from steadystep._tensors import shards
 from steadystep._validation import check_loss
-from steadystep.optim._order import check_wrappable
+from steadystep.optim._order import Composable, check_wrappable
 from steadystep.optim._state_checks import (
     CLASS_KEY,
     check_class,
@@ -39,7 +39,7 @@ from steadystep.optim.cprop.functional import cprop_scales, cprop_update_
 __all__ = ["CProp"]
 
 
-class CProp(OptimizerWrapper):
+class CProp(OptimizerWrapper, Composable):
     """Wrap any ``torch.optim.Optimizer`` and scale its update per element by CProp.
 
     Each step: the raw gradients update CProp's statistics, the base optimizer steps at its full
@@ -92,6 +92,8 @@ class CProp(OptimizerWrapper):
         >>> opt.cprop_state[model.weight]["step"]
         tensor(1.)
     """
+
+    composition_role = "cprop"  # Note [the order of the composition]
 
     def __init__(
         self,
