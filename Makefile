@@ -148,8 +148,11 @@ mutation: install-dev
 		--out mutation-results/agnostic.json
 	$(MUTATE) --module src/steadystep/detect.py --tests tests/test_detect.py \
 		--out mutation-results/detect.json
+	$(MUTATE) --module src/steadystep/optim/cprop/_math.py --tests tests/test_cprop.py \
+		--out mutation-results/cprop_math.json
 	$(PY) tools/mutation.py --fail-under $(MUTATION_FAIL_UNDER) --summary \
-		mutation-results/alrc.json mutation-results/agnostic.json mutation-results/detect.json
+		mutation-results/alrc.json mutation-results/agnostic.json mutation-results/detect.json \
+		mutation-results/cprop_math.json
 
 clean:
 	rm -rf $(VENV) runs build dist src/*.egg-info .pytest_cache .ruff_cache mutation-results

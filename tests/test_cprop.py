@@ -119,8 +119,11 @@ def _sigmoid(a):
     return 0.0 if a < -700 else 1 / (1 + math.exp(-a))
 
 
-def algorithm1(theta0, grads, *, lr, beta, c, eps, cdf="normal", method="conformity"):
-    """Algorithm 1 with SGD (g_hat = -lr g), element by element, in Python floats.
+def algorithm1(
+    theta0, grads, *, lr, beta, c, eps, cdf="normal", method="conformity", weight_decay=0.0
+):
+    """Algorithm 1 with SGD (g_hat = -lr (g + weight_decay theta)), element by element, in
+    Python floats; CProp's statistics see the raw g.
 
     docs/decisions.md: se = sqrt(max(v_hat - m_hat^2, 0) / (n - 1 + eps)) + eps and s = 1 at
     t = 1. The CDFs are the paper's Phi and the authors' logistic approximations as printed.
@@ -154,7 +157,7 @@ def algorithm1(theta0, grads, *, lr, beta, c, eps, cdf="normal", method="conform
                 s = min(c * abs(m_hat) / (math.sqrt(v_hat) + eps), 1.0)
             if t == 1:
                 s = 1.0
-            theta[i] += s * (-lr * gi)
+            theta[i] += s * (-lr * (gi + weight_decay * theta[i]))
     return theta
 
 
@@ -186,6 +189,58 @@ def test_reference_matches_algorithm1(cdf, method, native, fused):
         p.grad = torch.tensor(g, dtype=F64)
         opt.step()
     torch.testing.assert_close(p.detach(), torch.tensor(expected, dtype=F64), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("c", [1.5, math.inf])
+@pytest.mark.parametrize("foreach", [False, True], ids=["reference", "foreach"])
+def test_functional_sgd_with_its_defaults_matches_algorithm1(foreach, c):
+    """The functional core called as documented, without ``lr_multiplier``, on the eager paths;
+    weight_decay = 1 is a decay like any other, and c = inf is plain SGD."""
+    steps, n, lr, wd = 30, 12, 0.05, 1.0
+    grads = gradient_sequence(steps, n, seed=2)
+    theta0 = torch.linspace(-1, 1, n, dtype=F64).tolist()
+    expected = algorithm1(theta0, grads, lr=lr, beta=0.9, c=c, eps=1e-8, weight_decay=wd)
+    p = torch.tensor(theta0, dtype=F64)
+    m, v, step = torch.zeros(n, dtype=F64), torch.zeros(n, dtype=F64), torch.zeros(())
+    for g in grads:
+        cprop_module.cprop_sgd(
+            [p],
+            [torch.tensor(g, dtype=F64)],
+            [None],
+            [m],
+            [v],
+            [step],
+            found_finite=torch.tensor(True),
+            lr=lr,
+            momentum=0.0,
+            dampening=0.0,
+            weight_decay=wd,
+            nesterov=False,
+            cprop_beta=0.9,
+            cprop_c=c,
+            cprop_eps=1e-8,
+            cdf="normal",
+            method="conformity",
+            foreach=foreach,
+            fused=False,
+        )
+    torch.testing.assert_close(p, torch.tensor(expected, dtype=F64), atol=1e-12, rtol=0)
+    assert step.item() == steps
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["reference", "foreach"])
+def test_bf16_decoupled_decay_is_computed_in_float32(foreach):
+    """AdamW's decay term ``p * (-lr wd)`` of bf16 parameters is formed in the float32 of the
+    statistics, then added and rounded once (a bf16 product would round it twice). With a zero
+    gradient the first step is the decay alone: ``bf16(p + p * (-lr wd))`` in float32."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4096, generator=g).to(torch.bfloat16))
+    p0 = p.detach().clone()
+    opt = ss.CPropAdamW([p], lr=0.6, weight_decay=0.5, foreach=foreach, fused=False)
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    decay = torch.tensor(-0.6 * 0.5, dtype=torch.float32)
+    assert torch.equal(p.detach(), (p0.float() + p0.float() * decay).to(torch.bfloat16))
 
 
 def test_scale_is_one_at_first_step_and_depends_on_conformity():
