@@ -150,9 +150,11 @@ mutation: install-dev
 		--out mutation-results/detect.json
 	$(MUTATE) --module src/steadystep/optim/cprop/_math.py --tests tests/test_cprop.py \
 		--out mutation-results/cprop_math.json
+	$(MUTATE) --module src/steadystep/optim/_alera_core.py --tests tests/test_alera.py \
+		--tests tests/test_agadam.py --out mutation-results/alera_core.json
 	$(PY) tools/mutation.py --fail-under $(MUTATION_FAIL_UNDER) --summary \
 		mutation-results/alrc.json mutation-results/agnostic.json mutation-results/detect.json \
-		mutation-results/cprop_math.json
+		mutation-results/cprop_math.json mutation-results/alera_core.json
 
 clean:
 	rm -rf $(VENV) runs build dist src/*.egg-info .pytest_cache .ruff_cache mutation-results

@@ -154,21 +154,27 @@ def _state_tensors(opt):
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)
-@pytest.mark.parametrize("bad", [math.nan, math.inf])
-def test_nonfinite_gradient_changes_nothing(granularity, bad):
+# 1.5 * 2**511: above the float64 gradient limit 2**511, yet its square (so the norm) is finite.
+@pytest.mark.parametrize("bad", [math.nan, math.inf, 1.5 * 2.0**511], ids=["nan", "inf", "huge"])
+@pytest.mark.parametrize("path", ["loop", "fused"])
+def test_nonfinite_gradient_changes_nothing(granularity, bad, path):
     grads_seq = make_grads(6)
     poisoned = [g.clone() for g in grads_seq[3]]
     poisoned[2][0, 1] = bad
     params = make_params()
-    opt = run_alera(params, grads_seq[:3], lr=0.01, alpha=0.1, C=0.003, granularity=granularity)
+    opt = run_alera(
+        params, grads_seq[:3], lr=0.01, alpha=0.1, C=0.003, granularity=granularity, **PATHS[path]
+    )
     before = [t.clone() for t in _state_tensors(opt)] + [p.detach().clone() for p in params]
-    run_more = [poisoned]
-    for grads in run_more:
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g.clone()
-        opt.step()
+    for p, g in zip(params, poisoned, strict=True):
+        p.grad = g.clone()
+    opt.step()
     after = _state_tensors(opt) + [p.detach() for p in params]
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    # p.grad is never written: the bad element is still there.
+    for p, g in zip(params, poisoned, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0, equal_nan=True)
+    assert opt.param_groups[0]["skipped_steps"].item() == 1
     # The next clean steps equal a run that never saw the bad batch.
     for grads in grads_seq[4:]:
         for p, g in zip(params, grads, strict=True):
@@ -176,7 +182,13 @@ def test_nonfinite_gradient_changes_nothing(granularity, bad):
         opt.step()
     clean = make_params()
     run_alera(
-        clean, grads_seq[:3] + grads_seq[4:], lr=0.01, alpha=0.1, C=0.003, granularity=granularity
+        clean,
+        grads_seq[:3] + grads_seq[4:],
+        lr=0.01,
+        alpha=0.1,
+        C=0.003,
+        granularity=granularity,
+        **PATHS[path],
     )
     assert all(torch.equal(a, b) for a, b in zip(params, clean, strict=True))
 
@@ -654,3 +666,125 @@ def test_a_checkpoint_without_granularity_loads_where_its_state_tells_it_apart(s
             found = " or ".join(compatible)
             with pytest.raises(ValueError, match=f"granularity='{found}'.*'{target}'"):
                 other.load_state_dict(sd)
+
+
+def test_weight_decay_of_one_matches_plain_python_restatement():
+    """weight_decay = 1 is a decay like any other (d = g + theta), not a special value."""
+    hyper = dict(lr=0.01, alpha=0.1, C=0.003, granularity="global", weight_decay=1.0)
+    params = make_params()
+    grads_seq = make_grads(10)
+    P, _, M = plain_alera(params, grads_seq, **hyper)
+    opt = run_alera(params, grads_seq, **PATHS["loop"], **hyper)
+    for i, p in enumerate(params):
+        assert close(p.detach().flatten().tolist(), P[i]), f"param {i}"
+    assert close([g["lr_multiplier"].item() for g in opt.param_groups], M * 2)
+
+
+@pytest.mark.parametrize("path", ["loop", "fused"])
+def test_global_rate_when_the_first_group_has_no_gradient(path):
+    """The "global" granularity keeps its one rate and step count in group 0 even when group
+    0's parameters get no gradient: every group's step counts the step, and the rate adapts to
+    the others."""
+    hyper = dict(lr=0.01, alpha=0.1, C=0.003, granularity="global", weight_decay=0.0)
+    params = make_params()
+    grads_seq = make_grads(20)
+    P, _, M = plain_alera(params[2:], [grads[2:] for grads in grads_seq], **hyper)
+    opt = ss.ALeRA([{"params": params[:2]}, {"params": params[2:]}], **PATHS[path], **hyper)
+    frozen = [p.detach().clone() for p in params[:2]]
+    for grads in grads_seq:
+        for p, g in zip(params[2:], grads[2:], strict=True):
+            p.grad = g.clone()
+        opt.step()
+    assert all(torch.equal(p, f) for p, f in zip(params[:2], frozen, strict=True))
+    for p, expected in zip(params[2:], P, strict=True):
+        assert close(p.detach().flatten().tolist(), expected)
+    assert [g["step"].item() for g in opt.param_groups] == [20.0, 20.0]
+    assert close([g["lr_multiplier"].item() for g in opt.param_groups], M * 2)
+    assert abs(math.log(M[0])) > 1e-3  # the rate really moved
+
+
+def test_grad_norms_accumulate_in_the_statistics_dtype():
+    """bf16 gradients with float32 statistics: float32 norms on every path, one tensor or a
+    mix of dtypes (the foreach norm takes one dtype for all, so a mix falls back to a loop)."""
+    from steadystep.optim._alera_core import grad_norms
+
+    gen = torch.Generator().manual_seed(3)
+    g16 = torch.randn(1000, generator=gen).to(torch.bfloat16)
+    g32 = torch.randn(7, generator=gen)
+    plain16 = math.sqrt(sum(x * x for x in g16.double().tolist()))
+    plain32 = math.sqrt(sum(x * x for x in g32.double().tolist()))
+    f32 = torch.float32
+    cases = [
+        ([g16], [f32], False, [plain16]),
+        ([g16], [f32], True, [plain16]),
+        ([g16, g16], [f32, f32], True, [plain16, plain16]),
+        ([g32, g16], [f32, f32], True, [plain32, plain16]),
+        ([g16, g32], [f32, f32], True, [plain16, plain32]),
+    ]
+    for grads, dtypes, foreach, expected in cases:
+        norms = grad_norms(grads, dtypes, foreach=foreach)
+        assert [n.dtype for n in norms] == dtypes, (foreach, [g.dtype for g in grads])
+        assert close([n.item() for n in norms], expected, rel=1e-6), (foreach, expected)
+
+
+def _plain_agnostic(g, r, norm, *, alpha, C, norm_eps, t):
+    """One unit's relaxed path and log change in plain Python (the docstring's formulas)."""
+    step = [alpha * x / norm if norm > norm_eps else 0.0 for x in g]
+    r = [(1 - alpha) * a + s for a, s in zip(r, step, strict=True)]
+    mean = alpha / (2 - alpha) * (1 - (1 - alpha) ** (2 * t))
+    return r, C * (sum(x * x for x in r) - mean) / (alpha / math.sqrt(len(r)))
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_agnostic_update_direct_call_and_the_norm_threshold(foreach, monkeypatch):
+    """The functional core called without ``numels``/``sharded`` (whole, unsharded tensors: no
+    collective), with one unit whose norm is exactly ``norm_eps`` (no direction: ``r`` only
+    decays, as ``norm > norm_eps`` says) and one above it."""
+    import steadystep._tensors as tensors
+    from steadystep.optim._alera_core import agnostic_update
+
+    def no_collective(t):
+        raise AssertionError("an all-reduce for unsharded tensors")
+
+    monkeypatch.setattr(tensors, "all_reduce_sum", no_collective)
+    f64 = torch.float64
+    g = [[0.5], [0.6, -0.8]]  # norms 0.5 (== norm_eps) and 1.0
+    r = [[0.2], [0.1, -0.3]]
+    hyper = dict(alpha=0.1, C=0.05, norm_eps=0.5)
+    paths = [torch.tensor(x, dtype=f64) for x in r]
+    changes = agnostic_update(
+        [torch.tensor(x, dtype=f64) for x in g],
+        [torch.tensor(0.5, dtype=f64), torch.tensor(1.0, dtype=f64)],
+        paths,
+        [[0], [1]],
+        [torch.tensor(3.0), torch.tensor(3.0)],
+        param_wise=False,
+        take_step=torch.tensor(True),
+        foreach=foreach,
+        **hyper,
+    )
+    for u, norm in enumerate((0.5, 1.0)):
+        r_new, change = _plain_agnostic(g[u], r[u], norm, t=3, **hyper)
+        assert close(paths[u].tolist(), r_new), u
+        assert math.isclose(changes[u].item(), change, rel_tol=1e-12), u
+    assert paths[0].item() == 0.9 * 0.2  # decayed only
+
+
+def test_skip_decision_is_one_all_reduce(monkeypatch):
+    """Under torch.distributed a step combines its finiteness flags into one all-reduce."""
+    import steadystep._distributed as distributed
+
+    calls = []
+
+    def one_rank_sum(t):
+        calls.append(t.clone())
+        return t
+
+    params = make_params()
+    opt = ss.ALeRA(params, lr=0.01, **PATHS["loop"])
+    for p, g in zip(params, make_grads(1)[0], strict=True):
+        p.grad = g
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "all_reduce_sum", one_rank_sum)
+    opt.step()
+    assert len(calls) == 1 and calls[0].shape == ()
