@@ -152,9 +152,12 @@ mutation: install-dev
 		--out mutation-results/cprop_math.json
 	$(MUTATE) --module src/steadystep/optim/_alera_core.py --tests tests/test_alera.py \
 		--tests tests/test_agadam.py --out mutation-results/alera_core.json
+	$(MUTATE) --module src/steadystep/detectors/spike.py --tests tests/test_detectors.py \
+		--out mutation-results/spike.json
 	$(PY) tools/mutation.py --fail-under $(MUTATION_FAIL_UNDER) --summary \
 		mutation-results/alrc.json mutation-results/agnostic.json mutation-results/detect.json \
-		mutation-results/cprop_math.json mutation-results/alera_core.json
+		mutation-results/cprop_math.json mutation-results/alera_core.json \
+		mutation-results/spike.json
 
 clean:
 	rm -rf $(VENV) runs build dist src/*.egg-info .pytest_cache .ruff_cache mutation-results

@@ -182,6 +182,63 @@ def test_a_caught_spike_does_not_hide_the_next_one():
         assert [i for i, a in enumerate(alarms) if a] == expected, type(det).__name__
 
 
+def _plain_threshold(signal, sigma: float, warmup: int, factor: float | None) -> float:
+    """The threshold ``_ClippedWindow.test`` would test the next value against."""
+    values, count = list(signal.values), signal.count
+    if count + 1 >= warmup:
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        return mean + sigma * max(std, 1e-3 * abs(mean))
+    if count > 0 and factor is not None:
+        return min(values) + (factor - 1.0) * abs(min(values))
+    return math.inf
+
+
+def test_spike_detector_stats_report_the_next_thresholds():
+    """``stats()`` gives, at every step, the threshold each signal's next value is tested
+    against (warm-up, the loss's warm-up factor, the full window, wrap-around) and the counts."""
+    det = ss.SpikeDetector(window=16, sigma=3.0, warmup=6, dtype=torch.float64)
+    plain = ref.PlainSpikeDetector(16, 3.0, 6)
+    for loss, norm in sequence("spiky", n=60, seed=3):
+        stats = det.stats()
+        for name, factor in (("loss", 10.0), ("grad_norm", None)):
+            signal = getattr(plain, name)
+            expected = _plain_threshold(signal, 3.0, 6, factor)
+            assert stats[f"{name}_threshold"].item() == pytest.approx(expected, rel=1e-12), name
+            assert stats[f"{name}_count"].item() == signal.count, name
+        f64 = torch.float64
+        det.update(torch.tensor(loss, dtype=f64), grad_norm=torch.tensor(norm, dtype=f64))
+        plain.update(loss, norm)
+    assert plain.loss.count > 16  # the window wrapped around
+
+
+@pytest.mark.parametrize("level", [2.0, -2.0])
+def test_spike_detector_scale_floor_on_a_flat_window(level):
+    """A window of equal values has std 0: the scale is its floor 1e-3 |mean|, so the next
+    value alarms just above ``mean + sigma * 1e-3 |mean|`` and not just below it."""
+    det = ss.SpikeDetector(window=16, sigma=10.0, warmup=4, dtype=torch.float64)
+    for _ in range(8):
+        assert not det.update(torch.tensor(level, dtype=torch.float64))
+    threshold = level + 10.0 * 1e-3 * abs(level)
+    assert det.stats()["loss_threshold"].item() == pytest.approx(threshold, rel=1e-12)
+    for x, alarm in ((threshold - 1e-6, False), (threshold + 1e-6, True)):
+        assert bool(copy.deepcopy(det).update(torch.tensor(x, dtype=torch.float64))) is alarm
+
+
+def test_spike_detector_documented_defaults_and_smallest_valid_arguments():
+    """The documented defaults (window 128, sigma 10, warm-up 8, warm-up factor 10), and the
+    smallest values each rule admits: window 2, warmup 3, any warmup_factor above 1."""
+    det = ss.SpikeDetector()
+    assert (det.window, det.sigma, det.warmup, det.warmup_factor) == (128, 10.0, 8, 10.0)
+    assert det.state_dict()["loss_window"].shape == (128,)
+    small = ss.SpikeDetector(window=2, warmup=3, warmup_factor=1.5, dtype=torch.float64)
+    assert (small.window, small.warmup, small.warmup_factor) == (2, 3, 1.5)
+    plain = ref.PlainSpikeDetector(2, 10.0, 3, 1.5)
+    for loss in (1.0, 1.6, 1.4, 1.5, 1.45, 1.48, 9.0, 1.5):
+        alarm = bool(small.update(torch.tensor(loss, dtype=torch.float64)))
+        assert alarm == plain.update(loss), loss
+
+
 # --------------------------------------------------------------------------------------------
 # No host sync
 # --------------------------------------------------------------------------------------------
