@@ -154,10 +154,12 @@ mutation: install-dev
 		--tests tests/test_agadam.py --out mutation-results/alera_core.json
 	$(MUTATE) --module src/steadystep/detectors/spike.py --tests tests/test_detectors.py \
 		--out mutation-results/spike.json
+	$(MUTATE) --module src/steadystep/guard.py --tests tests/test_guard.py \
+		--out mutation-results/guard.json
 	$(PY) tools/mutation.py --fail-under $(MUTATION_FAIL_UNDER) --summary \
 		mutation-results/alrc.json mutation-results/agnostic.json mutation-results/detect.json \
 		mutation-results/cprop_math.json mutation-results/alera_core.json \
-		mutation-results/spike.json
+		mutation-results/spike.json mutation-results/guard.json
 
 clean:
 	rm -rf $(VENV) runs build dist src/*.egg-info .pytest_cache .ruff_cache mutation-results

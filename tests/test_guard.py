@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import pickle
 from typing import Any
 
 import pytest
@@ -46,6 +47,10 @@ def build(kind: str, model: torch.nn.Module, **kwargs) -> ss.CatastropheGuard:
     if kind == "adam":
         return ss.CatastropheGuard(
             torch.optim.Adam(model.parameters(), lr=0.01), detector, **kwargs
+        )
+    if kind == "adam_fused":  # torch's fused Adam: sync-free through its found_inf
+        return ss.CatastropheGuard(
+            torch.optim.Adam(model.parameters(), lr=0.01, fused=True), detector, **kwargs
         )
     if kind == "adam_tensor_lr":
         base = torch.optim.Adam(model.parameters(), lr=torch.tensor(0.01), foreach=False)
@@ -296,7 +301,7 @@ def test_guard_delegates_and_composes_with_a_scheduler():
 def test_device_path_makes_no_host_read(monkeypatch):
     # CPU stand-in for the CUDA sync check: any host read in a steady-state step raises.
     model = make_model()
-    for kind in ("salera", "spalera", "agadam", "cpropadamw"):
+    for kind in ("salera", "spalera", "agadam", "cpropadamw", "adam_fused"):
         opt = build(kind, model)
         assert opt._device_side
         backward(model, 0)
@@ -863,12 +868,20 @@ def test_a_loss_that_is_not_a_real_number_or_tensor_is_a_type_error(name, bad):
     opt.step(loss=torch.tensor(0.5))
 
 
-@pytest.mark.parametrize("kind", ["salera", "spalera", "cpropadamw", "adam", "cprop"])
-def test_a_spike_after_a_skipped_nonfinite_step_rolls_back_the_last_real_update(kind):
+@pytest.mark.parametrize("rollback", ["kernel", "fallback"])
+@pytest.mark.parametrize("kind", ["salera", "spalera", "cpropadamw", "adam", "cprop", "adam_fused"])
+def test_a_spike_after_a_skipped_nonfinite_step_rolls_back_the_last_real_update(
+    kind, rollback, monkeypatch
+):
     """A step skipped for a NaN gradient is no update: it must not move the rollback snapshot
     either. A spike on the next step then undoes the last *real* update, on the sync-free and
     the host path alike (bitwise), and the state after it equals that of a run whose bad
-    step never happened."""
+    step never happened. ``fallback``: the per-tensor copies used where the rollback kernel
+    cannot take the tensors. The guard counts the skip where it skipped the step itself (a
+    third-party optimizer), and the cut in ``lr_scale``."""
+    if rollback == "fallback":
+        monkeypatch.setattr(ss.guard.kernels, "rollback_", lambda *args, **kwargs: False)
+    third_party = kind in ("adam", "cprop", "adam_fused")
     runs = []
     for snapshot_device, with_bad_step in ((None, True), ("cpu", True), (None, False)):
         model = make_model()
@@ -877,6 +890,7 @@ def test_a_spike_after_a_skipped_nonfinite_step_rolls_back_the_last_real_update(
         before_update = params_of(model)
         backward(model, 4)
         opt.step(loss=torch.tensor(1.0))  # the last real update
+        assert not equal(params_of(model), before_update)
         if with_bad_step:
             backward(model, 5)
             next(model.parameters()).grad[0, 0] = math.nan
@@ -886,5 +900,279 @@ def test_a_spike_after_a_skipped_nonfinite_step_rolls_back_the_last_real_update(
         opt.step(loss=torch.tensor(50.0))  # spike: roll back the last real update
         assert int(opt.stats()["alarms"]) == 1
         assert equal(params_of(model), before_update)
+        assert float(opt.stats()["lr_scale"]) == 0.5
+        assert int(opt.stats()["nonfinite_grads"]) == int(with_bad_step and third_party)
         runs.append(params_of(model))
     assert equal(runs[0], runs[1]) and equal(runs[0], runs[2])
+
+
+def test_documented_defaults():
+    """lr_factor 0.5, backtrack, min_lr 1e-15, check_every 100 and a SpikeDetector."""
+    opt = ss.CatastropheGuard(torch.optim.SGD(make_model().parameters(), lr=0.1))
+    assert (opt.lr_factor, opt.backtrack, opt.min_lr, opt.check_every) == (0.5, True, 1e-15, 100)
+    assert type(opt.detector) is ss.SpikeDetector and opt.snapshot_device is None
+
+
+@pytest.mark.parametrize("kind", ["adam", "cpropadamw"])
+def test_history_holds_only_real_alarms_and_keeps_the_last_64(kind):
+    """A fresh guard has no history; each alarm adds its step and loss; past 64 alarms the
+    oldest are dropped, the rest stay oldest first."""
+    model = make_model()
+    opt = build(kind, model, lr_factor=1.0)
+    assert opt.history() == []
+    for step in range(70):  # a NaN loss is an alarm at every step, the first one included
+        backward(model, step)
+        opt.step(loss=torch.tensor(math.nan))
+        if step == 0:
+            history = opt.history()
+            assert [h["step"] for h in history] == [0] and math.isnan(history[0]["loss"])
+    history = opt.history()
+    assert [h["step"] for h in history] == list(range(6, 70))
+    assert all(math.isnan(h["loss"]) for h in history)
+    assert int(opt.stats()["alarms"]) == 70
+
+
+def test_training_diverged_pickles_with_its_message_and_history():
+    history = [{"step": 3, "loss": 12.5}, {"step": 9, "loss": 40.0}]
+    error = pickle.loads(pickle.dumps(ss.TrainingDiverged("lr below min_lr", history)))
+    assert type(error) is ss.TrainingDiverged
+    assert str(error) == "lr below min_lr" and error.history == history
+
+
+def test_sync_free_min_lr_check_runs_every_check_every_steps():
+    """On the sync-free path ``min_lr`` is checked on the ``check_every``-th step, counting
+    from the first: alarms from step 0 on, yet TrainingDiverged only at step 2 of 3."""
+    model = make_model()
+    opt = build("cpropadamw", model, min_lr=1.0, check_every=3)
+    assert opt._device_side
+    for step in range(2):
+        backward(model, step)
+        opt.step(loss=torch.tensor(math.nan))
+        assert opt.state_dict()["guard"]["calls"] == step + 1
+    backward(model, 2)
+    with pytest.raises(ss.TrainingDiverged, match="min_lr"):
+        opt.step(loss=torch.tensor(math.nan))
+
+
+def test_repr_names_the_optimizer_detector_and_settings():
+    inner = torch.optim.SGD(make_model().parameters(), lr=0.1)
+    detector = ss.SpikeDetector(window=16)
+    opt = ss.CatastropheGuard(inner, detector, lr_factor=0.25, backtrack=False, min_lr=1e-3)
+    assert repr(opt) == (
+        f"CatastropheGuard({inner!r}, detector={detector!r}, lr_factor=0.25, backtrack=False, "
+        "min_lr=0.001)"
+    )
+
+
+def test_stats_without_the_optimizers():
+    model = make_model()
+    opt = build("salera", model)
+    backward(model, 0)
+    opt.step(loss=torch.tensor(1.0))
+    assert "skipped_steps" in opt.stats()
+    own = opt.stats(include_optimizer=False)
+    assert {"alarms", "rollbacks", "steps", "lr_scale", "nonfinite_grads"} <= set(own)
+    assert "skipped_steps" not in own and not any(k.startswith("history") for k in own)
+    assert all(k.startswith("detector_") for k in set(own) - set(opt._counters()))
+
+
+@pytest.mark.parametrize("kind", ["adam", "cpropadamw"])
+def test_a_checkpoint_without_backtrack_snapshots_round_trips(kind):
+    """backtrack=False keeps no snapshot: its state_dict (no snapshots) loads."""
+    model = make_model()
+    opt = build(kind, model, backtrack=False)
+    for step in range(3):
+        backward(model, step)
+        opt.step(loss=torch.tensor(1.0))
+    saved = opt.state_dict()
+    assert saved["guard"]["snapshots"] == []
+    fresh = build(kind, make_model(), backtrack=False)
+    fresh.load_state_dict(saved)
+    assert int(fresh.stats()["steps"]) == 3
+
+
+def test_load_refuses_more_snapshots_than_parameters():
+    model = make_model()
+    opt = build("adam", model)
+    backward(model, 0)
+    opt.step(loss=torch.tensor(1.0))
+    saved = opt.state_dict()
+    saved["guard"]["snapshots"].append(torch.zeros(1))
+    n = len(list(model.parameters()))
+    with pytest.raises(ValueError, match=f"holds {n + 1} rollback snapshots.* {n} parameters"):
+        build("adam", make_model()).load_state_dict(saved)
+
+
+@pytest.mark.parametrize("kind", ["adam", "cpropadamw"])
+def test_a_checkpoint_from_before_the_counters_loads_them_fresh(kind):
+    """A guard checkpoint written before nonfinite_grads, lr_scale and the alarm history
+    existed loads with those as a new guard has them: 0, a scale of 1, no alarm history."""
+    model = make_model()
+    opt = build(kind, model)
+    for step in range(3):
+        backward(model, step)
+        opt.step(loss=torch.tensor(1.0))
+    saved = opt.state_dict()
+    for name in ("nonfinite_grads", "lr_scale", "history_step", "history_loss"):
+        del saved["guard"][name]
+    fresh = build(kind, make_model())
+    fresh.load_state_dict(saved)
+    assert int(fresh.stats()["steps"]) == 3 and int(fresh.stats()["nonfinite_grads"]) == 0
+    assert float(fresh.stats()["lr_scale"]) == 1.0
+    assert fresh.history() == []
+
+
+class _LossOnly:
+    """A detector of one's own: ``update(loss)`` only (no ``grad_norm`` or ``skip``)."""
+
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    def update(self, loss):
+        self.seen.append(float(loss))
+        return torch.tensor(float(loss) > 5.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seen": list(self.seen)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seen = list(state["seen"])
+
+    def stats(self) -> dict[str, torch.Tensor]:
+        return {}
+
+
+@pytest.mark.parametrize("kind", ["adam", "cpropadamw"])
+def test_a_detector_of_ones_own_gets_the_loss_alone(kind):
+    """A detector with ``update(loss)`` only (no ``needs_grad_norm``, no ``skip``) watches the
+    losses and its alarms roll back. A NaN gradient at step 3: on the host path (a third-party
+    optimizer) the guard restores the detector's state, so it did not see that loss; on the
+    sync-free path it cannot know in time, and the detector saw it."""
+    model = make_model()
+    opt = ss.CatastropheGuard(build(kind, model).optimizer, _LossOnly())
+    for step, loss in enumerate(LOSSES):
+        backward(model, step)
+        if step == 3:
+            next(model.parameters()).grad[0, 0] = math.nan
+        opt.step(loss=torch.tensor(loss))
+    seen = LOSSES if opt._device_side else LOSSES[:3] + LOSSES[4:]
+    assert opt._device_side == (kind == "cpropadamw") and opt.detector.seen == seen
+    assert [h["step"] for h in opt.history()] == [i for i, x in enumerate(LOSSES) if x > 5.0]
+
+
+@pytest.mark.parametrize("kind", ["adam", "cpropadamw"])
+def test_the_default_detector_watches_the_gradient_norm(kind):
+    """With an ordinary loss, gradients x1e4 alarm through the global norm the guard passes
+    to a detector with ``needs_grad_norm`` (the default SpikeDetector)."""
+    model = make_model()
+    base = (
+        torch.optim.Adam(model.parameters(), lr=0.01)
+        if kind == "adam"
+        else ss.CPropAdamW(model.parameters(), lr=0.01)
+    )
+    opt = ss.CatastropheGuard(base, ss.SpikeDetector(warmup=3))
+    for step in range(12):
+        backward(model, step)
+        if step == 10:
+            for p in model.parameters():
+                p.grad.mul_(1e4)
+        opt.step(loss=torch.tensor(1.0))
+    assert [h["step"] for h in opt.history()] == [10]
+
+
+def test_the_host_path_counts_steps_for_a_later_sync_free_resume():
+    """The step count is part of the checkpoint on both paths: two steps on the host path
+    (``snapshot_device="cpu"``), resumed on the sync-free path with ``check_every=3``, make the
+    next step the third, where ``min_lr`` is checked."""
+    model = make_model()
+    host = build("cpropadamw", model, min_lr=1.0, check_every=3, snapshot_device="cpu")
+    assert not host._device_side
+    for step in range(2):
+        backward(model, step)
+        host.step(loss=torch.tensor(1.0))
+    saved = host.state_dict()
+    assert saved["guard"]["calls"] == 2
+    resumed = build("cpropadamw", model, min_lr=1.0, check_every=3)
+    resumed.load_state_dict(saved)
+    assert resumed._device_side
+    backward(model, 2)
+    with pytest.raises(ss.TrainingDiverged, match="min_lr"):
+        resumed.step(loss=torch.tensor(math.nan))
+
+
+@pytest.mark.parametrize("kind", ["adam", "cpropadamw", "adam_fused"])
+def test_a_gradient_above_the_limit_is_skipped_and_not_observed(kind):
+    """A finite gradient element above the limit (1e30 in float32: its square overflows)
+    skips the step like a NaN, and the detector does not observe that step, although the
+    float64 global norm the detector watches is finite."""
+    model = make_model()
+    base = build(kind, model).optimizer
+    opt = ss.CatastropheGuard(base, ss.SpikeDetector(warmup=3))
+    run_script(opt, model, 0, 4)
+    before = params_of(model)
+    count = int(opt.detector.stats()["loss_count"])
+    backward(model, 4)
+    next(model.parameters()).grad[0, 0] = 1e30
+    opt.step(loss=torch.tensor(1.0))
+    assert int(opt.detector.stats()["loss_count"]) == count
+    assert int(opt.stats()["alarms"]) == 0 and equal(params_of(model), before)
+    assert int(opt.stats()["nonfinite_grads"]) == int(kind != "cpropadamw")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("snapshot_device", [None, "cpu"])
+def test_cuda_snapshots_beside_the_params_or_pinned_on_the_host(snapshot_device):
+    """Snapshots of CUDA parameters live beside them, or with ``snapshot_device="cpu"`` in
+    pinned host memory (asynchronous copies); never pinned on the device."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1).cuda()
+    opt = ss.CatastropheGuard(
+        torch.optim.Adam(model.parameters(), lr=0.01), snapshot_device=snapshot_device
+    )
+    loss = model(torch.randn(8, 4, device="cuda")).pow(2).mean()
+    loss.backward()
+    opt.step(loss=loss.detach())
+    host = snapshot_device == "cpu"
+    for snap in opt.snapshots:
+        assert snap.device.type == ("cpu" if host else "cuda") and snap.is_pinned() == host
+
+
+@pytest.mark.parametrize("kind", ["adam", "cpropadamw"])
+def test_min_lr_is_checked_on_alarms_only_and_admits_equality(kind):
+    """Host path (``snapshot_device="cpu"``): the spike's cut leaves lr exactly at min_lr,
+    which is allowed; a scheduler then lowers lr below it, and a step skipped for a NaN
+    gradient (not an alarm) does not check; the next alarm does."""
+    model = make_model()
+    opt = build(kind, model, min_lr=0.005, snapshot_device="cpu")
+    for group in opt.param_groups:
+        group["lr"] = 0.01
+    run_script(opt, model, 0, SPIKE + 1)  # the spike cuts 0.01 to 0.005 == min_lr
+    assert int(opt.stats()["alarms"]) == 1
+    for group in opt.param_groups:
+        group["lr"] = 1e-4
+    backward(model, SPIKE + 1)
+    next(model.parameters()).grad[0, 0] = math.nan
+    opt.step(loss=torch.tensor(1.0))  # skipped, no alarm: no check
+    backward(model, SPIKE + 2)
+    with pytest.raises(ss.TrainingDiverged, match="min_lr"):
+        opt.step(loss=torch.tensor(math.nan))
+
+
+def test_min_lr_looks_at_the_largest_rate_and_only_after_an_alarm():
+    """Two groups at 0.01 and 1e-5: after a cut the largest (0.005) is above min_lr = 1e-3,
+    so no error although the other is below; and with no alarm at all nothing is checked,
+    even on the sync-free path with every rate below min_lr from the start."""
+    model = make_model()
+    base = torch.optim.Adam(
+        [
+            {"params": model[0].parameters(), "lr": 0.01},
+            {"params": model[2].parameters(), "lr": 1e-5},
+        ]
+    )
+    opt = ss.CatastropheGuard(base, ss.PageHinkley(ph_lambda=0.1, rho=0.5), min_lr=1e-3)
+    run_script(opt, model, 0, SPIKE + 1)
+    assert int(opt.stats()["alarms"]) == 1
+    calm_model = make_model()
+    calm = build("cpropadamw", calm_model, min_lr=1.0, check_every=1)
+    run_script(calm, calm_model, 0, SPIKE)
+    assert int(calm.stats()["alarms"]) == 0

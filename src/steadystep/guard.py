@@ -276,8 +276,9 @@ class CatastropheGuard(OptimizerWrapper, Composable):
         guard = state_dict["guard"]
         self.detector.load_state_dict(guard["detector"])
         for name, value in self._counters().items():
-            if name not in guard:  # a checkpoint from before the counter existed
-                setattr(self, name, torch.zeros_like(value))
+            if name not in guard:  # a checkpoint from before the counter existed: as new
+                fresh = {"lr_scale": 1.0, "history_step": -1, "history_loss": math.nan}
+                setattr(self, name, torch.full_like(value, fresh.get(name, 0)))
                 continue
             # A copy: the loaded dict must not alias (and later see) the live counters.
             setattr(self, name, guard[name].to(device=value.device, dtype=value.dtype, copy=True))
