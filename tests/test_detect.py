@@ -349,3 +349,24 @@ def test_a_first_loss_of_zero_does_not_make_delta_zero():
     losses = [0.0, *noisy.tolist()[:40], 5e-3, *noisy.tolist()[40:60]]
     alarms, ref_alarms = run(losses, rho=0.5)
     assert alarms == ref_alarms and alarms
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_gap_equal_to_delta_is_no_change_and_one_above_it_is(dtype):
+    """The paper's test alarms when m_T - M_T > Delta, strictly. With rho = 1 the relaxed loss is
+    the loss itself, and with ph_lambda = 0.5 and a first loss of 2, Delta = 1; a second loss of
+    4 gives mean 3, cusum 1 and a gap of exactly 1 (every number exact in binary): no alarm;
+    4.5 gives a gap of 1.25: an alarm."""
+    for second, alarm in ((4.0, False), (4.5, True)):
+        ph = ss.PageHinkleyPaper(ph_lambda=0.5, rho=1.0, dtype=dtype)
+        assert not bool(ph.update(torch.tensor(2.0)))
+        assert float(ph.threshold) == 1.0
+        assert bool(ph.update(torch.tensor(second))) is alarm, second
+
+
+def test_only_the_gradient_norm_detectors_ask_the_guard_for_the_norm():
+    """``needs_grad_norm`` tells the guard whether to compute the global gradient norm (a pass
+    over every gradient): the paper's test watches the loss only, and the default detector both."""
+    assert ss.PageHinkleyPaper.needs_grad_norm is False
+    assert ss.PageHinkleyPaper().needs_grad_norm is False
+    assert ss.SpikeDetector().needs_grad_norm is True
