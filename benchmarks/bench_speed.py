@@ -190,9 +190,10 @@ def table(result: dict[str, Any]) -> str:
     ]
     for variant, row in result["rows"].items():
         ms = result["median_seconds"][variant] * 1e3
+        met = "yes" if row["met"] else f"no (+{row['ratio'] - row['target']:.2f}x)"
         lines.append(
             f"| {variant} | {row['baseline']} | {ms:.2f} | {row['ratio']:.2f}x | "
-            f"<= {row['target']}x | {'yes' if row['met'] else 'no'} | {row['byte_floor']:.2f}x |"
+            f"<= {row['target']}x | {met} | {row['byte_floor']:.2f}x |"
         )
     return "\n".join(lines)
 
