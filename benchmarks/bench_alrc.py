@@ -2,12 +2,14 @@
 
 ALRC's floor is zero extra passes over the parameters and zero host syncs: it is a handful of
 elementwise ops on the loss tensor. This measures a small MLP step with per-sample losses and the
-ALRC call alone, and writes ``benchmarks/results/alrc.json``.
+ALRC call alone, round-robin in the same process (ratios: the median over rounds of each round's
+ratio), and writes ``benchmarks/results/alrc.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 
 import torch
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import steadystep as ss
-from common import machine_info, print_table, time_interleaved, write_result
+from common import machine_info, paired_ratios, print_table, time_interleaved_samples, write_result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -24,6 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=41, help="timed rounds (default 41)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -46,14 +49,18 @@ def main(argv: list[str] | None = None) -> dict:
     def alrc_only():
         alrc(losses)
 
-    times = time_interleaved(
-        {"plain": plain_step, "alrc": alrc_step, "only": alrc_only}, device=device
+    samples = time_interleaved_samples(
+        {"plain": plain_step, "alrc": alrc_step, "only": alrc_only},
+        device=device,
+        repeats=args.repeats,
     )
-    t_plain, t_alrc, t_only = times["plain"], times["alrc"], times["only"]
+    # the median of per-round ratios cancels the drift of a shared machine (common.paired_ratios)
+    ratio = paired_ratios(samples, "plain")
+    t = {name: statistics.median(s) for name, s in samples.items()}
     rows = [
-        ("forward+backward, plain mean loss", t_plain, 1.0),
-        ("forward+backward, ALRC(per-sample).mean()", t_alrc, t_alrc / t_plain),
-        ("ALRC call alone (per-sample losses)", t_only, t_only / t_plain),
+        ("forward+backward, plain mean loss", t["plain"], 1.0),
+        ("forward+backward, ALRC(per-sample).mean()", t["alrc"], ratio["alrc"]),
+        ("ALRC call alone (per-sample losses)", t["only"], ratio["only"]),
     ]
     print_table(f"ALRC overhead, MLP {args.width}x{args.width}, batch {args.batch}", rows)
     payload = {
