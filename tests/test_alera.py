@@ -611,8 +611,8 @@ COPY_CASES = [
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 @pytest.mark.parametrize("name", COPY_CASES)
 def test_a_copy_steps_bitwise_like_the_original(name, how):
-    """RELIABILITY 23: the copy (model and optimizer together, so the copy's parameters are
-    the copied model's) is stepped and must follow the original bitwise."""
+    """A deepcopy or pickle round trip: the copy (model and optimizer together, so the copy's
+    parameters are the copied model's) is stepped and must follow the original bitwise."""
     model, opt = _copy_case(name)
     _copy_train(model, opt, range(3))
     if how == "deepcopy":

@@ -242,7 +242,7 @@ def test_report_renders_a_directory_of_monitor_csvs(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------------------------
-# Torn files and kills (RELIABILITY 27)
+# Torn files and kills: every file the command writes is written atomically
 # --------------------------------------------------------------------------------------------
 
 ALRC_TINY = ["reproduce", "alrc", "--scale", "tiny", "--device", "cpu"]

@@ -1,8 +1,8 @@
 """Cross-cutting reliability checks, one table for every steadystep optimizer (and ALRC).
 
-RELIABILITY.md items 14 (empty groups, frozen and 0-d params), 17 (``p.grad`` untouched), 20 (no
-host sync in a steady-state step), 21 (no memory growth; the state per parameter the docs give)
-and 22 (same seed, deterministic algorithms: bitwise equal runs). The CUDA test runs on a GPU
+Empty groups, frozen and 0-d params; ``p.grad`` untouched; no host sync in a steady-state step;
+no memory growth, and the state per parameter the docs give; the same seed with deterministic
+algorithms gives bitwise equal runs. The CUDA test runs on a GPU
 machine only; on CPU a dispatch mode stands in for it: it counts ``aten._local_scalar_dense``,
 the op behind ``.item()``, ``bool(t)``, ``float(t)`` and a 0-d tensor passed where an op takes a
 Python number, which are the host reads that would sync a CUDA step.

@@ -1,5 +1,6 @@
 """Fault-injection soak: every steadystep optimizer and the main compositions, on a small model,
-under seeded random faults (RELIABILITY 11, 15, 16 and 24 over a long run).
+under seeded random faults: non-finite and huge gradients, loss spikes, NaN losses, and resume,
+over a long run.
 
 Faults, drawn per step from a seeded schedule (at most one per step, none in the first steps):
 

@@ -1,4 +1,4 @@
-"""Checkpoints of another class, model, granularity or format fail at load time (RELIABILITY 26).
+"""Checkpoints of another class, model, granularity or format fail at load time.
 
 Every steadystep ``load_state_dict`` (steadystep.optim._state_checks) refuses, with a ValueError
 that names what was expected and what was found, and leaves the object as it was: nothing
