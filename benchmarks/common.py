@@ -101,21 +101,6 @@ def time_interleaved_samples(
     return samples
 
 
-def time_interleaved(
-    fns: dict[str, Callable[[], Any]],
-    *,
-    device: torch.device,
-    warmup: int = 3,
-    repeats: int = 9,
-    inner: int = 5,
-) -> dict[str, float]:
-    """Median seconds per call of each ``fn``, timed round-robin (see time_interleaved_samples)."""
-    samples = time_interleaved_samples(
-        fns, device=device, warmup=warmup, repeats=repeats, inner=inner
-    )
-    return {name: statistics.median(s) for name, s in samples.items()}
-
-
 def paired_ratios(samples: dict[str, list[float]], baseline: str) -> dict[str, float]:
     """Median over rounds of each variant's time over the baseline's time in the same round.
 
