@@ -235,6 +235,27 @@ def _wrapper_args(params, snapshots, cprop_exp_avgs, cprop_seconds, steps, grads
     return backend
 
 
+def _wrapper_setup(
+    params: Sequence[Tensor],
+    found_finite: Tensor,
+    cprop_beta: float,
+    cprop_c: float,
+    cprop_eps: float,
+    cdf: str,
+    method: str,
+) -> tuple[tuple[float, ...], dict[str, int], Tensor]:
+    """What both wrapper passes hand their kernel: the hyperparameters, the compile-time
+    configuration and the flag on the parameters' device."""
+    hyper = _hyper_values(
+        cprop_beta=cprop_beta, cprop_c=cprop_c, cprop_eps=cprop_eps, cdf=cdf, method=method
+    )
+    config = {
+        "SS_PARAM": _PARAM_CODE[params[0].dtype],
+        **_scale_config(cprop_c, cprop_eps, cdf, method),
+    }
+    return hyper, config, _check_flag(found_finite, params[0].device)
+
+
 def wrapper_before_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -258,15 +279,9 @@ def wrapper_before_(
     backend = _wrapper_args(params, snapshots, cprop_exp_avgs, cprop_seconds, steps, grads)
     if backend is None:
         return False
-    device = params[0].device
-    hyper = _hyper_values(
-        cprop_beta=cprop_beta, cprop_c=cprop_c, cprop_eps=cprop_eps, cdf=cdf, method=method
+    hyper, config, found_finite = _wrapper_setup(
+        params, found_finite, cprop_beta, cprop_c, cprop_eps, cdf, method
     )
-    config = {
-        "SS_PARAM": _PARAM_CODE[params[0].dtype],
-        **_scale_config(cprop_c, cprop_eps, cdf, method),
-    }
-    found_finite = _check_flag(found_finite, device)
     if backend == "cuda":
         lists = dict(
             params=params,
@@ -323,15 +338,9 @@ def wrapper_after_(
     backend = _wrapper_args(params, snapshots, cprop_exp_avgs, cprop_seconds, steps)
     if backend is None:
         return False
-    device = params[0].device
-    hyper = _hyper_values(
-        cprop_beta=cprop_beta, cprop_c=cprop_c, cprop_eps=cprop_eps, cdf=cdf, method=method
+    hyper, config, found_finite = _wrapper_setup(
+        params, found_finite, cprop_beta, cprop_c, cprop_eps, cdf, method
     )
-    config = {
-        "SS_PARAM": _PARAM_CODE[params[0].dtype],
-        **_scale_config(cprop_c, cprop_eps, cdf, method),
-    }
-    found_finite = _check_flag(found_finite, device)
     if backend == "cuda":
         lists = dict(
             params=params,
