@@ -493,20 +493,15 @@ class CatastropheGuard(OptimizerWrapper, Composable):
     def _observe(
         self,
         loss: torch.Tensor | float,
-        bad_grads: torch.Tensor | None,
+        bad_grads: torch.Tensor,
         grad_norm: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The detector's verdict on ``loss`` (and ``grad_norm``); a no-op observation where
-        the gradients are not finite (``bad_grads``, or a non-finite ``grad_norm``)."""
+        the gradients are not finite (``bad_grads``)."""
         extra = {} if grad_norm is None else {"grad_norm": grad_norm}
-        skip = bad_grads
-        if skip is None and grad_norm is not None:
-            # Note [non-finite gradients]: the norm is finite iff every gradient is, so the
-            # sync-free path gets the skip flag for free; such a step is not an alarm.
-            skip = ~torch.isfinite(grad_norm)
         if isinstance(self.detector, (PageHinkley, Detector)):
-            return self.detector.update(loss, skip=skip, **extra)
-        if bad_grads is None or self._device_side:
+            return self.detector.update(loss, skip=bad_grads, **extra)
+        if self._device_side:
             return self.detector.update(loss, **extra)
         # Another detector: restore its state if the step turns out to be skipped (host read
         # below anyway, so this costs clones of its few scalars, not a sync).
@@ -516,16 +511,12 @@ class CatastropheGuard(OptimizerWrapper, Composable):
         return alarm
 
     def _host_step(
-        self, alarm: torch.Tensor, params: list[torch.Tensor], bad_grads: torch.Tensor | None
+        self, alarm: torch.Tensor, params: list[torch.Tensor], bad_grads: torch.Tensor
     ) -> bool:
         # Note [host syncs]: the one read per step a third-party optimizer costs; the alarm
         # and the non-finite-gradient flag come back together.
-        alarm = alarm.to(torch.bool)
-        if bad_grads is None:
-            alarmed, skipped = bool(alarm), False
-        else:
-            flags = torch.stack([alarm, bad_grads.to(alarm.device)]).tolist()
-            alarmed, skipped = bool(flags[0]), bool(flags[1]) and not flags[0]
+        flags = torch.stack([alarm.to(torch.bool), bad_grads.to(alarm.device)]).tolist()
+        alarmed, skipped = bool(flags[0]), bool(flags[1]) and not flags[0]
         backup = getattr(self, "_detector_backup", None)
         self._detector_backup = None
         if skipped and self._self_protecting():
