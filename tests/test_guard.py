@@ -1176,3 +1176,37 @@ def test_min_lr_looks_at_the_largest_rate_and_only_after_an_alarm():
     calm = build("cpropadamw", calm_model, min_lr=1.0, check_every=1)
     run_script(calm, calm_model, 0, SPIKE)
     assert int(calm.stats()["alarms"]) == 0
+
+
+@pytest.mark.parametrize("make", [ss.CPropAdamW, ss.CPropSGD], ids=["CPropAdamW", "CPropSGD"])
+def test_a_guarded_native_cprop_step_reuses_the_guards_gradient_check(make, monkeypatch):
+    """The guard's one pass over the gradients gives the skip flag; the native CProp class
+    inside takes it through ``masked_step`` instead of reading every gradient again. Its own
+    check still runs when it steps alone, and both runs end bitwise equal."""
+    from steadystep.optim.cprop import _state
+
+    calls = []
+    own_check = _state.grads_finite
+
+    def counting(grads, **kwargs):
+        calls.append(len(grads))
+        return own_check(grads, **kwargs)
+
+    monkeypatch.setattr(_state, "grads_finite", counting)
+
+    def run(guarded: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
+        inner = make(params, lr=0.01)
+        opt = ss.CatastropheGuard(inner) if guarded else inner
+        for t in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape) * (math.nan if t == 2 else 1.0)
+            opt.step(loss=torch.tensor(1.0)) if guarded else opt.step()
+        return [p.detach().clone() for p in params]
+
+    guarded = run(True)
+    assert calls == []
+    alone = run(False)
+    assert calls == [2, 2, 2, 2]
+    assert all(torch.equal(a, b) for a, b in zip(guarded, alone, strict=True))

@@ -484,7 +484,7 @@ class CatastropheGuard(OptimizerWrapper, Composable):
         # Note [hooks]: ``masked_step`` bypasses the wrapped optimizer's ``step``, so its own
         # step hooks run here (the host path gets them from ``optimizer.step()``). They run
         # every step: an alarm's step is a masked no-op, not known on the host.
-        call_with_step_hooks(self.optimizer, lambda: inner.masked_step(alarm))
+        call_with_step_hooks(self.optimizer, lambda: inner.masked_step(alarm, ~bad_grads))
 
     def _self_protecting(self) -> bool:
         """Does the wrapped optimizer skip non-finite gradients itself (a MaskableOptimizer)?"""

@@ -33,7 +33,9 @@ class MaskableOptimizer(Protocol):
       It also skips, the same way, a step whose gradient holds a NaN or inf (decided on the
       device); counting such steps is the optimizer's business (ALeRA and AgAdam:
       ``stats()["skipped_steps"]``), and a step masked by ``skip`` is never counted as one.
-      ``step()`` is ``masked_step`` with nothing masked.
+      ``step()`` is ``masked_step`` with nothing masked. ``masked_step(skip, found_finite)``
+      passes the caller's own check of the same gradients (the guard has one), which an
+      optimizer may use instead of a pass of its own.
     * ``max_lr()``: the largest effective learning rate over all parameters, a 0-d tensor (the
       guard reads it on the host now and then, to raise ``TrainingDiverged``).
 
@@ -50,6 +52,6 @@ class MaskableOptimizer(Protocol):
 
     def scale_lr_(self, factor: Tensor) -> None: ...
 
-    def masked_step(self, skip: Tensor) -> None: ...
+    def masked_step(self, skip: Tensor, found_finite: Tensor | None = None) -> None: ...
 
     def max_lr(self) -> Tensor: ...

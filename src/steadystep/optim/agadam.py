@@ -179,9 +179,11 @@ class AgAdam(ALeRA):
         }
 
     @torch.no_grad()
-    def masked_step(self, skip: torch.Tensor | None) -> None:
+    def masked_step(
+        self, skip: torch.Tensor | None, found_finite: torch.Tensor | None = None
+    ) -> None:
         """The step, an exact no-op where ``skip`` (0-d bool) is True (decided on the device);
-        ``skip=None`` is :meth:`step`."""
+        ``skip=None`` is :meth:`step`. ``found_finite`` is not needed (as in ALeRA)."""
         gathered = self._gather()
         if not gathered.params:
             return

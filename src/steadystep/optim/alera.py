@@ -636,9 +636,13 @@ class ALeRA(Optimizer):
         )
 
     @torch.no_grad()
-    def masked_step(self, skip: torch.Tensor | None) -> None:
+    def masked_step(
+        self, skip: torch.Tensor | None, found_finite: torch.Tensor | None = None
+    ) -> None:
         """The step, an exact no-op where ``skip`` (0-d bool) is True (decided on the device);
-        ``skip=None`` is :meth:`step` (Note [host syncs] of :mod:`steadystep.guard`)."""
+        ``skip=None`` is :meth:`step` (Note [host syncs] of :mod:`steadystep.guard`).
+        ``found_finite`` (a caller's gradient check) is not needed: the step's norms pass
+        checks the gradients as it reads them."""
         gathered = self._gather()
         if not gathered.params or self._fused_step(gathered, skip):
             return

@@ -63,17 +63,22 @@ def _params_with_grad(group: dict[str, Any], group_index: int, owner: str) -> li
 
 
 def _collect(
-    groups: list[dict[str, Any]], owner: str, init_state: Callable[[dict[str, Any], Tensor], None]
+    groups: list[dict[str, Any]],
+    owner: str,
+    init_state: Callable[[dict[str, Any], Tensor], None],
+    found_finite: Tensor | None = None,
 ) -> tuple[list[tuple[dict[str, Any], list[Tensor]]], Tensor]:
     """Per group the parameters with a gradient (``init_state(group, p)`` creates state), and
-    the step's ``found_finite`` over all of them."""
+    the step's ``found_finite`` over all of them (``found_finite`` when the caller has it)."""
     work = []
     for gi, group in enumerate(groups):
         params = _params_with_grad(group, gi, owner)
         for p in params:
             init_state(group, p)
         work.append((group, params))
-    return work, grads_finite([p.grad for _, params in work for p in params])
+    if found_finite is None:
+        found_finite = grads_finite([p.grad for _, params in work for p in params])
+    return work, found_finite
 
 
 def _call_closure(closure: Callable[[], Any] | None) -> Any:

@@ -199,12 +199,16 @@ class _NativeCPropBase(Optimizer, Composable):
         return torch.stack(lrs).max()
 
     @torch.no_grad()
-    def masked_step(self, skip: Tensor | None) -> None:
+    def masked_step(self, skip: Tensor | None, found_finite: Tensor | None = None) -> None:
         """The step, an exact no-op where ``skip`` (0-d bool) is True (decided on the device).
 
         A non-finite gradient skips the step the same way; ``skip=None`` is :meth:`step`.
+        ``found_finite``: the caller's check of these gradients (the guard's), which spares
+        this step its own pass over them; computed here when None.
         """
-        work, found_finite = _collect(self.param_groups, type(self).__name__, self._init_state)
+        work, found_finite = _collect(
+            self.param_groups, type(self).__name__, self._init_state, found_finite
+        )
         if skip is not None:
             found_finite = found_finite & ~skip.to(found_finite.device)
         for group, params in work:
