@@ -69,7 +69,7 @@ mutation: install-dev
 		--tests tests/test_alrc_distributed.py --out mutation-results/alrc.json
 	$(MUTATE) --module src/steadystep/agnostic.py --tests tests/test_agnostic.py \
 		--out mutation-results/agnostic.json
-	$(MUTATE) --module src/steadystep/detect.py --tests tests/test_detect.py \
+	$(MUTATE) --module src/steadystep/detectors/page_hinkley.py --tests tests/test_detect.py \
 		--out mutation-results/detect.json
 	$(MUTATE) --module src/steadystep/optim/cprop/_math.py --tests tests/test_cprop.py \
 		--out mutation-results/cprop_math.json

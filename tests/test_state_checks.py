@@ -1,6 +1,6 @@
 """Checkpoints of another class, model, granularity or format fail at load time.
 
-Every steadystep ``load_state_dict`` (steadystep.optim._state_checks) refuses, with a ValueError
+Every steadystep ``load_state_dict`` (steadystep.checkpoint) refuses, with a ValueError
 that names what was expected and what was found, and leaves the object as it was: nothing
 missing is rebuilt. Checkpoints written before the class tag existed, and old torch-style ones
 with a float ``step``, still load where they are unambiguous.
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import steadystep as ss
-from steadystep.optim._state_checks import CLASS_KEY
+from steadystep.checkpoint import CLASS_KEY
 
 Make = Callable[[torch.nn.Module], Any]
 
@@ -188,11 +188,12 @@ def test_cprop_refuses_the_state_of_cprop_around_another_base():
 def test_the_detector_refuses_a_dict_of_another_kind():
     ph = ss.PageHinkley()
     ph.update(torch.tensor(1.0))
-    _refused(ph, {"ph_lambda": 0.1, "rho": 0.01}, "lacks 'alarms'")
-    _refused(ph, {**ph.state_dict(), CLASS_KEY: "Cusum"}, "saved by Cusum")
+    _refused(ph, {"ph_lambda": 0.1, "rho": 0.01}, r"missing \['alarms'")
+    _refused(ph, {**ph.state_dict(), CLASS_KEY: "Cusum"}, r"unexpected \['class'\]")
+    _refused(ph, {**ph.state_dict(), "detector": "Cusum"}, "found one of 'Cusum'")
     bad = ph.state_dict()
     bad["cusum"] = torch.zeros(3)
-    _refused(ph, bad, r"'cusum' must be 0-d, found \(3,\)")
+    _refused(ph, bad, r"'cusum' must be a tensor of shape \(\) .*found \(3,\)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ Three published methods as one toolkit for PyTorch:
 
 from steadystep import agnostic
 from steadystep.alrc import ALRC, alrc_clip
-from steadystep.detect import PageHinkley, PageHinkleyPaper
 from steadystep.detectors import EWMRatio, RollingZScore, SpikeDetector, ZClipDetector
+from steadystep.detectors.page_hinkley import PageHinkley, PageHinkleyPaper
 from steadystep.groups import layer_groups
 from steadystep.guard import CatastropheGuard, TrainingDiverged
 from steadystep.optim import AgAdam, ALeRA

@@ -20,14 +20,14 @@ did not jump; nothing to roll back, no reason to cut the rate). Around a third-p
 optimizer's own state (Adam's moments) is never poisoned: no rollback, no LR cut, the detector
 does not observe that step's loss (bitwise unchanged), and ``stats()["nonfinite_grads"]`` counts
 it. The flag is read in the same single host read as the alarm. An optimizer that implements
-:class:`~steadystep.optim._protocol.MaskableOptimizer` (steadystep's ALeRA, AgAdam and CProp's
+:class:`~steadystep.compose.protocol.MaskableOptimizer` (steadystep's ALeRA, AgAdam and CProp's
 native classes) skips such a step itself (ALeRA and AgAdam count it in their
 ``skipped_steps``), so the guard leaves the step to it; the guard still computes the flag on the
 device (:func:`~steadystep._tensors.grads_finite`, one reduction over the gradients, no host
 read) and passes it to the detector as ``skip``, so the detector does not observe that step's
 loss there either (bitwise unchanged).
 
-Note [host syncs]: around a :class:`~steadystep.optim._protocol.MaskableOptimizer`
+Note [host syncs]: around a :class:`~steadystep.compose.protocol.MaskableOptimizer`
 (:class:`~steadystep.ALeRA`, :class:`~steadystep.AgAdam`, :class:`~steadystep.CPropSGD`,
 :class:`~steadystep.CPropAdam`, :class:`~steadystep.CPropAdamW`) every decision stays on the
 device: the rollback is one kernel call that copies ``snapshot -> p`` where ``alarm`` and
@@ -35,7 +35,7 @@ device: the rollback is one kernel call that copies ``snapshot -> p`` where ``al
 0-d multipliers by ``where(alarm, lr_factor, 1)`` (``scale_lr_``) and the base step runs
 masked (``masked_step(alarm)``). torch's own fused optimizers (``fused=True`` Adam, AdamW, SGD,
 Adagrad) take the same path through their ``found_inf`` flag, the one ``GradScaler`` uses
-(:mod:`steadystep.optim._torch_fused`, which stores their learning rates as 0-d tensors so
+(:mod:`steadystep.compose.torch_fused`, which stores their learning rates as 0-d tensors so
 the cut too stays on the device); there the guard checks the gradients itself, in one kernel
 call. The only host read is the ``min_lr`` check (``max_lr()``), once every ``check_every``
 steps. Any other optimizer (torch's non-fused ones, the CProp wrapper) keeps state the guard
@@ -58,13 +58,13 @@ from torch.optim import Optimizer
 from steadystep import _kernels as kernels
 from steadystep._tensors import gradient_stats, shards, stored_real_values
 from steadystep._validation import check_loss, check_nonnegative, check_probability
-from steadystep.detect import PageHinkley
-from steadystep.detectors import Detector, SpikeDetector
-from steadystep.optim._order import Composable, check_wrappable
-from steadystep.optim._protocol import MaskableOptimizer
-from steadystep.optim._state_checks import CLASS_KEY, check_class, check_same, check_shape
-from steadystep.optim._torch_fused import torch_fused_maskable
-from steadystep.optim._wrapper import OptimizerWrapper, call_with_step_hooks
+from steadystep.checkpoint import CLASS_KEY, check_class, check_same, check_shape
+from steadystep.compose.order import Composable, check_wrappable
+from steadystep.compose.protocol import MaskableOptimizer
+from steadystep.compose.torch_fused import torch_fused_maskable
+from steadystep.compose.wrapper import OptimizerWrapper, call_with_step_hooks
+from steadystep.detectors import SpikeDetector
+from steadystep.detectors.protocol import ChangeDetector, ForeignDetector, as_detector
 
 __all__ = ["CatastropheGuard", "TrainingDiverged"]
 
@@ -169,7 +169,7 @@ class CatastropheGuard(OptimizerWrapper, Composable):
     def __init__(
         self,
         optimizer: Optimizer,
-        detector: Detector | PageHinkley | None = None,
+        detector: ChangeDetector | Any | None = None,
         *,
         lr_factor: float = 0.5,
         backtrack: bool = True,
@@ -178,7 +178,7 @@ class CatastropheGuard(OptimizerWrapper, Composable):
         check_every: int = 100,
     ) -> None:
         super().__init__(optimizer)
-        # Note [the order of the composition] (optim/_order.py): one guard, outermost
+        # Note [the order of the composition] (compose/order.py): one guard, outermost
         check_wrappable("CatastropheGuard", optimizer)
         self.lr_factor = check_probability("lr_factor", lr_factor)
         self.min_lr = check_nonnegative("min_lr", min_lr)
@@ -189,10 +189,12 @@ class CatastropheGuard(OptimizerWrapper, Composable):
         self.backtrack = backtrack
         self.check_every = check_every
         self.snapshot_device = None if snapshot_device is None else torch.device(snapshot_device)
-        self.detector = SpikeDetector() if detector is None else detector
+        # One contract for every detector (steadystep.detectors.protocol); one of your own
+        # with update(loss) only is adapted, at one host read per step.
+        self.detector = as_detector(SpikeDetector() if detector is None else detector)
         # Note [host syncs]: a MaskableOptimizer lets every decision stay on the device, and
         # skips a non-finite gradient itself (Note [non-finite gradients]); torch's fused
-        # optimizers are masked through their found_inf (steadystep.optim._torch_fused), with
+        # optimizers are masked through their found_inf (steadystep.compose.torch_fused), with
         # the gradients checked here.
         self._maskable: Any = None
         if isinstance(optimizer, MaskableOptimizer):
@@ -256,7 +258,7 @@ class CatastropheGuard(OptimizerWrapper, Composable):
             "backtrack": self.backtrack,
             "min_lr": self.min_lr,
             "optimizer_class": type(self.optimizer).__name__,
-            "detector_class": type(self.detector).__name__,
+            "detector_class": self._detector_class(),
         }
         return {
             "optimizer": self.optimizer.state_dict(),
@@ -267,7 +269,7 @@ class CatastropheGuard(OptimizerWrapper, Composable):
     def _load_wrapped_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; resuming continues bitwise as the saved run would.
 
-        Checked first (:mod:`steadystep.optim._state_checks`): a dict that is not a guard's
+        Checked first (:mod:`steadystep.checkpoint`): a dict that is not a guard's
         (a plain optimizer's), a guard's around another optimizer class, snapshots of other
         shapes or a detector state of another kind fail with a ValueError, and nothing loads.
         """
@@ -303,7 +305,7 @@ class CatastropheGuard(OptimizerWrapper, Composable):
         )
         inner = type(self.optimizer).__name__
         check_same("optimizer_class", guard.get("optimizer_class"), inner, owner=owner)
-        detector = type(self.detector).__name__
+        detector = self._detector_class()
         check_same("detector_class", guard.get("detector_class"), detector, owner=owner)
         params = self._params()
         snapshots = guard["snapshots"]
@@ -407,14 +409,12 @@ class CatastropheGuard(OptimizerWrapper, Composable):
         grads = [stored_real_values(p.grad) for p in params if p.grad is not None]
         found_finite, grad_norm = gradient_stats(grads)
         bad_grads = ~found_finite
-        if not getattr(self.detector, "needs_grad_norm", False):
-            grad_norm = None
-        alarm = self._observe(observed, bad_grads, grad_norm)
+        alarm = self.detector.update(
+            observed, grad_norm=grad_norm if self.detector.needs_grad_norm else None, skip=bad_grads
+        )
         # History records the loss the detector tested: under torch.distributed the rank mean,
-        # the same on every rank (a detector without ``last_loss`` gives the local loss).
-        loss_t = getattr(self.detector, "last_loss", None)
-        if loss_t is None:
-            loss_t = observed if isinstance(observed, torch.Tensor) else torch.tensor(observed)
+        # the same on every rank.
+        loss_t = self.detector.last_loss
         self._ensure_snapshots(params)
         alarm = alarm.to(self.alarms.device)
         if self._device_side:
@@ -486,29 +486,14 @@ class CatastropheGuard(OptimizerWrapper, Composable):
         # every step: an alarm's step is a masked no-op, not known on the host.
         call_with_step_hooks(self.optimizer, lambda: inner.masked_step(alarm, ~bad_grads))
 
+    def _detector_class(self) -> str:
+        """The detector's class name, as checkpoints record it (a foreign one's own name)."""
+        inner = self.detector.detector if isinstance(self.detector, ForeignDetector) else None
+        return type(inner if inner is not None else self.detector).__name__
+
     def _self_protecting(self) -> bool:
         """Does the wrapped optimizer skip non-finite gradients itself (a MaskableOptimizer)?"""
         return isinstance(self.optimizer, MaskableOptimizer)
-
-    def _observe(
-        self,
-        loss: torch.Tensor | float,
-        bad_grads: torch.Tensor,
-        grad_norm: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The detector's verdict on ``loss`` (and ``grad_norm``); a no-op observation where
-        the gradients are not finite (``bad_grads``)."""
-        extra = {} if grad_norm is None else {"grad_norm": grad_norm}
-        if isinstance(self.detector, (PageHinkley, Detector)):
-            return self.detector.update(loss, skip=bad_grads, **extra)
-        if self._device_side:
-            return self.detector.update(loss, **extra)
-        # Another detector: restore its state if the step turns out to be skipped (host read
-        # below anyway, so this costs clones of its few scalars, not a sync).
-        saved = self.detector.state_dict()
-        alarm = self.detector.update(loss, **extra)
-        self._detector_backup = saved
-        return alarm
 
     def _host_step(
         self, alarm: torch.Tensor, params: list[torch.Tensor], bad_grads: torch.Tensor
@@ -517,17 +502,13 @@ class CatastropheGuard(OptimizerWrapper, Composable):
         # and the non-finite-gradient flag come back together.
         flags = torch.stack([alarm.to(torch.bool), bad_grads.to(alarm.device)]).tolist()
         alarmed, skipped = bool(flags[0]), bool(flags[1]) and not flags[0]
-        backup = getattr(self, "_detector_backup", None)
-        self._detector_backup = None
         if skipped and self._self_protecting():
             # A MaskableOptimizer skips (and counts) a non-finite gradient itself; a skipped
             # step is no update, so the snapshot stays as it is.
             self.optimizer.step()
             return False
         if skipped:
-            # Note [non-finite gradients]: no update, no cut, the detector as it was.
-            if backup is not None:
-                self.detector.load_state_dict(backup)
+            # Note [non-finite gradients]: no update, no cut (the detector did not observe it).
             self.nonfinite_grads.add_(1)
             return False
         if self.backtrack:

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from steadystep._validation import check_positive
-from steadystep.detect import PageHinkley
-from steadystep.detectors import Detector, SpikeDetector
+from steadystep.detectors import PageHinkleyPaper, SpikeDetector
+from steadystep.detectors.protocol import ChangeDetector
 from steadystep.guard import CatastropheGuard
 from steadystep.optim.alera import ALeRA
 
@@ -28,8 +28,8 @@ __all__ = ["SALeRA", "SPALeRA"]
 
 
 def _salera_detector(
-    detector: Detector | PageHinkley | None, ph_lambda: float | None, rho: float | None
-) -> Detector | PageHinkley:
+    detector: ChangeDetector | None, ph_lambda: float | None, rho: float | None
+) -> ChangeDetector:
     """SALeRA's detector: ``detector``, else the paper's Page-Hinkley test when ``ph_lambda`` or
     ``rho`` is given, else the default :class:`~steadystep.SpikeDetector`."""
     paper = ph_lambda is not None or rho is not None
@@ -41,7 +41,7 @@ def _salera_detector(
     if detector is not None:
         return detector
     if paper:
-        return PageHinkley(
+        return PageHinkleyPaper(
             ph_lambda=0.1 if ph_lambda is None else ph_lambda, rho=0.01 if rho is None else rho
         )
     return SpikeDetector()
@@ -84,7 +84,7 @@ class SALeRA(CatastropheGuard):
         norm_eps: float = 1e-6,
         ph_lambda: float | None = None,
         rho: float | None = None,
-        detector: Detector | PageHinkley | None = None,
+        detector: ChangeDetector | None = None,
         lr_factor: float = 0.5,
         backtrack: bool = True,
         min_lr: float = 1e-15,
@@ -143,7 +143,7 @@ class SPALeRA(SALeRA):
         norm_eps: float = 1e-6,
         ph_lambda: float | None = None,
         rho: float | None = None,
-        detector: Detector | PageHinkley | None = None,
+        detector: ChangeDetector | None = None,
         lr_factor: float = 0.5,
         backtrack: bool = True,
         min_lr: float = 1e-15,

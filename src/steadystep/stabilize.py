@@ -26,7 +26,7 @@ Note [the guard watches the raw loss]
     argument and cannot hand the guard the wrong loss by accident.
 
 The order (guard outermost, CProp in the middle, the base innermost) is the only one that works;
-see Note [the order of the composition] in :mod:`steadystep.optim._order`.
+see Note [the order of the composition] in :mod:`steadystep.compose.order`.
 """
 
 from __future__ import annotations
@@ -39,10 +39,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from steadystep.alrc import ALRC
-from steadystep.detect import PageHinkley
+from steadystep.compose.order import Composable, layers
+from steadystep.compose.wrapper import OptimizerWrapper
 from steadystep.guard import CatastropheGuard
-from steadystep.optim._order import Composable, layers
-from steadystep.optim._wrapper import OptimizerWrapper
 from steadystep.optim.cprop.native import CPropAdam, CPropAdamW, CPropSGD, _NativeCPropBase
 from steadystep.optim.cprop.wrapper import CProp
 
@@ -80,12 +79,6 @@ def configure_detector(detector: Any, *, batch_size: int, dataset_size: int) -> 
     hook = getattr(detector, "configure", None)
     if callable(hook):
         hook(batch_size=batch_size, dataset_size=dataset_size)
-    elif isinstance(detector, PageHinkley):
-        if detector.observations.item() > 0:
-            raise ValueError(
-                "the detector has already observed losses; rho can only be set on a fresh one"
-            )
-        detector.rho = batch_size / dataset_size
 
 
 def _check_sizes(batch_size: Any, dataset_size: Any) -> None:

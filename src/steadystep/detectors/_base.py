@@ -41,6 +41,8 @@ class Detector:
     """
 
     needs_grad_norm: ClassVar[bool] = False
+    # A change restarts the test (the ``_RESET`` statistics return to their fresh values)
+    _resets_on_change: ClassVar[bool] = False
     _HPARAMS: ClassVar[tuple[str, ...]] = ()
     _STATE: ClassVar[tuple[str, ...]] = ()
     _RESET: ClassVar[tuple[str, ...]] = ()
@@ -72,6 +74,16 @@ class Detector:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(change, new_state)`` for one finite observation, without writing ``self``."""
         raise NotImplementedError
+
+    def _observes(self, loss: torch.Tensor) -> torch.Tensor | None:
+        """Where False (0-d bool), a finite ``loss`` is tested but not observed: no alarm, no
+        statistic or counter changes (PageHinkleyPaper: a 0 before its threshold is set).
+        None: every loss is observed."""
+        return None
+
+    def _upgrade_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint in an earlier format of this detector, as the current one."""
+        return state_dict
 
     # -- state ------------------------------------------------------------------------------
     @property
@@ -106,6 +118,7 @@ class Detector:
         and what was found; nothing is half-loaded.
         """
         name = type(self).__name__
+        state_dict = self._upgrade_state_dict(state_dict)
         found = state_dict.get("detector")
         if found is None and "ph_lambda" in state_dict:
             found = "PageHinkleyPaper"  # its state_dict predates the "detector" key
@@ -192,9 +205,11 @@ class Detector:
         ok = finite & torch.cat(floats).isfinite().all() if floats else finite
         # skip: a finite loss is not observed (its gradient norm is NaN when the guard skips a
         # step for non-finite gradients); a non-finite loss still alarms.
-        active = None
+        tested = None
         if skip is not None:
-            active = ~(skip.to(device=x.device, dtype=torch.bool) & torch.isfinite(x))
+            tested = ~(skip.to(device=x.device, dtype=torch.bool) & torch.isfinite(x))
+        observed = self._observes(x)
+        active = tested if observed is None else observed if tested is None else tested & observed
         commit = ok if active is None else ok & active
         # NaN-aware: a core writes its comparisons so that NaN alarms; ~ok covers overflow.
         alarm = ~ok | change
@@ -203,7 +218,9 @@ class Detector:
         for name, value in new.items():
             old = getattr(self, name)
             old.copy_(torch.where(commit, value, old))
-        self.last_loss.copy_(x if active is None else torch.where(active, x, self.last_loss))
+        if self._resets_on_change:
+            self.reset(change & commit)
+        self.last_loss.copy_(x if tested is None else torch.where(tested, x, self.last_loss))
         self.observations.add_(1 if active is None else active.to(self.observations.dtype))
         self.alarms.add_(alarm.to(self.alarms.dtype))
         return alarm

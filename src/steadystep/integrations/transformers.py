@@ -57,10 +57,10 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 
 from steadystep.alrc import ALRC
+from steadystep.compose.order import layers
+from steadystep.compose.protocol import MaskableOptimizer
 from steadystep.guard import CatastropheGuard
 from steadystep.integrations import loss_needing, unwrap_optimizer
-from steadystep.optim._order import layers
-from steadystep.optim._protocol import MaskableOptimizer
 from steadystep.stabilize import Stabilized
 from steadystep.telemetry import Monitor
 
@@ -93,7 +93,7 @@ class SkipAwareScheduler:
     ``step()`` reads the guard's ``alarms`` counter (one host read per step: the schedule itself
     lives on the host) and, when it grew since the last call, does not step the wrapped
     scheduler. If the guard cut ``group["lr"]`` itself (a base optimizer that is not a
-    :class:`~steadystep.optim._protocol.MaskableOptimizer`, e.g. torch's AdamW), the
+    :class:`~steadystep.compose.protocol.MaskableOptimizer`, e.g. torch's AdamW), the
     wrapped scheduler's ``base_lrs`` are multiplied by the same factor so that a schedule which
     recomputes ``lr = base_lr * f(step)`` (LambdaLR, the Trainer's linear and cosine schedules)
     keeps the cut. Everything else is delegated to the wrapped scheduler.

@@ -1,6 +1,6 @@
 """steadystep's optimizers: one module per family."""
 
-from steadystep.optim._protocol import MaskableOptimizer
+from steadystep.compose.protocol import MaskableOptimizer
 from steadystep.optim.agadam import AgAdam
 from steadystep.optim.alera import ALeRA
 from steadystep.optim.cprop import CProp, CPropAdam, CPropAdamW, CPropSGD

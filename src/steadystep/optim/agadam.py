@@ -9,8 +9,8 @@ import torch
 
 from steadystep._tensors import shards
 from steadystep._validation import check_positive, check_unit_interval
+from steadystep.checkpoint import Kind
 from steadystep.optim._alera_core import Gathered, adapt_multipliers_, param_multipliers
-from steadystep.optim._state_checks import Kind
 from steadystep.optim.alera import ALeRA
 
 __all__ = ["AgAdam", "agadam"]

@@ -33,6 +33,15 @@ from steadystep._validation import (
     check_positive,
 )
 from steadystep.agnostic import apply_log_change_
+from steadystep.checkpoint import (
+    CLASS_KEY,
+    Kind,
+    check_class,
+    check_groups,
+    check_param_state,
+    check_same,
+    step_tensor,
+)
 from steadystep.optim._alera_core import (
     GRANULARITIES,
     AgnosticStep,
@@ -43,15 +52,6 @@ from steadystep.optim._alera_core import (
     layout_step,
     unit_layout,
     unit_norms,
-)
-from steadystep.optim._state_checks import (
-    CLASS_KEY,
-    Kind,
-    check_class,
-    check_groups,
-    check_param_state,
-    check_same,
-    step_tensor,
 )
 
 __all__ = [
@@ -145,7 +145,7 @@ class ALeRA(Optimizer):
     """
 
     _wide_keys: tuple[str, ...] = _WIDE_KEYS
-    _checkpoint_class = "ALeRA"  # Note [class tag] of steadystep.optim._state_checks
+    _checkpoint_class = "ALeRA"  # Note [class tag] of steadystep.checkpoint
 
     def __init__(
         self,
@@ -242,7 +242,7 @@ class ALeRA(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, but statistics keep their saved dtype (fp32 stays fp32 for bf16 params).
 
-        The whole dict is checked first (:mod:`steadystep.optim._state_checks`): a state_dict
+        The whole dict is checked first (:mod:`steadystep.checkpoint`): a state_dict
         of another class (``state_dict()["class"]``), saved with another ``granularity`` (one
         written before the groups held it loads where its state tells it apart), with a param
         group that lacks a hyperparameter or a parameter's state that lacks a key or has
@@ -410,7 +410,7 @@ class ALeRA(Optimizer):
             values.append(group["lr"] * m)
         return torch.stack(values)
 
-    # -- the guard's protocol (steadystep.optim._protocol.MaskableOptimizer) ----------------
+    # -- the guard's protocol (steadystep.compose.protocol.MaskableOptimizer) ----------------
     @torch.no_grad()
     def scale_lr_(self, factor: torch.Tensor) -> None:
         """Multiply every effective learning rate by ``factor`` (0-d tensor), on the device."""

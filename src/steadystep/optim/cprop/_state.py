@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from steadystep._tensors import grads_finite, local_tensor
-from steadystep.optim._state_checks import Kind, step_tensor
+from steadystep.checkpoint import Kind, step_tensor
 from steadystep.optim.cprop._math import (
     _check_grad,
     _check_hyper,

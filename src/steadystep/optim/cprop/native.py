@@ -23,8 +23,7 @@ from steadystep._validation import (
     check_param_tensors,
     check_unit_interval,
 )
-from steadystep.optim._order import Composable
-from steadystep.optim._state_checks import (
+from steadystep.checkpoint import (
     CLASS_KEY,
     Kind,
     check_class,
@@ -32,6 +31,7 @@ from steadystep.optim._state_checks import (
     check_param_state,
     check_same,
 )
+from steadystep.compose.order import Composable
 from steadystep.optim.cprop._math import _cprop_hyper, _CPropHyper, _second_key
 from steadystep.optim.cprop._state import (
     _call_closure,
@@ -87,7 +87,7 @@ def _set_lr_multiplier(group: dict[str, Any]) -> None:
 
 class _NativeCPropBase(Optimizer, Composable):
     """Validation, state_dict handling, telemetry and the guard's protocol
-    (:class:`~steadystep.optim._protocol.MaskableOptimizer`) of the native CProp optimizers.
+    (:class:`~steadystep.compose.protocol.MaskableOptimizer`) of the native CProp optimizers.
 
     Each param group holds ``lr_multiplier``, a 0-d float64 tensor (1 at first) by which the
     step multiplies ``lr`` on the device; :class:`~steadystep.CatastropheGuard` cuts the rate
@@ -149,7 +149,7 @@ class _NativeCPropBase(Optimizer, Composable):
         """As torch's; the groups' ``lr_multiplier`` tensors are clones, so they do not change
         with later steps (per-parameter ``state`` holds the live tensors, as torch.optim's).
         ``state_dict()["class"]`` names the class (Note [class tag] of
-        :mod:`steadystep.optim._state_checks`)."""
+        :mod:`steadystep.checkpoint`)."""
         out = super().state_dict()
         out["param_groups"] = [clone_tensors(group) for group in out["param_groups"]]
         out[CLASS_KEY] = self._owner
@@ -163,7 +163,7 @@ class _NativeCPropBase(Optimizer, Composable):
         copied here, on the parameter's device, dtype unchanged. A checkpoint without
         ``lr_multiplier`` loads with 1; a float ``step`` (old torch style) as a tensor.
 
-        The whole dict is checked first (:mod:`steadystep.optim._state_checks`): another
+        The whole dict is checked first (:mod:`steadystep.checkpoint`): another
         class, a param group without this class's hyperparameters, a missing per-parameter
         state key or a statistic of another shape is a ValueError, and nothing is loaded.
         """
@@ -184,7 +184,7 @@ class _NativeCPropBase(Optimizer, Composable):
         for group in self.param_groups:
             _set_lr_multiplier(group)
 
-    # -- the guard's protocol (steadystep.optim._protocol.MaskableOptimizer) -----------------
+    # -- the guard's protocol (steadystep.compose.protocol.MaskableOptimizer) -----------------
 
     @torch.no_grad()
     def scale_lr_(self, factor: Tensor) -> None:

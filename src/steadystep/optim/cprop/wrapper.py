@@ -12,15 +12,15 @@ from torch.optim import Optimizer
 from steadystep import _kernels as kernels
 from steadystep._tensors import shards
 from steadystep._validation import check_loss
-from steadystep.optim._order import Composable, check_wrappable
-from steadystep.optim._state_checks import (
+from steadystep.checkpoint import (
     CLASS_KEY,
     check_class,
     check_groups,
     check_param_state,
     check_same,
 )
-from steadystep.optim._wrapper import OptimizerWrapper
+from steadystep.compose.order import Composable, check_wrappable
+from steadystep.compose.wrapper import OptimizerWrapper
 from steadystep.optim.cprop._math import _check_hyper, _cprop_hyper, _CPropHyper, _second_key
 from steadystep.optim.cprop._state import (
     _call_closure,
@@ -107,7 +107,7 @@ class CProp(OptimizerWrapper, Composable):
         fused: bool | None = None,
     ) -> None:
         super().__init__(optimizer)
-        # Note [the order of the composition] (optim/_order.py): no guard, no CProp inside
+        # Note [the order of the composition] (compose/order.py): no guard, no CProp inside
         check_wrappable("CProp", optimizer)
         _check_hyper(beta, c, eps, cdf, method, prefix="")
         self.fused = fused
@@ -145,7 +145,7 @@ class CProp(OptimizerWrapper, Composable):
 
     def _load_wrapped_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict` (the base's part through the base's own loader), after
-        checking CProp's part and the base's class (:mod:`steadystep.optim._state_checks`)."""
+        checking CProp's part and the base's class (:mod:`steadystep.checkpoint`)."""
         if "cprop_state" not in state_dict:
             raise ValueError(
                 "state_dict has no 'cprop_state': it was not saved from a CProp wrapper; load "

@@ -27,7 +27,7 @@ __all__ = ["TorchFusedMaskable", "torch_fused_maskable"]
 
 
 class TorchFusedMaskable:
-    """:class:`~steadystep.optim._protocol.MaskableOptimizer` over a torch optimizer whose
+    """:class:`~steadystep.compose.protocol.MaskableOptimizer` over a torch optimizer whose
     step takes ``found_inf`` (``_step_supports_amp_scaling``, e.g. ``torch.optim.AdamW(...,
     fused=True)``): ``masked_step(skip)`` runs its step with ``found_inf = skip or a gradient
     element is non-finite or above the limit``, a no-op for params, state and step counts."""

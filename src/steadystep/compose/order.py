@@ -25,6 +25,8 @@ from typing import Any, ClassVar, Literal
 
 from torch.optim import Optimizer
 
+from steadystep.compose.wrapper import OptimizerWrapper
+
 __all__ = ["Composable", "check_wrappable", "layers"]
 
 Role = Literal["stabilized", "guard", "cprop"]
@@ -40,8 +42,6 @@ class Composable:
 
 def layers(optimizer: Any) -> Iterator[Any]:
     """``optimizer``, then what it wraps, and so on down to the base (through ``.optimizer``)."""
-    from steadystep.optim._wrapper import OptimizerWrapper
-
     seen: set[int] = set()
     while id(optimizer) not in seen:
         seen.add(id(optimizer))

@@ -42,7 +42,7 @@ class MaskableOptimizer(Protocol):
     ``isinstance(opt, MaskableOptimizer)`` checks that the three methods exist.
 
     Examples:
-        >>> from steadystep.optim._protocol import MaskableOptimizer
+        >>> from steadystep.compose.protocol import MaskableOptimizer
         >>> p = torch.nn.Parameter(torch.ones(2))
         >>> isinstance(ss.CPropAdamW([p]), MaskableOptimizer)
         True
