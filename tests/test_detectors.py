@@ -363,9 +363,7 @@ def test_load_state_dict_names_what_it_expected_and_found():
     bad = ss.EWMRatio().state_dict() | {"threshold": 0.5}
     with pytest.raises(ValueError, match="threshold"):
         ss.EWMRatio().load_state_dict(bad)
-    with pytest.raises(
-        ValueError, match=r"of PageHinkleyPaper.*SpikeDetector"
-    ):
+    with pytest.raises(ValueError, match=r"of PageHinkleyPaper.*SpikeDetector"):
         ss.PageHinkleyPaper().load_state_dict(spike.state_dict())
     # A state_dict of the same class with other hyperparameters is adopted, shapes included.
     small = ss.SpikeDetector(window=16, sigma=3.0)

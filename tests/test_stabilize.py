@@ -600,7 +600,7 @@ def test_a_per_sample_loss_given_as_the_guards_loss_is_refused():
     opt = ss.stabilize(sgd(model))
     per_sample = per_sample_loss(model, 0)
     opt.clip(per_sample).mean().backward()
-    with pytest.raises(ValueError, match=r"scalar, got a loss of shape \(16,\)"):
+    with pytest.raises(ValueError, match=r"scalar; got a loss of shape \(16,\)"):
         opt.step(loss=per_sample.detach())
     with pytest.raises(ValueError, match="scalar"):
         opt.observe_loss(per_sample.detach())

@@ -115,3 +115,16 @@ def check_loss(owner: str, loss: Any, name: str = "loss") -> None:
             f"{owner}: {name} must be a real number or a tensor, got {name}={loss!r} ({kind}); "
             "pass the minibatch loss, e.g. loss.detach()"
         )
+
+
+def check_scalar_loss(owner: str, loss: Any, name: str = "loss") -> None:
+    """:func:`check_loss`, and a tensor must hold one number: a guard watches the minibatch
+    loss, so a per-sample loss is a mistake, said clearly."""
+    check_loss(owner, loss, name)
+    if isinstance(loss, torch.Tensor) and loss.numel() != 1:
+        raise ValueError(
+            f"{owner} watches the minibatch loss, a scalar; got a loss of shape "
+            f"{tuple(loss.shape)} (per-sample losses?): pass their mean, e.g. "
+            "opt.step(loss=per_sample.mean().detach()), or give them to opt.clip() when "
+            "built by ss.stabilize"
+        )

@@ -57,7 +57,12 @@ from torch.optim import Optimizer
 
 from steadystep import _kernels as kernels
 from steadystep._tensors import gradient_stats, shards, stored_real_values
-from steadystep._validation import check_loss, check_nonnegative, check_probability
+from steadystep._validation import (
+    check_loss,
+    check_nonnegative,
+    check_probability,
+    check_scalar_loss,
+)
 from steadystep.checkpoint import CLASS_KEY, check_class, check_same, check_shape
 from steadystep.compose.order import Composable, check_wrappable
 from steadystep.compose.protocol import MaskableOptimizer
@@ -88,21 +93,12 @@ class TrainingDiverged(RuntimeError):
         return (type(self), (str(self), self.history))
 
 
-def _check_scalar_loss(owner: str, loss: Any) -> None:
-    """The guard watches one number per step: a per-sample loss is a mistake, said clearly."""
-    if isinstance(loss, torch.Tensor) and loss.numel() != 1:
-        raise ValueError(
-            f"{owner} watches the minibatch loss, a scalar; got a loss of shape "
-            f"{tuple(loss.shape)} (per-sample losses?): pass their mean, e.g. "
-            "opt.step(loss=per_sample.mean().detach())"
-        )
-
-
 def _missing_loss(owner: str) -> RuntimeError:
     return RuntimeError(
         f"{owner} needs the minibatch loss to watch for catastrophes: call "
         "opt.step(loss=loss.detach()), or opt.observe_loss(loss) before opt.step(), "
-        "or pass a closure that returns the loss: opt.step(closure)"
+        "or pass a closure that returns the loss: opt.step(closure) (built by ss.stabilize: "
+        "opt.clip(per_sample_losses) before opt.step() remembers their raw mean)"
     )
 
 
@@ -365,8 +361,7 @@ class CatastropheGuard(OptimizerWrapper, Composable):
         It wins over a closure's returned loss and loses to ``step(loss=...)`` (Note [loss
         precedence] in :meth:`step`); a later call replaces it, and each step consumes it.
         """
-        check_loss(f"{type(self).__name__}.observe_loss", loss)
-        _check_scalar_loss(type(self).__name__, loss)
+        check_scalar_loss(f"{type(self).__name__}.observe_loss", loss)
         self._pending_loss = loss.detach() if isinstance(loss, torch.Tensor) else loss
 
     @torch.no_grad()
@@ -397,7 +392,7 @@ class CatastropheGuard(OptimizerWrapper, Composable):
             loss = result
         if loss is None:
             raise _missing_loss(type(self).__name__)
-        _check_scalar_loss(type(self).__name__, loss)
+        check_scalar_loss(owner, loss)
         self._pending_loss = None
         observed = loss.detach() if isinstance(loss, torch.Tensor) else loss
         params = self._params()

@@ -38,58 +38,27 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from steadystep._stabilize_args import (
+    CPROP_KEYS,
+    build_alrc,
+    check_keys,
+    check_sizes,
+    configure_detector,
+    devices_of,
+    guard_kwargs,
+    setting_kind,
+)
+from steadystep._validation import check_scalar_loss
 from steadystep.alrc import ALRC
 from steadystep.compose.order import Composable, layers
 from steadystep.compose.wrapper import OptimizerWrapper
 from steadystep.guard import CatastropheGuard
-from steadystep.optim.cprop.native import CPropAdam, CPropAdamW, CPropSGD, _NativeCPropBase
-from steadystep.optim.cprop.wrapper import CProp
+from steadystep.optim.cprop import CProp
+from steadystep.optim.cprop.convert import can_convert, is_native, native_for
 
 __all__ = ["Stabilized", "configure_detector", "stabilize"]
 
 _FORMAT = 1
-
-# torch's optimizers that have a native CProp class with the same hyperparameters, and the
-# constructor arguments that carry over (the defaults of groups added later).
-_NATIVE: dict[type[Optimizer], tuple[type[_NativeCPropBase], tuple[str, ...]]] = {
-    torch.optim.SGD: (CPropSGD, ("lr", "momentum", "dampening", "weight_decay", "nesterov")),
-    torch.optim.Adam: (CPropAdam, ("lr", "betas", "eps", "weight_decay", "amsgrad")),
-    torch.optim.AdamW: (CPropAdamW, ("lr", "betas", "eps", "weight_decay", "amsgrad")),
-}
-_CPROP_KEYS = ("beta", "c", "eps", "cdf", "method", "fused")
-_GUARD_KEYS = ("detector", "lr_factor", "backtrack", "min_lr", "snapshot_device", "check_every")
-
-
-def configure_detector(detector: Any, *, batch_size: int, dataset_size: int) -> None:
-    """Set what a change detector derives from the batch and dataset sizes.
-
-    A detector that defines ``configure(*, batch_size, dataset_size)`` is asked through it (the
-    hook for detectors whose settings depend on the data); a :class:`~steadystep.PageHinkley`
-    gets ``rho = batch_size / dataset_size``, the weight of its loss average in the paper (the
-    fraction of the data one step sees); any other detector needs nothing and is left alone.
-    Both sizes count samples per optimizer step over all ranks (the global batch).
-
-    Examples:
-        >>> ph = ss.PageHinkley()
-        >>> configure_detector(ph, batch_size=32, dataset_size=1024)
-        >>> ph.rho
-        0.03125
-    """
-    _check_sizes(batch_size, dataset_size)
-    hook = getattr(detector, "configure", None)
-    if callable(hook):
-        hook(batch_size=batch_size, dataset_size=dataset_size)
-
-
-def _check_sizes(batch_size: Any, dataset_size: Any) -> None:
-    for name, value in (("batch_size", batch_size), ("dataset_size", dataset_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {name}={value!r}")
-    if batch_size > dataset_size:
-        raise ValueError(
-            "batch_size must be at most dataset_size (one step sees a fraction of the data), "
-            f"got batch_size={batch_size}, dataset_size={dataset_size}"
-        )
 
 
 class _LossWindow:
@@ -119,159 +88,8 @@ class _LossWindow:
         return self.observed
 
 
-def _params(optimizer: Optimizer) -> list[Tensor]:
+def params_of(optimizer: Optimizer) -> list[Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
-
-
-def _kind(value: Any, name: str, what: str) -> str:
-    """``"off"``, ``"on"`` (True: defaults), ``"settings"`` (a dict) or ``"object"``."""
-    if value is None or value is False:
-        return "off"
-    if value is True:
-        return "on"
-    if isinstance(value, Mapping):
-        return "settings"
-    if isinstance(value, (bool, int, float, str)):
-        raise TypeError(f"{name} must be True, False, a dict of {what} or an object, got {value!r}")
-    return "object"
-
-
-def _check_keys(name: str, settings: Mapping[str, Any], allowed: tuple[str, ...]) -> dict[str, Any]:
-    unknown = sorted(set(settings) - set(allowed))
-    if unknown:
-        raise ValueError(f"{name} got unknown settings {unknown}; the settings are {list(allowed)}")
-    return dict(settings)
-
-
-def _plain_for_native(base: Optimizer) -> bool:
-    """Can ``base`` be rebuilt as its native CProp class with the same numbers?
-
-    Exactly torch's SGD/Adam/AdamW (a subclass may change the step), not yet stepped (its state
-    would be lost), no hooks of its own, and no setting the native classes lack (``maximize``,
-    ``capturable``, ``differentiable``, a tensor learning rate or betas).
-    """
-    if type(base) not in _NATIVE or base.state:
-        return False
-    hooks = (
-        base._optimizer_step_pre_hooks,
-        base._optimizer_step_post_hooks,
-        base._optimizer_state_dict_pre_hooks,
-        base._optimizer_state_dict_post_hooks,
-        base._optimizer_load_state_dict_pre_hooks,
-        base._optimizer_load_state_dict_post_hooks,
-    )
-    if any(hooks):
-        return False
-    decoupled = type(base) is torch.optim.AdamW
-    for group in base.param_groups:
-        if group.get("maximize") or group.get("capturable") or group.get("differentiable"):
-            return False
-        if any(isinstance(group.get(k), Tensor) for k in ("lr", "weight_decay")):
-            return False
-        if any(isinstance(b, Tensor) for b in group.get("betas", ())):
-            return False
-        if "betas" in group and bool(group.get("decoupled_weight_decay", False)) != decoupled:
-            return False
-    return True
-
-
-def _native_cprop(base: Optimizer, settings: dict[str, Any]) -> _NativeCPropBase:
-    """The native CProp class of ``base``, on the same param-group dicts (see :func:`stabilize`)."""
-    cls, names = _NATIVE[type(base)]
-    fused = settings.get("fused")
-    groups = base.param_groups
-    for group in groups:
-        # steadystep's fused path is its own (C / Triton kernels); torch's flag is not it
-        group["fused"] = fused
-        if fused:
-            group["foreach"] = None
-    hyper = {name: base.defaults[name] for name in names}
-    cprop = {f"cprop_{k}": settings[k] for k in ("beta", "c", "eps") if k in settings}
-    cprop.update({k: settings[k] for k in ("cdf", "method") if k in settings})
-    return cls(groups, **hyper, **cprop, fused=fused)
-
-
-def _devices(params: list[Tensor]) -> list[torch.device]:
-    return sorted({p.device for p in params}, key=str)
-
-
-def _tensor_devices(obj: Any) -> set[torch.device]:
-    if isinstance(obj, Tensor):
-        return {obj.device}
-    if isinstance(obj, Mapping):
-        return set().union(*(_tensor_devices(v) for v in obj.values())) if obj else set()
-    return set()
-
-
-def _check_device(what: str, found: set[torch.device], devices: list[torch.device]) -> None:
-    """Statistics must live beside the parameters (a CPU detector may move at first use)."""
-    stray = sorted((d for d in found if d not in devices), key=str)
-    if stray and not (what == "guard's detector" and all(d.type == "cpu" for d in stray)):
-        raise ValueError(
-            f"{what} are on {', '.join(map(str, stray))} but the parameters are on "
-            f"{', '.join(map(str, devices))}: move it to the parameters' device first "
-            "(e.g. alrc.to(device)), or build the optimizer after moving the model"
-        )
-
-
-def _build_alrc(alrc: Any, params: list[Tensor], devices: list[torch.device]) -> ALRC | None:
-    """The ALRC module that ``alrc=`` asks for (checked, on the parameters' device)."""
-    kind = _kind(alrc, "alrc", "ALRC's settings")
-    if kind == "off":
-        return None
-    if isinstance(alrc, ALRC):
-        _check_device("alrc's moments", {b.device for b in alrc.buffers()}, devices)
-        return alrc
-    if kind == "object":
-        raise TypeError(
-            "alrc must be True, False, a dict of ALRC's settings or an ALRC, got "
-            f"alrc={type(alrc).__name__}"
-        )
-    settings = {} if kind == "on" else dict(alrc)
-    try:
-        built = ALRC(**settings)
-    except TypeError as e:
-        raise TypeError(f"alrc got settings ALRC does not take: {e}") from None
-    # Where the loss is: beside the last parameter (the output layer of a split model).
-    return built.to(params[-1].device)
-
-
-def _guard_kwargs(
-    guard: Any, given: CatastropheGuard | None, batch_size: int | None, devices: list[torch.device]
-) -> dict[str, Any] | None:
-    """CatastropheGuard's arguments for ``guard=`` (checked), or None when none is to be built."""
-    kind = _kind(guard, "guard", "CatastropheGuard's settings")
-    if given is not None:
-        if kind != "on":
-            raise ValueError(
-                f"optimizer is already a CatastropheGuard ({type(given).__name__}), so guard "
-                f"must be True (it is used as built), got guard={guard!r}"
-            )
-        if batch_size is not None:
-            raise ValueError(
-                "batch_size and dataset_size configure the detector of a guard that stabilize "
-                f"builds; {type(given).__name__} was built with its own: set rho there (e.g. "
-                "PageHinkley(rho=batch_size / dataset_size)), or pass the unguarded optimizer"
-            )
-        _check_device("the guard's counters", {given.alarms.device}, devices)
-        return None
-    if kind == "off":
-        return None
-    if kind == "object":
-        kwargs: dict[str, Any] = {"detector": guard}
-    elif kind == "settings":
-        kwargs = _check_keys("guard", guard, _GUARD_KEYS)
-    else:
-        kwargs = {}
-    detector = kwargs.get("detector")
-    if detector is not None:
-        if not callable(getattr(detector, "update", None)):
-            raise TypeError(
-                "guard's detector needs an update(loss) -> alarm method, got "
-                f"{type(detector).__name__}"
-            )
-        _check_device("guard's detector", _detector_devices(detector), devices)
-    return kwargs
 
 
 class Stabilized(OptimizerWrapper, Composable):
@@ -338,20 +156,20 @@ class Stabilized(OptimizerWrapper, Composable):
                 f"dataset_size={dataset_size}"
             )
         if batch_size is not None:
-            _check_sizes(batch_size, dataset_size)
+            check_sizes(batch_size, dataset_size)
         if per_sample is None:
             per_sample = batch_size != 1
         if not isinstance(per_sample, bool):
             raise TypeError(f"per_sample must be a bool, got per_sample={per_sample!r}")
         if not isinstance(native, bool):
             raise TypeError(f"native must be a bool, got native={native!r}")
-        params = _params(optimizer)
+        params = params_of(optimizer)
         if not params:
             raise ValueError(
                 f"optimizer ({type(optimizer).__name__}) has no parameters: its param_groups "
                 "hold no tensors; build it from model.parameters() of a model that has some"
             )
-        devices = _devices(params)
+        devices = devices_of(params)
 
         # What the caller already built: a guard (outermost), then CProp, then the base.
         chain = list(layers(optimizer))
@@ -363,17 +181,17 @@ class Stabilized(OptimizerWrapper, Composable):
                 )
         given_guard = chain[0] if isinstance(chain[0], CatastropheGuard) else None
         inner = given_guard.optimizer if given_guard is not None else optimizer
-        given_cprop = inner if isinstance(inner, (CProp, _NativeCPropBase)) else None
+        given_cprop = inner if isinstance(inner, CProp) or is_native(inner) else None
 
         # Everything is checked before anything is built: a refused call leaves the caller's
         # optimizer as it was (building the native class takes over its param-group dicts).
-        alrc_module = _build_alrc(alrc, params, devices)
-        guard_kwargs = _guard_kwargs(guard, given_guard, batch_size, devices)
-        cprop_kind = _kind(cprop, "cprop", "CProp's settings")
+        alrc_module = build_alrc(alrc, params, devices)
+        guard_settings = guard_kwargs(guard, given_guard, batch_size, devices)
+        cprop_kind = setting_kind(cprop, "cprop", "CProp's settings")
         if cprop_kind == "object":
             raise TypeError(
                 "cprop must be True, False or a dict of CProp's settings "
-                f"{list(_CPROP_KEYS)}; to use a CProp you built, pass it as the optimizer: "
+                f"{list(CPROP_KEYS)}; to use a CProp you built, pass it as the optimizer: "
                 f"got cprop={type(cprop).__name__}"
             )
         if given_cprop is not None and cprop_kind != "on":
@@ -387,19 +205,19 @@ class Stabilized(OptimizerWrapper, Composable):
                 "around its optimizer, and CProp goes inside the guard: pass the unguarded "
                 "optimizer (e.g. ALeRA(...) for SALeRA) with guard={...}, or cprop=False"
             )
-        settings = _check_keys("cprop", cprop, _CPROP_KEYS) if cprop_kind == "settings" else {}
+        settings = check_keys("cprop", cprop, CPROP_KEYS) if cprop_kind == "settings" else {}
 
         # -- CProp, in the middle ----------------------------------------------------------------
         self.native = False
         self.cprop: Optimizer | None = None
         if given_cprop is not None:
             self.cprop = given_cprop
-            self.native = isinstance(given_cprop, _NativeCPropBase)
+            self.native = is_native(given_cprop)
             base = given_cprop if self.native else given_cprop.optimizer
         elif cprop_kind == "off":
             base = inner
-        elif native and _plain_for_native(inner):
-            self.cprop = base = _native_cprop(inner, settings)
+        elif native and can_convert(inner):
+            self.cprop = base = native_for(inner, **settings)
             self.native = True
         else:
             self.cprop = CProp(inner, **settings)
@@ -409,8 +227,8 @@ class Stabilized(OptimizerWrapper, Composable):
 
         # -- the guard, outermost -------------------------------------------------------------
         self.guard: CatastropheGuard | None = given_guard
-        if guard_kwargs is not None:
-            self.guard = CatastropheGuard(middle, **guard_kwargs)
+        if guard_settings is not None:
+            self.guard = CatastropheGuard(middle, **guard_settings)
             if batch_size is not None and dataset_size is not None:
                 configure_detector(
                     self.guard.detector, batch_size=batch_size, dataset_size=dataset_size
@@ -475,10 +293,8 @@ class Stabilized(OptimizerWrapper, Composable):
         Lightning's ``LossFeeder`` observe the training step's *clipped* result); ``loss=``
         given to :meth:`step` wins over both.
         """
-        if isinstance(loss, Tensor):
-            _check_scalar(loss, "observe_loss")
-            loss = loss.detach()
-        self._window.observed = loss
+        check_scalar_loss("Stabilized.observe_loss", loss)
+        self._window.observed = loss.detach() if isinstance(loss, Tensor) else loss
 
     def reset_loss(self) -> None:
         """Forget the losses remembered since the last step (a step that was skipped, e.g. by a
@@ -508,24 +324,30 @@ class Stabilized(OptimizerWrapper, Composable):
                 )
             finally:
                 window.clear()
-        result = None
+        # The guard alone decides (its Note [loss precedence]: ``loss=``, else an observed
+        # loss, else the closure's result) and checks the loss. The raw mean remembered by
+        # clip(), else observe_loss()'s, reaches it as its observed loss, after the closure has
+        # run (clip() may be called inside it).
+        guard = self.guard
+
+        def observe_window() -> None:
+            if loss is None and window.loss() is not None:
+                guard.observe_loss(window.loss())
+
+        watched_closure = None
         if closure is not None:
-            with torch.enable_grad():
+
+            def watched_closure() -> Any:
                 result = closure()
-        watched = loss if loss is not None else window.loss()
-        if watched is None:
-            watched = result
-        window.clear()
-        if watched is None:
-            raise RuntimeError(
-                "the guard needs the raw minibatch loss: call opt.clip(per_sample_losses) "
-                "before opt.step() (it remembers their mean), or opt.step(loss=raw_loss), or "
-                "pass a closure that returns the loss"
-            )
-        if isinstance(watched, Tensor):
-            _check_scalar(watched, "step(loss=...)")
-        self.guard.step(loss=watched)
-        return result if closure is not None else watched
+                observe_window()
+                return result
+
+        else:
+            observe_window()
+        try:
+            return guard.step(watched_closure, loss=loss)
+        finally:
+            window.clear()
 
     # -- checkpoints and telemetry ---------------------------------------------------------------
 
@@ -590,21 +412,6 @@ class Stabilized(OptimizerWrapper, Composable):
             if callable(part_stats):
                 out.update({f"{prefix}/{k}": v for k, v in part_stats().items()})
         return out
-
-
-def _detector_devices(detector: Any) -> set[torch.device]:
-    """The devices of a detector's state (through its ``state_dict()``, when it has one)."""
-    state_dict = getattr(detector, "state_dict", None)
-    return _tensor_devices(state_dict()) if callable(state_dict) else set()
-
-
-def _check_scalar(loss: Tensor, where: str) -> None:
-    if loss.numel() != 1:
-        raise ValueError(
-            f"{where}: the guard watches the minibatch loss, a scalar, got a loss of shape "
-            f"{tuple(loss.shape)} (per-sample losses?): pass them to opt.clip() instead, or "
-            "their mean"
-        )
 
 
 def stabilize(

@@ -60,9 +60,9 @@ class ForeignDetector:
     Note [a foreign detector's skip]: such a detector cannot mask an observation on the device,
     so the adapter keeps its ``state_dict()`` before each ``update`` and, where ``skip`` is set
     and there was no alarm, loads it back: one host read per step (a detector without
-    ``state_dict`` / ``load_state_dict`` observes such a step; it cannot be checkpointed either). A ``needs_grad_norm``
-    attribute set on it is honoured (``update(loss, grad_norm=...)``). Attributes not defined
-    here are the wrapped detector's.
+    ``state_dict`` / ``load_state_dict`` observes such a step; it cannot be checkpointed
+    either). A ``needs_grad_norm`` attribute set on it is honoured (``update(loss,
+    grad_norm=...)``). Attributes not defined here are the wrapped detector's.
     """
 
     def __init__(self, detector: Any) -> None:

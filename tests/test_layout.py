@@ -1,0 +1,81 @@
+"""The structure the project keeps: the guard and the optimizers side by side on the contract
+layer (steadystep.compose), private modules private, modules of a readable size."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "steadystep"
+MAX_LINES = 600
+
+
+def _modules() -> list[Path]:
+    return sorted(SRC.rglob("*.py"))
+
+
+def _imports(path: Path) -> list[str]:
+    """Every module an ``import`` / ``from ... import`` in ``path`` names (absolute imports)."""
+    tree = ast.parse(path.read_text())
+    names: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.extend(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.append(node.module)
+            names.extend(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def _package(path: Path) -> str:
+    return ".".join(("steadystep", *path.relative_to(SRC).with_suffix("").parts))
+
+
+def test_nothing_outside_optim_imports_a_private_optim_module():
+    offenders = []
+    for path in _modules():
+        here = _package(path)
+        if here.startswith("steadystep.optim"):
+            continue
+        for name in _imports(path):
+            parts = name.split(".")
+            if parts[:2] == ["steadystep", "optim"] and any(
+                p.startswith("_") and not p.startswith("__") for p in parts[2:-1]
+            ):
+                offenders.append(f"{here} imports {name}")
+            # a private module imported by name: from steadystep.optim import _alera_core
+            if parts[:2] == ["steadystep", "optim"] and parts[-1].startswith("_"):
+                if (SRC / Path(*parts[1:])).with_suffix(".py").exists():
+                    offenders.append(f"{here} imports {name}")
+    assert offenders == []
+
+
+@pytest.mark.parametrize("module", ["guard", "salera", "detectors", "compose"])
+def test_the_guard_side_stands_on_the_contract_layer_not_on_optim_internals(module):
+    """guard.py and the detectors import the contract layer (steadystep.compose), never an
+    optimizer's module (SALeRA composes ALeRA by its public class)."""
+    paths = [SRC / f"{module}.py"] if (SRC / f"{module}.py").exists() else []
+    paths += sorted((SRC / module).rglob("*.py")) if (SRC / module).is_dir() else []
+    assert paths
+    allowed = (
+        {"steadystep.optim.alera", "steadystep.optim.alera.ALeRA"} if module == "salera" else set()
+    )
+    for path in paths:
+        optim = [n for n in _imports(path) if n.startswith("steadystep.optim")]
+        assert set(optim) <= allowed, (path.name, optim)
+
+
+def test_the_contract_layer_imports_no_component():
+    """compose/ is below the guard, the optimizers, stabilize and the detectors."""
+    for path in sorted((SRC / "compose").rglob("*.py")):
+        for name in _imports(path):
+            assert not name.startswith(
+                (
+                    "steadystep.guard",
+                    "steadystep.optim",
+                    "steadystep.stabilize",
+                    "steadystep.detectors",
+                )
+            ), (path.name, name)
