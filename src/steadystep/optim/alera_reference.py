@@ -67,7 +67,7 @@ from steadystep._kernels import gradient_limit, stats_dtype
 from steadystep._validation import check_choice
 from steadystep.agnostic import apply_log_change, random_walk_mean
 
-__all__ = ["GRANULARITIES", "PlainALeRA", "PlainAgAdam", "relaxed_path"]
+__all__ = ["GRANULARITIES", "PlainALeRA", "PlainAgAdam", "log_rate_change", "relaxed_path"]
 
 GRANULARITIES = ("global", "group", "tensor", "param")
 
@@ -78,6 +78,12 @@ def relaxed_path(r: Tensor, d: Tensor, norm: Tensor, *, alpha: float, norm_eps: 
     if norm > norm_eps:
         return (1 - alpha) * r + alpha * d / norm
     return (1 - alpha) * r
+
+
+def log_rate_change(r_sq: Tensor, t: int, *, alpha: float, C: float, n: int) -> Tensor:
+    """Line 14's exponent: ``C (||r_u||^2 - E_t) / (alpha / sqrt(n))``, ``E_t`` of eq. 4."""
+    E_t = random_walk_mean(alpha, t)
+    return C * (r_sq - E_t) / (alpha / math.sqrt(n))
 
 
 class PlainALeRA:
@@ -189,9 +195,10 @@ class PlainALeRA:
                 state["relaxed_path"] = relaxed_path(
                     state["relaxed_path"], d[p], norm, alpha=self.alpha, norm_eps=self.norm_eps
                 )
-            E_t = random_walk_mean(self.alpha, t)  # eq. 4
             n = sum(p.numel() for p in unit)
             if self.granularity == "param":
+                # Algorithm 2: per element, mean E_t / D and std alpha / D (D = n)
+                E_t = random_walk_mean(self.alpha, t)
                 for p in unit:
                     r = self.state[p]["relaxed_path"]
                     log_change = self.C * (r**2 - E_t / n) / (self.alpha / n)
@@ -201,7 +208,7 @@ class PlainALeRA:
                     rates[p] = self.state[p]["lr_multiplier"]
                 continue
             r_sq = sum(torch.sum(self.state[p]["relaxed_path"] ** 2) for p in unit)
-            log_change = self.C * (r_sq - E_t) / (self.alpha / math.sqrt(n))
+            log_change = log_rate_change(r_sq, t, alpha=self.alpha, C=self.C, n=n)
             owner = self.state[unit[0]] if gi is None else self.param_groups[gi]
             owner["lr_multiplier"] = apply_log_change(owner["lr_multiplier"], log_change)
             for p in unit:
