@@ -13,6 +13,7 @@ import torch
 import steadystep as ss
 from steadystep import _kernels
 from steadystep.optim import cprop as cprop_module
+from steadystep.optim.cprop import reference
 
 F64 = torch.float64
 
@@ -110,55 +111,19 @@ NATIVE_IDS = [f"{n.__name__}-{i}" for i, (n, _, _) in enumerate(NATIVE)]
 
 
 # --------------------------------------------------------------------------------------------
-# Numerics against a plain-Python restatement of the paper's Algorithm 1
+# Numerics against the reference twin: Algorithm 1 restated (steadystep.optim.cprop.reference)
 # --------------------------------------------------------------------------------------------
 
 
-def _sigmoid(a):
-    """1 / (1 + exp(-a)) without overflow (the first steps give |a| up to 1e8)."""
-    return 0.0 if a < -700 else 1 / (1 + math.exp(-a))
-
-
-def algorithm1(
-    theta0, grads, *, lr, beta, c, eps, cdf="normal", method="conformity", weight_decay=0.0
-):
-    """Algorithm 1 with SGD (g_hat = -lr (g + weight_decay theta)), element by element, in
-    Python floats; CProp's statistics see the raw g.
-
-    docs/decisions.md: se = sqrt(max(v_hat - m_hat^2, 0) / (n - 1 + eps)) + eps and s = 1 at
-    t = 1. The CDFs are the paper's Phi and the authors' logistic approximations as printed.
-    """
-    theta = list(theta0)
-    m = [0.0] * len(theta)
-    v = [0.0] * len(theta)
-    for t, g in enumerate(grads, start=1):
-        for i, gi in enumerate(g):
-            m[i] = beta * m[i] + (1 - beta) * gi
-            second = abs(gi) if method == "relative" else gi * gi
-            v[i] = beta * v[i] + (1 - beta) * second
-            m_hat = m[i] / (1 - beta**t)
-            v_hat = v[i] / (1 - beta**t)
-            n = (1 - beta**t) / (1 - beta)
-            if method == "conformity":
-                se = math.sqrt(max(v_hat - m_hat**2, 0) / (n - 1 + eps)) + eps
-                z = (0 - m_hat) / se
-                if cdf == "normal":
-                    p_neg = 0.5 * (1 + math.erf(z / math.sqrt(2)))
-                elif cdf == "bfo":
-                    p_neg = _sigmoid(1.702 * z)
-                elif cdf == "bft":
-                    p_neg = _sigmoid(0.07056 * z**3 + 1.5976 * z)
-                else:
-                    p_neg = _sigmoid(-m_hat / (se * math.sqrt(3) / math.pi))
-                s = min(2 * c * abs(p_neg - 0.5), 1.0)
-            elif method == "relative":
-                s = min(c * abs(m_hat) / (v_hat + eps), 1.0)
-            else:
-                s = min(c * abs(m_hat) / (math.sqrt(v_hat) + eps), 1.0)
-            if t == 1:
-                s = 1.0
-            theta[i] += s * (-lr * (gi + weight_decay * theta[i]))
-    return theta
+def twin_sgd(theta0, grads, **kwargs):
+    """The reference twin :class:`PlainCPropSGD` on one float64 parameter, one step per
+    gradient: Algorithm 1 with SGD (``g_hat = -lr (g + weight_decay theta)``)."""
+    p = torch.tensor(theta0, dtype=F64, requires_grad=True)
+    opt = reference.PlainCPropSGD([p], **kwargs)
+    for g in grads:
+        p.grad = torch.tensor(g, dtype=F64)
+        opt.step()
+    return p.detach()
 
 
 def gradient_sequence(steps, n, seed=0):
@@ -174,11 +139,15 @@ def gradient_sequence(steps, n, seed=0):
 )
 @pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
 @pytest.mark.parametrize("native", [False, True], ids=["wrapper", "native"])
-def test_reference_matches_algorithm1(cdf, method, native, fused):
+def test_matches_the_reference_twin_in_float64(cdf, method, native, fused):
+    """Every CDF and method, the wrapper and the native class, eager and fused: the twin's
+    numbers (the paper's Phi and the authors' logistic approximations as printed)."""
     steps, n, lr = 50, 12, 0.05
     grads = gradient_sequence(steps, n)
     theta0 = torch.linspace(-1, 1, n, dtype=F64).tolist()
-    expected = algorithm1(theta0, grads, lr=lr, beta=0.9, c=1.5, eps=1e-8, cdf=cdf, method=method)
+    expected = twin_sgd(
+        theta0, grads, lr=lr, cprop_beta=0.9, cprop_c=1.5, cprop_eps=1e-8, cdf=cdf, method=method
+    )
     p = torch.nn.Parameter(torch.tensor(theta0, dtype=F64))
     kw = {"cdf": cdf, "method": method, "fused": fused}
     if native:
@@ -188,18 +157,18 @@ def test_reference_matches_algorithm1(cdf, method, native, fused):
     for g in grads:
         p.grad = torch.tensor(g, dtype=F64)
         opt.step()
-    torch.testing.assert_close(p.detach(), torch.tensor(expected, dtype=F64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(p.detach(), expected, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("c", [1.5, math.inf])
 @pytest.mark.parametrize("foreach", [False, True], ids=["reference", "foreach"])
-def test_functional_sgd_with_its_defaults_matches_algorithm1(foreach, c):
+def test_functional_sgd_with_its_defaults_matches_the_reference_twin(foreach, c):
     """The functional core called as documented, without ``lr_multiplier``, on the eager paths;
     weight_decay = 1 is a decay like any other, and c = inf is plain SGD."""
     steps, n, lr, wd = 30, 12, 0.05, 1.0
     grads = gradient_sequence(steps, n, seed=2)
     theta0 = torch.linspace(-1, 1, n, dtype=F64).tolist()
-    expected = algorithm1(theta0, grads, lr=lr, beta=0.9, c=c, eps=1e-8, weight_decay=wd)
+    expected = twin_sgd(theta0, grads, lr=lr, weight_decay=wd, cprop_beta=0.9, cprop_c=c)
     p = torch.tensor(theta0, dtype=F64)
     m, v, step = torch.zeros(n, dtype=F64), torch.zeros(n, dtype=F64), torch.zeros(())
     for g in grads:
@@ -224,7 +193,7 @@ def test_functional_sgd_with_its_defaults_matches_algorithm1(foreach, c):
             foreach=foreach,
             fused=False,
         )
-    torch.testing.assert_close(p, torch.tensor(expected, dtype=F64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(p, expected, atol=1e-12, rtol=0)
     assert step.item() == steps
 
 
@@ -404,40 +373,128 @@ def test_fused_sgd_equals_reference(kw):
         assert fused.state[p]["step"].item() == 11
 
 
+# name: (implementation, reference twin, arguments); the wrapper's base optimizer is built twice
+TWINS = {
+    "adamw": (ss.CPropAdamW, reference.PlainCPropAdamW, {"lr": 1e-2}),
+    "adamw-bft-own-v": (
+        ss.CPropAdamW,
+        reference.PlainCPropAdamW,
+        {"lr": 1e-2, "cdf": "bft", "cprop_c": 2.0, "cprop_beta": 0.99},
+    ),
+    "adam-amsgrad-l2": (
+        ss.CPropAdam,
+        reference.PlainCPropAdam,
+        {"lr": 1e-2, "amsgrad": True, "weight_decay": 0.1},
+    ),
+    "sgd-nesterov": (
+        ss.CPropSGD,
+        reference.PlainCPropSGD,
+        {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
+    ),
+    "sgd-relative": (
+        ss.CPropSGD,
+        reference.PlainCPropSGD,
+        {"lr": 0.1, "momentum": 0.5, "dampening": 0.2, "method": "relative", "cdf": "bfo"},
+    ),
+    "sgd-moment": (ss.CPropSGD, reference.PlainCPropSGD, {"lr": 0.1, "method": "moment"}),
+    "wrapper-adamw": (
+        lambda ps, **path: ss.CProp(torch.optim.AdamW(ps, lr=1e-2), **path),
+        lambda ps: reference.PlainCProp(torch.optim.AdamW(ps, lr=1e-2)),
+        {},
+    ),
+    "wrapper-sgd-logistic": (
+        lambda ps, **path: ss.CProp(
+            torch.optim.SGD(ps, lr=0.1, momentum=0.9), beta=0.9, cdf="logistic", **path
+        ),
+        lambda ps: reference.PlainCProp(
+            torch.optim.SGD(ps, lr=0.1, momentum=0.9), beta=0.9, cdf="logistic"
+        ),
+        {},
+    ),
+}
+# the native classes' three paths; the wrapper picks foreach by device (CUDA), so on the CPU
+# its paths are the per-tensor one and the fused one
+NATIVE_PATHS = {
+    "single": {"foreach": False, "fused": False},
+    "foreach": {"foreach": True},
+    "fused": {"fused": True},
+}
+WRAPPER_PATHS = {"single": {"fused": False}, "fused": {"fused": True}}
+
+
+def _state_of(opt):
+    return opt.cprop_state if hasattr(opt, "cprop_state") else opt.state
+
+
+def assert_matches_twin(model, opt, twin_model, twin, atol):
+    """Parameters and every statistic of ``opt`` within ``atol`` of the twin's, step counts
+    exactly; where ``opt`` shares CProp's ``v`` with Adam's ``exp_avg_sq``, that is compared."""
+    assert_params(model, twin_model, atol=atol)
+    states, twin_states = _state_of(opt), _state_of(twin)
+    for p, q in zip(model.parameters(), twin_model.parameters(), strict=True):
+        state, twin_state = states[p], twin_states[q]
+        assert float(state["step"]) == twin_state["step"]
+        for key, value in twin_state.items():
+            if key == "step":
+                continue
+            actual = state.get(key, state.get("exp_avg_sq"))  # a shared v
+            torch.testing.assert_close(actual, value, atol=max(atol, 1e-6), rtol=0, msg=key)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, F64])
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda ps, fused: ss.CPropAdamW(ps, lr=1e-2, fused=fused),
-        lambda ps, fused: ss.CPropAdam(ps, lr=1e-2, amsgrad=True, weight_decay=0.1, fused=fused),
-        lambda ps, fused: ss.CPropSGD(ps, lr=0.1, momentum=0.9, nesterov=True, fused=fused),
-        lambda ps, fused: ss.CProp(torch.optim.AdamW(ps, lr=1e-2), fused=fused),
-    ],
-    ids=["adamw", "adam-amsgrad-l2", "sgd-nesterov", "wrapper"],
-)
-def test_fused_late_parameter_and_every_dtype_close_to_reference(make, dtype):
-    """One kernel call for all tensors, each with its own step count (a parameter that joins
-    late has its own bias corrections), in every dtype the kernels take."""
-    a, b = mlp(dtype), mlp(dtype)
-    fused, ref = make(a.parameters(), True), make(b.parameters(), False)
+@pytest.mark.parametrize("name", list(TWINS))
+def test_reference_twin_single_foreach_and_fused_agree(name, dtype):
+    """The reference twin (steadystep.optim.cprop.reference) == the per-tensor path ==
+    foreach == fused over 8 steps, in every dtype the kernels take: the foreach path is
+    bitwise the per-tensor one; the fused kernels (one call for all tensors, each with its own
+    step count: a parameter that joins late has its own bias corrections) and the twin agree
+    with it to rounding. The native classes also skip a NaN step alike (the wrapper's base
+    optimizer would see it: that is the guard's job)."""
+    make, make_twin, kw = TWINS[name]
+    wrapper = name.startswith("wrapper")
+    x, y = data(dtype)
 
     def run(model, opt):
-        x, y = data(dtype)
-        for i in range(6):
+        for i in range(8):
             xb, yb = batch(i, x, y)
-            opt.zero_grad()
+            for p in model.parameters():
+                p.grad = None
             (model(xb) - yb).pow(2).mean().backward()
             if i < 2:  # a parameter that joins late: its own step count, its own coefficients
                 list(model.parameters())[1].grad = None
+            if i == 4 and not wrapper:
+                next(model.parameters()).grad[0, 0] = math.nan
             opt.step()
 
-    run(a, fused)
-    run(b, ref)
+    paths = WRAPPER_PATHS if wrapper else NATIVE_PATHS
+    models, opts = {}, {}
+    for path, path_kw in paths.items():
+        models[path] = mlp(dtype)
+        opts[path] = make(models[path].parameters(), **kw, **path_kw)
+        run(models[path], opts[path])
+    twin_model = mlp(dtype)
+    twin = make_twin(twin_model.parameters(), **kw)
+    run(twin_model, twin)
+
+    single = models["single"]
+    if "foreach" in paths:
+        assert_params(single, models["foreach"])
+        for p, q in zip(single.parameters(), models["foreach"].parameters(), strict=True):
+            assert_state_equal(opts["single"].state[p], opts["foreach"].state[q])
     # float32: erf_float32 (2e-6); bfloat16: a rounding of the parameter (one ulp at 2^-2)
     atol = {torch.float32: 1e-5, torch.bfloat16: 4e-3, F64: 1e-13}[dtype]
-    assert_params(a, b, atol=atol)
-    key = "cprop_state" if isinstance(fused, ss.CProp) else "state"
-    assert_states_close(a, getattr(fused, key), b, getattr(ref, key), atol=max(atol, 1e-6))
+    assert_params(single, models["fused"], atol=atol)
+    key = "cprop_state" if wrapper else "state"
+    assert_states_close(
+        single,
+        getattr(opts["single"], key),
+        models["fused"],
+        getattr(opts["fused"], key),
+        atol=max(atol, 1e-6),
+    )
+    assert_matches_twin(single, opts["single"], twin_model, twin, atol)
+    if not wrapper:  # the NaN step was skipped everywhere
+        assert float(opts["single"].state[next(single.parameters())]["step"]) == 7
 
 
 def test_fused_sgd_float32_bf16_train():
