@@ -189,8 +189,8 @@ def test_missing_package_in_process(tmp_path, capsys, monkeypatch):
     assert err.count("\n") == 1 and "scikit-learn" in err and "steadystep[exp]" in err
 
 
-# --help, --version and a usage error are answered from argparse and plain data: torch (seconds
-# to import) and numpy stay unimported. Structural, not a wall-time bound.
+# --help, --version, a usage error and a missing RUN_DIR are answered from argparse and plain
+# data: torch (seconds to import) and numpy stay unimported. Structural, not a wall-time bound.
 _PARSE_ONLY = """
 import sys
 from steadystep.cli import main
@@ -203,15 +203,16 @@ for argv in (["--help"], ["--version"], ["demo", "--help"], ["reproduce", "--hel
         print("exit", e.code, *argv)
     else:
         raise AssertionError(f"{argv} did not exit")
+print("exit", main(["report", sys.argv[1]]), "report")
 loaded = [m for m in ("torch", "numpy") if m in sys.modules]
 assert not loaded, f"imported {loaded}"
 """
 
 
-def test_help_version_and_usage_errors_answer_without_importing_torch():
+def test_help_version_and_usage_errors_answer_without_importing_torch(tmp_path):
     env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}
     proc = subprocess.run(
-        [sys.executable, "-c", _PARSE_ONLY],
+        [sys.executable, "-c", _PARSE_ONLY, str(tmp_path / "missing")],
         capture_output=True,
         text=True,
         env=env,
@@ -219,7 +220,7 @@ def test_help_version_and_usage_errors_answer_without_importing_torch():
     )
     assert proc.returncode == 0, proc.stderr
     codes = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("exit ")]
-    assert codes == ["0"] * 5 + ["2"] * 4, proc.stdout
+    assert codes == ["0"] * 5 + ["2"] * 5, proc.stdout
     assert "Traceback" not in proc.stderr
 
 

@@ -336,13 +336,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "report":
+        target = Path(args.run_dir)
+        if not target.exists():  # said before anything is imported
+            print(
+                f"steadystep report: error: argument RUN_DIR: {target} does not exist; expected "
+                "the --out directory of a `steadystep demo` or `steadystep reproduce` run, a "
+                "directory of Monitor CSV files (ss.Monitor(csv_path=...)), or one such file",
+                file=sys.stderr,
+            )
+            return _EXIT_USAGE
         absent = missing(["matplotlib"])
         if absent:
             raise MissingDependencyError(absent, "the figures")
         from steadystep.experiments.monitor_report import build_monitor_report, monitor_csvs
         from steadystep.experiments.report import build_report
 
-        target = Path(args.run_dir)
         if not (target / "config.json").is_file() and monitor_csvs(target):
             monitor_report, text = build_monitor_report(target)
             print(text)
