@@ -211,6 +211,24 @@ def test_report_of_a_missing_path_names_the_argument_and_what_it_expects(tmp_pat
     assert not missing.exists()  # nothing created
 
 
+def test_tiny_scale_report_says_its_verdicts_decide_nothing(tmp_path, capsys):
+    out = tmp_path / "alrc"
+    argv = ["reproduce", "alrc", "--scale", "tiny", "--device", "cpu", "--out", str(out)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    note = "verdicts at scale tiny decide nothing"
+    head = printed.split("\n\n")[0]
+    assert note in " ".join(head.split()), printed  # first, above the verdicts
+    report = (out / "report.md").read_text()
+    assert note in report.split("| method |")[0]  # before the table of verdicts
+    # at a real scale the same report carries no such note
+    config = json.loads((out / "config.json").read_text())
+    config["settings"]["scale"] = "demo"
+    (out / "config.json").write_text(json.dumps(config))
+    assert cli.main(["report", str(out)]) == 0
+    assert note not in capsys.readouterr().out and note not in (out / "report.md").read_text()
+
+
 def test_report_renders_a_directory_of_monitor_csvs(tmp_path, capsys):
     # what the README says: `steadystep report RUN_DIR` plots a Monitor CSV
     import torch
