@@ -201,6 +201,34 @@ def test_clear_errors(tmp_path, capsys, monkeypatch):
     assert "lacks CProp" in capsys.readouterr().err
 
 
+def test_report_of_a_missing_path_names_the_argument_and_what_it_expects(tmp_path, capsys):
+    missing = tmp_path / "no-such-run"
+    assert cli.main(["report", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("steadystep report: error: argument RUN_DIR: ") and err.count("\n") == 1
+    assert str(missing) in err and "does not exist" in err
+    assert "--out directory" in err and "Monitor CSV" in err  # what it expects instead
+    assert not missing.exists()  # nothing created
+
+
+def test_tiny_scale_report_says_its_verdicts_decide_nothing(tmp_path, capsys):
+    out = tmp_path / "alrc"
+    argv = ["reproduce", "alrc", "--scale", "tiny", "--device", "cpu", "--out", str(out)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    note = "verdicts at scale tiny decide nothing"
+    head = printed.split("\n\n")[0]
+    assert note in " ".join(head.split()), printed  # first, above the verdicts
+    report = (out / "report.md").read_text()
+    assert note in report.split("| method |")[0]  # before the table of verdicts
+    # at a real scale the same report carries no such note
+    config = json.loads((out / "config.json").read_text())
+    config["settings"]["scale"] = "demo"
+    (out / "config.json").write_text(json.dumps(config))
+    assert cli.main(["report", str(out)]) == 0
+    assert note not in capsys.readouterr().out and note not in (out / "report.md").read_text()
+
+
 def test_report_renders_a_directory_of_monitor_csvs(tmp_path, capsys):
     # what the README says: `steadystep report RUN_DIR` plots a Monitor CSV
     import torch
@@ -237,6 +265,7 @@ def test_report_renders_a_directory_of_monitor_csvs(tmp_path, capsys):
     # one file works too; a directory with neither a run nor a Monitor CSV is an error
     assert cli.main(["report", str(tmp_path / "sub" / "train.csv")]) == 0
     assert (tmp_path / "sub" / "train_report.md").is_file()
+    (tmp_path / "sub" / "none").mkdir()
     assert cli.main(["report", str(tmp_path / "sub" / "none")]) == 2
     assert "holds no Monitor CSV" in capsys.readouterr().err
 

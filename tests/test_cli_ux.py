@@ -187,3 +187,57 @@ def test_missing_package_in_process(tmp_path, capsys, monkeypatch):
     )
     assert code == 2
     assert err.count("\n") == 1 and "scikit-learn" in err and "steadystep[exp]" in err
+
+
+# --help, --version, a usage error and a missing RUN_DIR are answered from argparse and plain
+# data: torch (seconds to import) and numpy stay unimported. Structural, not a wall-time bound.
+_PARSE_ONLY = """
+import sys
+from steadystep.cli import main
+for argv in (["--help"], ["--version"], ["demo", "--help"], ["reproduce", "--help"],
+             ["report", "--help"], ["reproduce", "nope"], ["--bogus"], ["demo", "--seeds", "x"],
+             ["reproduce", "alrc", "--scale", "huge"]):
+    try:
+        main(argv)
+    except SystemExit as e:
+        print("exit", e.code, *argv)
+    else:
+        raise AssertionError(f"{argv} did not exit")
+print("exit", main(["report", sys.argv[1]]), "report")
+loaded = [m for m in ("torch", "numpy") if m in sys.modules]
+assert not loaded, f"imported {loaded}"
+"""
+
+
+def test_help_version_and_usage_errors_answer_without_importing_torch(tmp_path):
+    env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _PARSE_ONLY, str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    codes = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("exit ")]
+    assert codes == ["0"] * 5 + ["2"] * 5, proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+def test_the_package_exports_load_on_first_use():
+    # `import steadystep` is light (the command's start-up), and every public name still resolves
+    code = (
+        "import sys, steadystep as ss\n"
+        "assert 'torch' not in sys.modules\n"
+        "import steadystep.stabilize\n"  # the submodule does not hide the function
+        "assert ss.stabilize is sys.modules['steadystep.stabilize'].stabilize\n"
+        "from steadystep import *\n"
+        "assert all(hasattr(ss, n) and n in dir(ss) for n in ss.__all__)\n"
+        "assert ss.optim.AgAdam is ss.AgAdam and ss.agnostic.__name__ == 'steadystep.agnostic'\n"
+        "assert not hasattr(ss, 'no_such_name')\n"
+    )
+    env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr

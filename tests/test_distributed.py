@@ -511,3 +511,28 @@ def test_torchrun_example_runs_with_the_composition(tmp_path):
 
     clipped = re.search(r"rank 1/2: .*ALRC clipped (\d+)", proc.stdout)  # the rank of the spike
     assert clipped is not None and int(clipped.group(1)) >= 1
+
+
+def test_importing_steadystep_does_not_import_the_dtensor_module():
+    """torch.distributed.tensor takes a second or more to import: steadystep checks for DTensors
+    only once that module is loaded (no DTensor exists before) and never imports it itself.
+    (torch.optim.Optimizer's constructor imports torch._dynamo, which loads it: the saving is at
+    import, for the command and for code that builds no torch optimizer.)"""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, torch, steadystep as ss\n"
+        "for name in ss.__all__: getattr(ss, name)\n"
+        "alrc = ss.ALRC()\n"
+        "alrc(torch.rand(8)).mean()\n"
+        "assert 'steadystep._tensors' in sys.modules\n"
+        "assert 'torch.distributed.tensor' not in sys.modules\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {"PYTHONPATH": str(root / "src"), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr

@@ -9,6 +9,7 @@ all-reduce of a small tensor (:mod:`steadystep._distributed`).
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -17,14 +18,8 @@ from torch import Tensor
 from steadystep import _kernels as kernels
 from steadystep._distributed import all_ranks, all_reduce_sum
 
-try:  # FSDP2 parameters are DTensors (torch >= 2.4)
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - torch built without distributed
-    DTensor = None
-
 __all__ = [
     "PARALLEL_NUMEL",
-    "DTensor",
     "clone_tensors",
     "flat",
     "flat_shards",
@@ -65,10 +60,20 @@ def scale_all_(tensors: list[Tensor], factor: Tensor) -> None:
 _PLAIN = (Tensor, torch.nn.Parameter, type(None))
 
 
+def _is_dtensor(t: object) -> bool:
+    """Is ``t`` a DTensor (FSDP2's parameters, gradients and state)?
+
+    ``torch.distributed.tensor`` takes a second or more to import, and no DTensor exists before
+    it is imported: the check reads the class from ``sys.modules`` and never imports it.
+    """
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return dtensor is not None and isinstance(t, dtensor)
+
+
 def local_tensor(t: Tensor) -> Tensor:
     """The shard this rank holds of a DTensor (an alias: in-place ops write the DTensor), else
     ``t`` itself."""
-    if type(t) not in _PLAIN and DTensor is not None and isinstance(t, DTensor):
+    if type(t) not in _PLAIN and _is_dtensor(t):
         return t.to_local()
     return t
 
@@ -109,7 +114,7 @@ def is_sharded(t: Tensor) -> bool:
     Only FSDP2's layout, one mesh dimension over every rank, is supported: summing over the
     whole world would double count a tensor replicated along another mesh dimension (HSDP).
     """
-    if type(t) in _PLAIN or DTensor is None or not isinstance(t, DTensor):
+    if type(t) in _PLAIN or not _is_dtensor(t):
         return False
     placements = t.placements
     if not any(pl.is_shard() for pl in placements):
@@ -140,7 +145,7 @@ def reduce_square_norms(norms: list[Tensor], sharded: list[bool]) -> list[Tensor
 def full_max(t: Tensor) -> Tensor:
     """Max over the whole tensor; for a DTensor a max over its shards (a collective)."""
     top = t.max()
-    return top.full_tensor() if DTensor is not None and isinstance(top, DTensor) else top
+    return top.full_tensor() if _is_dtensor(top) else top
 
 
 def stored_real_values(t: Tensor) -> Tensor:

@@ -24,6 +24,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+# Only what the parser needs: --help, --version and a usage error are answered without torch
+# or the experiments (seconds to import); each command imports what it runs (Note [lazy
+# exports] in steadystep).
 import steadystep
 from steadystep.experiments import EXPERIMENTS, SUMMARIES, default_seeds
 from steadystep.experiments._deps import (
@@ -31,7 +34,7 @@ from steadystep.experiments._deps import (
     MissingDependencyError,
     missing,
 )
-from steadystep.experiments.runner import SCALES
+from steadystep.experiments.scales import SCALE_HELP, SCALES
 
 __all__ = ["main"]
 
@@ -39,18 +42,9 @@ _EXIT_USAGE = 2
 _EXIT_INTERRUPTED = 130
 
 
-SCALE_HELP = {
-    "tiny": "seconds: a smoke test of the whole pipeline (what the test-suite runs); its "
-    "numbers and verdicts mean nothing",
-    "demo": "one to three minutes per experiment on a 2-core CPU",
-    "quick": "a larger grid, minutes to a few hours per experiment on a 2-core CPU",
-    "paper": "the paper's grid, iterations and model sizes (days to years on a CPU: use a GPU "
-    "and --data-dir with the paper's dataset)",
-}
-
-
 def _seeds_help(default_scale: str) -> str:
-    """The ``--seeds`` help, from the experiments' own defaults (``running.SCALES``)."""
+    """The ``--seeds`` help, from the experiments' own defaults (their tables in
+    :mod:`steadystep.experiments.scales`)."""
     per_scale = "; ".join(
         f"{scale}: " + ", ".join(f"{n} {default_seeds(n, scale)}" for n in EXPERIMENTS)
         for scale in SCALES
@@ -342,13 +336,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "report":
+        target = Path(args.run_dir)
+        if not target.exists():  # said before anything is imported
+            print(
+                f"steadystep report: error: argument RUN_DIR: {target} does not exist; expected "
+                "the --out directory of a `steadystep demo` or `steadystep reproduce` run, a "
+                "directory of Monitor CSV files (ss.Monitor(csv_path=...)), or one such file",
+                file=sys.stderr,
+            )
+            return _EXIT_USAGE
         absent = missing(["matplotlib"])
         if absent:
             raise MissingDependencyError(absent, "the figures")
         from steadystep.experiments.monitor_report import build_monitor_report, monitor_csvs
         from steadystep.experiments.report import build_report
 
-        target = Path(args.run_dir)
         if not (target / "config.json").is_file() and monitor_csvs(target):
             monitor_report, text = build_monitor_report(target)
             print(text)

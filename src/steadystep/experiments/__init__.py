@@ -35,9 +35,15 @@ def get_experiment(name: str) -> ModuleType:
 
 def default_seeds(name: str, scale: str) -> int:
     """The number of seeds experiment ``name`` runs at ``scale`` when ``--seeds`` is not given
-    (read from its ``running.SCALES``, the table its ``plan`` uses)."""
-    running = importlib.import_module(f"steadystep.experiments.{name}.running")
-    return int(running.SCALES[scale]["seeds"])
+    (read from :mod:`steadystep.experiments.scales`, the table its ``plan`` uses; no torch).
+
+    Examples:
+        >>> default_seeds("alrc", "demo")
+        3
+    """
+    from steadystep.experiments.scales import TABLES
+
+    return int(TABLES[name][scale]["seeds"])
 
 
 def missing_api(name: str) -> list[str]:

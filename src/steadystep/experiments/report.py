@@ -9,6 +9,7 @@ same command with the same seeds writes the same file; wall-clock times go to ``
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,15 @@ from steadystep.experiments._common import (
 from steadystep.experiments._files import read_json, write_text
 from steadystep.experiments.runner import load_records
 
-__all__ = ["build_report", "read_config"]
+__all__ = ["TINY_NOTE", "build_report", "read_config"]
+
+# A tiny run is a smoke test of the pipeline, and its verdicts would read like findings: its
+# report says so first, printed and in report.md.
+TINY_NOTE = (
+    "Scale tiny is a smoke test of the pipeline (a few steps of small models, one seed unless "
+    "--seeds): verdicts at scale tiny decide nothing. Run --scale demo or larger to test the "
+    "papers' claims."
+)
 
 
 def read_config(run_dir: Path) -> dict[str, Any]:
@@ -150,6 +159,7 @@ def build_report(run_dir: Path) -> tuple[dict[str, Any], str]:
         f"steadystep {results['steadystep_version']}. "
         f"Compute time of the runs: {sum(timings.values()):.0f} s.",
         "",
+        *([f"**{TINY_NOTE}**", ""] if settings["scale"] == "tiny" else []),
         "Each paper's claim next to what this run measured. Small-scale runs test the direction "
         "of an effect, not the paper's absolute numbers; a verdict is only as strong as the "
         "number of seeds behind it.",
@@ -172,7 +182,7 @@ def build_report(run_dir: Path) -> tuple[dict[str, Any], str]:
     ]
     write_text(run_dir / "report.md", "\n".join(md))
 
-    text = []
+    text = [textwrap.fill(TINY_NOTE, 100)] if settings["scale"] == "tiny" else []
     if claims_rows:
         text.append(
             text_table(

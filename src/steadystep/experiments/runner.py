@@ -43,7 +43,6 @@ __all__ = [
     "seed_everything",
 ]
 
-SCALES = ("tiny", "demo", "quick", "paper")
 _LOG_EVERY = 1000  # rows kept on the host between two writes of a run's CSV
 
 

@@ -17,6 +17,7 @@ from steadystep.experiments.datasets import load_supersampling_images
 from steadystep.experiments.estimate import model_flops
 from steadystep.experiments.models import SupersamplingNet
 from steadystep.experiments.runner import RunContext, RunSpec, Settings
+from steadystep.experiments.scales import ALRC as SCALES
 
 __all__ = ["LOSSES", "SCALES", "flops", "name", "plan", "prepare", "requires", "run", "title"]
 
@@ -24,21 +25,6 @@ name = "alrc"
 title = "ALRC: adaptive learning rate clipping (2x supersampling)"
 requires = ("ALRC",)
 
-# scale -> (steps, batch sizes, thresholds, losses, width, seeds, final-window fraction, dataset)
-SCALES: dict[str, dict[str, Any]] = {
-    "tiny": dict(steps=6, batch_sizes=(1, 4), thresholds=("3", "inf"), width=1 / 16, seeds=1),
-    "demo": dict(steps=1000, batch_sizes=(1,), thresholds=("3", "inf"), width=1 / 8, seeds=3),
-    "quick": dict(
-        steps=1500, batch_sizes=(1, 4, 16), thresholds=("2", "3", "4", "inf"), width=1 / 8, seeds=2
-    ),
-    "paper": dict(
-        steps=100_000,
-        batch_sizes=(1, 4, 16, 64),
-        thresholds=("2", "3", "4", "inf"),
-        width=1.0,
-        seeds=10,
-    ),
-}
 LOSSES = ("squared", "quartic")
 LR = 1 / 1280
 

@@ -19,6 +19,8 @@ from steadystep.experiments.datasets import SIZES, ClassificationData
 from steadystep.experiments.estimate import model_flops
 from steadystep.experiments.models import build_classifier
 from steadystep.experiments.runner import RunContext, RunSpec, Settings
+from steadystep.experiments.scales import CPROP as SCALES
+from steadystep.experiments.scales import CPROP_OPTIMIZERS as OPTIMIZERS
 
 __all__ = [
     "BATCH",
@@ -39,7 +41,6 @@ name = "cprop"
 title = "CProp: update scaling by past-gradient conformity"
 requires = ("CProp",)
 
-OPTIMIZERS = ("SGD", "Adam", "RMSprop", "AMSGrad")
 # The paper's learning rates for Fashion-MNIST (supplement, Figs. 15/16); AMSGrad shares Adam's.
 LRS = {
     "FC": {"SGD": 0.1, "Adam": 1e-3, "RMSprop": 1e-3, "AMSGrad": 1e-3},
@@ -47,49 +48,6 @@ LRS = {
 }
 BATCH = 32
 HIST_BINS = 40
-
-SCALES: dict[str, dict[str, Any]] = {
-    "tiny": dict(
-        models=("FC",),
-        optimizers=("SGD", "Adam"),
-        epochs=1,
-        seeds=1,
-        n_train=320,
-        evals=2,
-        lr_factors=(1.0, 3.0),
-        sweep=(3.0,),
-    ),
-    "demo": dict(
-        models=("FC",),
-        optimizers=("SGD", "Adam"),
-        epochs=4,
-        seeds=3,
-        n_train=None,
-        evals=2,
-        lr_factors=(1.0, 3.0, 9.0),
-        sweep=(3.0, 9.0, 27.0),
-    ),
-    "quick": dict(
-        models=("FC", "CNN"),
-        optimizers=OPTIMIZERS,
-        epochs=10,
-        seeds=3,
-        n_train=None,
-        evals=2,
-        lr_factors=(1 / 3, 1.0, 3.0, 9.0),
-        sweep=(3.0, 9.0, 27.0),
-    ),
-    "paper": dict(
-        models=("FC", "CNN"),
-        optimizers=OPTIMIZERS,
-        epochs=20,
-        seeds=3,
-        n_train=None,
-        evals=4,
-        lr_factors=(1 / 3, 1.0, 3.0, 9.0),
-        sweep=(3.0, 9.0, 27.0),
-    ),
-}
 
 
 def plan(settings: Settings) -> list[RunSpec]:

@@ -19,6 +19,7 @@ from steadystep.experiments.datasets import SIZES, ClassificationData
 from steadystep.experiments.estimate import model_flops
 from steadystep.experiments.models import build_classifier
 from steadystep.experiments.runner import RunContext, RunSpec, Settings
+from steadystep.experiments.scales import SALERA as SCALES
 
 __all__ = [
     "ALGORITHMS",
@@ -105,19 +106,6 @@ def _grid(scale: str) -> dict[str, list[dict[str, Any]]]:
         "SALeRA": _product(alpha=alphas, C=cs, lr=lrs_sgd),
         "SPALeRA": _product(alpha=alphas, C=cs, lr=lrs_sgd),
     }
-
-
-SCALES: dict[str, dict[str, Any]] = {
-    "tiny": dict(models=("M2",), epochs=2, early=1, seeds=1, n_train=200, evals=2),
-    # 20 epochs everywhere but tiny: the paper's failure criterion is the test error at 20.
-    "demo": dict(models=("M2",), epochs=20, early=5, seeds=2, n_train=None, evals=2),
-    "quick": dict(
-        models=("M0", "M2", "M2b", "M4"), epochs=20, early=5, seeds=2, n_train=None, evals=4
-    ),
-    "paper": dict(
-        models=("M0", "M2", "M2b", "M4"), epochs=20, early=5, seeds=5, n_train=None, evals=4
-    ),
-}
 
 
 def hp_id(hp: dict[str, Any]) -> str:
