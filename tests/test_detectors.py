@@ -546,11 +546,14 @@ def test_guard_feeds_the_global_norm_and_catches_an_explosion_before_the_update(
     assert torch.equal(opt.detector.seen[-1], expected)
     state = copy.deepcopy(base.state_dict()["state"])
     # Gradients x1e4 with an ordinary loss: the norm alarms at once, before the exploded
-    # update is taken; the guard rolls back its one step, as on any alarm.
+    # update is taken; the guard skips the step (a bad batch: no rollback, no cut).
+    current = [p.detach().clone() for p in model.parameters()]
     loss = _backward(model, 20, scale=1e4)
     opt.step(loss=loss)
-    assert int(opt.stats()["alarms"]) == 1
-    assert all(torch.equal(a, b) for a, b in zip(before_last, model.parameters(), strict=True))
+    assert int(opt.stats()["alarms"]) == 1 and int(opt.stats()["skips"]) == 1
+    assert int(opt.stats()["rollbacks"]) == 0 and float(opt.stats()["lr_scale"]) == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(current, model.parameters(), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(before_last, current, strict=True))
     if kind == "adamw":  # the exploded gradient never reached Adam's moments
         for key, value in base.state_dict()["state"].items():
             assert torch.equal(value["exp_avg"], state[key]["exp_avg"])

@@ -34,6 +34,10 @@ def backward(model: torch.nn.Module, step: int) -> None:
 
 
 def build(kind: str, model: torch.nn.Module, **kwargs) -> ss.CatastropheGuard:
+    """A guard around ``kind``; by default with SALeRA's one-step response (every alarm rolls
+    the parameters back and cuts, for good), whose mechanics most tests here check; the
+    ladder's rungs are tested in tests/test_ladder.py."""
+    kwargs = {"response": "rollback", "recover_every": None, "rollback": "params", **kwargs}
     detector = ss.PageHinkley(ph_lambda=0.1, rho=0.5)
     if kind == "salera":
         return ss.CatastropheGuard(
@@ -64,10 +68,12 @@ def build(kind: str, model: torch.nn.Module, **kwargs) -> ss.CatastropheGuard:
 
 
 def lrs(opt: ss.CatastropheGuard) -> list[torch.Tensor]:
-    """Every effective-LR factor the guard may cut, as tensors."""
+    """Every effective-LR factor the guard may cut, as tensors: steadystep's optimizers hold
+    the cut in their multipliers; around any other, the applied rate is the scheduled ``lr``
+    times the guard's ``lr_scale`` (Note [the learning-rate scale])."""
     if hasattr(opt.optimizer, "scale_lr_"):
         return [g["lr_multiplier"].clone() for g in opt.param_groups]
-    return [torch.as_tensor(g["lr"]).clone() for g in opt.param_groups]
+    return [torch.as_tensor(g["lr"], dtype=torch.float64) * opt.lr_scale for g in opt.param_groups]
 
 
 def params_of(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -134,7 +140,7 @@ def test_spike_rolls_back_halves_lr_and_resets_detector(kind):
     # No base update this step: the base optimizer's whole state_dict did not move (per-param
     # state, group tensors such as ALeRA's step and skipped count, CProp's statistics), except
     # the cut rates, which are exactly half.
-    cut = ("lr_multiplier",) if hasattr(opt.optimizer, "scale_lr_") else ("lr",)
+    cut = ("lr_multiplier",) if hasattr(opt.optimizer, "scale_lr_") else ()
     assert_same_tree(base_state, opt.optimizer.state_dict(), cut=cut)
     # Training continues from there.
     backward(model, SPIKE + 1)
@@ -475,8 +481,8 @@ def test_stats_merge_the_wrapped_optimizers_stats():
     opt = build("salera", model)
     run_script(opt, model, 0, SPIKE + 1)
     stats = opt.stats()
-    guard_keys = ["alarms", "rollbacks", "steps", "lr_scale"]
-    assert list(stats)[:4] == guard_keys and "detector_threshold" in stats
+    guard_keys = ["alarms", "rollbacks", "skips", "level_shifts", "steps", "lr_scale"]
+    assert list(stats)[:6] == guard_keys and "detector_threshold" in stats
     base = opt.optimizer.stats()
     assert set(base) == {"skipped_steps", "group0.lr", "group1.lr"}
     for key, value in base.items():
@@ -604,8 +610,13 @@ def test_nonfinite_loss_with_nonfinite_gradient_is_still_an_alarm():
     next(model.parameters()).grad[0, 0] = math.nan
     opt.step(loss=torch.tensor(math.nan))
     stats = opt.stats()
+    # the ladder's first rung: a skip, no cut (Note [the ladder])
     assert int(stats["alarms"]) == 1 and int(stats["nonfinite_grads"]) == 0
-    assert float(stats["lr_scale"]) == 0.5
+    assert int(stats["skips"]) == 1 and float(stats["lr_scale"]) == 1.0
+    backward(model, 4)
+    next(model.parameters()).grad[0, 0] = math.nan
+    opt.step(loss=torch.tensor(math.nan))  # again: a rollback and a cut
+    assert int(opt.stats()["rollbacks"]) == 1 and float(opt.stats()["lr_scale"]) == 0.5
 
 
 @pytest.mark.parametrize("kind", ["salera", "adam"])
@@ -637,7 +648,9 @@ def test_state_dict_in_memory_is_a_snapshot_of_the_guard():
     # kept in memory across later steps (an alarm included) must resume as if saved to disk.
     def build_sgd(m):
         detector = ss.PageHinkley(ph_lambda=0.1, rho=0.5)
-        return ss.CatastropheGuard(torch.optim.SGD(m.parameters(), lr=0.05), detector)
+        return ss.CatastropheGuard(
+            torch.optim.SGD(m.parameters(), lr=0.05), detector, response="rollback"
+        )
 
     model = make_model()
     opt = build_sgd(model)
@@ -792,7 +805,9 @@ def test_the_guard_supports_sparse_gradients_and_complex_params_its_optimizer_su
     bare_params, make, bare_loss = _sparse_or_complex_case(name)
     bare = make(bare_params)
     params, _, loss_fn = _sparse_or_complex_case(name)
-    opt = ss.CatastropheGuard(make(params), ss.PageHinkley(ph_lambda=0.5, rho=0.5))
+    opt = ss.CatastropheGuard(
+        make(params), ss.PageHinkley(ph_lambda=0.5, rho=0.5), response="rollback"
+    )
 
     def step(o: torch.optim.Optimizer, ps: list, loss_of, t: int, **kwargs) -> None:
         o.zero_grad()
@@ -880,7 +895,7 @@ def test_a_spike_after_a_skipped_nonfinite_step_rolls_back_the_last_real_update(
     cannot take the tensors. The guard counts the skip where it skipped the step itself (a
     third-party optimizer), and the cut in ``lr_scale``."""
     if rollback == "fallback":
-        monkeypatch.setattr(ss.guard.kernels, "rollback_", lambda *args, **kwargs: False)
+        monkeypatch.setattr(ss.snapshot.kernels, "rollback_", lambda *args, **kwargs: False)
     third_party = kind in ("adam", "cprop", "adam_fused")
     runs = []
     for snapshot_device, with_bad_step in ((None, True), ("cpu", True), (None, False)):
@@ -960,7 +975,7 @@ def test_repr_names_the_optimizer_detector_and_settings():
     opt = ss.CatastropheGuard(inner, detector, lr_factor=0.25, backtrack=False, min_lr=1e-3)
     assert repr(opt) == (
         f"CatastropheGuard({inner!r}, detector={detector!r}, lr_factor=0.25, backtrack=False, "
-        "min_lr=0.001)"
+        "min_lr=0.001, response='ladder', recover_every=100, rollback='full')"
     )
 
 
@@ -973,7 +988,7 @@ def test_stats_without_the_optimizers():
     own = opt.stats(include_optimizer=False)
     assert {"alarms", "rollbacks", "steps", "lr_scale", "nonfinite_grads"} <= set(own)
     assert "skipped_steps" not in own and not any(k.startswith("history") for k in own)
-    assert all(k.startswith("detector_") for k in set(own) - set(opt._counters()))
+    assert all(k.startswith("detector_") for k in set(own) - {*opt._counters(), "lr"})
 
 
 @pytest.mark.parametrize("kind", ["adam", "cpropadamw"])
@@ -1049,7 +1064,7 @@ def test_a_detector_of_ones_own_gets_the_loss_alone(kind):
     (``ForeignDetector``) restores the detector's state, so it did not see that loss; its class
     name is what the checkpoint records."""
     model = make_model()
-    opt = ss.CatastropheGuard(build(kind, model).optimizer, _LossOnly())
+    opt = ss.CatastropheGuard(build(kind, model).optimizer, _LossOnly(), response="rollback")
     for step, loss in enumerate(LOSSES):
         backward(model, step)
         if step == 3:

@@ -79,3 +79,25 @@ def test_the_contract_layer_imports_no_component():
                     "steadystep.detectors",
                 )
             ), (path.name, name)
+
+
+def test_the_lazy_export_table_matches_the_type_checking_imports_and_all():
+    """Note [lazy exports]: the name -> module table, the TYPE_CHECKING imports and __all__
+    list the same public names, each from the same module."""
+    tree = ast.parse((SRC / "__init__.py").read_text())
+    table: dict[str, str] = {}
+    typed: dict[str, str] = {}
+    listed: list[str] = []
+    for node in tree.body:
+        target = getattr(node.targets[0], "id", None) if isinstance(node, ast.Assign) else None
+        if target == "_EXPORTS":
+            table = ast.literal_eval(node.value)
+        if target == "__all__":
+            listed = ast.literal_eval(node.value)
+        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
+            for imp in node.body:
+                for alias in imp.names:
+                    typed[alias.name] = imp.module
+    submodules = {name for name, module in typed.items() if module == "steadystep"}
+    assert {k: v for k, v in typed.items() if k not in submodules} == table
+    assert sorted(listed) == sorted(set(table) | submodules)

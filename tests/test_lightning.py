@@ -227,7 +227,8 @@ class Stable(L.LightningModule):
     def configure_optimizers(self):
         return ss.stabilize(
             torch.optim.AdamW(self.parameters(), lr=0.02),
-            guard={"detector": ss.PageHinkley(ph_lambda=1.0)},
+            # one rollback per spike (SALeRA's response): this file tests the integration
+            guard={"detector": ss.PageHinkley(ph_lambda=1.0), "response": "rollback"},
             batch_size=8,
             dataset_size=64,
         )

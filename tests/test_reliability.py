@@ -99,22 +99,24 @@ CASES: dict[str, Case] = {
         extra=3,
         bare=lambda ps: torch.optim.SGD(ps, lr=0.01),
     ),
+    # the full rollback's snapshot (Note [full rollback]): the parameters and Adam's moments
     "CatastropheGuard(AdamW)": Case(
         lambda ps, fe: ss.CatastropheGuard(torch.optim.AdamW(ps, lr=1e-2, foreach=fe)),
-        extra=1,
+        extra=3,
         bare=_adamw,
         host_sync=True,
     ),
     # torch's fused AdamW is masked through its found_inf: sync-free too
     "CatastropheGuard(AdamW fused)": Case(
         lambda ps, fe: ss.CatastropheGuard(torch.optim.AdamW(ps, lr=1e-2, fused=True)),
-        extra=1,
+        extra=3,
         bare=_adamw,
     ),
-    # a MaskableOptimizer inside: the sync-free path (CProp's shared v + the snapshot)
+    # a MaskableOptimizer inside: the sync-free path (CProp's shared v, and the snapshot of
+    # the parameters, Adam's moments and CProp's v)
     "CatastropheGuard(CPropAdamW)": Case(
         lambda ps, fe: ss.CatastropheGuard(ss.CPropAdamW(ps, lr=1e-2, foreach=fe)),
-        extra=2,
+        extra=5,
         bare=_adamw,
     ),
 }

@@ -266,6 +266,12 @@ def _assert_no_op(before: dict[str, Any], after: dict[str, Any], t: int) -> None
         assert _same(value, right[path]), f"step {t}: a skipped step changed {path}"
 
 
+def _guard_of(opt: Any) -> ss.CatastropheGuard | None:
+    if isinstance(opt, ss.CatastropheGuard):
+        return opt
+    return getattr(opt, "guard", None)
+
+
 def _counter(run: Run, key: str) -> int:
     return int(run.opt.stats()[key])
 
@@ -314,6 +320,11 @@ def _soak(name: str, faults: str) -> None:
     # Steps taken: every per-parameter count (CProp's, Adam's, ALeRA's per tensor) and
     # ALeRA's group counts advance only on them.
     taken = STEPS - n_grad - n_alarm_steps
+    guard = _guard_of(run.opt)
+    if guard is not None and guard.rollback == "full":
+        # a full rollback restores the optimizer's state, step counts included (Note [full
+        # rollback]): each rollback takes back the update before it
+        taken -= int(guard.rollbacks)
     inner = getattr(run.opt, "optimizer", run.opt)
     counts = [st["step"] for st in run.opt.state.values() if "step" in st]
     counts += [st["step"] for st in getattr(inner, "cprop_state", {}).values()]

@@ -284,7 +284,8 @@ def _digits_run(composed, steps=150, explode_at=80):
             alarm_steps.append(step)
         if step == explode_at + 1:
             raw_after = (float(per_sample.detach().mean()), float(loss.detach()))
-            after_first_alarm = params_of(model)
+        if step == explode_at + 2:  # the ladder's rollback (Note [the ladder])
+            after_rollback = params_of(model)
         with torch.no_grad():
             if step in (explode_at - 1, steps - 1):
                 full_loss[step] = float(F.cross_entropy(model(x_all), y_all))
@@ -292,7 +293,7 @@ def _digits_run(composed, steps=150, explode_at=80):
         "alarms": alarm_steps,
         "full_loss": full_loss,
         "before_explosion": before_explosion,
-        "after_first_alarm": after_first_alarm,
+        "after_rollback": after_rollback,
         "raw_and_seen": raw_after,
     }
 
@@ -310,10 +311,11 @@ def test_gradient_explosion_unseen_through_clipped_loss_caught_through_raw_loss(
     # ... and the run never recovered: worse at the end than before the explosion
     last = max(fed_clipped["full_loss"])
     assert fed_clipped["full_loss"][last] > fed_clipped["full_loss"][explode - 1]
-    # the composition alarms at the step after it (the first raw loss of the thrown weights),
-    # rolls the explosion's update back bitwise, and trains on below the pre-explosion loss
-    assert composed["alarms"][0] == explode + 1
-    assert_equal_params(composed["after_first_alarm"], composed["before_explosion"])
+    # the composition alarms at the step after it (the first raw loss of the thrown weights):
+    # it skips that batch, alarms again at the same weights, rolls the explosion's update back
+    # bitwise (the ladder's second rung), and trains on below the pre-explosion loss
+    assert composed["alarms"][:2] == [explode + 1, explode + 2]
+    assert_equal_params(composed["after_rollback"], composed["before_explosion"])
     assert composed["full_loss"][last] < composed["full_loss"][explode - 1]
 
 
@@ -524,14 +526,17 @@ def test_scheduler_drives_the_innermost_groups_and_the_cut_applies(native):
         loss = opt.clip(per_sample_loss(model, step)).mean()
         opt.zero_grad()
         loss.backward()
-        opt.step(loss=loss.detach() + (100.0 if step == 3 else 0.0))
+        # two alarms in a row: a skip, then a rollback and a cut (Note [the ladder])
+        opt.step(loss=loss.detach() + (100.0 if step in (3, 4) else 0.0))
         sched.step()
-    assert int(opt.guard.alarms) == 1
+    assert int(opt.guard.alarms) == 2 and int(opt.guard.rollbacks) == 1
     group = opt.base.param_groups[0]
-    if native:  # the cut lives in lr_multiplier, the schedule in lr
-        assert group["lr"] == 0.1 * 0.5**6 and float(group["lr_multiplier"]) == 0.5
-    else:  # StepLR is chainable: it keeps the guard's cut of group["lr"]
-        assert group["lr"] == pytest.approx(0.1 * 0.5**7, rel=1e-12)
+    # the schedule lives in lr, untouched; the cut in the guard's scale (and, native, in
+    # lr_multiplier): the applied rate carries both (Note [the learning-rate scale])
+    assert group["lr"] == 0.1 * 0.5**6 and float(opt.guard.lr_scale) == 0.5
+    if native:
+        assert float(group["lr_multiplier"]) == 0.5
+    assert float(opt.stats()["guard/lr"]) == pytest.approx(0.1 * 0.5**7, rel=1e-12)
 
 
 def test_rho_from_batch_and_dataset_size():

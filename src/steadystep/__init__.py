@@ -62,8 +62,14 @@ _EXPORTS = {
 if TYPE_CHECKING:
     from steadystep import agnostic
     from steadystep.alrc import ALRC, alrc_clip
-    from steadystep.detectors import PageHinkley, PageHinkleyPaper
-    from steadystep.detectors import EWMRatio, RollingZScore, SpikeDetector, ZClipDetector
+    from steadystep.detectors import (
+        EWMRatio,
+        PageHinkley,
+        PageHinkleyPaper,
+        RollingZScore,
+        SpikeDetector,
+        ZClipDetector,
+    )
     from steadystep.groups import layer_groups
     from steadystep.guard import CatastropheGuard, TrainingDiverged
     from steadystep.optim import AgAdam, ALeRA

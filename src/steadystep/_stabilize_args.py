@@ -29,7 +29,17 @@ __all__ = [
 ]
 
 CPROP_KEYS = ("beta", "c", "eps", "cdf", "method", "fused")
-GUARD_KEYS = ("detector", "lr_factor", "backtrack", "min_lr", "snapshot_device", "check_every")
+GUARD_KEYS = (
+    "detector",
+    "lr_factor",
+    "backtrack",
+    "min_lr",
+    "snapshot_device",
+    "check_every",
+    "response",
+    "recover_every",
+    "rollback",
+)
 
 
 def configure_detector(detector: Any, *, batch_size: int, dataset_size: int) -> None:

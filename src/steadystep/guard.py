@@ -1,18 +1,25 @@
-"""CatastropheGuard: detect a catastrophe on the loss, roll back one step, cut the learning rate.
+"""CatastropheGuard: watch the loss, and answer a catastrophe without taxing a healthy run.
 
-SALeRA's recovery (Algorithm 1, lines 7-11 of the paper; docs/decisions.md) around any optimizer.
 Each step the minibatch loss goes to a change detector (:class:`~steadystep.SpikeDetector` by
 default; the paper's :class:`~steadystep.PageHinkleyPaper` is one argument away). A detector
 with ``needs_grad_norm`` also gets the global gradient norm, computed once per step on the
-device (:func:`~steadystep.detectors.global_grad_norm`). On an alarm:
+device (:func:`~steadystep.detectors.global_grad_norm`). An alarm is answered by the ladder of
+:mod:`steadystep.ladder` (Note [the ladder]): a first alarm skips the step (a bad batch); a
+second in a row rolls the parameters, the optimizer's state and the model's buffers back to
+before the last update and cuts the learning rate (a bad update); a third at the restored
+weights is a change of level, accepted (the detector restarts, the episode's cuts are undone).
+``response="rollback"`` is SALeRA's published recovery (Algorithm 1, lines 7-11 of the paper;
+docs/decisions.md): every alarm rolls back one step and multiplies the rate by ``lr_factor``.
 
-* the parameters return to their value before the last update (``backtrack=True``; with
-  ``backtrack=False`` they stay, as in the authors' published runs),
-* every learning rate is multiplied by ``lr_factor`` (0.5),
-* the detector restarts (its threshold is kept) and no update is taken this step.
-
-Otherwise the parameters are saved (one copy, the rollback snapshot) and the wrapped optimizer
-steps. A NaN or inf loss is an alarm too, and leaves the detector's statistics untouched.
+Note [the learning-rate scale]
+    A cut is a guard-owned scale on top of whatever rate the schedule sets: the rate a step
+    applies is ``scheduled lr * lr_scale``, for every base optimizer and every scheduler
+    (LambdaLR, OneCycleLR, warm restarts rewrite ``group["lr"]`` each step and cannot erase it).
+    steadystep's own optimizers hold it in their ``lr_multiplier`` (``scale_lr_``); around any
+    other optimizer the guard sets ``group["lr"]`` to the applied rate for the duration of the
+    step and gives the scheduled one back after, so ``param_groups`` always show the schedule.
+    ``stats()["lr_scale"]`` is applied / scheduled and ``stats()["lr"]`` the largest applied
+    rate. Calm steps give the cuts back (Note [recovering the rate] in :mod:`steadystep.ladder`).
 
 Note [non-finite gradients]: a NaN or inf *gradient* with a finite loss is not an alarm (the loss
 did not jump; nothing to roll back, no reason to cut the rate). Around a third-party optimizer
@@ -27,36 +34,40 @@ device (:func:`~steadystep._tensors.grads_finite`, one reduction over the gradie
 read) and passes it to the detector as ``skip``, so the detector does not observe that step's
 loss there either (bitwise unchanged).
 
+Note [collective decisions]: under ``torch.distributed`` the guard averages the loss, the
+gradient norm and the non-finite-gradient flag over ranks in one all-reduce before the detector
+sees them (the detector does not reduce again), so every rank takes the same decision even when
+one rank's gradient differs after the all-reduce.
+
 Note [host syncs]: around a :class:`~steadystep.compose.protocol.MaskableOptimizer`
 (:class:`~steadystep.ALeRA`, :class:`~steadystep.AgAdam`, :class:`~steadystep.CPropSGD`,
 :class:`~steadystep.CPropAdam`, :class:`~steadystep.CPropAdamW`) every decision stays on the
-device: the rollback is one kernel call that copies ``snapshot -> p`` where ``alarm`` and
-``p -> snapshot`` elsewhere (:func:`steadystep._kernels.rollback_`), the cut multiplies the
-0-d multipliers by ``where(alarm, lr_factor, 1)`` (``scale_lr_``) and the base step runs
-masked (``masked_step(alarm)``). torch's own fused optimizers (``fused=True`` Adam, AdamW, SGD,
-Adagrad) take the same path through their ``found_inf`` flag, the one ``GradScaler`` uses
-(:mod:`steadystep.compose.torch_fused`, which stores their learning rates as 0-d tensors so
-the cut too stays on the device); there the guard checks the gradients itself, in one kernel
-call. The only host read is the ``min_lr`` check (``max_lr()``), once every ``check_every``
-steps. Any other optimizer (torch's non-fused ones, the CProp wrapper) keeps state the guard
-cannot mask, so the guard reads the alarm on the host once per step and skips
-``optimizer.step()`` on alarms; that read is the cost of wrapping such an optimizer.
-``snapshot_device="cpu"`` also takes the host path (a rollback from host memory is only worth
-paying on an alarm).
+device: the rollback is one kernel call that copies ``snapshot -> live`` where it rolls back and
+``live -> snapshot`` where the step updates (:mod:`steadystep.snapshot`), the scale multiplies
+the 0-d multipliers (``scale_lr_``) and the base step runs masked (``masked_step``). torch's own
+fused optimizers (``fused=True`` Adam, AdamW, SGD, Adagrad) take the same path through their
+``found_inf`` flag, the one ``GradScaler`` uses (:mod:`steadystep.compose.torch_fused`), with
+the applied rate a 0-d tensor; there the guard checks the gradients itself, in one kernel call.
+The only host read is the ``min_lr`` check, once every ``check_every`` steps. Any other
+optimizer (torch's non-fused ones, the CProp wrapper) keeps state the guard cannot mask, so the
+guard reads its decision on the host once per step; that read is the cost of wrapping such an
+optimizer. ``snapshot_device="cpu"`` also takes the host path (a rollback from host memory is
+only worth paying on an alarm).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
-from steadystep import _kernels as kernels
-from steadystep._tensors import gradient_stats, shards, stored_real_values
+from steadystep._distributed import all_reduce_mean, is_distributed
+from steadystep._tensors import gradient_stats, stored_real_values
 from steadystep._validation import (
     check_loss,
     check_nonnegative,
@@ -70,6 +81,8 @@ from steadystep.compose.torch_fused import torch_fused_maskable
 from steadystep.compose.wrapper import OptimizerWrapper, call_with_step_hooks
 from steadystep.detectors import SpikeDetector
 from steadystep.detectors.protocol import ChangeDetector, ForeignDetector, as_detector
+from steadystep.ladder import NORMAL, RESPONSES, Decision, decide, rescale
+from steadystep.snapshot import ROLLBACKS, Snapshot
 
 __all__ = ["CatastropheGuard", "TrainingDiverged"]
 
@@ -103,38 +116,49 @@ def _missing_loss(owner: str) -> RuntimeError:
 
 
 class CatastropheGuard(OptimizerWrapper, Composable):
-    """Wrap any optimizer with detect -> roll back -> cut the learning rate (SALeRA's recovery).
+    """Wrap any optimizer with detect -> skip, roll back and cut, or accept (Note [the ladder]).
 
-    With ``theta_b`` the parameters saved before the last update and ``A_t`` the detector's alarm
-    on loss ``L_t``:
+    With ``theta_b`` the parameters (and optimizer state) saved before the last update, ``A_t``
+    the detector's alarm on loss ``L_t`` and ``s`` the learning-rate scale:
 
     .. math::
-        A_t:\\ \\theta \\leftarrow \\theta_b,\\ \\eta \\leftarrow \\texttt{lr\\_factor}\\cdot\\eta,
-        \\ \\text{no update};\\qquad
-        \\neg A_t:\\ \\theta_b \\leftarrow \\theta,
-        \\ \\theta \\leftarrow \\text{optimizer.step}(\\theta)
+        \neg A_t:&\\ \theta_b \\leftarrow \theta,\\ \theta \\leftarrow \text{optimizer.step}(\theta,
+        \\ s\\,\\eta_t)\\
+        A_t \text{ (first)}:&\\ \text{skip the step}\\
+        A_t \text{ (second)}:&\\ \theta \\leftarrow \theta_b,\\ s \\leftarrow \texttt{lr\\_factor}
+        \\cdot s\\
+        A_t \text{ (third, finite)}:&\\ \text{accept: restart the detector, undo the
+        episode's cuts, step}
 
     Args:
-        optimizer: the optimizer to protect (any ``torch.optim.Optimizer``, with whatever it
-            supports: sparse gradients for SGD or SparseAdam, complex parameters; steadystep's
-            ALeRA, AgAdam and native CProp classes stay sync-free, see Note [host syncs]).
-        detector: change detector with ``update(loss) -> alarm``; default
+        optimizer: the optimizer to protect (any ``torch.optim.Optimizer`` whose ``step``
+            needs no closure, with whatever it supports: sparse gradients for SGD or
+            SparseAdam, complex parameters; steadystep's ALeRA, AgAdam and native CProp classes
+            stay sync-free, see Note [host syncs]).
+        detector: a change detector (:class:`~steadystep.detectors.ChangeDetector`; one with
+            ``update(loss) -> alarm`` only is adapted, at one host read per step); default
             :class:`~steadystep.SpikeDetector` ``()`` (the benchmark's best, ``docs/detectors.md``;
             the paper's test is ``PageHinkleyPaper(ph_lambda=0.1, rho=batch/dataset)``).
-        lr_factor: factor applied to every learning rate on an alarm (default 0.5, in (0, 1]).
-            For a MaskableOptimizer (ALeRA, AgAdam, CPropSGD/Adam/AdamW) it multiplies
-            ``group["lr_multiplier"]`` (through ``scale_lr_``); otherwise ``group["lr"]``
-            (in place when it is a tensor). A scheduler that recomputes ``lr`` from its base
-            values (LambdaLR, OneCycleLR) overwrites the cut; chainable ones keep it.
-        backtrack: roll the parameters back on an alarm (default True); False only skips and
+        lr_factor: what a cut multiplies the learning-rate scale by (default 0.5, in (0, 1]);
+            Note [the learning-rate scale].
+        backtrack: roll back on the ladder's second rung (default True); False only skips and
             cuts, as the authors' published runs did, and keeps no snapshot.
-        min_lr: when an alarm leaves the largest effective learning rate below this, raise
+        min_lr: when cuts leave the largest applied learning rate below this, raise
             :class:`TrainingDiverged` with the alarm history (default 1e-15).
-        snapshot_device: where the rollback snapshot lives (default: beside each parameter).
+        snapshot_device: where the rollback snapshot lives (default: beside each tensor).
             ``"cpu"`` halves the device memory cost for models that do not fit twice, at one
-            device-to-host copy of the parameters per step plus a host read of the alarm.
+            device-to-host copy per step plus a host read of the decision.
         check_every: steps between ``min_lr`` checks on the sync-free path (default 100; each
             check is one host read).
+        response: ``"ladder"`` (default; Note [the ladder]) or ``"rollback"`` (SALeRA's: every
+            alarm rolls back and cuts).
+        recover_every: calm steps after which one cut is undone (default 100; None keeps every
+            cut); Note [recovering the rate].
+        rollback: ``"full"`` (default: the parameters, the optimizer's state and the model's
+            buffers) or ``"params"`` (the parameters only); Note [full rollback] in
+            :mod:`steadystep.snapshot`.
+        model: the ``torch.nn.Module`` being trained, whose buffers (BatchNorm's running
+            statistics) a full rollback restores too (default None: no buffers).
 
     The loss comes from ``step(loss=...)``, else :meth:`observe_loss`, else a closure's result
     (in that order, see :meth:`step`); a step without one raises a RuntimeError that says how
@@ -172,28 +196,58 @@ class CatastropheGuard(OptimizerWrapper, Composable):
         min_lr: float = 1e-15,
         snapshot_device: torch.device | str | None = None,
         check_every: int = 100,
+        response: str = "ladder",
+        recover_every: int | None = 100,
+        rollback: str = "full",
+        model: torch.nn.Module | None = None,
     ) -> None:
         super().__init__(optimizer)
         # Note [the order of the composition] (compose/order.py): one guard, outermost
         check_wrappable("CatastropheGuard", optimizer)
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise TypeError(
+                "optimizer=LBFGS needs its closure at every step (a line search re-evaluates "
+                "the loss), which the guard cannot roll back or skip; use "
+                "ss.stabilize(torch.optim.LBFGS(...), guard=False) for ALRC alone"
+            )
         self.lr_factor = check_probability("lr_factor", lr_factor)
         self.min_lr = check_nonnegative("min_lr", min_lr)
         if not isinstance(backtrack, bool):
             raise TypeError(f"backtrack must be a bool, got backtrack={backtrack!r}")
         if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
             raise ValueError(f"check_every must be an int >= 1, got check_every={check_every!r}")
+        if response not in RESPONSES:
+            raise ValueError(f"response must be one of {list(RESPONSES)}, got {response!r}")
+        if recover_every is not None and (
+            isinstance(recover_every, bool)
+            or not isinstance(recover_every, int)
+            or recover_every < 1
+        ):
+            raise ValueError(
+                f"recover_every must be an int >= 1 or None, got recover_every={recover_every!r}"
+            )
+        if rollback not in ROLLBACKS:
+            raise ValueError(f"rollback must be one of {list(ROLLBACKS)}, got {rollback!r}")
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.backtrack = backtrack
         self.check_every = check_every
+        self.response = response
+        self.recover_every = recover_every
+        self.rollback = rollback
         self.snapshot_device = None if snapshot_device is None else torch.device(snapshot_device)
         # One contract for every detector (steadystep.detectors.protocol); one of your own
         # with update(loss) only is adapted, at one host read per step.
         self.detector = as_detector(SpikeDetector() if detector is None else detector)
+        if hasattr(self.detector, "reduce_over_ranks"):
+            self.detector.reduce_over_ranks = False  # Note [collective decisions]
         # Note [host syncs]: a MaskableOptimizer lets every decision stay on the device, and
         # skips a non-finite gradient itself (Note [non-finite gradients]); torch's fused
         # optimizers are masked through their found_inf (steadystep.compose.torch_fused), with
         # the gradients checked here.
         self._maskable: Any = None
-        if isinstance(optimizer, MaskableOptimizer):
+        self._scales_itself = isinstance(optimizer, MaskableOptimizer)
+        if self._scales_itself:
             self._maskable = optimizer
         elif self.snapshot_device is None:
             self._maskable = torch_fused_maskable(optimizer)
@@ -201,14 +255,21 @@ class CatastropheGuard(OptimizerWrapper, Composable):
 
         params = self._params()
         device = params[0].device if params else torch.device("cpu")
-        self.alarms = torch.zeros((), dtype=torch.int64, device=device)
-        self.rollbacks = torch.zeros((), dtype=torch.int64, device=device)
-        self.steps = torch.zeros((), dtype=torch.int64, device=device)
-        self.nonfinite_grads = torch.zeros((), dtype=torch.int64, device=device)
+
+        def zeros(dtype: torch.dtype = torch.int64) -> torch.Tensor:
+            return torch.zeros((), dtype=dtype, device=device)
+
+        self.alarms, self.rollbacks, self.skips, self.level_shifts = (zeros() for _ in range(4))
+        self.steps, self.nonfinite_grads = zeros(), zeros()
         self.lr_scale = torch.ones((), dtype=torch.float64, device=device)
+        self.phase, self.calm = zeros(), zeros()  # Note [the ladder], Note [recovering the rate]
+        self.episode_scale = torch.ones((), dtype=torch.float64, device=device)
         self.history_step = torch.full((_HISTORY,), -1, dtype=torch.int64, device=device)
         self.history_loss = torch.full((_HISTORY,), math.nan, dtype=torch.float32, device=device)
-        self.snapshots: list[torch.Tensor] = []
+        buffers = list(model.buffers()) if model is not None else []
+        self.snapshot = Snapshot(
+            device=self.snapshot_device, full=rollback == "full", buffers=buffers
+        )
         self._calls = 0
         self._pending_loss: torch.Tensor | None = None
 
@@ -219,20 +280,32 @@ class CatastropheGuard(OptimizerWrapper, Composable):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}({self.optimizer!r}, detector={self.detector!r}, "
-            f"lr_factor={self.lr_factor}, backtrack={self.backtrack}, min_lr={self.min_lr})"
+            f"lr_factor={self.lr_factor}, backtrack={self.backtrack}, min_lr={self.min_lr}, "
+            f"response={self.response!r}, recover_every={self.recover_every}, "
+            f"rollback={self.rollback!r})"
         )
 
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    @property
+    def snapshots(self) -> list[torch.Tensor]:
+        """The parameters' rollback copies (one per parameter seen so far)."""
+        return self.snapshot.param_copies
 
     # -- state ------------------------------------------------------------------------------
     def _counters(self) -> dict[str, torch.Tensor]:
         return {
             "alarms": self.alarms,
             "rollbacks": self.rollbacks,
+            "skips": self.skips,
+            "level_shifts": self.level_shifts,
             "steps": self.steps,
             "lr_scale": self.lr_scale,
             "nonfinite_grads": self.nonfinite_grads,
+            "phase": self.phase,
+            "calm": self.calm,
+            "episode_scale": self.episode_scale,
             "history_step": self.history_step,
             "history_loss": self.history_loss,
         }
@@ -240,19 +313,26 @@ class CatastropheGuard(OptimizerWrapper, Composable):
     def _wrapped_state_dict(self) -> dict[str, Any]:
         """``{"optimizer": wrapped state_dict, "guard": detector, counters, snapshot}``.
 
-        The guard's part is a snapshot: its tensors (the rollback snapshot included: one copy of
-        the parameters) are clones, so a state_dict kept in memory does not change with later
-        steps. The wrapped optimizer's per-parameter ``state`` is as that optimizer returns it
-        (torch's optimizers return their live tensors; ``copy.deepcopy`` it to keep it).
+        The guard's part is a snapshot: its tensors (the rollback copies included: the
+        parameters, and with a full rollback the optimizer's state and the buffers) are clones,
+        so a state_dict kept in memory does not change with later steps. The wrapped optimizer's
+        per-parameter ``state`` is as that optimizer returns it (torch's optimizers return their
+        live tensors; ``copy.deepcopy`` it to keep it).
         """
+        copies = self.snapshot.state_dict()
         guard = {
             "detector": self.detector.state_dict(),
             **{k: v.clone() for k, v in self._counters().items()},
-            "snapshots": [s.clone() for s in self.snapshots],
+            "snapshots": copies["params"],
+            "state_snapshots": copies["state"],
+            "buffer_snapshots": copies["buffers"],
             "calls": self._calls,
             "lr_factor": self.lr_factor,
             "backtrack": self.backtrack,
             "min_lr": self.min_lr,
+            "response": self.response,
+            "recover_every": self.recover_every,
+            "rollback": self.rollback,
             "optimizer_class": type(self.optimizer).__name__,
             "detector_class": self._detector_class(),
         }
@@ -268,23 +348,43 @@ class CatastropheGuard(OptimizerWrapper, Composable):
         Checked first (:mod:`steadystep.checkpoint`): a dict that is not a guard's
         (a plain optimizer's), a guard's around another optimizer class, snapshots of other
         shapes or a detector state of another kind fail with a ValueError, and nothing loads.
+        A checkpoint from before the learning-rate scale (Note [the learning-rate scale]) has
+        its cuts in ``group["lr"]`` already: its scale loads as 1 around a torch optimizer.
         """
         self._check_wrapped_state_dict(state_dict)
         self.optimizer.load_state_dict(state_dict["optimizer"])
         guard = state_dict["guard"]
         self.detector.load_state_dict(guard["detector"])
+        fresh = {"lr_scale": 1.0, "episode_scale": 1.0, "history_step": -1}
+        fresh["history_loss"] = math.nan
+        old_format = "phase" not in guard
         for name, value in self._counters().items():
-            if name not in guard:  # a checkpoint from before the counter existed: as new
-                fresh = {"lr_scale": 1.0, "history_step": -1, "history_loss": math.nan}
+            if name not in guard or (old_format and name == "lr_scale" and not self._scales_itself):
+                # a checkpoint from before the counter existed: as new
                 setattr(self, name, torch.full_like(value, fresh.get(name, 0)))
                 continue
             # A copy: the loaded dict must not alias (and later see) the live counters.
             setattr(self, name, guard[name].to(device=value.device, dtype=value.dtype, copy=True))
         params = self._params()
-        self.snapshots = [
-            s.to(device=self._snapshot_device(p), dtype=p.dtype, copy=True)
+        self.snapshot.param_copies = [
+            s.to(device=self.snapshot._copy(p).device, dtype=p.dtype, copy=True)
             for s, p in zip(guard["snapshots"], params, strict=False)
         ]
+        self.snapshot.forget_state()
+        saved_state = guard.get("state_snapshots") or []
+        if self.snapshot.full and saved_state:
+            self.snapshot.track(params[: len(self.snapshot.param_copies)], self.optimizer)
+            if [tuple(t.shape) for t in saved_state] == [
+                tuple(t.shape) for t in self.snapshot.state
+            ]:
+                self.snapshot.state_copies = [
+                    s.to(device=c.device, dtype=c.dtype, copy=True)
+                    for s, c in zip(saved_state, self.snapshot.state_copies, strict=True)
+                ]
+        for s, c in zip(
+            guard.get("buffer_snapshots") or [], self.snapshot.buffer_copies, strict=False
+        ):
+            c.copy_(s)
         self._calls = int(guard["calls"])
         self.lr_factor = check_probability("lr_factor", guard["lr_factor"])
         self.backtrack = bool(guard["backtrack"])
@@ -303,6 +403,9 @@ class CatastropheGuard(OptimizerWrapper, Composable):
         check_same("optimizer_class", guard.get("optimizer_class"), inner, owner=owner)
         detector = self._detector_class()
         check_same("detector_class", guard.get("detector_class"), detector, owner=owner)
+        for name in ("response", "rollback"):
+            if name in guard:
+                check_same(name, guard[name], getattr(self, name), owner=owner)
         params = self._params()
         snapshots = guard["snapshots"]
         if not isinstance(snapshots, list) or len(snapshots) > len(params):
@@ -313,6 +416,14 @@ class CatastropheGuard(OptimizerWrapper, Composable):
             )
         for i, (snap, p) in enumerate(zip(snapshots, params, strict=False)):
             check_shape(snap, "param", p, owner=owner, where=f"the rollback snapshot {i}")
+        buffers = guard.get("buffer_snapshots") or []
+        if len(buffers) not in (0, len(self.snapshot.buffers)):
+            raise ValueError(
+                f"{owner}.load_state_dict: the state_dict holds {len(buffers)} buffer "
+                f"snapshots, this guard's model has {len(self.snapshot.buffers)} buffers"
+            )
+        for i, (snap, b) in enumerate(zip(buffers, self.snapshot.buffers, strict=False)):
+            check_shape(snap, "param", b, owner=owner, where=f"the buffer snapshot {i}")
         for name, value in self._counters().items():
             if name in guard and value.dim() == 0:
                 check_shape(guard[name], "scalar", value, owner=owner, where=f"{name!r}")
@@ -326,17 +437,21 @@ class CatastropheGuard(OptimizerWrapper, Composable):
     def stats(self, *, include_optimizer: bool = True) -> dict[str, torch.Tensor]:
         """Telemetry as 0-d tensors, no host sync (a Monitor writes ``<component>/<key>``):
 
-        * the guard's counters ``alarms``, ``rollbacks``, ``steps``, ``nonfinite_grads`` (steps
-          whose ``optimizer.step()`` the guard skipped for a non-finite gradient, Note
-          [non-finite gradients]) and ``lr_scale`` (the product of the cuts so far);
-        * ``detector_<key>`` for each of the detector's ``stats()`` (PageHinkley: threshold,
-          relaxed_loss, mean, cusum, gap, count, alarms);
+        * the guard's counters ``alarms``, ``skips`` (steps skipped on a first alarm: bad
+          batches), ``rollbacks``, ``level_shifts`` (changes of level accepted), ``steps``,
+          ``nonfinite_grads`` (steps whose ``optimizer.step()`` the guard skipped for a
+          non-finite gradient, Note [non-finite gradients]), ``lr_scale`` (applied / scheduled
+          learning rate, Note [the learning-rate scale]) and ``lr`` (the largest applied rate);
+        * ``detector_<key>`` for each of the detector's ``stats()`` (SpikeDetector: its
+          thresholds; PageHinkleyPaper: threshold, relaxed_loss, mean, cusum, gap, count);
         * the wrapped optimizer's ``stats()`` when it has one, under their own names (ALeRA:
           ``skipped_steps``, ``group{i}.lr``...; CProp: ``mean_scale``...); a name that clashes
           with one of the guard's gets the prefix ``optimizer.``. ``include_optimizer=False``
           leaves them out (:class:`~steadystep.Stabilized` reports them under their own prefix).
         """
-        out = {k: v for k, v in self._counters().items() if not k.startswith("history")}
+        hidden = ("history_step", "history_loss", "phase", "calm", "episode_scale")
+        out = {k: v for k, v in self._counters().items() if k not in hidden}
+        out["lr"] = self._applied_max_lr()
         out.update({f"detector_{k}": v for k, v in self.detector.stats().items()})
         if not include_optimizer:
             return out
@@ -368,7 +483,8 @@ class CatastropheGuard(OptimizerWrapper, Composable):
     def step(
         self, closure: Callable[[], Any] | None = None, *, loss: torch.Tensor | float | None = None
     ) -> Any:
-        """Watch the loss, then roll back and cut, or step the wrapped optimizer.
+        """Watch the loss, then answer an alarm (Note [the ladder]) or step the wrapped
+        optimizer at the scaled rate.
 
         Note [loss precedence]: the detector watches, in this order, ``loss`` given here, else
         the loss given to :meth:`observe_loss` since the last step, else the closure's result.
@@ -403,100 +519,129 @@ class CatastropheGuard(OptimizerWrapper, Composable):
         # takes whatever the wrapped optimizer takes.
         grads = [stored_real_values(p.grad) for p in params if p.grad is not None]
         found_finite, grad_norm = gradient_stats(grads)
+        observed, grad_norm, found_finite = self._collective(observed, grad_norm, found_finite)
         bad_grads = ~found_finite
         alarm = self.detector.update(
             observed, grad_norm=grad_norm if self.detector.needs_grad_norm else None, skip=bad_grads
-        )
-        # History records the loss the detector tested: under torch.distributed the rank mean,
-        # the same on every rank.
+        ).to(self.alarms.device)
+        # History records the loss the detector tested: under torch.distributed the rank mean.
         loss_t = self.detector.last_loss
-        self._ensure_snapshots(params)
-        alarm = alarm.to(self.alarms.device)
+        finite = torch.isfinite(torch.as_tensor(observed)).to(alarm.device)
+        decision = decide(alarm, finite, self.phase, response=self.response)
+        bad_grads = bad_grads.to(alarm.device)
+        factor, episode_scale, calm = rescale(
+            decision,
+            starts=alarm & (self.phase == NORMAL),
+            lr_scale=self.lr_scale,
+            episode_scale=self.episode_scale,
+            calm=self.calm,
+            lr_factor=self.lr_factor,
+            recover_every=self.recover_every,
+        )
+        # A step the detector did not observe (non-finite gradients) is no evidence: the
+        # episode, the calm count and the scale stay as they were.
+        unseen = bad_grads & ~alarm
+        phase = torch.where(unseen, self.phase, decision.phase)
+        calm = torch.where(unseen, self.calm, calm)
+        factor = torch.where(unseen, torch.ones_like(factor), factor)
+        if self.backtrack:
+            self.snapshot.track(params, self.optimizer)
+        self.lr_scale.mul_(factor)
+        if self._scales_itself:
+            self._maskable.scale_lr_(factor)  # Note [the learning-rate scale]
+        if self.response == "ladder":
+            # A skipped batch or rolled-back weights are not the run's level: the next loss is
+            # tested against the band from before the trouble. The third rung accepts the new
+            # level: the detector restarts from it.
+            self.detector.revert(alarm & ~decision.accept)
+            self.detector.reset(decision.accept)
+        cut = False
         if self._device_side:
-            self._device_step(alarm, params, bad_grads)
-            self._record(alarm, loss_t)
-            self._calls += 1
-            if self._calls % self.check_every == 0:
-                self._check_min_lr()
+            self._device_step(decision, bad_grads, found_finite)
         else:
-            alarmed = self._host_step(alarm, params, bad_grads)
-            self._record(alarm, loss_t)
-            self._calls += 1
-            if alarmed:
-                self._check_min_lr()
+            cut = self._host_step(decision, bad_grads)
+        self.phase.copy_(phase)
+        self.episode_scale.copy_(episode_scale)
+        self.calm.copy_(calm)
+        self._record(alarm, loss_t, decision)
+        self._after_step(cut)
         return loss if closure is None else result
 
-    def _snapshot_device(self, p: torch.Tensor) -> torch.device:
-        return p.device if self.snapshot_device is None else self.snapshot_device
+    def _collective(
+        self, loss: torch.Tensor | float, grad_norm: torch.Tensor, found_finite: torch.Tensor
+    ) -> tuple[torch.Tensor | float, torch.Tensor, torch.Tensor]:
+        """Note [collective decisions]: the loss, the gradient norm and the non-finite flag
+        averaged over ranks in one all-reduce (unchanged in a single process)."""
+        if not is_distributed():
+            return loss, grad_norm, found_finite
+        device = grad_norm.device
+        loss_t = torch.as_tensor(loss).detach().reshape(()).to(device=device, dtype=torch.float64)
+        packed = torch.stack(
+            [loss_t, grad_norm.to(torch.float64), (~found_finite).to(device, torch.float64)]
+        )
+        mean = all_reduce_mean(packed)
+        return mean[0], mean[1], mean[2] == 0
 
-    def _ensure_snapshots(self, params: list[torch.Tensor]) -> None:
-        """A snapshot per parameter (groups added later get theirs when first seen)."""
-        if not self.backtrack:
-            return
-        for p in params[len(self.snapshots) :]:
-            device = self._snapshot_device(p)
-            pin = device.type == "cpu" and p.is_cuda
-            # empty_like keeps p's kind and layout: a DTensor (FSDP2) gets a DTensor snapshot
-            # sharded alike, a channels_last parameter a channels_last one.
-            snap = torch.empty_like(p, device=device, pin_memory=pin)
-            self.snapshots.append(snap.copy_(p))
+    @torch.compiler.disable
+    def _after_step(self, cut: bool) -> None:
+        """The host's bookkeeping: the call count and the ``min_lr`` check, on a cut the host
+        saw (the host path) or every ``check_every`` steps (the sync-free path); outside any
+        ``torch.compile`` of ``step``, so a compiled step still counts and still raises."""
+        self._calls += 1
+        if cut or (self._device_side and self._calls % self.check_every == 0):
+            self._check_min_lr()
 
     def _device_step(
-        self, alarm: torch.Tensor, params: list[torch.Tensor], bad_grads: torch.Tensor
+        self, decision: Decision, bad_grads: torch.Tensor, found_finite: torch.Tensor
     ) -> None:
-        """Roll back where ``alarm``, cut the rates by ``where(alarm, lr_factor, 1)``, and take
-        the masked step, all on the device. ``bad_grads``: the guard's gradient check of this
-        step (Note [non-finite gradients]): torch's fused optimizers take it as their mask, a
-        MaskableOptimizer checks its gradients itself."""
+        """Roll back where the decision says so, and take the masked step, all on the device.
+
+        ``found_finite``: the guard's gradient check of this step (Note [non-finite
+        gradients]), which the masked step takes instead of a pass of its own."""
+        skip = ~decision.update
         if self.backtrack:
-            # On this rank's shards (FSDP2): the rollback is elementwise.
-            local_params = shards(params)
-            local_snaps = shards(self.snapshots)
-            # Note [non-finite gradients]: a skipped step is no update, so the snapshot keeps
-            # the parameters from before the last real one (``hold``).
-            if not kernels.rollback_(local_params, local_snaps, alarm, hold=bad_grads):
-                for p, snap in zip(local_params, local_snaps, strict=True):
-                    # The masked rollback: a copy where alarm, bitwise even when p holds
-                    # inf/NaN (lerp-style arithmetic would not be), sync-free on CUDA, and on
-                    # CPU several times faster than torch.where with a 0-d condition.
-                    p.masked_scatter_(alarm, snap)
-                refresh = ~bad_grads.to(alarm.device)
-                for snap, p in zip(local_snaps, local_params, strict=True):
-                    snap.masked_scatter_(refresh, p)
-        cut = torch.full((), self.lr_factor, dtype=torch.float64, device=alarm.device)
-        factor = torch.where(alarm, cut, 1.0)
+            # A step that takes no update keeps the snapshot (``hold``): it is what the next
+            # rollback must restore.
+            self.snapshot.apply_(decision.rollback, hold=skip | bad_grads)
         inner = self._maskable
-        if inner is None:  # pragma: no cover - _device_side implies a MaskableOptimizer
-            raise RuntimeError("the sync-free path needs a MaskableOptimizer")
-        inner.scale_lr_(factor)
-        self.lr_scale.mul_(factor)
         if not self._self_protecting():
             # torch's fused step: its own step runs its hooks; a skipped non-finite gradient
             # that is not an alarm is counted here (Note [non-finite gradients])
-            self.nonfinite_grads.add_((bad_grads & ~alarm).to(self.nonfinite_grads.dtype))
-            inner.masked_step(alarm, ~bad_grads)
+            self.nonfinite_grads.add_((bad_grads & decision.update).to(self.nonfinite_grads.dtype))
+            with self._applied_lr(self.lr_scale):
+                inner.masked_step(skip, found_finite)
             return
         # Note [hooks]: ``masked_step`` bypasses the wrapped optimizer's ``step``, so its own
         # step hooks run here (the host path gets them from ``optimizer.step()``). They run
         # every step: an alarm's step is a masked no-op, not known on the host.
-        call_with_step_hooks(self.optimizer, lambda: inner.masked_step(alarm, ~bad_grads))
+        call_with_step_hooks(self.optimizer, lambda: inner.masked_step(skip, found_finite))
+
+    def _self_protecting(self) -> bool:
+        """Does the wrapped optimizer skip non-finite gradients itself (a MaskableOptimizer)?"""
+        return isinstance(self.optimizer, MaskableOptimizer)
 
     def _detector_class(self) -> str:
         """The detector's class name, as checkpoints record it (a foreign one's own name)."""
         inner = self.detector.detector if isinstance(self.detector, ForeignDetector) else None
         return type(inner if inner is not None else self.detector).__name__
 
-    def _self_protecting(self) -> bool:
-        """Does the wrapped optimizer skip non-finite gradients itself (a MaskableOptimizer)?"""
-        return isinstance(self.optimizer, MaskableOptimizer)
-
-    def _host_step(
-        self, alarm: torch.Tensor, params: list[torch.Tensor], bad_grads: torch.Tensor
-    ) -> bool:
-        # Note [host syncs]: the one read per step a third-party optimizer costs; the alarm
-        # and the non-finite-gradient flag come back together.
-        flags = torch.stack([alarm.to(torch.bool), bad_grads.to(alarm.device)]).tolist()
-        alarmed, skipped = bool(flags[0]), bool(flags[1]) and not flags[0]
+    def _host_step(self, decision: Decision, bad_grads: torch.Tensor) -> bool:
+        """The decision read on the host and carried out; returns whether the rate was cut."""
+        # Note [host syncs]: the one read per step a third-party optimizer costs; the decision,
+        # the non-finite-gradient flag and the scale come back together.
+        flags = torch.stack(
+            [
+                decision.update.double(),
+                decision.rollback.double(),
+                bad_grads.double(),
+                self.lr_scale.to(decision.update.device),
+            ]
+        ).tolist()
+        update, rollback, skipped, scale = bool(flags[0]), bool(flags[1]), bool(flags[2]), flags[3]
+        if rollback and self.backtrack:
+            self.snapshot.copy_(restore=True)
+        if not update:
+            return rollback
         if skipped and self._self_protecting():
             # A MaskableOptimizer skips (and counts) a non-finite gradient itself; a skipped
             # step is no update, so the snapshot stays as it is.
@@ -507,42 +652,32 @@ class CatastropheGuard(OptimizerWrapper, Composable):
             self.nonfinite_grads.add_(1)
             return False
         if self.backtrack:
-            self._copy_snapshots(params, restore=alarmed)
-        if alarmed:
-            self._cut_lr()
-            self.lr_scale.mul_(self.lr_factor)
-        else:
+            self.snapshot.copy_(restore=False)
+        if self._scales_itself:
             self.optimizer.step()
-        return alarmed
+            return False
+        with self._applied_lr(scale):
+            self.optimizer.step()
+        return False
 
-    def _copy_snapshots(self, params: list[torch.Tensor], *, restore: bool) -> None:
-        """``p <- snapshot`` (``restore``) or ``snapshot <- p``: one kernel call where the
-        kernels take the tensors, else one copy per tensor (host memory, other devices)."""
-        local_params = shards(params)
-        local_snaps = shards(self.snapshots)
-        device = local_params[0].device if local_params else torch.device("cpu")
-        flag = torch.full((), restore, dtype=torch.bool, device=device)
-        same_device = all(s.device == device for s in local_snaps)
-        if same_device and kernels.rollback_(local_params, local_snaps, flag):
+    @contextlib.contextmanager
+    def _applied_lr(self, scale: torch.Tensor | float) -> Iterator[None]:
+        """Note [the learning-rate scale]: ``group["lr"]`` is the applied rate (scheduled *
+        ``scale``) for the duration of the step, the scheduled one again after."""
+        groups = self.optimizer.param_groups
+        scheduled = [g["lr"] for g in groups]
+        if isinstance(scale, float) and scale == 1.0:
+            yield
             return
-        for p, snap in zip(local_params, local_snaps, strict=True):
-            if restore:
-                p.copy_(snap, non_blocking=True)
-            else:
-                snap.copy_(p, non_blocking=True)
+        try:
+            for group, lr in zip(groups, scheduled, strict=True):
+                group["lr"] = _scaled(lr, scale)
+            yield
+        finally:
+            for group, lr in zip(groups, scheduled, strict=True):
+                group["lr"] = lr
 
-    def _cut_lr(self) -> None:
-        if self._maskable is not None:
-            self._maskable.scale_lr_(torch.tensor(self.lr_factor, dtype=torch.float64))
-            return
-        for group in self.optimizer.param_groups:
-            lr = group["lr"]
-            if isinstance(lr, torch.Tensor):
-                lr.mul_(self.lr_factor)
-            else:
-                group["lr"] = lr * self.lr_factor
-
-    def _record(self, alarm: torch.Tensor, loss: torch.Tensor) -> None:
+    def _record(self, alarm: torch.Tensor, loss: torch.Tensor, decision: Decision) -> None:
         """Counters and the alarm ring buffer, written with masks (no host sync)."""
         index = (self.alarms % _HISTORY).view(1)
         old_step = self.history_step.gather(0, index)
@@ -552,26 +687,54 @@ class CatastropheGuard(OptimizerWrapper, Composable):
         self.history_loss.scatter_(0, index, torch.where(alarm, loss, old_loss))
         self.alarms.add_(alarm.long())
         if self.backtrack:
-            self.rollbacks.add_(alarm.long())
+            self.rollbacks.add_(decision.rollback.long())
+        self.skips.add_((alarm & ~decision.rollback & ~decision.accept).long())
+        self.level_shifts.add_(decision.accept.long())
         self.steps.add_(1)
 
-    def _max_lr(self) -> float:
-        if self._maskable is not None:
-            return float(self._maskable.max_lr())
-        return max(float(g["lr"]) for g in self.optimizer.param_groups)
+    def _applied_max_lr(self) -> torch.Tensor:
+        """The largest applied learning rate (0-d, on the device; no host read)."""
+        if self._scales_itself:
+            return self._maskable.max_lr()
+        lrs = [g["lr"] for g in self.optimizer.param_groups]
+        top = max(lrs, key=float) if all(not isinstance(x, torch.Tensor) for x in lrs) else None
+        if top is not None:
+            return self.lr_scale * top
+        stacked = torch.stack([torch.as_tensor(x).to(self.lr_scale) for x in lrs])
+        return self.lr_scale * stacked.max()
 
     def _check_min_lr(self) -> None:
-        """Raise TrainingDiverged when alarms left every learning rate below ``min_lr``."""
+        """Raise TrainingDiverged when cuts left every applied learning rate below ``min_lr``."""
         if not bool(self.alarms > 0):
             return
-        max_lr = self._max_lr()
+        max_lr = float(self._applied_max_lr())
         if not max_lr >= self.min_lr:  # NaN-aware: a NaN learning rate has diverged too
             history = self.history()
+            nonfinite = sum(1 for h in history[-5:] if not math.isfinite(h["loss"]))
+            cause = (
+                f"{nonfinite} of the last {min(5, len(history))} alarms were a non-finite "
+                "loss: look for NaN/inf in the data, the labels or the model's output (a "
+                "lower rate will not fix that)"
+                if nonfinite
+                else "Lower the initial lr, or make the detector less sensitive if the alarms "
+                "come from a noisy plateau (a larger sigma for SpikeDetector, ph_lambda for "
+                "PageHinkleyPaper)"
+            )
             raise TrainingDiverged(
                 f"{type(self).__name__}: after {int(self.alarms)} alarms the largest learning "
                 f"rate is {max_lr:.3g} < min_lr={self.min_lr:g}; training diverged. Last alarms "
-                f"(step, loss): {[(h['step'], h['loss']) for h in history[-5:]]}. Lower the "
-                "initial lr, or make the detector less sensitive if the alarms come from a noisy "
-                "plateau (a larger sigma for SpikeDetector, ph_lambda for PageHinkleyPaper).",
+                f"(step, loss): {[(h['step'], h['loss']) for h in history[-5:]]}. {cause}.",
                 history,
             )
+
+
+def _scaled(lr: Any, scale: torch.Tensor | float) -> Any:
+    """``lr * scale`` in the form torch's step takes: a float stays a float when ``scale`` is
+    one (the host path); on the device path a 0-d tensor beside ``scale`` (float32 on CUDA,
+    the dtype torch's fused CUDA kernels take)."""
+    if isinstance(scale, float):
+        return lr * scale
+    if isinstance(lr, torch.Tensor):
+        return (lr.to(scale.device, torch.float64) * scale).to(lr.dtype)
+    dtype = torch.float32 if scale.device.type == "cuda" else torch.float64
+    return (scale * float(lr)).to(dtype)

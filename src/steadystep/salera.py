@@ -114,6 +114,11 @@ class SALeRA(CatastropheGuard):
             min_lr=min_lr,
             snapshot_device=snapshot_device,
             check_every=check_every,
+            # the paper's recovery: every alarm rolls the weights back one step and cuts,
+            # for good (Note [the ladder] in steadystep.ladder)
+            response="rollback",
+            recover_every=None,
+            rollback="params",
         )
 
 

@@ -143,6 +143,7 @@ class Stabilized(OptimizerWrapper, Composable):
         dataset_size: int | None = None,
         per_sample: bool | None = None,
         native: bool = True,
+        model: torch.nn.Module | None = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -228,6 +229,8 @@ class Stabilized(OptimizerWrapper, Composable):
         # -- the guard, outermost -------------------------------------------------------------
         self.guard: CatastropheGuard | None = given_guard
         if guard_settings is not None:
+            if model is not None:
+                guard_settings = {**guard_settings, "model": model}
             self.guard = CatastropheGuard(middle, **guard_settings)
             if batch_size is not None and dataset_size is not None:
                 configure_detector(
@@ -424,6 +427,7 @@ def stabilize(
     dataset_size: int | None = None,
     per_sample: bool | None = None,
     native: bool = True,
+    model: torch.nn.Module | None = None,
 ) -> Stabilized:
     """Compose ALRC, the catastrophe guard and CProp around ``optimizer``, in the right order.
 
@@ -463,6 +467,9 @@ def stabilize(
             CUDA) run by default wherever they take the tensors and a ``foreach=True`` base does
             not ask otherwise; ``cprop={"fused": False}`` turns them off and
             ``cprop={"fused": True}`` requires them. torch's ``fused`` flag is not read.
+        model: the module being trained: the guard's full rollback restores its buffers
+            (BatchNorm's running statistics) with the parameters and the optimizer's state
+            (default None: no buffers).
 
     Returns:
         a :class:`Stabilized` optimizer.
@@ -497,4 +504,5 @@ def stabilize(
         dataset_size=dataset_size,
         per_sample=per_sample,
         native=native,
+        model=model,
     )

@@ -358,6 +358,8 @@ class Monitor:
             elif (
                 _is_lr_key(col)
                 and _component_of(col) not in has_cut_counter
+                # a guard's applied rate falls with its lr_scale: one report, of the scale
+                and not (stat == "lr" and f"{_component_of(col)}/lr_scale" in row)
                 and old > 0
                 and new < self.lr_cut_ratio * old
             ):

@@ -4,13 +4,12 @@
 read per step either (Note [host syncs] in :mod:`steadystep.guard`).
 
 Note [tensor learning rates]
-    To cut a rate on the device the rate must be a tensor: :class:`TorchFusedMaskable` turns
-    each group's ``lr`` into a 0-d tensor beside the parameters, once (float64 on the CPU;
-    float32 on CUDA, the dtype torch's fused CUDA kernels take). torch's fused
-    kernels take tensor rates, and torch's LR schedulers write them in place
-    (``param_group["lr"].fill_``), so a chainable scheduler and the guard's cuts compose as
-    with a float rate; a scheduler that recomputes from its base values overwrites the cut, as
-    it would a float's.
+    To cut a rate on the device the rate must be a tensor: :meth:`TorchFusedMaskable.scale_lr_`
+    turns each group's ``lr`` into a 0-d tensor beside the parameters (float64 on the CPU;
+    float32 on CUDA, the dtype torch's fused CUDA kernels take). The guard does not use it: it
+    hands the step the applied rate, ``scheduled lr * lr_scale`` as a 0-d tensor, for the
+    duration of the step (Note [the learning-rate scale] in :mod:`steadystep.guard`), so a
+    scheduler never sees, or erases, a cut.
 """
 
 from __future__ import annotations
@@ -34,8 +33,6 @@ class TorchFusedMaskable:
 
     def __init__(self, optimizer: Optimizer) -> None:
         self.optimizer = optimizer
-        for group in optimizer.param_groups:
-            self._tensor_lr(group)
 
     @staticmethod
     def _tensor_lr(group: dict[str, Any]) -> Tensor:
@@ -66,8 +63,6 @@ class TorchFusedMaskable:
             grads = [p.grad for g in self.optimizer.param_groups for p in g["params"]]
             found_finite = grads_finite([g for g in grads if g is not None])
         masked = ~found_finite if skip is None else ~found_finite | skip.to(found_finite.device)
-        for group in self.optimizer.param_groups:
-            self._tensor_lr(group)  # a scheduler may have written a float back
         self.optimizer.found_inf = masked.to(torch.float32)  # type: ignore[attr-defined]
         try:
             self.optimizer.step()

@@ -60,6 +60,8 @@ class Detector:
         self.alarms = torch.zeros((), dtype=torch.int64, device=dev)
         # The loss the last update tested (the rank mean; NaN before the first).
         self.last_loss = torch.full((), math.nan, dtype=dtype, device=dev)
+        # Average the loss over ranks (a guard that has reduced it already turns this off)
+        self.reduce_over_ranks = True
 
     # -- subclass hooks ---------------------------------------------------------------------
     def _init_state(self, device: torch.device) -> dict[str, torch.Tensor]:
@@ -152,6 +154,19 @@ class Detector:
         for key, value in loaded.items():
             setattr(self, key, value)
 
+    def revert(self, mask: torch.Tensor) -> None:
+        """Where ``mask`` (0-d bool) is True, take back the last :meth:`update`'s observation:
+        the statistics return to what they were before it (the counters ``observations``,
+        ``alarms`` and ``last_loss`` keep it). A guard reverts the observation of a batch it
+        skipped or of weights it rolled back (Note [the ladder]), so the next loss is tested
+        against the band from before the trouble. No host sync."""
+        before = getattr(self, "_before", None)
+        if before is None:
+            return
+        for name, value in before.items():
+            live = getattr(self, name)
+            live.copy_(torch.where(mask.to(live.device), value, live))
+
     def reset(self, mask: torch.Tensor | None = None) -> None:
         """Restart the test (the statistics a fresh detector has); counters are kept.
 
@@ -191,7 +206,9 @@ class Detector:
         """
         if isinstance(loss, torch.Tensor) and loss.device != self.device:
             self._to(loss.device)
-        x = all_reduce_mean(self._scalar(loss, "loss"))
+        x = self._scalar(loss, "loss")
+        if self.reduce_over_ranks:
+            x = all_reduce_mean(x)
         g = None
         if self.needs_grad_norm and grad_norm is not None:
             g = self._scalar(grad_norm, "grad_norm")
@@ -215,6 +232,8 @@ class Detector:
         alarm = ~ok | change
         if active is not None:
             alarm = alarm & active
+        # What revert() restores: the statistics before this observation.
+        self._before = {name: getattr(self, name).clone() for name in self._STATE}
         for name, value in new.items():
             old = getattr(self, name)
             old.copy_(torch.where(commit, value, old))

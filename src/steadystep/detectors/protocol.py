@@ -32,6 +32,10 @@ class ChangeDetector(Protocol):
       then)?
     * ``last_loss``: the loss the last ``update`` tested (0-d; under torch.distributed the rank
       mean), which the guard records in its alarm history.
+    * ``reset(mask)``: restart the test where ``mask`` (0-d bool) is True (the guard accepts a
+      change of level: the new level is the detector's baseline from then on);
+    * ``revert(mask)``: where ``mask`` is True, take back the last ``update``'s observation (the
+      guard skipped that batch or rolled back those weights);
     * ``stats()``: 0-d tensors for telemetry; ``state_dict()`` / ``load_state_dict()``: every
       evolving statistic, resumed bitwise.
     """
@@ -46,6 +50,10 @@ class ChangeDetector(Protocol):
         grad_norm: Tensor | float | None = None,
         skip: Tensor | None = None,
     ) -> Tensor: ...
+
+    def reset(self, mask: Tensor | None = None) -> None: ...
+
+    def revert(self, mask: Tensor) -> None: ...
 
     def stats(self) -> dict[str, Tensor]: ...
 
@@ -75,6 +83,7 @@ class ForeignDetector:
             )
         self.needs_grad_norm = bool(getattr(detector, "needs_grad_norm", False))
         self.last_loss = torch.full((), torch.nan)
+        self._saved: dict[str, Any] | None = None
         self._restorable = callable(getattr(detector, "state_dict", None)) and callable(
             getattr(detector, "load_state_dict", None)
         )
@@ -92,8 +101,9 @@ class ForeignDetector:
         grad_norm: Tensor | float | None = None,
         skip: Tensor | None = None,
     ) -> Tensor:
-        restore = skip is not None and self._restorable
-        saved = self.detector.state_dict() if restore else None
+        saved = self.detector.state_dict() if self._restorable else None
+        self._saved = saved
+        restore = skip is not None and saved is not None
         if self.needs_grad_norm:
             alarm = self.detector.update(loss, grad_norm=grad_norm)
         else:
@@ -105,6 +115,15 @@ class ForeignDetector:
             return torch.zeros_like(alarm)
         self.last_loss = loss_t
         return alarm
+
+    def revert(self, mask: Tensor) -> None:
+        if self._saved is not None and bool(mask):
+            self.detector.load_state_dict(self._saved)
+
+    def reset(self, mask: Tensor | None = None) -> None:
+        reset = getattr(self.detector, "reset", None)
+        if callable(reset) and (mask is None or bool(mask)):
+            reset()
 
     def stats(self) -> dict[str, Tensor]:
         stats = getattr(self.detector, "stats", None)
