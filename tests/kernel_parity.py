@@ -16,21 +16,21 @@ import os
 import torch
 
 import steadystep as ss
-from steadystep._kernels import _common, alera, cprop, rollback_
+from steadystep._kernels import _common, alera, cprop, rollback, rollback_
 
 
 def use_triton_on_cpu() -> None:
     """Send CPU tensors down the Triton branch (under ``TRITON_INTERPRET=1``)."""
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    real = _common._backend
+    real = _common.backend
 
     def backend(*lists, **kwargs):
         found = real(*lists, **kwargs)
         return "cuda" if found == "cpu" else found
 
-    for module in (_common, cprop, alera):
-        module._backend = backend
-    assert _common._triton() is not None, "Triton does not import"
+    for module in (_common, cprop, alera, rollback):
+        module.backend = backend
+    assert _common.triton() is not None, "Triton does not import"
 
 
 def model(dtype, device, seed=0):

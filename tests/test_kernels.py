@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -17,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import steadystep as ss
 from steadystep import _kernels
-from steadystep._kernels import _cpu
+from steadystep._kernels import _cpu, layout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -204,7 +205,7 @@ def _fresh_process(code: str, env: dict[str, str]) -> subprocess.CompletedProces
 
 STEP = """
     import warnings, torch, steadystep as ss
-    from steadystep._kernels import _cpu
+    from steadystep._kernels import _cpu, layout
     p = torch.nn.Parameter(torch.ones(10)); p.grad = torch.full((10,), 0.5)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -255,6 +256,44 @@ def test_sixteen_bit_floats_without_a_kernel_take_the_eager_path():
     opt = ss.CPropAdamW([p], lr=0.1)  # float16: no kernel, fused=None falls back
     opt.step()
     assert p.dtype == torch.float16 and torch.all(p < 1)
+
+
+# --------------------------------------------------------------------------------------------
+# One hyperparameter layout (Note [hyperparameter layout])
+# --------------------------------------------------------------------------------------------
+
+
+def _c_struct(name: str, source: str) -> list[tuple[str, str]]:
+    """``(field, C type)`` of ``typedef struct { ... } name;`` in a C source, in order."""
+    text = (Path(_cpu.__file__).parent / source).read_text()
+    body = re.search(r"typedef struct \{([^}]*)\} " + name + ";", text).group(1)
+    body = re.sub(r"/\*.*?\*/", "", body, flags=re.S)
+    fields = []
+    for declaration in filter(None, (d.strip() for d in body.split(";"))):
+        kind, names = declaration.split(None, 1)
+        fields += [(field.strip(), kind) for field in names.split(",")]
+    return fields
+
+
+def test_the_c_structs_ctypes_and_triton_columns_share_one_layout():
+    """The C kernels' hyperparameter structs declare the fields of steadystep._kernels.layout
+    in its order, the ctypes structs are made from it, and the Triton columns are named by it."""
+    cprop = [(name, "double") for name in layout.CPROP_HYPER_FIELDS]
+    assert _c_struct("hyper_t", "kernels_cprop.c") == cprop
+    assert _c_struct("alera_hyper_t", "kernels_alera.c") == list(layout.ALERA_HYPER_FIELDS)
+    assert [name for name, _ in _cpu.Hyper._fields_] == list(layout.CPROP_HYPER_FIELDS)
+    assert [name for name, _ in _cpu.AleraHyper._fields_] == [
+        name for name, _ in layout.ALERA_HYPER_FIELDS
+    ]
+    row = layout.cprop_hyper_row(
+        cdf_constant=0.5, lr=0.1, cprop_beta=0.9, cprop_c=math.inf, cprop_eps=1e-8
+    )
+    assert row[layout.column("lr")] == 0.1 and row[layout.column("cprop_c")] == 1.0
+    if __import__("importlib").util.find_spec("triton") is not None:
+        from steadystep._kernels import _triton_cprop
+
+        for i, name in enumerate(layout.CPROP_HYPER_FIELDS):
+            assert getattr(_triton_cprop, f"H_{name.upper()}").value == i
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ one op (or one compiled call) per tensor: on CPU the C library of :mod:`._cpu` (
 kernels]), on CUDA the Triton kernels of :mod:`._triton` (Note [Triton kernels]). Each returns
 False, having touched nothing, when it cannot take the tensors (another device, a dtype without
 a kernel, non-contiguous memory, no C compiler or no Triton, ``STEADYSTEP_FUSED=0``); the
-caller then takes its reference or foreach path. Host work per call is building pointer
+caller then takes its reference or foreach path, or raises :class:`FusedUnsupportedError` where
+``fused=True`` was asked for. Host work per call is building pointer
 arrays, O(number of tensors) in Python, and no read of any tensor's value.
 
 Note [huge gradients]
@@ -19,17 +20,20 @@ Note [huge gradients]
 
 from steadystep._kernels._common import (
     CDF_CONSTANT,
+    FusedUnsupportedError,
     enabled,
     grad_stats,
     gradient_limit,
     grads_ok,
     stats_dtype,
 )
-from steadystep._kernels.alera import alera_, rollback_
+from steadystep._kernels.alera import alera_
 from steadystep._kernels.cprop import adam_, sgd_, wrapper_after_, wrapper_before_
+from steadystep._kernels.rollback import rollback_
 
 __all__ = [
     "CDF_CONSTANT",
+    "FusedUnsupportedError",
     "adam_",
     "alera_",
     "enabled",

@@ -14,17 +14,33 @@ import torch
 from torch import Tensor
 
 from steadystep._kernels import _cpu
+from steadystep._kernels.layout import cprop_hyper_row
 
 __all__ = [
     "CDF_CONSTANT",
+    "PARAM_CODE",
+    "FusedUnsupportedError",
+    "backend",
+    "check_flag",
+    "cprop_hyper_values",
+    "doubles",
     "enabled",
     "grad_stats",
     "gradient_limit",
     "grads_ok",
+    "int64s",
+    "lr_multiplier_of",
+    "numels",
+    "pointers",
+    "scale_config",
     "stats_dtype",
+    "status",
+    "steps_ok",
+    "threads",
+    "triton",
 ]
 
-_PARAM_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
+PARAM_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
 _STRIDED = torch.strided
 _Parameter = torch.nn.Parameter
 _METHOD_CODE = {"conformity": 0, "relative": 1, "moment": 2}
@@ -38,13 +54,29 @@ CDF_CONSTANT = {
 }
 
 
+class FusedUnsupportedError(RuntimeError):
+    """A step asked for ``fused=True`` whose inputs the fused kernels cannot take: ``owner``
+    names the optimizer or function, ``tensors`` the inputs, ``needs`` what else the path needs
+    beyond the dtypes, devices and layout every kernel needs."""
+
+    def __init__(self, owner: str, tensors: Sequence[Tensor], needs: str = "") -> None:
+        where = sorted({f"{t.device.type} {str(t.dtype).removeprefix('torch.')}" for t in tensors})
+        super().__init__(
+            f"{owner}(fused=True): the fused kernels cannot take these inputs ({', '.join(where)}"
+            "; they need dense contiguous float32/float64/bfloat16 tensors of one dtype on a CPU "
+            f"with a C compiler, or on CUDA with Triton{needs}, and STEADYSTEP_FUSED not set to "
+            "0). Pass fused=None to fall back to the eager paths."
+        )
+
+
 def enabled() -> bool:
     """False when ``STEADYSTEP_FUSED=0`` is set: every optimizer then takes its eager path."""
     return os.environ.get("STEADYSTEP_FUSED", "1").strip().lower() not in ("0", "false", "no")
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of statistics kept for parameters of ``dtype``: float32 for 16-bit floats."""
+    """The dtype of statistics kept for parameters of ``dtype``: float32 for 16-bit floats (a
+    multiplier step of ``exp(3e-6)`` or an EMA increment vanishes in bfloat16)."""
     return torch.promote_types(dtype, torch.float32)
 
 
@@ -56,13 +88,14 @@ def gradient_limit(dtype: torch.dtype) -> float:
 
 
 @functools.lru_cache(maxsize=1)
-def _triton() -> SimpleNamespace | None:
+def triton() -> SimpleNamespace | None:
     """The Triton entry points, or None where Triton does not import (the eager paths run)."""
     try:
         from steadystep._kernels import (
             _triton_alera,
             _triton_common,
             _triton_cprop,
+            _triton_rollback,
             _triton_wrapper,
         )
     except Exception:  # no Triton, or one that does not load
@@ -71,14 +104,14 @@ def _triton() -> SimpleNamespace | None:
         grad_stats=_triton_common.grad_stats,
         adam=_triton_cprop.adam,
         sgd=_triton_cprop.sgd,
-        wrapper_before=_triton_wrapper.wrapper_before,
-        wrapper_after=_triton_wrapper.wrapper_after,
+        wrap_before=_triton_wrapper.wrap_before,
+        wrap_after=_triton_wrapper.wrap_after,
         alera=_triton_alera.alera,
-        rollback=_triton_alera.rollback,
+        rollback=_triton_rollback.rollback,
     )
 
 
-def _backend(
+def backend(
     *lists: Sequence[Tensor | None],
     stats: Sequence[Sequence[Tensor | None]] = (),
     dtypes: str = "same",
@@ -100,13 +133,13 @@ def _backend(
     device = first.device
     kind = device.type
     if kind == "cuda":
-        if _triton() is None:
+        if triton() is None:
             return None
         index = device.index
     elif kind != "cpu":
         return None
     dtype = first.dtype
-    if dtypes != "any" and dtype not in _PARAM_CODE:
+    if dtypes != "any" and dtype not in PARAM_CODE:
         return None
     on_cpu = kind == "cpu"
     wanted = ((lists, dtype if dtypes == "same" else None), (stats, stats_dtype(dtype)))
@@ -124,7 +157,7 @@ def _backend(
                 if want is not None:
                     if t.dtype is not want:
                         return None
-                elif dtypes == "kernel" and t.dtype not in _PARAM_CODE:
+                elif dtypes == "kernel" and t.dtype not in PARAM_CODE:
                     return None
                 if on_cpu:
                     if not t.is_cpu:
@@ -141,7 +174,7 @@ def _compiling() -> bool:
     return torch._dynamo.is_compiling()  # torch < 2.3
 
 
-def _steps_ok(steps: Sequence[Tensor], device: torch.device) -> bool:
+def steps_ok(steps: Sequence[Tensor], device: torch.device) -> bool:
     """Every step count a 0-d (or one-element) float32 tensor on ``device``."""
     f32 = torch.float32
     on_cpu = device.type == "cpu"
@@ -157,30 +190,30 @@ def _steps_ok(steps: Sequence[Tensor], device: torch.device) -> bool:
     return True
 
 
-def _int64s(values: list[int]) -> ctypes.Array:
+def int64s(values: list[int]) -> ctypes.Array:
     """``values`` as a C ``int64_t`` array (built by :mod:`array`, then shared with ctypes)."""
     buffer = array.array("q", values or [0])
     return (ctypes.c_int64 * len(buffer)).from_buffer(buffer)
 
 
-def _pointers(tensors: Sequence[Tensor | None]) -> ctypes.Array:
-    return _int64s([0 if t is None else t.data_ptr() for t in tensors])
+def pointers(tensors: Sequence[Tensor | None]) -> ctypes.Array:
+    return int64s([0 if t is None else t.data_ptr() for t in tensors])
 
 
-def _numels(tensors: Sequence[Tensor]) -> ctypes.Array:
-    return _int64s([t.numel() for t in tensors])
+def numels(tensors: Sequence[Tensor]) -> ctypes.Array:
+    return int64s([t.numel() for t in tensors])
 
 
-def _doubles(values: Sequence[float]) -> ctypes.Array:
+def doubles(values: Sequence[float]) -> ctypes.Array:
     buffer = array.array("d", values or [0.0])
     return (ctypes.c_double * len(buffer)).from_buffer(buffer)
 
 
-def _threads() -> int:
+def threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def _scale_config(c: float, eps: float, cdf: str, method: str) -> dict[str, int]:
+def scale_config(c: float, eps: float, cdf: str, method: str) -> dict[str, int]:
     return {
         "SS_METHOD": _METHOD_CODE[method],
         "SS_CDF": _CDF_CODE[cdf],
@@ -190,58 +223,31 @@ def _scale_config(c: float, eps: float, cdf: str, method: str) -> dict[str, int]
     }
 
 
-def _hyper_values(
-    *,
-    lr: float = 0.0,
-    beta1: float = 0.0,
-    beta2: float = 0.0,
-    eps: float = 0.0,
-    weight_decay: float = 0.0,
-    momentum: float = 0.0,
-    dampening: float = 0.0,
-    cprop_beta: float,
-    cprop_c: float,
-    cprop_eps: float,
-    cdf: str,
-    method: str,
+def cprop_hyper_values(
+    *, cprop_beta: float, cprop_c: float, cprop_eps: float, cdf: str, method: str, **base: float
 ) -> tuple[float, ...]:
-    """The hyperparameter row both backends read (the order of ``hyper_t`` in the C source)."""
+    """The hyperparameter row both backends read (Note [hyperparameter layout]): CProp's, with
+    the cdf's constant folded in, and the base step's ``base`` (by field name)."""
     constant = CDF_CONSTANT[cdf] if method == "conformity" else 1.0
-    c = 1.0 if math.isinf(cprop_c) else cprop_c
-    return tuple(
-        float(x)
-        for x in (
-            lr,
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-            cprop_beta,
-            c,
-            cprop_eps,
-            constant,
-            momentum,
-            dampening,
-        )
+    return cprop_hyper_row(
+        cdf_constant=constant, cprop_beta=cprop_beta, cprop_c=cprop_c, cprop_eps=cprop_eps, **base
     )
 
 
-def _c_hyper(values: tuple[float, ...]) -> _cpu.Hyper:
-    return _cpu.Hyper(*values)
-
-
-def _lr_scale(lr_scale: Tensor | None, device: torch.device) -> Tensor:
-    if lr_scale is None:
+def lr_multiplier_of(lr_multiplier: Tensor | None, device: torch.device) -> Tensor:
+    """The step's 0-d float64 ``lr_multiplier`` on ``device`` (1 when None)."""
+    if lr_multiplier is None:
         return torch.ones((), dtype=torch.float64, device=device)
-    if lr_scale.dtype != torch.float64 or lr_scale.device != device:
+    if lr_multiplier.dtype != torch.float64 or lr_multiplier.device != device:
         raise ValueError(
-            f"lr_scale must be a 0-d float64 tensor on {device}, got {lr_scale.dtype} on "
-            f"{lr_scale.device}"
+            f"lr_multiplier must be a 0-d float64 tensor on {device}, got "
+            f"{lr_multiplier.dtype} on {lr_multiplier.device}"
         )
-    return lr_scale
+    return lr_multiplier
 
 
-def _check_flag(flag: Tensor, device: torch.device, name: str = "found_finite") -> Tensor:
+def check_flag(flag: Tensor, device: torch.device, name: str = "found_finite") -> Tensor:
+    """``flag`` checked to be a 0-d bool on ``device``, made contiguous (the kernels read it)."""
     if flag.dtype != torch.bool or flag.numel() != 1 or flag.device != device:
         raise ValueError(
             f"{name} must be a 0-d bool tensor on {device}, got {flag.dtype} {tuple(flag.shape)} "
@@ -250,7 +256,8 @@ def _check_flag(flag: Tensor, device: torch.device, name: str = "found_finite") 
     return flag.contiguous()
 
 
-def _status(code: int, what: str) -> None:
+def status(code: int, what: str) -> None:
+    """Raise for a C kernel's nonzero return code (its work space could not be allocated)."""
     if code != 0:
         raise MemoryError(f"steadystep's fused {what} kernel could not allocate its work space")
 
@@ -267,8 +274,8 @@ def grad_stats(grads: Sequence[Tensor]) -> tuple[Tensor, Tensor] | None:
     an element is). None when the kernels cannot take these tensors."""
     if not grads:
         return None
-    backend = _backend(grads, dtypes="kernel")
-    if backend is None:
+    kind = backend(grads, dtypes="kernel")
+    if kind is None:
         return None
     by_dtype: dict[torch.dtype, list[Tensor]] = {}
     for g in grads:
@@ -276,23 +283,23 @@ def grad_stats(grads: Sequence[Tensor]) -> tuple[Tensor, Tensor] | None:
     flags, sums = [], []
     for dtype, gs in by_dtype.items():
         limit = gradient_limit(stats_dtype(dtype))
-        if backend == "cuda":
-            ok, sumsq = _triton().grad_stats(gs, limit)
+        if kind == "cuda":
+            ok, sumsq = triton().grad_stats(gs, limit)
         else:
-            lib = _cpu.library({"SS_PARAM": _PARAM_CODE[dtype]})
+            lib = _cpu.library({"SS_PARAM": PARAM_CODE[dtype]})
             if lib is None:
                 return None
             ok = torch.empty((), dtype=torch.bool)
             sumsq = torch.empty((), dtype=torch.float64)
-            _status(
+            status(
                 lib.ss_grads_ok(
                     len(gs),
-                    _pointers(gs),
-                    _numels(gs),
+                    pointers(gs),
+                    numels(gs),
                     limit,
                     ok.data_ptr(),
                     sumsq.data_ptr(),
-                    _threads(),
+                    threads(),
                 ),
                 "gradient check",
             )

@@ -31,10 +31,12 @@ import threading
 import warnings
 from pathlib import Path
 
+from steadystep._kernels.layout import ALERA_HYPER_FIELDS, CPROP_HYPER_FIELDS
+
 __all__ = ["AleraHyper", "Hyper", "cache_dir", "library"]
 
 _HERE = Path(__file__).resolve().parent
-_SOURCES = (_HERE / "kernels_cprop.c", _HERE / "kernels_alera.c")
+_SOURCES = (_HERE / "kernels_cprop.c", _HERE / "kernels_alera.c", _HERE / "kernels_rollback.c")
 _HEADERS = (_HERE / "kernels_common.h",)
 _FLAGS = (
     "-O3",
@@ -51,51 +53,20 @@ _LOCK = threading.Lock()
 _LOADED: dict[tuple[tuple[str, int], ...], ctypes.CDLL | None] = {}
 
 
-class Hyper(ctypes.Structure):
-    """``hyper_t`` of kernels_cprop.c: the hyperparameters of one call."""
+_C_TYPES = {"double": ctypes.c_double, "int": ctypes.c_int}
 
-    _fields_ = [
-        (name, ctypes.c_double)
-        for name in (
-            "lr",
-            "beta1",
-            "beta2",
-            "eps",
-            "weight_decay",
-            "cprop_beta",
-            "cprop_c",
-            "cprop_eps",
-            "cdf_constant",
-            "momentum",
-            "dampening",
-        )
-    ]
+
+class Hyper(ctypes.Structure):
+    """``hyper_t`` of kernels_cprop.c: the hyperparameters of one call (Note [hyperparameter
+    layout])."""
+
+    _fields_ = [(name, ctypes.c_double) for name in CPROP_HYPER_FIELDS]
 
 
 class AleraHyper(ctypes.Structure):
-    """``alera_hyper_t`` of kernels_alera.c."""
+    """``alera_hyper_t`` of kernels_alera.c (Note [hyperparameter layout])."""
 
-    _fields_ = [
-        *[
-            (name, ctypes.c_double)
-            for name in (
-                "alpha",
-                "C",
-                "norm_eps",
-                "limit",
-                "stats_max",
-                "stats_tiny",
-                "log_bound",
-                "total_numel",
-                "beta1",
-                "beta2",
-                "eps",
-            )
-        ],
-        ("param_wise", ctypes.c_int),
-        ("adam", ctypes.c_int),
-        ("advance_adam_steps", ctypes.c_int),
-    ]
+    _fields_ = [(name, _C_TYPES[kind]) for name, kind in ALERA_HYPER_FIELDS]
 
 
 def cache_dir() -> Path:
@@ -226,31 +197,12 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.ss_sgd.argtypes = [i64, p, p, p, p, p, p, p, hyper, p, p, c_int]
     lib.ss_wrap_before.argtypes = [i64, p, p, p, p, p, p, p, hyper, p, c_int]
     lib.ss_wrap_after.argtypes = [i64, p, p, p, p, p, p, hyper, p, c_int]
+    # n, 12 pointer arrays, then the units, the counters, the mirrors and the flags
     lib.ss_alera.argtypes = [
-        i64,
-        p,
-        p,
-        p,
-        p,
-        p,
-        p,
-        p,
-        p,
-        p,
-        p,
-        p,
-        p,
-        i64,
-        p,
-        p,
-        p,
-        i64,
-        p,
-        i64,
-        p,
-        p,
-        p,
-        p,
+        *(i64, *[p] * 12),
+        *(i64, p, p, p),
+        *(i64, p),
+        *(i64, p, p, p, p),
         ctypes.POINTER(AleraHyper),
         c_int,
     ]

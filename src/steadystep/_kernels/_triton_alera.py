@@ -1,9 +1,8 @@
-"""ALeRA / Ag-Adam and the guard's rollback in Triton (Note [Triton kernels] in
+"""ALeRA / Ag-Adam in Triton (Note [Triton kernels] in
 :mod:`._triton_common`): two passes with the units' scalar math on the device between them."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -11,10 +10,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from steadystep._kernels._common import stats_dtype
 from steadystep._kernels._triton_common import (
     TL_DTYPE,
     all_aligned,
-    block_start,
     block_table,
     cached,
     gather,
@@ -23,14 +22,38 @@ from steadystep._kernels._triton_common import (
     ld,
     pointer,
     pointer_tables,
+    program_block,
     scatter,
     st,
-    stats_dtype,
     to_device,
     to_param,
 )
 
-__all__ = ["alera", "rollback"]
+__all__ = ["alera"]
+
+# The update pass's scalar row (float64), by name: the relaxed path's decay, the per-element
+# log change's gain and offset ("param" granularity), its bound and the multipliers' range, and
+# Ag-Adam's hyperparameters (the fields of ``alera_ctx`` in kernels_alera.c that pass 2 reads).
+SCALAR_FIELDS = (
+    "decay",
+    "gain",
+    "offset",
+    "log_bound",
+    "stats_tiny",
+    "stats_max",
+    "beta1",
+    "beta2",
+    "eps",
+)
+DECAY = tl.constexpr(SCALAR_FIELDS.index("decay"))
+GAIN = tl.constexpr(SCALAR_FIELDS.index("gain"))
+OFFSET = tl.constexpr(SCALAR_FIELDS.index("offset"))
+LOG_BOUND = tl.constexpr(SCALAR_FIELDS.index("log_bound"))
+STATS_TINY = tl.constexpr(SCALAR_FIELDS.index("stats_tiny"))
+STATS_MAX = tl.constexpr(SCALAR_FIELDS.index("stats_max"))
+BETA1 = tl.constexpr(SCALAR_FIELDS.index("beta1"))
+BETA2 = tl.constexpr(SCALAR_FIELDS.index("beta2"))
+EPS = tl.constexpr(SCALAR_FIELDS.index("eps"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,19 +100,14 @@ def _alera_sums_kernel(
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    start = block_start(block_starts, pid, BLOCK)
-    n = tl.load(numels + t)
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < n
+    t, offs, mask, whole = program_block(block_tensor, block_starts, numels, BLOCK)
     g_ptr = pointer(g_ptrs, t, PDTYPE, ALIGNED)
     p_ptr = pointer(p_ptrs, t, PDTYPE, ALIGNED)
     r_ptr = pointer(r_ptrs, t, SDTYPE, ALIGNED)
     weight_decay = tl.load(wd + t).to(SDTYPE)
     limit = tl.load(limit_ptr)  # float64: 2**511 does not fit a float32 argument
-    row = out + pid * 4
-    if start + BLOCK <= n:
+    row = out + tl.program_id(0) * 4
+    if whole:
         _alera_sums_body(p_ptr, g_ptr, r_ptr, weight_decay, row, limit, offs, mask, SDTYPE, True)
     else:
         _alera_sums_body(p_ptr, g_ptr, r_ptr, weight_decay, row, limit, offs, mask, SDTYPE, False)
@@ -116,7 +134,7 @@ def _alera_update_body(
     ADAM: tl.constexpr,
     EVEN: tl.constexpr,
 ):
-    decay = tl.load(scalars + 0).to(SDTYPE)
+    decay = tl.load(scalars + DECAY).to(SDTYPE)
     g = ld(g_ptr, offs, mask, EVEN).to(SDTYPE)
     p = ld(p_ptr, offs, mask, EVEN).to(SDTYPE)
     if ADAM:
@@ -126,20 +144,20 @@ def _alera_update_body(
     r = ld(r_ptr, offs, mask, EVEN) * decay + unit_scale * d
     st(r_ptr, offs, r, mask, EVEN)
     if PARAM_WISE:
-        gain = tl.load(scalars + 1).to(SDTYPE)
-        offset = tl.load(scalars + 2).to(SDTYPE)
-        bound = tl.load(scalars + 3).to(SDTYPE)
-        tiny = tl.load(scalars + 4).to(SDTYPE)
-        top = tl.load(scalars + 5).to(SDTYPE)
+        gain = tl.load(scalars + GAIN).to(SDTYPE)
+        offset = tl.load(scalars + OFFSET).to(SDTYPE)
+        bound = tl.load(scalars + LOG_BOUND).to(SDTYPE)
+        tiny = tl.load(scalars + STATS_TINY).to(SDTYPE)
+        top = tl.load(scalars + STATS_MAX).to(SDTYPE)
         log_change = tl.minimum(tl.maximum(gain * r * r + offset, -bound), bound)
         m = ld(me_ptr, offs, mask, EVEN) * tl.exp(log_change)
         m = tl.minimum(tl.maximum(m, tiny), top)
         st(me_ptr, offs, m, mask, EVEN)
         k = k * m
     if ADAM:
-        beta1 = tl.load(scalars + 6).to(SDTYPE)
-        beta2 = tl.load(scalars + 7).to(SDTYPE)
-        eps = tl.load(scalars + 8).to(SDTYPE)
+        beta1 = tl.load(scalars + BETA1).to(SDTYPE)
+        beta2 = tl.load(scalars + BETA2).to(SDTYPE)
+        eps = tl.load(scalars + EPS).to(SDTYPE)
         m1 = ld(m1_ptr, offs, mask, EVEN) * beta1 + (1.0 - beta1) * g
         m2 = ld(m2_ptr, offs, mask, EVEN) * beta2 + (1.0 - beta2) * (g * g)
         st(m1_ptr, offs, m1, mask, EVEN)
@@ -176,12 +194,7 @@ def _alera_update_kernel(
 ):
     if tl.load(take) == 0:
         return
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    start = block_start(block_starts, pid, BLOCK)
-    n = tl.load(numels + t)
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < n
+    t, offs, mask, whole = program_block(block_tensor, block_starts, numels, BLOCK)
     p_ptr = pointer(p_ptrs, t, PDTYPE, ALIGNED)
     g_ptr = pointer(g_ptrs, t, PDTYPE, ALIGNED)
     r_ptr = pointer(r_ptrs, t, SDTYPE, ALIGNED)
@@ -192,7 +205,7 @@ def _alera_update_kernel(
     unit_scale = tl.load(scale + t).to(SDTYPE)
     k = tl.load(coef + t).to(SDTYPE)
     ib = tl.load(inv_bc2_sqrt + t).to(SDTYPE)
-    if start + BLOCK <= n:
+    if whole:
         _alera_update_body(
             p_ptr,
             g_ptr,
@@ -254,8 +267,8 @@ def alera(
     n = len(params)
     dtype = params[0].dtype
     sdtype = stats_dtype(dtype)
-    info = torch.finfo(sdtype)
     alpha, C = hyper["alpha"], hyper["C"]
+    stats_max, stats_tiny = hyper["stats_max"], hyper["stats_tiny"]
     block, warps = launch_shape()
     index, start, numel_t = block_table(tuple(p.numel() for p in params), device, block)
     blocks = index.numel()
@@ -301,7 +314,7 @@ def alera(
     unit_dd = torch.zeros(units, dtype=torch.float64, device=device).index_add_(
         0, tensor_unit, sums[:, 0]
     )
-    bad = (sums[:, 3] > 0).any() | ~(unit_dd <= info.max).all()
+    bad = (sums[:, 3] > 0).any() | ~(unit_dd <= stats_max).all()
     if plan.get("found_finite") is not None:  # a decision made before (every rank's)
         bad = bad | ~plan["found_finite"]
     skip = plan["skip"]
@@ -325,8 +338,8 @@ def alera(
     unit_sq = torch.zeros(units, dtype=torch.float64, device=device).index_add_(
         0, tensor_unit, sq_t
     )
-    bound = math.log(info.max) - 1.0
-    param_wise = lists["element_multipliers"] is not None
+    bound = hyper["log_bound"]
+    param_wise = bool(hyper["param_wise"])
     unit_steps = gather(plan["unit_steps"], device)
     # every tensor's LR factor: its group multiplier ("tensor"/"param" granularity), else 1
     one = cached(("one", device, sdtype), lambda: torch.ones((), dtype=sdtype, device=device))
@@ -337,38 +350,37 @@ def alera(
         mean = _random_walk_mean(alpha, unit_steps)
         log_change = ((unit_sq - mean) * (C * unit_numel.sqrt() / alpha)).to(sdtype)
         factor = log_change.clamp(-bound, bound).exp()
-        new_m = (m_u.to(sdtype) * factor).clamp(info.tiny, info.max).to(torch.float64)
+        new_m = (m_u.to(sdtype) * factor).clamp(stats_tiny, stats_max).to(torch.float64)
         new_m = torch.where(take, new_m, m_u)
         scatter(plan["unit_multipliers"], new_m)
         if plan["mirrors"]:
             scatter(plan["mirrors"], new_m[:1].expand(len(plan["mirrors"])))
         coef = coef * new_m[tensor_unit]
-    adam = lists["exp_avgs"] is not None
+    adam = bool(hyper["adam"])
     inv_bc2_sqrt = coef  # unused without Adam
     if adam:
         adam_steps = lists["adam_steps"]
         steps = gather(adam_steps, device)
-        counted = {id(t) for t in counters}
-        if not any(id(t) in counted for t in adam_steps):
+        if hyper["advance_adam_steps"]:
             steps = steps + take64
             scatter(adam_steps, steps)
         coef = coef / (1.0 - hyper["beta1"] ** steps)
         inv_bc2_sqrt = (1.0 - hyper["beta2"] ** steps).rsqrt()
-    total = float(sum(plan["unit_numels"]))
-    constants = (
-        decay,
-        C * total / alpha,
-        bound,
-        info.tiny,
-        info.max,
-        hyper["beta1"],
-        hyper["beta2"],
-        hyper["eps"],
+    values = dict(
+        decay=decay,
+        gain=C * hyper["total_numel"] / alpha,
+        log_bound=bound,
+        stats_tiny=stats_tiny,
+        stats_max=stats_max,
+        beta1=hyper["beta1"],
+        beta2=hyper["beta2"],
+        eps=hyper["eps"],
     )
-    row = hyper_row(constants, device)
+    # the row of SCALAR_FIELDS: the offset is computed on the device, the rest cached
+    row = hyper_row(tuple(values[name] for name in SCALAR_FIELDS if name != "offset"), device)
     offset = _random_walk_mean(alpha, unit_steps[:1]) * (-C / alpha) if param_wise else row[:1]
-    # [decay, gain, offset, bound, tiny, max, beta1, beta2, eps]
-    scalars = torch.cat([row[:2], offset, row[2:]])
+    at = SCALAR_FIELDS.index("offset")
+    scalars = torch.cat([row[:at], offset, row[at:]])
     if blocks:
         _alera_update_kernel[(blocks,)](
             tables["params"],
@@ -390,78 +402,6 @@ def alera(
             SDTYPE=TL_DTYPE[sdtype],
             PARAM_WISE=param_wise,
             ADAM=adam,
-            ALIGNED=aligned,
-            BLOCK=block,
-            num_warps=warps,
-        )
-
-
-@triton.jit
-def _rollback_body(p_ptr, snap_ptr, alarm, hold, offs, mask, EVEN: tl.constexpr):
-    if tl.load(alarm) != 0:
-        st(p_ptr, offs, ld(snap_ptr, offs, mask, EVEN), mask, EVEN)
-    elif tl.load(hold) == 0:
-        st(snap_ptr, offs, ld(p_ptr, offs, mask, EVEN), mask, EVEN)
-
-
-@triton.jit
-def _rollback_kernel(
-    p_ptrs,
-    snap_ptrs,
-    block_tensor,
-    block_starts,
-    numels,
-    alarm,
-    hold,
-    WORD: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    start = block_start(block_starts, pid, BLOCK)
-    n = tl.load(numels + t)
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < n
-    p_ptr = pointer(p_ptrs, t, WORD, ALIGNED)
-    snap_ptr = pointer(snap_ptrs, t, WORD, ALIGNED)
-    if start + BLOCK <= n:
-        _rollback_body(p_ptr, snap_ptr, alarm, hold, offs, mask, True)
-    else:
-        _rollback_body(p_ptr, snap_ptr, alarm, hold, offs, mask, False)
-
-
-_WORDS = {1: tl.int8, 2: tl.int16, 4: tl.int32, 8: tl.int64}
-
-
-def rollback(
-    params: Sequence[Tensor], snapshots: Sequence[Tensor], alarm: Tensor, hold: Tensor | None
-) -> None:
-    """``p <- snapshot`` where ``alarm``, else ``snapshot <- p`` unless ``hold``: bitwise
-    copies as integer words of each tensor's element size, one launch per element size."""
-    device = params[0].device
-    if hold is None:
-        hold = cached(("false", device), lambda: torch.zeros((), dtype=torch.bool, device=device))
-    block, warps = launch_shape()
-    by_size: dict[int, list[int]] = {}
-    for i, p in enumerate(params):
-        by_size.setdefault(p.element_size(), []).append(i)
-    for size, index_list in by_size.items():
-        ps = [params[i] for i in index_list]
-        snaps = [snapshots[i] for i in index_list]
-        index, start, numel_t = block_table(tuple(p.numel() for p in ps), device, block)
-        if index.numel() == 0:
-            continue
-        (p_table, s_table), aligned = pointer_tables([ps, snaps], device)
-        _rollback_kernel[(index.numel(),)](
-            p_table,
-            s_table,
-            index,
-            start,
-            numel_t,
-            alarm,
-            hold,
-            WORD=_WORDS[size],
             ALIGNED=aligned,
             BLOCK=block,
             num_warps=warps,

@@ -27,6 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from steadystep._kernels._common import stats_dtype
+
 __all__ = [
     "BLOCK",
     "NUM_WARPS",
@@ -36,6 +38,7 @@ __all__ = [
     "block_start",
     "block_table",
     "cached",
+    "elementwise",
     "gather",
     "grad_stats",
     "hyper_row",
@@ -45,9 +48,10 @@ __all__ = [
     "pointer",
     "pointer_table",
     "pointer_tables",
+    "program_block",
     "scatter",
     "st",
-    "stats_dtype",
+    "static_config",
     "to_device",
     "to_param",
 ]
@@ -171,6 +175,44 @@ def launch(
     )
 
 
+def elementwise(
+    kernel: Any,
+    lists: dict[str, Sequence[Tensor | None] | None],
+    found_finite: Tensor,
+    hyper: Tensor,
+    *tables: Tensor,
+    **constexprs: Any,
+) -> None:
+    """:func:`launch` ``kernel`` over the tensor lists of ``lists`` (all but ``state_steps``, in
+    order, None for an absent list) then ``tables``, with the parameters' and statistics'
+    dtypes as ``PDTYPE`` and ``SDTYPE``."""
+    params = lists["params"]
+    device = params[0].device
+    none = [None] * len(params)
+    arrays = [none if ts is None else ts for key, ts in lists.items() if key != "state_steps"]
+    pointers, aligned = pointer_tables(arrays, device)
+    dtype = params[0].dtype
+    launch(
+        kernel,
+        tuple(p.numel() for p in params),
+        device,
+        *pointers,
+        *tables,
+        found_finite=found_finite,
+        hyper=hyper,
+        aligned=aligned,
+        PDTYPE=TL_DTYPE[dtype],
+        SDTYPE=TL_DTYPE[stats_dtype(dtype)],
+        **constexprs,
+    )
+
+
+def static_config(config: dict[str, int]) -> dict[str, int]:
+    """The ``SS_*`` choices of a C configuration as the Triton kernels' constexpr arguments (the
+    parameter dtype is ``PDTYPE``)."""
+    return {k.removeprefix("SS_"): v for k, v in config.items() if k != "SS_PARAM"}
+
+
 TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16}
 
 
@@ -197,6 +239,19 @@ def block_start(starts, pid, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def program_block(block_tensor, block_starts, numels, BLOCK: tl.constexpr):
+    """``(t, offs, mask, whole)`` of this program: its tensor ``t`` (block table), the offsets
+    of its elements in that tensor, which of them exist, and whether all do (then the body may
+    run unmasked, Note [Triton kernels])."""
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    start = block_start(block_starts, pid, BLOCK)
+    n = tl.load(numels + t)
+    offs = start + tl.arange(0, BLOCK)
+    return t, offs, offs < n, start + BLOCK <= n
+
+
+@triton.jit
 def ld(ptr, offs, mask, EVEN: tl.constexpr):
     """A block of elements; a whole block (``EVEN``) is loaded without a mask, which lets the
     compiler use vector loads."""
@@ -215,7 +270,6 @@ def st(ptr, offs, value, mask, EVEN: tl.constexpr):
         tl.store(ptr + offs, value, mask=mask)
 
 
-# Hyperparameter row columns
 @triton.jit
 def to_param(x, PDTYPE: tl.constexpr):
     """``x`` (statistics dtype) as the parameter dtype; bfloat16 rounds to nearest even in
@@ -250,15 +304,11 @@ def _check_kernel(
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    t, offs, mask, whole = program_block(block_tensor, block_starts, numels, BLOCK)
     pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    start = block_start(block_starts, pid, BLOCK)
-    n = tl.load(numels + t)
     g_ptr = pointer(g_ptrs, t, PDTYPE, ALIGNED)
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < n
     limit = tl.load(limit_ptr)  # float64: 2**511 does not fit a float32 argument
-    if start + BLOCK <= n:
+    if whole:
         _check_body(g_ptr, offs, mask, partial, pid, flag, limit, True)
     else:
         _check_body(g_ptr, offs, mask, partial, pid, flag, limit, False)
@@ -363,7 +413,3 @@ def scatter(scalars: Sequence[Tensor], values: Tensor) -> None:
             DTYPE=TL_DTYPE[scalars[0].dtype],
             BLOCK_T=1024,
         )
-
-
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32

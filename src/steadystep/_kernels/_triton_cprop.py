@@ -10,6 +10,7 @@ per block of elements.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import triton
@@ -17,26 +18,55 @@ import triton.language as tl
 from torch import Tensor
 
 from steadystep._kernels._triton_common import (
-    TL_DTYPE,
     advance,
-    block_start,
+    elementwise,
     hyper_row,
-    launch,
     ld,
     pointer,
     pointer_table,
-    pointer_tables,
+    program_block,
     st,
-    stats_dtype,
+    static_config,
     to_param,
 )
+from steadystep._kernels.layout import column
 
 __all__ = ["adam", "coefficients", "scale", "sgd"]
 
-# The per-tensor coefficient table (float64), one row of 8 per tensor: -lr / (1 - beta1^t),
-# 1 / sqrt(1 - beta2^t), 1 / (1 - cprop_beta^t), the variance scale, the scaled CProp eps, 1 at
-# the first step, lr * weight_decay (and one spare column).
-_COLUMNS = 8
+# Columns of the hyperparameter row, by name (Note [hyperparameter layout]); H_ keeps them
+# apart from the kernels' constexpr switches (MOMENTUM is SS_MOMENTUM there)
+H_LR = tl.constexpr(column("lr"))
+H_BETA1 = tl.constexpr(column("beta1"))
+H_BETA2 = tl.constexpr(column("beta2"))
+H_EPS = tl.constexpr(column("eps"))
+H_WEIGHT_DECAY = tl.constexpr(column("weight_decay"))
+H_CPROP_BETA = tl.constexpr(column("cprop_beta"))
+H_CPROP_C = tl.constexpr(column("cprop_c"))
+H_CPROP_EPS = tl.constexpr(column("cprop_eps"))
+H_CDF_CONSTANT = tl.constexpr(column("cdf_constant"))
+H_MOMENTUM = tl.constexpr(column("momentum"))
+H_DAMPENING = tl.constexpr(column("dampening"))
+
+# The per-tensor coefficient table (float64), one row per tensor, the fields of ``coef_t`` in
+# kernels_cprop.c that depend on the step count (and one spare column: rows of 8 doubles).
+COEF_FIELDS = (
+    "neg_step_size",  # -lr / (1 - beta1^t)
+    "inv_bias_correction2_sqrt",  # 1 / sqrt(1 - beta2^t)
+    "inv_cprop_bias_correction",  # 1 / (1 - cprop_beta^t)
+    "variance_scale",
+    "scaled_cprop_eps",
+    "first",  # 1 at the first step
+    "lr_weight_decay",
+    "spare",
+)
+COLUMNS = tl.constexpr(len(COEF_FIELDS))
+NEG_STEP_SIZE = tl.constexpr(COEF_FIELDS.index("neg_step_size"))
+INV_BIAS_CORRECTION2_SQRT = tl.constexpr(COEF_FIELDS.index("inv_bias_correction2_sqrt"))
+INV_CPROP_BIAS_CORRECTION = tl.constexpr(COEF_FIELDS.index("inv_cprop_bias_correction"))
+VARIANCE_SCALE = tl.constexpr(COEF_FIELDS.index("variance_scale"))
+SCALED_CPROP_EPS = tl.constexpr(COEF_FIELDS.index("scaled_cprop_eps"))
+FIRST = tl.constexpr(COEF_FIELDS.index("first"))
+LR_WEIGHT_DECAY = tl.constexpr(COEF_FIELDS.index("lr_weight_decay"))
 
 
 @triton.jit
@@ -51,12 +81,12 @@ def _coef_kernel(
     raw = tl.load(step_ptr, mask=mask, other=0.0).to(tl.float64) + step_offset
     first = (raw == 1.0).to(tl.float64)
     step = tl.maximum(raw, 1.0)
-    lr = tl.load(hyper + 0) * tl.load(lr_scale_ptr).to(tl.float64)
-    beta1 = tl.load(hyper + 1)
-    beta2 = tl.load(hyper + 2)
-    cprop_beta = tl.load(hyper + 5)
-    cprop_eps = tl.load(hyper + 7)
-    constant = tl.load(hyper + 8)
+    lr = tl.load(hyper + H_LR) * tl.load(lr_scale_ptr).to(tl.float64)
+    beta1 = tl.load(hyper + H_BETA1)
+    beta2 = tl.load(hyper + H_BETA2)
+    cprop_beta = tl.load(hyper + H_CPROP_BETA)
+    cprop_eps = tl.load(hyper + H_CPROP_EPS)
+    constant = tl.load(hyper + H_CDF_CONSTANT)
     # beta**t as exp(t log beta); a beta of 0 (SGD's rows) gives 0 without a log of 0
     bias_correction1 = 1.0 - tl.exp(step * tl.log(tl.maximum(beta1, 1e-300)))
     bias_correction2 = 1.0 - tl.exp(step * tl.log(tl.maximum(beta2, 1e-300)))
@@ -70,14 +100,14 @@ def _coef_kernel(
         variance_scale = inv_cprop_bc / ratio
     else:
         variance_scale = inv_cprop_bc / (ratio * ratio)
-    row = out + offs * 8
-    tl.store(row + 0, -lr / bias_correction1, mask=mask)
-    tl.store(row + 1, 1.0 / tl.sqrt(bias_correction2), mask=mask)
-    tl.store(row + 2, inv_cprop_bc, mask=mask)
-    tl.store(row + 3, variance_scale, mask=mask)
-    tl.store(row + 4, cprop_eps / ratio, mask=mask)
-    tl.store(row + 5, first, mask=mask)
-    tl.store(row + 6, lr * tl.load(hyper + 4), mask=mask)
+    row = out + offs * COLUMNS
+    tl.store(row + NEG_STEP_SIZE, -lr / bias_correction1, mask=mask)
+    tl.store(row + INV_BIAS_CORRECTION2_SQRT, 1.0 / tl.sqrt(bias_correction2), mask=mask)
+    tl.store(row + INV_CPROP_BIAS_CORRECTION, inv_cprop_bc, mask=mask)
+    tl.store(row + VARIANCE_SCALE, variance_scale, mask=mask)
+    tl.store(row + SCALED_CPROP_EPS, cprop_eps / ratio, mask=mask)
+    tl.store(row + FIRST, first, mask=mask)
+    tl.store(row + LR_WEIGHT_DECAY, lr * tl.load(hyper + H_WEIGHT_DECAY), mask=mask)
 
 
 def coefficients(
@@ -89,7 +119,7 @@ def coefficients(
 ) -> Tensor:
     n = len(steps)
     device = steps[0].device
-    out = torch.empty(n, _COLUMNS, dtype=torch.float64, device=device)
+    out = torch.empty(n, len(COEF_FIELDS), dtype=torch.float64, device=device)
     _coef_kernel[(triton.cdiv(n, 1024),)](
         pointer_table(steps, device),
         n,
@@ -127,8 +157,8 @@ def scale(
     if C_INF:
         s = tl.full(cm.shape, 1.0, cm.dtype)
     else:
-        inv_cprop_bc = tl.load(row + 2).to(SDTYPE)
-        variance_scale = tl.load(row + 3).to(SDTYPE)
+        inv_cprop_bc = tl.load(row + INV_CPROP_BIAS_CORRECTION).to(SDTYPE)
+        variance_scale = tl.load(row + VARIANCE_SCALE).to(SDTYPE)
         if METHOD == 0:
             centred = cv - (cm * cm) * inv_cprop_bc
             se = tl.sqrt(tl.maximum(centred, 0.0) * variance_scale)
@@ -136,7 +166,7 @@ def scale(
             se = cv * variance_scale
         else:
             se = tl.sqrt(cv * variance_scale)
-        se = se + tl.load(row + 4).to(SDTYPE)
+        se = se + tl.load(row + SCALED_CPROP_EPS).to(SDTYPE)
         if EPS_ZERO:
             se = tl.maximum(se, 1.1754943508222875e-38)
         x = tl.abs(cm) / se
@@ -150,7 +180,7 @@ def scale(
             conf = _tanh_nonnegative(x)
         if not C_ONE:
             conf = tl.minimum(conf * cprop_c, 1.0)
-        s = tl.maximum(conf, tl.load(row + 5).to(SDTYPE))
+        s = tl.maximum(conf, tl.load(row + FIRST).to(SDTYPE))
     return s
 
 
@@ -180,18 +210,18 @@ def _adam_body(
     EPS_ZERO: tl.constexpr,
     EVEN: tl.constexpr,
 ):
-    beta1 = tl.load(hyper + 1).to(SDTYPE)
-    beta2 = tl.load(hyper + 2).to(SDTYPE)
-    eps = tl.load(hyper + 3).to(SDTYPE)
-    cprop_beta = tl.load(hyper + 5).to(SDTYPE)
-    cprop_c = tl.load(hyper + 6).to(SDTYPE)
-    one_minus_beta1 = (1.0 - tl.load(hyper + 1)).to(SDTYPE)
-    one_minus_beta2 = (1.0 - tl.load(hyper + 2)).to(SDTYPE)
-    one_minus_cprop_beta = (1.0 - tl.load(hyper + 5)).to(SDTYPE)
+    beta1 = tl.load(hyper + H_BETA1).to(SDTYPE)
+    beta2 = tl.load(hyper + H_BETA2).to(SDTYPE)
+    eps = tl.load(hyper + H_EPS).to(SDTYPE)
+    cprop_beta = tl.load(hyper + H_CPROP_BETA).to(SDTYPE)
+    cprop_c = tl.load(hyper + H_CPROP_C).to(SDTYPE)
+    one_minus_beta1 = (1.0 - tl.load(hyper + H_BETA1)).to(SDTYPE)
+    one_minus_beta2 = (1.0 - tl.load(hyper + H_BETA2)).to(SDTYPE)
+    one_minus_cprop_beta = (1.0 - tl.load(hyper + H_CPROP_BETA)).to(SDTYPE)
     raw = ld(g_ptr, offs, mask, EVEN).to(SDTYPE)
     p = ld(p_ptr, offs, mask, EVEN).to(SDTYPE)
     if L2:
-        g = raw + tl.load(hyper + 4).to(SDTYPE) * p
+        g = raw + tl.load(hyper + H_WEIGHT_DECAY).to(SDTYPE) * p
     else:
         g = raw
     m = ld(m_ptr, offs, mask, EVEN) * beta1 + one_minus_beta1 * g
@@ -201,10 +231,10 @@ def _adam_body(
         st(vmax_ptr, offs, vmax, mask, EVEN)
     else:
         vmax = v
-    denom = tl.sqrt(vmax) * tl.load(row + 1).to(SDTYPE) + eps
-    update = tl.load(row + 0).to(SDTYPE) * m / denom
+    denom = tl.sqrt(vmax) * tl.load(row + INV_BIAS_CORRECTION2_SQRT).to(SDTYPE) + eps
+    update = tl.load(row + NEG_STEP_SIZE).to(SDTYPE) * m / denom
     if DECOUPLED:
-        update = update - tl.load(row + 6).to(SDTYPE) * p
+        update = update - tl.load(row + LR_WEIGHT_DECAY).to(SDTYPE) * p
     cm = ld(cm_ptr, offs, mask, EVEN) * cprop_beta + one_minus_cprop_beta * raw
     if SHARED_V:
         cv = v
@@ -253,12 +283,7 @@ def _adam_kernel(
 ):
     if tl.load(found_finite) == 0:
         return
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    start = block_start(block_starts, pid, BLOCK)
-    n = tl.load(numels + t)
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < n
+    t, offs, mask, whole = program_block(block_tensor, block_starts, numels, BLOCK)
     p_ptr = pointer(p_ptrs, t, PDTYPE, ALIGNED)
     g_ptr = pointer(g_ptrs, t, PDTYPE, ALIGNED)
     m_ptr = pointer(m_ptrs, t, SDTYPE, ALIGNED)
@@ -266,8 +291,8 @@ def _adam_kernel(
     vmax_ptr = pointer(vmax_ptrs, t, SDTYPE, ALIGNED)
     cm_ptr = pointer(cm_ptrs, t, SDTYPE, ALIGNED)
     cv_ptr = pointer(cv_ptrs, t, SDTYPE, ALIGNED)
-    row = coefs + t * 8
-    if start + BLOCK <= n:
+    row = coefs + t * COLUMNS
+    if whole:
         _adam_body(
             p_ptr,
             g_ptr,
@@ -321,52 +346,26 @@ def _adam_kernel(
         )
 
 
-def _static(config: dict[str, int]) -> dict[str, int]:
-    return {k.removeprefix("SS_"): v for k, v in config.items() if k != "SS_PARAM"}
-
-
-def adam(
-    lists: dict[str, Sequence[Tensor | None]],
+def _native_step(
+    kernel: Any,
+    lists: dict[str, Sequence[Tensor | None] | None],
     found_finite: Tensor,
     hyper: tuple[float, ...],
-    lr_scale: Tensor,
     config: dict[str, int],
+    lr_multiplier: Tensor,
 ) -> None:
-    """Adam(W) + CProp over ``lists`` (keys params, grads, exp_avgs, exp_avg_sqs,
-    max_exp_avg_sqs, cprop_exp_avgs, cprop_seconds, steps); a no-op unless ``found_finite``."""
-    params = lists["params"]
-    device = params[0].device
-    n = len(params)
-    none = [None] * n
-    keys = (
-        "params",
-        "grads",
-        "exp_avgs",
-        "exp_avg_sqs",
-        "max_exp_avg_sqs",
-        "cprop_exp_avgs",
-        "cprop_seconds",
-    )
-    tables, aligned = pointer_tables(
-        [lists[k] if lists[k] is not None else none for k in keys], device
-    )
-    row = hyper_row(hyper, device)
-    coefs = coefficients(lists["steps"], row, lr_scale, config["SS_METHOD"], 1.0)
-    dtype = params[0].dtype
-    launch(
-        _adam_kernel,
-        tuple(p.numel() for p in params),
-        device,
-        *tables,
-        coefs,
-        found_finite=found_finite,
-        hyper=row,
-        aligned=aligned,
-        PDTYPE=TL_DTYPE[dtype],
-        SDTYPE=TL_DTYPE[stats_dtype(dtype)],
-        **_static(config),
-    )
-    advance(lists["steps"], found_finite)
+    """A native CProp step: the coefficient table, the elementwise kernel, the step counts."""
+    row = hyper_row(hyper, lists["params"][0].device)
+    steps = lists["state_steps"]
+    coefs = coefficients(steps, row, lr_multiplier, config["SS_METHOD"], 1.0)
+    elementwise(kernel, lists, found_finite, row, coefs, **static_config(config))
+    advance(steps, found_finite)
+
+
+def adam(lists, found_finite, hyper, config, lr_multiplier) -> None:
+    """Adam(W) + CProp over ``lists`` (the arrays of ``ss_adam`` in kernels_cprop.c, by name);
+    a no-op unless ``found_finite``."""
+    _native_step(_adam_kernel, lists, found_finite, hyper, config, lr_multiplier)
 
 
 @triton.jit
@@ -392,13 +391,13 @@ def _sgd_body(
     EPS_ZERO: tl.constexpr,
     EVEN: tl.constexpr,
 ):
-    cprop_beta = tl.load(hyper + 5).to(SDTYPE)
-    cprop_c = tl.load(hyper + 6).to(SDTYPE)
-    one_minus_cprop_beta = (1.0 - tl.load(hyper + 5)).to(SDTYPE)
+    cprop_beta = tl.load(hyper + H_CPROP_BETA).to(SDTYPE)
+    cprop_c = tl.load(hyper + H_CPROP_C).to(SDTYPE)
+    one_minus_cprop_beta = (1.0 - tl.load(hyper + H_CPROP_BETA)).to(SDTYPE)
     raw = ld(g_ptr, offs, mask, EVEN).to(SDTYPE)
     p = ld(p_ptr, offs, mask, EVEN).to(SDTYPE)
     if L2:
-        d = raw + tl.load(hyper + 4).to(SDTYPE) * p
+        d = raw + tl.load(hyper + H_WEIGHT_DECAY).to(SDTYPE) * p
     else:
         d = raw
     cm = ld(cm_ptr, offs, mask, EVEN) * cprop_beta + one_minus_cprop_beta * raw
@@ -409,10 +408,10 @@ def _sgd_body(
     cv = ld(cv_ptr, offs, mask, EVEN) * cprop_beta + one_minus_cprop_beta * second
     if MOMENTUM:
         # torch.optim.SGD starts the buffer at d on the first step
-        momentum = tl.load(hyper + 9)
-        first = tl.load(row + 5) == 1.0
+        momentum = tl.load(hyper + H_MOMENTUM)
+        first = tl.load(row + FIRST) == 1.0
         momentum_a = tl.where(first, 0.0, momentum).to(SDTYPE)
-        momentum_b = tl.where(first, 1.0, 1.0 - tl.load(hyper + 10)).to(SDTYPE)
+        momentum_b = tl.where(first, 1.0, 1.0 - tl.load(hyper + H_DAMPENING)).to(SDTYPE)
         buf = ld(buf_ptr, offs, mask, EVEN) * momentum_a + momentum_b * d
         st(buf_ptr, offs, buf, mask, EVEN)
         if NESTEROV:
@@ -421,7 +420,8 @@ def _sgd_body(
             d = buf
     s = scale(cm, cv, row, cprop_c, SDTYPE, METHOD, CDF, C_INF, C_ONE, EPS_ZERO)
     # the first column is -lr / (1 - 0**t) = -lr for SGD's rows
-    st(p_ptr, offs, to_param(p + s * (tl.load(row + 0).to(SDTYPE) * d), PDTYPE), mask, EVEN)
+    neg_lr = tl.load(row + NEG_STEP_SIZE).to(SDTYPE)
+    st(p_ptr, offs, to_param(p + s * (neg_lr * d), PDTYPE), mask, EVEN)
     st(cm_ptr, offs, cm, mask, EVEN)
     st(cv_ptr, offs, cv, mask, EVEN)
 
@@ -454,19 +454,14 @@ def _sgd_kernel(
 ):
     if tl.load(found_finite) == 0:
         return
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    start = block_start(block_starts, pid, BLOCK)
-    n = tl.load(numels + t)
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < n
+    t, offs, mask, whole = program_block(block_tensor, block_starts, numels, BLOCK)
     p_ptr = pointer(p_ptrs, t, PDTYPE, ALIGNED)
     g_ptr = pointer(g_ptrs, t, PDTYPE, ALIGNED)
     buf_ptr = pointer(buf_ptrs, t, SDTYPE, ALIGNED)
     cm_ptr = pointer(cm_ptrs, t, SDTYPE, ALIGNED)
     cv_ptr = pointer(cv_ptrs, t, SDTYPE, ALIGNED)
-    row = coefs + t * 8
-    if start + BLOCK <= n:
+    row = coefs + t * COLUMNS
+    if whole:
         _sgd_body(
             p_ptr,
             g_ptr,
@@ -514,32 +509,6 @@ def _sgd_kernel(
         )
 
 
-def sgd(
-    lists: dict[str, Sequence[Tensor | None]],
-    found_finite: Tensor,
-    hyper: tuple[float, ...],
-    lr_scale: Tensor,
-    config: dict[str, int],
-) -> None:
-    """SGD + CProp (keys params, grads, momentum_buffers, cprop_exp_avgs, cprop_seconds, steps)."""
-    params = lists["params"]
-    device = params[0].device
-    keys = ("params", "grads", "momentum_buffers", "cprop_exp_avgs", "cprop_seconds")
-    tables, aligned = pointer_tables([lists[k] for k in keys], device)
-    row = hyper_row(hyper, device)
-    coefs = coefficients(lists["steps"], row, lr_scale, config["SS_METHOD"], 1.0)
-    dtype = params[0].dtype
-    launch(
-        _sgd_kernel,
-        tuple(p.numel() for p in params),
-        device,
-        *tables,
-        coefs,
-        found_finite=found_finite,
-        hyper=row,
-        aligned=aligned,
-        PDTYPE=TL_DTYPE[dtype],
-        SDTYPE=TL_DTYPE[stats_dtype(dtype)],
-        **_static(config),
-    )
-    advance(lists["steps"], found_finite)
+def sgd(lists, found_finite, hyper, config, lr_multiplier) -> None:
+    """SGD + CProp over ``lists`` (the arrays of ``ss_sgd``); as :func:`adam` otherwise."""
+    _native_step(_sgd_kernel, lists, found_finite, hyper, config, lr_multiplier)

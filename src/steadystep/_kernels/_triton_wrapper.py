@@ -10,25 +10,19 @@ import triton.language as tl
 from torch import Tensor
 
 from steadystep._kernels._triton_common import (
-    TL_DTYPE,
     advance,
-    block_start,
+    elementwise,
     hyper_row,
-    launch,
     ld,
     pointer,
-    pointer_tables,
+    program_block,
     st,
-    stats_dtype,
+    static_config,
     to_param,
 )
-from steadystep._kernels._triton_cprop import coefficients, scale
+from steadystep._kernels._triton_cprop import COLUMNS, H_CPROP_BETA, H_CPROP_C, coefficients, scale
 
-__all__ = ["wrapper_after", "wrapper_before"]
-
-
-def _static(config: dict[str, int]) -> dict[str, int]:
-    return {k.removeprefix("SS_"): v for k, v in config.items() if k != "SS_PARAM"}
+__all__ = ["wrap_after", "wrap_before"]
 
 
 @triton.jit
@@ -49,8 +43,8 @@ def _wrap_before_body(
 ):
     st(snap_ptr, offs, ld(p_ptr, offs, mask, EVEN), mask, EVEN)
     if tl.load(found_finite) != 0:  # else only the snapshot: the pass after restores it
-        cprop_beta = tl.load(hyper + 5).to(SDTYPE)
-        one_minus_cprop_beta = (1.0 - tl.load(hyper + 5)).to(SDTYPE)
+        cprop_beta = tl.load(hyper + H_CPROP_BETA).to(SDTYPE)
+        one_minus_cprop_beta = (1.0 - tl.load(hyper + H_CPROP_BETA)).to(SDTYPE)
         raw = ld(g_ptr, offs, mask, EVEN).to(SDTYPE)
         if METHOD == 1:
             second = tl.abs(raw)
@@ -80,18 +74,13 @@ def _wrap_before_kernel(
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    start = block_start(block_starts, pid, BLOCK)
-    n = tl.load(numels + t)
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < n
+    t, offs, mask, whole = program_block(block_tensor, block_starts, numels, BLOCK)
     p_ptr = pointer(p_ptrs, t, PDTYPE, ALIGNED)
     g_ptr = pointer(g_ptrs, t, PDTYPE, ALIGNED)
     snap_ptr = pointer(snap_ptrs, t, PDTYPE, ALIGNED)
     cm_ptr = pointer(cm_ptrs, t, SDTYPE, ALIGNED)
     cv_ptr = pointer(cv_ptrs, t, SDTYPE, ALIGNED)
-    if start + BLOCK <= n:
+    if whole:
         _wrap_before_body(
             p_ptr,
             g_ptr,
@@ -125,27 +114,12 @@ def _wrap_before_kernel(
         )
 
 
-def wrapper_before(lists, found_finite: Tensor, hyper, config) -> None:
-    """Snapshot and CProp statistics before the base step (keys params, grads, snapshots,
-    cprop_exp_avgs, cprop_seconds, steps); the step counts advance."""
-    params = lists["params"]
-    device = params[0].device
-    keys = ("params", "grads", "snapshots", "cprop_exp_avgs", "cprop_seconds")
-    dtype = params[0].dtype
-    tables, aligned = pointer_tables([lists[k] for k in keys], device)
-    launch(
-        _wrap_before_kernel,
-        tuple(p.numel() for p in params),
-        device,
-        *tables,
-        found_finite=found_finite,
-        hyper=hyper_row(hyper, device),
-        aligned=aligned,
-        PDTYPE=TL_DTYPE[dtype],
-        SDTYPE=TL_DTYPE[stats_dtype(dtype)],
-        METHOD=config["SS_METHOD"],
-    )
-    advance(lists["steps"], found_finite)
+def wrap_before(lists, found_finite: Tensor, hyper, config, lr_multiplier=None) -> None:
+    """Snapshot and CProp statistics before the base step (``lists``: the arrays of
+    ``ss_wrap_before`` in kernels_cprop.c, by name); the step counts advance."""
+    row = hyper_row(hyper, lists["params"][0].device)
+    elementwise(_wrap_before_kernel, lists, found_finite, row, METHOD=config["SS_METHOD"])
+    advance(lists["state_steps"], found_finite)
 
 
 @triton.jit
@@ -172,7 +146,7 @@ def _wrap_after_body(
     if tl.load(found_finite) == 0:
         st(p_ptr, offs, old, mask, EVEN)  # skipped: the base may have written anything
     else:
-        cprop_c = tl.load(hyper + 6).to(SDTYPE)
+        cprop_c = tl.load(hyper + H_CPROP_C).to(SDTYPE)
         cm = ld(cm_ptr, offs, mask, EVEN)
         cv = ld(cv_ptr, offs, mask, EVEN)
         s = scale(cm, cv, row, cprop_c, SDTYPE, METHOD, CDF, C_INF, C_ONE, EPS_ZERO)
@@ -205,18 +179,13 @@ def _wrap_after_kernel(
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    start = block_start(block_starts, pid, BLOCK)
-    n = tl.load(numels + t)
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < n
+    t, offs, mask, whole = program_block(block_tensor, block_starts, numels, BLOCK)
     p_ptr = pointer(p_ptrs, t, PDTYPE, ALIGNED)
     snap_ptr = pointer(snap_ptrs, t, PDTYPE, ALIGNED)
     cm_ptr = pointer(cm_ptrs, t, SDTYPE, ALIGNED)
     cv_ptr = pointer(cv_ptrs, t, SDTYPE, ALIGNED)
-    row = coefs + t * 8
-    if start + BLOCK <= n:
+    row = coefs + t * COLUMNS
+    if whole:
         _wrap_after_body(
             p_ptr,
             snap_ptr,
@@ -258,28 +227,12 @@ def _wrap_after_kernel(
         )
 
 
-def wrapper_after(lists, found_finite: Tensor, hyper, config) -> None:
+def wrap_after(lists, found_finite: Tensor, hyper, config, lr_multiplier=None) -> None:
     """After the base step: ``p <- lerp(snapshot, p, s)``, or ``snapshot`` on a skipped step
-    (keys params, snapshots, cprop_exp_avgs, cprop_seconds, steps)."""
-    params = lists["params"]
-    device = params[0].device
-    keys = ("params", "snapshots", "cprop_exp_avgs", "cprop_seconds")
+    (``lists``: the arrays of ``ss_wrap_after``)."""
+    device = lists["params"][0].device
     row = hyper_row(hyper, device)
     one = torch.ones((), dtype=torch.float64, device=device)
     # the step counts were advanced by the pass before
-    coefs = coefficients(lists["steps"], row, one, config["SS_METHOD"], 0.0)
-    dtype = params[0].dtype
-    tables, aligned = pointer_tables([lists[k] for k in keys], device)
-    launch(
-        _wrap_after_kernel,
-        tuple(p.numel() for p in params),
-        device,
-        *tables,
-        coefs,
-        found_finite=found_finite,
-        hyper=row,
-        aligned=aligned,
-        PDTYPE=TL_DTYPE[dtype],
-        SDTYPE=TL_DTYPE[stats_dtype(dtype)],
-        **_static(config),
-    )
+    coefs = coefficients(lists["state_steps"], row, one, config["SS_METHOD"], 0.0)
+    elementwise(_wrap_after_kernel, lists, found_finite, row, coefs, **static_config(config))

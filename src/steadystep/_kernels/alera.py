@@ -1,4 +1,4 @@
-"""ALeRA / Ag-Adam's fused step and the guard's fused rollback."""
+"""ALeRA / Ag-Adam's fused step."""
 
 from __future__ import annotations
 
@@ -11,27 +11,22 @@ from torch import Tensor
 
 from steadystep._kernels import _cpu
 from steadystep._kernels._common import (
-    _PARAM_CODE,
-    _backend,
-    _check_flag,
-    _doubles,
-    _int64s,
-    _numels,
-    _pointers,
-    _status,
-    _steps_ok,
-    _threads,
-    _triton,
+    PARAM_CODE,
+    backend,
+    check_flag,
+    doubles,
     gradient_limit,
+    int64s,
+    numels,
+    pointers,
     stats_dtype,
+    status,
+    steps_ok,
+    threads,
+    triton,
 )
 
-__all__ = ["alera_", "rollback_"]
-
-
-# ---------------------------------------------------------------------------------------------
-# ALeRA / Ag-Adam and the guard's rollback
-# ---------------------------------------------------------------------------------------------
+__all__ = ["alera_"]
 
 
 def alera_(
@@ -85,20 +80,39 @@ def alera_(
         *[s for s in tensor_lr_scale if s is not None],
         *mirrors,
     ]
-    backend = _backend(params, grads, stats=[*stats, scalars])
-    if backend is None:
+    kind = backend(params, grads, stats=[*stats, scalars])
+    if kind is None:
         return False
     device = params[0].device
-    if not _steps_ok([*unit_steps, *counters, *(adam_steps or [])], device):
+    if not steps_ok([*unit_steps, *counters, *(adam_steps or [])], device):
         return False
     if skipped.dtype != torch.int64 or skipped.device != device:
         return False
     if skip is not None:
-        skip = _check_flag(skip, device, "skip")
+        skip = check_flag(skip, device, "skip")
     if found_finite is not None:
-        found_finite = _check_flag(found_finite, device)
+        found_finite = check_flag(found_finite, device)
     sdtype = stats_dtype(params[0].dtype)
-    if backend == "cuda":
+    info = torch.finfo(sdtype)
+    # Adam's counts may be the units' own ("tensor" granularity): then they advance once
+    counted = {id(t) for t in counters}
+    hyper = dict(
+        alpha=alpha,
+        C=C,
+        norm_eps=norm_eps,
+        limit=gradient_limit(sdtype),
+        stats_max=info.max,
+        stats_tiny=info.tiny,
+        log_bound=math.log(info.max) - 1.0,  # exp(bound) is finite after rounding
+        total_numel=float(sum(unit_numels)),
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        param_wise=int(element_multipliers is not None),
+        adam=int(exp_avgs is not None),
+        advance_adam_steps=int(not any(id(t) in counted for t in adam_steps or [])),
+    )
+    if kind == "cuda":
         lists = dict(
             params=params,
             grads=grads,
@@ -122,106 +136,41 @@ def alera_(
             skip=skip,
             found_finite=found_finite,
         )
-        hyper = dict(
-            alpha=alpha,
-            C=C,
-            norm_eps=norm_eps,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            limit=gradient_limit(sdtype),
-        )
-        _triton().alera(lists, plan, hyper)
+        triton().alera(lists, plan, hyper)
         return True
-    lib = _cpu.library({"SS_PARAM": _PARAM_CODE[params[0].dtype]})
+    lib = _cpu.library({"SS_PARAM": PARAM_CODE[params[0].dtype]})
     if lib is None:
         return False
-    info = torch.finfo(sdtype)
-    hyper = _cpu.AleraHyper()
-    hyper.alpha, hyper.C, hyper.norm_eps = alpha, C, norm_eps
-    hyper.limit = gradient_limit(sdtype)
-    hyper.stats_max, hyper.stats_tiny = info.max, info.tiny
-    hyper.log_bound = math.log(info.max) - 1.0  # exp(bound) is finite after rounding
-    hyper.total_numel = float(sum(unit_numels))
-    hyper.beta1, hyper.beta2, hyper.eps = beta1, beta2, eps
-    hyper.param_wise = int(element_multipliers is not None)
-    hyper.adam = int(exp_avgs is not None)
-    # Adam's counts may be the units' own ("tensor" granularity): then they advance once
-    counted = {id(t) for t in counters}
-    hyper.advance_adam_steps = int(not any(id(t) in counted for t in adam_steps or []))
     none = [None] * n
-    _status(
+    status(
         lib.ss_alera(
             n,
-            _pointers(params),
-            _pointers(grads),
-            _pointers(relaxed_paths),
-            _pointers(element_multipliers or none),
-            _pointers(exp_avgs or none),
-            _pointers(exp_avg_sqs or none),
-            _pointers(adam_steps or none),
-            _numels(params),
-            _int64s(list(tensor_unit)),
-            _doubles(tensor_weight_decay),
-            _doubles([float(x) for x in tensor_lr]),
-            _pointers(tensor_lr_scale),
+            pointers(params),
+            pointers(grads),
+            pointers(relaxed_paths),
+            pointers(element_multipliers or none),
+            pointers(exp_avgs or none),
+            pointers(exp_avg_sqs or none),
+            pointers(adam_steps or none),
+            numels(params),
+            int64s(list(tensor_unit)),
+            doubles(tensor_weight_decay),
+            doubles([float(x) for x in tensor_lr]),
+            pointers(tensor_lr_scale),
             len(unit_steps),
-            _pointers(unit_multipliers or [None] * len(unit_steps)),
-            _pointers(unit_steps),
-            _doubles([float(x) for x in unit_numels]),
+            pointers(unit_multipliers or [None] * len(unit_steps)),
+            pointers(unit_steps),
+            doubles([float(x) for x in unit_numels]),
             len(counters),
-            _pointers(counters),
+            pointers(counters),
             len(mirrors),
-            _pointers(mirrors),
+            pointers(mirrors),
             skipped.data_ptr(),
             None if skip is None else skip.data_ptr(),
             None if found_finite is None else found_finite.data_ptr(),
-            ctypes.byref(hyper),
-            _threads(),
+            ctypes.byref(_cpu.AleraHyper(**hyper)),
+            threads(),
         ),
         "ALeRA",
-    )
-    return True
-
-
-def rollback_(
-    params: Sequence[Tensor],
-    snapshots: Sequence[Tensor],
-    alarm: Tensor,
-    *,
-    hold: Tensor | None = None,
-) -> bool:
-    """The guard's masked rollback in one call: ``p <- snapshot`` where ``alarm`` (0-d bool),
-    else ``snapshot <- p`` unless ``hold`` (0-d bool: a step that takes no update, so the
-    snapshot keeps what the next alarm must restore); bitwise copies of any dtype. False when
-    unsupported."""
-    if not params:
-        return True
-    backend = _backend(params, snapshots, dtypes="any")
-    if backend is None:
-        return False
-    sizes = [p.nbytes for p in params]
-    if any(p.dtype is not s.dtype for p, s in zip(params, snapshots, strict=True)) or sizes != [
-        s.nbytes for s in snapshots
-    ]:
-        return False
-    alarm = _check_flag(alarm, params[0].device, "alarm")
-    if hold is not None:
-        hold = _check_flag(hold, params[0].device, "hold")
-    if backend == "cuda":
-        _triton().rollback(params, snapshots, alarm, hold)
-        return True
-    lib = _cpu.library({"SS_PARAM": 0})
-    if lib is None:
-        return False
-    nbytes = _int64s(sizes)
-    lib.ss_rollback(
-        len(params),
-        _pointers(params),
-        _pointers(snapshots),
-        nbytes,
-        alarm.data_ptr(),
-        None if hold is None else hold.data_ptr(),
-        _threads(),
     )
     return True

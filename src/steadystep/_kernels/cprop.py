@@ -1,4 +1,10 @@
-"""CProp's fused steps: the native Adam/AdamW and SGD steps, the wrapper's two passes."""
+"""CProp's fused steps: the native Adam/AdamW and SGD steps, the wrapper's two passes.
+
+Each entry point checks that the kernels take its tensors, then hands them to the C kernel of
+the same name (CPU) or its Triton twin (CUDA) in one call: the tensor lists in the C function's
+order, the hyperparameter row (Note [hyperparameter layout]) and the 0-d flags. Argument names
+are those of :mod:`steadystep.optim.cprop.functional`, whose ``fused`` paths call these.
+"""
 
 from __future__ import annotations
 
@@ -9,27 +15,72 @@ from torch import Tensor
 
 from steadystep._kernels import _cpu
 from steadystep._kernels._common import (
-    _PARAM_CODE,
-    _backend,
-    _c_hyper,
-    _check_flag,
-    _hyper_values,
-    _lr_scale,
-    _numels,
-    _pointers,
-    _scale_config,
-    _status,
-    _steps_ok,
-    _threads,
-    _triton,
+    PARAM_CODE,
+    backend,
+    check_flag,
+    cprop_hyper_values,
+    lr_multiplier_of,
+    numels,
+    pointers,
+    scale_config,
+    status,
+    steps_ok,
+    threads,
+    triton,
 )
 
 __all__ = ["adam_", "sgd_", "wrapper_after_", "wrapper_before_"]
 
+_Lists = dict[str, Sequence[Tensor | None] | None]
 
-# ---------------------------------------------------------------------------------------------
-# CProp's native steps and the wrapper's passes
-# ---------------------------------------------------------------------------------------------
+
+def _launch(
+    kind: str,
+    name: str,
+    where: str,
+    lists: _Lists,
+    config: dict[str, int],
+    hyper: tuple[float, ...],
+    found_finite: Tensor,
+    lr_multiplier: Tensor | None = None,
+) -> bool:
+    """Run C's ``ss_<name>`` or Triton's ``<name>`` over ``lists`` (keyed and ordered as the
+    C function's pointer arrays, ``state_steps`` last; None for an absent list); ``where``
+    names the step in an allocation error. False where the C library cannot be built."""
+    params = lists["params"]
+    if kind == "cuda":
+        getattr(triton(), name)(lists, found_finite, hyper, config, lr_multiplier)
+        return True
+    lib = _cpu.library(config)
+    if lib is None:
+        return False
+    none = [None] * len(params)
+    arrays = [pointers(none if ts is None else ts) for ts in lists.values()]
+    extra = () if lr_multiplier is None else (lr_multiplier.data_ptr(),)
+    code = getattr(lib, f"ss_{name}")(
+        len(params),
+        *arrays,
+        numels(params),
+        ctypes.byref(_cpu.Hyper(*hyper)),
+        *extra,
+        found_finite.data_ptr(),
+        threads(),
+    )
+    status(code, where)
+    return True
+
+
+def _backend(
+    params: Sequence[Tensor],
+    others: Sequence[Sequence[Tensor]],
+    stats: Sequence[Sequence[Tensor | None] | None],
+    state_steps: Sequence[Tensor],
+) -> str | None:
+    """ "cpu" or "cuda" where the kernels take these tensors (one device, one parameter dtype
+    with a kernel, the statistics in its statistics dtype, float32 step counts, all dense and
+    contiguous), else None."""
+    kind = backend(params, *others, stats=[s for s in stats if s is not None])
+    return kind if kind is not None and steps_ok(state_steps, params[0].device) else None
 
 
 def adam_(
@@ -39,49 +90,46 @@ def adam_(
     exp_avg_sqs: Sequence[Tensor],
     max_exp_avg_sqs: Sequence[Tensor] | None,
     cprop_exp_avgs: Sequence[Tensor],
-    cprop_seconds: Sequence[Tensor] | None,
-    steps: Sequence[Tensor],
+    cprop_exp_avg_sqs: Sequence[Tensor] | None,
+    state_steps: Sequence[Tensor],
     *,
     found_finite: Tensor,
     lr: float,
-    lr_scale: Tensor | None,
+    lr_multiplier: Tensor | None,
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
     amsgrad: bool,
-    decoupled: bool,
+    decoupled_weight_decay: bool,
     cprop_beta: float,
     cprop_c: float,
     cprop_eps: float,
     cdf: str,
     method: str,
 ) -> bool:
-    """Adam (``decoupled``: AdamW) with CProp's scale over all tensors, in place; the step
-    counts advance by one. A no-op, step counts included, unless ``found_finite``.
-    ``cprop_seconds=None``: CProp's ``v`` is ``exp_avg_sqs``; ``max_exp_avg_sqs`` is read with
-    ``amsgrad`` only; the step is taken at ``lr * lr_scale`` (0-d float64). False when
-    unsupported."""
-    n = len(params)
-    if n == 0:
+    """Adam (``decoupled_weight_decay``: AdamW) with CProp's scale over all tensors, in place;
+    the step counts advance by one. A no-op, step counts included, unless ``found_finite``.
+    ``cprop_exp_avg_sqs=None``: CProp's ``v`` is ``exp_avg_sqs``; ``max_exp_avg_sqs`` is read
+    with ``amsgrad`` only; the step is taken at ``lr * lr_multiplier`` (0-d float64). False
+    when unsupported."""
+    if not params:
         return True
     vmax = max_exp_avg_sqs if amsgrad else None
-    stats = (exp_avgs, exp_avg_sqs, cprop_exp_avgs, vmax, cprop_seconds)
-    backend = _backend(params, grads, stats=[s for s in stats if s is not None])
-    if backend is None:
+    stats = (exp_avgs, exp_avg_sqs, cprop_exp_avgs, vmax, cprop_exp_avg_sqs)
+    kind = None if isinstance(lr, Tensor) else _backend(params, [grads], stats, state_steps)
+    if kind is None:
         return False
-    device = params[0].device
-    if not _steps_ok(steps, device) or isinstance(lr, Tensor):
-        return False
+    decoupled = decoupled_weight_decay and weight_decay != 0
     config = {
-        "SS_PARAM": _PARAM_CODE[params[0].dtype],
+        "SS_PARAM": PARAM_CODE[params[0].dtype],
         "SS_AMSGRAD": int(amsgrad),
-        "SS_L2": int(not decoupled and weight_decay != 0),
-        "SS_DECOUPLED": int(decoupled and weight_decay != 0),
-        "SS_SHARED_V": int(cprop_seconds is None),
-        **_scale_config(cprop_c, cprop_eps, cdf, method),
+        "SS_L2": int(not decoupled_weight_decay and weight_decay != 0),
+        "SS_DECOUPLED": int(decoupled),
+        "SS_SHARED_V": int(cprop_exp_avg_sqs is None),
+        **scale_config(cprop_c, cprop_eps, cdf, method),
     }
-    hyper = _hyper_values(
+    hyper = cprop_hyper_values(
         lr=lr,
         beta1=beta1,
         beta2=beta2,
@@ -93,46 +141,19 @@ def adam_(
         cdf=cdf,
         method=method,
     )
-    found_finite = _check_flag(found_finite, device)
-    scale = _lr_scale(lr_scale, device)
-    if backend == "cuda":
-        lists = dict(
-            params=params,
-            grads=grads,
-            exp_avgs=exp_avgs,
-            exp_avg_sqs=exp_avg_sqs,
-            max_exp_avg_sqs=vmax,
-            cprop_exp_avgs=cprop_exp_avgs,
-            cprop_seconds=cprop_seconds,
-            steps=steps,
-        )
-        _triton().adam(lists, found_finite, hyper, scale, config)
-        return True
-    lib = _cpu.library(config)
-    if lib is None:
-        return False
-    none = [None] * n
-    c_hyper = _c_hyper(hyper)
-    _status(
-        lib.ss_adam(
-            n,
-            _pointers(params),
-            _pointers(grads),
-            _pointers(exp_avgs),
-            _pointers(exp_avg_sqs),
-            _pointers(vmax if vmax is not None else none),
-            _pointers(cprop_exp_avgs),
-            _pointers(cprop_seconds if cprop_seconds is not None else none),
-            _pointers(steps),
-            _numels(params),
-            ctypes.byref(c_hyper),
-            scale.data_ptr(),
-            found_finite.data_ptr(),
-            _threads(),
-        ),
-        "Adam",
+    device = params[0].device
+    lists = dict(
+        params=params,
+        grads=grads,
+        exp_avgs=exp_avgs,
+        exp_avg_sqs=exp_avg_sqs,
+        max_exp_avg_sqs=vmax,
+        cprop_exp_avgs=cprop_exp_avgs,
+        cprop_exp_avg_sqs=cprop_exp_avg_sqs,
+        state_steps=state_steps,
     )
-    return True
+    flag, scale = check_flag(found_finite, device), lr_multiplier_of(lr_multiplier, device)
+    return _launch(kind, "adam", "Adam", lists, config, hyper, flag, scale)
 
 
 def sgd_(
@@ -140,12 +161,12 @@ def sgd_(
     grads: Sequence[Tensor],
     momentum_buffers: Sequence[Tensor | None],
     cprop_exp_avgs: Sequence[Tensor],
-    cprop_seconds: Sequence[Tensor],
-    steps: Sequence[Tensor],
+    cprop_exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
     *,
     found_finite: Tensor,
     lr: float,
-    lr_scale: Tensor | None,
+    lr_multiplier: Tensor | None,
     momentum: float,
     dampening: float,
     weight_decay: float,
@@ -158,25 +179,21 @@ def sgd_(
 ) -> bool:
     """SGD (momentum, dampening, Nesterov, L2) with CProp's scale over all tensors; as
     :func:`adam_` otherwise."""
-    n = len(params)
-    if n == 0:
+    if not params:
         return True
-    buffers = list(momentum_buffers) if momentum != 0 else [None] * n
-    stats = (buffers, cprop_exp_avgs, cprop_seconds)
-    backend = _backend(params, grads, stats=stats)
-    if backend is None:
-        return False
-    device = params[0].device
-    if not _steps_ok(steps, device) or isinstance(lr, Tensor):
+    buffers = list(momentum_buffers) if momentum != 0 else [None] * len(params)
+    stats = (buffers, cprop_exp_avgs, cprop_exp_avg_sqs)
+    kind = None if isinstance(lr, Tensor) else _backend(params, [grads], stats, state_steps)
+    if kind is None:
         return False
     config = {
-        "SS_PARAM": _PARAM_CODE[params[0].dtype],
+        "SS_PARAM": PARAM_CODE[params[0].dtype],
         "SS_L2": int(weight_decay != 0),
         "SS_MOMENTUM": int(momentum != 0),
         "SS_NESTEROV": int(nesterov),
-        **_scale_config(cprop_c, cprop_eps, cdf, method),
+        **scale_config(cprop_c, cprop_eps, cdf, method),
     }
-    hyper = _hyper_values(
+    hyper = cprop_hyper_values(
         lr=lr,
         weight_decay=weight_decay,
         momentum=momentum,
@@ -187,73 +204,34 @@ def sgd_(
         cdf=cdf,
         method=method,
     )
-    found_finite = _check_flag(found_finite, device)
-    scale = _lr_scale(lr_scale, device)
-    if backend == "cuda":
-        lists = dict(
-            params=params,
-            grads=grads,
-            momentum_buffers=buffers,
-            cprop_exp_avgs=cprop_exp_avgs,
-            cprop_seconds=cprop_seconds,
-            steps=steps,
-        )
-        _triton().sgd(lists, found_finite, hyper, scale, config)
+    device = params[0].device
+    lists = dict(
+        params=params,
+        grads=grads,
+        momentum_buffers=buffers,
+        cprop_exp_avgs=cprop_exp_avgs,
+        cprop_exp_avg_sqs=cprop_exp_avg_sqs,
+        state_steps=state_steps,
+    )
+    flag, scale = check_flag(found_finite, device), lr_multiplier_of(lr_multiplier, device)
+    return _launch(kind, "sgd", "SGD", lists, config, hyper, flag, scale)
+
+
+def _wrapper_pass(name: str, lists: _Lists, found_finite: Tensor, cprop: dict) -> bool:
+    """One of the wrapper's passes over ``lists`` (``cprop``: its CProp hyperparameters)."""
+    params = lists["params"]
+    if not params:
         return True
-    lib = _cpu.library(config)
-    if lib is None:
+    others = [lists[k] for k in ("grads", "snapshots") if k in lists]
+    stats = (lists["cprop_exp_avgs"], lists["cprop_exp_avg_sqs"])
+    kind = _backend(params, others, stats, lists["state_steps"])
+    if kind is None:
         return False
-    c_hyper = _c_hyper(hyper)
-    _status(
-        lib.ss_sgd(
-            n,
-            _pointers(params),
-            _pointers(grads),
-            _pointers(buffers),
-            _pointers(cprop_exp_avgs),
-            _pointers(cprop_seconds),
-            _pointers(steps),
-            _numels(params),
-            ctypes.byref(c_hyper),
-            scale.data_ptr(),
-            found_finite.data_ptr(),
-            _threads(),
-        ),
-        "SGD",
-    )
-    return True
-
-
-def _wrapper_args(params, snapshots, cprop_exp_avgs, cprop_seconds, steps, grads=None):
-    backend = _backend(
-        params, snapshots, *([grads] if grads else []), stats=[cprop_exp_avgs, cprop_seconds]
-    )
-    if backend is None:
-        return None
-    if not _steps_ok(steps, params[0].device):
-        return None
-    return backend
-
-
-def _wrapper_setup(
-    params: Sequence[Tensor],
-    found_finite: Tensor,
-    cprop_beta: float,
-    cprop_c: float,
-    cprop_eps: float,
-    cdf: str,
-    method: str,
-) -> tuple[tuple[float, ...], dict[str, int], Tensor]:
-    """What both wrapper passes hand their kernel: the hyperparameters, the compile-time
-    configuration and the flag on the parameters' device."""
-    hyper = _hyper_values(
-        cprop_beta=cprop_beta, cprop_c=cprop_c, cprop_eps=cprop_eps, cdf=cdf, method=method
-    )
-    config = {
-        "SS_PARAM": _PARAM_CODE[params[0].dtype],
-        **_scale_config(cprop_c, cprop_eps, cdf, method),
-    }
-    return hyper, config, _check_flag(found_finite, params[0].device)
+    scale = scale_config(cprop["cprop_c"], cprop["cprop_eps"], cprop["cdf"], cprop["method"])
+    config = {"SS_PARAM": PARAM_CODE[params[0].dtype], **scale}
+    hyper = cprop_hyper_values(**cprop)
+    flag = check_flag(found_finite, params[0].device)
+    return _launch(kind, name, "CProp", lists, config, hyper, flag)
 
 
 def wrapper_before_(
@@ -261,8 +239,8 @@ def wrapper_before_(
     grads: Sequence[Tensor],
     snapshots: Sequence[Tensor],
     cprop_exp_avgs: Sequence[Tensor],
-    cprop_seconds: Sequence[Tensor],
-    steps: Sequence[Tensor],
+    cprop_exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
     *,
     found_finite: Tensor,
     cprop_beta: float,
@@ -273,55 +251,26 @@ def wrapper_before_(
 ) -> bool:
     """The CProp wrapper's pass before the base step: ``snapshot <- p`` always, and where
     ``found_finite`` CProp's statistics from the raw gradient and the step counts + 1."""
-    n = len(params)
-    if n == 0:
-        return True
-    backend = _wrapper_args(params, snapshots, cprop_exp_avgs, cprop_seconds, steps, grads)
-    if backend is None:
-        return False
-    hyper, config, found_finite = _wrapper_setup(
-        params, found_finite, cprop_beta, cprop_c, cprop_eps, cdf, method
+    lists = dict(
+        params=params,
+        grads=grads,
+        snapshots=snapshots,
+        cprop_exp_avgs=cprop_exp_avgs,
+        cprop_exp_avg_sqs=cprop_exp_avg_sqs,
+        state_steps=state_steps,
     )
-    if backend == "cuda":
-        lists = dict(
-            params=params,
-            grads=grads,
-            snapshots=snapshots,
-            cprop_exp_avgs=cprop_exp_avgs,
-            cprop_seconds=cprop_seconds,
-            steps=steps,
-        )
-        _triton().wrapper_before(lists, found_finite, hyper, config)
-        return True
-    lib = _cpu.library(config)
-    if lib is None:
-        return False
-    c_hyper = _c_hyper(hyper)
-    _status(
-        lib.ss_wrap_before(
-            n,
-            _pointers(params),
-            _pointers(grads),
-            _pointers(snapshots),
-            _pointers(cprop_exp_avgs),
-            _pointers(cprop_seconds),
-            _pointers(steps),
-            _numels(params),
-            ctypes.byref(c_hyper),
-            found_finite.data_ptr(),
-            _threads(),
-        ),
-        "CProp",
+    cprop = dict(
+        cprop_beta=cprop_beta, cprop_c=cprop_c, cprop_eps=cprop_eps, cdf=cdf, method=method
     )
-    return True
+    return _wrapper_pass("wrap_before", lists, found_finite, cprop)
 
 
 def wrapper_after_(
     params: Sequence[Tensor],
     snapshots: Sequence[Tensor],
     cprop_exp_avgs: Sequence[Tensor],
-    cprop_seconds: Sequence[Tensor],
-    steps: Sequence[Tensor],
+    cprop_exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
     *,
     found_finite: Tensor,
     cprop_beta: float,
@@ -332,42 +281,14 @@ def wrapper_after_(
 ) -> bool:
     """After the base step: ``p <- lerp(snapshot, p, s)`` (exactly ``p`` at ``s = 1``), or
     ``snapshot`` on a skipped step (the base may have written anything there)."""
-    n = len(params)
-    if n == 0:
-        return True
-    backend = _wrapper_args(params, snapshots, cprop_exp_avgs, cprop_seconds, steps)
-    if backend is None:
-        return False
-    hyper, config, found_finite = _wrapper_setup(
-        params, found_finite, cprop_beta, cprop_c, cprop_eps, cdf, method
+    lists = dict(
+        params=params,
+        snapshots=snapshots,
+        cprop_exp_avgs=cprop_exp_avgs,
+        cprop_exp_avg_sqs=cprop_exp_avg_sqs,
+        state_steps=state_steps,
     )
-    if backend == "cuda":
-        lists = dict(
-            params=params,
-            snapshots=snapshots,
-            cprop_exp_avgs=cprop_exp_avgs,
-            cprop_seconds=cprop_seconds,
-            steps=steps,
-        )
-        _triton().wrapper_after(lists, found_finite, hyper, config)
-        return True
-    lib = _cpu.library(config)
-    if lib is None:
-        return False
-    c_hyper = _c_hyper(hyper)
-    _status(
-        lib.ss_wrap_after(
-            n,
-            _pointers(params),
-            _pointers(snapshots),
-            _pointers(cprop_exp_avgs),
-            _pointers(cprop_seconds),
-            _pointers(steps),
-            _numels(params),
-            ctypes.byref(c_hyper),
-            found_finite.data_ptr(),
-            _threads(),
-        ),
-        "CProp",
+    cprop = dict(
+        cprop_beta=cprop_beta, cprop_c=cprop_c, cprop_eps=cprop_eps, cdf=cdf, method=method
     )
-    return True
+    return _wrapper_pass("wrap_after", lists, found_finite, cprop)

@@ -21,7 +21,8 @@ from typing import NamedTuple
 
 import torch
 
-from steadystep._distributed import all_ranks
+from steadystep import _kernels as kernels
+from steadystep._distributed import all_ranks, is_distributed
 from steadystep._tensors import grads_finite, reduce_square_norms
 from steadystep.agnostic import apply_log_change_, log_lr_change, random_walk_mean
 
@@ -32,6 +33,7 @@ __all__ = [
     "adapt_multipliers_",
     "agnostic_update",
     "alera",
+    "fused_alera_",
     "grad_norms",
     "layout_step",
     "param_multipliers",
@@ -420,3 +422,86 @@ def alera(
     else:
         for p, d, coef in zip(params, grads, coefs, strict=True):
             p.addcmul_(d, coef)
+
+
+def fused_alera_(
+    gathered: Gathered,
+    group_steps: list[torch.Tensor],
+    group_multipliers: list[torch.Tensor],
+    group_lrs: list[float | torch.Tensor],
+    skipped_steps: torch.Tensor,
+    adam: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None,
+    *,
+    granularity: str,
+    skip: torch.Tensor | None,
+    fused: bool | None,
+    owner: str,
+    alpha: float,
+    C: float,
+    norm_eps: float,
+    beta1: float = 0.0,
+    beta2: float = 0.0,
+    eps: float = 0.0,
+) -> bool:
+    """The whole ALeRA step (Ag-Adam's with ``adam``: its moments and step counts) in one call
+    of :func:`steadystep._kernels.alera_`, the arguments as for :func:`layout_step`. False,
+    having changed nothing, where the kernels cannot take it (FSDP2 shards, tensor learning
+    rates, tensors without a kernel); then ``fused=True`` raises
+    :class:`~steadystep._kernels.FusedUnsupportedError`."""
+    lrs = [group_lrs[gi] for gi in gathered.group_index]
+    supported = not any(gathered.sharded) and not any(isinstance(x, torch.Tensor) for x in lrs)
+    if supported:
+        units, owners, active = unit_layout(gathered.members, gathered.group_index, granularity)
+        tensor_unit = [0] * len(gathered.params)
+        for u, members in enumerate(units):
+            for i in members:
+                tensor_unit[i] = u
+        counted = range(len(group_steps)) if granularity == "global" else active
+        counters = [group_steps[gi] for gi in counted]
+        if granularity == "tensor":
+            unit_steps = gathered.tensor_steps
+            counters = counters + unit_steps
+        else:
+            unit_steps = [group_steps[gi] for gi in owners]
+        if granularity in ("global", "group"):
+            unit_multipliers = [group_multipliers[gi] for gi in owners]
+            lr_scales: list[torch.Tensor | None] = [None] * len(gathered.params)
+        else:
+            param_wise = granularity == "param"
+            unit_multipliers = None if param_wise else list(gathered.param_multipliers)
+            lr_scales = [group_multipliers[gi] for gi in gathered.group_index]
+        exp_avgs, exp_avg_sqs, adam_steps = adam if adam is not None else (None, None, None)
+        global_ = granularity == "global"
+        supported = kernels.alera_(
+            gathered.params,
+            gathered.grads,
+            gathered.relaxed_paths,
+            list(gathered.param_multipliers) if granularity == "param" else None,
+            exp_avgs,
+            exp_avg_sqs,
+            adam_steps,
+            tensor_unit=tensor_unit,
+            tensor_weight_decay=gathered.weight_decays,
+            tensor_lr=lrs,
+            tensor_lr_scale=lr_scales,
+            unit_multipliers=unit_multipliers,
+            unit_steps=unit_steps,
+            unit_numels=[sum(gathered.numels[i] for i in unit) for unit in units],
+            counters=counters,
+            mirrors=list(group_multipliers[1:]) if global_ else [],
+            skipped=skipped_steps,
+            skip=skip,
+            # the kernel decides on this rank's gradients; under torch.distributed every rank
+            # must decide alike (a NaN in one rank's p.grad after DDP's all-reduce)
+            found_finite=grads_finite(gathered.grads) if is_distributed() else None,
+            alpha=alpha,
+            C=C,
+            norm_eps=norm_eps,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+        )
+    if not supported and fused:
+        needs = ", float learning rates and no FSDP2 sharding"
+        raise kernels.FusedUnsupportedError(owner, gathered.params, needs)
+    return supported

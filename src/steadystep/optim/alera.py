@@ -14,12 +14,10 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from steadystep import _kernels as kernels
-from steadystep._distributed import is_distributed
+from steadystep._kernels import stats_dtype
 from steadystep._tensors import (
     clone_tensors,
     full_max,
-    grads_finite,
     local_tensor,
     scale_all_,
     sharded_flags,
@@ -48,9 +46,9 @@ from steadystep.optim._alera_core import (
     Gathered,
     agnostic_update,
     alera,
+    fused_alera_,
     grad_norms,
     layout_step,
-    unit_layout,
     unit_norms,
 )
 
@@ -66,11 +64,6 @@ __all__ = [
 
 # optimizer-wide: a unit may span several groups
 _WIDE_KEYS = ("alpha", "C", "norm_eps", "granularity")
-
-
-def _state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics stay in at least float32: a multiplier step of ``exp(3e-6)`` vanishes in bf16."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _check_alpha(alpha: float) -> float:
@@ -209,7 +202,7 @@ class ALeRA(Optimizer):
             device, dtype = torch.device("cpu"), torch.float32
         else:
             device = group["params"][0].device
-            dtype = _state_dtype(group["params"][0].dtype)
+            dtype = stats_dtype(group["params"][0].dtype)
             for p in group["params"][1:]:
                 dtype = torch.promote_types(dtype, p.dtype)
         multiplier = torch.ones((), dtype=dtype, device=device)
@@ -506,7 +499,7 @@ class ALeRA(Optimizer):
             # tensor, which may get its first gradient after its group's.
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         if "relaxed_path" not in state:
-            sdtype = _state_dtype(p.dtype)
+            sdtype = stats_dtype(p.dtype)
             state["relaxed_path"] = torch.zeros_like(p, dtype=sdtype)
             if self.granularity == "tensor":
                 state["lr_multiplier"] = torch.ones((), dtype=sdtype, device=p.device)
@@ -538,79 +531,24 @@ class ALeRA(Optimizer):
         skip: torch.Tensor | None,
         adam: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None,
     ) -> bool:
-        """The whole step in one kernel call (``fused``); False, having changed nothing, where
-        the kernels cannot take it. ``adam``: Ag-Adam's moments and step counts."""
+        """:func:`fused_alera_` (``adam``: Ag-Adam's moments and step counts); False, having
+        changed nothing, where it does not run."""
         fused = self.defaults.get("fused")
         if fused is False or (fused is None and self.defaults["foreach"]):
             return False
-        groups = self.param_groups
-        lrs = [groups[gi]["lr"] for gi in gathered.group_index]
-        supported = not any(gathered.sharded) and not any(isinstance(x, torch.Tensor) for x in lrs)
-        if supported:
-            supported = self._run_kernel(gathered, skip, lrs, adam)
-        if not supported and fused:
-            raise RuntimeError(
-                f"{type(self).__name__}(fused=True): the fused kernels cannot take this step "
-                "(they need dense contiguous float32/float64/bfloat16 parameters of one dtype "
-                "on a CPU with a C compiler or on CUDA with Triton, float learning rates, no "
-                "FSDP2 sharding); pass fused=None to fall back"
-            )
-        return supported
-
-    def _run_kernel(
-        self,
-        gathered: Gathered,
-        skip: torch.Tensor | None,
-        lrs: list[Any],
-        adam: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None,
-    ) -> bool:
-        groups = self.param_groups
-        gran = self.granularity
-        units, owners, active = unit_layout(gathered.members, gathered.group_index, gran)
-        tensor_unit = [0] * len(gathered.params)
-        for u, members in enumerate(units):
-            for i in members:
-                tensor_unit[i] = u
-        group_steps = [
-            groups[gi]["step"] for gi in (range(len(groups)) if gran == "global" else active)
-        ]
-        if gran == "tensor":
-            unit_steps = gathered.tensor_steps
-            counters = group_steps + unit_steps
-        else:
-            unit_steps = [groups[gi]["step"] for gi in owners]
-            counters = group_steps
-        if gran in ("global", "group"):
-            unit_multipliers = [groups[gi]["lr_multiplier"] for gi in owners]
-            lr_scales: list[torch.Tensor | None] = [None] * len(gathered.params)
-        else:
-            unit_multipliers = None if gran == "param" else list(gathered.param_multipliers)
-            lr_scales = [groups[gi]["lr_multiplier"] for gi in gathered.group_index]
-        exp_avgs, exp_avg_sqs, adam_steps = adam if adam is not None else (None, None, None)
-        hyper = self.defaults
+        groups, hyper = self.param_groups, self.defaults
         betas = hyper.get("betas", (0.0, 0.0))
-        return kernels.alera_(
-            gathered.params,
-            gathered.grads,
-            gathered.relaxed_paths,
-            list(gathered.param_multipliers) if gran == "param" else None,
-            exp_avgs,
-            exp_avg_sqs,
-            adam_steps,
-            tensor_unit=tensor_unit,
-            tensor_weight_decay=gathered.weight_decays,
-            tensor_lr=lrs,
-            tensor_lr_scale=lr_scales,
-            unit_multipliers=unit_multipliers,
-            unit_steps=unit_steps,
-            unit_numels=[sum(gathered.numels[i] for i in unit) for unit in units],
-            counters=counters,
-            mirrors=[g["lr_multiplier"] for g in groups[1:]] if gran == "global" else [],
-            skipped=groups[0]["skipped_steps"],
+        return fused_alera_(
+            gathered,
+            [g["step"] for g in groups],
+            [g["lr_multiplier"] for g in groups],
+            [g["lr"] for g in groups],
+            groups[0]["skipped_steps"],
+            adam,
+            granularity=self.granularity,
             skip=skip,
-            # the kernel decides on this rank's gradients; under torch.distributed every rank
-            # must decide alike (a NaN in one rank's p.grad after DDP's all-reduce)
-            found_finite=grads_finite(gathered.grads) if is_distributed() else None,
+            fused=fused,
+            owner=type(self).__name__,
             alpha=hyper["alpha"],
             C=hyper["C"],
             norm_eps=hyper["norm_eps"],
@@ -627,13 +565,8 @@ class ALeRA(Optimizer):
                 group["lr_multiplier"].copy_(first)
 
     def _hyper(self) -> dict[str, Any]:
-        d = self.defaults
-        return dict(
-            alpha=d["alpha"],
-            C=d["C"],
-            norm_eps=d["norm_eps"],
-            param_wise=self.granularity == "param",
-        )
+        d, param_wise = self.defaults, self.granularity == "param"
+        return dict(alpha=d["alpha"], C=d["C"], norm_eps=d["norm_eps"], param_wise=param_wise)
 
     @torch.no_grad()
     def masked_step(

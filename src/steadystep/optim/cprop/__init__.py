@@ -13,13 +13,12 @@ Public objects:
   numbers as ``CProp(torch.optim.SGD/Adam/AdamW(...))`` (:mod:`~steadystep.optim.cprop.native`).
 * :func:`cprop_update_`, :func:`cprop_scales`, :func:`cprop_sgd`, :func:`cprop_adam` are the
   functional cores (tensor lists positional, hyperparameters keyword-only;
-  :mod:`~steadystep.optim.cprop.functional`), with the fused kernels in
-  :mod:`~steadystep.optim.cprop._fused`.
+  :mod:`~steadystep.optim.cprop.functional`), which dispatch to the fused kernels of
+  :mod:`steadystep._kernels`.
 """
 
 from steadystep._tensors import grads_finite
-from steadystep.optim.cprop._fused import erf_float32
-from steadystep.optim.cprop._math import CDFS, METHODS
+from steadystep.optim.cprop._math import CDFS, METHODS, erf_float32
 from steadystep.optim.cprop.functional import cprop_adam, cprop_scales, cprop_sgd, cprop_update_
 from steadystep.optim.cprop.native import CPropAdam, CPropAdamW, CPropSGD
 from steadystep.optim.cprop.wrapper import CProp

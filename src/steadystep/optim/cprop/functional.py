@@ -4,8 +4,21 @@
 Tensor lists are positional and hyperparameters keyword-only, as in ``torch.optim``'s
 functional API; each step dispatches to a per-tensor reference loop (``_single_tensor_*``,
 the readable one), a ``torch._foreach_*`` path (``_multi_tensor_*``, bitwise the same on CPU) or
-the fused multi-tensor kernels of :mod:`~steadystep.optim.cprop._fused` (Note [Fused path]).
-The math is in :mod:`~steadystep.optim.cprop._math`.
+the fused multi-tensor kernels of :mod:`steadystep._kernels` (Note [Fused path]), whose
+arguments have the names used here. The math is in :mod:`~steadystep.optim.cprop._math`.
+
+Note [Fused path]
+    The whole per-element update (Adam's moments or SGD's momentum, CProp's statistics, the
+    scale and the parameter write) reads and writes every element once, for all tensors of a
+    param group in one call; what is the same for a whole tensor (bias corrections, step sizes)
+    is computed once per tensor in float64. In float32 the normal cdf is Abramowitz & Stegun's
+    7.1.28 (:func:`erf_float32`, absolute error below 2e-6) on CPU and the device's ``erf`` on
+    CUDA, so the fused path agrees with the reference to rounding, not bitwise. A skipped step
+    (``found_finite`` False) returns at once on the device: parameters, state and step counts
+    stay bitwise as they were.
+    The kernels take the tensors only where they can (one device, a dtype with a kernel, dense
+    contiguous memory, a C compiler or Triton); ``fused=None`` then falls back to the eager
+    paths and ``fused=True`` raises :class:`~steadystep._kernels.FusedUnsupportedError`.
 """
 
 from __future__ import annotations
@@ -13,7 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from steadystep.optim.cprop._fused import fused_cprop_adam, fused_cprop_sgd
+from steadystep import _kernels as kernels
+from steadystep._kernels import FusedUnsupportedError
 from steadystep.optim.cprop._math import (
     _AdamHyper,
     _AdamTensors,
@@ -35,9 +49,17 @@ from steadystep.optim.cprop._math import (
     _update_stats_one,
     _with_weight_decay,
     _with_weight_decay_foreach,
+    cprop_kwargs,
 )
 
-__all__ = ["cprop_adam", "cprop_scales", "cprop_sgd", "cprop_update_"]
+__all__ = [
+    "cprop_adam",
+    "cprop_after_",
+    "cprop_before_",
+    "cprop_scales",
+    "cprop_sgd",
+    "cprop_update_",
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,6 +129,106 @@ def cprop_scales(
         for i, s in zip(idx, scales, strict=True):
             out[i] = s
     return out
+
+
+def cprop_before_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    cprop_exp_avgs: list[Tensor],
+    cprop_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    found_finite: Tensor,
+    cprop_beta: float,
+    cprop_c: float,
+    cprop_eps: float,
+    cdf: str,
+    method: str,
+    foreach: bool = False,
+    fused: bool | None = False,
+) -> tuple[bool, list[Tensor]]:
+    """The CProp wrapper's pass before its base optimizer steps: CProp's statistics from the
+    raw gradients (:func:`cprop_update_`) and a snapshot ``p_old`` of ``params``. Returns
+    ``(fused, snapshots)``: whether the fused kernel took the pass (then :func:`cprop_after_`
+    must be fused too) and the snapshots. ``fused`` as in :func:`cprop_sgd`."""
+    if fused is not False:
+        # one buffer for the whole group's snapshot: one allocation, not one per tensor
+        sizes = [p.numel() for p in params]
+        flat = torch.empty(sum(sizes), dtype=params[0].dtype, device=params[0].device)
+        olds = [t.view_as(p) for t, p in zip(flat.split(sizes), params, strict=True)]
+        cprop = dict(
+            cprop_beta=cprop_beta, cprop_c=cprop_c, cprop_eps=cprop_eps, cdf=cdf, method=method
+        )
+        stats = (cprop_exp_avgs, cprop_exp_avg_sqs, state_steps)
+        if kernels.wrapper_before_(params, grads, olds, *stats, found_finite=found_finite, **cprop):
+            return True, olds
+        if fused:
+            raise FusedUnsupportedError("CProp", params)
+    cprop_update_(
+        grads,
+        cprop_exp_avgs,
+        cprop_exp_avg_sqs,
+        state_steps,
+        found_finite=found_finite,
+        beta=cprop_beta,
+        method=method,
+        foreach=foreach,
+    )
+    return False, [p.clone() for p in params]
+
+
+def cprop_after_(
+    params: list[Tensor],
+    snapshots: list[Tensor],
+    cprop_exp_avgs: list[Tensor],
+    cprop_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    found_finite: Tensor,
+    cprop_beta: float,
+    cprop_c: float,
+    cprop_eps: float,
+    cdf: str,
+    method: str,
+    foreach: bool = False,
+    fused: bool,
+) -> None:
+    """The CProp wrapper's pass after its base optimizer stepped: ``p <- lerp(p_old, p, s)``
+    (exactly ``p`` where ``s = 1``), or ``p_old`` on a skipped step (the base may have written
+    anything there). ``fused``: what :func:`cprop_before_` returned."""
+    stats = (cprop_exp_avgs, cprop_exp_avg_sqs, state_steps)
+    if fused:
+        cprop = dict(
+            cprop_beta=cprop_beta, cprop_c=cprop_c, cprop_eps=cprop_eps, cdf=cdf, method=method
+        )
+        kernels.wrapper_after_(params, snapshots, *stats, found_finite=found_finite, **cprop)
+        return
+    scales = cprop_scales(
+        *stats,
+        found_finite=found_finite,
+        beta=cprop_beta,
+        c=cprop_c,
+        eps=cprop_eps,
+        cdf=cdf,
+        method=method,
+        foreach=foreach,
+    )
+    for p, old, s in zip(params, snapshots, scales, strict=True):
+        _apply_scale_(p, old, s, found_finite)
+
+
+def _apply_scale_(param: Tensor, old: Tensor, s: Tensor, found_finite: Tensor) -> None:
+    """``param <- lerp(old, param, s)`` (exactly ``param`` at s = 1); ``old`` when skipped."""
+    if param.dtype == s.dtype:
+        # in place, no temporaries: a skipped step first puts old back (the base may have
+        # written NaN), then lerp(old, old, 0) = old
+        p = param.detach()
+        torch.where(found_finite, p, old, out=p)
+        torch.lerp(old, p, s, out=p)
+        return
+    old32 = old.to(s.dtype)
+    new = torch.lerp(old32, param.to(s.dtype), s)
+    param.copy_(torch.where(found_finite, new, old32))
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,12 +350,12 @@ def cprop_sgd(
     )
     sgd = _SGDHyper(lr, momentum, dampening, weight_decay, nesterov, lr_multiplier)
     cprop = _CPropHyper(cprop_beta, cprop_c, cprop_eps, cdf, method)
-    if fused is not False and fused_cprop_sgd(
-        tensors, found_finite=found_finite, sgd=sgd, cprop=cprop
+    if fused is not False and kernels.sgd_(
+        *tensors, found_finite=found_finite, **sgd._asdict(), **cprop_kwargs(cprop)
     ):
         return
     if fused:
-        raise _no_kernels("cprop_sgd", params)
+        raise FusedUnsupportedError("cprop_sgd", params)
     fn = _multi_tensor_cprop_sgd if foreach else _single_tensor_cprop_sgd
     fn(tensors, found_finite=found_finite, sgd=sgd, cprop=cprop)
 
@@ -393,21 +515,11 @@ def cprop_adam(
         lr, beta1, beta2, eps, weight_decay, amsgrad, decoupled_weight_decay, lr_multiplier
     )
     cprop = _CPropHyper(cprop_beta, cprop_c, cprop_eps, cdf, method)
-    if fused is not False and fused_cprop_adam(
-        tensors, found_finite=found_finite, adam=adam, cprop=cprop
+    if fused is not False and kernels.adam_(
+        *tensors, found_finite=found_finite, **adam._asdict(), **cprop_kwargs(cprop)
     ):
         return
     if fused:
-        raise _no_kernels("cprop_adam", params)
+        raise FusedUnsupportedError("cprop_adam", params)
     fn = _multi_tensor_cprop_adam if foreach else _single_tensor_cprop_adam
     fn(tensors, found_finite=found_finite, adam=adam, cprop=cprop)
-
-
-def _no_kernels(name: str, params: list[Tensor]) -> RuntimeError:
-    where = sorted({f"{p.device.type} {str(p.dtype).removeprefix('torch.')}" for p in params})
-    return RuntimeError(
-        f"{name}(fused=True): the fused kernels cannot take these tensors ({', '.join(where)}; "
-        "they need dense contiguous float32/float64/bfloat16 tensors on a CPU with a C "
-        "compiler, or on CUDA with Triton, and STEADYSTEP_FUSED not set to 0). Pass "
-        "fused=None to fall back to the eager paths."
-    )

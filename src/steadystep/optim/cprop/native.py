@@ -32,7 +32,7 @@ from steadystep.checkpoint import (
     check_same,
 )
 from steadystep.compose.order import Composable
-from steadystep.optim.cprop._math import _cprop_hyper, _CPropHyper, _second_key
+from steadystep.optim.cprop._math import _cprop_hyper, _CPropHyper, _second_key, cprop_kwargs
 from steadystep.optim.cprop._state import (
     _call_closure,
     _collect,
@@ -61,17 +61,6 @@ def _use_fused(group: dict[str, Any]) -> bool | None:
     if group["fused"] is None and group["foreach"]:
         return False
     return group["fused"]
-
-
-def _native_cprop_kwargs(group: dict[str, Any]) -> dict[str, Any]:
-    """A group's CProp hyperparameters as :func:`cprop_sgd` / :func:`cprop_adam` name them."""
-    return dict(
-        zip(
-            ("cprop_beta", "cprop_c", "cprop_eps", "cdf", "method"),
-            _cprop_hyper(group),
-            strict=True,
-        )
-    )
 
 
 def _group_device(group: dict[str, Any]) -> torch.device:
@@ -286,7 +275,7 @@ class CPropSGD(_NativeCPropBase):
         nesterov (bool): Nesterov momentum (default: False).
     <CPROP_ARGS>
         fused (bool, optional): the whole step as one multi-tensor kernel call per param
-            group (Note [Fused path] in :mod:`steadystep.optim.cprop._fused`: C on CPU, Triton
+            group (Note [Fused path] in :mod:`steadystep.optim.cprop.functional`: C on CPU, Triton
             on CUDA). None (default): fused wherever the kernels take the tensors, else the
             foreach (CUDA) or per-tensor (CPU) path; True: fused or an error; False: never.
 
@@ -375,7 +364,7 @@ class CPropSGD(_NativeCPropBase):
             weight_decay=group["weight_decay"],
             nesterov=group["nesterov"],
             lr_multiplier=group["lr_multiplier"],
-            **_native_cprop_kwargs(group),
+            **cprop_kwargs(_cprop_hyper(group)),
             foreach=_use_foreach(group, params),
             fused=_use_fused(group),
         )
@@ -403,7 +392,7 @@ class CPropAdam(_NativeCPropBase):
         amsgrad (bool): use the running maximum of ``v`` (default: False).
     <CPROP_ARGS>
         fused (bool, optional): the whole step as one multi-tensor kernel call per param
-            group (Note [Fused path] in :mod:`steadystep.optim.cprop._fused`: C on CPU, Triton
+            group (Note [Fused path] in :mod:`steadystep.optim.cprop.functional`: C on CPU, Triton
             on CUDA). None (default): fused wherever the kernels take the tensors, else the
             foreach (CUDA) or per-tensor (CPU) path; True: fused or an error; False: never.
 
@@ -539,7 +528,7 @@ class CPropAdam(_NativeCPropBase):
             eps=group["eps"],
             decoupled_weight_decay=group["decoupled_weight_decay"],
             lr_multiplier=group["lr_multiplier"],
-            **_native_cprop_kwargs(group),
+            **cprop_kwargs(_cprop_hyper(group)),
             foreach=_use_foreach(group, params),
             fused=_use_fused(group),
         )

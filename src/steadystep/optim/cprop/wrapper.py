@@ -9,7 +9,6 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from steadystep import _kernels as kernels
 from steadystep._tensors import shards
 from steadystep._validation import check_loss
 from steadystep.checkpoint import (
@@ -21,7 +20,13 @@ from steadystep.checkpoint import (
 )
 from steadystep.compose.order import Composable, check_wrappable
 from steadystep.compose.wrapper import OptimizerWrapper
-from steadystep.optim.cprop._math import _check_hyper, _cprop_hyper, _CPropHyper, _second_key
+from steadystep.optim.cprop._math import (
+    _check_hyper,
+    _cprop_hyper,
+    _CPropHyper,
+    _second_key,
+    cprop_kwargs,
+)
 from steadystep.optim.cprop._state import (
     _call_closure,
     _collect,
@@ -34,7 +39,7 @@ from steadystep.optim.cprop._state import (
     _states_by_param,
     _validate_group,
 )
-from steadystep.optim.cprop.functional import cprop_scales, cprop_update_
+from steadystep.optim.cprop.functional import cprop_after_, cprop_before_
 
 __all__ = ["CProp"]
 
@@ -57,7 +62,7 @@ class CProp(OptimizerWrapper, Composable):
         method (str): ``"conformity"``, ``"relative"`` or ``"moment"`` (default: "conformity").
         fused (bool, optional): CProp's own work as two multi-tensor kernel calls per param
             group (statistics and snapshot before the base step, scale after it; Note [Fused
-            path] in :mod:`steadystep.optim.cprop._fused`). None (default): wherever the
+            path] in :mod:`steadystep.optim.cprop.functional`). None (default): wherever the
             kernels take the tensors, else eager ops; True: fused or an error; False: eager.
 
     These are defaults: they are stored in every param group of the base optimizer as
@@ -210,75 +215,37 @@ class CProp(OptimizerWrapper, Composable):
         # before the base steps: CProp's statistics and the snapshot p_old, per group fused
         # (one kernel call) where the kernels take it, else eager; statistics are read before
         # the base steps, so a base that writes into p.grad (torch's never do) cannot change them
-        snapshots = [self._before(group, params, found_finite) for group, params in work]
+        snapshots = [
+            cprop_before_(
+                shards(params),
+                shards([p.grad for p in params]),
+                *self._statistics(group, params),
+                found_finite=found_finite,
+                **cprop_kwargs(_cprop_hyper(group)),
+                foreach=_default_foreach(params),
+                fused=self.fused,
+            )
+            if params
+            else (False, [])
+            for group, params in work
+        ]
 
         base_out = self.optimizer.step(base_closure) if base_closure else self.optimizer.step()
         if out is None:
             out = base_out
 
         for (group, params), (fused, olds) in zip(work, snapshots, strict=True):
-            if not params:
-                continue
-            if fused:
-                kernels.wrapper_after_(
+            if params:
+                cprop_after_(
                     shards(params),
                     olds,
                     *self._statistics(group, params),
                     found_finite=found_finite,
-                    **_kernel_hyper(group),
+                    **cprop_kwargs(_cprop_hyper(group)),
+                    foreach=_default_foreach(params),
+                    fused=fused,
                 )
-                continue
-            scales = cprop_scales(
-                *self._statistics(group, params),
-                found_finite=found_finite,
-                **_cprop_hyper(group)._asdict(),
-                foreach=_default_foreach(params),
-            )
-            for p, old, s in zip(shards(params), olds, scales, strict=True):
-                _apply_scale_(p, old, s, found_finite)
         return out
-
-    def _before(
-        self, group: dict[str, Any], params: list[Tensor], found_finite: Tensor
-    ) -> tuple[bool, list[Tensor]]:
-        """CProp's statistics from the raw gradients and the snapshot of the parameters:
-        ``(fused, snapshots)``."""
-        if not params:
-            return False, []
-        local = shards(params)
-        if self.fused is not False:
-            # one buffer for the whole group's snapshot: one allocation, not one per tensor
-            flat = torch.empty(
-                sum(p.numel() for p in local), dtype=local[0].dtype, device=local[0].device
-            )
-            olds = [
-                t.view_as(p)
-                for t, p in zip(flat.split([p.numel() for p in local]), local, strict=True)
-            ]
-            if kernels.wrapper_before_(
-                local,
-                shards([p.grad for p in params]),
-                olds,
-                *self._statistics(group, params),
-                found_finite=found_finite,
-                **_kernel_hyper(group),
-            ):
-                return True, olds
-            if self.fused:
-                raise RuntimeError(
-                    "CProp(fused=True): the fused kernels cannot take these parameters (they "
-                    "need dense contiguous float32/float64/bfloat16 tensors on a CPU with a C "
-                    "compiler, or on CUDA with Triton); pass fused=None to fall back"
-                )
-        cprop_update_(
-            shards([p.grad for p in params]),
-            *self._statistics(group, params),
-            found_finite=found_finite,
-            beta=group["cprop_beta"],
-            method=group["cprop_method"],
-            foreach=_default_foreach(params),
-        )
-        return False, [p.clone() for p in local]
 
     def _init_state(self, group: dict[str, Any], param: Tensor) -> None:
         if param not in self.cprop_state:
@@ -296,23 +263,3 @@ class CProp(OptimizerWrapper, Composable):
             shards([st[key] for st in states]),
             [st["step"] for st in states],
         )
-
-
-def _kernel_hyper(group: dict[str, Any]) -> dict[str, Any]:
-    """A group's CProp hyperparameters as the kernels name them."""
-    beta, c, eps, cdf, method = _cprop_hyper(group)
-    return dict(cprop_beta=beta, cprop_c=c, cprop_eps=eps, cdf=cdf, method=method)
-
-
-def _apply_scale_(param: Tensor, old: Tensor, s: Tensor, found_finite: Tensor) -> None:
-    """``param <- lerp(old, param, s)`` (exactly ``param`` at s = 1); ``old`` when skipped."""
-    if param.dtype == s.dtype:
-        # in place, no temporaries: a skipped step first puts old back (the base may have
-        # written NaN), then lerp(old, old, 0) = old
-        p = param.detach()
-        torch.where(found_finite, p, old, out=p)
-        torch.lerp(old, p, s, out=p)
-        return
-    old32 = old.to(s.dtype)
-    new = torch.lerp(old32, param.to(s.dtype), s)
-    param.copy_(torch.where(found_finite, new, old32))
