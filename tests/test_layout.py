@@ -101,3 +101,12 @@ def test_the_lazy_export_table_matches_the_type_checking_imports_and_all():
     submodules = {name for name, module in typed.items() if module == "steadystep"}
     assert {k: v for k, v in typed.items() if k not in submodules} == table
     assert sorted(listed) == sorted(set(table) | submodules)
+
+
+def test_no_module_is_over_600_lines():
+    long = {
+        str(p.relative_to(SRC)): n
+        for p in _modules()
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
+    assert long == {}

@@ -11,15 +11,8 @@ weights is a change of level, accepted (the detector restarts, the episode's cut
 ``response="rollback"`` is SALeRA's published recovery (Algorithm 1, lines 7-11 of the paper;
 docs/decisions.md): every alarm rolls back one step and multiplies the rate by ``lr_factor``.
 
-Note [the learning-rate scale]
-    A cut is a guard-owned scale on top of whatever rate the schedule sets: the rate a step
-    applies is ``scheduled lr * lr_scale``, for every base optimizer and every scheduler
-    (LambdaLR, OneCycleLR, warm restarts rewrite ``group["lr"]`` each step and cannot erase it).
-    steadystep's own optimizers hold it in their ``lr_multiplier`` (``scale_lr_``); around any
-    other optimizer the guard sets ``group["lr"]`` to the applied rate for the duration of the
-    step and gives the scheduled one back after, so ``param_groups`` always show the schedule.
-    ``stats()["lr_scale"]`` is applied / scheduled and ``stats()["lr"]`` the largest applied
-    rate. Calm steps give the cuts back (Note [recovering the rate] in :mod:`steadystep.ladder`).
+Note [the learning-rate scale] (:mod:`steadystep.compose.lr_scale`): a cut is a guard-owned
+scale on top of whatever rate the schedule sets; calm steps give it back.
 
 Note [non-finite gradients]: a NaN or inf *gradient* with a finite loss is not an alarm (the loss
 did not jump; nothing to roll back, no reason to cut the rate). Around a third-party optimizer
@@ -57,16 +50,15 @@ only worth paying on an alarm).
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
 from steadystep._distributed import all_reduce_mean, is_distributed
+from steadystep._guard_checkpoint import GuardCheckpoint
 from steadystep._tensors import gradient_stats, stored_real_values
 from steadystep._validation import (
     check_loss,
@@ -74,7 +66,7 @@ from steadystep._validation import (
     check_probability,
     check_scalar_loss,
 )
-from steadystep.checkpoint import CLASS_KEY, check_class, check_same, check_shape
+from steadystep.compose.lr_scale import applied_lr, applied_max_lr
 from steadystep.compose.order import Composable, check_wrappable
 from steadystep.compose.protocol import MaskableOptimizer
 from steadystep.compose.torch_fused import torch_fused_maskable
@@ -115,7 +107,7 @@ def _missing_loss(owner: str) -> RuntimeError:
     )
 
 
-class CatastropheGuard(OptimizerWrapper, Composable):
+class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
     """Wrap any optimizer with detect -> skip, roll back and cut, or accept (Note [the ladder]).
 
     With ``theta_b`` the parameters (and optimizer state) saved before the last update, ``A_t``
@@ -310,130 +302,6 @@ class CatastropheGuard(OptimizerWrapper, Composable):
             "history_loss": self.history_loss,
         }
 
-    def _wrapped_state_dict(self) -> dict[str, Any]:
-        """``{"optimizer": wrapped state_dict, "guard": detector, counters, snapshot}``.
-
-        The guard's part is a snapshot: its tensors (the rollback copies included: the
-        parameters, and with a full rollback the optimizer's state and the buffers) are clones,
-        so a state_dict kept in memory does not change with later steps. The wrapped optimizer's
-        per-parameter ``state`` is as that optimizer returns it (torch's optimizers return their
-        live tensors; ``copy.deepcopy`` it to keep it).
-        """
-        copies = self.snapshot.state_dict()
-        guard = {
-            "detector": self.detector.state_dict(),
-            **{k: v.clone() for k, v in self._counters().items()},
-            "snapshots": copies["params"],
-            "state_snapshots": copies["state"],
-            "buffer_snapshots": copies["buffers"],
-            "calls": self._calls,
-            "lr_factor": self.lr_factor,
-            "backtrack": self.backtrack,
-            "min_lr": self.min_lr,
-            "response": self.response,
-            "recover_every": self.recover_every,
-            "rollback": self.rollback,
-            "optimizer_class": type(self.optimizer).__name__,
-            "detector_class": self._detector_class(),
-        }
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "guard": guard,
-            CLASS_KEY: "CatastropheGuard",
-        }
-
-    def _load_wrapped_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; resuming continues bitwise as the saved run would.
-
-        Checked first (:mod:`steadystep.checkpoint`): a dict that is not a guard's
-        (a plain optimizer's), a guard's around another optimizer class, snapshots of other
-        shapes or a detector state of another kind fail with a ValueError, and nothing loads.
-        A checkpoint from before the learning-rate scale (Note [the learning-rate scale]) has
-        its cuts in ``group["lr"]`` already: its scale loads as 1 around a torch optimizer.
-        """
-        self._check_wrapped_state_dict(state_dict)
-        self.optimizer.load_state_dict(state_dict["optimizer"])
-        guard = state_dict["guard"]
-        self.detector.load_state_dict(guard["detector"])
-        fresh = {"lr_scale": 1.0, "episode_scale": 1.0, "history_step": -1}
-        fresh["history_loss"] = math.nan
-        old_format = "phase" not in guard
-        for name, value in self._counters().items():
-            if name not in guard or (old_format and name == "lr_scale" and not self._scales_itself):
-                # a checkpoint from before the counter existed: as new
-                setattr(self, name, torch.full_like(value, fresh.get(name, 0)))
-                continue
-            # A copy: the loaded dict must not alias (and later see) the live counters.
-            setattr(self, name, guard[name].to(device=value.device, dtype=value.dtype, copy=True))
-        params = self._params()
-        self.snapshot.param_copies = [
-            s.to(device=self.snapshot._copy(p).device, dtype=p.dtype, copy=True)
-            for s, p in zip(guard["snapshots"], params, strict=False)
-        ]
-        self.snapshot.forget_state()
-        saved_state = guard.get("state_snapshots") or []
-        if self.snapshot.full and saved_state:
-            self.snapshot.track(params[: len(self.snapshot.param_copies)], self.optimizer)
-            if [tuple(t.shape) for t in saved_state] == [
-                tuple(t.shape) for t in self.snapshot.state
-            ]:
-                self.snapshot.state_copies = [
-                    s.to(device=c.device, dtype=c.dtype, copy=True)
-                    for s, c in zip(saved_state, self.snapshot.state_copies, strict=True)
-                ]
-        for s, c in zip(
-            guard.get("buffer_snapshots") or [], self.snapshot.buffer_copies, strict=False
-        ):
-            c.copy_(s)
-        self._calls = int(guard["calls"])
-        self.lr_factor = check_probability("lr_factor", guard["lr_factor"])
-        self.backtrack = bool(guard["backtrack"])
-        self.min_lr = check_nonnegative("min_lr", guard["min_lr"])
-
-    def _check_wrapped_state_dict(self, state_dict: dict[str, Any]) -> None:
-        owner = type(self).__name__
-        keys = ("optimizer", "guard")
-        check_class(state_dict, owner=owner, expected="CatastropheGuard", required=keys)
-        guard = state_dict["guard"]
-        keys = ("detector", "snapshots", "calls", "lr_factor", "backtrack", "min_lr")
-        check_class(
-            guard, owner=owner, expected="CatastropheGuard", required=keys, what="its 'guard'"
-        )
-        inner = type(self.optimizer).__name__
-        check_same("optimizer_class", guard.get("optimizer_class"), inner, owner=owner)
-        detector = self._detector_class()
-        check_same("detector_class", guard.get("detector_class"), detector, owner=owner)
-        for name in ("response", "rollback"):
-            if name in guard:
-                check_same(name, guard[name], getattr(self, name), owner=owner)
-        params = self._params()
-        snapshots = guard["snapshots"]
-        if not isinstance(snapshots, list) or len(snapshots) > len(params):
-            found = len(snapshots) if isinstance(snapshots, list) else type(snapshots).__name__
-            raise ValueError(
-                f"{owner}.load_state_dict: the state_dict holds {found} rollback snapshots, "
-                f"this guard's optimizer has {len(params)} parameters"
-            )
-        for i, (snap, p) in enumerate(zip(snapshots, params, strict=False)):
-            check_shape(snap, "param", p, owner=owner, where=f"the rollback snapshot {i}")
-        buffers = guard.get("buffer_snapshots") or []
-        if len(buffers) not in (0, len(self.snapshot.buffers)):
-            raise ValueError(
-                f"{owner}.load_state_dict: the state_dict holds {len(buffers)} buffer "
-                f"snapshots, this guard's model has {len(self.snapshot.buffers)} buffers"
-            )
-        for i, (snap, b) in enumerate(zip(buffers, self.snapshot.buffers, strict=False)):
-            check_shape(snap, "param", b, owner=owner, where=f"the buffer snapshot {i}")
-        for name, value in self._counters().items():
-            if name in guard and value.dim() == 0:
-                check_shape(guard[name], "scalar", value, owner=owner, where=f"{name!r}")
-            elif name in guard:
-                check_shape(guard[name], "param", value, owner=owner, where=f"{name!r}")
-        check_probability("lr_factor", guard["lr_factor"])
-        check_nonnegative("min_lr", guard["min_lr"])
-        # The detector checks its own part; on a copy, so a failure leaves it as it was.
-        copy.deepcopy(self.detector).load_state_dict(guard["detector"])
-
     def stats(self, *, include_optimizer: bool = True) -> dict[str, torch.Tensor]:
         """Telemetry as 0-d tensors, no host sync (a Monitor writes ``<component>/<key>``):
 
@@ -608,7 +476,7 @@ class CatastropheGuard(OptimizerWrapper, Composable):
             # torch's fused step: its own step runs its hooks; a skipped non-finite gradient
             # that is not an alarm is counted here (Note [non-finite gradients])
             self.nonfinite_grads.add_((bad_grads & decision.update).to(self.nonfinite_grads.dtype))
-            with self._applied_lr(self.lr_scale):
+            with applied_lr(self.optimizer, self.lr_scale):
                 inner.masked_step(skip, found_finite)
             return
         # Note [hooks]: ``masked_step`` bypasses the wrapped optimizer's ``step``, so its own
@@ -656,26 +524,9 @@ class CatastropheGuard(OptimizerWrapper, Composable):
         if self._scales_itself:
             self.optimizer.step()
             return False
-        with self._applied_lr(scale):
+        with applied_lr(self.optimizer, scale):
             self.optimizer.step()
         return False
-
-    @contextlib.contextmanager
-    def _applied_lr(self, scale: torch.Tensor | float) -> Iterator[None]:
-        """Note [the learning-rate scale]: ``group["lr"]`` is the applied rate (scheduled *
-        ``scale``) for the duration of the step, the scheduled one again after."""
-        groups = self.optimizer.param_groups
-        scheduled = [g["lr"] for g in groups]
-        if isinstance(scale, float) and scale == 1.0:
-            yield
-            return
-        try:
-            for group, lr in zip(groups, scheduled, strict=True):
-                group["lr"] = _scaled(lr, scale)
-            yield
-        finally:
-            for group, lr in zip(groups, scheduled, strict=True):
-                group["lr"] = lr
 
     def _record(self, alarm: torch.Tensor, loss: torch.Tensor, decision: Decision) -> None:
         """Counters and the alarm ring buffer, written with masks (no host sync)."""
@@ -696,12 +547,7 @@ class CatastropheGuard(OptimizerWrapper, Composable):
         """The largest applied learning rate (0-d, on the device; no host read)."""
         if self._scales_itself:
             return self._maskable.max_lr()
-        lrs = [g["lr"] for g in self.optimizer.param_groups]
-        top = max(lrs, key=float) if all(not isinstance(x, torch.Tensor) for x in lrs) else None
-        if top is not None:
-            return self.lr_scale * top
-        stacked = torch.stack([torch.as_tensor(x).to(self.lr_scale) for x in lrs])
-        return self.lr_scale * stacked.max()
+        return applied_max_lr(self.optimizer, self.lr_scale)
 
     def _check_min_lr(self) -> None:
         """Raise TrainingDiverged when cuts left every applied learning rate below ``min_lr``."""
@@ -726,15 +572,3 @@ class CatastropheGuard(OptimizerWrapper, Composable):
                 f"(step, loss): {[(h['step'], h['loss']) for h in history[-5:]]}. {cause}.",
                 history,
             )
-
-
-def _scaled(lr: Any, scale: torch.Tensor | float) -> Any:
-    """``lr * scale`` in the form torch's step takes: a float stays a float when ``scale`` is
-    one (the host path); on the device path a 0-d tensor beside ``scale`` (float32 on CUDA,
-    the dtype torch's fused CUDA kernels take)."""
-    if isinstance(scale, float):
-        return lr * scale
-    if isinstance(lr, torch.Tensor):
-        return (lr.to(scale.device, torch.float64) * scale).to(lr.dtype)
-    dtype = torch.float32 if scale.device.type == "cuda" else torch.float64
-    return (scale * float(lr)).to(dtype)

@@ -1,0 +1,149 @@
+"""The guard's checkpoint: what :meth:`CatastropheGuard.state_dict` holds, and the checks that
+:meth:`~CatastropheGuard.load_state_dict` runs before it changes anything."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+
+from steadystep._validation import check_nonnegative, check_probability
+from steadystep.checkpoint import CLASS_KEY, check_class, check_same, check_shape
+
+__all__ = ["GuardCheckpoint"]
+
+
+class GuardCheckpoint:
+    """The state_dict half of :class:`~steadystep.CatastropheGuard` (a mixin: it reads the
+    guard's counters, detector, snapshot and settings)."""
+
+    # provided by the guard
+    optimizer: Any
+    detector: Any
+    snapshot: Any
+
+    def _wrapped_state_dict(self) -> dict[str, Any]:
+        """``{"optimizer": wrapped state_dict, "guard": detector, counters, snapshot}``.
+
+        The guard's part is a snapshot: its tensors (the rollback copies included: the
+        parameters, and with a full rollback the optimizer's state and the buffers) are clones,
+        so a state_dict kept in memory does not change with later steps. The wrapped optimizer's
+        per-parameter ``state`` is as that optimizer returns it (torch's optimizers return their
+        live tensors; ``copy.deepcopy`` it to keep it).
+        """
+        copies = self.snapshot.state_dict()
+        guard = {
+            "detector": self.detector.state_dict(),
+            **{k: v.clone() for k, v in self._counters().items()},
+            "snapshots": copies["params"],
+            "state_snapshots": copies["state"],
+            "buffer_snapshots": copies["buffers"],
+            "calls": self._calls,
+            "lr_factor": self.lr_factor,
+            "backtrack": self.backtrack,
+            "min_lr": self.min_lr,
+            "response": self.response,
+            "recover_every": self.recover_every,
+            "rollback": self.rollback,
+            "optimizer_class": type(self.optimizer).__name__,
+            "detector_class": self._detector_class(),
+        }
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "guard": guard,
+            CLASS_KEY: "CatastropheGuard",
+        }
+
+    def _load_wrapped_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; resuming continues bitwise as the saved run would.
+
+        Checked first (:mod:`steadystep.checkpoint`): a dict that is not a guard's
+        (a plain optimizer's), a guard's around another optimizer class, snapshots of other
+        shapes or a detector state of another kind fail with a ValueError, and nothing loads.
+        A checkpoint from before the learning-rate scale (Note [the learning-rate scale]) has
+        its cuts in ``group["lr"]`` already: its scale loads as 1 around a torch optimizer.
+        """
+        self._check_wrapped_state_dict(state_dict)
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        guard = state_dict["guard"]
+        self.detector.load_state_dict(guard["detector"])
+        fresh = {"lr_scale": 1.0, "episode_scale": 1.0, "history_step": -1}
+        fresh["history_loss"] = math.nan
+        old_format = "phase" not in guard
+        for name, value in self._counters().items():
+            if name not in guard or (old_format and name == "lr_scale" and not self._scales_itself):
+                # a checkpoint from before the counter existed: as new
+                setattr(self, name, torch.full_like(value, fresh.get(name, 0)))
+                continue
+            # A copy: the loaded dict must not alias (and later see) the live counters.
+            setattr(self, name, guard[name].to(device=value.device, dtype=value.dtype, copy=True))
+        params = self._params()
+        self.snapshot.param_copies = [
+            s.to(device=self.snapshot._copy(p).device, dtype=p.dtype, copy=True)
+            for s, p in zip(guard["snapshots"], params, strict=False)
+        ]
+        self.snapshot.forget_state()
+        saved_state = guard.get("state_snapshots") or []
+        if self.snapshot.full and saved_state:
+            self.snapshot.track(params[: len(self.snapshot.param_copies)], self.optimizer)
+            if [tuple(t.shape) for t in saved_state] == [
+                tuple(t.shape) for t in self.snapshot.state
+            ]:
+                self.snapshot.state_copies = [
+                    s.to(device=c.device, dtype=c.dtype, copy=True)
+                    for s, c in zip(saved_state, self.snapshot.state_copies, strict=True)
+                ]
+        for s, c in zip(
+            guard.get("buffer_snapshots") or [], self.snapshot.buffer_copies, strict=False
+        ):
+            c.copy_(s)
+        self._calls = int(guard["calls"])
+        self.lr_factor = check_probability("lr_factor", guard["lr_factor"])
+        self.backtrack = bool(guard["backtrack"])
+        self.min_lr = check_nonnegative("min_lr", guard["min_lr"])
+
+    def _check_wrapped_state_dict(self, state_dict: dict[str, Any]) -> None:
+        owner = type(self).__name__
+        keys = ("optimizer", "guard")
+        check_class(state_dict, owner=owner, expected="CatastropheGuard", required=keys)
+        guard = state_dict["guard"]
+        keys = ("detector", "snapshots", "calls", "lr_factor", "backtrack", "min_lr")
+        check_class(
+            guard, owner=owner, expected="CatastropheGuard", required=keys, what="its 'guard'"
+        )
+        inner = type(self.optimizer).__name__
+        check_same("optimizer_class", guard.get("optimizer_class"), inner, owner=owner)
+        detector = self._detector_class()
+        check_same("detector_class", guard.get("detector_class"), detector, owner=owner)
+        for name in ("response", "rollback"):
+            if name in guard:
+                check_same(name, guard[name], getattr(self, name), owner=owner)
+        params = self._params()
+        snapshots = guard["snapshots"]
+        if not isinstance(snapshots, list) or len(snapshots) > len(params):
+            found = len(snapshots) if isinstance(snapshots, list) else type(snapshots).__name__
+            raise ValueError(
+                f"{owner}.load_state_dict: the state_dict holds {found} rollback snapshots, "
+                f"this guard's optimizer has {len(params)} parameters"
+            )
+        for i, (snap, p) in enumerate(zip(snapshots, params, strict=False)):
+            check_shape(snap, "param", p, owner=owner, where=f"the rollback snapshot {i}")
+        buffers = guard.get("buffer_snapshots") or []
+        if len(buffers) not in (0, len(self.snapshot.buffers)):
+            raise ValueError(
+                f"{owner}.load_state_dict: the state_dict holds {len(buffers)} buffer "
+                f"snapshots, this guard's model has {len(self.snapshot.buffers)} buffers"
+            )
+        for i, (snap, b) in enumerate(zip(buffers, self.snapshot.buffers, strict=False)):
+            check_shape(snap, "param", b, owner=owner, where=f"the buffer snapshot {i}")
+        for name, value in self._counters().items():
+            if name in guard and value.dim() == 0:
+                check_shape(guard[name], "scalar", value, owner=owner, where=f"{name!r}")
+            elif name in guard:
+                check_shape(guard[name], "param", value, owner=owner, where=f"{name!r}")
+        check_probability("lr_factor", guard["lr_factor"])
+        check_nonnegative("min_lr", guard["min_lr"])
+        # The detector checks its own part; on a copy, so a failure leaves it as it was.
+        copy.deepcopy(self.detector).load_state_dict(guard["detector"])
