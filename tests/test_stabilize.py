@@ -506,7 +506,7 @@ def test_stats_are_prefixed_per_component():
     train(model, opt, 2)
     stats = opt.stats()
     prefixes = {key.split("/")[0] for key in stats}
-    assert prefixes == {"alrc", "guard", "cprop", "base"}
+    assert prefixes == {"clip", "alrc", "guard", "cprop", "base"}
     assert {"alrc/threshold", "guard/alarms", "cprop/mean_scale"} <= set(stats)
     assert any(key.startswith("guard/detector_") for key in stats)
     assert "base/skipped_steps" in stats  # ALeRA's own
@@ -691,7 +691,7 @@ def test_without_guard_closures_reach_the_base_and_no_loss_is_needed():
     opt.step(closure)
     assert len(calls) > 2  # L-BFGS re-evaluated it
     assert float(per_sample_loss(model, 0, F64).mean()) < first
-    assert opt.stats().keys() == {k for k in opt.stats() if k.startswith("alrc/")}
+    assert opt.stats().keys() == {k for k in opt.stats() if k.startswith(("alrc/", "clip/"))}
 
 
 # -- CUDA (run where a GPU is present) ---------------------------------------------------------

@@ -31,6 +31,7 @@ see Note [the order of the composition] in :mod:`steadystep.compose.order`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -242,6 +243,9 @@ class Stabilized(OptimizerWrapper, Composable):
         super().__init__(self.guard if self.guard is not None else middle)
         self.per_sample = per_sample
         self._window = _LossWindow()
+        # Note [a non-finite sample]: elements clip() masked out, beside the loss
+        loss_device = params[-1].device
+        self.nonfinite_losses = torch.zeros((), dtype=torch.int64, device=loss_device)
 
     def __repr__(self) -> str:
         parts = [
@@ -284,10 +288,19 @@ class Stabilized(OptimizerWrapper, Composable):
             )
         if losses.numel() == 0:
             raise ValueError("clip got an empty tensor of losses (shape with a 0 dimension)")
+        # Note [a non-finite sample]: a NaN or inf element is masked out of the batch (its
+        # loss and gradient become 0; ALRC's moments skip a batch that holds one) and counted;
+        # the guard watches the mean of the finite ones, so one bad sample is no catastrophe.
         x = losses.detach()
-        raw = x.mean() if x.dtype in (torch.float32, torch.float64) else x.float().mean()
+        x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        finite = torch.isfinite(x)
+        count = finite.sum()
+        total = torch.where(finite, x, 0.0).sum()
+        raw = torch.where(count > 0, total / count.clamp(min=1), math.nan)
+        self.nonfinite_losses.add_((finite.numel() - count).to(self.nonfinite_losses.device))
         self._window.add_raw(raw)
-        return losses if self.alrc is None else self.alrc(losses)
+        clipped = losses if self.alrc is None else self.alrc(losses)
+        return torch.where(finite, clipped, torch.zeros_like(clipped))
 
     def observe_loss(self, loss: Tensor | float) -> None:
         """Give the next :meth:`step` a loss, for loops that do not call :meth:`clip`.
@@ -369,7 +382,12 @@ class Stabilized(OptimizerWrapper, Composable):
         ALRC's buffers are clones.
         """
         return {
-            "stabilized": {"format": _FORMAT, **self._components(), "per_sample": self.per_sample},
+            "stabilized": {
+                "format": _FORMAT,
+                **self._components(),
+                "per_sample": self.per_sample,
+                "nonfinite_losses": self.nonfinite_losses.clone(),
+            },
             "alrc": None
             if self.alrc is None
             else {k: v.clone() for k, v in self.alrc.state_dict().items()},
@@ -395,6 +413,8 @@ class Stabilized(OptimizerWrapper, Composable):
         if self.alrc is not None:
             self.alrc.load_state_dict(state_dict["alrc"])
         self.optimizer.load_state_dict(state_dict["optimizer"])
+        count = meta.get("nonfinite_losses")  # absent from checkpoints before the mask
+        self.nonfinite_losses.copy_(torch.as_tensor(0 if count is None else count))
         self._window.clear()
 
     def stats(self) -> dict[str, Tensor]:
@@ -402,7 +422,7 @@ class Stabilized(OptimizerWrapper, Composable):
         (:meth:`ALRC.stats <steadystep.ALRC.stats>`), ``guard/<key>`` (the guard's counters and
         ``detector_<key>``), ``cprop/<key>`` (``mean_scale``...) and ``base/<key>`` when the base
         optimizer has statistics of its own (ALeRA's learning rates)."""
-        out: dict[str, Tensor] = {}
+        out: dict[str, Tensor] = {"clip/nonfinite_losses": self.nonfinite_losses}
         if self.alrc is not None:
             out.update({f"alrc/{k}": v for k, v in self.alrc.stats().items()})
         if self.guard is not None:
