@@ -5,7 +5,7 @@
 * ``digits_cnn_bn``: scikit-learn's 8x8 digits (1437 / 360), a LeNet-like CNN with BatchNorm
   after every conv and hidden linear layer (``experiments.models.LeNetLike``, sizes 16, 32,
   64, 32); test accuracy.
-* ``arith_lm``: a character-level causal transformer (2 layers, width 48, 4 heads;
+* ``arith_lm``: a character-level causal transformer (1 layer, width 32, 2 heads;
   ``spikes.tasks.CausalLM``) on generated ``a+b=c`` lines; test loss (nats per character) on
   a corpus from another seed.
 * ``digits_ae``: a convolutional autoencoder on the digits (8x8 -> 4x4x16 -> 2x2x16 -> back);
@@ -206,7 +206,7 @@ def get_task(name: str) -> Task:
         return Task(
             name,
             "lm",
-            lambda: CausalLM(len(VOCAB)),
+            lambda: CausalLM(len(VOCAB), width=32, layers=1, heads=2),
             corpus,
             None,
             held_out,
