@@ -93,7 +93,8 @@ def test_the_benchmark_runs_at_a_tiny_size_and_its_tables_come_from_the_runs(tmp
     arms = {r["arm"] for r in saved["runs"]}
     assert arms == {"plain", "guard", "stabilize"}
     for r in saved["runs"]:
-        assert r["steps"] == 20 and r["task"] == "mnist1d_mlp"
+        assert r["steps"] == max(10, round(0.05 * bench_clean.STEPS["mnist1d_mlp"]))
+        assert r["task"] == "mnist1d_mlp"
         assert r["metric"] is None or 0.0 <= r["metric"] <= 1.0
         if r["arm"] != "plain":
             assert {"alarms", "rollbacks", "lr_scale", "nonfinite_grads"} <= set(r["stats"])
