@@ -23,6 +23,7 @@ first-step-readme  benchmarks/results/first_step.json  make bench
 alrc-early         benchmarks/results/alrc_early.json  make bench
 spikes-headline    benchmarks/results/spikes.json      python benchmarks/bench_spikes.py
 bench_spikes       benchmarks/results/spikes.json      python benchmarks/bench_spikes.py
+clean              benchmarks/results/clean.json       make bench
 =================  ==================================  ==========================================
 """
 
@@ -257,6 +258,14 @@ def spikes(results: dict[str, Any]) -> str:
     return tables(results)
 
 
+def clean(results: dict[str, Any]) -> str:
+    """bench_clean.py: each protection's cost on healthy runs (recomputed from its runs)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from clean.report import tables
+
+    return tables(results)
+
+
 BLOCKS = {
     "demo-claims": Block("README.md", "docs/demo/results.json", "make demo-docs", demo_claims),
     "speed-cpu": Block("docs/performance.md", "benchmarks/results/speed.json", "make bench", speed),
@@ -297,6 +306,7 @@ BLOCKS = {
         spikes,
         markers=("<!-- bench_spikes:begin -->", "<!-- bench_spikes:end -->"),
     ),
+    "clean": Block("docs/clean.md", "benchmarks/results/clean.json", "make bench", clean),
 }
 
 

@@ -1,0 +1,1 @@
+"""The clean-run benchmark's parts: tasks, arms, runs and the tables (``bench_clean.py``)."""
