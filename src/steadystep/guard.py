@@ -67,7 +67,11 @@ from steadystep.checkpoint import CLASS_KEY, check_class, check_same, check_shap
 from steadystep.compose.order import Composable, check_wrappable
 from steadystep.compose.protocol import MaskableOptimizer
 from steadystep.compose.torch_fused import torch_fused_maskable
-from steadystep.compose.wrapper import OptimizerWrapper, call_with_step_hooks
+from steadystep.compose.wrapper import (
+    OptimizerWrapper,
+    call_with_step_hooks,
+    is_state_init_step,
+)
 from steadystep.detectors import SpikeDetector
 from steadystep.detectors.protocol import ChangeDetector, ForeignDetector, as_detector
 
@@ -237,8 +241,43 @@ class CatastropheGuard(OptimizerWrapper, Composable):
             "history_loss": self.history_loss,
         }
 
+    checkpoint_key = "guard"  # Note [flat checkpoints] (steadystep.compose.wrapper)
+
+    def _split_checkpoint(
+        self, nested: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[int, dict[str, Any]], dict[str, Any]]:
+        """The rollback snapshots go per parameter (``state[i]["guard/snapshot"]`` in the flat
+        layout, sharded like the parameter by DCP); the rest of ``"guard"`` (detector,
+        counters, settings) stays one dict. A new per-parameter tensor of the guard's goes here
+        and in :meth:`_join_checkpoint`."""
+        own = dict(nested)
+        inner = own.pop("optimizer")
+        guard = dict(own["guard"])
+        per_param = {i: {"snapshot": s} for i, s in enumerate(guard.pop("snapshots"))}
+        own["guard"] = guard
+        return inner, per_param, own
+
+    def _join_checkpoint(
+        self, inner: dict[str, Any], per_param: dict[int, dict[str, Any]], own: dict[str, Any]
+    ) -> dict[str, Any]:
+        snapshots = [per_param[i].get("snapshot") for i in range(len(per_param))]
+        names = {name for entry in per_param.values() for name in entry}
+        gaps = set(per_param) != set(range(len(per_param))) or None in snapshots
+        if gaps or names - {"snapshot"}:
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: the guard's per-parameter entries must "
+                "be one 'guard/snapshot' for each of the first parameters in group order, found "
+                f"{sorted(names)} for parameters {sorted(per_param)}"
+            )
+        guard = own.get("guard")
+        if isinstance(guard, dict):
+            own = {**own, "guard": {**guard, "snapshots": snapshots}}
+        return {**own, "optimizer": inner}
+
     def _wrapped_state_dict(self) -> dict[str, Any]:
-        """``{"optimizer": wrapped state_dict, "guard": detector, counters, snapshot}``.
+        """``{"optimizer": wrapped state_dict, "guard": detector, counters, snapshot}``, laid
+        out flat by ``state_dict()`` (Note [flat checkpoints] of
+        :mod:`steadystep.compose.wrapper`).
 
         The guard's part is a snapshot: its tensors (the rollback snapshot included: one copy of
         the parameters) are clones, so a state_dict kept in memory does not change with later
@@ -390,6 +429,14 @@ class CatastropheGuard(OptimizerWrapper, Composable):
         if loss is None:
             check_loss(owner, result, name="the closure's result (the loss)")
             loss = result
+        if loss is None and is_state_init_step(self.optimizer, closure):
+            # Note [DCP's state initialization]: torch.distributed.checkpoint steps a stateless
+            # optimizer with zero gradients and lr 0 to create the state it loads into; the
+            # wrapped optimizer takes that step and the snapshots are made, but the detector
+            # sees no loss and no counter moves (the load that follows restores them anyway).
+            self._ensure_snapshots(self._params())
+            self.optimizer.step()
+            return None
         if loss is None:
             raise _missing_loss(type(self).__name__)
         check_scalar_loss(owner, loss)

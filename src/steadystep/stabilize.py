@@ -359,8 +359,12 @@ class Stabilized(OptimizerWrapper, Composable):
             "base": type(self.base).__name__,
         }
 
+    checkpoint_key = "stabilized"  # Note [flat checkpoints] (steadystep.compose.wrapper)
+
     def _wrapped_state_dict(self) -> dict[str, Any]:
-        """``{"stabilized": components, "alrc": ALRC's buffers, "optimizer": the outermost's}``.
+        """``{"stabilized": components, "alrc": ALRC's buffers, "optimizer": the outermost's}``,
+        laid out flat by ``state_dict()`` (Note [flat checkpoints] of
+        :mod:`steadystep.compose.wrapper`: these two under ``param_groups[0]["stabilized"]``).
 
         ``"optimizer"`` nests the guard's (detector, counters, snapshot), CProp's and the base's;
         ALRC's buffers are clones.
