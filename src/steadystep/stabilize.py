@@ -126,8 +126,9 @@ class Stabilized(OptimizerWrapper, Composable):
         >>> loss = opt.clip((model(torch.randn(8, 4)) - 1).pow(2).squeeze(1)).mean()
         >>> loss.backward()
         >>> _ = opt.step()
-        >>> sorted(opt.state_dict())
-        ['alrc', 'optimizer', 'stabilized']
+        >>> sd = opt.state_dict()  # flat, for torch.distributed.checkpoint
+        >>> sorted(sd), sorted(sd["param_groups"][0]["stabilized"])
+        (['class', 'param_groups', 'state'], ['alrc', 'stabilized', 'wrapped_keys'])
     """
 
     composition_role = "stabilized"  # Note [the order of the composition]

@@ -68,9 +68,9 @@ class OptimizerWrapper(Optimizer):
         ...     def step(self, closure=None):
         ...         return self.optimizer.step(closure)
         ...     def _wrapped_state_dict(self):
-        ...         return {"inner": self.optimizer.state_dict()}
+        ...         return {"optimizer": self.optimizer.state_dict()}
         ...     def _load_wrapped_state_dict(self, state_dict):
-        ...         self.optimizer.load_state_dict(state_dict["inner"])
+        ...         self.optimizer.load_state_dict(state_dict["optimizer"])
         >>> p = torch.nn.Parameter(torch.ones(2))
         >>> opt = Plain(torch.optim.SGD([p], lr=0.1))
         >>> opt.param_groups[0]["lr"], sorted(opt.state_dict())
