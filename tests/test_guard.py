@@ -17,6 +17,12 @@ SPIKE = 5  # scripted losses: calm, then a 10x spike at this step
 LOSSES = [1.0] * SPIKE + [10.0] + [1.0] * 6 + [50.0] + [1.0] * 3
 
 
+def nested(opt, sd=None):
+    """The guard's checkpoint in its nested form (``{"optimizer", "guard", "class"}``), from the
+    flat ``state_dict()`` (Note [flat checkpoints] of steadystep.compose.wrapper)."""
+    return opt._nested_state_dict(opt.state_dict() if sd is None else sd)
+
+
 def make_model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
@@ -635,12 +641,13 @@ def test_load_state_dict_copies_so_two_guards_from_one_dict_are_independent(kind
         guards.append((g, m))
     run_script(guards[0][0], guards[0][1], 3, 8)  # an alarm at SPIKE included
     assert int(guards[0][0].stats()["alarms"]) == 1
-    for key, value in frozen["guard"].items():
+    view, frozen = nested(opt, sd)["guard"], nested(opt, frozen)["guard"]
+    for key, value in frozen.items():
         if isinstance(value, torch.Tensor):
-            assert same(sd["guard"][key], value), key  # the dict was not written through
+            assert same(view[key], value), key  # the dict was not written through
             assert same(getattr(guards[1][0], key), value), key  # nor the other guard
-    assert equal(sd["guard"]["snapshots"], frozen["guard"]["snapshots"])
-    assert int(guards[1][0].detector.count) == int(frozen["guard"]["detector"]["count"])
+    assert equal(view["snapshots"], frozen["snapshots"])
+    assert int(guards[1][0].detector.count) == int(frozen["detector"]["count"])
 
 
 def test_state_dict_in_memory_is_a_snapshot_of_the_guard():
@@ -963,7 +970,7 @@ def test_sync_free_min_lr_check_runs_every_check_every_steps():
     for step in range(2):
         backward(model, step)
         opt.step(loss=torch.tensor(math.nan))
-        assert opt.state_dict()["guard"]["calls"] == step + 1
+        assert nested(opt)["guard"]["calls"] == step + 1
     backward(model, 2)
     with pytest.raises(ss.TrainingDiverged, match="min_lr"):
         opt.step(loss=torch.tensor(math.nan))
@@ -1000,7 +1007,7 @@ def test_a_checkpoint_without_backtrack_snapshots_round_trips(kind):
         backward(model, step)
         opt.step(loss=torch.tensor(1.0))
     saved = opt.state_dict()
-    assert saved["guard"]["snapshots"] == []
+    assert nested(opt, saved)["guard"]["snapshots"] == []
     fresh = build(kind, make_model(), backtrack=False)
     fresh.load_state_dict(saved)
     assert int(fresh.stats()["steps"]) == 3
@@ -1011,7 +1018,7 @@ def test_load_refuses_more_snapshots_than_parameters():
     opt = build("adam", model)
     backward(model, 0)
     opt.step(loss=torch.tensor(1.0))
-    saved = opt.state_dict()
+    saved = nested(opt)
     saved["guard"]["snapshots"].append(torch.zeros(1))
     n = len(list(model.parameters()))
     with pytest.raises(ValueError, match=f"holds {n + 1} rollback snapshots.* {n} parameters"):
@@ -1027,7 +1034,7 @@ def test_a_checkpoint_from_before_the_counters_loads_them_fresh(kind):
     for step in range(3):
         backward(model, step)
         opt.step(loss=torch.tensor(1.0))
-    saved = opt.state_dict()
+    saved = nested(opt)
     for name in ("nonfinite_grads", "lr_scale", "history_step", "history_loss"):
         del saved["guard"][name]
     fresh = build(kind, make_model())
@@ -1072,7 +1079,7 @@ def test_a_detector_of_ones_own_gets_the_loss_alone(kind):
         opt.step(loss=torch.tensor(loss))
     assert opt._device_side == (kind == "cpropadamw")
     assert opt.detector.seen == LOSSES[:3] + LOSSES[4:]
-    assert opt.state_dict()["guard"]["detector_class"] == "_LossOnly"
+    assert nested(opt)["guard"]["detector_class"] == "_LossOnly"
     assert [h["step"] for h in opt.history()] == [i for i, x in enumerate(LOSSES) if x > 5.0]
 
 
@@ -1107,7 +1114,7 @@ def test_the_host_path_counts_steps_for_a_later_sync_free_resume():
         backward(model, step)
         host.step(loss=torch.tensor(1.0))
     saved = host.state_dict()
-    assert saved["guard"]["calls"] == 2
+    assert nested(host, saved)["guard"]["calls"] == 2
     resumed = build("cpropadamw", model, min_lr=1.0, check_every=3)
     resumed.load_state_dict(saved)
     assert resumed._device_side

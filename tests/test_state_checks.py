@@ -233,7 +233,7 @@ def test_a_missing_per_parameter_state_key_is_an_error_not_rebuilt(name, key):
 def test_cprop_wrapper_refuses_a_missing_cprop_state_key():
     model, opt = _trained("CProp(Adam)")
     sd = copy.deepcopy(opt.state_dict())
-    del sd["cprop_state"][1]["cprop_exp_avg_sq"]
+    del sd["state"][1]["cprop/cprop_exp_avg_sq"]  # Note [flat checkpoints]
     _refused(MAKERS["CProp(Adam)"](model), sd, r"cprop_state\[1\].*lacks 'cprop_exp_avg_sq'")
 
 
@@ -300,7 +300,7 @@ def test_a_guard_around_torch_adam_loads_a_float_step_as_torch_does():
     _train(model, guard, range(3))
     sd = copy.deepcopy(guard.state_dict())
     floats = copy.deepcopy(sd)
-    for state in floats["optimizer"]["state"].values():
+    for state in floats["state"].values():  # flat: Adam's state at the top
         state["step"] = float(state["step"])
     runs = []
     for saved in (sd, floats):

@@ -24,6 +24,51 @@ class GuardCheckpoint:
     detector: Any
     snapshot: Any
 
+    checkpoint_key = "guard"  # Note [flat checkpoints] (steadystep.compose.wrapper)
+
+    def _split_checkpoint(
+        self, nested: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[int, dict[str, Any]], dict[str, Any]]:
+        """The per-parameter copies go per parameter (``state[i]["guard/snapshot"]`` and
+        ``state[i]["guard/state/<key>"]`` in the flat layout, sharded like the parameter by
+        DCP); the rest of ``"guard"`` (detector, counters, buffers' copies, settings) stays one
+        dict."""
+        own = dict(nested)
+        inner = own.pop("optimizer")
+        guard = dict(own["guard"])
+        snapshots = guard.pop("snapshots")
+        states = guard.pop("state_snapshots", None) or [{} for _ in snapshots]
+        states = [*states, *({} for _ in range(len(snapshots) - len(states)))]
+        per_param = {
+            i: {"snapshot": s, **{f"state/{k}": t for k, t in state.items()}}
+            for i, (s, state) in enumerate(zip(snapshots, states, strict=False))
+        }
+        own["guard"] = guard
+        return inner, per_param, own
+
+    def _join_checkpoint(
+        self, inner: dict[str, Any], per_param: dict[int, dict[str, Any]], own: dict[str, Any]
+    ) -> dict[str, Any]:
+        snapshots = [per_param[i].get("snapshot") for i in range(len(per_param))]
+        names = {name for entry in per_param.values() for name in entry}
+        gaps = set(per_param) != set(range(len(per_param))) or None in snapshots
+        strays = {n for n in names - {"snapshot"} if not n.startswith("state/")}
+        if gaps or strays:
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: the guard's per-parameter entries must "
+                "be one 'guard/snapshot' (and 'guard/state/<key>' copies) for each of the first "
+                f"parameters in group order, found {sorted(names)} for parameters "
+                f"{sorted(per_param)}"
+            )
+        states = [
+            {k[len("state/") :]: v for k, v in per_param[i].items() if k.startswith("state/")}
+            for i in range(len(per_param))
+        ]
+        guard = own.get("guard")
+        if isinstance(guard, dict):
+            own = {**own, "guard": {**guard, "snapshots": snapshots, "state_snapshots": states}}
+        return {**own, "optimizer": inner}
+
     def _wrapped_state_dict(self) -> dict[str, Any]:
         """``{"optimizer": wrapped state_dict, "guard": detector, counters, snapshot}``.
 
@@ -80,25 +125,16 @@ class GuardCheckpoint:
             # A copy: the loaded dict must not alias (and later see) the live counters.
             setattr(self, name, guard[name].to(device=value.device, dtype=value.dtype, copy=True))
         params = self._params()
+        where = self.snapshot.device
         self.snapshot.param_copies = [
-            s.to(device=self.snapshot._copy(p).device, dtype=p.dtype, copy=True)
+            s.to(device=p.device if where is None else where, dtype=p.dtype, copy=True)
             for s, p in zip(guard["snapshots"], params, strict=False)
         ]
-        self.snapshot.forget_state()
-        saved_state = guard.get("state_snapshots") or []
-        if self.snapshot.full and saved_state:
-            self.snapshot.track(params[: len(self.snapshot.param_copies)], self.optimizer)
-            if [tuple(t.shape) for t in saved_state] == [
-                tuple(t.shape) for t in self.snapshot.state
-            ]:
-                self.snapshot.state_copies = [
-                    s.to(device=c.device, dtype=c.dtype, copy=True)
-                    for s, c in zip(saved_state, self.snapshot.state_copies, strict=True)
-                ]
-        for s, c in zip(
-            guard.get("buffer_snapshots") or [], self.snapshot.buffer_copies, strict=False
-        ):
-            c.copy_(s)
+        self.snapshot.params = params[: len(self.snapshot.param_copies)]
+        self.snapshot.load_state(guard.get("state_snapshots") or [], self.optimizer)
+        buffer_copies = self.snapshot.buffer_copies
+        for saved, c in zip(guard.get("buffer_snapshots") or [], buffer_copies, strict=False):
+            c.copy_(saved)
         self._calls = int(guard["calls"])
         self.lr_factor = check_probability("lr_factor", guard["lr_factor"])
         self.backtrack = bool(guard["backtrack"])

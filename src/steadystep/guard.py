@@ -70,7 +70,11 @@ from steadystep.compose.lr_scale import applied_lr, applied_max_lr
 from steadystep.compose.order import Composable, check_wrappable
 from steadystep.compose.protocol import MaskableOptimizer
 from steadystep.compose.torch_fused import torch_fused_maskable
-from steadystep.compose.wrapper import OptimizerWrapper, call_with_step_hooks
+from steadystep.compose.wrapper import (
+    OptimizerWrapper,
+    call_with_step_hooks,
+    is_state_init_step,
+)
 from steadystep.detectors import SpikeDetector
 from steadystep.detectors.protocol import ChangeDetector, ForeignDetector, as_detector
 from steadystep.ladder import NORMAL, RESPONSES, Decision, decide, rescale
@@ -374,6 +378,13 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
         if loss is None:
             check_loss(owner, result, name="the closure's result (the loss)")
             loss = result
+        if loss is None and is_state_init_step(self.optimizer, closure):
+            # DCP (compose.wrapper.is_state_init_step): the wrapped optimizer
+            # takes torch.distributed.checkpoint's zero-gradient, lr-0 step and the snapshots
+            # are made; the detector sees no loss and no counter moves.
+            self.snapshot.track(self._params(), self.optimizer)
+            self.optimizer.step()
+            return None
         if loss is None:
             raise _missing_loss(type(self).__name__)
         check_scalar_loss(owner, loss)

@@ -33,14 +33,19 @@ __all__ = ["ROLLBACKS", "Snapshot"]
 ROLLBACKS = ("full", "params")
 
 
-def _state_tensors(optimizer: Optimizer, params: list[Tensor]) -> list[Tensor]:
-    """Every tensor of ``optimizer.state``, parameter by parameter, key by key (sorted)."""
-    out = []
-    for p in params:
-        state = optimizer.state.get(p)
-        if state:
-            out.extend(state[k] for k in sorted(state, key=str) if isinstance(state[k], Tensor))
-    return out
+def _state_tensors(
+    optimizer: Optimizer, params: list[Tensor]
+) -> tuple[list[Tensor], list[tuple[int, str]]]:
+    """Every tensor of ``optimizer.state``, parameter by parameter, key by key (sorted), and
+    whose it is: ``(index of the parameter, key)``."""
+    tensors, owners = [], []
+    for i, p in enumerate(params):
+        state = optimizer.state.get(p) or {}
+        for key in sorted(state, key=str):
+            if isinstance(state[key], Tensor):
+                tensors.append(state[key])
+                owners.append((i, str(key)))
+    return tensors, owners
 
 
 class Snapshot:
@@ -64,6 +69,7 @@ class Snapshot:
         self.param_copies: list[Tensor] = []
         self.state: list[Tensor] = []  # the live state tensors
         self.state_copies: list[Tensor] = []
+        self.state_owners: list[tuple[int, str]] = []  # (parameter index, key) of each
         self.buffer_copies = [self._copy(b) for b in self.buffers]
         self._state_size = -1  # len(optimizer.state) when self.state was gathered
 
@@ -82,13 +88,14 @@ class Snapshot:
             self.param_copies.append(self._copy(p))
         self.params = params
         if self.full and len(optimizer.state) != self._state_size:
-            self.state = _state_tensors(optimizer, params)
+            self.state, self.state_owners = _state_tensors(optimizer, params)
             self.state_copies = [self._copy(t) for t in self.state]
             self._state_size = len(optimizer.state)
 
     def forget_state(self) -> None:
         """The optimizer's state was replaced (a load): gather it again at the next step."""
-        self.state, self.state_copies, self._state_size = [], [], -1
+        self.state, self.state_copies, self.state_owners = [], [], []
+        self._state_size = -1
 
     def _pairs(self) -> tuple[list[Tensor], list[Tensor]]:
         live = [*self.params, *self.state, *self.buffers]
@@ -132,9 +139,31 @@ class Snapshot:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Clones of the copies (a state_dict kept in memory does not change with later steps)."""
+        """Clones of the copies (a state_dict kept in memory does not change with later steps):
+        ``params`` (one per parameter), ``state`` (per parameter, ``{key: copy}`` of its
+        optimizer state) and ``buffers``."""
+        state: list[dict[str, Tensor]] = [{} for _ in self.param_copies]
+        for (i, key), c in zip(self.state_owners, self.state_copies, strict=True):
+            state[i][key] = c.clone()
         return {
             "params": [c.clone() for c in self.param_copies],
-            "state": [c.clone() for c in self.state_copies],
+            "state": state,
             "buffers": [c.clone() for c in self.buffer_copies],
         }
+
+    def load_state(self, saved: list[dict[str, Tensor]], optimizer: Optimizer) -> None:
+        """The optimizer state's copies from :meth:`state_dict`'s ``state`` (after the optimizer
+        itself has loaded): kept where every live tensor has a saved copy of its shape, else
+        gathered afresh at the next step."""
+        self.forget_state()
+        if not self.full or not any(saved):
+            return
+        self.track(self.params or [], optimizer)
+        copies = []
+        for (i, key), live in zip(self.state_owners, self.state, strict=True):
+            c = saved[i].get(key) if i < len(saved) else None
+            if not isinstance(c, Tensor) or c.shape != live.shape:
+                self.forget_state()
+                return
+            copies.append(c.to(device=self.state_copies[len(copies)].device, dtype=live.dtype))
+        self.state_copies = [c.clone() for c in copies]

@@ -127,8 +127,9 @@ class Stabilized(OptimizerWrapper, Composable):
         >>> loss = opt.clip((model(torch.randn(8, 4)) - 1).pow(2).squeeze(1)).mean()
         >>> loss.backward()
         >>> _ = opt.step()
-        >>> sorted(opt.state_dict())
-        ['alrc', 'optimizer', 'stabilized']
+        >>> sd = opt.state_dict()  # flat, for torch.distributed.checkpoint
+        >>> sorted(sd), sorted(sd["param_groups"][0]["stabilized"])
+        (['class', 'param_groups', 'state'], ['alrc', 'stabilized', 'wrapped_keys'])
     """
 
     composition_role = "stabilized"  # Note [the order of the composition]
@@ -375,8 +376,12 @@ class Stabilized(OptimizerWrapper, Composable):
             "base": type(self.base).__name__,
         }
 
+    checkpoint_key = "stabilized"  # Note [flat checkpoints] (steadystep.compose.wrapper)
+
     def _wrapped_state_dict(self) -> dict[str, Any]:
-        """``{"stabilized": components, "alrc": ALRC's buffers, "optimizer": the outermost's}``.
+        """``{"stabilized": components, "alrc": ALRC's buffers, "optimizer": the outermost's}``,
+        laid out flat by ``state_dict()`` (Note [flat checkpoints] of
+        :mod:`steadystep.compose.wrapper`: these two under ``param_groups[0]["stabilized"]``).
 
         ``"optimizer"`` nests the guard's (detector, counters, snapshot), CProp's and the base's;
         ALRC's buffers are clones.

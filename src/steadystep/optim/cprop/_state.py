@@ -88,17 +88,30 @@ def _call_closure(closure: Callable[[], Any] | None) -> Any:
         return closure()
 
 
-def _states_by_param(saved: dict[Any, Any], params: list[Tensor], what: str) -> dict[Tensor, Any]:
+def _states_by_param(
+    saved: dict[Any, Any],
+    params: list[Tensor],
+    what: str,
+    saved_groups: list[dict[str, Any]] | None = None,
+) -> dict[Tensor, Any]:
     """Saved per-parameter state keyed by index -> keyed by parameter (copied, see _copy_state;
-    a float ``step`` of an old torch-style checkpoint becomes the 0-d tensor the step needs)."""
+    a float ``step`` of an old torch-style checkpoint becomes the 0-d tensor the step needs).
+
+    With ``saved_groups`` a key is the id the saved groups list the parameter under, as in
+    torch's ``load_state_dict``: ``torch.distributed.checkpoint`` hands back FQNs there."""
+    index: dict[Any, int] = {}
+    if saved_groups is not None:
+        saved_ids = [i for group in saved_groups for i in group["params"]]
+        index = {saved_id: i for i, saved_id in enumerate(saved_ids)}
     out = {}
     for key, value in saved.items():
-        if not isinstance(key, int) or not 0 <= key < len(params):
+        i = index.get(key, key)
+        if not isinstance(i, int) or not 0 <= i < len(params):
             raise ValueError(f"{what} has state for unknown parameter index {key!r}")
-        state = _copy_state(value, params[key])
+        state = _copy_state(value, params[i])
         if "step" in state:
-            state["step"] = step_tensor(state["step"], params[key].device)
-        out[params[key]] = state
+            state["step"] = step_tensor(state["step"], params[i].device)
+        out[params[i]] = state
     return out
 
 

@@ -169,7 +169,8 @@ class _NativeCPropBase(Optimizer, Composable):
         saved_state = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})
         params = _param_index_map(self.param_groups)
-        self.state.update(_states_by_param(saved_state, params, "state_dict"))
+        groups = state_dict["param_groups"]
+        self.state.update(_states_by_param(saved_state, params, "state_dict", groups))
         for group in self.param_groups:
             _set_lr_multiplier(group)
 

@@ -72,8 +72,9 @@ class CProp(OptimizerWrapper, Composable):
     ``param_groups``, ``state`` (the base's), ``defaults``, ``add_param_group`` and
     ``zero_grad`` delegate to the base. CProp's own per-parameter state (``step``,
     ``cprop_exp_avg``, ``cprop_exp_avg_sq`` or ``cprop_exp_avg_abs``; fp32 for bf16/fp16
-    parameters) is in :attr:`cprop_state` and in ``state_dict()["cprop_state"]``, next to the
-    base's ``state`` and ``param_groups``. Step hooks registered on the wrapper run around the
+    parameters) is in :attr:`cprop_state` and in ``state_dict()``, as ``"cprop/<name>"`` in
+    each parameter's ``state`` entry next to the base's (Note [flat checkpoints] of
+    :mod:`steadystep.compose.wrapper`). Step hooks registered on the wrapper run around the
     whole CProp step (they see the scaled parameters); hooks on the base run inside it.
 
     Extra memory: CProp's two statistics per parameter, plus one copy of the parameters while a
@@ -136,6 +137,25 @@ class CProp(OptimizerWrapper, Composable):
 
     # -- checkpoints -----------------------------------------------------------------------
 
+    checkpoint_key = "cprop"  # Note [flat checkpoints] (steadystep.compose.wrapper)
+
+    def _split_checkpoint(
+        self, nested: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[int, dict[str, Any]], dict[str, Any]]:
+        """CProp's statistics per parameter (``state[i]["cprop/<name>"]`` when flat), its
+        class tags in its part of ``param_groups[0]``."""
+        inner = dict(nested)
+        per_param = inner.pop("cprop_state")
+        own = {k: inner.pop(k) for k in (CLASS_KEY, "base_class") if k in inner}
+        return inner, per_param, own
+
+    def _join_checkpoint(
+        self, inner: dict[str, Any], per_param: dict[int, dict[str, Any]], own: dict[str, Any]
+    ) -> dict[str, Any]:
+        # keyed by the ids the groups list (FQNs when DCP rebuilt the dict), as the base's state
+        ids = [i for group in inner["param_groups"] for i in group["params"]]
+        return {**inner, **own, "cprop_state": {ids[i]: st for i, st in per_param.items()}}
+
     def _wrapped_state_dict(self) -> dict[str, Any]:
         """The base's ``state_dict()`` plus ``"cprop_state"``: {param index: CProp state}, and
         the class tags ``"class": "CProp"`` and ``"base_class"`` (the base's class name)."""
@@ -168,7 +188,8 @@ class CProp(OptimizerWrapper, Composable):
         cprop_saved = state_dict.pop("cprop_state")
         self.optimizer.load_state_dict(state_dict)
         params = _param_index_map(self.param_groups)
-        self.cprop_state = _states_by_param(cprop_saved, params, "cprop_state")
+        groups = state_dict["param_groups"]
+        self.cprop_state = _states_by_param(cprop_saved, params, "cprop_state", groups)
         for group in self.param_groups:
             self._set_group_defaults(group)
 
