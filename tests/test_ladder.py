@@ -426,7 +426,7 @@ def test_state_dict_resumes_mid_episode_bitwise():
     corrupt = {30: 1e3, 31: 1e3, 50: 1e3}.get
     _train(model, opt, range(51), corrupt=lambda s: corrupt(s, 1.0))
     saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
-    assert int(saved["opt"]["param_groups"][0]["guard"]["phase"]) == 1  # Note [flat checkpoints]
+    assert int(saved["opt"]["param_groups"][0]["guard"]["guard"]["phase"]) == 1  # flat layout
     _train(model, opt, range(51, 90), corrupt=lambda s: corrupt(s, 1.0))
     model2 = _mlp(seed=3)
     model2.load_state_dict(saved["model"])
