@@ -45,15 +45,21 @@ def _plain(base, ctx):
 
 
 def _guard(base, ctx):
-    return ss.CatastropheGuard(base)
+    return ss.CatastropheGuard(base, model=ctx.model)
 
 
 def _stabilize(base, ctx):
-    return ss.stabilize(base, batch_size=ctx.batch_size, dataset_size=ctx.dataset_size)
+    """The recipe with its defaults (ALRC and the guard; CProp opt-in)."""
+    return ss.stabilize(base, model=ctx.model)
 
 
-def _stabilize_no_cprop(base, ctx):
-    return ss.stabilize(base, cprop=False, batch_size=ctx.batch_size, dataset_size=ctx.dataset_size)
+def _stabilize_cprop(base, ctx):
+    return ss.stabilize(base, cprop=True, model=ctx.model)
+
+
+def _stabilize_alrc5(base, ctx):
+    """The recipe with a looser ALRC (5 running standard deviations)."""
+    return ss.stabilize(base, alrc={"n_sigma": 5.0}, model=ctx.model)
 
 
 def _cprop(base, ctx):
@@ -69,8 +75,9 @@ Builder = Callable[[torch.optim.Optimizer, ArmContext], torch.optim.Optimizer]
 # name -> (builder, what it is, in one line for the tables)
 ARMS: dict[str, tuple[Builder, str]] = {
     "plain": (_plain, "the plain optimizer"),
-    "guard": (_guard, "`ss.CatastropheGuard(opt)`"),
-    "stabilize": (_stabilize, "`ss.stabilize(opt, batch_size=, dataset_size=)` (the recipe)"),
-    "stabilize_nocprop": (_stabilize_no_cprop, "`ss.stabilize(opt, cprop=False, ...)`"),
+    "guard": (_guard, "`ss.CatastropheGuard(opt, model=model)`"),
+    "stabilize": (_stabilize, "`ss.stabilize(opt, model=model)` (the recipe: ALRC + guard)"),
+    "stabilize_alrc5": (_stabilize_alrc5, "the recipe with `alrc={'n_sigma': 5.0}`"),
+    "stabilize_cprop": (_stabilize_cprop, "the recipe with `cprop=True`"),
     "cprop": (_cprop, "`ss.CPropAdamW` / `ss.CPropSGD` alone"),
 }

@@ -18,7 +18,7 @@ __all__ = ["SCHEDULES", "RunSpec", "make_scheduler", "run"]
 
 SCHEDULES = ("warmup_cosine", "constant", "warm_restarts", "onecycle")
 WARMUP = 0.05  # share of the steps of linear warm-up
-GUARD_KEYS = ("alarms", "rollbacks", "lr_scale", "nonfinite_grads")
+GUARD_KEYS = ("alarms", "skips", "rollbacks", "level_shifts", "lr_scale", "nonfinite_grads")
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,11 @@ def make_scheduler(name: str, opt, steps: int):
     raise ValueError(f"schedule must be one of {SCHEDULES}, got {name!r}")
 
 
-def _effective_lr(opt) -> float:
+def _effective_lr(opt, guard=None) -> float:
+    """The first group's applied rate: a guard's applied rate (scheduled * its scale) when the
+    run has one, else ``lr`` times steadystep's ``lr_multiplier``."""
+    if guard is not None:
+        return float(guard.stats(include_optimizer=False)["lr"])
     group = opt.param_groups[0]
     return float(group["lr"]) * float(group.get("lr_multiplier", 1.0))
 
@@ -127,7 +131,7 @@ def run(spec: RunSpec, event_at: float = 0.5) -> dict[str, Any]:
                     shadow.step()
                     shadow_sched.step()
             if step + 1 < spec.steps:
-                cut_steps += _effective_lr(opt) < 0.999 * _effective_lr(shadow)
+                cut_steps += _effective_lr(opt, guard) < 0.999 * _effective_lr(shadow)
                 if guard_scale is not None:
                     guard_cut_steps += float(guard_scale) < 1.0
     except ss.TrainingDiverged as exc:

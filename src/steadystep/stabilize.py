@@ -25,6 +25,13 @@ Note [the guard watches the raw loss]
     remembers the raw mean for the next :meth:`Stabilized.step`, so the loop needs no extra
     argument and cannot hand the guard the wrong loss by accident.
 
+Note [the recipe's defaults]
+    The defaults are chosen on healthy runs (``benchmarks/bench_clean.py``, ``docs/clean.md``):
+    at the plain optimizer's best learning rate a protection must cost nothing. The guard costs
+    nothing until it alarms; CProp damps every update and lost accuracy there (most on the
+    autoencoder and the SGD runs), so it is opt-in (``cprop=True``), for runs whose rate cannot
+    be tuned or is pushed past the plain optimizer's best.
+
 The order (guard outermost, CProp in the middle, the base innermost) is the only one that works;
 see Note [the order of the composition] in :mod:`steadystep.compose.order`.
 """
@@ -139,7 +146,7 @@ class Stabilized(OptimizerWrapper, Composable):
         optimizer: Optimizer,
         *,
         alrc: bool | Mapping[str, Any] | ALRC | None = True,
-        cprop: bool | Mapping[str, Any] | None = True,
+        cprop: bool | Mapping[str, Any] | None = None,
         guard: bool | Mapping[str, Any] | Any = True,
         batch_size: int | None = None,
         dataset_size: int | None = None,
@@ -190,7 +197,10 @@ class Stabilized(OptimizerWrapper, Composable):
         # optimizer as it was (building the native class takes over its param-group dicts).
         alrc_module = build_alrc(alrc, params, devices)
         guard_settings = guard_kwargs(guard, given_guard, batch_size, devices)
-        cprop_kind = setting_kind(cprop, "cprop", "CProp's settings")
+        # Note [the recipe's defaults]: CProp is opt-in (None: off, unless the optimizer given
+        # applies it already, which is then used as built)
+        cprop_kind = "on" if cprop is None and given_cprop is not None else None
+        cprop_kind = cprop_kind or setting_kind(cprop, "cprop", "CProp's settings")
         if cprop_kind == "object":
             raise TypeError(
                 "cprop must be True, False or a dict of CProp's settings "
@@ -446,7 +456,7 @@ def stabilize(
     optimizer: Optimizer,
     *,
     alrc: bool | Mapping[str, Any] | ALRC | None = True,
-    cprop: bool | Mapping[str, Any] | None = True,
+    cprop: bool | Mapping[str, Any] | None = None,
     guard: bool | Mapping[str, Any] | Any = True,
     batch_size: int | None = None,
     dataset_size: int | None = None,
@@ -464,9 +474,12 @@ def stabilize(
         alrc: loss clipping: True (default: ``ALRC()``), False, a dict of :class:`~steadystep.ALRC`
             settings (``n_sigma``, ``beta1``, ...), or an ``ALRC`` (moved nowhere: it must be on
             the parameters' device). A built one goes beside the last parameter.
-        cprop: True (default: CProp's defaults), False, or a dict of :class:`~steadystep.CProp`
-            settings (``beta``, ``c``, ``eps``, ``cdf``, ``method``, ``fused``). Must be True
-            when ``optimizer`` already applies CProp.
+        cprop: None (default: off, or the CProp ``optimizer`` already applies), True (CProp's
+            defaults), False, or a dict of :class:`~steadystep.CProp` settings (``beta``, ``c``,
+            ``eps``, ``cdf``, ``method``, ``fused``). Must be True or None when ``optimizer``
+            already applies CProp. Off by default since it costs accuracy at a well-tuned
+            learning rate on the clean-run benchmark (``docs/clean.md``); turn it on for runs
+            whose rate is too high to tune (Note [the recipe's defaults]).
         guard: True (default: a :class:`~steadystep.CatastropheGuard` with its default
             detector), False, a dict of its settings (``detector``, ``lr_factor``, ``backtrack``,
             ``min_lr``, ``snapshot_device``, ``check_every``), or a detector
