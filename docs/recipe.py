@@ -1,4 +1,4 @@
-"""A complete training script with ALRC, the catastrophe guard and CProp: the README's recipe.
+"""A complete training script with ALRC and the catastrophe guard: the README's recipe.
 
     python docs/recipe.py
 
@@ -21,17 +21,15 @@ data = torch.utils.data.TensorDataset(x_all, y_all)
 loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True)
 model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
 
-opt = ss.stabilize(  # CProp on AdamW, the guard around them, ALRC for the loss
-    torch.optim.AdamW(model.parameters(), lr=3e-3),
-    batch_size=32, dataset_size=len(data),  # for the guard's detector: rho = 32 / 2048
-)
+# the guard around AdamW, ALRC for the loss (cprop=True adds CProp, for rates you cannot tune)
+opt = ss.stabilize(torch.optim.AdamW(model.parameters(), lr=3e-3), model=model)
 for epoch in range(3):
     for x, y in loader:
         per_sample = F.cross_entropy(model(x), y, reduction="none")
         loss = opt.clip(per_sample).mean()  # ALRC; remembers the raw mean for the guard
         opt.zero_grad()
         loss.backward()
-        opt.step()  # the guard watches the raw loss: rolls back and halves the LR on a jump
+        opt.step()  # the guard watches the raw loss: skips a bad batch, rolls back a bad step
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, "checkpoint.pt")
 # --- recipe ---
 
@@ -40,7 +38,7 @@ with torch.no_grad():
 stats = {key: float(value) for key, value in opt.stats().items()}
 print(
     f"accuracy {float(accuracy):.3f}, alarms {stats['guard/alarms']:.0f}, "
-    f"clipped {stats['alrc/clipped_total']:.0f}, CProp scale {stats['cprop/mean_scale']:.2f}"
+    f"clipped {stats['alrc/clipped_total']:.0f}, LR scale {stats['guard/lr_scale']:.2f}"
 )
 
 # Resuming: build the same objects, load the checkpoint; training continues bitwise.
