@@ -24,6 +24,7 @@ alrc-early         benchmarks/results/alrc_early.json  make bench
 spikes-headline    benchmarks/results/spikes.json      python benchmarks/bench_spikes.py
 bench_spikes       benchmarks/results/spikes.json      python benchmarks/bench_spikes.py
 clean              benchmarks/results/clean.json       make bench
+clean-headline     benchmarks/results/clean.json       make bench
 =================  ==================================  ==========================================
 """
 
@@ -258,6 +259,14 @@ def spikes(results: dict[str, Any]) -> str:
     return tables(results)
 
 
+def clean_headline(results: dict[str, Any]) -> str:
+    """README's claim about the recipe, from bench_clean.py's runs."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from clean.report import headline
+
+    return headline(results)
+
+
 def clean(results: dict[str, Any]) -> str:
     """bench_clean.py: each protection's cost on healthy runs (recomputed from its runs)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -307,6 +316,9 @@ BLOCKS = {
         markers=("<!-- bench_spikes:begin -->", "<!-- bench_spikes:end -->"),
     ),
     "clean": Block("docs/clean.md", "benchmarks/results/clean.json", "make bench", clean),
+    "clean-headline": Block(
+        "README.md", "benchmarks/results/clean.json", "make bench", clean_headline
+    ),
 }
 
 

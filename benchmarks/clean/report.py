@@ -410,3 +410,65 @@ def _machine(machine: dict[str, Any]) -> str:
     if machine.get("date"):
         parts.append(machine["date"])
     return ", ".join(parts)
+
+
+def headline(results: dict[str, Any]) -> str:
+    """README's claim about the recipe, in one paragraph, from the same runs as the tables."""
+    summary = summarize(results)
+    arms = [a for a in results["config"]["arms"] if a != "plain"]
+    clean = [entry for key, entry in summary.items() if _key(key)[3] == "none"]
+
+    def costs(arm: str) -> tuple[int, int]:
+        """(cells where ``arm`` costs more than the target and 2 standard errors, cells)."""
+        worse = n = 0
+        for entry in clean:
+            best = entry["plain_best_lr"]
+            cell = entry["arms"].get(arm, {}).get("lrs", {}).get(f"{best:.6g}") if best else None
+            if not cell or cell["gain"] is None:
+                continue
+            n += 1
+            se = cell["se"] or 0.0
+            worse += cell["gain"] < -TARGET_LOSS and cell["gain"] < -2 * se
+        return worse, n
+
+    def basins(arm: str) -> tuple[int, int]:
+        wider = n = 0
+        for entry in clean:
+            plain, mine = entry["arms"]["plain"]["basin"], entry["arms"].get(arm, {}).get("basin")
+            if plain and mine is not None:
+                n += 1
+                wider += mine >= TARGET_BASIN * plain
+        return wider, n
+
+    parts = []
+    for arm, what in (
+        ("guard", "the guard alone"),
+        ("stabilize", "the recipe (`ss.stabilize` with its defaults)"),
+        ("stabilize_cprop", "the recipe with CProp (`cprop=True`)"),
+    ):
+        if arm in arms:
+            worse, n = costs(arm)
+            parts.append(f"{what} costs more than {100 * TARGET_LOSS:.1f}% in {worse} of {n}")
+    at_best = _pool_at(summary, "stabilize", 1.0, clean_only=True) if "stabilize" in arms else {}
+    wider, n = basins("stabilize") if "stabilize" in arms else (0, 0)
+    text = (
+        "On healthy runs (`benchmarks/bench_clean.py`: "
+        f"{len(results['config']['tasks'])} tasks, AdamW and SGD-momentum, "
+        f"{results['config']['seeds']} seeds), at the plain optimizer's best learning rate "
+        + "; ".join(parts)
+        + " task/optimizer/schedule cells (beyond 2 standard errors)."
+    )
+    if at_best:
+        text += (
+            f" The recipe's guard raised {at_best['alarms_per_1k_steps']:.2f} alarms per 1,000 "
+            f"clean steps there, with {at_best['rollbacks_total']:.0f} rollbacks in "
+            f"{at_best['runs']} runs."
+        )
+    if n:
+        text += (
+            f" Its basin (the learning rates within {100 * TOLERANCE:.0f}% of the best) is at "
+            f"least {TARGET_BASIN:.0f}x as wide as plain's in {wider} of {n} cells: on runs "
+            "that do not break, the protection is about costing nothing, not about a wider "
+            "basin ([docs/clean.md](docs/clean.md))."
+        )
+    return text + "\n"
