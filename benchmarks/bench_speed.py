@@ -47,7 +47,10 @@ BYTES = {
     "ALeRA": 28,  # pass 1 reads g r (8) + pass 2 reads p g r, writes p r (20)
     "AgAdam": 44,  # pass 1 reads g r (8) + Adam with r: read p g r m v, write p r m v (36)
     "SALeRA": 36,  # ALeRA 28 + rollback snapshot read p write snapshot (8)
-    "guard(torch AdamW fused)": 40,  # check 4 + snapshot 8 + AdamW 28
+    # full rollback (the default): check 4 + the copies of p, m, v refreshed (read + write 24)
+    # + AdamW 28
+    "guard(torch AdamW fused)": 56,
+    "guard(torch AdamW fused, params)": 40,  # rollback="params": check 4 + snapshot 8 + AdamW 28
 }
 BASELINE = {
     "CPropAdamW": "torch AdamW fused",
@@ -56,6 +59,7 @@ BASELINE = {
     "AgAdam": "torch AdamW fused",
     "SALeRA": "torch AdamW fused",
     "guard(torch AdamW fused)": "torch AdamW fused",
+    "guard(torch AdamW fused, params)": "torch AdamW fused",
 }
 TARGET = {
     "cpu": {
@@ -65,6 +69,7 @@ TARGET = {
         "AgAdam": 1.8,
         "SALeRA": 1.6,
         "guard(torch AdamW fused)": 1.3,
+        "guard(torch AdamW fused, params)": 1.3,
     },
     "cuda": {
         "CPropAdamW": 1.3,
@@ -73,6 +78,7 @@ TARGET = {
         "AgAdam": 1.8,
         "SALeRA": 1.6,
         "guard(torch AdamW fused)": 1.3,
+        "guard(torch AdamW fused, params)": 1.3,
     },
 }
 
@@ -140,6 +146,9 @@ def variants(shapes, device, dtype) -> dict[str, Callable[[], Any]]:
     agadam = ss.AgAdam(layer_groups_of(fresh()), lr=1e-3)
     salera = ss.SALeRA(layer_groups_of(fresh()), lr=1e-3)
     guard = ss.CatastropheGuard(torch.optim.AdamW(fresh(), lr=1e-3, fused=True))
+    guard_params = ss.CatastropheGuard(
+        torch.optim.AdamW(fresh(), lr=1e-3, fused=True), rollback="params"
+    )
     return {
         "torch AdamW fused": adamw.step,
         "torch SGD momentum fused": sgd.step,
@@ -149,6 +158,7 @@ def variants(shapes, device, dtype) -> dict[str, Callable[[], Any]]:
         "AgAdam": agadam.step,
         "SALeRA": lambda: salera.step(loss=loss),
         "guard(torch AdamW fused)": lambda: guard.step(loss=loss),
+        "guard(torch AdamW fused, params)": lambda: guard_params.step(loss=loss),
     }
 
 
