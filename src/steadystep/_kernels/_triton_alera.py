@@ -27,6 +27,7 @@ from steadystep._kernels._triton_common import (
     st,
     to_device,
     to_param,
+    whole_or_partial,
 )
 
 __all__ = ["alera"]
@@ -107,10 +108,12 @@ def _alera_sums_kernel(
     weight_decay = tl.load(wd + t).to(SDTYPE)
     limit = tl.load(limit_ptr)  # float64: 2**511 does not fit a float32 argument
     row = out + tl.program_id(0) * 4
-    if whole:
-        _alera_sums_body(p_ptr, g_ptr, r_ptr, weight_decay, row, limit, offs, mask, SDTYPE, True)
-    else:
-        _alera_sums_body(p_ptr, g_ptr, r_ptr, weight_decay, row, limit, offs, mask, SDTYPE, False)
+    whole_or_partial(
+        _alera_sums_body,
+        (p_ptr, g_ptr, r_ptr, weight_decay, row, limit, offs, mask),
+        (SDTYPE,),
+        whole,
+    )
 
 
 @triton.jit
@@ -205,8 +208,9 @@ def _alera_update_kernel(
     unit_scale = tl.load(scale + t).to(SDTYPE)
     k = tl.load(coef + t).to(SDTYPE)
     ib = tl.load(inv_bc2_sqrt + t).to(SDTYPE)
-    if whole:
-        _alera_update_body(
+    whole_or_partial(
+        _alera_update_body,
+        (
             p_ptr,
             g_ptr,
             r_ptr,
@@ -220,33 +224,10 @@ def _alera_update_kernel(
             scalars,
             offs,
             mask,
-            PDTYPE,
-            SDTYPE,
-            PARAM_WISE,
-            ADAM,
-            True,
-        )
-    else:
-        _alera_update_body(
-            p_ptr,
-            g_ptr,
-            r_ptr,
-            me_ptr,
-            m1_ptr,
-            m2_ptr,
-            weight_decay,
-            unit_scale,
-            k,
-            ib,
-            scalars,
-            offs,
-            mask,
-            PDTYPE,
-            SDTYPE,
-            PARAM_WISE,
-            ADAM,
-            False,
-        )
+        ),
+        (PDTYPE, SDTYPE, PARAM_WISE, ADAM),
+        whole,
+    )
 
 
 def _random_walk_mean(alpha: float, t: Tensor) -> Tensor:

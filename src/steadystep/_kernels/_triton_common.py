@@ -54,6 +54,7 @@ __all__ = [
     "static_config",
     "to_device",
     "to_param",
+    "whole_or_partial",
 ]
 
 BLOCK = 1024  # elements per program of the elementwise kernels (benchmarks/bench_gpu.py)
@@ -252,6 +253,18 @@ def program_block(block_tensor, block_starts, numels, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def whole_or_partial(BODY: tl.constexpr, args, flags, whole):
+    """``BODY(*args, *flags, EVEN)`` with ``EVEN`` a compile-time copy of ``whole`` (of
+    :func:`program_block`): a whole block runs the unmasked body, whose loads and stores may be
+    vectors; only a tensor's last, partial block pays for the mask. ``flags``: the body's
+    constexpr arguments before ``EVEN``."""
+    if whole:
+        BODY(*args, *flags, True)
+    else:
+        BODY(*args, *flags, False)
+
+
+@triton.jit
 def ld(ptr, offs, mask, EVEN: tl.constexpr):
     """A block of elements; a whole block (``EVEN``) is loaded without a mask, which lets the
     compiler use vector loads."""
@@ -308,10 +321,7 @@ def _check_kernel(
     pid = tl.program_id(0)
     g_ptr = pointer(g_ptrs, t, PDTYPE, ALIGNED)
     limit = tl.load(limit_ptr)  # float64: 2**511 does not fit a float32 argument
-    if whole:
-        _check_body(g_ptr, offs, mask, partial, pid, flag, limit, True)
-    else:
-        _check_body(g_ptr, offs, mask, partial, pid, flag, limit, False)
+    whole_or_partial(_check_body, (g_ptr, offs, mask, partial, pid, flag, limit), (), whole)
 
 
 def grad_stats(grads: Sequence[Tensor], limit: float) -> tuple[Tensor, Tensor]:

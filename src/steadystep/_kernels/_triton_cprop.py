@@ -28,6 +28,7 @@ from steadystep._kernels._triton_common import (
     st,
     static_config,
     to_param,
+    whole_or_partial,
 )
 from steadystep._kernels.layout import column
 
@@ -292,58 +293,12 @@ def _adam_kernel(
     cm_ptr = pointer(cm_ptrs, t, SDTYPE, ALIGNED)
     cv_ptr = pointer(cv_ptrs, t, SDTYPE, ALIGNED)
     row = coefs + t * COLUMNS
-    if whole:
-        _adam_body(
-            p_ptr,
-            g_ptr,
-            m_ptr,
-            v_ptr,
-            vmax_ptr,
-            cm_ptr,
-            cv_ptr,
-            row,
-            hyper,
-            offs,
-            mask,
-            PDTYPE,
-            SDTYPE,
-            AMSGRAD,
-            L2,
-            DECOUPLED,
-            SHARED_V,
-            METHOD,
-            CDF,
-            C_INF,
-            C_ONE,
-            EPS_ZERO,
-            True,
-        )
-    else:
-        _adam_body(
-            p_ptr,
-            g_ptr,
-            m_ptr,
-            v_ptr,
-            vmax_ptr,
-            cm_ptr,
-            cv_ptr,
-            row,
-            hyper,
-            offs,
-            mask,
-            PDTYPE,
-            SDTYPE,
-            AMSGRAD,
-            L2,
-            DECOUPLED,
-            SHARED_V,
-            METHOD,
-            CDF,
-            C_INF,
-            C_ONE,
-            EPS_ZERO,
-            False,
-        )
+    whole_or_partial(
+        _adam_body,
+        (p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, cm_ptr, cv_ptr, row, hyper, offs, mask),
+        (PDTYPE, SDTYPE, AMSGRAD, L2, DECOUPLED, SHARED_V, METHOD, CDF, C_INF, C_ONE, EPS_ZERO),
+        whole,
+    )
 
 
 def _native_step(
@@ -461,52 +416,12 @@ def _sgd_kernel(
     cm_ptr = pointer(cm_ptrs, t, SDTYPE, ALIGNED)
     cv_ptr = pointer(cv_ptrs, t, SDTYPE, ALIGNED)
     row = coefs + t * COLUMNS
-    if whole:
-        _sgd_body(
-            p_ptr,
-            g_ptr,
-            buf_ptr,
-            cm_ptr,
-            cv_ptr,
-            row,
-            hyper,
-            offs,
-            mask,
-            PDTYPE,
-            SDTYPE,
-            L2,
-            MOMENTUM,
-            NESTEROV,
-            METHOD,
-            CDF,
-            C_INF,
-            C_ONE,
-            EPS_ZERO,
-            True,
-        )
-    else:
-        _sgd_body(
-            p_ptr,
-            g_ptr,
-            buf_ptr,
-            cm_ptr,
-            cv_ptr,
-            row,
-            hyper,
-            offs,
-            mask,
-            PDTYPE,
-            SDTYPE,
-            L2,
-            MOMENTUM,
-            NESTEROV,
-            METHOD,
-            CDF,
-            C_INF,
-            C_ONE,
-            EPS_ZERO,
-            False,
-        )
+    whole_or_partial(
+        _sgd_body,
+        (p_ptr, g_ptr, buf_ptr, cm_ptr, cv_ptr, row, hyper, offs, mask),
+        (PDTYPE, SDTYPE, L2, MOMENTUM, NESTEROV, METHOD, CDF, C_INF, C_ONE, EPS_ZERO),
+        whole,
+    )
 
 
 def sgd(lists, found_finite, hyper, config, lr_multiplier) -> None:

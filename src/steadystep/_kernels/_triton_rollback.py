@@ -19,6 +19,7 @@ from steadystep._kernels._triton_common import (
     pointer_tables,
     program_block,
     st,
+    whole_or_partial,
 )
 
 __all__ = ["rollback"]
@@ -48,10 +49,12 @@ def _rollback_kernel(
     t, offs, mask, whole = program_block(block_tensor, block_starts, numels, BLOCK)
     p_ptr = pointer(p_ptrs, t, WORD, ALIGNED)
     snap_ptr = pointer(snap_ptrs, t, WORD, ALIGNED)
-    if whole:
-        _rollback_body(p_ptr, snap_ptr, alarm, hold, offs, mask, True)
-    else:
-        _rollback_body(p_ptr, snap_ptr, alarm, hold, offs, mask, False)
+    whole_or_partial(
+        _rollback_body,
+        (p_ptr, snap_ptr, alarm, hold, offs, mask),
+        (),
+        whole,
+    )
 
 
 _WORDS = {1: tl.int8, 2: tl.int16, 4: tl.int32, 8: tl.int64}

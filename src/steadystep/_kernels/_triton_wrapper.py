@@ -19,6 +19,7 @@ from steadystep._kernels._triton_common import (
     st,
     static_config,
     to_param,
+    whole_or_partial,
 )
 from steadystep._kernels._triton_cprop import COLUMNS, H_CPROP_BETA, H_CPROP_C, coefficients, scale
 
@@ -80,38 +81,12 @@ def _wrap_before_kernel(
     snap_ptr = pointer(snap_ptrs, t, PDTYPE, ALIGNED)
     cm_ptr = pointer(cm_ptrs, t, SDTYPE, ALIGNED)
     cv_ptr = pointer(cv_ptrs, t, SDTYPE, ALIGNED)
-    if whole:
-        _wrap_before_body(
-            p_ptr,
-            g_ptr,
-            snap_ptr,
-            cm_ptr,
-            cv_ptr,
-            found_finite,
-            hyper,
-            offs,
-            mask,
-            PDTYPE,
-            SDTYPE,
-            METHOD,
-            True,
-        )
-    else:
-        _wrap_before_body(
-            p_ptr,
-            g_ptr,
-            snap_ptr,
-            cm_ptr,
-            cv_ptr,
-            found_finite,
-            hyper,
-            offs,
-            mask,
-            PDTYPE,
-            SDTYPE,
-            METHOD,
-            False,
-        )
+    whole_or_partial(
+        _wrap_before_body,
+        (p_ptr, g_ptr, snap_ptr, cm_ptr, cv_ptr, found_finite, hyper, offs, mask),
+        (PDTYPE, SDTYPE, METHOD),
+        whole,
+    )
 
 
 def wrap_before(lists, found_finite: Tensor, hyper, config, lr_multiplier=None) -> None:
@@ -185,46 +160,12 @@ def _wrap_after_kernel(
     cm_ptr = pointer(cm_ptrs, t, SDTYPE, ALIGNED)
     cv_ptr = pointer(cv_ptrs, t, SDTYPE, ALIGNED)
     row = coefs + t * COLUMNS
-    if whole:
-        _wrap_after_body(
-            p_ptr,
-            snap_ptr,
-            cm_ptr,
-            cv_ptr,
-            found_finite,
-            row,
-            hyper,
-            offs,
-            mask,
-            PDTYPE,
-            SDTYPE,
-            METHOD,
-            CDF,
-            C_INF,
-            C_ONE,
-            EPS_ZERO,
-            True,
-        )
-    else:
-        _wrap_after_body(
-            p_ptr,
-            snap_ptr,
-            cm_ptr,
-            cv_ptr,
-            found_finite,
-            row,
-            hyper,
-            offs,
-            mask,
-            PDTYPE,
-            SDTYPE,
-            METHOD,
-            CDF,
-            C_INF,
-            C_ONE,
-            EPS_ZERO,
-            False,
-        )
+    whole_or_partial(
+        _wrap_after_body,
+        (p_ptr, snap_ptr, cm_ptr, cv_ptr, found_finite, row, hyper, offs, mask),
+        (PDTYPE, SDTYPE, METHOD, CDF, C_INF, C_ONE, EPS_ZERO),
+        whole,
+    )
 
 
 def wrap_after(lists, found_finite: Tensor, hyper, config, lr_multiplier=None) -> None:

@@ -21,6 +21,7 @@ it only once its own window is warm. This is our own code, written from that pub
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -28,7 +29,7 @@ import torch
 from steadystep._validation import check_positive
 from steadystep.detectors._base import Detector
 
-__all__ = ["RollingZScore"]
+__all__ = ["RollingZScore", "WindowPair"]
 
 
 def _check_int(name: str, value: Any, low: int) -> int:
@@ -58,7 +59,52 @@ def window_test(
     return change, stored, mean, std
 
 
-class RollingZScore(Detector):
+class WindowPair(Detector):
+    """A detector testing the loss and the gradient norm, each against a ring buffer of its own
+    last ``window`` values (``self.window``, set by the subclass) with :meth:`_test`; an alarm
+    on either signal is an alarm, and without a gradient norm the loss alone is tested."""
+
+    needs_grad_norm: ClassVar[bool] = True
+    _STATE = ("loss_window", "loss_count", "grad_norm_window", "grad_norm_count")
+    _RESET = _STATE
+    window: int
+
+    def _test(
+        self, signal: str, window: torch.Tensor, count: torch.Tensor, x: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """``(change, window with x stored, *statistics)`` for one value of ``signal``
+        (``"loss"`` or ``"grad_norm"``), pure."""
+        raise NotImplementedError
+
+    def _init_state(self, device: torch.device) -> dict[str, torch.Tensor]:
+        return {
+            "loss_window": torch.zeros(self.window, dtype=self.dtype, device=device),
+            "loss_count": torch.zeros((), dtype=torch.int64, device=device),
+            "grad_norm_window": torch.zeros(self.window, dtype=self.dtype, device=device),
+            "grad_norm_count": torch.zeros((), dtype=torch.int64, device=device),
+        }
+
+    def _advance(
+        self, loss: torch.Tensor, grad_norm: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        change, window = self._test("loss", self.loss_window, self.loss_count, loss)[:2]
+        new = {"loss_window": window, "loss_count": self.loss_count + 1}
+        if grad_norm is not None:
+            g_window, g_count = self.grad_norm_window, self.grad_norm_count
+            g_change, g_window = self._test("grad_norm", g_window, g_count, grad_norm)[:2]
+            change = change | g_change
+            new.update(grad_norm_window=g_window, grad_norm_count=g_count + 1)
+        return change, new
+
+    def _signal_stats(self) -> Iterator[tuple[str, torch.Tensor, tuple[torch.Tensor, ...]]]:
+        """``(signal, count, statistics)`` of each signal: what :meth:`_test` says besides the
+        change, for the value at the window's first slot."""
+        for name in ("loss", "grad_norm"):
+            window, count = getattr(self, f"{name}_window"), getattr(self, f"{name}_count")
+            yield name, count, self._test(name, window, count, window[0])[2:]
+
+
+class RollingZScore(WindowPair):
     """Alarm when the loss (or the gradient norm) leaves ``mean + sigma * std`` of its window.
 
     Args:
@@ -81,10 +127,7 @@ class RollingZScore(Detector):
         [False, False, False, False, False, True]
     """
 
-    needs_grad_norm: ClassVar[bool] = True
     _HPARAMS = ("window", "sigma", "warmup")
-    _STATE = ("loss_window", "loss_count", "grad_norm_window", "grad_norm_count")
-    _RESET = _STATE
 
     def __init__(
         self,
@@ -109,40 +152,14 @@ class RollingZScore(Detector):
             "warmup": warmup,
         }
 
-    def _init_state(self, device: torch.device) -> dict[str, torch.Tensor]:
-        return {
-            "loss_window": torch.zeros(self.window, dtype=self.dtype, device=device),
-            "loss_count": torch.zeros((), dtype=torch.int64, device=device),
-            "grad_norm_window": torch.zeros(self.window, dtype=self.dtype, device=device),
-            "grad_norm_count": torch.zeros((), dtype=torch.int64, device=device),
-        }
-
-    def _advance(
-        self, loss: torch.Tensor, grad_norm: torch.Tensor | None
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        change, window, _, _ = window_test(
-            self.loss_window, self.loss_count, loss, sigma=self.sigma, warmup=self.warmup
-        )
-        new = {"loss_window": window, "loss_count": self.loss_count + 1}
-        if grad_norm is not None:
-            g_change, g_window, _, _ = window_test(
-                self.grad_norm_window,
-                self.grad_norm_count,
-                grad_norm,
-                sigma=self.sigma,
-                warmup=self.warmup,
-            )
-            change = change | g_change
-            new.update(grad_norm_window=g_window, grad_norm_count=self.grad_norm_count + 1)
-        return change, new
+    def _test(
+        self, signal: str, window: torch.Tensor, count: torch.Tensor, x: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        return window_test(window, count, x, sigma=self.sigma, warmup=self.warmup)
 
     def stats(self) -> dict[str, torch.Tensor]:
         """0-d tensors: mean and std of each window, the counts, alarms."""
         out = {}
-        for name in ("loss", "grad_norm"):
-            window, count = getattr(self, f"{name}_window"), getattr(self, f"{name}_count")
-            _, _, mean, std = window_test(
-                window, count, window[0], sigma=self.sigma, warmup=self.warmup
-            )
+        for name, count, (mean, std) in self._signal_stats():
             out.update({f"{name}_mean": mean, f"{name}_std": std, f"{name}_count": count})
         return {**out, "alarms": self.alarms}

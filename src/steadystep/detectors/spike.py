@@ -36,13 +36,12 @@ A non-finite loss or gradient norm is an alarm that leaves the windows untouched
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
 from steadystep._validation import check_positive
-from steadystep.detectors._base import Detector
-from steadystep.detectors.rolling import _check_int
+from steadystep.detectors.rolling import WindowPair, _check_int
 
 __all__ = ["SCALE_FLOOR", "SpikeDetector", "clipped_window_test"]
 
@@ -81,7 +80,7 @@ def clipped_window_test(
     return change, window.index_copy(0, (count % size).reshape(1), stored.reshape(1)), threshold
 
 
-class SpikeDetector(Detector):
+class SpikeDetector(WindowPair):
     """Alarm when the loss or the gradient norm jumps above ``mean + sigma * std`` of its
     recent window; steadystep's default detector (see the module docstring for the rule).
 
@@ -109,10 +108,7 @@ class SpikeDetector(Detector):
         [False, False, False, False, False, False, True, False]
     """
 
-    needs_grad_norm: ClassVar[bool] = True
     _HPARAMS = ("window", "sigma", "warmup", "warmup_factor")
-    _STATE = ("loss_window", "loss_count", "grad_norm_window", "grad_norm_count")
-    _RESET = _STATE
 
     def __init__(
         self,
@@ -142,52 +138,19 @@ class SpikeDetector(Detector):
             "warmup_factor": factor,
         }
 
-    def _init_state(self, device: torch.device) -> dict[str, torch.Tensor]:
-        return {
-            "loss_window": torch.zeros(self.window, dtype=self.dtype, device=device),
-            "loss_count": torch.zeros((), dtype=torch.int64, device=device),
-            "grad_norm_window": torch.zeros(self.window, dtype=self.dtype, device=device),
-            "grad_norm_count": torch.zeros((), dtype=torch.int64, device=device),
-        }
-
-    def _advance(
-        self, loss: torch.Tensor, grad_norm: torch.Tensor | None
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        change, window, _ = clipped_window_test(
-            self.loss_window,
-            self.loss_count,
-            loss,
-            sigma=self.sigma,
-            warmup=self.warmup,
-            warmup_factor=self.warmup_factor,
+    def _test(
+        self, signal: str, window: torch.Tensor, count: torch.Tensor, x: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        # the gradient norm is not tested in the warm-up
+        factor = self.warmup_factor if signal == "loss" else None
+        return clipped_window_test(
+            window, count, x, sigma=self.sigma, warmup=self.warmup, warmup_factor=factor
         )
-        new = {"loss_window": window, "loss_count": self.loss_count + 1}
-        if grad_norm is not None:
-            g_change, g_window, _ = clipped_window_test(
-                self.grad_norm_window,
-                self.grad_norm_count,
-                grad_norm,
-                sigma=self.sigma,
-                warmup=self.warmup,
-                warmup_factor=None,
-            )
-            change = change | g_change
-            new.update(grad_norm_window=g_window, grad_norm_count=self.grad_norm_count + 1)
-        return change, new
 
     def stats(self) -> dict[str, torch.Tensor]:
         """0-d tensors: the threshold each signal's next value is tested against, the counts,
         alarms."""
         out = {}
-        for name in ("loss", "grad_norm"):
-            window, count = getattr(self, f"{name}_window"), getattr(self, f"{name}_count")
-            _, _, threshold = clipped_window_test(
-                window,
-                count,
-                window[0],
-                sigma=self.sigma,
-                warmup=self.warmup,
-                warmup_factor=self.warmup_factor if name == "loss" else None,
-            )
+        for name, count, (threshold,) in self._signal_stats():
             out.update({f"{name}_threshold": threshold, f"{name}_count": count})
         return {**out, "alarms": self.alarms}

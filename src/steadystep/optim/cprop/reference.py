@@ -206,29 +206,25 @@ def adam_update(
     return g_hat
 
 
+def _settings(beta: float, c: float, eps: float, cdf: str, method: str) -> dict[str, Any]:
+    """CProp's hyperparameters as the plain optimizers keep them (``cdf``, ``method`` checked)."""
+    return dict(
+        beta=beta,
+        c=c,
+        eps=eps,
+        cdf=check_choice("cdf", cdf, CDFS),
+        method=check_choice("method", method, METHODS),
+    )
+
+
 class _PlainNative:
     """Algorithm 1 with a built-in base optimizer: ``theta <- theta + s * g_hat``."""
 
-    def __init__(
-        self,
-        params: Any,
-        base: dict[str, Any],
-        *,
-        cprop_beta: float,
-        cprop_c: float,
-        cprop_eps: float,
-        cdf: str,
-        method: str,
-    ) -> None:
+    def __init__(self, params: Any, base: dict[str, Any], cprop: dict[str, Any]) -> None:
+        """``base``: the base optimizer's hyperparameters; ``cprop``: CProp's (``_settings``)."""
         self.params: list[Tensor] = list(params)
         self.base = base
-        self.cprop = dict(
-            beta=cprop_beta,
-            c=cprop_c,
-            eps=cprop_eps,
-            cdf=check_choice("cdf", cdf, CDFS),
-            method=check_choice("method", method, METHODS),
-        )
+        self.cprop = cprop
         self.state: dict[Tensor, dict[str, Any]] = {}
 
     def _new_state(self, theta: Tensor) -> dict[str, Any]:
@@ -278,15 +274,7 @@ class PlainCPropSGD(_PlainNative):
             weight_decay=weight_decay,
             nesterov=nesterov,
         )
-        super().__init__(
-            params,
-            base,
-            cprop_beta=cprop_beta,
-            cprop_c=cprop_c,
-            cprop_eps=cprop_eps,
-            cdf=cdf,
-            method=method,
-        )
+        super().__init__(params, base, _settings(cprop_beta, cprop_c, cprop_eps, cdf, method))
 
     def _update(self, theta: Tensor, g: Tensor, state: dict[str, Any]) -> Tensor:
         return sgd_update(theta, g, state, **self.base)
@@ -322,15 +310,7 @@ class PlainCPropAdam(_PlainNative):
             amsgrad=amsgrad,
             decoupled_weight_decay=self.decoupled_weight_decay,
         )
-        super().__init__(
-            params,
-            base,
-            cprop_beta=cprop_beta,
-            cprop_c=cprop_c,
-            cprop_eps=cprop_eps,
-            cdf=cdf,
-            method=method,
-        )
+        super().__init__(params, base, _settings(cprop_beta, cprop_c, cprop_eps, cdf, method))
 
     def _new_state(self, theta: Tensor) -> dict[str, Any]:
         state = super()._new_state(theta)
@@ -379,13 +359,7 @@ class PlainCProp:
         method: str = "conformity",
     ) -> None:
         self.optimizer = optimizer
-        self.cprop = dict(
-            beta=beta,
-            c=c,
-            eps=eps,
-            cdf=check_choice("cdf", cdf, CDFS),
-            method=check_choice("method", method, METHODS),
-        )
+        self.cprop = _settings(beta, c, eps, cdf, method)
         self.cprop_state: dict[Tensor, dict[str, Any]] = {}
 
     @torch.no_grad()
