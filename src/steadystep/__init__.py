@@ -57,11 +57,13 @@ _EXPORTS = {
     "Stabilized": "steadystep.stabilize",
     "stabilize": "steadystep.stabilize",
     "Monitor": "steadystep.telemetry",
+    "SkippableSampler": "steadystep.data",
 }
 
 if TYPE_CHECKING:
     from steadystep import agnostic
     from steadystep.alrc import ALRC, alrc_clip
+    from steadystep.data import SkippableSampler
     from steadystep.detectors import (
         EWMRatio,
         PageHinkley,
@@ -94,6 +96,7 @@ __all__ = [
     "RollingZScore",
     "SALeRA",
     "SPALeRA",
+    "SkippableSampler",
     "SpikeDetector",
     "Stabilized",
     "TrainingDiverged",
