@@ -86,7 +86,7 @@ def test_fp32_statistics_of_bf16_params_load_and_bf16_statistics_are_refused():
     _refused(
         ss.CPropAdamW(model.parameters()),
         _cast_floats(sd, torch.bfloat16),
-        r"'exp_avg'.*dtype torch.bfloat16.*expected torch.float32",
+        r"\['\w+'\] has dtype torch.bfloat16, expected torch.float32",
     )
 
 

@@ -35,11 +35,14 @@ from steadystep.checkpoint import (
     CLASS_KEY,
     Kind,
     check_class,
+    check_dtype,
     check_groups,
     check_param_state,
     check_same,
+    check_shape,
     step_tensor,
 )
+from steadystep.checkpoint import check_finite as check_finite_state
 from steadystep.optim._alera_core import (
     GRANULARITIES,
     AgnosticStep,
@@ -64,6 +67,12 @@ __all__ = [
 
 # optimizer-wide: a unit may span several groups
 _WIDE_KEYS = ("alpha", "C", "norm_eps", "granularity")
+
+
+def _state_dtype(key: str, param: torch.Tensor) -> torch.dtype:
+    """The dtype a state entry is created in (checked on load): float32 step counts, the
+    statistics' dtype (fp32 for bf16/fp16 parameters) for the rest."""
+    return torch.float32 if key == "step" else stats_dtype(param.dtype)
 
 
 def _check_alpha(alpha: float) -> float:
@@ -243,23 +252,15 @@ class ALeRA(Optimizer):
         restore the groups' hyperparameters, the optimizer-wide ones (``alpha``, ``C``,
         ``norm_eps``; AgAdam's ``betas``, ``eps``) are restored too.
         """
-        owner = type(self).__name__
-        check_class(
-            state_dict,
-            owner=owner,
-            expected=self._checkpoint_class,
-            required=("state", "param_groups"),
-        )
-        skip = ("foreach", "fused", "differentiable", "granularity")
-        required = [k for k in self.defaults if k not in skip] + ["lr_multiplier", "step"]
+        self.check_state_dict(state_dict)
         saved_groups = state_dict["param_groups"]
-        saved = check_groups(saved_groups, self.param_groups, owner=owner, required=required)
-        self._check_granularity(state_dict)
-        check_param_state(state_dict["state"], saved, self._state_spec, owner=owner)
         wide = {k: saved_groups[0][k] for k in self._wide_keys if k != "granularity"}
-        for group in saved_groups[1:]:
-            for key, value in wide.items():
-                check_same(key, group[key], value, owner=f"{owner} (optimizer-wide)")
+        # the 0-d group tensors as this optimizer creates them (a Python number, as a tool may
+        # write the group's step, becomes one: exactly, counts are integers)
+        group_dtypes = [
+            {k: g[k].dtype for k in ("lr_multiplier", "step", "skipped_steps")}
+            for g in self.param_groups
+        ]
         super().load_state_dict(state_dict)
         self.defaults.update(wide)
         saved_ids = [i for g in saved_groups for i in g["params"]]
@@ -275,16 +276,65 @@ class ALeRA(Optimizer):
             if "step" in state:  # a float step (old torch style) becomes the tensor it updates
                 state["step"] = step_tensor(state["step"], p.device)
             self.state[p] = state
-        for group in self.param_groups:
+        for group, dtypes in zip(self.param_groups, group_dtypes, strict=True):
             device = group["params"][0].device if group["params"] else torch.device("cpu")
             # A checkpoint written before skipped_steps existed starts the count at 0.
             group.setdefault("skipped_steps", torch.zeros((), dtype=torch.int64))
             for key in ("lr_multiplier", "step", "skipped_steps"):
-                group[key] = group[key].to(device)
+                group[key] = torch.as_tensor(group[key], dtype=dtypes[key]).to(device)
         for group in self.param_groups[1:]:  # one shared optimizer-wide count again
             group["skipped_steps"] = self.param_groups[0]["skipped_steps"]
         for group in self.param_groups:
             group.setdefault("granularity", self.granularity)
+
+    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The checks of :meth:`load_state_dict`, without loading (Note [what a load checks] of
+        :mod:`steadystep.checkpoint`): the class (told apart by its keys when untagged), the
+        groups' hyperparameters and granularity, every state entry's shape and dtype, and
+        finite, non-negative multipliers, counts and second moments."""
+        owner = type(self).__name__
+        check_class(
+            state_dict,
+            owner=owner,
+            expected=self._checkpoint_class,
+            required=("state", "param_groups"),
+        )
+        skip = ("foreach", "fused", "differentiable", "granularity")
+        required = [k for k in self.defaults if k not in skip] + ["lr_multiplier", "step"]
+        saved_groups = state_dict["param_groups"]
+        saved = check_groups(saved_groups, self.param_groups, owner=owner, required=required)
+        if CLASS_KEY not in state_dict:
+            self._check_sibling(saved_groups)
+        self._check_granularity(state_dict)
+        check_param_state(
+            state_dict["state"], saved, self._state_spec, owner=owner, dtype=_state_dtype
+        )
+        wide = {k: saved_groups[0][k] for k in self._wide_keys if k != "granularity"}
+        for group in saved_groups[1:]:
+            for key, value in wide.items():
+                check_same(key, group[key], value, owner=f"{owner} (optimizer-wide)")
+        for gi, (saved_group, group) in enumerate(zip(saved_groups, self.param_groups)):
+            for key in ("lr_multiplier", "step", "skipped_steps"):
+                if key not in saved_group:
+                    continue
+                where = f"param group {gi}'s {key!r}"
+                value = saved_group[key]
+                check_shape(value, "scalar", group[key], owner=owner, where=where)
+                check_dtype(value, group[key].dtype, owner=owner, where=where)
+                check_finite_state(value, owner=owner, where=where, nonnegative=True)
+
+    def _check_sibling(self, saved_groups: list[dict[str, Any]]) -> None:
+        """An untagged checkpoint of AgAdam (whose groups hold Adam's ``betas`` and ``eps``)
+        is not ALeRA's, though it has every key ALeRA needs."""
+        extra = {k for g in saved_groups for k in ("betas", "eps") if k in g}
+        extra -= set(self.defaults)
+        if extra:
+            owner = type(self).__name__
+            raise ValueError(
+                f"{owner}.load_state_dict: the state_dict's param groups hold "
+                f"{', '.join(repr(k) for k in sorted(extra))}, so it was saved by AgAdam, "
+                f"expected one saved by {self._checkpoint_class}"
+            )
 
     def _state_spec(self, group: dict[str, Any]) -> dict[str, tuple[Kind, bool]]:
         """``{key: (kind, required)}`` of a parameter's state (checked on load)."""

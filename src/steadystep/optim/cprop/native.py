@@ -23,6 +23,7 @@ from steadystep._validation import (
     check_param_tensors,
     check_unit_interval,
 )
+from steadystep.checkpoint import check_finite as check_finite_state
 from steadystep.checkpoint import (
     CLASS_KEY,
     Kind,
@@ -32,7 +33,13 @@ from steadystep.checkpoint import (
     check_same,
 )
 from steadystep.compose.order import Composable
-from steadystep.optim.cprop._math import _cprop_hyper, _CPropHyper, _second_key, cprop_kwargs
+from steadystep.optim.cprop._math import (
+    _cprop_hyper,
+    _CPropHyper,
+    _second_key,
+    _stats_dtype,
+    cprop_kwargs,
+)
 from steadystep.optim.cprop._state import (
     _call_closure,
     _collect,
@@ -65,6 +72,12 @@ def _use_fused(group: dict[str, Any]) -> bool | None:
 
 def _group_device(group: dict[str, Any]) -> torch.device:
     return group["params"][0].device if group["params"] else torch.device("cpu")
+
+
+def _state_dtype(key: str, param: Tensor) -> torch.dtype:
+    """The dtype this class creates a state entry in (checked on load): float32 counts,
+    statistics in the parameter's statistics dtype (fp32 for bf16/fp16 parameters)."""
+    return torch.float32 if key == "step" else _stats_dtype(param)
 
 
 def _set_lr_multiplier(group: dict[str, Any]) -> None:
@@ -156,22 +169,34 @@ class _NativeCPropBase(Optimizer, Composable):
         class, a param group without this class's hyperparameters, a missing per-parameter
         state key or a statistic of another shape is a ValueError, and nothing is loaded.
         """
-        owner = self._owner
-        check_class(state_dict, owner=owner, expected=owner, required=("state", "param_groups"))
-        hyper = [k for k in self.defaults if k not in ("foreach", "fused", "differentiable")]
-        saved = check_groups(
-            state_dict["param_groups"], self.param_groups, owner=owner, required=hyper
-        )
-        for group in state_dict["param_groups"]:
-            for key, value in self._class_entries().items():
-                check_same(key, group[key], value, owner=owner)
-        check_param_state(state_dict["state"], saved, self._state_spec, owner=owner)
+        self.check_state_dict(state_dict)
         saved_state = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})
         params = _param_index_map(self.param_groups)
         self.state.update(_states_by_param(saved_state, params, "state_dict"))
         for group in self.param_groups:
             _set_lr_multiplier(group)
+
+    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The checks of :meth:`load_state_dict`, without loading: a ValueError naming what
+        was expected and found (Note [what a load checks] of :mod:`steadystep.checkpoint`:
+        statistics in the dtype this class creates, finite, second moments and counts >= 0).
+        """
+        owner = self._owner
+        check_class(state_dict, owner=owner, expected=owner, required=("state", "param_groups"))
+        hyper = [k for k in self.defaults if k not in ("foreach", "fused", "differentiable")]
+        saved = check_groups(
+            state_dict["param_groups"], self.param_groups, owner=owner, required=hyper
+        )
+        for gi, group in enumerate(state_dict["param_groups"]):
+            for key, value in self._class_entries().items():
+                check_same(key, group[key], value, owner=owner)
+            for key in ("lr_multiplier", "skipped_steps"):
+                where = f"param group {gi}'s {key!r}"
+                check_finite_state(group.get(key), owner=owner, where=where, nonnegative=True)
+        check_param_state(
+            state_dict["state"], saved, self._state_spec, owner=owner, dtype=_state_dtype
+        )
 
     # -- the guard's protocol (steadystep.compose.protocol.MaskableOptimizer) -----------------
 
