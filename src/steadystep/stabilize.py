@@ -50,6 +50,7 @@ from steadystep._stabilize_args import (
 )
 from steadystep._validation import check_scalar_loss
 from steadystep.alrc import ALRC
+from steadystep.checkpoint import check_format, check_optimizer_state
 from steadystep.compose.order import Composable, layers
 from steadystep.compose.wrapper import OptimizerWrapper
 from steadystep.guard import CatastropheGuard
@@ -376,9 +377,11 @@ class Stabilized(OptimizerWrapper, Composable):
             "optimizer": self.optimizer.state_dict(),
         }
 
-    def _load_wrapped_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` saved from a Stabilized built the same way."""
-        meta = state_dict.get("stabilized")
+    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The checks of :meth:`load_state_dict`, without loading: the format and the
+        components, then every component's part (ALRC's moments, the guard, CProp and the base
+        optimizer; Note [what a load checks] of :mod:`steadystep.checkpoint`)."""
+        meta = state_dict.get("stabilized") if isinstance(state_dict, Mapping) else None
         if not isinstance(meta, Mapping) or not {"alrc", "optimizer"} <= set(state_dict):
             raise ValueError(
                 "state_dict was not saved from a Stabilized optimizer (expected the keys "
@@ -392,9 +395,19 @@ class Stabilized(OptimizerWrapper, Composable):
                 f"has {expected}: build it with the same alrc=, guard=, cprop=, native= and "
                 "base optimizer"
             )
+        check_format(meta.get("format"), (_FORMAT,), owner="Stabilized")
+        if self.alrc is not None:
+            self.alrc.check_state_dict(state_dict["alrc"])
+        check_optimizer_state(self.optimizer, state_dict["optimizer"], owner="Stabilized")
+
+    def _load_wrapped_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` saved from a Stabilized built the same way; every
+        component's part is checked before any is loaded (:meth:`check_state_dict`)."""
+        self.check_state_dict(state_dict)
+        # the optimizer first: a third-party optimizer's own loader may still refuse its part
+        self.optimizer.load_state_dict(state_dict["optimizer"])
         if self.alrc is not None:
             self.alrc.load_state_dict(state_dict["alrc"])
-        self.optimizer.load_state_dict(state_dict["optimizer"])
         self._window.clear()
 
     def stats(self) -> dict[str, Tensor]:
