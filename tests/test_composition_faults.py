@@ -9,6 +9,10 @@ import math
 
 import pytest
 import torch
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 
 import steadystep as ss
 
@@ -59,7 +63,7 @@ def test_native_cprop_counts_its_skipped_steps():
     model = _model()
     opt = ss.CPropAdamW(model.parameters(), lr=1e-2)
     assert int(opt.stats()["skipped_steps"]) == 0
-    for t, poison in enumerate([False, True, False, True]):
+    for poison in [False, True, False, True]:
         model.zero_grad()
         model(torch.randn(4, 3)).pow(2).mean().backward()
         if poison:
@@ -96,12 +100,8 @@ def test_global_step_hooks_fire_once_per_user_step(make):
     model = _model()
     opt = make(model)
     calls: list[str] = []
-    pre = torch.optim.optimizer.register_optimizer_step_pre_hook(
-        lambda o, a, k: calls.append("pre")
-    )
-    post = torch.optim.optimizer.register_optimizer_step_post_hook(
-        lambda o, a, k: calls.append("post")
-    )
+    pre = register_optimizer_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    post = register_optimizer_step_post_hook(lambda o, a, k: calls.append("post"))
     try:
         for t in range(2):
             x = torch.randn(8, 3, generator=torch.Generator().manual_seed(t))

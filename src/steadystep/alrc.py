@@ -72,6 +72,8 @@ from steadystep.checkpoint import check_finite as check_finite_state
 __all__ = ["ALRC", "alrc_bounds", "alrc_clip", "alrc_moment_update"]
 
 _UPDATES = ("clipped", "raw")
+# What a skipped step must leave as it was (clipped_fraction describes the last call only).
+_MOMENTS = ("mu1", "mu2", "initialized", "num_updates", "clipped_total")
 
 
 def alrc_bounds(
@@ -398,6 +400,22 @@ class ALRC(nn.Module):
             self.clipped_total = self.clipped_total + n_scaled
             self.clipped_fraction = (n_scaled / max(scaled.numel(), 1)).to(self.clipped_fraction)
         return out
+
+    def moments(self) -> dict[str, Tensor]:
+        """The running statistics as they are now (the tensors themselves: a training call
+        binds new ones, Note [rebind, don't mutate], so these keep their values), for
+        :meth:`restore_moments_` when the step they led to is skipped."""
+        return {name: getattr(self, name) for name in _MOMENTS}
+
+    @torch.no_grad()
+    def restore_moments_(self, saved: Mapping[str, Tensor], where: Tensor) -> None:
+        """Put back the statistics of :meth:`moments` where ``where`` (a 0-d bool tensor) is
+        True, on the device (no host read): the losses of a step that was skipped (a non-finite
+        gradient) are not observations, as :class:`~steadystep.integrations.amp.skip_aware`
+        does for a step GradScaler skipped."""
+        for name, old in saved.items():
+            current = getattr(self, name)
+            setattr(self, name, torch.where(where.to(current.device), old, current))
 
     def check_state_dict(self, state_dict: Mapping[str, Any], prefix: str = "") -> None:
         """The checks a load runs before it changes anything (Note [what a load checks] of

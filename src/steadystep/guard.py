@@ -397,6 +397,7 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
         finite = torch.isfinite(torch.as_tensor(observed)).to(alarm.device)
         decision = decide(alarm, finite, self.phase, response=self.response)
         bad_grads = bad_grads.to(alarm.device)
+        self.last_step_skipped = bad_grads  # read by Stabilized (ALRC's moments)
         factor, episode_scale, calm = rescale(
             decision,
             starts=alarm & (self.phase == NORMAL),

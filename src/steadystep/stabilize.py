@@ -74,9 +74,11 @@ class _LossWindow:
         self.raw_sum: Tensor | None = None
         self.raw_count = 0
         self.observed: Tensor | float | None = None
+        self.alrc_before: dict[str, Tensor] | None = None
 
     def clear(self) -> None:
         self.raw_sum, self.raw_count, self.observed = None, 0, None
+        self.alrc_before = None
 
     def add_raw(self, raw: Tensor) -> None:
         self.raw_sum = raw if self.raw_sum is None else self.raw_sum + raw
@@ -288,7 +290,12 @@ class Stabilized(OptimizerWrapper, Composable):
         x = losses.detach()
         raw = x.mean() if x.dtype in (torch.float32, torch.float64) else x.float().mean()
         self._window.add_raw(raw)
-        return losses if self.alrc is None else self.alrc(losses)
+        if self.alrc is None:
+            return losses
+        if self._window.alrc_before is None and self.alrc.training:
+            # Note [a skipped step is no observation]
+            self._window.alrc_before = self.alrc.moments()
+        return self.alrc(losses)
 
     def observe_loss(self, loss: Tensor | float) -> None:
         """Give the next :meth:`step` a loss, for loops that do not call :meth:`clip`.
@@ -349,7 +356,14 @@ class Stabilized(OptimizerWrapper, Composable):
         else:
             observe_window()
         try:
-            return guard.step(watched_closure, loss=loss)
+            out = guard.step(watched_closure, loss=loss)
+            skipped = getattr(guard, "last_step_skipped", None)
+            if self.alrc is not None and window.alrc_before is not None and skipped is not None:
+                # Note [a skipped step is no observation]: ALRC updated its moments in the
+                # forward pass; a step the guard skipped for a non-finite gradient takes that
+                # back, on the device (as skip_aware does for a GradScaler's skipped step).
+                self.alrc.restore_moments_(window.alrc_before, skipped)
+            return out
         finally:
             window.clear()
 
