@@ -249,4 +249,6 @@ def test_a_clean_stabilized_checkpoint_still_loads_and_resumes():
     resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
     _train_stabilized(model, opt, range(4, 7))
     _train_stabilized(twin, resumed, range(4, 7))
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters(), strict=True)
+    )

@@ -107,6 +107,22 @@ def _missing_loss(owner: str) -> RuntimeError:
     )
 
 
+def _as_device(value: Any) -> torch.device:
+    """``snapshot_device`` as a torch.device, or an error naming it."""
+    if isinstance(value, bool) or not isinstance(value, (torch.device, str, int)):
+        raise TypeError(
+            f"snapshot_device must be a torch.device, a device string or None, got "
+            f"snapshot_device={value!r}"
+        )
+    try:
+        return torch.device(value)
+    except RuntimeError as error:
+        raise ValueError(
+            f"snapshot_device must name a device (e.g. 'cpu', 'cuda:0'), got "
+            f"snapshot_device={value!r}: {error}"
+        ) from None
+
+
 class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
     """Wrap any optimizer with detect -> skip, roll back and cut, or accept (Note [the ladder]).
 
@@ -227,7 +243,7 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
         self.response = response
         self.recover_every = recover_every
         self.rollback = rollback
-        self.snapshot_device = None if snapshot_device is None else torch.device(snapshot_device)
+        self.snapshot_device = None if snapshot_device is None else _as_device(snapshot_device)
         # One contract for every detector (steadystep.detectors.protocol); one of your own
         # with update(loss) only is adapted, at one host read per step.
         self.detector = as_detector(SpikeDetector() if detector is None else detector)

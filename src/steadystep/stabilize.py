@@ -210,6 +210,12 @@ class Stabilized(OptimizerWrapper, Composable):
                 "optimizer (e.g. ALeRA(...) for SALeRA) with guard={...}, or cprop=False"
             )
         settings = check_keys("cprop", cprop, CPROP_KEYS) if cprop_kind == "settings" else {}
+        sparse = isinstance(inner, torch.optim.SparseAdam)
+        if given_cprop is None and cprop_kind != "off" and sparse:
+            raise ValueError(
+                "optimizer=SparseAdam steps sparse gradients, which CProp's dense statistics "
+                "cannot take; build it with cprop=False (ALRC and the guard alone)"
+            )
 
         # -- CProp, in the middle ----------------------------------------------------------------
         self.native = False

@@ -27,6 +27,7 @@ from steadystep._validation import (
     check_choice,
     check_loss,
     check_nonnegative,
+    check_optional_bool,
     check_param_tensors,
     check_positive,
 )
@@ -164,6 +165,8 @@ class ALeRA(Optimizer):
     ) -> None:
         check_positive("lr", lr)
         check_nonnegative("weight_decay", weight_decay)
+        check_optional_bool("foreach", foreach)
+        check_optional_bool("fused", fused)
         if foreach and fused:
             raise ValueError(
                 "foreach and fused pick different implementations and cannot both be True, "
@@ -313,7 +316,9 @@ class ALeRA(Optimizer):
         for group in saved_groups[1:]:
             for key, value in wide.items():
                 check_same(key, group[key], value, owner=f"{owner} (optimizer-wide)")
-        for gi, (saved_group, group) in enumerate(zip(saved_groups, self.param_groups)):
+        for gi, (saved_group, group) in enumerate(
+            zip(saved_groups, self.param_groups, strict=True)
+        ):
             for key in ("lr_multiplier", "step", "skipped_steps"):
                 if key not in saved_group:
                     continue

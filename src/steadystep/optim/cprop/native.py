@@ -17,13 +17,14 @@ from torch.optim import Optimizer
 
 from steadystep._tensors import clone_tensors, scale_all_, shards
 from steadystep._validation import (
+    check_betas,
+    check_bool,
     check_finite,
     check_loss,
     check_nonnegative,
+    check_optional_bool,
     check_param_tensors,
-    check_unit_interval,
 )
-from steadystep.checkpoint import check_finite as check_finite_state
 from steadystep.checkpoint import (
     CLASS_KEY,
     Kind,
@@ -32,6 +33,7 @@ from steadystep.checkpoint import (
     check_param_state,
     check_same,
 )
+from steadystep.checkpoint import check_finite as check_finite_state
 from steadystep.compose.order import Composable
 from steadystep.optim.cprop._math import (
     _cprop_hyper,
@@ -87,6 +89,17 @@ def _set_lr_multiplier(group: dict[str, Any]) -> None:
     group["lr_multiplier"] = torch.as_tensor(value, dtype=torch.float64).to(_group_device(group))
 
 
+def _share_skipped_steps(groups: list[dict[str, Any]]) -> None:
+    """``group["skipped_steps"]``: one optimizer-wide 0-d int64 count of the steps skipped for
+    a non-finite gradient, held by every group (one add per step), 0 when a checkpoint from
+    before it existed is loaded; saved per group, as ALeRA's."""
+    first = groups[0]
+    count = first.get("skipped_steps", 0)
+    count = torch.as_tensor(count, dtype=torch.int64).to(_group_device(first))
+    for group in groups:
+        group["skipped_steps"] = count
+
+
 class _NativeCPropBase(Optimizer, Composable):
     """Validation, state_dict handling, telemetry and the guard's protocol
     (:class:`~steadystep.compose.protocol.MaskableOptimizer`) of the native CProp optimizers.
@@ -110,6 +123,8 @@ class _NativeCPropBase(Optimizer, Composable):
         fused: bool | None,
     ) -> None:
         """``base``: the base optimizer's defaults; then CProp's and the path's."""
+        check_optional_bool("foreach", foreach)
+        check_optional_bool("fused", fused)
         if foreach and fused:
             raise ValueError(
                 "foreach and fused pick different implementations and cannot both be True, "
@@ -129,6 +144,7 @@ class _NativeCPropBase(Optimizer, Composable):
         _validate_group(group)
         self._validate_base_group(group)
         _set_lr_multiplier(group)
+        _share_skipped_steps(self.param_groups)
 
     def _validate_base_group(self, group: dict[str, Any]) -> None:  # pragma: no cover
         raise NotImplementedError
@@ -176,6 +192,7 @@ class _NativeCPropBase(Optimizer, Composable):
         self.state.update(_states_by_param(saved_state, params, "state_dict"))
         for group in self.param_groups:
             _set_lr_multiplier(group)
+        _share_skipped_steps(self.param_groups)
 
     def check_state_dict(self, state_dict: dict[str, Any]) -> None:
         """The checks of :meth:`load_state_dict`, without loading: a ValueError naming what
@@ -223,18 +240,27 @@ class _NativeCPropBase(Optimizer, Composable):
         work, found_finite = _collect(
             self.param_groups, type(self).__name__, self._init_state, found_finite
         )
+        nonfinite = ~found_finite
         if skip is not None:
-            found_finite = found_finite & ~skip.to(found_finite.device)
+            skip = skip.to(found_finite.device)
+            found_finite = found_finite & ~skip
+            nonfinite = nonfinite & ~skip  # a step the guard skipped on an alarm is its own
+        counter = self.param_groups[0]["skipped_steps"]
+        counter.add_(nonfinite.to(device=counter.device, dtype=counter.dtype))
         for group, params in work:
             if params:
                 self._step_group(group, params, found_finite)
 
     def stats(self) -> dict[str, Tensor]:
-        """Telemetry as 0-d tensors, no host sync: ``group{i}.mean_scale``,
+        """Telemetry as 0-d tensors, no host sync: ``skipped_steps`` (steps skipped for a
+        non-finite gradient; a step a guard skipped on an alarm is not counted),
+        ``group{i}.mean_scale``,
         ``group{i}.frac_scale_below_half`` and the totals ``mean_scale``,
         ``frac_scale_below_half`` over every element with state. The scale is recomputed from
         the current statistics, so it is the scale that the last step applied."""
-        return _group_stats(self.param_groups, lambda p: self.state.get(p))
+        out = {"skipped_steps": self.param_groups[0]["skipped_steps"]}
+        out.update(_group_stats(self.param_groups, lambda p: self.state.get(p)))
+        return out
 
     def scales(self) -> dict[Tensor, Tensor]:
         """``{parameter: s}``: CProp's per-element scale of every parameter with state, in
@@ -315,8 +341,10 @@ class CPropSGD(_NativeCPropBase):
         >>> opt = ss.CPropSGD(model.parameters(), lr=0.1, momentum=0.9)
         >>> model(torch.randn(8, 3)).pow(2).mean().backward()
         >>> opt.step()
-        >>> sorted(opt.stats())
-        ['frac_scale_below_half', 'group0.frac_scale_below_half', 'group0.mean_scale', 'mean_scale']
+        >>> sorted(opt.stats())[:3]
+        ['frac_scale_below_half', 'group0.frac_scale_below_half', 'group0.mean_scale']
+        >>> int(opt.stats()["skipped_steps"])
+        0
     """
 
     _owner = "CPropSGD"
@@ -353,6 +381,7 @@ class CPropSGD(_NativeCPropBase):
         check_nonnegative("momentum", group["momentum"])
         check_finite("dampening", group["dampening"])
         check_nonnegative("weight_decay", group["weight_decay"])
+        check_bool("nesterov", group["nesterov"])
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError(
                 "nesterov=True requires momentum > 0 and dampening == 0, got "
@@ -458,7 +487,7 @@ class CPropAdam(_NativeCPropBase):
     ) -> None:
         base = {
             "lr": lr,
-            "betas": tuple(betas),
+            "betas": tuple(check_betas("betas", betas)),
             "eps": eps,
             "weight_decay": weight_decay,
             "amsgrad": amsgrad,
@@ -469,12 +498,9 @@ class CPropAdam(_NativeCPropBase):
 
     def _validate_base_group(self, group: dict[str, Any]) -> None:
         check_nonnegative("lr", group["lr"])
-        betas = group["betas"]
-        if len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got betas={betas!r}")
-        check_unit_interval("betas[0]", betas[0])
-        check_unit_interval("betas[1]", betas[1])
+        check_betas("betas", group["betas"])
         check_nonnegative("eps", group["eps"])
+        check_bool("amsgrad", group["amsgrad"])
         check_nonnegative("weight_decay", group["weight_decay"])
 
     def _shares_v(self, group: dict[str, Any]) -> bool:

@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from steadystep._tensors import shards
-from steadystep._validation import check_loss
+from steadystep._validation import check_loss, check_optional_bool
 from steadystep.checkpoint import (
     CLASS_KEY,
     check_class,
@@ -120,7 +120,7 @@ class CProp(OptimizerWrapper, Composable):
         # Note [the order of the composition] (compose/order.py): no guard, no CProp inside
         check_wrappable("CProp", optimizer)
         _check_hyper(beta, c, eps, cdf, method, prefix="")
-        self.fused = fused
+        self.fused = check_optional_bool("fused", fused)
         self.cprop_defaults = _CPropHyper(beta, c, eps, cdf, method).group_entries()
         self.cprop_state: dict[Tensor, dict[str, Tensor]] = {}
         for group in self.optimizer.param_groups:
