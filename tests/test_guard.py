@@ -557,7 +557,8 @@ def test_nonfinite_gradient_with_finite_loss_skips_third_party_step(via_cprop, b
 
 def test_nonfinite_gradient_under_guarded_cpropadamw_is_skipped_by_the_optimizer():
     """A MaskableOptimizer skips a NaN gradient itself, on the device: no alarm, no cut, no
-    count in the guard's ``nonfinite_grads``, and the run goes on as without the bad batch."""
+    count in the guard's ``nonfinite_grads`` (the optimizer's ``skipped_steps`` counts it), and
+    the run goes on as without the bad batch."""
     ref_model, model = make_model(), make_model()
     ref, opt = build("cpropadamw", ref_model), build("cpropadamw", model)
     assert isinstance(opt.optimizer, ss.optim.MaskableOptimizer) and opt._device_side
@@ -570,8 +571,9 @@ def test_nonfinite_gradient_under_guarded_cpropadamw_is_skipped_by_the_optimizer
     opt.step(loss=torch.tensor(1.0))
     stats = opt.stats()
     assert int(stats["nonfinite_grads"]) == 0 and int(stats["alarms"]) == 0
-    assert float(stats["lr_scale"]) == 1.0
+    assert float(stats["lr_scale"]) == 1.0 and int(stats["skipped_steps"]) == 1
     assert equal(params_of(model), before)
+    state["param_groups"][0]["skipped_steps"] += 1
     assert_same_tree(state, opt.optimizer.state_dict())
     run_script(ref, ref_model, 3, 6)
     run_script(opt, model, 3, 6)

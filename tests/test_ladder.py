@@ -30,8 +30,9 @@ def test_decide_and_rescale_follow_the_plain_ladder(response, seed):
     enough to recover): the tensor core takes the plain restatement's actions and scale, step
     by step."""
     rng = random.Random(seed)
-    plain = PlainLadder(lr_factor=0.5, recover_every=5, response=response)
+    plain = PlainLadder(lr_factor=0.5, recover_every=5, response=response, accept_after=3)
     phase = torch.zeros((), dtype=torch.int64)
+    waited = torch.zeros((), dtype=torch.int64)
     calm = torch.zeros((), dtype=torch.int64)
     scale = torch.ones((), dtype=torch.float64)
     episode = torch.ones((), dtype=torch.float64)
@@ -40,7 +41,7 @@ def test_decide_and_rescale_follow_the_plain_ladder(response, seed):
         finite = rng.random() < 0.8
         want = plain.step(alarm, finite)
         a, f = torch.tensor(alarm), torch.tensor(finite)
-        d = decide(a, f, phase, response=response)
+        d = decide(a, f, phase, waited, response=response, accept_after=3)
         factor, episode, calm = rescale(
             d,
             starts=a & (phase == NORMAL),
@@ -53,8 +54,9 @@ def test_decide_and_rescale_follow_the_plain_ladder(response, seed):
         got = {k: bool(getattr(d, k)) for k in ("update", "rollback", "cut", "accept")}
         assert got == want
         scale = scale * factor
-        phase = d.phase
+        phase, waited = d.phase, d.waited
         assert float(scale) == plain.scale and int(phase) == plain.phase
+        assert int(waited) == plain.waited
 
 
 # -- a small task --------------------------------------------------------------------------------

@@ -45,3 +45,18 @@ def all_ranks(flag: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return flag
     return all_reduce_sum((~flag).to(torch.float32)) == 0
+
+
+def mean_over_ranks(
+    loss: torch.Tensor | float, grad_norm: torch.Tensor, found_finite: torch.Tensor
+) -> tuple[torch.Tensor | float, torch.Tensor, torch.Tensor]:
+    """A guard's deciding scalars averaged over ranks in one all-reduce (Note [collective
+    decisions] of :mod:`steadystep.guard`): the loss, the gradient norm, and "every rank's
+    gradients are finite"; unchanged in a single process."""
+    if not is_distributed():
+        return loss, grad_norm, found_finite
+    device = grad_norm.device
+    loss_t = torch.as_tensor(loss).detach().reshape(()).to(device=device, dtype=torch.float64)
+    flag = (~found_finite).to(device, torch.float64)
+    mean = all_reduce_mean(torch.stack([loss_t, grad_norm.to(torch.float64), flag]))
+    return mean[0], mean[1], mean[2] == 0

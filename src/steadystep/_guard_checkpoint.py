@@ -10,9 +10,20 @@ from typing import Any
 import torch
 
 from steadystep._validation import check_nonnegative, check_probability
-from steadystep.checkpoint import CLASS_KEY, check_class, check_same, check_shape
+from steadystep.checkpoint import (
+    CLASS_KEY,
+    check_class,
+    check_dtype,
+    check_finite,
+    check_optimizer_state,
+    check_same,
+    check_shape,
+)
 
 __all__ = ["GuardCheckpoint"]
+
+# Counters with sentinel values: the alarm ring buffer holds -1 steps and NaN losses.
+_FREE_COUNTERS = ("history_step", "history_loss")
 
 
 class GuardCheckpoint:
@@ -90,6 +101,7 @@ class GuardCheckpoint:
             "backtrack": self.backtrack,
             "min_lr": self.min_lr,
             "response": self.response,
+            "accept_after": self.accept_after,
             "recover_every": self.recover_every,
             "rollback": self.rollback,
             "optimizer_class": type(self.optimizer).__name__,
@@ -110,7 +122,7 @@ class GuardCheckpoint:
         A checkpoint from before the learning-rate scale (Note [the learning-rate scale]) has
         its cuts in ``group["lr"]`` already: its scale loads as 1 around a torch optimizer.
         """
-        self._check_wrapped_state_dict(state_dict)
+        self.check_state_dict(state_dict)
         self.optimizer.load_state_dict(state_dict["optimizer"])
         guard = state_dict["guard"]
         self.detector.load_state_dict(guard["detector"])
@@ -140,6 +152,14 @@ class GuardCheckpoint:
         self.backtrack = bool(guard["backtrack"])
         self.min_lr = check_nonnegative("min_lr", guard["min_lr"])
 
+    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The checks of :meth:`load_state_dict`, without loading: the guard's part and the
+        wrapped optimizer's (its own ``check_state_dict``, else finite statistics; Note [what a
+        load checks] of :mod:`steadystep.checkpoint`)."""
+        self._check_wrapped_state_dict(state_dict)
+        owner = type(self).__name__
+        check_optimizer_state(self.optimizer, state_dict["optimizer"], owner=owner)
+
     def _check_wrapped_state_dict(self, state_dict: dict[str, Any]) -> None:
         owner = type(self).__name__
         keys = ("optimizer", "guard")
@@ -166,6 +186,7 @@ class GuardCheckpoint:
             )
         for i, (snap, p) in enumerate(zip(snapshots, params, strict=False)):
             check_shape(snap, "param", p, owner=owner, where=f"the rollback snapshot {i}")
+            check_dtype(snap, p.dtype, owner=owner, where=f"the rollback snapshot {i}")
         buffers = guard.get("buffer_snapshots") or []
         if len(buffers) not in (0, len(self.snapshot.buffers)):
             raise ValueError(
@@ -179,6 +200,9 @@ class GuardCheckpoint:
                 check_shape(guard[name], "scalar", value, owner=owner, where=f"{name!r}")
             elif name in guard:
                 check_shape(guard[name], "param", value, owner=owner, where=f"{name!r}")
+            if name in guard and name not in _FREE_COUNTERS:
+                # counts and scales: finite, >= 0 (a NaN scale would be NaN learning rates)
+                check_finite(guard[name], owner=owner, where=f"{name!r}", nonnegative=True)
         check_probability("lr_factor", guard["lr_factor"])
         check_nonnegative("min_lr", guard["min_lr"])
         # The detector checks its own part; on a copy, so a failure leaves it as it was.

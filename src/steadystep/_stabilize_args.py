@@ -39,6 +39,7 @@ GUARD_KEYS = (
     "response",
     "recover_every",
     "rollback",
+    "accept_after",
 )
 
 

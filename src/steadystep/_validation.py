@@ -14,10 +14,13 @@ from typing import Any
 import torch
 
 __all__ = [
+    "check_betas",
+    "check_bool",
     "check_choice",
     "check_finite",
     "check_loss",
     "check_nonnegative",
+    "check_optional_bool",
     "check_param_tensors",
     "check_positive",
     "check_probability",
@@ -128,3 +131,29 @@ def check_scalar_loss(owner: str, loss: Any, name: str = "loss") -> None:
             "opt.step(loss=per_sample.mean().detach()), or give them to opt.clip() when "
             "built by ss.stabilize"
         )
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` is True or False (not 0, 1, None or a string)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {name}={value!r}")
+    return value
+
+
+def check_optional_bool(name: str, value: Any) -> bool | None:
+    """``value`` is None, True or False (``foreach``, ``fused``: None picks the default)."""
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{name} must be None, True or False, got {name}={value!r}")
+    return value
+
+
+def check_betas(name: str, value: Any) -> tuple[float, float]:
+    """``value`` is a pair ``(beta1, beta2)``, each in [0, 1)."""
+    if not isinstance(value, (tuple, list)):
+        raise TypeError(f"{name} must be a pair (beta1, beta2), got {name}={value!r}")
+    if len(value) != 2:
+        raise ValueError(f"{name} must be a pair (beta1, beta2), got {name}={value!r}")
+    return (
+        check_unit_interval(f"{name}[0]", value[0]),
+        check_unit_interval(f"{name}[1]", value[1]),
+    )

@@ -52,6 +52,8 @@ Note [no host sync]
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -64,10 +66,14 @@ from steadystep._validation import (
     check_positive,
     check_unit_interval,
 )
+from steadystep.checkpoint import check_dtype
+from steadystep.checkpoint import check_finite as check_finite_state
 
 __all__ = ["ALRC", "alrc_bounds", "alrc_clip", "alrc_moment_update"]
 
 _UPDATES = ("clipped", "raw")
+# What a skipped step must leave as it was (clipped_fraction describes the last call only).
+_MOMENTS = ("mu1", "mu2", "initialized", "num_updates", "clipped_total")
 
 
 def alrc_bounds(
@@ -394,6 +400,41 @@ class ALRC(nn.Module):
             self.clipped_total = self.clipped_total + n_scaled
             self.clipped_fraction = (n_scaled / max(scaled.numel(), 1)).to(self.clipped_fraction)
         return out
+
+    def moments(self) -> dict[str, Tensor]:
+        """The running statistics as they are now (the tensors themselves: a training call
+        binds new ones, Note [rebind, don't mutate], so these keep their values), for
+        :meth:`restore_moments_` when the step they led to is skipped."""
+        return {name: getattr(self, name) for name in _MOMENTS}
+
+    @torch.no_grad()
+    def restore_moments_(self, saved: Mapping[str, Tensor], where: Tensor) -> None:
+        """Put back the statistics of :meth:`moments` where ``where`` (a 0-d bool tensor) is
+        True, on the device (no host read): the losses of a step that was skipped (a non-finite
+        gradient) are not observations, as :class:`~steadystep.integrations.amp.skip_aware`
+        does for a step GradScaler skipped."""
+        for name, old in saved.items():
+            current = getattr(self, name)
+            setattr(self, name, torch.where(where.to(current.device), old, current))
+
+    def check_state_dict(self, state_dict: Mapping[str, Any], prefix: str = "") -> None:
+        """The checks a load runs before it changes anything (Note [what a load checks] of
+        :mod:`steadystep.checkpoint`): each saved buffer (under ``prefix``) has the buffer's
+        dtype, is finite, and the second moment and the counts are not negative. A NaN mean
+        would turn clipping off for good (no loss compares above a NaN threshold)."""
+        for name, buffer in self._buffers.items():
+            value = state_dict.get(prefix + name)
+            if not isinstance(value, Tensor) or buffer is None:
+                continue  # missing or unexpected keys: nn.Module's own report
+            where = f"{prefix + name!r}"
+            check_dtype(value, buffer.dtype, owner="ALRC", where=where)
+            nonnegative = name in ("mu2", "num_updates", "clipped_total", "clipped_fraction")
+            check_finite_state(value, owner="ALRC", where=where, nonnegative=nonnegative)
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        # checked first, also when ALRC is a submodule of the model being loaded
+        self.check_state_dict(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     @torch.no_grad()
     def stats(self) -> dict[str, Tensor]:

@@ -57,7 +57,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from steadystep._distributed import all_reduce_mean, is_distributed
+from steadystep._distributed import mean_over_ranks
 from steadystep._guard_checkpoint import GuardCheckpoint
 from steadystep._tensors import gradient_stats, stored_real_values
 from steadystep._validation import (
@@ -111,6 +111,22 @@ def _missing_loss(owner: str) -> RuntimeError:
     )
 
 
+def _as_device(value: Any) -> torch.device:
+    """``snapshot_device`` as a torch.device, or an error naming it."""
+    if isinstance(value, bool) or not isinstance(value, (torch.device, str, int)):
+        raise TypeError(
+            f"snapshot_device must be a torch.device, a device string or None, got "
+            f"snapshot_device={value!r}"
+        )
+    try:
+        return torch.device(value)
+    except RuntimeError as error:
+        raise ValueError(
+            f"snapshot_device must name a device (e.g. 'cpu', 'cuda:0'), got "
+            f"snapshot_device={value!r}: {error}"
+        ) from None
+
+
 class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
     """Wrap any optimizer with detect -> skip, roll back and cut, or accept (Note [the ladder]).
 
@@ -155,6 +171,9 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
             :mod:`steadystep.snapshot`.
         model: the ``torch.nn.Module`` being trained, whose buffers (BatchNorm's running
             statistics) a full rollback restores too (default None: no buffers).
+        accept_after: alarms in a row at the restored weights before a change of level is
+            accepted (default 4; those batches are skipped): a run of a few corrupted batches
+            ends before that, a new level stays (Note [the ladder]).
 
     The loss comes from ``step(loss=...)``, else :meth:`observe_loss`, else a closure's result
     (in that order, see :meth:`step`); a step without one raises a RuntimeError that says how
@@ -196,6 +215,7 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
         recover_every: int | None = 100,
         rollback: str = "full",
         model: torch.nn.Module | None = None,
+        accept_after: int = 4,
     ) -> None:
         super().__init__(optimizer)
         # Note [the order of the composition] (compose/order.py): one guard, outermost
@@ -210,18 +230,11 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
         self.min_lr = check_nonnegative("min_lr", min_lr)
         if not isinstance(backtrack, bool):
             raise TypeError(f"backtrack must be a bool, got backtrack={backtrack!r}")
-        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
-            raise ValueError(f"check_every must be an int >= 1, got check_every={check_every!r}")
+        _check_count("check_every", check_every)
         if response not in RESPONSES:
             raise ValueError(f"response must be one of {list(RESPONSES)}, got {response!r}")
-        if recover_every is not None and (
-            isinstance(recover_every, bool)
-            or not isinstance(recover_every, int)
-            or recover_every < 1
-        ):
-            raise ValueError(
-                f"recover_every must be an int >= 1 or None, got recover_every={recover_every!r}"
-            )
+        if recover_every is not None:
+            _check_count("recover_every", recover_every, "an int >= 1 or None")
         if rollback not in ROLLBACKS:
             raise ValueError(f"rollback must be one of {list(ROLLBACKS)}, got {rollback!r}")
         if model is not None and not isinstance(model, torch.nn.Module):
@@ -230,8 +243,9 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
         self.check_every = check_every
         self.response = response
         self.recover_every = recover_every
+        self.accept_after = _check_count("accept_after", accept_after)
         self.rollback = rollback
-        self.snapshot_device = None if snapshot_device is None else torch.device(snapshot_device)
+        self.snapshot_device = None if snapshot_device is None else _as_device(snapshot_device)
         # One contract for every detector (steadystep.detectors.protocol); one of your own
         # with update(loss) only is adapted, at one host read per step.
         self.detector = as_detector(SpikeDetector() if detector is None else detector)
@@ -258,7 +272,7 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
         self.alarms, self.rollbacks, self.skips, self.level_shifts = (zeros() for _ in range(4))
         self.steps, self.nonfinite_grads = zeros(), zeros()
         self.lr_scale = torch.ones((), dtype=torch.float64, device=device)
-        self.phase, self.calm = zeros(), zeros()  # Note [the ladder], Note [recovering the rate]
+        self.phase, self.calm, self.waited = zeros(), zeros(), zeros()  # Note [the ladder]
         self.episode_scale = torch.ones((), dtype=torch.float64, device=device)
         self.history_step = torch.full((_HISTORY,), -1, dtype=torch.int64, device=device)
         self.history_loss = torch.full((_HISTORY,), math.nan, dtype=torch.float32, device=device)
@@ -301,6 +315,7 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
             "nonfinite_grads": self.nonfinite_grads,
             "phase": self.phase,
             "calm": self.calm,
+            "waited": self.waited,
             "episode_scale": self.episode_scale,
             "history_step": self.history_step,
             "history_loss": self.history_loss,
@@ -321,7 +336,7 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
           with one of the guard's gets the prefix ``optimizer.``. ``include_optimizer=False``
           leaves them out (:class:`~steadystep.Stabilized` reports them under their own prefix).
         """
-        hidden = ("history_step", "history_loss", "phase", "calm", "episode_scale")
+        hidden = ("history_step", "history_loss", "phase", "calm", "waited", "episode_scale")
         out = {k: v for k, v in self._counters().items() if k not in hidden}
         out["lr"] = self._applied_max_lr()
         out.update({f"detector_{k}": v for k, v in self.detector.stats().items()})
@@ -398,7 +413,7 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
         # takes whatever the wrapped optimizer takes.
         grads = [stored_real_values(p.grad) for p in params if p.grad is not None]
         found_finite, grad_norm = gradient_stats(grads)
-        observed, grad_norm, found_finite = self._collective(observed, grad_norm, found_finite)
+        observed, grad_norm, found_finite = mean_over_ranks(observed, grad_norm, found_finite)
         bad_grads = ~found_finite
         alarm = self.detector.update(
             observed, grad_norm=grad_norm if self.detector.needs_grad_norm else None, skip=bad_grads
@@ -406,8 +421,16 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
         # History records the loss the detector tested: under torch.distributed the rank mean.
         loss_t = self.detector.last_loss
         finite = torch.isfinite(torch.as_tensor(observed)).to(alarm.device)
-        decision = decide(alarm, finite, self.phase, response=self.response)
+        decision = decide(
+            alarm,
+            finite,
+            self.phase,
+            self.waited,
+            response=self.response,
+            accept_after=self.accept_after,
+        )
         bad_grads = bad_grads.to(alarm.device)
+        self.last_step_skipped = bad_grads  # read by Stabilized (ALRC's moments)
         factor, episode_scale, calm = rescale(
             decision,
             starts=alarm & (self.phase == NORMAL),
@@ -440,26 +463,12 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
         else:
             cut = self._host_step(decision, bad_grads)
         self.phase.copy_(phase)
+        self.waited.copy_(torch.where(unseen, self.waited, decision.waited))
         self.episode_scale.copy_(episode_scale)
         self.calm.copy_(calm)
         self._record(alarm, loss_t, decision)
         self._after_step(cut)
         return loss if closure is None else result
-
-    def _collective(
-        self, loss: torch.Tensor | float, grad_norm: torch.Tensor, found_finite: torch.Tensor
-    ) -> tuple[torch.Tensor | float, torch.Tensor, torch.Tensor]:
-        """Note [collective decisions]: the loss, the gradient norm and the non-finite flag
-        averaged over ranks in one all-reduce (unchanged in a single process)."""
-        if not is_distributed():
-            return loss, grad_norm, found_finite
-        device = grad_norm.device
-        loss_t = torch.as_tensor(loss).detach().reshape(()).to(device=device, dtype=torch.float64)
-        packed = torch.stack(
-            [loss_t, grad_norm.to(torch.float64), (~found_finite).to(device, torch.float64)]
-        )
-        mean = all_reduce_mean(packed)
-        return mean[0], mean[1], mean[2] == 0
 
     @torch.compiler.disable
     def _after_step(self, cut: bool) -> None:
@@ -583,3 +592,9 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
                 f"(step, loss): {[(h['step'], h['loss']) for h in history[-5:]]}. {cause}.",
                 history,
             )
+
+
+def _check_count(name: str, value: Any, rule: str = "an int >= 1") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be {rule}, got {name}={value!r}")
+    return value

@@ -16,9 +16,11 @@ Note [the ladder]
       ``lr_factor``. When the loss at the restored weights is back in the band, the cure held.
     * **a change of level**: the loss stays at its new level even at the restored weights (a
       new task, a curriculum step, more input noise): nothing is broken, the data changed.
-      Rung 3 *accepts* it: the detector restarts from the new level, the cuts this episode made
-      are undone, and the step is taken. ``level_shifts`` counts it. A loss that is not finite
-      is never a level: it rolls back and cuts again, until ``min_lr`` ends the run.
+      Rung 3 waits for ``accept_after`` alarms in a row at the restored weights (skipping those
+      batches: a run of a few corrupted batches ends before that), then *accepts* it: the
+      detector restarts from the new level, the cuts this episode made are undone, and the step
+      is taken. ``level_shifts`` counts it. A loss that is not finite is never a level: it rolls
+      back and cuts again, until ``min_lr`` ends the run.
 
     ``response="rollback"`` is SALeRA's published response instead: every alarm rolls back one
     step and cuts (no skip rung, no acceptance).
@@ -67,11 +69,21 @@ class Decision(NamedTuple):
     cut: Tensor  # multiply the learning-rate scale by lr_factor
     accept: Tensor  # a change of level: restart the detector, undo the episode's cuts
     phase: Tensor  # the phase after this step
+    waited: Tensor  # alarms in a row at the restored weights, after this step
 
 
-def decide(alarm: Tensor, finite: Tensor, phase: Tensor, *, response: str = "ladder") -> Decision:
+def decide(
+    alarm: Tensor,
+    finite: Tensor,
+    phase: Tensor,
+    waited: Tensor,
+    *,
+    response: str = "ladder",
+    accept_after: int = 4,
+) -> Decision:
     """Note [the ladder] as tensors: ``alarm`` (the detector's verdict), ``finite`` (the loss it
-    tested is finite) and ``phase`` (:data:`NORMAL`, :data:`SUSPECT` or :data:`ROLLED_BACK`)."""
+    tested is finite), ``phase`` (:data:`NORMAL`, :data:`SUSPECT` or :data:`ROLLED_BACK`) and
+    ``waited`` (alarms in a row at the restored weights so far)."""
     if response == "rollback":
         return Decision(
             update=~alarm,
@@ -79,19 +91,27 @@ def decide(alarm: Tensor, finite: Tensor, phase: Tensor, *, response: str = "lad
             cut=alarm,
             accept=torch.zeros_like(alarm),
             phase=torch.zeros_like(phase),
+            waited=torch.zeros_like(waited),
         )
     suspect = phase == SUSPECT
     rolled_back = phase == ROLLED_BACK
-    accept = alarm & rolled_back & finite
+    confirmed = waited + 1 >= accept_after
+    accept = alarm & rolled_back & finite & confirmed
     rollback = alarm & (suspect | (rolled_back & ~finite))
     skip = alarm & ~rollback & ~accept
     next_phase = torch.where(
-        rollback,
+        rollback | (skip & rolled_back),
         torch.full_like(phase, ROLLED_BACK),
         torch.where(skip, torch.full_like(phase, SUSPECT), torch.zeros_like(phase)),
     )
+    waited = torch.where(skip & rolled_back, waited + 1, torch.zeros_like(waited))
     return Decision(
-        update=~alarm | accept, rollback=rollback, cut=rollback, accept=accept, phase=next_phase
+        update=~alarm | accept,
+        rollback=rollback,
+        cut=rollback,
+        accept=accept,
+        phase=next_phase,
+        waited=waited,
     )
 
 
@@ -131,10 +151,17 @@ class PlainLadder:
     """The same rules in plain Python, one step at a time (the tests' reference)."""
 
     def __init__(
-        self, *, lr_factor: float = 0.5, recover_every: int | None = 100, response: str = "ladder"
+        self,
+        *,
+        lr_factor: float = 0.5,
+        recover_every: int | None = 100,
+        response: str = "ladder",
+        accept_after: int = 4,
     ) -> None:
         self.lr_factor, self.recover_every, self.response = lr_factor, recover_every, response
+        self.accept_after = accept_after
         self.phase, self.calm, self.scale, self.episode_scale = NORMAL, 0, 1.0, 1.0
+        self.waited = 0
 
     def step(self, alarm: bool, finite: bool = True) -> dict[str, bool]:
         """One step's actions: ``update``, ``rollback``, ``cut``, ``accept``."""
@@ -152,9 +179,14 @@ class PlainLadder:
         elif self.phase == SUSPECT or not finite:  # rung 2: a bad update? roll back and cut
             act = {"update": False, "rollback": True, "cut": True, "accept": False}
             self.phase = ROLLED_BACK
-        else:  # rung 3: the loss stays at the restored weights: a change of level
+        elif self.waited + 1 < self.accept_after:  # rung 3: does the new level stay?
+            act = {"update": False, "rollback": False, "cut": False, "accept": False}
+            self.waited += 1
+        else:  # it stayed at the restored weights: a change of level
             act = {"update": True, "rollback": False, "cut": False, "accept": True}
             self.phase = NORMAL
+        if not (alarm and self.phase == ROLLED_BACK and not act["rollback"]):
+            self.waited = 0
         factor = self.lr_factor if act["cut"] else 1.0
         if act["accept"]:
             factor = self.episode_scale / self.scale

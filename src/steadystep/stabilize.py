@@ -58,6 +58,7 @@ from steadystep._stabilize_args import (
 )
 from steadystep._validation import check_scalar_loss
 from steadystep.alrc import ALRC
+from steadystep.checkpoint import check_format, check_optimizer_state
 from steadystep.compose.order import Composable, layers
 from steadystep.compose.wrapper import OptimizerWrapper
 from steadystep.guard import CatastropheGuard
@@ -81,9 +82,11 @@ class _LossWindow:
         self.raw_sum: Tensor | None = None
         self.raw_count = 0
         self.observed: Tensor | float | None = None
+        self.alrc_before: dict[str, Tensor] | None = None
 
     def clear(self) -> None:
         self.raw_sum, self.raw_count, self.observed = None, 0, None
+        self.alrc_before = None
 
     def add_raw(self, raw: Tensor) -> None:
         self.raw_sum = raw if self.raw_sum is None else self.raw_sum + raw
@@ -219,6 +222,12 @@ class Stabilized(OptimizerWrapper, Composable):
                 "optimizer (e.g. ALeRA(...) for SALeRA) with guard={...}, or cprop=False"
             )
         settings = check_keys("cprop", cprop, CPROP_KEYS) if cprop_kind == "settings" else {}
+        sparse = isinstance(inner, torch.optim.SparseAdam)
+        if given_cprop is None and cprop_kind != "off" and sparse:
+            raise ValueError(
+                "optimizer=SparseAdam steps sparse gradients, which CProp's dense statistics "
+                "cannot take; build it with cprop=False (ALRC and the guard alone)"
+            )
 
         # -- CProp, in the middle ----------------------------------------------------------------
         self.native = False
@@ -310,7 +319,12 @@ class Stabilized(OptimizerWrapper, Composable):
         raw = torch.where(count > 0, total / count.clamp(min=1), math.nan)
         self.nonfinite_losses.add_((finite.numel() - count).to(self.nonfinite_losses.device))
         self._window.add_raw(raw)
-        clipped = losses if self.alrc is None else self.alrc(losses)
+        if self.alrc is None:
+            return torch.where(finite, losses, torch.zeros_like(losses))
+        if self._window.alrc_before is None and self.alrc.training:
+            # Note [a skipped step is no observation]
+            self._window.alrc_before = self.alrc.moments()
+        clipped = self.alrc(losses)
         return torch.where(finite, clipped, torch.zeros_like(clipped))
 
     def observe_loss(self, loss: Tensor | float) -> None:
@@ -372,7 +386,14 @@ class Stabilized(OptimizerWrapper, Composable):
         else:
             observe_window()
         try:
-            return guard.step(watched_closure, loss=loss)
+            out = guard.step(watched_closure, loss=loss)
+            skipped = getattr(guard, "last_step_skipped", None)
+            if self.alrc is not None and window.alrc_before is not None and skipped is not None:
+                # Note [a skipped step is no observation]: ALRC updated its moments in the
+                # forward pass; a step the guard skipped for a non-finite gradient takes that
+                # back, on the device (as skip_aware does for a GradScaler's skipped step).
+                self.alrc.restore_moments_(window.alrc_before, skipped)
+            return out
         finally:
             window.clear()
 
@@ -409,9 +430,11 @@ class Stabilized(OptimizerWrapper, Composable):
             "optimizer": self.optimizer.state_dict(),
         }
 
-    def _load_wrapped_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` saved from a Stabilized built the same way."""
-        meta = state_dict.get("stabilized")
+    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The checks of :meth:`load_state_dict`, without loading: the format and the
+        components, then every component's part (ALRC's moments, the guard, CProp and the base
+        optimizer; Note [what a load checks] of :mod:`steadystep.checkpoint`)."""
+        meta = state_dict.get("stabilized") if isinstance(state_dict, Mapping) else None
         if not isinstance(meta, Mapping) or not {"alrc", "optimizer"} <= set(state_dict):
             raise ValueError(
                 "state_dict was not saved from a Stabilized optimizer (expected the keys "
@@ -425,10 +448,20 @@ class Stabilized(OptimizerWrapper, Composable):
                 f"has {expected}: build it with the same alrc=, guard=, cprop=, native= and "
                 "base optimizer"
             )
+        check_format(meta.get("format"), (_FORMAT,), owner="Stabilized")
+        if self.alrc is not None:
+            self.alrc.check_state_dict(state_dict["alrc"])
+        check_optimizer_state(self.optimizer, state_dict["optimizer"], owner="Stabilized")
+
+    def _load_wrapped_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` saved from a Stabilized built the same way; every
+        component's part is checked before any is loaded (:meth:`check_state_dict`)."""
+        self.check_state_dict(state_dict)
+        # the optimizer first: a third-party optimizer's own loader may still refuse its part
+        self.optimizer.load_state_dict(state_dict["optimizer"])
         if self.alrc is not None:
             self.alrc.load_state_dict(state_dict["alrc"])
-        self.optimizer.load_state_dict(state_dict["optimizer"])
-        count = meta.get("nonfinite_losses")  # absent from checkpoints before the mask
+        count = state_dict["stabilized"].get("nonfinite_losses")  # absent before the mask
         self.nonfinite_losses.copy_(torch.as_tensor(0 if count is None else count))
         self._window.clear()
 

@@ -33,18 +33,57 @@ nested dict (a checkpoint written before this layout) still loads as it is.
 
 from __future__ import annotations
 
+import functools
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
+from torch.optim import optimizer as torch_optimizer
 
 from steadystep.checkpoint import CLASS_KEY
 
 __all__ = ["OptimizerWrapper", "call_with_step_hooks", "is_state_init_step"]
 
 _WRAPPED_KEYS = "wrapped_keys"  # the wrapped dict's other top-level keys, kept in the payload
+
+# Note [global step hooks]: torch runs the hooks of register_optimizer_step_pre_hook /
+# _post_hook around every optimizer's step(); through a wrapper (Stabilized -> guard -> CProp ->
+# base) they would run once per layer, 2 to 4 times per user step. The outermost wrapper's
+# step runs them once, as torch does; while its body runs they are hidden from every optimizer
+# it steps (the dicts are emptied and refilled, hooks registered meanwhile kept). Hooks
+# registered on an optimizer itself still run at its own step. The dicts are process-wide, so
+# a plain optimizer stepped by another thread during a wrapper's step misses them.
+_nesting = threading.local()
+
+
+def _hiding_global_hooks(func: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(func)
+    def step(*args: Any, **kwargs: Any) -> Any:
+        depth = getattr(_nesting, "depth", 0)
+        if depth:
+            return func(*args, **kwargs)
+        hooks = (
+            torch_optimizer._global_optimizer_pre_hooks,
+            torch_optimizer._global_optimizer_post_hooks,
+        )
+        saved = [dict(h) for h in hooks]
+        for h in hooks:
+            h.clear()
+        _nesting.depth = 1
+        try:
+            return func(*args, **kwargs)
+        finally:
+            _nesting.depth = 0
+            for h, old in zip(hooks, saved, strict=True):
+                added = dict(h)
+                h.clear()
+                h.update(old)
+                h.update(added)
+
+    return step
 
 
 class OptimizerWrapper(Optimizer):
@@ -95,6 +134,13 @@ class OptimizerWrapper(Optimizer):
         self._optimizer_load_state_dict_pre_hooks: dict[int, Callable[..., Any]] = OrderedDict()
         self._optimizer_load_state_dict_post_hooks: dict[int, Callable[..., Any]] = OrderedDict()
         self._patch_step_function()
+
+    @staticmethod
+    def profile_hook_step(func: Callable[..., Any]) -> Callable[..., Any]:
+        """torch's step patch (the global and the wrapper's own step hooks around ``step``),
+        with the global hooks hidden from the optimizers stepped inside: Note [global step
+        hooks]."""
+        return Optimizer.profile_hook_step(_hiding_global_hooks(func))
 
     # -- delegation ------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from steadystep._tensors import shards
-from steadystep._validation import check_positive, check_unit_interval
+from steadystep._validation import check_betas, check_positive
 from steadystep.checkpoint import Kind
 from steadystep.optim._alera_core import Gathered, adapt_multipliers_, param_multipliers
 from steadystep.optim.alera import ALeRA
@@ -115,8 +115,7 @@ class AgAdam(ALeRA):
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
-        beta1 = check_unit_interval("betas[0]", betas[0])
-        beta2 = check_unit_interval("betas[1]", betas[1])
+        beta1, beta2 = check_betas("betas", betas)
         self._adam_defaults = {"betas": (beta1, beta2), "eps": check_positive("eps", eps)}
         super().__init__(
             params,

@@ -16,7 +16,6 @@ from torch.optim import Optimizer
 
 from steadystep._kernels import stats_dtype
 from steadystep._tensors import (
-    clone_tensors,
     full_max,
     local_tensor,
     scale_all_,
@@ -27,19 +26,12 @@ from steadystep._validation import (
     check_choice,
     check_loss,
     check_nonnegative,
+    check_optional_bool,
     check_param_tensors,
     check_positive,
 )
 from steadystep.agnostic import apply_log_change_
-from steadystep.checkpoint import (
-    CLASS_KEY,
-    Kind,
-    check_class,
-    check_groups,
-    check_param_state,
-    check_same,
-    step_tensor,
-)
+from steadystep.optim._alera_checkpoint import ALeRACheckpoint
 from steadystep.optim._alera_core import (
     GRANULARITIES,
     AgnosticStep,
@@ -73,7 +65,7 @@ def _check_alpha(alpha: float) -> float:
     return alpha
 
 
-class ALeRA(Optimizer):
+class ALeRA(ALeRACheckpoint, Optimizer):
     """Agnostic LEarning Rate Adaptation on top of SGD.
 
     Compares the relaxed path of normalised gradients with a random walk of unit vectors and
@@ -155,6 +147,8 @@ class ALeRA(Optimizer):
     ) -> None:
         check_positive("lr", lr)
         check_nonnegative("weight_decay", weight_decay)
+        check_optional_bool("foreach", foreach)
+        check_optional_bool("fused", fused)
         if foreach and fused:
             raise ValueError(
                 "foreach and fused pick different implementations and cannot both be True, "
@@ -219,117 +213,6 @@ class ALeRA(Optimizer):
         group.setdefault("lr_multiplier", multiplier)
         group.setdefault("step", step)
         group.setdefault("skipped_steps", skipped)
-
-    def state_dict(self) -> dict[str, Any]:
-        """As torch's; the 0-d tensors of ``param_groups`` (``lr_multiplier``, ``step``,
-        ``skipped_steps``) are clones, so they do not change with later steps. Per-parameter
-        ``state`` holds the live tensors, as torch.optim's optimizers do (``copy.deepcopy`` the
-        result to keep a consistent in-memory copy of it)."""
-        out = super().state_dict()
-        # Each group gets its own clone (skipped_steps too, shared live): the saved format keeps
-        # one entry per group; load_state_dict shares the count again.
-        out["param_groups"] = [clone_tensors(group) for group in out["param_groups"]]
-        out[CLASS_KEY] = self._checkpoint_class
-        return out
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As torch's, but statistics keep their saved dtype (fp32 stays fp32 for bf16 params).
-
-        The whole dict is checked first (:mod:`steadystep.checkpoint`): a state_dict
-        of another class (``state_dict()["class"]``), saved with another ``granularity`` (one
-        written before the groups held it loads where its state tells it apart), with a param
-        group that lacks a hyperparameter or a parameter's state that lacks a key or has
-        another shape is refused with a ValueError, and nothing is loaded. As torch's optimizers
-        restore the groups' hyperparameters, the optimizer-wide ones (``alpha``, ``C``,
-        ``norm_eps``; AgAdam's ``betas``, ``eps``) are restored too.
-        """
-        owner = type(self).__name__
-        check_class(
-            state_dict,
-            owner=owner,
-            expected=self._checkpoint_class,
-            required=("state", "param_groups"),
-        )
-        skip = ("foreach", "fused", "differentiable", "granularity")
-        required = [k for k in self.defaults if k not in skip] + ["lr_multiplier", "step"]
-        saved_groups = state_dict["param_groups"]
-        saved = check_groups(saved_groups, self.param_groups, owner=owner, required=required)
-        self._check_granularity(state_dict)
-        check_param_state(state_dict["state"], saved, self._state_spec, owner=owner)
-        wide = {k: saved_groups[0][k] for k in self._wide_keys if k != "granularity"}
-        for group in saved_groups[1:]:
-            for key, value in wide.items():
-                check_same(key, group[key], value, owner=f"{owner} (optimizer-wide)")
-        super().load_state_dict(state_dict)
-        self.defaults.update(wide)
-        saved_ids = [i for g in saved_groups for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for saved_id, p in zip(saved_ids, params, strict=True):
-            entry = state_dict["state"].get(saved_id)
-            if entry is None:
-                continue
-            state = {
-                k: v.to(device=p.device, copy=True) if isinstance(v, torch.Tensor) else v
-                for k, v in entry.items()
-            }
-            if "step" in state:  # a float step (old torch style) becomes the tensor it updates
-                state["step"] = step_tensor(state["step"], p.device)
-            self.state[p] = state
-        for group in self.param_groups:
-            device = group["params"][0].device if group["params"] else torch.device("cpu")
-            # A checkpoint written before skipped_steps existed starts the count at 0.
-            group.setdefault("skipped_steps", torch.zeros((), dtype=torch.int64))
-            for key in ("lr_multiplier", "step", "skipped_steps"):
-                group[key] = group[key].to(device)
-        for group in self.param_groups[1:]:  # one shared optimizer-wide count again
-            group["skipped_steps"] = self.param_groups[0]["skipped_steps"]
-        for group in self.param_groups:
-            group.setdefault("granularity", self.granularity)
-
-    def _state_spec(self, group: dict[str, Any]) -> dict[str, tuple[Kind, bool]]:
-        """``{key: (kind, required)}`` of a parameter's state (checked on load)."""
-        spec: dict[str, tuple[Kind, bool]] = {"relaxed_path": ("param", True)}
-        if self.granularity == "tensor":
-            spec.update(lr_multiplier=("scalar", True), step=("scalar", True))
-        elif self.granularity == "param":
-            spec["lr_multiplier"] = ("param", True)
-        return spec
-
-    def _check_granularity(self, state_dict: dict[str, Any]) -> None:
-        saved = {g.get("granularity") for g in state_dict["param_groups"]} - {None}
-        if saved:
-            found = saved.pop() if len(saved) == 1 else sorted(saved)
-            compatible: tuple[str, ...] = (found,) if isinstance(found, str) else ()
-        else:
-            # Written before the groups held it: only the per-parameter multipliers tell.
-            found, compatible = self._granularity_from_state(state_dict)
-        if self.granularity not in compatible:
-            owner = type(self).__name__
-            raise ValueError(
-                f"{owner}.load_state_dict: the state_dict was saved with granularity={found!r}, "
-                f"this {owner} has granularity={self.granularity!r}; create it with the "
-                "checkpoint's granularity to load it"
-            )
-
-    def _granularity_from_state(self, state_dict: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
-        params = [p for g in self.param_groups for p in g["params"]]
-        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        shapes = {i: tuple(p.shape) for i, p in zip(ids, params, strict=False)}
-        kinds = set()
-        for i, st in state_dict["state"].items():
-            m = st.get("lr_multiplier") if isinstance(st, dict) else None
-            if isinstance(m, torch.Tensor) and shapes.get(i, ()) != ():
-                kinds.add("param" if tuple(m.shape) == shapes[i] else "tensor")
-            elif isinstance(m, torch.Tensor):
-                kinds.add("tensor or param")
-            else:
-                kinds.add("global or group")
-        if len(kinds - {"tensor or param"}) == 1:
-            kinds -= {"tensor or param"}
-        if len(kinds) != 1:
-            return " or ".join(sorted(kinds)) or "any", GRANULARITIES if not kinds else ()
-        found = kinds.pop()
-        return found, tuple(found.split(" or "))
 
     # -- telemetry --------------------------------------------------------------------------
     @torch.no_grad()

@@ -15,24 +15,31 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from steadystep._tensors import clone_tensors, scale_all_, shards
+from steadystep._tensors import scale_all_, shards
 from steadystep._validation import (
+    check_betas,
+    check_bool,
     check_finite,
     check_loss,
     check_nonnegative,
+    check_optional_bool,
     check_param_tensors,
-    check_unit_interval,
 )
 from steadystep.checkpoint import (
-    CLASS_KEY,
     Kind,
-    check_class,
-    check_groups,
-    check_param_state,
-    check_same,
 )
 from steadystep.compose.order import Composable
-from steadystep.optim.cprop._math import _cprop_hyper, _CPropHyper, _second_key, cprop_kwargs
+from steadystep.optim.cprop._checkpoint import (
+    NativeCheckpoint,
+    _set_lr_multiplier,
+    _share_skipped_steps,
+)
+from steadystep.optim.cprop._math import (
+    _cprop_hyper,
+    _CPropHyper,
+    _second_key,
+    cprop_kwargs,
+)
 from steadystep.optim.cprop._state import (
     _call_closure,
     _collect,
@@ -40,9 +47,7 @@ from steadystep.optim.cprop._state import (
     _default_foreach,
     _group_stats,
     _init_cprop_state,
-    _param_index_map,
     _scales,
-    _states_by_param,
     _validate_group,
     _zeros_stat,
 )
@@ -63,18 +68,7 @@ def _use_fused(group: dict[str, Any]) -> bool | None:
     return group["fused"]
 
 
-def _group_device(group: dict[str, Any]) -> torch.device:
-    return group["params"][0].device if group["params"] else torch.device("cpu")
-
-
-def _set_lr_multiplier(group: dict[str, Any]) -> None:
-    """``group["lr_multiplier"]``: a 0-d float64 tensor beside the parameters, 1 when absent
-    (a new group, or a checkpoint from before it existed)."""
-    value = group.get("lr_multiplier", 1.0)
-    group["lr_multiplier"] = torch.as_tensor(value, dtype=torch.float64).to(_group_device(group))
-
-
-class _NativeCPropBase(Optimizer, Composable):
+class _NativeCPropBase(NativeCheckpoint, Optimizer, Composable):
     """Validation, state_dict handling, telemetry and the guard's protocol
     (:class:`~steadystep.compose.protocol.MaskableOptimizer`) of the native CProp optimizers.
 
@@ -97,6 +91,8 @@ class _NativeCPropBase(Optimizer, Composable):
         fused: bool | None,
     ) -> None:
         """``base``: the base optimizer's defaults; then CProp's and the path's."""
+        check_optional_bool("foreach", foreach)
+        check_optional_bool("fused", fused)
         if foreach and fused:
             raise ValueError(
                 "foreach and fused pick different implementations and cannot both be True, "
@@ -116,6 +112,7 @@ class _NativeCPropBase(Optimizer, Composable):
         _validate_group(group)
         self._validate_base_group(group)
         _set_lr_multiplier(group)
+        _share_skipped_steps(self.param_groups)
 
     def _validate_base_group(self, group: dict[str, Any]) -> None:  # pragma: no cover
         raise NotImplementedError
@@ -133,46 +130,6 @@ class _NativeCPropBase(Optimizer, Composable):
         for group in self.param_groups:
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
-
-    def state_dict(self) -> dict[str, Any]:
-        """As torch's; the groups' ``lr_multiplier`` tensors are clones, so they do not change
-        with later steps (per-parameter ``state`` holds the live tensors, as torch.optim's).
-        ``state_dict()["class"]`` names the class (Note [class tag] of
-        :mod:`steadystep.checkpoint`)."""
-        out = super().state_dict()
-        out["param_groups"] = [clone_tensors(group) for group in out["param_groups"]]
-        out[CLASS_KEY] = self._owner
-        return out
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict`; statistics keep their saved dtype (fp32 for bf16 params).
-
-        ``torch.optim.Optimizer.load_state_dict`` would cast every floating state tensor to the
-        parameter's dtype, rounding fp32 statistics of bf16 parameters; the state is therefore
-        copied here, on the parameter's device, dtype unchanged. A checkpoint without
-        ``lr_multiplier`` loads with 1; a float ``step`` (old torch style) as a tensor.
-
-        The whole dict is checked first (:mod:`steadystep.checkpoint`): another
-        class, a param group without this class's hyperparameters, a missing per-parameter
-        state key or a statistic of another shape is a ValueError, and nothing is loaded.
-        """
-        owner = self._owner
-        check_class(state_dict, owner=owner, expected=owner, required=("state", "param_groups"))
-        hyper = [k for k in self.defaults if k not in ("foreach", "fused", "differentiable")]
-        saved = check_groups(
-            state_dict["param_groups"], self.param_groups, owner=owner, required=hyper
-        )
-        for group in state_dict["param_groups"]:
-            for key, value in self._class_entries().items():
-                check_same(key, group[key], value, owner=owner)
-        check_param_state(state_dict["state"], saved, self._state_spec, owner=owner)
-        saved_state = state_dict["state"]
-        super().load_state_dict({**state_dict, "state": {}})
-        params = _param_index_map(self.param_groups)
-        groups = state_dict["param_groups"]
-        self.state.update(_states_by_param(saved_state, params, "state_dict", groups))
-        for group in self.param_groups:
-            _set_lr_multiplier(group)
 
     # -- the guard's protocol (steadystep.compose.protocol.MaskableOptimizer) -----------------
 
@@ -199,18 +156,27 @@ class _NativeCPropBase(Optimizer, Composable):
         work, found_finite = _collect(
             self.param_groups, type(self).__name__, self._init_state, found_finite
         )
+        nonfinite = ~found_finite
         if skip is not None:
-            found_finite = found_finite & ~skip.to(found_finite.device)
+            skip = skip.to(found_finite.device)
+            found_finite = found_finite & ~skip
+            nonfinite = nonfinite & ~skip  # a step the guard skipped on an alarm is its own
+        counter = self.param_groups[0]["skipped_steps"]
+        counter.add_(nonfinite.to(device=counter.device, dtype=counter.dtype))
         for group, params in work:
             if params:
                 self._step_group(group, params, found_finite)
 
     def stats(self) -> dict[str, Tensor]:
-        """Telemetry as 0-d tensors, no host sync: ``group{i}.mean_scale``,
+        """Telemetry as 0-d tensors, no host sync: ``skipped_steps`` (steps skipped for a
+        non-finite gradient; a step a guard skipped on an alarm is not counted),
+        ``group{i}.mean_scale``,
         ``group{i}.frac_scale_below_half`` and the totals ``mean_scale``,
         ``frac_scale_below_half`` over every element with state. The scale is recomputed from
         the current statistics, so it is the scale that the last step applied."""
-        return _group_stats(self.param_groups, lambda p: self.state.get(p))
+        out = {"skipped_steps": self.param_groups[0]["skipped_steps"]}
+        out.update(_group_stats(self.param_groups, lambda p: self.state.get(p)))
+        return out
 
     def scales(self) -> dict[Tensor, Tensor]:
         """``{parameter: s}``: CProp's per-element scale of every parameter with state, in
@@ -291,8 +257,10 @@ class CPropSGD(_NativeCPropBase):
         >>> opt = ss.CPropSGD(model.parameters(), lr=0.1, momentum=0.9)
         >>> model(torch.randn(8, 3)).pow(2).mean().backward()
         >>> opt.step()
-        >>> sorted(opt.stats())
-        ['frac_scale_below_half', 'group0.frac_scale_below_half', 'group0.mean_scale', 'mean_scale']
+        >>> sorted(opt.stats())[:3]
+        ['frac_scale_below_half', 'group0.frac_scale_below_half', 'group0.mean_scale']
+        >>> int(opt.stats()["skipped_steps"])
+        0
     """
 
     _owner = "CPropSGD"
@@ -329,6 +297,7 @@ class CPropSGD(_NativeCPropBase):
         check_nonnegative("momentum", group["momentum"])
         check_finite("dampening", group["dampening"])
         check_nonnegative("weight_decay", group["weight_decay"])
+        check_bool("nesterov", group["nesterov"])
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError(
                 "nesterov=True requires momentum > 0 and dampening == 0, got "
@@ -434,7 +403,7 @@ class CPropAdam(_NativeCPropBase):
     ) -> None:
         base = {
             "lr": lr,
-            "betas": tuple(betas),
+            "betas": tuple(check_betas("betas", betas)),
             "eps": eps,
             "weight_decay": weight_decay,
             "amsgrad": amsgrad,
@@ -445,12 +414,9 @@ class CPropAdam(_NativeCPropBase):
 
     def _validate_base_group(self, group: dict[str, Any]) -> None:
         check_nonnegative("lr", group["lr"])
-        betas = group["betas"]
-        if len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got betas={betas!r}")
-        check_unit_interval("betas[0]", betas[0])
-        check_unit_interval("betas[1]", betas[1])
+        check_betas("betas", group["betas"])
         check_nonnegative("eps", group["eps"])
+        check_bool("amsgrad", group["amsgrad"])
         check_nonnegative("weight_decay", group["weight_decay"])
 
     def _shares_v(self, group: dict[str, Any]) -> bool:

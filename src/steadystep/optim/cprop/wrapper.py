@@ -10,11 +10,12 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from steadystep._tensors import shards
-from steadystep._validation import check_loss
+from steadystep._validation import check_loss, check_optional_bool
 from steadystep.checkpoint import (
     CLASS_KEY,
     check_class,
     check_groups,
+    check_optimizer_state,
     check_param_state,
     check_same,
 )
@@ -25,6 +26,7 @@ from steadystep.optim.cprop._math import (
     _cprop_hyper,
     _CPropHyper,
     _second_key,
+    _stats_dtype,
     cprop_kwargs,
 )
 from steadystep.optim.cprop._state import (
@@ -42,6 +44,9 @@ from steadystep.optim.cprop._state import (
 from steadystep.optim.cprop.functional import cprop_after_, cprop_before_
 
 __all__ = ["CProp"]
+
+# The wrapper's own keys of its state_dict; the rest is the base optimizer's.
+_OWN_KEYS = ("cprop_state", CLASS_KEY, "base_class")
 
 
 class CProp(OptimizerWrapper, Composable):
@@ -116,7 +121,7 @@ class CProp(OptimizerWrapper, Composable):
         # Note [the order of the composition] (compose/order.py): no guard, no CProp inside
         check_wrappable("CProp", optimizer)
         _check_hyper(beta, c, eps, cdf, method, prefix="")
-        self.fused = fused
+        self.fused = check_optional_bool("fused", fused)
         self.cprop_defaults = _CPropHyper(beta, c, eps, cdf, method).group_entries()
         self.cprop_state: dict[Tensor, dict[str, Tensor]] = {}
         for group in self.optimizer.param_groups:
@@ -168,25 +173,37 @@ class CProp(OptimizerWrapper, Composable):
         out["base_class"] = type(self.optimizer).__name__
         return out
 
-    def _load_wrapped_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict` (the base's part through the base's own loader), after
-        checking CProp's part and the base's class (:mod:`steadystep.checkpoint`)."""
-        if "cprop_state" not in state_dict:
+    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The checks of :meth:`load_state_dict`, without loading (:mod:`steadystep.checkpoint`):
+        the class tags, CProp's part (keys, shapes, dtypes, finite values) and the base's part
+        (its own ``check_state_dict``, else finite statistics)."""
+        if not isinstance(state_dict, dict) or "cprop_state" not in state_dict:
             raise ValueError(
                 "state_dict has no 'cprop_state': it was not saved from a CProp wrapper; load "
                 "it into the base optimizer (CProp(...).optimizer.load_state_dict) instead"
             )
         check_class(state_dict, owner="CProp", expected="CProp", required=("param_groups",))
         base = type(self.optimizer).__name__
-        check_same("base_class", state_dict.pop("base_class", None), base, owner="CProp")
-        state_dict.pop(CLASS_KEY, None)
+        check_same("base_class", state_dict.get("base_class"), base, owner="CProp")
         groups, keys = self.param_groups, tuple(self.cprop_defaults)
         saved = check_groups(state_dict["param_groups"], groups, owner="CProp", required=keys)
         check_param_state(
-            state_dict["cprop_state"], saved, _cprop_state_spec, owner="CProp", what="cprop_state"
+            state_dict["cprop_state"],
+            saved,
+            _cprop_state_spec,
+            owner="CProp",
+            what="cprop_state",
+            dtype=lambda key, p: torch.float32 if key == "step" else _stats_dtype(p),
         )
-        cprop_saved = state_dict.pop("cprop_state")
-        self.optimizer.load_state_dict(state_dict)
+        base_part = {k: v for k, v in state_dict.items() if k not in _OWN_KEYS}
+        check_optimizer_state(self.optimizer, base_part, owner="CProp")
+
+    def _load_wrapped_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict` (the base's part through the base's own loader), after
+        checking all of it (:meth:`check_state_dict`)."""
+        self.check_state_dict(state_dict)
+        cprop_saved = state_dict["cprop_state"]
+        self.optimizer.load_state_dict({k: v for k, v in state_dict.items() if k not in _OWN_KEYS})
         params = _param_index_map(self.param_groups)
         groups = state_dict["param_groups"]
         self.cprop_state = _states_by_param(cprop_saved, params, "cprop_state", groups)
