@@ -23,6 +23,7 @@ first-step-readme  benchmarks/results/first_step.json  make bench
 alrc-early         benchmarks/results/alrc_early.json  make bench
 spikes-headline    benchmarks/results/spikes.json      python benchmarks/bench_spikes.py
 bench_spikes       benchmarks/results/spikes.json      python benchmarks/bench_spikes.py
+spikes-closed      benchmarks/results/spikes.json      python benchmarks/bench_spikes.py
 =================  ==================================  ==========================================
 """
 
@@ -257,6 +258,14 @@ def spikes(results: dict[str, Any]) -> str:
     return tables(results)
 
 
+def spikes_closed(results: dict[str, Any]) -> str:
+    """bench_spikes.py's closed-loop cases: the guard's ladder against each fault and event."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from spikes.closed_report import closed_tables
+
+    return closed_tables(results)
+
+
 BLOCKS = {
     "demo-claims": Block("README.md", "docs/demo/results.json", "make demo-docs", demo_claims),
     "speed-cpu": Block("docs/performance.md", "benchmarks/results/speed.json", "make bench", speed),
@@ -296,6 +305,12 @@ BLOCKS = {
         "python benchmarks/bench_spikes.py",
         spikes,
         markers=("<!-- bench_spikes:begin -->", "<!-- bench_spikes:end -->"),
+    ),
+    "spikes-closed": Block(
+        "docs/detectors.md",
+        "benchmarks/results/spikes.json",
+        "python benchmarks/bench_spikes.py",
+        spikes_closed,
     ),
 }
 
