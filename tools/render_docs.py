@@ -25,6 +25,7 @@ spikes-headline    benchmarks/results/spikes.json      python benchmarks/bench_s
 bench_spikes       benchmarks/results/spikes.json      python benchmarks/bench_spikes.py
 clean              benchmarks/results/clean.json       make bench
 clean-headline     benchmarks/results/clean.json       make bench
+spikes-closed      benchmarks/results/spikes.json      python benchmarks/bench_spikes.py
 =================  ==================================  ==========================================
 """
 
@@ -275,6 +276,14 @@ def clean(results: dict[str, Any]) -> str:
     return tables(results)
 
 
+def spikes_closed(results: dict[str, Any]) -> str:
+    """bench_spikes.py's closed-loop cases: the guard's ladder against each fault and event."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from spikes.closed_report import closed_tables
+
+    return closed_tables(results)
+
+
 BLOCKS = {
     "demo-claims": Block("README.md", "docs/demo/results.json", "make demo-docs", demo_claims),
     "speed-cpu": Block("docs/performance.md", "benchmarks/results/speed.json", "make bench", speed),
@@ -318,6 +327,12 @@ BLOCKS = {
     "clean": Block("docs/clean.md", "benchmarks/results/clean.json", "make bench", clean),
     "clean-headline": Block(
         "README.md", "benchmarks/results/clean.json", "make bench", clean_headline
+    ),
+    "spikes-closed": Block(
+        "docs/detectors.md",
+        "benchmarks/results/spikes.json",
+        "python benchmarks/bench_spikes.py",
+        spikes_closed,
     ),
 }
 
