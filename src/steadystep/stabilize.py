@@ -534,8 +534,8 @@ def stabilize(
         >>> model = torch.nn.Linear(4, 3)
         >>> opt = ss.stabilize(torch.optim.AdamW(model.parameters(), lr=1e-2),
         ...                    batch_size=8, dataset_size=800)
-        >>> type(opt.cprop).__name__, type(opt.guard).__name__
-        ('CPropAdamW', 'CatastropheGuard')
+        >>> opt.cprop, type(opt.guard).__name__  # CProp is opt-in (cprop=True)
+        (None, 'CatastropheGuard')
         >>> for _ in range(3):
         ...     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
         ...     loss = opt.clip(F.cross_entropy(model(x), y, reduction="none")).mean()
