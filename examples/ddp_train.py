@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> None:
         dataset_size=batch * world * args.steps,
     )
     # one Monitor on rank 0 is enough: the statistics are the same on every rank
-    monitor = ss.Monitor(("opt", opt), every=10, csv_path=args.csv)
+    # columns named as opt.stats() names them: guard/alarms, alrc/threshold, ...
+    monitor = ss.Monitor(opt, every=10, csv_path=args.csv)
 
     g = torch.Generator().manual_seed(1000 + rank)  # different data on every rank
     spike = args.spike_step if args.spike_step is not None else args.steps // 2

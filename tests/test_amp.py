@@ -135,3 +135,39 @@ def test_bf16_autocast_trains_with_fp32_statistics(name):
     assert alrc.mu1.dtype == torch.float32
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert losses[-1] < losses[0]
+
+
+def test_skip_aware_takes_a_stabilized_optimizer():
+    # the recipe under a GradScaler: skip_aware(scaler, opt) reaches opt's ALRC, and the raw
+    # loss that opt.clip() remembered for a skipped step does not reach the next step's guard
+    model = _model()
+    opt = ss.stabilize(torch.optim.AdamW(model.parameters(), lr=1e-2), cprop=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    g = torch.Generator().manual_seed(1)
+    for step in range(SKIP + 3):
+        x = torch.randn(16, 4, generator=g)
+        y = x.sum(dim=1, keepdim=True)
+        if step == SKIP:
+            before = copy.deepcopy(opt.state_dict())
+            params_before = [p.detach().clone() for p in model.parameters()]
+        with skip_aware(scaler, opt) as guard:
+            out = model(x)
+            if step == SKIP:
+                out = _InfGrad.apply(out)
+            per_sample = (out - y).pow(2).squeeze(1)
+            loss = opt.clip(per_sample).mean()
+            opt.zero_grad()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        if step == SKIP:
+            assert bool(guard.skipped)
+            _assert_same(opt.state_dict(), before)
+            for p, q in zip(model.parameters(), params_before, strict=True):
+                assert torch.equal(p, q)
+        if step == SKIP + 1:  # the guard watched this batch's raw loss alone
+            assert float(opt.guard.detector.last_loss) == pytest.approx(
+                float(per_sample.detach().mean()), rel=1e-6
+            )
+    stats = opt.stats()
+    assert int(stats["alrc/num_updates"]) == SKIP + 2 and int(stats["guard/steps"]) == SKIP + 2

@@ -229,6 +229,7 @@ class Stable(L.LightningModule):
             torch.optim.AdamW(self.parameters(), lr=0.02),
             # one rollback per spike (SALeRA's response): this file tests the integration
             guard={"detector": ss.PageHinkley(ph_lambda=1.0), "response": "rollback"},
+            cprop=True,  # opt-in since the recipe's defaults; this file tests all three
             batch_size=8,
             dataset_size=64,
         )
@@ -272,8 +273,8 @@ def test_stabilize_checkpointed_by_lightning_resumes_bitwise(tmp_path):
     for h in history:
         assert h["loss"] == pytest.approx(float(whole.raw_losses[h["step"]]), rel=1e-6)
     assert int(stats["alrc/clipped_total"]) >= 8
-    logged = trainer.callbacks[-2].monitor.history  # StatsLogger: prefixed columns
-    assert logged[-1]["stabilized/guard/rollbacks"] == 2
+    logged = trainer.callbacks[-2].monitor.history  # StatsLogger: the stats() keys
+    assert logged[-1]["guard/rollbacks"] == 2
 
     (ckpt,) = checkpoints.glob("*step=10.ckpt")  # mid-epoch, Lightning's own checkpoint
     resumed = Stable(seed=1)  # other weights: they must come from the checkpoint
@@ -284,8 +285,9 @@ def test_stabilize_checkpointed_by_lightning_resumes_bitwise(tmp_path):
         assert torch.equal(p, q)
     opt_b = trainer_b.optimizers[0]
     assert [h["step"] for h in opt_b.guard.history()] == list(STABLE_SPIKES)
-    for key, value in opt.stats().items():
-        torch.testing.assert_close(value, opt_b.stats()[key], rtol=0, atol=0, msg=key)
+    resumed_stats = opt_b.stats(per_parameter=True)
+    for key, value in opt.stats(per_parameter=True).items():  # CProp's statistics too
+        torch.testing.assert_close(value, resumed_stats[key], rtol=0, atol=0, msg=key)
 
 
 def test_stabilize_under_16_mixed_a_skipped_step_leaves_alrc_and_the_loss_window(tmp_path):
@@ -304,3 +306,45 @@ def test_stabilize_under_16_mixed_a_skipped_step_leaves_alrc_and_the_loss_window
     last = float(module.raw_losses[inf_step + 1])
     assert float(opt.guard.detector.last_loss) == pytest.approx(last, rel=1e-3)
     assert [h["step"] for h in opt.guard.history()] == [STABLE_SPIKES[0]]
+
+
+class _Captured(L.pytorch.loggers.Logger):
+    """A logger that keeps what it is sent."""
+
+    def __init__(self):
+        super().__init__()
+        self.metrics = []
+
+    @property
+    def name(self):
+        return "captured"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append(dict(metrics))
+
+
+def test_logged_names_are_the_stats_keys_under_one_prefix(tmp_path):
+    # one naming (docs/integrations.md): opt.stats() keys, and "steadystep/" for a logger
+    logger = _Captured()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        logger=logger,
+        log_every_n_steps=2,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        callbacks=[LossFeeder(), StatsLogger()],
+    )
+    trainer.fit(Stable(), _stable_loader())
+    keys = trainer.optimizers[0].stats()
+    names = {k for m in logger.metrics for k in m if k.startswith("steadystep/")}
+    assert names == {f"steadystep/{k}" for k in keys}

@@ -504,9 +504,10 @@ def test_deepcopy_and_pickle_step_like_the_original():
 
 def test_stats_are_prefixed_per_component():
     model = mlp()
-    opt = ss.stabilize(ss.ALeRA(ss.layer_groups(model), lr=0.05))
+    opt = ss.stabilize(ss.ALeRA(ss.layer_groups(model), lr=0.05), cprop=True)
     train(model, opt, 2)
-    stats = opt.stats()
+    assert {key.split("/")[0] for key in opt.stats()} == {"clip", "alrc", "guard"}
+    stats = opt.stats(per_parameter=True)
     prefixes = {key.split("/")[0] for key in stats}
     assert prefixes == {"clip", "alrc", "guard", "cprop", "base"}
     assert {"alrc/threshold", "guard/alarms", "cprop/mean_scale"} <= set(stats)
@@ -514,6 +515,64 @@ def test_stats_are_prefixed_per_component():
     assert "base/skipped_steps" in stats  # ALeRA's own
     assert all(v.numel() >= 1 for v in stats.values())
     assert not any(key.startswith("guard/mean_scale") for key in stats)  # not twice
+
+
+def _ops(fn):
+    """The aten ops ``fn()`` runs, by name (each counted once per call)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Count() as mode:
+        fn()
+    return mode.ops
+
+
+@pytest.mark.parametrize("base", ["adamw", "alera"])
+def test_default_stats_cost_the_same_for_any_number_of_parameters(base):
+    # stats() runs every step under a Monitor: no reduction over the parameters (CProp's
+    # scale summaries, ALeRA's per-tensor rates) unless per_parameter=True asks for them
+    def build(width, depth):
+        torch.manual_seed(0)
+        layers = [torch.nn.Linear(6, width)]
+        layers += [torch.nn.Linear(width, width) for _ in range(depth)]
+        model = torch.nn.Sequential(*layers, torch.nn.Linear(width, 3))
+        inner = (
+            torch.optim.AdamW(model.parameters(), lr=1e-3)
+            if base == "adamw"
+            else ss.ALeRA(model.parameters(), lr=0.05, granularity="param")
+        )
+        opt = ss.stabilize(inner, cprop=True)
+        train(model, opt, 2)
+        return opt
+
+    small, large = build(4, 0), build(12, 6)
+    assert len(small.base.state) < len(large.base.state)
+    assert _ops(small.stats) == _ops(large.stats)
+    assert small.stats().keys() == large.stats().keys()
+    assert _ops(lambda: small.stats(per_parameter=True)) != _ops(
+        lambda: large.stats(per_parameter=True)
+    )
+
+
+def test_default_stats_do_not_ask_cprop_or_the_base(monkeypatch):
+    model = mlp()
+    opt = ss.stabilize(ss.ALeRA(model.parameters(), lr=0.05), cprop=True)
+    train(model, opt, 2)
+    calls = []
+    for part in (opt.cprop, opt.base):
+        monkeypatch.setattr(part, "stats", lambda part=part: calls.append(part) or {})
+    opt.stats()
+    assert calls == []
+    opt.stats(per_parameter=True)
+    assert calls == [opt.cprop, opt.base]
 
 
 @pytest.mark.parametrize("native", [True, False])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import re
 
 import pytest
 import torch
@@ -299,6 +300,11 @@ def _monitored_steps(model, opt, monitor, start, stop):
         monitor.step(loss=loss.detach())
 
 
+def _events(caplog):
+    """The Monitor's events ("steadystep: step N: ..."), not the guard's own reports."""
+    return [m for m in _warnings(caplog) if m.startswith("steadystep: step ")]
+
+
 def test_resumed_monitor_continues_the_csv_without_duplicate_or_missing_rows(tmp_path, caplog):
     every, steps, checkpoint, killed = 7, 100, 50, 64
     whole = tmp_path / "whole" / "monitor.csv"
@@ -308,7 +314,7 @@ def test_resumed_monitor_continues_the_csv_without_duplicate_or_missing_rows(tmp
     with caplog.at_level(logging.WARNING, logger="steadystep"):
         _monitored_steps(model, opt, monitor, 0, steps)
         monitor.close()
-    late_events = [m for m in _warnings(caplog) if int(m.split()[2].rstrip(":")) >= checkpoint]
+    late_events = [m for m in _events(caplog) if int(m.split()[2].rstrip(":")) >= checkpoint]
     assert late_events  # the alarm after step 70 and its LR cut, at least
 
     path = tmp_path / "resumed" / "monitor.csv"
@@ -339,7 +345,7 @@ def test_resumed_monitor_continues_the_csv_without_duplicate_or_missing_rows(tmp
     assert columns["step"] == [float(s) for s in range(steps)]
     assert columns["opt/guard/alarms"][-1] >= 1 and columns["opt/alrc/clipped_total"][-1] >= 1
     # the event scan resumes too: the same warnings, each once, under the nested component
-    assert _warnings(caplog) == late_events
+    assert _events(caplog) == late_events
     assert any("opt/guard rolled back" in m for m in late_events)
 
 
@@ -360,3 +366,89 @@ def test_monitor_resume_refuses_another_file_or_a_used_monitor(tmp_path):
         ss.Monitor(("c", comp), csv_path=path).load_state_dict(state)
     with pytest.raises(ValueError, match="not a Monitor's"):
         ss.Monitor(("c", comp)).load_state_dict({"count": 1})
+
+
+# -- one naming: a Stabilized's stats() keys are the column names --------------------------------
+
+
+def _trained_stabilized(steps=3):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = ss.stabilize(torch.optim.AdamW(model.parameters(), lr=1e-2))
+    for _ in range(steps):
+        x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+        loss = opt.clip(torch.nn.functional.cross_entropy(model(x), y, reduction="none")).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return opt
+
+
+def test_monitor_columns_of_a_stabilized_are_its_stats_keys():
+    opt = _trained_stabilized()
+    monitor = ss.Monitor(opt, every=2)
+    monitor.step(loss=1.0)
+    monitor.close()
+    assert monitor.columns == ["step", "loss", *opt.stats()]
+    named = ss.Monitor(("opt", opt), every=2)  # a name given is still a prefix
+    named.step()
+    named.close()
+    assert named.columns[1:] == [f"opt/{k}" for k in opt.stats()]
+
+
+# -- the guard reports its events through logging, without a Monitor ----------------------------
+
+
+def _guard_run(opt, model, steps, spikes):
+    g = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        x = torch.randn(16, 3, generator=g)
+        loss = model(x).pow(2).mean() + spikes.get(step, 0.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach())
+
+
+def _guard_reports(caplog):
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "steadystep" and "guard" in r.getMessage()
+    ]
+
+
+@pytest.mark.parametrize("path", ["host", "sync-free"])
+def test_guard_logs_what_changed_since_its_last_report(path, caplog):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    inner = (
+        torch.optim.SGD(model.parameters(), lr=0.01)  # the host path: its decision read per step
+        if path == "host"
+        else ss.ALeRA(model.parameters(), lr=0.01)  # maskable: decided on the device
+    )
+    opt = ss.CatastropheGuard(inner, ss.PageHinkley(ph_lambda=0.5, rho=0.1), check_every=10)
+    assert opt._device_side == (path == "sync-free")
+    # a bad batch at 13 (skipped), a bad update at 24-25 (skipped, then rolled back and cut)
+    with caplog.at_level(logging.INFO, logger="steadystep"):
+        _guard_run(opt, model, 40, {13: 100.0, 24: 100.0, 25: 100.0})
+    stats = opt.stats()
+    assert int(stats["rollbacks"]) >= 1 and int(stats["skips"]) >= 2
+    msgs = _guard_reports(caplog)
+    assert msgs, "the guard logged nothing"
+    assert "steps 10-19: guard rolled back 0, skipped 1 batch" in msgs[0]
+    if path == "sync-free":  # only at the periodic min_lr check, every check_every steps
+        assert all(re.search(r"steps \d+-\d9:", m) for m in msgs), msgs
+    # every event reported once: the reports add up to the counters
+    rolled = sum(int(re.search(r"rolled back (\d+)", m).group(1)) for m in msgs)
+    skipped = sum(int(re.search(r"skipped (\d+) batch", m).group(1)) for m in msgs)
+    assert (rolled, skipped) == (int(stats["rollbacks"]), int(stats["skips"]))
+    assert f"lr_scale {float(stats['lr_scale']):g}" in msgs[-1]
+
+
+def test_a_calm_guard_logs_nothing(caplog):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    opt = ss.CatastropheGuard(torch.optim.SGD(model.parameters(), lr=0.01), check_every=5)
+    with caplog.at_level(logging.INFO, logger="steadystep"):
+        _guard_run(opt, model, 30, {})
+    assert int(opt.stats()["alarms"]) == 0 and _guard_reports(caplog) == []

@@ -59,6 +59,7 @@ from torch.optim import Optimizer
 
 from steadystep._distributed import mean_over_ranks
 from steadystep._guard_checkpoint import GuardCheckpoint
+from steadystep._guard_report import report
 from steadystep._tensors import gradient_stats, stored_real_values
 from steadystep._validation import (
     check_loss,
@@ -473,11 +474,13 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
     @torch.compiler.disable
     def _after_step(self, cut: bool) -> None:
         """The host's bookkeeping: the call count and the ``min_lr`` check, on a cut the host
-        saw (the host path) or every ``check_every`` steps (the sync-free path); outside any
-        ``torch.compile`` of ``step``, so a compiled step still counts and still raises."""
+        saw (the host path) or every ``check_every`` steps (the sync-free path), then the log's
+        report (Note [the guard's report]); outside any ``torch.compile`` of ``step``, so a
+        compiled step still counts, raises and reports."""
         self._calls += 1
         if cut or (self._device_side and self._calls % self.check_every == 0):
             self._check_min_lr()
+        report(self, cut=cut)
 
     def _device_step(
         self, decision: Decision, bad_grads: torch.Tensor, found_finite: torch.Tensor

@@ -128,8 +128,9 @@ class Stabilized(OptimizerWrapper, Composable):
 
     One :meth:`state_dict` holds every component (ALRC's moments, the guard with its detector
     and snapshot, CProp's statistics, the base optimizer's state); loading it into an object
-    built the same way resumes bitwise. :meth:`stats` returns every component's statistics as
-    0-d tensors under ``alrc/``, ``guard/``, ``cprop/`` and ``base/``.
+    built the same way resumes bitwise. :meth:`stats` returns the components' statistics as
+    0-d tensors under ``alrc/`` and ``guard/`` (``stats(per_parameter=True)``: also ``cprop/``
+    and ``base/``, which reduce over every parameter).
 
     Examples:
         >>> model = torch.nn.Linear(4, 1)
@@ -143,6 +144,7 @@ class Stabilized(OptimizerWrapper, Composable):
     """
 
     composition_role = "stabilized"  # Note [the order of the composition]
+    stats_component = ""  # its stats() keys name their component (telemetry's Note [one naming])
 
     def __init__(
         self,
@@ -465,17 +467,27 @@ class Stabilized(OptimizerWrapper, Composable):
         self.nonfinite_losses.copy_(torch.as_tensor(0 if count is None else count))
         self._window.clear()
 
-    def stats(self) -> dict[str, Tensor]:
-        """Every component's statistics as 0-d tensors, no host sync: ``alrc/<key>``
-        (:meth:`ALRC.stats <steadystep.ALRC.stats>`), ``guard/<key>`` (the guard's counters and
-        ``detector_<key>``), ``cprop/<key>`` (``mean_scale``...) and ``base/<key>`` when the base
-        optimizer has statistics of its own (ALeRA's learning rates)."""
+    def stats(self, *, per_parameter: bool = False) -> dict[str, Tensor]:
+        """Every component's statistics as 0-d tensors, no host sync: ``clip/nonfinite_losses``,
+        ``alrc/<key>`` (:meth:`ALRC.stats <steadystep.ALRC.stats>`) and ``guard/<key>`` (the
+        guard's counters, ``lr`` and ``detector_<key>``), at a cost that does not grow with the
+        model (a Monitor calls it every step).
+
+        ``per_parameter=True`` adds the statistics that reduce over every parameter:
+        ``cprop/<key>`` (``mean_scale``, ``frac_scale_below_half``...) and ``base/<key>`` when
+        the base optimizer has statistics of its own (ALeRA's rates and ``skipped_steps``).
+        They cost reductions over CProp's (or ALeRA's) state, per parameter tensor: on a small
+        model more than its training step, so ask for them when you read them, not every step.
+        The names are the same everywhere (Note [one naming] in :mod:`steadystep.telemetry`).
+        """
         out: dict[str, Tensor] = {"clip/nonfinite_losses": self.nonfinite_losses}
         if self.alrc is not None:
             out.update({f"alrc/{k}": v for k, v in self.alrc.stats().items()})
         if self.guard is not None:
             guard_stats = self.guard.stats(include_optimizer=False)
             out.update({f"guard/{k}": v for k, v in guard_stats.items()})
+        if not per_parameter:
+            return out
         for prefix, part in (("cprop", self.cprop), ("base", self.base)):
             if part is None or (prefix == "base" and part is self.cprop):
                 continue
@@ -555,8 +567,8 @@ def stabilize(
         >>> model = torch.nn.Linear(4, 3)
         >>> opt = ss.stabilize(torch.optim.AdamW(model.parameters(), lr=1e-2),
         ...                    batch_size=8, dataset_size=800)
-        >>> type(opt.cprop).__name__, type(opt.guard).__name__
-        ('CPropAdamW', 'CatastropheGuard')
+        >>> opt.cprop, type(opt.guard).__name__  # CProp is opt-in (cprop=True)
+        (None, 'CatastropheGuard')
         >>> for _ in range(3):
         ...     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
         ...     loss = opt.clip(F.cross_entropy(model(x), y, reduction="none")).mean()

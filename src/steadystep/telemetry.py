@@ -17,8 +17,10 @@ CSV format (what ``steadystep report`` reads)
     * Then the extra scalars passed as keywords to :meth:`Monitor.step` (e.g. ``loss``), in the
       order first given.
     * Then ``<component>/<stat>`` for each component in the order given to the Monitor and each
-      key of its ``stats()`` in dict order. ``<component>`` is the name given as ``(name, obj)``
-      or the class name in lower case, with ``_1``, ``_2``, ... appended on repeats. A stat that
+      key of its ``stats()`` in dict order (Note [one naming]). ``<component>`` is the name
+      given as ``(name, obj)``, else the class name in lower case, with ``_1``, ``_2``, ...
+      appended on repeats; a :class:`~steadystep.Stabilized` adds none, its keys
+      (``alrc/threshold``, ``guard/rollbacks``...) name their component already. A stat that
       is a tensor with several elements becomes ``<component>/<stat>/<i>`` (flattened order).
     * Values: integers (``int``/``bool`` stats) as ``42``; floats as Python's ``repr`` (``0.125``,
       ``1e-08``, ``nan``, ``inf``, ``-inf``). Readable by ``csv``, ``numpy.genfromtxt(...,
@@ -28,6 +30,19 @@ CSV format (what ``steadystep report`` reads)
     * A resumed run continues the same file: :meth:`Monitor.state_dict` records how much of it
       belongs to the checkpoint, and :meth:`Monitor.load_state_dict` cuts off the rows that the
       interrupted run wrote after it, so the file ends up as an uninterrupted run's would.
+
+Note [one naming]
+    A statistic has one name wherever it is read: ``<component>/<stat>``, with ``/<i>``
+    appended per element of a multi-element stat. For ``ss.stabilize``'s optimizer these are
+    its ``stats()`` keys as they are (``alrc/threshold``, ``guard/rollbacks``, ``cprop/...``);
+    for any other object the component is the name given to the Monitor, else its class name
+    in lower case (``alrc/threshold`` for an :class:`~steadystep.ALRC`, ``salera/rollbacks``).
+    The Monitor's CSV and TensorBoard use these names; the framework integrations send them to
+    their loggers under one prefix, ``steadystep/`` (Lightning's :class:`StatsLogger
+    <steadystep.integrations.lightning.StatsLogger>` and the Hugging Face
+    :class:`SteadystepTrainer <steadystep.integrations.transformers.SteadystepTrainer>`), so a
+    logger's ``steadystep/guard/rollbacks`` is ``opt.stats()["guard/rollbacks"]``.
+    :func:`component_name` and :func:`metric_name` are the two rules.
 
 Events logged at WARNING (logger ``"steadystep"``), each once, with its step number:
     * a rollback: a ``rollbacks`` (or ``alarms``) counter of a component increased;
@@ -65,15 +80,24 @@ from torch import Tensor
 
 from steadystep._validation import check_positive
 
-__all__ = ["Monitor", "read_csv"]
+__all__ = ["Monitor", "component_name", "metric_name", "read_csv"]
 
 logger = logging.getLogger("steadystep")
 
 Row = dict[str, float]
 
 
-def _component_name(obj: Any) -> str:
-    return type(obj).__name__.lower()
+def component_name(obj: Any) -> str:
+    """The name put before ``obj``'s ``stats()`` keys (Note [one naming]): ``""`` for an
+    object whose keys name their component already (a :class:`~steadystep.Stabilized`, with
+    its class attribute ``stats_component = ""``), else the class name in lower case."""
+    name = getattr(type(obj), "stats_component", None)
+    return type(obj).__name__.lower() if name is None else name
+
+
+def metric_name(component: str, key: str) -> str:
+    """``<component>/<key>``, or ``key`` alone for an unnamed component (Note [one naming])."""
+    return f"{component}/{key}" if component else key
 
 
 def _kind(value: Any) -> str:
@@ -179,14 +203,14 @@ class Monitor:
             if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
                 name, obj = item
             else:
-                name, obj = _component_name(item), item
+                name, obj = component_name(item), item
             if not callable(getattr(obj, "stats", None)):
                 raise TypeError(
                     f"Monitor components need a stats() method; {type(obj).__name__} has none"
                 )
             if name in seen:
                 seen[name] += 1
-                name = f"{name}_{seen[name]}"
+                name = f"{name or type(obj).__name__.lower()}_{seen[name]}"
             else:
                 seen[name] = 0
             self.components.append((name, obj))
@@ -240,7 +264,7 @@ class Monitor:
                     if isinstance(value, Tensor)
                     else torch.tensor(value, dtype=torch.float64)
                 )
-                layout.append((f"{name}/{key}", t.numel()))
+                layout.append((metric_name(name, key), t.numel()))
                 values.append(t.reshape(-1))
                 kinds.append(_kind(value))
         if self._layout is None:

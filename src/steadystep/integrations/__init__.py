@@ -7,6 +7,8 @@ needs them:
 * :mod:`steadystep.integrations.transformers`: a Hugging Face ``Trainer`` subclass and callback
   (``pip install transformers``).
 * :mod:`steadystep.integrations.amp`: ``torch.amp.GradScaler`` skipped steps leave ALRC untouched.
+* :mod:`steadystep.integrations.scheduler`: an LR scheduler that does not advance on a step the
+  guard skipped (plain PyTorch; the Hugging Face integration uses it).
 """
 
 from __future__ import annotations

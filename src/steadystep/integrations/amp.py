@@ -38,6 +38,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from steadystep.integrations import unwrap_optimizer
 
 __all__ = ["restore_where", "scale_tensor", "skip_aware", "snapshot_buffers"]
 
@@ -80,17 +83,46 @@ class skip_aware:  # lower case: used like contextlib's managers, `with skip_awa
     On exit, if the scale went down (the scaler skipped a step) every buffer of ``modules`` is
     restored, on the device, to its value on entry. With a disabled scaler it does nothing.
 
+    The recipe (``ss.stabilize``) passes its optimizer, which the scaler steps:
+    ``skip_aware(scaler, opt)`` restores ``opt.alrc`` and, on exit, forgets the raw losses that
+    ``opt.clip()`` remembered for the guard (a step the scaler skipped never consumed them; a
+    step taken already did), so the next step's guard watches its own batch alone::
+
+        with skip_aware(scaler, opt):
+            loss = opt.clip(per_sample_losses).mean()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+
     Args:
         scaler: a ``torch.amp.GradScaler``.
-        *modules: the modules whose buffers must not change on a skipped step (ALRC instances).
+        *modules: what must not change on a skipped step: modules (ALRC instances) whose
+            buffers are restored, or optimizers (also under a framework's wrapper): a
+            :class:`~steadystep.Stabilized` brings its ALRC, any other adds nothing (the
+            scaler does not step it).
 
     Attributes:
         skipped: after exit, a 0-d bool tensor (on the scale's device): was the step skipped?
     """
 
-    def __init__(self, scaler: Any, *modules: nn.Module) -> None:
+    def __init__(self, scaler: Any, *modules: nn.Module | Optimizer) -> None:
         self.scaler = scaler
-        self.modules = modules
+        self.modules: list[nn.Module] = []
+        self.stabilized: list[Any] = []  # Stabilized optimizers: their loss windows
+        for item in modules:
+            if isinstance(item, nn.Module):
+                self.modules.append(item)
+                continue
+            inner = unwrap_optimizer(item)
+            if not isinstance(inner, Optimizer):
+                raise TypeError(
+                    f"skip_aware takes nn.Modules (ALRC) and optimizers, got {type(item).__name__}"
+                )
+            alrc = getattr(inner, "alrc", None)  # a Stabilized's (None with alrc=False)
+            if isinstance(alrc, nn.Module):
+                self.modules.append(alrc)
+            if callable(getattr(inner, "reset_loss", None)):
+                self.stabilized.append(inner)
         self.skipped: Tensor | None = None
         self._before: Tensor | None = None
         self._snapshot: list[tuple[nn.Module, str, Tensor]] = []
@@ -121,7 +153,12 @@ class skip_aware:  # lower case: used like contextlib's managers, `with skip_awa
         self._snapshot = snapshot_buffers(*self.modules)
 
     def end(self) -> Tensor | None:
-        """Restore the buffers if the scale went down since :meth:`begin`; return ``skipped``."""
+        """Restore the buffers if the scale went down since :meth:`begin`; return ``skipped``.
+
+        A Stabilized's raw losses are forgotten in any case: a step taken consumed them
+        already, and a skipped one must not hand them to the next (no host read needed)."""
+        for opt in self.stabilized:
+            opt.reset_loss()
         if not self._snapshot and self._before is None:
             return None
         after = scale_tensor(self.scaler)

@@ -68,7 +68,7 @@ from torch import Tensor
 from steadystep.integrations import find_stats_modules, loss_needing, unwrap_optimizer
 from steadystep.integrations.amp import skip_aware
 from steadystep.stabilize import Stabilized
-from steadystep.telemetry import Monitor
+from steadystep.telemetry import Monitor, component_name
 
 __all__ = ["LossFeeder", "StatsLogger"]
 
@@ -165,12 +165,14 @@ class StatsLogger(Callback):
 
     Records one row per optimizer step with a :class:`~steadystep.Monitor` (device-side, no host
     read) and flushes every ``every`` steps: the rows go to every logger of the trainer as
-    ``<prefix><component>/<stat>`` at their step, and to ``csv_path`` / ``tensorboard_dir`` if
-    given. Notable events (rollbacks, LR cuts, sustained clipping) are logged at WARNING.
+    ``<prefix><component>/<stat>`` at their step (``steadystep/guard/rollbacks`` for
+    ``opt.stats()["guard/rollbacks"]``: the one naming of :mod:`steadystep.telemetry`, Note [one
+    naming]), and to ``csv_path`` / ``tensorboard_dir`` if given, without the prefix. Notable
+    events (rollbacks, LR cuts, sustained clipping) are logged at WARNING.
 
-    Components: each optimizer of the trainer with ``stats()`` (named ``optimizer``,
-    ``optimizer_1``, ... or by class name when it is not a plain optimizer) and each submodule of
-    the LightningModule with ``stats()`` (named by its attribute path).
+    Components: each optimizer of the trainer with ``stats()`` (a ``Stabilized`` by its own keys
+    ``alrc/...``, ``guard/...``; another by its class name in lower case, ``salera/...``) and
+    each submodule of the LightningModule with ``stats()`` (named by its attribute path).
 
     Args:
         every: flush interval in optimizer steps (default: the trainer's ``log_every_n_steps``).
@@ -209,7 +211,7 @@ class StatsLogger(Callback):
         for opt in trainer.optimizers:
             inner = unwrap_optimizer(opt)
             if callable(getattr(inner, "stats", None)):
-                components.append((type(inner).__name__.lower(), inner))
+                components.append((component_name(inner), inner))
         components.extend(find_stats_modules(pl_module))
         self.monitor = Monitor(
             *components,

@@ -20,7 +20,8 @@
   :class:`SkipAwareScheduler`, which also keeps the guard's LR cut when the schedule recomputes
   ``lr`` from its base values (the Trainer's default linear schedule does).
 
-Steadystep statistics are added to the Trainer's logs (``steadystep/<component>/<stat>``) every
+Steadystep statistics are added to the Trainer's logs (``steadystep/<component>/<stat>``, named
+as in a Monitor and in Lightning: Note [one naming] in :mod:`steadystep.telemetry`) every
 ``logging_steps``, and a :class:`~steadystep.Monitor` passed as ``monitor=`` records every step.
 
 With ``ss.stabilize``, pass ``optimizer_factory=lambda m: ss.stabilize(torch.optim.AdamW(
@@ -57,12 +58,10 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 
 from steadystep.alrc import ALRC
-from steadystep.compose.order import layers
-from steadystep.compose.protocol import MaskableOptimizer
-from steadystep.guard import CatastropheGuard
 from steadystep.integrations import loss_needing, unwrap_optimizer
+from steadystep.integrations.scheduler import SkipAwareScheduler  # also exported here
 from steadystep.stabilize import Stabilized
-from steadystep.telemetry import Monitor
+from steadystep.telemetry import Monitor, component_name, metric_name
 
 __all__ = ["SkipAwareScheduler", "SteadystepTrainer", "default_per_sample_loss"]
 
@@ -85,81 +84,6 @@ def default_per_sample_loss(outputs: Any, labels: Tensor) -> Tensor:
             f"{tuple(logits.shape)}; pass per_sample_loss=fn(outputs, labels) -> [batch] losses"
         )
     return F.cross_entropy(logits.float(), labels, reduction="none")
-
-
-class SkipAwareScheduler:
-    """An LR scheduler that does not advance on a step the guard skipped.
-
-    ``step()`` reads the guard's ``alarms`` counter (one host read per step: the schedule itself
-    lives on the host) and, when it grew since the last call, does not step the wrapped
-    scheduler. If the guard cut ``group["lr"]`` itself (a base optimizer that is not a
-    :class:`~steadystep.compose.protocol.MaskableOptimizer`, e.g. torch's AdamW), the
-    wrapped scheduler's ``base_lrs`` are multiplied by the same factor so that a schedule which
-    recomputes ``lr = base_lr * f(step)`` (LambdaLR, the Trainer's linear and cosine schedules)
-    keeps the cut. Everything else is delegated to the wrapped scheduler.
-
-    Args:
-        scheduler: the scheduler to wrap.
-        optimizer: the optimizer it drives (framework wrappers are looked through); without an
-            ``alarms`` counter the wrapper only delegates.
-
-    Examples:
-        >>> import torch, steadystep as ss
-        >>> p = torch.nn.Parameter(torch.zeros(2))
-        >>> opt = ss.CatastropheGuard(torch.optim.SGD([p], lr=1.0))
-        >>> sched = SkipAwareScheduler(torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.9), opt)
-        >>> _ = opt.step(loss=torch.tensor(1.0))
-        >>> sched.step()
-        >>> sched.last_epoch
-        1
-    """
-
-    def __init__(self, scheduler: Any, optimizer: Any) -> None:
-        self.scheduler = scheduler
-        inner = unwrap_optimizer(optimizer)
-        # the guard, also inside a Stabilized; else the optimizer (it may count alarms itself)
-        self.guard = next((x for x in layers(inner) if isinstance(x, CatastropheGuard)), inner)
-        alarms = getattr(self.guard, "alarms", None)
-        self._alarms_seen = int(alarms) if isinstance(alarms, Tensor) else 0
-        self.skipped_steps = 0
-
-    def step(self, *args: Any, **kwargs: Any) -> None:
-        alarms = getattr(self.guard, "alarms", None)
-        if isinstance(alarms, Tensor):
-            now = int(alarms)  # the one host read per step (see class docstring)
-            new = now - self._alarms_seen
-            self._alarms_seen = now
-            if new > 0:
-                self.skipped_steps += 1
-                # A MaskableOptimizer takes the cut in its own multipliers; any other base
-                # optimizer had group["lr"] cut, which the schedule must keep.
-                base = getattr(self.guard, "optimizer", None)
-                cut_group_lr = base is not None and not isinstance(base, MaskableOptimizer)
-                if cut_group_lr and hasattr(self.scheduler, "base_lrs"):
-                    factor = float(self.guard.lr_factor) ** new
-                    self.scheduler.base_lrs = [b * factor for b in self.scheduler.base_lrs]
-                return
-        self.scheduler.step(*args, **kwargs)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "scheduler": self.scheduler.state_dict(),
-            "alarms_seen": self._alarms_seen,
-            "skipped_steps": self.skipped_steps,
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "scheduler" not in state_dict:  # a checkpoint of the bare scheduler
-            self.scheduler.load_state_dict(state_dict)
-            return
-        self.scheduler.load_state_dict(state_dict["scheduler"])
-        self._alarms_seen = int(state_dict["alarms_seen"])
-        self.skipped_steps = int(state_dict["skipped_steps"])
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "scheduler":  # not yet set (unpickling)
-            raise AttributeError(name)
-        return getattr(self.scheduler, name)
 
 
 class _StepBoundary(TrainerCallback):
@@ -287,20 +211,29 @@ class SteadystepTrainer(Trainer):
 
     def steadystep_stats(self) -> dict[str, float]:
         """The optimizer's and ALRC's ``stats()`` as ``steadystep/<component>/<stat>`` floats
-        (one host read): ``optimizer/<stat>`` and ``alrc/<stat>``, or a Stabilized's own
-        ``alrc/``, ``guard/``, ``cprop/`` keys."""
-        parts: list[tuple[str, Tensor]] = []
+        (one host read), named as everywhere (Note [one naming] in :mod:`steadystep.telemetry`):
+        a Stabilized's own keys (``steadystep/guard/alarms``), another optimizer's under its
+        class name in lower case (``steadystep/catastropheguard/alarms``), ``alrc=``'s under
+        ``alrc/``; a stat with several elements as ``<name>/<i>``."""
+        components: list[tuple[str, Any]] = []
         opt = self.steadystep_optimizer
         if opt is not None and callable(getattr(opt, "stats", None)):
-            # a Stabilized's keys are already per component (alrc/, guard/, cprop/)
-            prefix = "" if isinstance(opt, Stabilized) else "optimizer/"
-            parts += [(f"{prefix}{k}", v) for k, v in opt.stats().items() if v.numel() == 1]
+            components.append((component_name(opt), opt))
         if self.alrc is not None:
-            parts += [(f"alrc/{k}", v) for k, v in self.alrc.stats().items()]
+            components.append(("alrc", self.alrc))
+        names: list[str] = []
+        parts: list[Tensor] = []
+        for component, obj in components:
+            for key, value in obj.stats().items():
+                name = metric_name(component, key)
+                flat = value.detach().double().reshape(-1)
+                names += [name] if flat.numel() == 1 else [f"{name}/{i}" for i in range(len(flat))]
+                parts.append(flat)
         if not parts:
             return {}
-        values = torch.stack([v.detach().double().reshape(()).cpu() for _, v in parts]).tolist()
-        return {f"steadystep/{k}": v for (k, _), v in zip(parts, values, strict=True)}
+        device = parts[0].device
+        values = torch.cat([p.to(device) for p in parts]).tolist()  # the one host read
+        return {f"steadystep/{k}": v for k, v in zip(names, values, strict=True)}
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Add :meth:`steadystep_stats` to the training logs, then log as the Trainer does."""
