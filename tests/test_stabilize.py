@@ -368,7 +368,7 @@ def test_native_class_has_the_base_settings_and_matches_the_wrapper(base_cls, kw
 def test_native_equals_the_hand_built_chain_bitwise():
     a, b = mlp(), mlp()
     opt_a = ss.stabilize(
-        torch.optim.AdamW(a.parameters(), lr=1e-2), guard=ss.PageHinkley(1.0, rho=0.5)
+        torch.optim.AdamW(a.parameters(), lr=1e-2), cprop=True, guard=ss.PageHinkley(1.0, rho=0.5)
     )
     alrc = ss.ALRC()
     opt_b = ss.CatastropheGuard(
@@ -401,7 +401,7 @@ def test_native_equals_the_hand_built_chain_bitwise():
     ids=["maximize", "RMSprop", "subclass", "Adam-decoupled", "tensor-lr"],
 )
 def test_other_optimizers_get_the_wrapper(make):
-    opt = ss.stabilize(make(mlp().parameters()))
+    opt = ss.stabilize(make(mlp().parameters()), cprop=True)
     assert isinstance(opt.cprop, ss.CProp) and not opt.native
 
 
@@ -409,7 +409,7 @@ def test_a_stepped_base_keeps_its_state_in_the_wrapper():
     model = mlp()
     base = torch.optim.Adam(model.parameters(), lr=1e-2)
     train_plain(model, base, 2)
-    opt = ss.stabilize(base)
+    opt = ss.stabilize(base, cprop=True)
     assert isinstance(opt.cprop, ss.CProp) and opt.base is base
 
 
@@ -472,7 +472,7 @@ def test_resume_is_bitwise_across_every_component(name, k):
 
 def test_state_dict_names_every_component_and_refuses_another_build():
     model = mlp()
-    opt = ss.stabilize(torch.optim.AdamW(model.parameters()))
+    opt = ss.stabilize(torch.optim.AdamW(model.parameters()), cprop=True)
     train(model, opt, 2)
     state = opt.state_dict()
     # the nested form of the flat dict (Note [flat checkpoints] of steadystep.compose.wrapper)
@@ -481,7 +481,7 @@ def test_state_dict_names_every_component_and_refuses_another_build():
     guard_view = opt.guard._nested_state_dict(view["optimizer"])
     assert {"detector", "snapshots", "alarms"} <= set(guard_view["guard"])
     assert "exp_avg" in guard_view["optimizer"]["state"][0]
-    other = ss.stabilize(torch.optim.AdamW(mlp().parameters()), native=False)
+    other = ss.stabilize(torch.optim.AdamW(mlp().parameters()), cprop=True, native=False)
     with pytest.raises(ValueError, match="components"):
         other.load_state_dict(state)
     with pytest.raises(ValueError, match="not saved from a Stabilized"):
@@ -579,7 +579,10 @@ def test_default_stats_do_not_ask_cprop_or_the_base(monkeypatch):
 def test_scheduler_drives_the_innermost_groups_and_the_cut_applies(native):
     model = mlp()
     opt = ss.stabilize(
-        torch.optim.SGD(model.parameters(), lr=0.1), native=native, guard=ss.PageHinkley(rho=0.5)
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        cprop=True,
+        native=native,
+        guard=ss.PageHinkley(rho=0.5),
     )
     assert opt.param_groups is opt.base.param_groups
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
@@ -725,7 +728,8 @@ def test_prebuilt_layers_are_used_and_contradictions_refused():
         ss.stabilize(ss.CProp(sgd(model)), cprop=False)
     salera = ss.SALeRA(ss.layer_groups(model), lr=0.1)
     with pytest.raises(ValueError, match="CProp goes inside the guard"):
-        ss.stabilize(salera)
+        ss.stabilize(salera, cprop=True)
+    assert ss.stabilize(salera).cprop is None  # CProp is opt-in
     with pytest.raises(ValueError, match="guard must be True"):
         ss.stabilize(salera, cprop=False, guard={"lr_factor": 0.1})
     with pytest.raises(ValueError, match="set rho there"):

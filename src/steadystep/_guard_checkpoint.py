@@ -156,6 +156,8 @@ class GuardCheckpoint:
         """The checks of :meth:`load_state_dict`, without loading: the guard's part and the
         wrapped optimizer's (its own ``check_state_dict``, else finite statistics; Note [what a
         load checks] of :mod:`steadystep.checkpoint`)."""
+        if self._is_flat(state_dict):  # Note [flat checkpoints]: as state_dict() writes it
+            state_dict = self._nested_state_dict(state_dict)
         self._check_wrapped_state_dict(state_dict)
         owner = type(self).__name__
         check_optimizer_state(self.optimizer, state_dict["optimizer"], owner=owner)

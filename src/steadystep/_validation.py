@@ -157,3 +157,10 @@ def check_betas(name: str, value: Any) -> tuple[float, float]:
         check_unit_interval(f"{name}[0]", value[0]),
         check_unit_interval(f"{name}[1]", value[1]),
     )
+
+
+def check_count(name: str, value: Any, rule: str = "an int >= 1") -> int:
+    """``value`` is an int >= 1 (not a bool); else a ValueError naming ``name`` and ``rule``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be {rule}, got {name}={value!r}")
+    return value

@@ -62,6 +62,7 @@ from steadystep._guard_checkpoint import GuardCheckpoint
 from steadystep._guard_report import report
 from steadystep._tensors import gradient_stats, stored_real_values
 from steadystep._validation import (
+    check_count,
     check_loss,
     check_nonnegative,
     check_probability,
@@ -231,11 +232,11 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
         self.min_lr = check_nonnegative("min_lr", min_lr)
         if not isinstance(backtrack, bool):
             raise TypeError(f"backtrack must be a bool, got backtrack={backtrack!r}")
-        _check_count("check_every", check_every)
+        check_count("check_every", check_every)
         if response not in RESPONSES:
             raise ValueError(f"response must be one of {list(RESPONSES)}, got {response!r}")
         if recover_every is not None:
-            _check_count("recover_every", recover_every, "an int >= 1 or None")
+            check_count("recover_every", recover_every, "an int >= 1 or None")
         if rollback not in ROLLBACKS:
             raise ValueError(f"rollback must be one of {list(ROLLBACKS)}, got {rollback!r}")
         if model is not None and not isinstance(model, torch.nn.Module):
@@ -244,7 +245,7 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
         self.check_every = check_every
         self.response = response
         self.recover_every = recover_every
-        self.accept_after = _check_count("accept_after", accept_after)
+        self.accept_after = check_count("accept_after", accept_after)
         self.rollback = rollback
         self.snapshot_device = None if snapshot_device is None else _as_device(snapshot_device)
         # One contract for every detector (steadystep.detectors.protocol); one of your own
@@ -595,9 +596,3 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
                 f"(step, loss): {[(h['step'], h['loss']) for h in history[-5:]]}. {cause}.",
                 history,
             )
-
-
-def _check_count(name: str, value: Any, rule: str = "an int >= 1") -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be {rule}, got {name}={value!r}")
-    return value

@@ -436,6 +436,8 @@ class Stabilized(OptimizerWrapper, Composable):
         """The checks of :meth:`load_state_dict`, without loading: the format and the
         components, then every component's part (ALRC's moments, the guard, CProp and the base
         optimizer; Note [what a load checks] of :mod:`steadystep.checkpoint`)."""
+        if self._is_flat(state_dict):  # Note [flat checkpoints]: as state_dict() writes it
+            state_dict = self._nested_state_dict(state_dict)
         meta = state_dict.get("stabilized") if isinstance(state_dict, Mapping) else None
         if not isinstance(meta, Mapping) or not {"alrc", "optimizer"} <= set(state_dict):
             raise ValueError(

@@ -177,6 +177,8 @@ class CProp(OptimizerWrapper, Composable):
         """The checks of :meth:`load_state_dict`, without loading (:mod:`steadystep.checkpoint`):
         the class tags, CProp's part (keys, shapes, dtypes, finite values) and the base's part
         (its own ``check_state_dict``, else finite statistics)."""
+        if self._is_flat(state_dict):  # Note [flat checkpoints]: as state_dict() writes it
+            state_dict = self._nested_state_dict(state_dict)
         if not isinstance(state_dict, dict) or "cprop_state" not in state_dict:
             raise ValueError(
                 "state_dict has no 'cprop_state': it was not saved from a CProp wrapper; load "
