@@ -26,6 +26,19 @@ from tests.test_state_checks import MAKERS, NAMES, _model, _refused, _same, _tra
 # --------------------------------------------------------------------------------------------
 
 
+def _nested(opt: Any, sd: Any = None) -> Any:
+    """A copy of ``opt``'s checkpoint with every wrapper's part nested (Note [flat
+    checkpoints] of steadystep.compose.wrapper): the layout these tests edit; it loads as the
+    flat one does."""
+    sd = copy.deepcopy(opt.state_dict()) if sd is None else sd
+    if hasattr(opt, "_is_flat") and opt._is_flat(sd):
+        sd = opt._nested_state_dict(sd)
+    inner = getattr(opt, "optimizer", None)
+    if isinstance(sd, dict) and "optimizer" in sd and inner is not None:
+        sd["optimizer"] = _nested(inner, sd["optimizer"])
+    return sd
+
+
 def _per_param_state(sd: dict[str, Any]) -> dict[Any, dict[str, Any]]:
     """The per-parameter state of an optimizer's state_dict (the wrapper's own and its
     base's for CProp; the wrapped optimizer's for a guard)."""
@@ -69,7 +82,7 @@ def test_a_bf16_cast_checkpoint_is_refused_naming_the_key_and_both_dtypes(name):
     """A checkpoint whose statistics were cast to bf16 would give NaN parameters at the first
     step (or mixed dtypes that crash it): refused, nothing loaded."""
     model, opt = _trained(name)
-    sd = _cast_floats(copy.deepcopy(opt.state_dict()), torch.bfloat16)
+    sd = _cast_floats(_nested(opt), torch.bfloat16)
     _refused(MAKERS[name](model), sd, r"dtype.*float32.*bfloat16|bfloat16.*float32")
 
 
@@ -79,7 +92,7 @@ def test_fp32_statistics_of_bf16_params_load_and_bf16_statistics_are_refused():
     opt = ss.CPropAdamW(model.parameters(), lr=1e-2)
     model(torch.randn(4, 3, dtype=torch.bfloat16)).pow(2).mean().backward()
     opt.step()
-    sd = copy.deepcopy(opt.state_dict())
+    sd = _nested(opt)
     fresh = ss.CPropAdamW(model.parameters(), lr=1e-2)
     fresh.load_state_dict(sd)  # fp32 statistics, as the optimizer creates them
     assert fresh.state[model.weight]["exp_avg"].dtype == torch.float32
@@ -115,7 +128,7 @@ def test_fp32_statistics_of_bf16_params_load_and_bf16_statistics_are_refused():
 )
 def test_a_nonfinite_or_negative_statistic_is_refused_naming_the_key(name, key, value, match):
     model, opt = _trained(name)
-    sd = copy.deepcopy(opt.state_dict())
+    sd = _nested(opt)
     entry = _per_param_state(sd)[0]
     entry[key] = torch.full_like(entry[key], value)
     _refused(MAKERS[name](model), sd, match)
@@ -123,7 +136,7 @@ def test_a_nonfinite_or_negative_statistic_is_refused_naming_the_key(name, key, 
 
 def test_a_guard_refuses_a_nonfinite_moment_of_its_wrapped_optimizer():
     model, guard = _trained("CatastropheGuard(CPropAdamW)")
-    sd = copy.deepcopy(guard.state_dict())
+    sd = _nested(guard)
     sd["optimizer"]["state"][0]["exp_avg"][0] = math.inf
     _refused(MAKERS["CatastropheGuard(CPropAdamW)"](model), sd, r"'exp_avg'.*non-finite")
 
@@ -138,7 +151,7 @@ def test_a_guard_refuses_a_nonfinite_moment_of_its_wrapped_optimizer():
 )
 def test_a_guard_refuses_a_negative_or_nonfinite_counter(counter, value, match):
     model, guard = _trained("CatastropheGuard(AdamW)")
-    sd = copy.deepcopy(guard.state_dict())
+    sd = _nested(guard)
     sd["guard"][counter] = torch.full_like(sd["guard"][counter], value)
     _refused(MAKERS["CatastropheGuard(AdamW)"](model), sd, match)
 
@@ -158,7 +171,7 @@ def test_alrc_refuses_a_nonfinite_or_negative_moment_or_count(key, value, match)
     alrc = ss.ALRC()
     for t in range(5):
         alrc(torch.rand(8, generator=torch.Generator().manual_seed(t)) + 1.0)
-    sd = copy.deepcopy(alrc.state_dict())
+    sd = _nested(alrc)
     sd[key] = torch.full_like(sd[key], value)
     _refused(ss.ALRC(), sd, match)
 
@@ -166,7 +179,7 @@ def test_alrc_refuses_a_nonfinite_or_negative_moment_or_count(key, value, match)
 def test_alrc_refuses_a_moment_of_another_dtype():
     alrc = ss.ALRC()
     alrc(torch.rand(8) + 1.0)
-    sd = copy.deepcopy(alrc.state_dict())
+    sd = _nested(alrc)
     sd["mu1"] = sd["mu1"].to(torch.bfloat16)
     _refused(ss.ALRC(), sd, r"'mu1'.*dtype torch.bfloat16.*expected torch.float32")
 
@@ -180,14 +193,14 @@ def test_stabilized_refuses_an_unknown_format():
     model = _model()
     opt = _stabilized(model)
     _train_stabilized(model, opt, range(3))
-    sd = copy.deepcopy(opt.state_dict())
+    sd = _nested(opt)
     sd["stabilized"]["format"] = 99
     _refused(_stabilized(model), sd, r"format.*99.*1")
 
 
 def test_alera_refuses_an_untagged_agadam_checkpoint_by_its_keys():
     model, agadam = _trained("AgAdam")
-    sd = copy.deepcopy(agadam.state_dict())
+    sd = _nested(agadam)
     del sd["class"]
     _refused(ss.ALeRA(ss.layer_groups(model), lr=0.05), sd, "AgAdam")
 
@@ -195,7 +208,7 @@ def test_alera_refuses_an_untagged_agadam_checkpoint_by_its_keys():
 @pytest.mark.parametrize("name", ["ALeRA(group)", "AgAdam", "ALeRA(tensor)"])
 def test_a_float_group_step_loads_exactly_as_the_tensor_one(name):
     model, opt = _trained(name)
-    sd = copy.deepcopy(opt.state_dict())
+    sd = _nested(opt)
     floats = copy.deepcopy(sd)
     for group in floats["param_groups"]:
         group["step"] = float(group["step"])
@@ -221,7 +234,7 @@ def test_stabilized_checks_every_component_before_loading_alrc():
     model = _model()
     opt = _stabilized(model)
     _train_stabilized(model, opt, range(4))
-    sd = copy.deepcopy(opt.state_dict())
+    sd = _nested(opt)
     sd["optimizer"]["optimizer"]["state"][0]["exp_avg"][0] = math.nan
     fresh = _stabilized(model)
     _train_stabilized(model, fresh, range(10, 12))
@@ -234,7 +247,7 @@ def test_stabilized_refuses_a_bad_alrc_part_without_loading_the_optimizer():
     model = _model()
     opt = _stabilized(model)
     _train_stabilized(model, opt, range(4))
-    sd = copy.deepcopy(opt.state_dict())
+    sd = _nested(opt)
     sd["alrc"]["mu1"] = torch.tensor(math.nan)
     _refused(_stabilized(model), sd, r"'mu1'.*non-finite")
 
@@ -246,7 +259,7 @@ def test_a_clean_stabilized_checkpoint_still_loads_and_resumes():
     twin = _model()
     twin.load_state_dict(model.state_dict())
     resumed = _stabilized(twin)
-    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    resumed.load_state_dict(_nested(opt))
     _train_stabilized(model, opt, range(4, 7))
     _train_stabilized(twin, resumed, range(4, 7))
     assert all(

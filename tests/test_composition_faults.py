@@ -77,7 +77,7 @@ def test_native_cprop_counts_its_skipped_steps():
 
 def test_the_default_composition_reports_a_skipped_step():
     model = _model()
-    opt = ss.stabilize(torch.optim.AdamW(model.parameters(), lr=1e-2))
+    opt = ss.stabilize(torch.optim.AdamW(model.parameters(), lr=1e-2), cprop=True)
     _step(model, opt, 0)
     _step(model, opt, 1, poison=True)
     stats = opt.stats()
@@ -129,7 +129,7 @@ def test_instance_hooks_on_the_inner_optimizer_still_run_once_per_step():
 def test_stabilize_refuses_sparse_adam_with_cprop_and_names_the_way_out():
     emb = torch.nn.Embedding(10, 3, sparse=True)
     with pytest.raises(ValueError, match=r"SparseAdam.*cprop=False"):
-        ss.stabilize(torch.optim.SparseAdam(list(emb.parameters()), lr=1e-2))
+        ss.stabilize(torch.optim.SparseAdam(list(emb.parameters()), lr=1e-2), cprop=True)
     opt = ss.stabilize(torch.optim.SparseAdam(list(emb.parameters()), lr=1e-2), cprop=False)
     emb(torch.tensor([1, 2])).sum().backward()
     opt.step(loss=torch.tensor(1.0))

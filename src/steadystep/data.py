@@ -60,10 +60,12 @@ class SkippableSampler(Sampler[list[int]]):
     Examples:
         >>> sampler = ss.SkippableSampler(10, batch_size=2, shuffle=False)
         >>> sampler.skip(1, 3)
+        >>> len(sampler)  # batches left in this epoch
+        3
         >>> [batch for batch in sampler]
         [[0, 1], [6, 7], [8, 9]]
-        >>> sampler.position, len(sampler)
-        (5, 3)
+        >>> sampler.position, sampler.epoch
+        (5, 1)
     """
 
     def __init__(

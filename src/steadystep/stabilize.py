@@ -488,6 +488,9 @@ class Stabilized(OptimizerWrapper, Composable):
         if self.guard is not None:
             guard_stats = self.guard.stats(include_optimizer=False)
             out.update({f"guard/{k}": v for k, v in guard_stats.items()})
+        if self.native and self.cprop is not None:
+            # one shared 0-d count (O(1)): the native class's steps skipped for its gradients
+            out["cprop/skipped_steps"] = self.cprop.param_groups[0]["skipped_steps"]
         if not per_parameter:
             return out
         for prefix, part in (("cprop", self.cprop), ("base", self.base)):
