@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from steadystep._kernels import _cpu
+from steadystep._kernels.dtypes import gradient_limit, stats_dtype
 from steadystep._kernels.layout import cprop_hyper_row
 
 __all__ = [
@@ -72,19 +73,6 @@ class FusedUnsupportedError(RuntimeError):
 def enabled() -> bool:
     """False when ``STEADYSTEP_FUSED=0`` is set: every optimizer then takes its eager path."""
     return os.environ.get("STEADYSTEP_FUSED", "1").strip().lower() not in ("0", "false", "no")
-
-
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of statistics kept for parameters of ``dtype``: float32 for 16-bit floats (a
-    multiplier step of ``exp(3e-6)`` or an EMA increment vanishes in bfloat16)."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def gradient_limit(dtype: torch.dtype) -> float:
-    """The largest gradient magnitude a step accepts for statistics of ``dtype`` (Note [huge
-    gradients]): ``2**(max_exponent // 2 - 1)``."""
-    max_exponent = math.frexp(torch.finfo(dtype).max)[1]  # 128 for float32, 1024 for float64
-    return 2.0 ** (max_exponent // 2 - 1)
 
 
 @functools.lru_cache(maxsize=1)

@@ -10,7 +10,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from steadystep._kernels._common import stats_dtype
 from steadystep._kernels._triton_common import (
     TL_DTYPE,
     all_aligned,
@@ -29,6 +28,7 @@ from steadystep._kernels._triton_common import (
     to_param,
     whole_or_partial,
 )
+from steadystep._kernels.dtypes import stats_dtype
 
 __all__ = ["alera"]
 

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from steadystep._kernels._common import stats_dtype
+from steadystep._kernels.dtypes import stats_dtype
 
 __all__ = [
     "BLOCK",
