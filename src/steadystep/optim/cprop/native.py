@@ -150,7 +150,8 @@ class _NativeCPropBase(Optimizer, Composable):
         ``torch.optim.Optimizer.load_state_dict`` would cast every floating state tensor to the
         parameter's dtype, rounding fp32 statistics of bf16 parameters; the state is therefore
         copied here, on the parameter's device, dtype unchanged. A checkpoint without
-        ``lr_multiplier`` loads with 1; a float ``step`` (old torch style) as a tensor.
+        ``lr_multiplier`` loads with 1; a float ``step`` (old torch style) as a tensor; one
+        without ``foreach``/``fused`` keeps this optimizer's.
 
         The whole dict is checked first (:mod:`steadystep.checkpoint`): another
         class, a param group without this class's hyperparameters, a missing per-parameter
@@ -167,7 +168,13 @@ class _NativeCPropBase(Optimizer, Composable):
                 check_same(key, group[key], value, owner=owner)
         check_param_state(state_dict["state"], saved, self._state_spec, owner=owner)
         saved_state = state_dict["state"]
-        super().load_state_dict({**state_dict, "state": {}})
+        # a checkpoint from before the path flags keeps this optimizer's choice of path (torch
+        # would reset it to the default, and the run would continue on another path)
+        groups = [
+            {**{k: group[k] for k in ("foreach", "fused") if k in group}, **saved}
+            for group, saved in zip(self.param_groups, state_dict["param_groups"], strict=True)
+        ]
+        super().load_state_dict({**state_dict, "param_groups": groups, "state": {}})
         params = _param_index_map(self.param_groups)
         groups = state_dict["param_groups"]
         self.state.update(_states_by_param(saved_state, params, "state_dict", groups))
@@ -185,7 +192,8 @@ class _NativeCPropBase(Optimizer, Composable):
     def max_lr(self) -> Tensor:
         """Largest effective learning rate ``lr * lr_multiplier`` over the groups (0-d)."""
         device = self.param_groups[0]["lr_multiplier"].device
-        lrs = [(g["lr_multiplier"] * g["lr"]).to(device) for g in self.param_groups]
+        # a tensor lr may have any one-element shape (torch.optim accepts [1], [1, 1])
+        lrs = [(g["lr_multiplier"] * g["lr"]).reshape(()).to(device) for g in self.param_groups]
         return torch.stack(lrs).max()
 
     @torch.no_grad()
