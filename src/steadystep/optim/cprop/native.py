@@ -171,7 +171,7 @@ class _NativeCPropBase(Optimizer, Composable):
         # a checkpoint from before the path flags keeps this optimizer's choice of path (torch
         # would reset it to the default, and the run would continue on another path)
         groups = [
-            {**{k: group[k] for k in ("foreach", "fused") if k in group}, **saved}
+            {**saved, **{k: group[k] for k in ("foreach", "fused") if k not in saved}}
             for group, saved in zip(self.param_groups, state_dict["param_groups"], strict=True)
         ]
         super().load_state_dict({**state_dict, "param_groups": groups, "state": {}})
