@@ -32,6 +32,7 @@ __all__ = [
     "scale_all_",
     "sharded_flags",
     "shards",
+    "step_lr",
     "stored_real_values",
 ]
 
@@ -44,6 +45,19 @@ def clone_tensors(entries: dict[str, Any]) -> dict[str, Any]:
     """A copy of ``entries`` whose tensors are clones (e.g. a param group in a state_dict, so
     the saved 0-d multipliers and counts do not change with later steps)."""
     return {k: v.clone() if isinstance(v, Tensor) else v for k, v in entries.items()}
+
+
+def step_lr(lr: float | Tensor) -> float | Tensor:
+    """A group's ``lr`` as a step reads it (Note [tensor hyperparameters] of
+    :mod:`steadystep.optim.cprop.functional`): a float as it is; a one-element CPU tensor read
+    on the host (host memory, no device sync), so the step is bitwise the float's; one on an
+    accelerator as a 0-d tensor, never read on the host. torch.optim accepts any one-element
+    shape (``[1]``, ``[1, 1]``); a step broadcasting one would change the parameters' shapes."""
+    if not isinstance(lr, Tensor):
+        return lr
+    if lr.numel() != 1:
+        raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+    return float(lr) if lr.device.type == "cpu" else lr.detach().reshape(())
 
 
 def scale_all_(tensors: list[Tensor], factor: Tensor) -> None:

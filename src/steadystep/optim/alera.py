@@ -21,6 +21,7 @@ from steadystep._tensors import (
     scale_all_,
     sharded_flags,
     shards,
+    step_lr,
 )
 from steadystep._validation import (
     check_choice,
@@ -233,7 +234,7 @@ class ALeRA(ALeRACheckpoint, Optimizer):
         """
         out = {"skipped_steps": self.param_groups[0]["skipped_steps"]}
         for gi, group in enumerate(self.param_groups):
-            base = group["lr_multiplier"] * group["lr"]
+            base = group["lr_multiplier"] * step_lr(group["lr"])
             if self.granularity in ("global", "group"):
                 out[f"group{gi}.lr"] = base
                 continue
@@ -283,7 +284,7 @@ class ALeRA(ALeRACheckpoint, Optimizer):
             per_tensor = [t.double().mean() for t in shards if t.numel() > 0]
             if per_tensor:
                 m = m * torch.stack(per_tensor).mean()
-            values.append(group["lr"] * m)
+            values.append(step_lr(group["lr"]) * m)
         return torch.stack(values)
 
     # -- the guard's protocol (steadystep.compose.protocol.MaskableOptimizer) ----------------
@@ -297,7 +298,7 @@ class ALeRA(ALeRACheckpoint, Optimizer):
         """Largest effective learning rate ``lr * multipliers`` over all parameters (0-d)."""
         values = []
         for group in self.param_groups:
-            top = group["lr_multiplier"].double() * group["lr"]
+            top = group["lr_multiplier"].double() * step_lr(group["lr"])
             per_param = [
                 full_max(self.state[p]["lr_multiplier"]).double().to(top.device)
                 for p in group["params"]
@@ -400,7 +401,7 @@ class ALeRA(ALeRACheckpoint, Optimizer):
             gathered,
             [g["step"] for g in groups],
             [g["lr_multiplier"] for g in groups],
-            [g["lr"] for g in groups],
+            [step_lr(g["lr"]) for g in groups],
             # Optimizer-wide: one tensor shared by every group (add_param_group, load_state_dict).
             groups[0]["skipped_steps"],
             granularity=self.granularity,
@@ -425,7 +426,7 @@ class ALeRA(ALeRACheckpoint, Optimizer):
             gathered,
             [g["step"] for g in groups],
             [g["lr_multiplier"] for g in groups],
-            [g["lr"] for g in groups],
+            [step_lr(g["lr"]) for g in groups],
             groups[0]["skipped_steps"],
             adam,
             granularity=self.granularity,

@@ -79,7 +79,8 @@ class NativeCheckpoint:
         ``torch.optim.Optimizer.load_state_dict`` would cast every floating state tensor to the
         parameter's dtype, rounding fp32 statistics of bf16 parameters; the state is therefore
         copied here, on the parameter's device, dtype unchanged. A checkpoint without
-        ``lr_multiplier`` loads with 1; a float ``step`` (old torch style) as a tensor.
+        ``lr_multiplier`` loads with 1; a float ``step`` (old torch style) as a tensor; one
+        without ``foreach``/``fused`` keeps this optimizer's.
 
         The whole dict is checked first (:mod:`steadystep.checkpoint`): another
         class, a param group without this class's hyperparameters, a missing per-parameter
@@ -87,7 +88,13 @@ class NativeCheckpoint:
         """
         self.check_state_dict(state_dict)
         saved_state = state_dict["state"]
-        super().load_state_dict({**state_dict, "state": {}})
+        # a checkpoint from before the path flags keeps this optimizer's choice of path (torch
+        # would reset it to the default, and the run would continue on another path)
+        groups = [
+            {**saved, **{k: group[k] for k in ("foreach", "fused") if k not in saved}}
+            for group, saved in zip(self.param_groups, state_dict["param_groups"], strict=True)
+        ]
+        super().load_state_dict({**state_dict, "param_groups": groups, "state": {}})
         params = _param_index_map(self.param_groups)
         groups = state_dict["param_groups"]  # DCP keys the state by the groups' ids
         self.state.update(_states_by_param(saved_state, params, "state_dict", groups))

@@ -63,6 +63,38 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------
+# Tensor hyperparameters (Note [tensor hyperparameters])
+# --------------------------------------------------------------------------------------------
+
+
+def _host_value(name: str, value: float | Tensor) -> float:
+    """A constant hyperparameter as a float; a one-element tensor is read with ``float``."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}")
+        return float(value)
+    return value
+
+
+def _split_lr(
+    lr: float | Tensor, lr_multiplier: Tensor | None, params: list[Tensor]
+) -> tuple[float, Tensor | None]:
+    """``(lr, lr_multiplier)`` with a float ``lr``: a CPU tensor read on the host, one on an
+    accelerator folded into the multiplier on the device (no host read)."""
+    if not isinstance(lr, Tensor):
+        return lr, lr_multiplier
+    if lr.numel() != 1:
+        raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+    device = params[0].device if params else lr.device
+    if lr.device.type == "cpu" or device.type == "cpu":
+        return float(lr), lr_multiplier  # host memory (or a CPU step): no device sync
+    lr64 = lr.detach().reshape(()).to(device=device, dtype=torch.float64)
+    if lr_multiplier is None:
+        return 1.0, lr64
+    return 1.0, lr_multiplier.to(device=device) * lr64
+
+
+# --------------------------------------------------------------------------------------------
 # CProp's statistics and scales (the wrapper's two halves)
 # --------------------------------------------------------------------------------------------
 
@@ -323,10 +355,10 @@ def cprop_sgd(
     state_steps: list[Tensor],
     *,
     found_finite: Tensor,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
+    lr: float | Tensor,
+    momentum: float | Tensor,
+    dampening: float | Tensor,
+    weight_decay: float | Tensor,
     nesterov: bool,
     lr_multiplier: Tensor | None = None,
     cprop_beta: float,
@@ -344,7 +376,13 @@ def cprop_sgd(
     else falls back; otherwise ``foreach`` picks ``torch._foreach_*`` ops over the per-tensor
     reference loop. ``lr_multiplier`` (0-d float64 tensor, optional) multiplies ``lr`` on the
     device: the step is taken at ``lr * lr_multiplier`` with no host read (a guard's LR cuts).
+    ``lr`` and the other hyperparameters may be one-element tensors (Note [tensor
+    hyperparameters]).
     """
+    lr, lr_multiplier = _split_lr(lr, lr_multiplier, params)
+    momentum = _host_value("momentum", momentum)
+    dampening = _host_value("dampening", dampening)
+    weight_decay = _host_value("weight_decay", weight_decay)
     tensors = _SGDTensors(
         params, grads, momentum_buffers, cprop_exp_avgs, cprop_exp_avg_sqs, state_steps
     )
@@ -480,11 +518,11 @@ def cprop_adam(
     *,
     found_finite: Tensor,
     amsgrad: bool,
-    beta1: float,
-    beta2: float,
-    lr: float,
-    weight_decay: float,
-    eps: float,
+    beta1: float | Tensor,
+    beta2: float | Tensor,
+    lr: float | Tensor,
+    weight_decay: float | Tensor,
+    eps: float | Tensor,
     decoupled_weight_decay: bool,
     lr_multiplier: Tensor | None = None,
     cprop_beta: float,
@@ -499,8 +537,13 @@ def cprop_adam(
 
     ``cprop_exp_avg_sqs=None`` means CProp's ``v`` is Adam's ``exp_avg_sq`` (shared);
     ``max_exp_avg_sqs`` is read only with ``amsgrad``; ``lr_multiplier``, ``fused`` and
-    ``foreach`` as in :func:`cprop_sgd`.
+    ``foreach`` as in :func:`cprop_sgd`; ``lr`` and the other hyperparameters may be
+    one-element tensors (Note [tensor hyperparameters]).
     """
+    lr, lr_multiplier = _split_lr(lr, lr_multiplier, params)
+    beta1, beta2 = _host_value("betas[0]", beta1), _host_value("betas[1]", beta2)
+    eps = _host_value("eps", eps)
+    weight_decay = _host_value("weight_decay", weight_decay)
     tensors = _AdamTensors(
         params,
         grads,

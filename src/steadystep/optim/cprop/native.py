@@ -142,7 +142,8 @@ class _NativeCPropBase(NativeCheckpoint, Optimizer, Composable):
     def max_lr(self) -> Tensor:
         """Largest effective learning rate ``lr * lr_multiplier`` over the groups (0-d)."""
         device = self.param_groups[0]["lr_multiplier"].device
-        lrs = [(g["lr_multiplier"] * g["lr"]).to(device) for g in self.param_groups]
+        # a tensor lr may have any one-element shape (torch.optim accepts [1], [1, 1])
+        lrs = [(g["lr_multiplier"] * g["lr"]).reshape(()).to(device) for g in self.param_groups]
         return torch.stack(lrs).max()
 
     @torch.no_grad()
