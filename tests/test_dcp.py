@@ -192,7 +192,9 @@ def test_flat_state_dict_still_loads_nested_checkpoints(native):
     """A checkpoint in the nested layout of earlier versions (Stabilized > guard > CProp, the
     wrapper or a native class) loads and resumes bitwise."""
     model = _mlp()
-    opt = ss.stabilize(torch.optim.AdamW(model.parameters(), lr=1e-2), native=native)
+    opt = ss.stabilize(
+        torch.optim.AdamW(model.parameters(), lr=1e-2), alrc=True, cprop=True, native=native
+    )
     for step in range(SAVE_AT):
         _step(model, opt, "clip", step)
     nested = copy.deepcopy(_nested(opt))
@@ -205,7 +207,9 @@ def test_flat_state_dict_still_loads_nested_checkpoints(native):
     with torch.no_grad():
         for p, saved in zip(fresh.parameters(), params, strict=True):
             p.copy_(saved)
-    fresh_opt = ss.stabilize(torch.optim.AdamW(fresh.parameters(), lr=1e-2), native=native)
+    fresh_opt = ss.stabilize(
+        torch.optim.AdamW(fresh.parameters(), lr=1e-2), alrc=True, cprop=True, native=native
+    )
     fresh_opt.load_state_dict(nested)
     for step in range(SAVE_AT, STEPS):
         _step(fresh, fresh_opt, "clip", step)
@@ -217,7 +221,7 @@ def test_flat_state_dict_keeps_the_wrappers_parts_apart():
     top, each wrapper's per-parameter tensors as "<key>/<name>" in the parameter's entry, the
     rest under its key in the first group; a plain AdamW checkpoint is refused by the guard."""
     model = _mlp()
-    opt = ss.stabilize(torch.optim.AdamW(model.parameters(), lr=1e-2), native=False)
+    opt = ss.stabilize(torch.optim.AdamW(model.parameters(), lr=1e-2), cprop=True, native=False)
     for step in range(3):
         _step(model, opt, "clip", step)
     sd = opt.state_dict()

@@ -49,17 +49,21 @@ def _guard(base, ctx):
 
 
 def _stabilize(base, ctx):
-    """The recipe with its defaults (ALRC and the guard; CProp opt-in)."""
+    """The recipe with its defaults (the guard; ALRC and CProp opt-in)."""
     return ss.stabilize(base, model=ctx.model)
 
 
-def _stabilize_cprop(base, ctx):
-    return ss.stabilize(base, cprop=True, model=ctx.model)
+def _stabilize_alrc(base, ctx):
+    return ss.stabilize(base, alrc=True, model=ctx.model)
 
 
 def _stabilize_alrc5(base, ctx):
     """The recipe with a looser ALRC (5 running standard deviations)."""
     return ss.stabilize(base, alrc={"n_sigma": 5.0}, model=ctx.model)
+
+
+def _stabilize_cprop(base, ctx):
+    return ss.stabilize(base, cprop=True, model=ctx.model)
 
 
 def _cprop(base, ctx):
@@ -76,7 +80,8 @@ Builder = Callable[[torch.optim.Optimizer, ArmContext], torch.optim.Optimizer]
 ARMS: dict[str, tuple[Builder, str]] = {
     "plain": (_plain, "the plain optimizer"),
     "guard": (_guard, "`ss.CatastropheGuard(opt, model=model)`"),
-    "stabilize": (_stabilize, "`ss.stabilize(opt, model=model)` (the recipe: ALRC + guard)"),
+    "stabilize": (_stabilize, "`ss.stabilize(opt, model=model)` (the recipe's defaults)"),
+    "stabilize_alrc": (_stabilize_alrc, "the recipe with `alrc=True` (3 standard deviations)"),
     "stabilize_alrc5": (_stabilize_alrc5, "the recipe with `alrc={'n_sigma': 5.0}`"),
     "stabilize_cprop": (_stabilize_cprop, "the recipe with `cprop=True`"),
     "cprop": (_cprop, "`ss.CPropAdamW` / `ss.CPropSGD` alone"),

@@ -24,7 +24,7 @@ __all__ = [
 TOLERANCE = 0.01  # the basin: lrs whose mean metric is within 1% (relative) of the best
 TARGET_LOSS = 0.005  # the recipe may cost at most 0.5% (relative) at the plain best lr
 TARGET_BASIN = 3.0  # the recipe's basin should be >= 3x plain's
-GUARDED = ("guard", "stabilize", "stabilize_alrc5", "stabilize_cprop")
+GUARDED = ("guard", "stabilize", "stabilize_alrc", "stabilize_alrc5", "stabilize_cprop")
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -444,7 +444,8 @@ def headline(results: dict[str, Any]) -> str:
     for arm, what in (
         ("guard", "the guard alone"),
         ("stabilize", "the recipe (`ss.stabilize` with its defaults)"),
-        ("stabilize_cprop", "the recipe with CProp (`cprop=True`)"),
+        ("stabilize_alrc", "with ALRC (`alrc=True`)"),
+        ("stabilize_cprop", "with CProp (`cprop=True`)"),
     ):
         if arm in arms:
             worse, n = costs(arm)

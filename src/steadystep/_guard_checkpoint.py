@@ -19,6 +19,7 @@ from steadystep.checkpoint import (
     check_same,
     check_shape,
 )
+from steadystep.detectors.protocol import ForeignDetector
 
 __all__ = ["GuardCheckpoint"]
 
@@ -36,6 +37,16 @@ class GuardCheckpoint:
     snapshot: Any
 
     checkpoint_key = "guard"  # Note [flat checkpoints] (steadystep.compose.wrapper)
+
+    @property
+    def snapshots(self) -> list[torch.Tensor]:
+        """The parameters' rollback copies (one per parameter seen so far)."""
+        return self.snapshot.param_copies
+
+    def _detector_class(self) -> str:
+        """The detector's class name, as checkpoints record it (a foreign one's own name)."""
+        inner = self.detector.detector if isinstance(self.detector, ForeignDetector) else None
+        return type(inner if inner is not None else self.detector).__name__
 
     def _split_checkpoint(
         self, nested: dict[str, Any]

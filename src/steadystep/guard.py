@@ -50,7 +50,9 @@ only worth paying on an alarm).
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -78,7 +80,7 @@ from steadystep.compose.wrapper import (
     is_state_init_step,
 )
 from steadystep.detectors import SpikeDetector
-from steadystep.detectors.protocol import ChangeDetector, ForeignDetector, as_detector
+from steadystep.detectors.protocol import ChangeDetector, as_detector
 from steadystep.ladder import NORMAL, RESPONSES, Decision, decide, rescale
 from steadystep.snapshot import ROLLBACKS, Snapshot
 
@@ -300,11 +302,6 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
-    @property
-    def snapshots(self) -> list[torch.Tensor]:
-        """The parameters' rollback copies (one per parameter seen so far)."""
-        return self.snapshot.param_copies
-
     # -- state ------------------------------------------------------------------------------
     def _counters(self) -> dict[str, torch.Tensor]:
         return {
@@ -469,10 +466,9 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
         self.episode_scale.copy_(episode_scale)
         self.calm.copy_(calm)
         self._record(alarm, loss_t, decision)
-        self._after_step(cut)
+        _bookkeeping(self, cut)
         return loss if closure is None else result
 
-    @torch.compiler.disable
     def _after_step(self, cut: bool) -> None:
         """The host's bookkeeping: the call count and the ``min_lr`` check, on a cut the host
         saw (the host path) or every ``check_every`` steps (the sync-free path), then the log's
@@ -511,11 +507,6 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
     def _self_protecting(self) -> bool:
         """Does the wrapped optimizer skip non-finite gradients itself (a MaskableOptimizer)?"""
         return isinstance(self.optimizer, MaskableOptimizer)
-
-    def _detector_class(self) -> str:
-        """The detector's class name, as checkpoints record it (a foreign one's own name)."""
-        inner = self.detector.detector if isinstance(self.detector, ForeignDetector) else None
-        return type(inner if inner is not None else self.detector).__name__
 
     def _host_step(self, decision: Decision, bad_grads: torch.Tensor) -> bool:
         """The decision read on the host and carried out; returns whether the rate was cut."""
@@ -596,3 +587,14 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
                 f"(step, loss): {[(h['step'], h['loss']) for h in history[-5:]]}. {cause}.",
                 history,
             )
+
+
+def _bookkeeping(guard: CatastropheGuard, cut: bool) -> None:
+    """``guard._after_step(cut)``; under ``torch.compile`` (dynamo loaded) outside the graph."""
+    after = CatastropheGuard._after_step
+    (_outside_graph(after) if "torch._dynamo" in sys.modules else after)(guard, cut)
+
+
+@functools.cache
+def _outside_graph(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return torch.compiler.disable(fn)
