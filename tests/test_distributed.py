@@ -285,8 +285,11 @@ def _fsdp_guard_run(rank, make_opt):
 
 FSDP_GUARD_CASES = {
     "salera_group": lambda m: ss.SALeRA(ss.layer_groups(m), lr=0.05, rho=0.5, ph_lambda=0.5),
+    # one alarm, one rollback (SALeRA's response), of the parameters and AdamW's sharded state
     "guard_adamw": lambda m: ss.CatastropheGuard(
-        torch.optim.AdamW(m.parameters(), lr=1e-2), ss.PageHinkley(ph_lambda=0.5, rho=0.5)
+        torch.optim.AdamW(m.parameters(), lr=1e-2),
+        ss.PageHinkley(ph_lambda=0.5, rho=0.5),
+        response="rollback",
     ),
 }
 
