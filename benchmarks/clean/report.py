@@ -313,9 +313,8 @@ def tables(results: dict[str, Any]) -> str:
         "**The guard on clean runs**, pooled over every task, optimizer and schedule, by lr "
         "(x the plain best): `lr_scale` is the guard's product of cuts; *cut (guard)*: share of "
         "steps after the guard's first cut; *cut (effective)*: share of steps whose learning "
-        "rate was below the schedule's (a scheduler that recomputes lr from its base, such as "
-        "LambdaLR, OneCycleLR or CosineAnnealingWarmRestarts, overwrites a cut on torch's "
-        "optimizers; on CProp's native classes the cut lives in `lr_multiplier` and stays):",
+        "rate was below the schedule's (the guard's scale rides on top of whatever the "
+        "scheduler sets, so the two agree unless a run was not guarded):",
         "",
         _table(header, rows),
     ]
