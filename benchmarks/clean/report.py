@@ -443,8 +443,8 @@ def headline(results: dict[str, Any]) -> str:
     for arm, what in (
         ("guard", "the guard alone"),
         ("stabilize", "the recipe (`ss.stabilize` with its defaults)"),
-        ("stabilize_alrc", "with ALRC (`alrc=True`)"),
-        ("stabilize_cprop", "with CProp (`cprop=True`)"),
+        ("stabilize_alrc", "the recipe with ALRC (`alrc=True`)"),
+        ("stabilize_cprop", "the recipe with CProp (`cprop=True`)"),
     ):
         if arm in arms:
             worse, n = costs(arm)
