@@ -38,12 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     net = net.to(device)
     model = DDP(net)
     batch = 32
-    # the detector's rho = (samples per step over all ranks) / (samples in the data)
-    opt = ss.stabilize(
-        torch.optim.AdamW(net.parameters(), lr=1e-2),
-        batch_size=batch * world,
-        dataset_size=batch * world * args.steps,
-    )
+    # ALRC and CProp are opt-in (docs/clean.md); this example composes all three
+    opt = ss.stabilize(torch.optim.AdamW(net.parameters(), lr=1e-2), alrc=True, cprop=True)
     # one Monitor on rank 0 is enough: the statistics are the same on every rank
     # columns named as opt.stats() names them: guard/alarms, alrc/threshold, ...
     monitor = ss.Monitor(opt, every=10, csv_path=args.csv)

@@ -15,6 +15,12 @@ from steadystep.integrations.amp import skip_aware
 SKIP = 4
 
 
+def _stabilize(*args, **kwargs):
+    """ss.stabilize with ALRC on (opt-in since the clean-run benchmark): these tests exercise
+    ALRC inside the composition; a test of the defaults calls ss.stabilize itself."""
+    return ss.stabilize(*args, **{"alrc": True, **kwargs})
+
+
 class _InfGrad(torch.autograd.Function):
     """Identity forward, inf backward: a finite loss whose (scaled) gradients overflow."""
 
@@ -141,7 +147,7 @@ def test_skip_aware_takes_a_stabilized_optimizer():
     # the recipe under a GradScaler: skip_aware(scaler, opt) reaches opt's ALRC, and the raw
     # loss that opt.clip() remembered for a skipped step does not reach the next step's guard
     model = _model()
-    opt = ss.stabilize(torch.optim.AdamW(model.parameters(), lr=1e-2), cprop=True)
+    opt = _stabilize(torch.optim.AdamW(model.parameters(), lr=1e-2), cprop=True)
     scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
     g = torch.Generator().manual_seed(1)
     for step in range(SKIP + 3):

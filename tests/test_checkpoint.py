@@ -26,6 +26,12 @@ from tests.test_state_checks import MAKERS, NAMES, _model, _refused, _same, _tra
 # --------------------------------------------------------------------------------------------
 
 
+def _stabilize(*args, **kwargs):
+    """ss.stabilize with ALRC on (opt-in since the clean-run benchmark): these tests exercise
+    ALRC inside the composition; a test of the defaults calls ss.stabilize itself."""
+    return ss.stabilize(*args, **{"alrc": True, **kwargs})
+
+
 def _nested(opt: Any, sd: Any = None) -> Any:
     """A copy of ``opt``'s checkpoint with every wrapper's part nested (Note [flat
     checkpoints] of steadystep.compose.wrapper): the layout these tests edit; it loads as the
@@ -59,7 +65,7 @@ def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
 
 
 def _stabilized(model: torch.nn.Module) -> ss.Stabilized:
-    return ss.stabilize(torch.optim.AdamW(model.parameters(), lr=1e-2))
+    return _stabilize(torch.optim.AdamW(model.parameters(), lr=1e-2))
 
 
 def _train_stabilized(model: torch.nn.Module, opt: ss.Stabilized, steps: range) -> None:

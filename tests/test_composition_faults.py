@@ -17,6 +17,12 @@ from torch.optim.optimizer import (
 import steadystep as ss
 
 
+def _stabilize(*args, **kwargs):
+    """ss.stabilize with ALRC on (opt-in since the clean-run benchmark): these tests exercise
+    ALRC inside the composition; a test of the defaults calls ss.stabilize itself."""
+    return ss.stabilize(*args, **{"alrc": True, **kwargs})
+
+
 def _model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
@@ -40,9 +46,9 @@ def _alrc_state(alrc: ss.ALRC) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(
     "make",
     [
-        lambda m: ss.stabilize(torch.optim.AdamW(m.parameters(), lr=1e-2)),
-        lambda m: ss.stabilize(torch.optim.AdamW(m.parameters(), lr=1e-2), cprop=False),
-        lambda m: ss.stabilize(torch.optim.SGD(m.parameters(), lr=1e-2), native=False),
+        lambda m: _stabilize(torch.optim.AdamW(m.parameters(), lr=1e-2)),
+        lambda m: _stabilize(torch.optim.AdamW(m.parameters(), lr=1e-2), cprop=False),
+        lambda m: _stabilize(torch.optim.SGD(m.parameters(), lr=1e-2), native=False),
     ],
     ids=["native", "torch-fused-or-host", "wrapper"],
 )
@@ -77,7 +83,7 @@ def test_native_cprop_counts_its_skipped_steps():
 
 def test_the_default_composition_reports_a_skipped_step():
     model = _model()
-    opt = ss.stabilize(torch.optim.AdamW(model.parameters(), lr=1e-2), cprop=True)
+    opt = _stabilize(torch.optim.AdamW(model.parameters(), lr=1e-2), cprop=True)
     _step(model, opt, 0)
     _step(model, opt, 1, poison=True)
     stats = opt.stats()
@@ -87,10 +93,10 @@ def test_the_default_composition_reports_a_skipped_step():
 @pytest.mark.parametrize(
     "make",
     [
-        lambda m: ss.stabilize(torch.optim.AdamW(m.parameters(), lr=1e-2)),
-        lambda m: ss.stabilize(torch.optim.SGD(m.parameters(), lr=1e-2), native=False),
-        lambda m: ss.stabilize(torch.optim.SGD(m.parameters(), lr=1e-2), cprop=False),
-        lambda m: ss.stabilize(torch.optim.SGD(m.parameters(), lr=1e-2), guard=False),
+        lambda m: _stabilize(torch.optim.AdamW(m.parameters(), lr=1e-2)),
+        lambda m: _stabilize(torch.optim.SGD(m.parameters(), lr=1e-2), native=False),
+        lambda m: _stabilize(torch.optim.SGD(m.parameters(), lr=1e-2), cprop=False),
+        lambda m: _stabilize(torch.optim.SGD(m.parameters(), lr=1e-2), guard=False),
         lambda m: ss.CatastropheGuard(torch.optim.SGD(m.parameters(), lr=1e-2)),
         lambda m: ss.CProp(torch.optim.SGD(m.parameters(), lr=1e-2)),
     ],
@@ -129,8 +135,8 @@ def test_instance_hooks_on_the_inner_optimizer_still_run_once_per_step():
 def test_stabilize_refuses_sparse_adam_with_cprop_and_names_the_way_out():
     emb = torch.nn.Embedding(10, 3, sparse=True)
     with pytest.raises(ValueError, match=r"SparseAdam.*cprop=False"):
-        ss.stabilize(torch.optim.SparseAdam(list(emb.parameters()), lr=1e-2), cprop=True)
-    opt = ss.stabilize(torch.optim.SparseAdam(list(emb.parameters()), lr=1e-2), cprop=False)
+        _stabilize(torch.optim.SparseAdam(list(emb.parameters()), lr=1e-2), cprop=True)
+    opt = _stabilize(torch.optim.SparseAdam(list(emb.parameters()), lr=1e-2), cprop=False)
     emb(torch.tensor([1, 2])).sum().backward()
     opt.step(loss=torch.tensor(1.0))
 

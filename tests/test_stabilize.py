@@ -21,6 +21,12 @@ from steadystep.stabilize import configure_detector
 F64 = torch.float64
 
 
+def _stabilize(*args, **kwargs):
+    """ss.stabilize with ALRC on (opt-in since the clean-run benchmark): these tests exercise
+    ALRC inside the composition; a test of the defaults calls ss.stabilize itself."""
+    return ss.stabilize(*args, **{"alrc": True, **kwargs})
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """These models are tiny: one thread is faster than two on a shared machine."""
@@ -128,13 +134,13 @@ def test_double_guard_and_wrapping_a_stabilized_are_refused():
     model = mlp()
     with pytest.raises(ValueError, match="already a CatastropheGuard"):
         ss.CatastropheGuard(ss.CatastropheGuard(ss.CProp(sgd(model))))
-    stabilized = ss.stabilize(sgd(model))
+    stabilized = _stabilize(sgd(model))
     with pytest.raises(ValueError, match=r"guard=\.\.\. to ss\.stabilize"):
         ss.CatastropheGuard(stabilized)
     with pytest.raises(ValueError, match=r"cprop=\.\.\. to ss\.stabilize"):
         ss.CProp(stabilized)
     with pytest.raises(ValueError, match="already a Stabilized"):
-        ss.stabilize(stabilized)
+        _stabilize(stabilized)
 
 
 def test_guard_around_cprop_passes_loss_closure_and_stats():
@@ -164,7 +170,7 @@ def test_guard_around_cprop_passes_loss_closure_and_stats():
 
 def test_stabilized_closure_clips_inside_and_the_guard_sees_the_raw_loss():
     model = mlp()
-    opt = ss.stabilize(sgd(model), alrc={"mu1_init": 0.1, "mu2_init": 0.02}, guard=ss.PageHinkley())
+    opt = _stabilize(sgd(model), alrc={"mu1_init": 0.1, "mu2_init": 0.02}, guard=ss.PageHinkley())
     seen = {}
 
     def closure():
@@ -186,7 +192,7 @@ def test_stabilized_closure_clips_inside_and_the_guard_sees_the_raw_loss():
 def test_guard_watches_raw_mean_and_gradient_comes_from_clipped_losses():
     model = mlp()
     alrc_settings = {"mu1_init": 0.1, "mu2_init": 0.02}  # low moments: this batch is clipped
-    opt = ss.stabilize(sgd(model), alrc=alrc_settings, cprop=False, guard=ss.PageHinkley())
+    opt = _stabilize(sgd(model), alrc=alrc_settings, cprop=False, guard=ss.PageHinkley())
     twin = mlp()
     reference_alrc = ss.ALRC(**alrc_settings)
     per_sample = per_sample_loss(model, 0)
@@ -205,7 +211,7 @@ def test_guard_watches_raw_mean_and_gradient_comes_from_clipped_losses():
 
 def test_accumulation_gives_the_guard_the_mean_raw_loss_and_loss_overrides():
     model = mlp()
-    opt = ss.stabilize(sgd(model), guard=ss.PageHinkley())  # its last_loss: what it watched
+    opt = _stabilize(sgd(model), guard=ss.PageHinkley())  # its last_loss: what it watched
     raws = []
     opt.zero_grad()
     for step in range(3):  # three micro-batches, one step
@@ -253,7 +259,7 @@ def _digits_run(composed, steps=150, explode_at=80):
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 10))
     if composed:
         # the same detector as by hand below: the comparison is of the loss it is fed
-        opt = ss.stabilize(
+        opt = _stabilize(
             torch.optim.SGD(model.parameters(), lr=0.1),
             guard=ss.PageHinkley(),
             batch_size=b,
@@ -346,10 +352,8 @@ def test_native_class_has_the_base_settings_and_matches_the_wrapper(base_cls, kw
     base = base_cls(groups_a, **kw)
     sched = torch.optim.lr_scheduler.StepLR(base, step_size=1, gamma=0.5)  # built on the base
     # no guard here: its cut goes to lr_multiplier (native) or lr (wrapper), tested below
-    native = ss.stabilize(base, cprop={"beta": 0.99}, guard=False)
-    wrapper = ss.stabilize(
-        base_cls(groups_b, **kw), cprop={"beta": 0.99}, guard=False, native=False
-    )
+    native = _stabilize(base, cprop={"beta": 0.99}, guard=False)
+    wrapper = _stabilize(base_cls(groups_b, **kw), cprop={"beta": 0.99}, guard=False, native=False)
     assert type(native.cprop) is native_cls and isinstance(wrapper.cprop, ss.CProp)
     assert native.param_groups[0] is groups_a[0]  # the same dicts: the scheduler drives them
     for key, value in kw.items():
@@ -367,7 +371,7 @@ def test_native_class_has_the_base_settings_and_matches_the_wrapper(base_cls, kw
 
 def test_native_equals_the_hand_built_chain_bitwise():
     a, b = mlp(), mlp()
-    opt_a = ss.stabilize(
+    opt_a = _stabilize(
         torch.optim.AdamW(a.parameters(), lr=1e-2), cprop=True, guard=ss.PageHinkley(1.0, rho=0.5)
     )
     alrc = ss.ALRC()
@@ -401,7 +405,7 @@ def test_native_equals_the_hand_built_chain_bitwise():
     ids=["maximize", "RMSprop", "subclass", "Adam-decoupled", "tensor-lr"],
 )
 def test_other_optimizers_get_the_wrapper(make):
-    opt = ss.stabilize(make(mlp().parameters()), cprop=True)
+    opt = _stabilize(make(mlp().parameters()), cprop=True)
     assert isinstance(opt.cprop, ss.CProp) and not opt.native
 
 
@@ -409,7 +413,7 @@ def test_a_stepped_base_keeps_its_state_in_the_wrapper():
     model = mlp()
     base = torch.optim.Adam(model.parameters(), lr=1e-2)
     train_plain(model, base, 2)
-    opt = ss.stabilize(base, cprop=True)
+    opt = _stabilize(base, cprop=True)
     assert isinstance(opt.cprop, ss.CProp) and opt.base is base
 
 
@@ -425,17 +429,17 @@ def train_plain(model, opt, steps):
 
 
 BUILDS = {
-    "adamw-native": lambda m: ss.stabilize(
+    "adamw-native": lambda m: _stabilize(
         torch.optim.AdamW(m.parameters(), lr=2e-2), batch_size=16, dataset_size=64
     ),
-    "adamw-wrapper": lambda m: ss.stabilize(
+    "adamw-wrapper": lambda m: _stabilize(
         torch.optim.AdamW(m.parameters(), lr=2e-2), native=False, guard={"lr_factor": 0.25}
     ),
-    "sgd-native": lambda m: ss.stabilize(
+    "sgd-native": lambda m: _stabilize(
         torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), alrc={"beta1": 0.9, "beta2": 0.9}
     ),
-    "alera": lambda m: ss.stabilize(ss.ALeRA(ss.layer_groups(m), lr=0.05)),
-    "salera-no-cprop": lambda m: ss.stabilize(ss.SALeRA(ss.layer_groups(m), lr=0.05), cprop=False),
+    "alera": lambda m: _stabilize(ss.ALeRA(ss.layer_groups(m), lr=0.05)),
+    "salera-no-cprop": lambda m: _stabilize(ss.SALeRA(ss.layer_groups(m), lr=0.05), cprop=False),
 }
 
 
@@ -472,7 +476,7 @@ def test_resume_is_bitwise_across_every_component(name, k):
 
 def test_state_dict_names_every_component_and_refuses_another_build():
     model = mlp()
-    opt = ss.stabilize(torch.optim.AdamW(model.parameters()), cprop=True)
+    opt = _stabilize(torch.optim.AdamW(model.parameters()), cprop=True)
     train(model, opt, 2)
     state = opt.state_dict()
     # the nested form of the flat dict (Note [flat checkpoints] of steadystep.compose.wrapper)
@@ -481,7 +485,7 @@ def test_state_dict_names_every_component_and_refuses_another_build():
     guard_view = opt.guard._nested_state_dict(view["optimizer"])
     assert {"detector", "snapshots", "alarms"} <= set(guard_view["guard"])
     assert "exp_avg" in guard_view["optimizer"]["state"][0]
-    other = ss.stabilize(torch.optim.AdamW(mlp().parameters()), cprop=True, native=False)
+    other = _stabilize(torch.optim.AdamW(mlp().parameters()), cprop=True, native=False)
     with pytest.raises(ValueError, match="components"):
         other.load_state_dict(state)
     with pytest.raises(ValueError, match="not saved from a Stabilized"):
@@ -490,7 +494,7 @@ def test_state_dict_names_every_component_and_refuses_another_build():
 
 def test_deepcopy_and_pickle_step_like_the_original():
     model = mlp()
-    opt = ss.stabilize(torch.optim.AdamW(model.parameters(), lr=1e-2))
+    opt = _stabilize(torch.optim.AdamW(model.parameters(), lr=1e-2))
     train(model, opt, 3)
     for clone in (copy.deepcopy((model, opt)), pickle.loads(pickle.dumps((model, opt)))):
         twin_model, twin_opt = clone
@@ -504,7 +508,7 @@ def test_deepcopy_and_pickle_step_like_the_original():
 
 def test_stats_are_prefixed_per_component():
     model = mlp()
-    opt = ss.stabilize(ss.ALeRA(ss.layer_groups(model), lr=0.05), cprop=True)
+    opt = _stabilize(ss.ALeRA(ss.layer_groups(model), lr=0.05), cprop=True)
     train(model, opt, 2)
     assert {key.split("/")[0] for key in opt.stats()} == {"clip", "alrc", "guard"}
     stats = opt.stats(per_parameter=True)
@@ -549,7 +553,7 @@ def test_default_stats_cost_the_same_for_any_number_of_parameters(base):
             if base == "adamw"
             else ss.ALeRA(model.parameters(), lr=0.05, granularity="param")
         )
-        opt = ss.stabilize(inner, cprop=True)
+        opt = _stabilize(inner, cprop=True)
         train(model, opt, 2)
         return opt
 
@@ -564,7 +568,7 @@ def test_default_stats_cost_the_same_for_any_number_of_parameters(base):
 
 def test_default_stats_do_not_ask_cprop_or_the_base(monkeypatch):
     model = mlp()
-    opt = ss.stabilize(ss.ALeRA(model.parameters(), lr=0.05), cprop=True)
+    opt = _stabilize(ss.ALeRA(model.parameters(), lr=0.05), cprop=True)
     train(model, opt, 2)
     calls = []
     for part in (opt.cprop, opt.base):
@@ -578,7 +582,7 @@ def test_default_stats_do_not_ask_cprop_or_the_base(monkeypatch):
 @pytest.mark.parametrize("native", [True, False])
 def test_scheduler_drives_the_innermost_groups_and_the_cut_applies(native):
     model = mlp()
-    opt = ss.stabilize(
+    opt = _stabilize(
         torch.optim.SGD(model.parameters(), lr=0.1),
         cprop=True,
         native=native,
@@ -605,13 +609,13 @@ def test_scheduler_drives_the_innermost_groups_and_the_cut_applies(native):
 
 def test_rho_from_batch_and_dataset_size():
     model = mlp()
-    opt = ss.stabilize(sgd(model), guard=ss.PageHinkley(), batch_size=32, dataset_size=1024)
+    opt = _stabilize(sgd(model), guard=ss.PageHinkley(), batch_size=32, dataset_size=1024)
     assert opt.guard.detector.rho == 32 / 1024
-    default = ss.stabilize(sgd(mlp()), batch_size=32, dataset_size=1024).guard.detector
+    default = _stabilize(sgd(mlp()), batch_size=32, dataset_size=1024).guard.detector
     if isinstance(default, ss.PageHinkley):  # whatever the default detector, it is configured
         assert default.rho == 32 / 1024
     given = ss.PageHinkley(ph_lambda=0.3)
-    opt = ss.stabilize(sgd(mlp()), guard={"detector": given}, batch_size=8, dataset_size=100)
+    opt = _stabilize(sgd(mlp()), guard={"detector": given}, batch_size=8, dataset_size=100)
     assert opt.guard.detector is given and given.rho == 0.08 and given.ph_lambda == 0.3
 
     class Hooked:
@@ -631,11 +635,11 @@ def test_rho_from_batch_and_dataset_size():
             return {}
 
     hooked = Hooked()
-    ss.stabilize(sgd(mlp()), guard=hooked, batch_size=4, dataset_size=40)
+    _stabilize(sgd(mlp()), guard=hooked, batch_size=4, dataset_size=40)
     assert hooked.sizes == (4, 40)
     unchanged = ss.PageHinkley(rho=0.2)
     configure_detector(object(), batch_size=1, dataset_size=2)  # needs nothing: left alone
-    ss.stabilize(sgd(mlp()), guard=unchanged)  # no sizes: the detector's own rho
+    _stabilize(sgd(mlp()), guard=unchanged)  # no sizes: the detector's own rho
     assert unchanged.rho == 0.2
 
 
@@ -658,7 +662,7 @@ def test_rho_from_batch_and_dataset_size():
 )
 def test_bad_arguments_raise_at_construction(kwargs, error, match):
     with pytest.raises(error, match=match):
-        ss.stabilize(sgd(mlp()), **kwargs)
+        _stabilize(sgd(mlp()), **kwargs)
 
 
 # -- bad input ---------------------------------------------------------------------------------
@@ -666,7 +670,7 @@ def test_bad_arguments_raise_at_construction(kwargs, error, match):
 
 def test_a_per_sample_loss_given_as_the_guards_loss_is_refused():
     model = mlp()
-    opt = ss.stabilize(sgd(model))
+    opt = _stabilize(sgd(model))
     per_sample = per_sample_loss(model, 0)
     opt.clip(per_sample).mean().backward()
     with pytest.raises(ValueError, match=r"scalar; got a loss of shape \(16,\)"):
@@ -683,7 +687,7 @@ def test_a_per_sample_loss_given_as_the_guards_loss_is_refused():
 
 def test_a_reduced_loss_is_refused_where_per_sample_is_needed():
     model = mlp()
-    opt = ss.stabilize(sgd(model))
+    opt = _stabilize(sgd(model))
     with pytest.raises(ValueError, match="unreduced losses, one per sample"):
         opt.clip(per_sample_loss(model, 0).mean())
     with pytest.raises(TypeError, match="floating-point"):
@@ -692,7 +696,7 @@ def test_a_reduced_loss_is_refused_where_per_sample_is_needed():
         opt.clip(torch.zeros(0))
     # clipping the batch mean on purpose, or batch size 1 (where the loss is the sample's)
     for kwargs in ({"per_sample": False}, {"batch_size": 1, "dataset_size": 100}):
-        other = ss.stabilize(sgd(mlp()), **kwargs)
+        other = _stabilize(sgd(mlp()), **kwargs)
         assert other.clip(torch.tensor(2.0)).ndim == 0
 
 
@@ -701,46 +705,46 @@ def test_components_on_another_device_are_refused():
     base = torch.optim.AdamW(model.parameters())
     keys = [set(group) for group in base.param_groups]
     with pytest.raises(ValueError, match="alrc's moments are on meta but the parameters are on"):
-        ss.stabilize(base, alrc=ss.ALRC().to("meta"))
+        _stabilize(base, alrc=ss.ALRC().to("meta"))
     # refused before the native class took the groups over (it adds cprop_* and lr_multiplier)
     assert [set(group) for group in base.param_groups] == keys
     detector = ss.PageHinkley(device="meta")
     with pytest.raises(ValueError, match="detector are on meta"):
-        ss.stabilize(sgd(model), guard=detector)
-    ss.stabilize(sgd(model), guard=ss.PageHinkley())  # a CPU detector moves at first use
+        _stabilize(sgd(model), guard=detector)
+    _stabilize(sgd(model), guard=ss.PageHinkley())  # a CPU detector moves at first use
 
 
 def test_a_base_without_parameters_is_refused():
     with pytest.raises(ValueError, match="no parameters"):
-        ss.stabilize(torch.optim.SGD([{"params": []}], lr=0.1))
+        _stabilize(torch.optim.SGD([{"params": []}], lr=0.1))
     with pytest.raises(TypeError, match=r"torch\.optim\.Optimizer"):
-        ss.stabilize(mlp())
+        _stabilize(mlp())
 
 
 def test_prebuilt_layers_are_used_and_contradictions_refused():
     model = mlp()
     native = ss.CPropAdamW(model.parameters())
-    opt = ss.stabilize(native)
+    opt = _stabilize(native)
     assert opt.cprop is native and opt.base is native
     with pytest.raises(ValueError, match="cprop must be True"):
-        ss.stabilize(ss.CPropAdamW(model.parameters()), cprop={"c": 2.0})
+        _stabilize(ss.CPropAdamW(model.parameters()), cprop={"c": 2.0})
     with pytest.raises(ValueError, match="cprop must be True"):
-        ss.stabilize(ss.CProp(sgd(model)), cprop=False)
+        _stabilize(ss.CProp(sgd(model)), cprop=False)
     salera = ss.SALeRA(ss.layer_groups(model), lr=0.1)
     with pytest.raises(ValueError, match="CProp goes inside the guard"):
-        ss.stabilize(salera, cprop=True)
-    assert ss.stabilize(salera).cprop is None  # CProp is opt-in
+        _stabilize(salera, cprop=True)
+    assert _stabilize(salera).cprop is None  # CProp is opt-in
     with pytest.raises(ValueError, match="guard must be True"):
-        ss.stabilize(salera, cprop=False, guard={"lr_factor": 0.1})
+        _stabilize(salera, cprop=False, guard={"lr_factor": 0.1})
     with pytest.raises(ValueError, match="set rho there"):
-        ss.stabilize(salera, cprop=False, batch_size=8, dataset_size=80)
-    opt = ss.stabilize(ss.CatastropheGuard(ss.CProp(sgd(model))))
+        _stabilize(salera, cprop=False, batch_size=8, dataset_size=80)
+    opt = _stabilize(ss.CatastropheGuard(ss.CProp(sgd(model))))
     assert isinstance(opt.cprop, ss.CProp) and opt.guard is opt.optimizer
 
 
 def test_without_guard_closures_reach_the_base_and_no_loss_is_needed():
     model = mlp(F64)
-    opt = ss.stabilize(
+    opt = _stabilize(
         torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4), guard=False, cprop=False
     )
     calls = []
@@ -767,7 +771,7 @@ def test_cuda_steady_state_step_does_not_sync():
     """ALRC's clip, the raw-loss window, the guard around the native CPropAdamW: warm-up steps
     create the state, then steady-state steps run under ``set_sync_debug_mode("error")``."""
     model = mlp().cuda()
-    opt = ss.stabilize(torch.optim.AdamW(model.parameters(), lr=1e-2))
+    opt = _stabilize(torch.optim.AdamW(model.parameters(), lr=1e-2))
     assert opt.alrc.mu1.is_cuda and isinstance(opt.cprop, ss.CPropAdamW)
 
     # every batch on the device first: a host-to-device copy is itself a sync
@@ -798,4 +802,14 @@ def test_cuda_steady_state_step_does_not_sync():
 def test_cuda_alrc_on_the_cpu_is_refused():
     model = mlp().cuda()
     with pytest.raises(ValueError, match="alrc's moments are on cpu"):
-        ss.stabilize(torch.optim.AdamW(model.parameters()), alrc=ss.ALRC())
+        _stabilize(torch.optim.AdamW(model.parameters()), alrc=ss.ALRC())
+
+
+def test_the_defaults_are_the_guard_with_alrc_and_cprop_opt_in():
+    """Note [the recipe's defaults]: what costs nothing on healthy runs is on (the guard, the
+    clip window's NaN mask); ALRC and CProp are asked for."""
+    opt = ss.stabilize(torch.optim.AdamW(mlp().parameters()))
+    assert opt.alrc is None and opt.cprop is None and isinstance(opt.guard, ss.CatastropheGuard)
+    assert opt.guard.response == "ladder" and opt.guard.rollback == "full"
+    full = ss.stabilize(torch.optim.AdamW(mlp().parameters()), alrc=True, cprop=True)
+    assert isinstance(full.alrc, ss.ALRC) and isinstance(full.cprop, ss.CPropAdamW)

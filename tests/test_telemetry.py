@@ -15,6 +15,12 @@ import steadystep as ss
 from steadystep.telemetry import read_csv
 
 
+def _stabilize(*args, **kwargs):
+    """ss.stabilize with ALRC on (opt-in since the clean-run benchmark): these tests exercise
+    ALRC inside the composition; a test of the defaults calls ss.stabilize itself."""
+    return ss.stabilize(*args, **{"alrc": True, **kwargs})
+
+
 class Scripted:
     """A component whose stats follow a script: ``values[name][step]``."""
 
@@ -282,7 +288,7 @@ def test_events_false_logs_nothing(caplog):
 def _stabilized_run(model_seed=0):
     torch.manual_seed(model_seed)
     model = torch.nn.Linear(4, 1)
-    opt = ss.stabilize(torch.optim.AdamW(model.parameters(), lr=1e-2), guard=ss.PageHinkley(1.0))
+    opt = _stabilize(torch.optim.AdamW(model.parameters(), lr=1e-2), guard=ss.PageHinkley(1.0))
     return model, opt
 
 
@@ -374,7 +380,7 @@ def test_monitor_resume_refuses_another_file_or_a_used_monitor(tmp_path):
 def _trained_stabilized(steps=3):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
-    opt = ss.stabilize(torch.optim.AdamW(model.parameters(), lr=1e-2))
+    opt = _stabilize(torch.optim.AdamW(model.parameters(), lr=1e-2))
     for _ in range(steps):
         x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
         loss = opt.clip(torch.nn.functional.cross_entropy(model(x), y, reduction="none")).mean()

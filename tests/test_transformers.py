@@ -27,6 +27,12 @@ MAX_STEPS = 10
 LR = 1e-3
 
 
+def _stabilize(*args, **kwargs):
+    """ss.stabilize with ALRC on (opt-in since the clean-run benchmark): these tests exercise
+    ALRC inside the composition; a test of the defaults calls ss.stabilize itself."""
+    return ss.stabilize(*args, **{"alrc": True, **kwargs})
+
+
 def _model():
     torch.manual_seed(0)
     config = BertConfig(
@@ -220,7 +226,7 @@ def _stable_trainer(out, seed=0):
         args=args,
         train_dataset=_data(),
         per_sample_loss=spikes,
-        optimizer_factory=lambda m: ss.stabilize(
+        optimizer_factory=lambda m: _stabilize(
             torch.optim.AdamW(m.parameters(), lr=LR),
             guard={"detector": ss.PageHinkley(ph_lambda=0.5)},
             cprop=True,  # opt-in since the recipe's defaults; this file tests all three
@@ -276,7 +282,7 @@ def test_alrc_twice_is_refused(tmp_path):
         args=args,
         train_dataset=_data(8),
         alrc=ss.ALRC(),
-        optimizer_factory=lambda m: ss.stabilize(torch.optim.AdamW(m.parameters())),
+        optimizer_factory=lambda m: _stabilize(torch.optim.AdamW(m.parameters())),
     )
     with pytest.raises(ValueError, match="drop alrc="):
         trainer.train()

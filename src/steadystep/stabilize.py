@@ -574,9 +574,8 @@ def stabilize(
         >>> import torch.nn.functional as F
         >>> _ = torch.manual_seed(0)
         >>> model = torch.nn.Linear(4, 3)
-        >>> opt = ss.stabilize(torch.optim.AdamW(model.parameters(), lr=1e-2),
-        ...                    batch_size=8, dataset_size=800)
-        >>> opt.cprop, type(opt.guard).__name__  # CProp is opt-in (cprop=True)
+        >>> opt = ss.stabilize(torch.optim.AdamW(model.parameters(), lr=1e-2), alrc=True)
+        >>> opt.cprop, type(opt.guard).__name__  # CProp is opt-in (cprop=True), ALRC too
         (None, 'CatastropheGuard')
         >>> for _ in range(3):
         ...     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
