@@ -6,8 +6,8 @@ with ``needs_grad_norm`` also gets the global gradient norm, computed once per s
 device (:func:`~steadystep.detectors.global_grad_norm`). An alarm is answered by the ladder of
 :mod:`steadystep.ladder` (Note [the ladder]): a first alarm skips the step (a bad batch); a
 second in a row rolls the parameters, the optimizer's state and the model's buffers back to
-before the last update and cuts the learning rate (a bad update); a third at the restored
-weights is a change of level, accepted (the detector restarts, the episode's cuts are undone).
+before the last update and cuts the learning rate (a bad update); ``accept_after`` more at the
+restored weights are a change of level, accepted (detector restarted, the cuts undone).
 ``response="rollback"`` is SALeRA's published recovery (Algorithm 1, lines 7-11 of the paper;
 docs/decisions.md): every alarm rolls back one step and multiplies the rate by ``lr_factor``.
 
@@ -132,19 +132,19 @@ def _as_device(value: Any) -> torch.device:
 
 
 class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
-    """Wrap any optimizer with detect -> skip, roll back and cut, or accept (Note [the ladder]).
+    r"""Wrap any optimizer with detect -> skip, roll back and cut, or accept (Note [the ladder]).
 
     With ``theta_b`` the parameters (and optimizer state) saved before the last update, ``A_t``
     the detector's alarm on loss ``L_t`` and ``s`` the learning-rate scale:
 
     .. math::
-        \neg A_t:&\\ \theta_b \\leftarrow \theta,\\ \theta \\leftarrow \text{optimizer.step}(\theta,
-        \\ s\\,\\eta_t)\\
-        A_t \text{ (first)}:&\\ \text{skip the step}\\
-        A_t \text{ (second)}:&\\ \theta \\leftarrow \theta_b,\\ s \\leftarrow \texttt{lr\\_factor}
-        \\cdot s\\
-        A_t \text{ (third, finite)}:&\\ \text{accept: restart the detector, undo the
-        episode's cuts, step}
+        \neg A_t:&\ \theta_b \leftarrow \theta,\ \theta \leftarrow \text{optimizer.step}(\theta,
+        \ s\,\eta_t)\\
+        A_t \text{ (first)}:&\ \text{skip the step}\\
+        A_t \text{ (second)}:&\ \theta \leftarrow \theta_b,\ s \leftarrow
+        \texttt{lr\_factor} \cdot s\\
+        A_t \text{ (at } \theta_b \text{, finite, accept\_after in a row)}:&\ \text{accept:
+        restart the detector, undo the episode's cuts, step}
 
     Args:
         optimizer: the optimizer to protect (any ``torch.optim.Optimizer`` whose ``step``
@@ -452,7 +452,7 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
             self._maskable.scale_lr_(factor)  # Note [the learning-rate scale]
         if self.response == "ladder":
             # A skipped batch or rolled-back weights are not the run's level: the next loss is
-            # tested against the band from before the trouble. The third rung accepts the new
+            # tested against the band from before the trouble. The last rung accepts the new
             # level: the detector restarts from it.
             self.detector.revert(alarm & ~decision.accept)
             self.detector.reset(decision.accept)
