@@ -18,6 +18,9 @@ def _worker(rank: int, world: int, init_file: str, fn: Callable, args: tuple, ou
         import torch
 
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        # every rank done before the group is torn down: a rank that tears down while the
+        # other still has collective work in flight can abort in gloo's teardown
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
