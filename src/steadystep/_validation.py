@@ -159,8 +159,9 @@ def check_betas(name: str, value: Any) -> tuple[float, float]:
     )
 
 
-def check_count(name: str, value: Any, rule: str = "an int >= 1") -> int:
-    """``value`` is an int >= 1 (not a bool); else a ValueError naming ``name`` and ``rule``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be {rule}, got {name}={value!r}")
+def check_count(name: str, value: Any, rule: str | None = None, *, low: int = 1) -> int:
+    """``value`` is an int >= ``low`` (not a bool); else a ValueError naming ``name`` and the
+    rule (``rule`` words it otherwise, e.g. "an int >= 1 or None")."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be {rule or f'an int >= {low}'}, got {name}={value!r}")
     return value

@@ -29,15 +29,11 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
+from steadystep._validation import check_count
+
 __all__ = ["SkippableSampler"]
 
 _FORMAT = 1
-
-
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {name}={value!r}")
-    return value
 
 
 class SkippableSampler(Sampler[list[int]]):
@@ -79,24 +75,22 @@ class SkippableSampler(Sampler[list[int]]):
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
-        self.dataset_size = _check_int("dataset_size", dataset_size, 1)
-        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.dataset_size = check_count("dataset_size", dataset_size, low=1)
+        self.batch_size = check_count("batch_size", batch_size, low=1)
         if not isinstance(shuffle, bool) or not isinstance(drop_last, bool):
             raise TypeError(
                 f"shuffle and drop_last must be bools, got shuffle={shuffle!r}, "
                 f"drop_last={drop_last!r}"
             )
-        self.seed = _check_int("seed", seed, 0)
+        self.seed = check_count("seed", seed, low=0)
         dist = torch.distributed
         ready = dist.is_available() and dist.is_initialized()
-        self.world_size = _check_int(
-            "world_size",
-            world_size if world_size is not None else (dist.get_world_size() if ready else 1),
-            1,
-        )
-        self.rank = _check_int(
-            "rank", rank if rank is not None else (dist.get_rank() if ready else 0), 0
-        )
+        if world_size is None:
+            world_size = dist.get_world_size() if ready else 1
+        if rank is None:
+            rank = dist.get_rank() if ready else 0
+        self.world_size = check_count("world_size", world_size, low=1)
+        self.rank = check_count("rank", rank, low=0)
         if self.rank >= self.world_size:
             raise ValueError(
                 f"rank must be < world_size, got rank={self.rank}, world_size={self.world_size}"
@@ -117,8 +111,8 @@ class SkippableSampler(Sampler[list[int]]):
     def skip(self, start: int, stop: int) -> None:
         """Never draw the global batches ``start <= b < stop`` (windows may overlap, lie in the
         past or the future; batches already drawn are not undrawn)."""
-        start = _check_int("start", start, 0)
-        stop = _check_int("stop", stop, 0)
+        start = check_count("start", start, low=0)
+        stop = check_count("stop", stop, low=0)
         if stop < start:
             raise ValueError(f"stop must be >= start, got start={start}, stop={stop}")
         if stop > start:
@@ -199,7 +193,7 @@ class SkippableSampler(Sampler[list[int]]):
                     f"{state_dict.get(key)!r}, this sampler {getattr(self, key)!r} (the order "
                     "of the batches would not be the saved run's)"
                 )
-        position = _check_int("position", state_dict.get("position"), 0)
+        position = check_count("position", state_dict.get("position"), low=0)
         windows = state_dict.get("windows")
         if not isinstance(windows, list) or not all(
             isinstance(w, (list, tuple)) and len(w) == 2 and 0 <= w[0] <= w[1] for w in windows
