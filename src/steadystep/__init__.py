@@ -58,6 +58,7 @@ _EXPORTS = {
     "stabilize": "steadystep.stabilize",
     "Monitor": "steadystep.telemetry",
     "SkippableSampler": "steadystep.data",
+    "Escalation": "steadystep.escalation",
 }
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ if TYPE_CHECKING:
         SpikeDetector,
         ZClipDetector,
     )
+    from steadystep.escalation import Escalation
     from steadystep.groups import layer_groups
     from steadystep.guard import CatastropheGuard, TrainingDiverged
     from steadystep.optim import AgAdam, ALeRA
@@ -90,6 +92,7 @@ __all__ = [
     "CPropSGD",
     "CatastropheGuard",
     "EWMRatio",
+    "Escalation",
     "Monitor",
     "PageHinkley",
     "PageHinkleyPaper",

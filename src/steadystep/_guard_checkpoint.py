@@ -35,6 +35,7 @@ class GuardCheckpoint:
     optimizer: Any
     detector: Any
     snapshot: Any
+    escalation: Any
 
     checkpoint_key = "guard"  # Note [flat checkpoints] (steadystep.compose.wrapper)
 
@@ -118,6 +119,8 @@ class GuardCheckpoint:
             "optimizer_class": type(self.optimizer).__name__,
             "detector_class": self._detector_class(),
         }
+        if self.escalation is not None:  # Note [escalation]: the ring, its history, the sampler
+            guard["escalation"] = self.escalation.state_dict()
         return {
             "optimizer": self.optimizer.state_dict(),
             "guard": guard,
@@ -159,6 +162,8 @@ class GuardCheckpoint:
         for saved, c in zip(guard.get("buffer_snapshots") or [], buffer_copies, strict=False):
             c.copy_(saved)
         self._calls = int(guard["calls"])
+        if self.escalation is not None and "escalation" in guard:
+            self.escalation.load_state_dict(guard["escalation"], self._ring_tensors())
         self.lr_factor = check_probability("lr_factor", guard["lr_factor"])
         self.backtrack = bool(guard["backtrack"])
         self.min_lr = check_nonnegative("min_lr", guard["min_lr"])
@@ -218,5 +223,9 @@ class GuardCheckpoint:
                 check_finite(guard[name], owner=owner, where=f"{name!r}", nonnegative=True)
         check_probability("lr_factor", guard["lr_factor"])
         check_nonnegative("min_lr", guard["min_lr"])
+        if self.escalation is not None and "escalation" in guard:
+            self.escalation.check_state_dict(
+                guard["escalation"], params, self.snapshot.model_buffers
+            )
         # The detector checks its own part; on a copy, so a failure leaves it as it was.
         copy.deepcopy(self.detector).load_state_dict(guard["detector"])

@@ -22,12 +22,15 @@ Note [the guard's report]
 from __future__ import annotations
 
 import logging
+import math
 import weakref
 from typing import Any
 
 import torch
 
-__all__ = ["report"]
+from steadystep.escalation import TrainingDiverged
+
+__all__ = ["check_min_lr", "report"]
 
 logger = logging.getLogger("steadystep")
 
@@ -76,3 +79,28 @@ def report(guard: Any, *, cut: bool) -> None:
         text,
         now[5],
     )
+
+
+def check_min_lr(guard: Any) -> None:
+    """Raise TrainingDiverged when cuts left every applied learning rate below ``min_lr``."""
+    if not bool(guard.alarms > 0):
+        return
+    max_lr = float(guard._applied_max_lr())
+    if not max_lr >= guard.min_lr:  # NaN-aware: a NaN learning rate has diverged too
+        history = guard.history()
+        nonfinite = sum(1 for h in history[-5:] if not math.isfinite(h["loss"]))
+        cause = (
+            f"{nonfinite} of the last {min(5, len(history))} alarms were a non-finite "
+            "loss: look for NaN/inf in the data, the labels or the model's output (a "
+            "lower rate will not fix that)"
+            if nonfinite
+            else "Lower the initial lr, or make the detector less sensitive if the alarms "
+            "come from a noisy plateau (a larger sigma for SpikeDetector, ph_lambda for "
+            "PageHinkleyPaper)"
+        )
+        raise TrainingDiverged(
+            f"{type(guard).__name__}: after {int(guard.alarms)} alarms the largest learning "
+            f"rate is {max_lr:.3g} < min_lr={guard.min_lr:g}; training diverged. Last alarms "
+            f"(step, loss): {[(h['step'], h['loss']) for h in history[-5:]]}. {cause}.",
+            history,
+        )

@@ -61,7 +61,7 @@ from torch.optim import Optimizer
 
 from steadystep._distributed import mean_over_ranks
 from steadystep._guard_checkpoint import GuardCheckpoint
-from steadystep._guard_report import report
+from steadystep._guard_report import check_min_lr, report
 from steadystep._tensors import gradient_stats, stored_real_values
 from steadystep._validation import (
     check_count,
@@ -81,29 +81,13 @@ from steadystep.compose.wrapper import (
 )
 from steadystep.detectors import SpikeDetector
 from steadystep.detectors.protocol import ChangeDetector, as_detector
-from steadystep.ladder import NORMAL, RESPONSES, Decision, decide, rescale
-from steadystep.snapshot import ROLLBACKS, Snapshot
+from steadystep.escalation import Escalation, TrainingDiverged
+from steadystep.ladder import NORMAL, RESPONSES, ROLLED_BACK, Decision, decide, rescale
+from steadystep.snapshot import ROLLBACKS, Snapshot, state_tensors
 
 __all__ = ["CatastropheGuard", "TrainingDiverged"]
 
 _HISTORY = 64  # alarms remembered for TrainingDiverged (a ring buffer on the device)
-
-
-class TrainingDiverged(RuntimeError):
-    """Raised when alarms have driven the learning rate below ``min_lr``.
-
-    ``history`` lists the last alarms (up to 64) as dicts ``{"step", "loss"}``, oldest first;
-    ``loss`` is the loss the detector tested (the mean over ranks under torch.distributed).
-    """
-
-    def __init__(self, message: str, history: list[dict[str, float]]) -> None:
-        super().__init__(message)
-        self.history = history
-
-    def __reduce__(self) -> tuple[type, tuple[str, list[dict[str, float]]]]:
-        # Pickle with the history (the default would call __init__ with the message alone), so
-        # the error crosses process boundaries: multiprocessing pools, spawned DDP workers.
-        return (type(self), (str(self), self.history))
 
 
 def _missing_loss(owner: str) -> RuntimeError:
@@ -178,6 +162,9 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
         accept_after: alarms in a row at the restored weights before a change of level is
             accepted (default 4; those batches are skipped): a run of a few corrupted batches
             ends before that, a new level stays (Note [the ladder]).
+        escalation: the rung above the ladder (:class:`~steadystep.Escalation`: a ring of
+            snapshots tens of steps back, and data to skip; Note [escalation]), or None
+            (default: the one-step ladder alone).
 
     The loss comes from ``step(loss=...)``, else :meth:`observe_loss`, else a closure's result
     (in that order, see :meth:`step`); a step without one raises a RuntimeError that says how
@@ -220,6 +207,7 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
         rollback: str = "full",
         model: torch.nn.Module | None = None,
         accept_after: int = 4,
+        escalation: Escalation | None = None,
     ) -> None:
         super().__init__(optimizer)
         # Note [the order of the composition] (compose/order.py): one guard, outermost
@@ -243,6 +231,8 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
             raise ValueError(f"rollback must be one of {list(ROLLBACKS)}, got {rollback!r}")
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if escalation is not None and not isinstance(escalation, Escalation):
+            raise TypeError(f"escalation must be an ss.Escalation, got {escalation!r}")
         self.backtrack = backtrack
         self.check_every = check_every
         self.response = response
@@ -284,6 +274,9 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
         self.snapshot = Snapshot(
             device=self.snapshot_device, full=rollback == "full", buffers=buffers
         )
+        self.escalation = escalation
+        if escalation is not None:
+            escalation.attach(device)
         self._calls = 0
         self._pending_loss: torch.Tensor | None = None
 
@@ -404,6 +397,9 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
         check_scalar_loss(owner, loss)
         self._pending_loss = None
         observed = loss.detach() if isinstance(loss, torch.Tensor) else loss
+        if self.escalation is not None and self.escalation.due():
+            self._escalate()  # Note [the escalation flag]: this step is dropped
+            return loss if closure is None else result
         params = self._params()
         # Note [non-finite gradients]: one pass over the gradients, before the detector sees the
         # loss, gives the skip flag (so a skipped step leaves the detector untouched, whoever
@@ -428,6 +424,8 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
             response=self.response,
             accept_after=self.accept_after,
         )
+        if self.escalation is not None:  # Note [escalation]
+            decision = self.escalation.amend(decision, alarm, self.phase, self.steps, loss_t)
         bad_grads = bad_grads.to(alarm.device)
         self.last_step_skipped = bad_grads  # read by Stabilized (ALRC's moments)
         factor, episode_scale, calm = rescale(
@@ -476,8 +474,32 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
         compiled step still counts, raises and reports."""
         self._calls += 1
         if cut or (self._device_side and self._calls % self.check_every == 0):
-            self._check_min_lr()
+            check_min_lr(self)
         report(self, cut=cut)
+        if self.escalation is not None and self._calls % self.escalation.every == 0:
+            self.escalation.take(self._ring_tensors(), self.detector, self._calls)
+
+    def _ring_tensors(self) -> list[torch.Tensor]:
+        """A slot of the escalation's ring: parameters, optimizer state, model buffers."""
+        params = self._params()
+        return [*params, *state_tensors(self.optimizer, params)[0], *self.snapshot.model_buffers]
+
+    def _escalate(self) -> None:
+        """Note [escalation]: restore the ring's slot, cut the rate, skip data; the ladder
+        goes on from the restored weights as after a rollback."""
+        assert self.escalation is not None
+        self.escalation.restore(self._ring_tensors(), self.detector, self._calls)
+        if self.backtrack:  # the one-step snapshot is the restored state
+            self.snapshot.track(self._params(), self.optimizer)
+            self.snapshot.copy_(restore=False)
+        factor = torch.full_like(self.lr_scale, self.lr_factor)
+        self.lr_scale.mul_(factor)
+        if self._scales_itself:
+            self._maskable.scale_lr_(factor)
+        for counter, value in ((self.phase, ROLLED_BACK), (self.waited, 0), (self.calm, 0)):
+            counter.fill_(value)
+        self.steps.add_(1)
+        _bookkeeping(self, cut=True)
 
     def _device_step(
         self, decision: Decision, bad_grads: torch.Tensor, found_finite: torch.Tensor
@@ -563,30 +585,6 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
         if self._scales_itself:
             return self._maskable.max_lr()
         return applied_max_lr(self.optimizer, self.lr_scale)
-
-    def _check_min_lr(self) -> None:
-        """Raise TrainingDiverged when cuts left every applied learning rate below ``min_lr``."""
-        if not bool(self.alarms > 0):
-            return
-        max_lr = float(self._applied_max_lr())
-        if not max_lr >= self.min_lr:  # NaN-aware: a NaN learning rate has diverged too
-            history = self.history()
-            nonfinite = sum(1 for h in history[-5:] if not math.isfinite(h["loss"]))
-            cause = (
-                f"{nonfinite} of the last {min(5, len(history))} alarms were a non-finite "
-                "loss: look for NaN/inf in the data, the labels or the model's output (a "
-                "lower rate will not fix that)"
-                if nonfinite
-                else "Lower the initial lr, or make the detector less sensitive if the alarms "
-                "come from a noisy plateau (a larger sigma for SpikeDetector, ph_lambda for "
-                "PageHinkleyPaper)"
-            )
-            raise TrainingDiverged(
-                f"{type(self).__name__}: after {int(self.alarms)} alarms the largest learning "
-                f"rate is {max_lr:.3g} < min_lr={self.min_lr:g}; training diverged. Last alarms "
-                f"(step, loss): {[(h['step'], h['loss']) for h in history[-5:]]}. {cause}.",
-                history,
-            )
 
 
 def _bookkeeping(guard: CatastropheGuard, cut: bool) -> None:

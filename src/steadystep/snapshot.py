@@ -28,12 +28,12 @@ from torch.optim import Optimizer
 from steadystep import _kernels as kernels
 from steadystep._tensors import shards
 
-__all__ = ["ROLLBACKS", "Snapshot"]
+__all__ = ["ROLLBACKS", "Snapshot", "state_tensors"]
 
 ROLLBACKS = ("full", "params")
 
 
-def _state_tensors(
+def state_tensors(
     optimizer: Optimizer, params: list[Tensor]
 ) -> tuple[list[Tensor], list[tuple[int, str]]]:
     """Every tensor of ``optimizer.state``, parameter by parameter, key by key (sorted), and
@@ -64,7 +64,8 @@ class Snapshot:
     ) -> None:
         self.device = device
         self.full = full
-        self.buffers = list(buffers) if full else []
+        self.model_buffers = list(buffers)  # the escalation's ring keeps them either way
+        self.buffers = self.model_buffers if full else []
         self.params: list[Tensor] = []  # the live parameters, in the optimizer's order
         self.param_copies: list[Tensor] = []
         self.state: list[Tensor] = []  # the live state tensors
@@ -88,7 +89,7 @@ class Snapshot:
             self.param_copies.append(self._copy(p))
         self.params = params
         if self.full and len(optimizer.state) != self._state_size:
-            self.state, self.state_owners = _state_tensors(optimizer, params)
+            self.state, self.state_owners = state_tensors(optimizer, params)
             self.state_copies = [self._copy(t) for t in self.state]
             self._state_size = len(optimizer.state)
 

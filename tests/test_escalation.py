@@ -1,0 +1,362 @@
+"""The escalation rung (steadystep.escalation, Note [escalation]): a ring of snapshots tens of
+steps back, restored when the one-step ladder does not hold, with the data since skipped.
+
+The scenario: a 20-64-10 MLP learns a teacher's labels with AdamW at 1e-2; global batches
+200-219 are corrupted (inputs x100, a stretch of bad data). The one-step guard skips, rolls back,
+waits ``accept_after`` alarms and then accepts the stretch as a new level and trains on it (its
+Adam moments inflated for hundreds of steps); the escalation restores the snapshot from before
+step 200 and skips the rest of the stretch.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import steadystep as ss
+from steadystep.ladder import NORMAL, ROLLED_BACK, Decision
+from tests.dist_utils import run_distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+FAULT = range(200, 220)  # the corrupted global batches
+STEPS = 300
+
+
+def _data() -> tuple[TensorDataset, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 20, generator=g)
+    torch.manual_seed(123)
+    teacher = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10))
+    with torch.no_grad():
+        y = teacher(2 * x).argmax(1)
+    return TensorDataset(x[:-512], y[:-512]), x[-512:], y[-512:]
+
+
+def _setup(
+    mode: str, *, seed: int = 0, every: int = 25, **escalation: Any
+) -> tuple[torch.nn.Module, Any, ss.SkippableSampler, TensorDataset]:
+    torch.set_num_threads(1)  # bitwise across processes
+    data, _, _ = _data()
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sampler = ss.SkippableSampler(len(data), batch_size=32, seed=seed)
+    if mode == "none":
+        return model, opt, sampler, data
+    if mode == "ladder":
+        return model, ss.CatastropheGuard(opt, model=model), sampler, data
+    ring = ss.Escalation(every=every, keep=2, sampler=sampler, **escalation)
+    return model, ss.CatastropheGuard(opt, model=model, escalation=ring), sampler, data
+
+
+def _train(
+    model: torch.nn.Module,
+    opt: Any,
+    sampler: ss.SkippableSampler,
+    data: TensorDataset,
+    start: int,
+    stop: int,
+    *,
+    fault: Any = FAULT,
+    scale: float = 100.0,
+) -> list[int]:
+    """Steps ``start <= step < stop``, one batch each; returns the global batches trained on."""
+    drawn = []
+    step = start
+    while step < stop:
+        for x, y in DataLoader(data, batch_sampler=sampler):
+            index = sampler.position - 1
+            drawn.append(index)
+            if index in fault:
+                x = x * scale
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            if isinstance(opt, ss.CatastropheGuard):
+                opt.step(loss=loss.detach())
+            else:
+                opt.step()
+            step += 1
+            if step >= stop:
+                break
+    return drawn
+
+
+def _val_loss(model: torch.nn.Module) -> float:
+    _, x, y = _data()
+    with torch.no_grad():
+        return float(F.cross_entropy(model(x), y))
+
+
+def _final(mode: str, *, fault: Any = FAULT, seed: int = 0) -> tuple[float, Any]:
+    model, opt, sampler, data = _setup(mode, seed=seed)
+    _train(model, opt, sampler, data, 0, STEPS, fault=fault)
+    return _val_loss(model), opt
+
+
+# -- the promise ---------------------------------------------------------------------------------
+
+
+def test_a_stretch_of_bad_data_is_recovered_by_escalation_and_not_by_the_one_step_guard():
+    clean, _ = _final("none", fault=())
+    ladder, one_step = _final("ladder")
+    escalated, guard = _final("escalation")
+    # the one-step guard accepted the stretch as a level and trained on it
+    assert int(one_step.level_shifts) == 1
+    assert ladder > 1.05 * clean
+    # the escalation went back to the snapshot from before the first bad batch and skipped
+    # the rest of the stretch
+    (record,) = guard.escalation.history
+    assert record["restored_to"] == FAULT[0]
+    start, stop = record["skipped"]
+    assert start <= FAULT[-1] < stop
+    assert int(guard.level_shifts) == 0
+    assert escalated <= 1.05 * clean
+
+
+def test_a_clean_run_with_the_ring_is_bitwise_the_run_without_it():
+    """The ring only copies: no alarm, no escalation, the same weights as the one-step guard."""
+    model_a, opt_a, sampler_a, data = _setup("ladder")
+    _train(model_a, opt_a, sampler_a, data, 0, 120, fault=())
+    model_b, opt_b, sampler_b, _ = _setup("escalation")
+    _train(model_b, opt_b, sampler_b, data, 0, 120, fault=())
+    assert all(map(torch.equal, model_a.parameters(), model_b.parameters()))
+    assert sorted(opt_b.escalation.slot_steps) == [75, 100]
+    assert opt_b.escalation.history == []
+
+
+def test_a_change_of_level_is_accepted_after_the_escalation_tested_it():
+    """A task switch (every batch from 150 on, x100 and kept): the escalation goes back once,
+    finds the loss still high at the old weights on other data, and the ladder accepts."""
+    model, opt, sampler, data = _setup("escalation")
+    _train(model, opt, sampler, data, 0, 260, fault=range(150, 10**6))
+    assert len(opt.escalation.history) == 1
+    assert int(opt.level_shifts) == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_persistent_nan_raises_training_diverged_with_the_history():
+    model, opt, sampler, data = _setup("escalation", max_escalations=2, skip_ahead=3)
+    with pytest.raises(ss.TrainingDiverged) as caught:
+        _train(model, opt, sampler, data, 0, STEPS, fault=range(120, 10**6), scale=float("nan"))
+    history = caught.value.history
+    assert len(history) == 3  # two escalations, then the one refused
+    assert [h["restored_to"] for h in history[:2]] == [100, 100]
+    assert all(h["skipped"][1] - h["skipped"][0] == 3 for h in history[:2])
+    assert history[-1]["restored_to"] is None
+    assert "2 escalations" in str(caught.value)
+
+
+# -- the ring ------------------------------------------------------------------------------------
+
+
+def test_the_ring_keeps_the_newest_slots_and_chooses_the_last_one_before_the_trouble():
+    ring = ss.Escalation(every=10, keep=3)
+    ring.attach(torch.device("cpu"))
+    live = [torch.zeros(3)]
+    detector = ss.SpikeDetector()
+    for step in (10, 20, 30, 40):
+        live[0].fill_(step)
+        ring.take(live, detector, step)
+    assert sorted(ring.slot_steps) == [20, 30, 40]
+    assert ring.slot_steps[ring.choose(35)] == 30
+    assert ring.slot_steps[ring.choose(40)] == 40
+    assert ring.slot_steps[ring.choose(5)] == 20  # none that early: the oldest
+    assert ring.nbytes() == 3 * 3 * 4
+
+
+@pytest.mark.parametrize("where", ["cpu", "disk"])
+def test_host_and_disk_rings_recover_as_the_device_ring_does(where, tmp_path):
+    device = tmp_path / "ring" if where == "disk" else "cpu"
+    model, opt, sampler, data = _setup("escalation", snapshot_device=device)
+    _train(model, opt, sampler, data, 0, STEPS)
+    _, reference = _final("escalation")
+    assert opt.escalation.history == reference.escalation.history
+    assert all(map(torch.equal, model.parameters(), reference.optimizer.param_groups[0]["params"]))
+    if where == "disk":
+        assert sorted(p.name for p in device.iterdir()) == ["slot0.pt", "slot1.pt"]
+        assert opt.escalation.nbytes() == 0
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+
+
+def _resume(path: str, stop: int, out: str) -> None:
+    """Fresh process: build the run, load the checkpoint, train to ``stop``, save the weights."""
+    model, opt, sampler, data = _setup("escalation")
+    saved = torch.load(path, weights_only=False)
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    drawn = _train(model, opt, sampler, data, saved["step"], stop)
+    torch.save({"params": list(model.parameters()), "drawn": drawn}, out)
+
+
+@pytest.mark.parametrize("at", [150, 212])
+def test_a_restart_from_disk_in_a_fresh_process_skips_the_same_batches_bitwise(at, tmp_path):
+    """Saved before the fault (the ring in the checkpoint) and inside the skip window (the
+    sampler's skip list and position in it): the resumed run matches the uninterrupted one."""
+    model, opt, sampler, data = _setup("escalation")
+    drawn = _train(model, opt, sampler, data, 0, at)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": at}, path)
+    drawn += _train(model, opt, sampler, data, at, 260)
+    out = tmp_path / "resumed.pt"
+    code = (
+        "import sys; from tests.test_escalation import _resume; "
+        "_resume(sys.argv[1], int(sys.argv[2]), sys.argv[3])"
+    )
+    subprocess.run([sys.executable, "-c", code, str(path), "260", str(out)], cwd=ROOT, check=True)
+    resumed = torch.load(out, weights_only=False)
+    assert resumed["drawn"] == drawn[at:]
+    assert len(opt.escalation.history) == 1
+    assert not set(range(*opt.escalation.history[0]["skipped"])) & set(drawn)
+    assert all(map(torch.equal, model.parameters(), resumed["params"]))
+
+
+def test_state_dict_round_trip_keeps_the_ring_and_the_pending_flag():
+    """A checkpoint taken between the decision and the restore (the flag posted) resumes with
+    the restore still to come."""
+    model, opt, sampler, data = _setup("escalation")
+    _train(model, opt, sampler, data, 0, 206)  # the decision is at step 205
+    saved = opt.state_dict()
+    flat = saved["param_groups"][0]["guard"]["guard"]["escalation"]
+    assert flat["due"] and flat["slot_steps"] and "sampler" in flat
+    model2, opt2, sampler2, _ = _setup("escalation")
+    model2.load_state_dict(model.state_dict())
+    opt2.load_state_dict(saved)
+    _train(model, opt, sampler, data, 206, 230)
+    _train(model2, opt2, sampler2, data, 206, 230)
+    assert opt.escalation.history == opt2.escalation.history
+    assert all(map(torch.equal, model.parameters(), model2.parameters()))
+
+
+def test_load_refuses_a_ring_of_another_size():
+    _, opt, _, _ = _setup("escalation")
+    saved = opt.state_dict()
+    model2 = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    other = ss.CatastropheGuard(
+        torch.optim.AdamW(model2.parameters(), lr=1e-2), escalation=ss.Escalation(keep=3)
+    )
+    with pytest.raises(ValueError, match="keep=3"):
+        other.load_state_dict(saved)
+
+
+# -- the decision ----------------------------------------------------------------------------------
+
+
+def _decision(**flags: bool) -> Decision:
+    t = {k: torch.tensor(flags.get(k, False)) for k in ("update", "rollback", "cut", "accept")}
+    return Decision(**t, phase=torch.tensor(ROLLED_BACK), waited=torch.tensor(2))
+
+
+def test_amend_escalates_a_repeated_rollback_and_an_untested_acceptance_only():
+    ring = ss.Escalation(within=5)
+    ring.attach(torch.device("cpu"))
+    ring.take([torch.zeros(1)], ss.SpikeDetector(), 1)
+    alarm, phase = torch.tensor(True), torch.tensor(NORMAL)
+    first = ring.amend(
+        _decision(rollback=True, cut=True), alarm, phase, torch.tensor(10), torch.tensor(1.0)
+    )
+    assert bool(first.rollback) and not bool(ring.escalate)
+    late = ring.amend(
+        _decision(rollback=True, cut=True), alarm, phase, torch.tensor(16), torch.tensor(1.0)
+    )
+    assert bool(late.rollback) and not bool(ring.escalate)  # 6 > within steps later
+    again = ring.amend(
+        _decision(rollback=True, cut=True), alarm, phase, torch.tensor(20), torch.tensor(1.0)
+    )
+    assert bool(ring.escalate) and ring.due() and not ring.due()  # read once
+    assert not bool(again.rollback | again.cut | again.update | again.accept)
+    assert int(again.phase) == ROLLED_BACK and int(again.waited) == 0
+    accept = ring.amend(
+        _decision(update=True, accept=True), alarm, phase, torch.tensor(25), torch.tensor(1.0)
+    )
+    assert bool(accept.accept) and not bool(ring.escalate)  # this episode was tested already
+
+
+def test_no_snapshot_yet_means_no_escalation():
+    ring = ss.Escalation()
+    ring.attach(torch.device("cpu"))
+    decision = ring.amend(
+        _decision(update=True, accept=True),
+        torch.tensor(True),
+        torch.tensor(0),
+        torch.tensor(3),
+        torch.tensor(1.0),
+    )
+    assert bool(decision.accept) and not ring.due()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"every": 0}, "every"),
+        ({"keep": 1.5}, "keep"),
+        ({"skip_ahead": -1}, "skip_ahead"),
+        ({"snapshot_device": 3}, "snapshot_device"),
+        ({"snapshot_device": "nowhere"}, "snapshot_device"),
+        ({"sampler": [1, 2]}, "sampler"),
+        ({"max_escalations": 0}, "max_escalations"),
+    ],
+)
+def test_bad_arguments_name_themselves(kwargs, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        ss.Escalation(**kwargs)
+
+
+def test_the_guard_refuses_something_else_as_escalation():
+    with pytest.raises(TypeError, match="escalation"):
+        ss.CatastropheGuard(
+            torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), escalation={"every": 10}
+        )
+
+
+# -- every rank alike --------------------------------------------------------------------------
+
+
+def _escalating_rank(rank: int, world: int) -> dict[str, Any]:
+    """DDP-style replicas on each rank's share of the global batches; the stretch corrupts the
+    global batches on every rank: both escalate at the same step and skip the same window."""
+    import torch.distributed as dist
+
+    model, opt, sampler, data = _setup("escalation")
+    assert sampler.world_size == 2
+    drawn = []
+    step = 0
+    while step < 250:
+        for x, y in DataLoader(data, batch_sampler=sampler):
+            drawn.append(sampler.position - 1)
+            if sampler.position - 1 in range(100, 115):
+                x = x * 100.0
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            for p in model.parameters():
+                dist.all_reduce(p.grad)
+                p.grad.div_(world)
+            opt.step(loss=loss.detach())
+            step += 1
+            if step >= 250:
+                break
+    return {
+        "history": opt.escalation.history,
+        "windows": sampler.windows,
+        "drawn": drawn,
+        "params": [p.detach().clone() for p in model.parameters()],
+    }
+
+
+def test_two_ranks_escalate_alike():
+    results = run_distributed(_escalating_rank, world=2)
+    assert len(results[0]["history"]) == 1
+    assert results[0]["history"] == results[1]["history"]
+    assert results[0]["windows"] == results[1]["windows"]
+    assert results[0]["drawn"] == results[1]["drawn"]
+    assert all(map(torch.equal, results[0]["params"], results[1]["params"]))
