@@ -181,7 +181,7 @@ def test_host_and_disk_rings_recover_as_the_device_ring_does(where, tmp_path):
     assert opt.escalation.history == reference.escalation.history
     assert all(map(torch.equal, model.parameters(), reference.optimizer.param_groups[0]["params"]))
     if where == "disk":
-        assert sorted(p.name for p in device.iterdir()) == ["slot0.pt", "slot1.pt"]
+        assert sorted(p.name for p in device.iterdir()) == ["slot0-rank0.pt", "slot1-rank0.pt"]
         assert opt.escalation.nbytes() == 0
 
 

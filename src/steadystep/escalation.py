@@ -237,9 +237,9 @@ class Escalation:
 
     # -- the ring ------------------------------------------------------------------------------
     def _copy(self, t: Tensor) -> Tensor:
-        device = self.where if isinstance(self.where, torch.device) else t.device
-        if isinstance(self.where, Path):
-            device = torch.device("cpu")
+        if isinstance(self.where, Path):  # written to disk right after: a synchronous copy
+            return t.detach().to("cpu", copy=True)
+        device = t.device if self.where is None else self.where
         pin = device.type == "cpu" and t.is_cuda
         return torch.empty_like(t, device=device, pin_memory=pin).copy_(t, non_blocking=pin)
 
@@ -267,7 +267,9 @@ class Escalation:
         }
         if isinstance(self.where, Path):
             self.where.mkdir(parents=True, exist_ok=True)
-            path = self.where / f"slot{i}.pt"
+            dist = torch.distributed
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            path = self.where / f"slot{i}-rank{rank}.pt"
             torch.save(slot, path)
             slot = {"path": str(path)}
         self.slots[i] = slot

@@ -489,6 +489,7 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
         goes on from the restored weights as after a rollback."""
         assert self.escalation is not None
         self.escalation.restore(self._ring_tensors(), self.detector, self._calls)
+        self.last_step_skipped = torch.ones_like(self.phase, dtype=torch.bool)  # no observation
         if self.backtrack:  # the one-step snapshot is the restored state
             self.snapshot.track(self._params(), self.optimizer)
             self.snapshot.copy_(restore=False)
