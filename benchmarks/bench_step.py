@@ -299,7 +299,8 @@ def run_model(
     n_params = tensors = 0
     for arm in ARMS:
         torch.manual_seed(0)  # every arm starts from the same weights and sees the same batches
-        model = spec.build().to(device)
+        with device:  # built where it trains (a 350M model initializes faster on the GPU)
+            model = spec.build()
         n_params = sum(p.numel() for p in model.parameters())
         tensors = len(list(model.parameters()))
         gen = torch.Generator().manual_seed(1)
@@ -310,7 +311,7 @@ def run_model(
         fns[arm] = train_step(arm, model, opt, batches, device)
     samples = time_interleaved_samples(fns, device=device, warmup=3, repeats=rounds, inner=inner)
     ratios = paired_ratios(samples, PLAIN)
-    del fns  # the models and their optimizers
+    del fns, model, opt  # the models and their optimizers
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
