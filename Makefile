@@ -39,16 +39,19 @@ test: install-dev
 # takes ~30 minutes on 2 cores), then their tables.
 bench: install-dev
 	$(PY) benchmarks/bench_speed.py --out benchmarks/results
+	$(PY) benchmarks/bench_step.py --out benchmarks/results
 	$(PY) benchmarks/bench_alrc.py --out benchmarks/results
 	$(PY) benchmarks/bench_first_step.py --out benchmarks/results
 	$(PY) benchmarks/bench_alrc_early.py --out benchmarks/results
 	$(PY) benchmarks/bench_clean.py --out benchmarks/results
 	$(PY) tools/render_docs.py
 
-# On a CUDA machine: the CUDA tests and bench_gpu.py (logs in runs/gpu/), then its tables.
+# On a CUDA machine: the CUDA tests, bench_gpu.py and bench_step.py's GPU models (logs in
+# runs/gpu/), then their tables.
 bench-gpu: install-dev
 	OUT=runs/gpu PY=$(PY) bash benchmarks/gpu_check.sh
 	cp runs/gpu/gpu.json benchmarks/results/gpu.json
+	test ! -f runs/gpu/step_gpu.json || cp runs/gpu/step_gpu.json benchmarks/results/step_gpu.json
 	$(PY) tools/render_docs.py
 
 # The documentation site (API reference from the docstrings) into build/site; warnings fail.

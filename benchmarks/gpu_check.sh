@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks in one run (what a lent CUDA machine is used for): the CUDA tests, then
-# bench_gpu.py with its launch-shape sweep. Logs and gpu.json go to $OUT (default runs/gpu).
+# bench_gpu.py with its launch-shape sweep, then bench_step.py's whole training step on the
+# GPU models. Logs, gpu.json and step_gpu.json go to $OUT (default runs/gpu).
 #   bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,3 +19,7 @@ timeout 260 $PY benchmarks/bench_gpu.py --out "$OUT" --rounds 10 --sweep > "$OUT
 echo "bench rc=$?"
 grep -E "^sweep|\|" "$OUT/bench_gpu.log" | cut -c1-160
 tail -3 "$OUT/bench_gpu.log"
+timeout 180 $PY benchmarks/bench_step.py --device cuda --out "$OUT" --rounds 7 > "$OUT/bench_step.log" 2>&1
+echo "bench_step rc=$?"
+grep -E "^####|\|" "$OUT/bench_step.log" | cut -c1-160
+tail -2 "$OUT/bench_step.log"

@@ -62,6 +62,8 @@ def test_a_drifted_number_is_caught(tmp_path, capsys):
     render = _render_docs()
     for block in render.BLOCKS.values():
         for rel in (block.page, block.source):
+            if not (ROOT / rel).is_file() and block.absent is not None:
+                continue  # a result not written yet (step_gpu.json): the block says so
             target = tmp_path / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes((ROOT / rel).read_bytes())
