@@ -377,3 +377,33 @@ def test_only_the_gradient_norm_detectors_ask_the_guard_for_the_norm():
     assert ss.PageHinkleyPaper.needs_grad_norm is False
     assert ss.PageHinkleyPaper().needs_grad_norm is False
     assert ss.SpikeDetector().needs_grad_norm is True
+
+
+# -- survivors of the mutation run (make mutation) ------------------------------------------------
+
+
+def test_configure_sets_rho_on_a_fresh_detector_only():
+    detector = ss.PageHinkleyPaper()
+    detector.configure(batch_size=32, dataset_size=1000)
+    assert detector.rho == 32 / 1000
+    detector.update(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="already observed"):
+        detector.configure(batch_size=32, dataset_size=1000)
+
+
+def test_the_count_is_an_integer_tensor():
+    detector = ss.PageHinkleyPaper()
+    assert detector.state_dict()["count"].dtype == torch.int64
+    detector.update(torch.tensor(2.0))
+    assert detector.state_dict()["count"].dtype == torch.int64
+
+
+def test_load_refuses_a_page_hinkley_state_tagged_as_another_detector():
+    saved = ss.PageHinkleyPaper().state_dict()
+    with pytest.raises(ValueError, match="expected a state_dict of PageHinkleyPaper"):
+        ss.PageHinkleyPaper().load_state_dict({**saved, "detector": "SpikeDetector"})
+
+
+def test_load_refuses_another_detectors_state_by_name():
+    with pytest.raises(ValueError, match="found one of 'SpikeDetector'"):
+        ss.PageHinkleyPaper().load_state_dict(ss.SpikeDetector().state_dict())
