@@ -320,7 +320,8 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
           batches), ``rollbacks``, ``level_shifts`` (changes of level accepted), ``steps``,
           ``nonfinite_grads`` (steps whose ``optimizer.step()`` the guard skipped for a
           non-finite gradient, Note [non-finite gradients]), ``lr_scale`` (applied / scheduled
-          learning rate, Note [the learning-rate scale]) and ``lr`` (the largest applied rate);
+          learning rate, Note [the learning-rate scale]), ``lr`` (the largest applied rate) and,
+          with an :class:`~steadystep.Escalation`, ``escalations``;
         * ``detector_<key>`` for each of the detector's ``stats()`` (SpikeDetector: its
           thresholds; PageHinkleyPaper: threshold, relaxed_loss, mean, cusum, gap, count);
         * the wrapped optimizer's ``stats()`` when it has one, under their own names (ALeRA:
@@ -332,6 +333,8 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
         out = {k: v for k, v in self._counters().items() if k not in hidden}
         out["lr"] = self._applied_max_lr()
         out.update({f"detector_{k}": v for k, v in self.detector.stats().items()})
+        if self.escalation is not None:  # escalations taken (Note [escalation])
+            out["escalations"] = torch.tensor(len(self.escalation.history))
         if not include_optimizer:
             return out
         base_stats = getattr(self.optimizer, "stats", None)
@@ -515,7 +518,7 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
             # rollback must restore.
             self.snapshot.apply_(decision.rollback, hold=skip | bad_grads)
         inner = self._maskable
-        if not self._self_protecting():
+        if not self._scales_itself:
             # torch's fused step: its own step runs its hooks; a skipped non-finite gradient
             # that is not an alarm is counted here (Note [non-finite gradients])
             self.nonfinite_grads.add_((bad_grads & decision.update).to(self.nonfinite_grads.dtype))
@@ -526,10 +529,6 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
         # step hooks run here (the host path gets them from ``optimizer.step()``). They run
         # every step: an alarm's step is a masked no-op, not known on the host.
         call_with_step_hooks(self.optimizer, lambda: inner.masked_step(skip, found_finite))
-
-    def _self_protecting(self) -> bool:
-        """Does the wrapped optimizer skip non-finite gradients itself (a MaskableOptimizer)?"""
-        return isinstance(self.optimizer, MaskableOptimizer)
 
     def _host_step(self, decision: Decision, bad_grads: torch.Tensor) -> bool:
         """The decision read on the host and carried out; returns whether the rate was cut."""
@@ -548,7 +547,7 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
             self.snapshot.copy_(restore=True)
         if not update:
             return rollback
-        if skipped and self._self_protecting():
+        if skipped and self._scales_itself:
             # A MaskableOptimizer skips (and counts) a non-finite gradient itself; a skipped
             # step is no update, so the snapshot stays as it is.
             self.optimizer.step()
