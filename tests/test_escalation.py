@@ -10,8 +10,6 @@ step 200 and skips the rest of the stretch.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import steadystep as ss
 from steadystep.ladder import NORMAL, ROLLED_BACK, Decision
-from tests.dist_utils import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 FAULT = range(200, 220)  # the corrupted global batches
@@ -188,38 +185,6 @@ def test_host_and_disk_rings_recover_as_the_device_ring_does(where, tmp_path):
 # -- checkpoints ---------------------------------------------------------------------------------
 
 
-def _resume(path: str, stop: int, out: str) -> None:
-    """Fresh process: build the run, load the checkpoint, train to ``stop``, save the weights."""
-    model, opt, sampler, data = _setup("escalation")
-    saved = torch.load(path, weights_only=False)
-    model.load_state_dict(saved["model"])
-    opt.load_state_dict(saved["opt"])
-    drawn = _train(model, opt, sampler, data, saved["step"], stop)
-    torch.save({"params": list(model.parameters()), "drawn": drawn}, out)
-
-
-@pytest.mark.parametrize("at", [150, 212])
-def test_a_restart_from_disk_in_a_fresh_process_skips_the_same_batches_bitwise(at, tmp_path):
-    """Saved before the fault (the ring in the checkpoint) and inside the skip window (the
-    sampler's skip list and position in it): the resumed run matches the uninterrupted one."""
-    model, opt, sampler, data = _setup("escalation")
-    drawn = _train(model, opt, sampler, data, 0, at)
-    path = tmp_path / "ckpt.pt"
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": at}, path)
-    drawn += _train(model, opt, sampler, data, at, 260)
-    out = tmp_path / "resumed.pt"
-    code = (
-        "import sys; from tests.test_escalation import _resume; "
-        "_resume(sys.argv[1], int(sys.argv[2]), sys.argv[3])"
-    )
-    subprocess.run([sys.executable, "-c", code, str(path), "260", str(out)], cwd=ROOT, check=True)
-    resumed = torch.load(out, weights_only=False)
-    assert resumed["drawn"] == drawn[at:]
-    assert len(opt.escalation.history) == 1
-    assert not set(range(*opt.escalation.history[0]["skipped"])) & set(drawn)
-    assert all(map(torch.equal, model.parameters(), resumed["params"]))
-
-
 def test_state_dict_round_trip_keeps_the_ring_and_the_pending_flag():
     """A checkpoint taken between the decision and the restore (the flag posted) resumes with
     the restore still to come."""
@@ -316,47 +281,3 @@ def test_the_guard_refuses_something_else_as_escalation():
         ss.CatastropheGuard(
             torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), escalation={"every": 10}
         )
-
-
-# -- every rank alike --------------------------------------------------------------------------
-
-
-def _escalating_rank(rank: int, world: int) -> dict[str, Any]:
-    """DDP-style replicas on each rank's share of the global batches; the stretch corrupts the
-    global batches on every rank: both escalate at the same step and skip the same window."""
-    import torch.distributed as dist
-
-    model, opt, sampler, data = _setup("escalation")
-    assert sampler.world_size == 2
-    drawn = []
-    step = 0
-    while step < 250:
-        for x, y in DataLoader(data, batch_sampler=sampler):
-            drawn.append(sampler.position - 1)
-            if sampler.position - 1 in range(100, 115):
-                x = x * 100.0
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            for p in model.parameters():
-                dist.all_reduce(p.grad)
-                p.grad.div_(world)
-            opt.step(loss=loss.detach())
-            step += 1
-            if step >= 250:
-                break
-    return {
-        "history": opt.escalation.history,
-        "windows": sampler.windows,
-        "drawn": drawn,
-        "params": [p.detach().clone() for p in model.parameters()],
-    }
-
-
-def test_two_ranks_escalate_alike():
-    results = run_distributed(_escalating_rank, world=2)
-    assert len(results[0]["history"]) == 1
-    assert results[0]["history"] == results[1]["history"]
-    assert results[0]["windows"] == results[1]["windows"]
-    assert results[0]["drawn"] == results[1]["drawn"]
-    assert all(map(torch.equal, results[0]["params"], results[1]["params"]))

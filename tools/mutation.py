@@ -60,6 +60,7 @@ import ast
 import bisect
 import contextlib
 import copy
+import inspect
 import json
 import os
 import re
@@ -650,15 +651,21 @@ class _LineTracer:
         self.shared: dict[str, list[str]] = {}
         self._t0 = 0.0
 
+    def _owner(self, frame: Any) -> str | None:
+        """Whose line this is: the current test's, or None (import time) for a module or class
+        body, whichever test's lazy import (``steadystep.__getattr__``) happened to run it
+        first: a constant defined there reaches every test."""
+        return self.current if frame.f_code.co_flags & inspect.CO_NEWLOCALS else None
+
     def _global(self, frame: Any, event: str, arg: Any) -> Any:
         if frame.f_code.co_filename in self.targets:
-            self.hits.setdefault(self.current, set()).add(frame.f_lineno)
+            self.hits.setdefault(self._owner(frame), set()).add(frame.f_lineno)
             return self._local
         return None
 
     def _local(self, frame: Any, event: str, arg: Any) -> Any:
         if event == "line":
-            self.hits.setdefault(self.current, set()).add(frame.f_lineno)
+            self.hits.setdefault(self._owner(frame), set()).add(frame.f_lineno)
         return self._local
 
     def start(self) -> None:
