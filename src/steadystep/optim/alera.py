@@ -25,9 +25,9 @@ from steadystep._tensors import (
 )
 from steadystep._validation import (
     check_choice,
+    check_foreach_fused,
     check_loss,
     check_nonnegative,
-    check_optional_bool,
     check_param_tensors,
     check_positive,
 )
@@ -148,13 +148,7 @@ class ALeRA(ALeRACheckpoint, Optimizer):
     ) -> None:
         check_positive("lr", lr)
         check_nonnegative("weight_decay", weight_decay)
-        check_optional_bool("foreach", foreach)
-        check_optional_bool("fused", fused)
-        if foreach and fused:
-            raise ValueError(
-                "foreach and fused pick different implementations and cannot both be True, "
-                f"got foreach={foreach!r}, fused={fused!r}"
-            )
+        check_foreach_fused(foreach, fused)
         defaults = dict(
             lr=lr,
             alpha=_check_alpha(alpha),
