@@ -150,6 +150,18 @@ def cprop_scales(
     ``s`` is 0 everywhere when ``found_finite`` is False, and 1 at ``t = 1`` or for ``c = inf``.
     """
     cprop = _CPropHyper(beta, c, eps, cdf, method)
+    return _scales(exp_avgs, seconds, state_steps, found_finite, cprop, foreach)
+
+
+def _scales(
+    exp_avgs: list[Tensor],
+    seconds: list[Tensor],
+    state_steps: list[Tensor],
+    found_finite: Tensor,
+    cprop: _CPropHyper,
+    foreach: bool,
+) -> list[Tensor]:
+    """:func:`cprop_scales` with CProp's hyperparameters as one tuple."""
     out: list[Tensor] = [exp_avgs[0]] * len(exp_avgs)
     for (device, dtype), idx in _group_by_dtype(exp_avgs).items():
         keep = found_finite.to(device=device, dtype=dtype)
@@ -188,11 +200,11 @@ def cprop_before_(
         sizes = [p.numel() for p in params]
         flat = torch.empty(sum(sizes), dtype=params[0].dtype, device=params[0].device)
         olds = [t.view_as(p) for t, p in zip(flat.split(sizes), params, strict=True)]
-        cprop = dict(
-            cprop_beta=cprop_beta, cprop_c=cprop_c, cprop_eps=cprop_eps, cdf=cdf, method=method
-        )
+        cprop = cprop_kwargs(_CPropHyper(cprop_beta, cprop_c, cprop_eps, cdf, method))
         stats = (cprop_exp_avgs, cprop_exp_avg_sqs, state_steps)
-        if kernels.wrapper_before_(params, grads, olds, *stats, found_finite=found_finite, **cprop):
+        if kernels.wrapper_before_(
+            params, grads, olds, *stats, found_finite=found_finite, cprop=cprop
+        ):
             return True, olds
         if fused:
             raise FusedUnsupportedError("CProp", params)
@@ -229,22 +241,12 @@ def cprop_after_(
     (exactly ``p`` where ``s = 1``), or ``p_old`` on a skipped step (the base may have written
     anything there). ``fused``: what :func:`cprop_before_` returned."""
     stats = (cprop_exp_avgs, cprop_exp_avg_sqs, state_steps)
+    cprop = _CPropHyper(cprop_beta, cprop_c, cprop_eps, cdf, method)
     if fused:
-        cprop = dict(
-            cprop_beta=cprop_beta, cprop_c=cprop_c, cprop_eps=cprop_eps, cdf=cdf, method=method
-        )
-        kernels.wrapper_after_(params, snapshots, *stats, found_finite=found_finite, **cprop)
+        kwargs = cprop_kwargs(cprop)
+        kernels.wrapper_after_(params, snapshots, *stats, found_finite=found_finite, cprop=kwargs)
         return
-    scales = cprop_scales(
-        *stats,
-        found_finite=found_finite,
-        beta=cprop_beta,
-        c=cprop_c,
-        eps=cprop_eps,
-        cdf=cdf,
-        method=method,
-        foreach=foreach,
-    )
+    scales = _scales(*stats, found_finite, cprop, foreach)
     for p, old, s in zip(params, snapshots, scales, strict=True):
         _apply_scale_(p, old, s, found_finite)
 
@@ -389,7 +391,7 @@ def cprop_sgd(
     sgd = _SGDHyper(lr, momentum, dampening, weight_decay, nesterov, lr_multiplier)
     cprop = _CPropHyper(cprop_beta, cprop_c, cprop_eps, cdf, method)
     if fused is not False and kernels.sgd_(
-        *tensors, found_finite=found_finite, **sgd._asdict(), **cprop_kwargs(cprop)
+        *tensors, found_finite=found_finite, cprop=cprop_kwargs(cprop), **sgd._asdict()
     ):
         return
     if fused:
@@ -559,7 +561,7 @@ def cprop_adam(
     )
     cprop = _CPropHyper(cprop_beta, cprop_c, cprop_eps, cdf, method)
     if fused is not False and kernels.adam_(
-        *tensors, found_finite=found_finite, **adam._asdict(), **cprop_kwargs(cprop)
+        *tensors, found_finite=found_finite, cprop=cprop_kwargs(cprop), **adam._asdict()
     ):
         return
     if fused:
