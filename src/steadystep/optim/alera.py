@@ -458,19 +458,5 @@ class ALeRA(ALeRACheckpoint, Optimizer):
         if not gathered.params or self._fused_step(gathered, skip):
             return
         step = self._layout(gathered, skip)
-        alera(
-            step.params,
-            step.grads,
-            step.unit_norm,
-            step.relaxed_paths,
-            step.multipliers,
-            step.units,
-            step.unit_steps,
-            step.lrs,
-            take_step=step.take_step,
-            foreach=step.foreach,
-            numels=step.numels,
-            sharded=step.sharded,
-            **self._hyper(),
-        )
+        alera(**step._asdict(), **self._hyper())  # AgnosticStep's fields are alera's arguments
         self._sync_global()
