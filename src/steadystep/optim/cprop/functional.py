@@ -183,27 +183,24 @@ def cprop_before_(
     state_steps: list[Tensor],
     *,
     found_finite: Tensor,
-    cprop_beta: float,
-    cprop_c: float,
-    cprop_eps: float,
-    cdf: str,
-    method: str,
+    cprop: _CPropHyper,
     foreach: bool = False,
     fused: bool | None = False,
 ) -> tuple[bool, list[Tensor]]:
     """The CProp wrapper's pass before its base optimizer steps: CProp's statistics from the
     raw gradients (:func:`cprop_update_`) and a snapshot ``p_old`` of ``params``. Returns
     ``(fused, snapshots)``: whether the fused kernel took the pass (then :func:`cprop_after_`
-    must be fused too) and the snapshots. ``fused`` as in :func:`cprop_sgd`."""
+    must be fused too) and the snapshots. ``cprop``: CProp's hyperparameters; ``fused`` as in
+    :func:`cprop_sgd`."""
     if fused is not False:
         # one buffer for the whole group's snapshot: one allocation, not one per tensor
         sizes = [p.numel() for p in params]
         flat = torch.empty(sum(sizes), dtype=params[0].dtype, device=params[0].device)
         olds = [t.view_as(p) for t, p in zip(flat.split(sizes), params, strict=True)]
-        cprop = cprop_kwargs(_CPropHyper(cprop_beta, cprop_c, cprop_eps, cdf, method))
         stats = (cprop_exp_avgs, cprop_exp_avg_sqs, state_steps)
+        kwargs = cprop_kwargs(cprop)
         if kernels.wrapper_before_(
-            params, grads, olds, *stats, found_finite=found_finite, cprop=cprop
+            params, grads, olds, *stats, found_finite=found_finite, cprop=kwargs
         ):
             return True, olds
         if fused:
@@ -214,8 +211,8 @@ def cprop_before_(
         cprop_exp_avg_sqs,
         state_steps,
         found_finite=found_finite,
-        beta=cprop_beta,
-        method=method,
+        beta=cprop.beta,
+        method=cprop.method,
         foreach=foreach,
     )
     return False, [p.clone() for p in params]
@@ -229,11 +226,7 @@ def cprop_after_(
     state_steps: list[Tensor],
     *,
     found_finite: Tensor,
-    cprop_beta: float,
-    cprop_c: float,
-    cprop_eps: float,
-    cdf: str,
-    method: str,
+    cprop: _CPropHyper,
     foreach: bool = False,
     fused: bool,
 ) -> None:
@@ -241,7 +234,6 @@ def cprop_after_(
     (exactly ``p`` where ``s = 1``), or ``p_old`` on a skipped step (the base may have written
     anything there). ``fused``: what :func:`cprop_before_` returned."""
     stats = (cprop_exp_avgs, cprop_exp_avg_sqs, state_steps)
-    cprop = _CPropHyper(cprop_beta, cprop_c, cprop_eps, cdf, method)
     if fused:
         kwargs = cprop_kwargs(cprop)
         kernels.wrapper_after_(params, snapshots, *stats, found_finite=found_finite, cprop=kwargs)
