@@ -18,6 +18,7 @@ __all__ = [
     "check_bool",
     "check_choice",
     "check_finite",
+    "check_foreach_fused",
     "check_loss",
     "check_nonnegative",
     "check_optional_bool",
@@ -145,6 +146,18 @@ def check_optional_bool(name: str, value: Any) -> bool | None:
     if value is not None and not isinstance(value, bool):
         raise TypeError(f"{name} must be None, True or False, got {name}={value!r}")
     return value
+
+
+def check_foreach_fused(foreach: Any, fused: Any) -> None:
+    """``foreach`` and ``fused`` each None, True or False, and not both True (they pick
+    different implementations)."""
+    check_optional_bool("foreach", foreach)
+    check_optional_bool("fused", fused)
+    if foreach and fused:
+        raise ValueError(
+            "foreach and fused pick different implementations and cannot both be True, "
+            f"got foreach={foreach!r}, fused={fused!r}"
+        )
 
 
 def check_betas(name: str, value: Any) -> tuple[float, float]:

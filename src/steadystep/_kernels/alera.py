@@ -28,6 +28,8 @@ from steadystep._kernels._common import (
 
 __all__ = ["alera_"]
 
+_LISTS = "params grads relaxed_paths element_multipliers exp_avgs exp_avg_sqs adam_steps".split()
+
 
 def alera_(
     params: Sequence[Tensor],
@@ -112,16 +114,10 @@ def alera_(
         adam=int(exp_avgs is not None),
         advance_adam_steps=int(not any(id(t) in counted for t in adam_steps or [])),
     )
+    # the tensor lists, in the C function's order (the Triton kernel takes them by name)
+    arrays = (params, grads, relaxed_paths, element_multipliers, exp_avgs, exp_avg_sqs, adam_steps)
     if kind == "cuda":
-        lists = dict(
-            params=params,
-            grads=grads,
-            relaxed_paths=relaxed_paths,
-            element_multipliers=element_multipliers,
-            exp_avgs=exp_avgs,
-            exp_avg_sqs=exp_avg_sqs,
-            adam_steps=adam_steps,
-        )
+        lists = dict(zip(_LISTS, arrays, strict=True))
         plan = dict(
             tensor_unit=list(tensor_unit),
             tensor_weight_decay=[float(x) for x in tensor_weight_decay],
@@ -145,13 +141,7 @@ def alera_(
     status(
         lib.ss_alera(
             n,
-            pointers(params),
-            pointers(grads),
-            pointers(relaxed_paths),
-            pointers(element_multipliers or none),
-            pointers(exp_avgs or none),
-            pointers(exp_avg_sqs or none),
-            pointers(adam_steps or none),
+            *(pointers(ts or none) for ts in arrays),
             numels(params),
             int64s(list(tensor_unit)),
             doubles(tensor_weight_decay),

@@ -9,7 +9,8 @@ are those of :mod:`steadystep.optim.cprop.functional`, whose ``fused`` paths cal
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from torch import Tensor
 
@@ -32,6 +33,17 @@ from steadystep._kernels._common import (
 __all__ = ["adam_", "sgd_", "wrapper_after_", "wrapper_before_"]
 
 _Lists = dict[str, Sequence[Tensor | None] | None]
+
+# Each kernel's tensor lists by name, in the order of its C function's pointer arrays (the
+# Triton kernels take them by these names), each followed by the step counts ``state_steps``.
+_ARRAYS = {
+    "adam": "params grads exp_avgs exp_avg_sqs max_exp_avg_sqs cprop_exp_avgs cprop_exp_avg_sqs",
+    "sgd": "params grads momentum_buffers cprop_exp_avgs cprop_exp_avg_sqs",
+    "wrap_before": "params grads snapshots cprop_exp_avgs cprop_exp_avg_sqs",
+    "wrap_after": "params snapshots cprop_exp_avgs cprop_exp_avg_sqs",
+}
+# the lists that are not statistics (those are in the statistics dtype)
+_NOT_STATS = ("params", "grads", "snapshots", "state_steps")
 
 
 def _launch(
@@ -83,6 +95,44 @@ def _backend(
     return kind if kind is not None and steps_ok(state_steps, params[0].device) else None
 
 
+def _step(
+    name: str,
+    where: str,
+    arrays: Sequence[Sequence[Tensor | None] | None],
+    found_finite: Tensor,
+    cprop: Mapping[str, Any],
+    config: dict[str, int] | None = None,
+    hyper: dict[str, Any] | None = None,
+    lr_multiplier: Tensor | None = None,
+) -> bool:
+    """One fused call of kernel ``name`` over ``arrays`` (its lists in :data:`_ARRAYS`'s order,
+    ``state_steps`` last) where the kernels take the tensors; False where they do not.
+    ``config``: the step's switches, ``hyper`` its hyperparameters, besides the parameter
+    dtype's and CProp's (``cprop``: ``cprop_beta``, ``cprop_c``, ``cprop_eps``, ``cdf``,
+    ``method``). A native step (``hyper`` has ``lr``) is taken at ``lr * lr_multiplier``;
+    ``where`` names it in an allocation error."""
+    lists = dict(zip([*_ARRAYS[name].split(), "state_steps"], arrays, strict=True))
+    params = lists["params"]
+    if not params:
+        return True
+    config, hyper = config or {}, hyper or {}
+    others = [lists[k] for k in ("grads", "snapshots") if k in lists]
+    stats = [ts for k, ts in lists.items() if k not in _NOT_STATS]
+    lr = hyper.get("lr")
+    kind = None if isinstance(lr, Tensor) else _backend(params, others, stats, lists["state_steps"])
+    if kind is None:
+        return False
+    scale = scale_config(cprop["cprop_c"], cprop["cprop_eps"], cprop["cdf"], cprop["method"])
+    config = {"SS_PARAM": PARAM_CODE[params[0].dtype], **config, **scale}
+    values = cprop_hyper_values(**hyper, **cprop)
+    device = params[0].device
+    flag = check_flag(found_finite, device)
+    if lr is None:  # one of the wrapper's passes
+        return _launch(kind, name, where, lists, config, values, flag)
+    lr_scale = lr_multiplier_of(lr_multiplier, device)
+    return _launch(kind, name, where, lists, config, values, flag, lr_scale)
+
+
 def adam_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -94,6 +144,7 @@ def adam_(
     state_steps: Sequence[Tensor],
     *,
     found_finite: Tensor,
+    cprop: Mapping[str, Any],
     lr: float,
     lr_multiplier: Tensor | None,
     beta1: float,
@@ -102,58 +153,25 @@ def adam_(
     weight_decay: float,
     amsgrad: bool,
     decoupled_weight_decay: bool,
-    cprop_beta: float,
-    cprop_c: float,
-    cprop_eps: float,
-    cdf: str,
-    method: str,
 ) -> bool:
     """Adam (``decoupled_weight_decay``: AdamW) with CProp's scale over all tensors, in place;
     the step counts advance by one. A no-op, step counts included, unless ``found_finite``.
-    ``cprop_exp_avg_sqs=None``: CProp's ``v`` is ``exp_avg_sqs``; ``max_exp_avg_sqs`` is read
-    with ``amsgrad`` only; the step is taken at ``lr * lr_multiplier`` (0-d float64). False
-    when unsupported."""
-    if not params:
-        return True
-    vmax = max_exp_avg_sqs if amsgrad else None
-    stats = (exp_avgs, exp_avg_sqs, cprop_exp_avgs, vmax, cprop_exp_avg_sqs)
-    kind = None if isinstance(lr, Tensor) else _backend(params, [grads], stats, state_steps)
-    if kind is None:
-        return False
+    ``cprop``: CProp's hyperparameters by name (``cprop_beta``, ``cprop_c``, ``cprop_eps``,
+    ``cdf``, ``method``). ``cprop_exp_avg_sqs=None``: CProp's ``v`` is ``exp_avg_sqs``;
+    ``max_exp_avg_sqs`` is read with ``amsgrad`` only; the step is taken at
+    ``lr * lr_multiplier`` (0-d float64). False when unsupported."""
     decoupled = decoupled_weight_decay and weight_decay != 0
     config = {
-        "SS_PARAM": PARAM_CODE[params[0].dtype],
         "SS_AMSGRAD": int(amsgrad),
         "SS_L2": int(not decoupled_weight_decay and weight_decay != 0),
         "SS_DECOUPLED": int(decoupled),
         "SS_SHARED_V": int(cprop_exp_avg_sqs is None),
-        **scale_config(cprop_c, cprop_eps, cdf, method),
     }
-    hyper = cprop_hyper_values(
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        cprop_beta=cprop_beta,
-        cprop_c=cprop_c,
-        cprop_eps=cprop_eps,
-        cdf=cdf,
-        method=method,
-    )
-    device = params[0].device
-    lists = dict(
-        params=params,
-        grads=grads,
-        exp_avgs=exp_avgs,
-        exp_avg_sqs=exp_avg_sqs,
-        max_exp_avg_sqs=vmax,
-        cprop_exp_avgs=cprop_exp_avgs,
-        cprop_exp_avg_sqs=cprop_exp_avg_sqs,
-        state_steps=state_steps,
-    )
-    flag, scale = check_flag(found_finite, device), lr_multiplier_of(lr_multiplier, device)
-    return _launch(kind, "adam", "Adam", lists, config, hyper, flag, scale)
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    vmax = max_exp_avg_sqs if amsgrad else None
+    stats = (exp_avgs, exp_avg_sqs, vmax, cprop_exp_avgs, cprop_exp_avg_sqs, state_steps)
+    arrays = (params, grads, *stats)
+    return _step("adam", "Adam", arrays, found_finite, cprop, config, hyper, lr_multiplier)
 
 
 def sgd_(
@@ -165,73 +183,25 @@ def sgd_(
     state_steps: Sequence[Tensor],
     *,
     found_finite: Tensor,
+    cprop: Mapping[str, Any],
     lr: float,
     lr_multiplier: Tensor | None,
     momentum: float,
     dampening: float,
     weight_decay: float,
     nesterov: bool,
-    cprop_beta: float,
-    cprop_c: float,
-    cprop_eps: float,
-    cdf: str,
-    method: str,
 ) -> bool:
     """SGD (momentum, dampening, Nesterov, L2) with CProp's scale over all tensors; as
     :func:`adam_` otherwise."""
-    if not params:
-        return True
-    buffers = list(momentum_buffers) if momentum != 0 else [None] * len(params)
-    stats = (buffers, cprop_exp_avgs, cprop_exp_avg_sqs)
-    kind = None if isinstance(lr, Tensor) else _backend(params, [grads], stats, state_steps)
-    if kind is None:
-        return False
     config = {
-        "SS_PARAM": PARAM_CODE[params[0].dtype],
         "SS_L2": int(weight_decay != 0),
         "SS_MOMENTUM": int(momentum != 0),
         "SS_NESTEROV": int(nesterov),
-        **scale_config(cprop_c, cprop_eps, cdf, method),
     }
-    hyper = cprop_hyper_values(
-        lr=lr,
-        weight_decay=weight_decay,
-        momentum=momentum,
-        dampening=dampening,
-        cprop_beta=cprop_beta,
-        cprop_c=cprop_c,
-        cprop_eps=cprop_eps,
-        cdf=cdf,
-        method=method,
-    )
-    device = params[0].device
-    lists = dict(
-        params=params,
-        grads=grads,
-        momentum_buffers=buffers,
-        cprop_exp_avgs=cprop_exp_avgs,
-        cprop_exp_avg_sqs=cprop_exp_avg_sqs,
-        state_steps=state_steps,
-    )
-    flag, scale = check_flag(found_finite, device), lr_multiplier_of(lr_multiplier, device)
-    return _launch(kind, "sgd", "SGD", lists, config, hyper, flag, scale)
-
-
-def _wrapper_pass(name: str, lists: _Lists, found_finite: Tensor, cprop: dict) -> bool:
-    """One of the wrapper's passes over ``lists`` (``cprop``: its CProp hyperparameters)."""
-    params = lists["params"]
-    if not params:
-        return True
-    others = [lists[k] for k in ("grads", "snapshots") if k in lists]
-    stats = (lists["cprop_exp_avgs"], lists["cprop_exp_avg_sqs"])
-    kind = _backend(params, others, stats, lists["state_steps"])
-    if kind is None:
-        return False
-    scale = scale_config(cprop["cprop_c"], cprop["cprop_eps"], cprop["cdf"], cprop["method"])
-    config = {"SS_PARAM": PARAM_CODE[params[0].dtype], **scale}
-    hyper = cprop_hyper_values(**cprop)
-    flag = check_flag(found_finite, params[0].device)
-    return _launch(kind, name, "CProp", lists, config, hyper, flag)
+    hyper = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, dampening=dampening)
+    buffers = list(momentum_buffers) if momentum != 0 else [None] * len(params)
+    arrays = (params, grads, buffers, cprop_exp_avgs, cprop_exp_avg_sqs, state_steps)
+    return _step("sgd", "SGD", arrays, found_finite, cprop, config, hyper, lr_multiplier)
 
 
 def wrapper_before_(
@@ -243,26 +213,13 @@ def wrapper_before_(
     state_steps: Sequence[Tensor],
     *,
     found_finite: Tensor,
-    cprop_beta: float,
-    cprop_c: float,
-    cprop_eps: float,
-    cdf: str,
-    method: str,
+    cprop: Mapping[str, Any],
 ) -> bool:
     """The CProp wrapper's pass before the base step: ``snapshot <- p`` always, and where
-    ``found_finite`` CProp's statistics from the raw gradient and the step counts + 1."""
-    lists = dict(
-        params=params,
-        grads=grads,
-        snapshots=snapshots,
-        cprop_exp_avgs=cprop_exp_avgs,
-        cprop_exp_avg_sqs=cprop_exp_avg_sqs,
-        state_steps=state_steps,
-    )
-    cprop = dict(
-        cprop_beta=cprop_beta, cprop_c=cprop_c, cprop_eps=cprop_eps, cdf=cdf, method=method
-    )
-    return _wrapper_pass("wrap_before", lists, found_finite, cprop)
+    ``found_finite`` CProp's statistics from the raw gradient and the step counts + 1
+    (``cprop`` as in :func:`adam_`)."""
+    arrays = (params, grads, snapshots, cprop_exp_avgs, cprop_exp_avg_sqs, state_steps)
+    return _step("wrap_before", "CProp", arrays, found_finite, cprop)
 
 
 def wrapper_after_(
@@ -273,22 +230,9 @@ def wrapper_after_(
     state_steps: Sequence[Tensor],
     *,
     found_finite: Tensor,
-    cprop_beta: float,
-    cprop_c: float,
-    cprop_eps: float,
-    cdf: str,
-    method: str,
+    cprop: Mapping[str, Any],
 ) -> bool:
     """After the base step: ``p <- lerp(snapshot, p, s)`` (exactly ``p`` at ``s = 1``), or
     ``snapshot`` on a skipped step (the base may have written anything there)."""
-    lists = dict(
-        params=params,
-        snapshots=snapshots,
-        cprop_exp_avgs=cprop_exp_avgs,
-        cprop_exp_avg_sqs=cprop_exp_avg_sqs,
-        state_steps=state_steps,
-    )
-    cprop = dict(
-        cprop_beta=cprop_beta, cprop_c=cprop_c, cprop_eps=cprop_eps, cdf=cdf, method=method
-    )
-    return _wrapper_pass("wrap_after", lists, found_finite, cprop)
+    arrays = (params, snapshots, cprop_exp_avgs, cprop_exp_avg_sqs, state_steps)
+    return _step("wrap_after", "CProp", arrays, found_finite, cprop)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import textwrap
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,9 @@ import torch.nn.functional as F
 
 from steadystep.experiments._deps import require
 from steadystep.experiments._files import atomic_write
-from steadystep.experiments.datasets import ClassificationData, load_classification
+from steadystep.experiments.datasets import SIZES, ClassificationData, load_classification
+from steadystep.experiments.estimate import model_flops
+from steadystep.experiments.models import build_classifier
 from steadystep.experiments.runner import RunContext
 from steadystep.telemetry import read_csv
 
@@ -27,6 +29,7 @@ __all__ = [
     "boxcar",
     "claim",
     "classification_data",
+    "classifier_flops",
     "evaluate_classifier",
     "finite_or_none",
     "fmt",
@@ -63,6 +66,27 @@ def classification_data(
         return data if standardize is None else data.standardized(standardize)
 
     return ctx.cached(f"{experiment}:{cfg['dataset']}:{cfg['n_train']}", make)
+
+
+def classifier_flops(
+    experiment: str, cfg: dict[str, Any], batch: Callable[[int], int], *, eval_train: bool
+) -> float:
+    """Rough FLOPs of a run of ``experiment`` on ``cfg["dataset"]`` (its sizes cut as
+    :func:`classification_data` cuts them; :mod:`steadystep.experiments.estimate`): the
+    training steps at batch size ``batch(n)`` for ``n`` training examples, and the
+    evaluations of the test set (and of the training set with ``eval_train``)."""
+    n, n_test, shape = SIZES[cfg["dataset"]]
+    if cfg["n_train"]:
+        n, n_test = min(n, cfg["n_train"]), min(n_test, max(cfg["n_train"] // 4, 100))
+    bs = batch(n)
+
+    def make() -> torch.nn.Module:
+        return build_classifier(cfg["model"], shape, 10)
+
+    key = (experiment, cfg["model"])
+    train = cfg["epochs"] * (n // bs) * model_flops(key, make, shape, bs, True)
+    evals = (cfg["epochs"] * cfg["evals_per_epoch"] + 1) * (n_test + (n if eval_train else 0))
+    return float(train + evals * model_flops(key, make, shape, 1, False))
 
 
 def read_log(path: str | Path) -> dict[str, np.ndarray]:

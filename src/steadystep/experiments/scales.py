@@ -66,6 +66,14 @@ SALERA: dict[str, dict[str, Any]] = {
 
 # CProp (steadystep.experiments.cprop)
 CPROP_OPTIMIZERS = ("SGD", "Adam", "RMSprop", "AMSGrad")
+_CPROP_GRID: dict[str, Any] = dict(
+    models=("FC", "CNN"),
+    optimizers=CPROP_OPTIMIZERS,
+    seeds=3,
+    n_train=None,
+    lr_factors=(1 / 3, 1.0, 3.0, 9.0),
+    sweep=(3.0, 9.0, 27.0),
+)
 CPROP: dict[str, dict[str, Any]] = {
     "tiny": dict(
         models=("FC",),
@@ -87,26 +95,9 @@ CPROP: dict[str, dict[str, Any]] = {
         lr_factors=(1.0, 3.0, 9.0),
         sweep=(3.0, 9.0, 27.0),
     ),
-    "quick": dict(
-        models=("FC", "CNN"),
-        optimizers=CPROP_OPTIMIZERS,
-        epochs=10,
-        seeds=3,
-        n_train=None,
-        evals=2,
-        lr_factors=(1 / 3, 1.0, 3.0, 9.0),
-        sweep=(3.0, 9.0, 27.0),
-    ),
-    "paper": dict(
-        models=("FC", "CNN"),
-        optimizers=CPROP_OPTIMIZERS,
-        epochs=20,
-        seeds=3,
-        n_train=None,
-        evals=4,
-        lr_factors=(1 / 3, 1.0, 3.0, 9.0),
-        sweep=(3.0, 9.0, 27.0),
-    ),
+    # quick and paper: the paper's whole grid, paper with its 20 epochs
+    "quick": dict(_CPROP_GRID, epochs=10, evals=2),
+    "paper": dict(_CPROP_GRID, epochs=20, evals=4),
 }
 
 TABLES = {"alrc": ALRC, "salera": SALERA, "cprop": CPROP}

@@ -436,15 +436,12 @@ def fused_alera_(
     skip: torch.Tensor | None,
     fused: bool | None,
     owner: str,
-    alpha: float,
-    C: float,
-    norm_eps: float,
-    beta1: float = 0.0,
-    beta2: float = 0.0,
-    eps: float = 0.0,
+    **hyper: float,
 ) -> bool:
     """The whole ALeRA step (Ag-Adam's with ``adam``: its moments and step counts) in one call
-    of :func:`steadystep._kernels.alera_`, the arguments as for :func:`layout_step`. False,
+    of :func:`steadystep._kernels.alera_`, the arguments as for :func:`layout_step`; ``hyper``:
+    the kernel's hyperparameters (``alpha``, ``C``, ``norm_eps``; Ag-Adam's ``beta1``,
+    ``beta2``, ``eps``). False,
     having changed nothing, where the kernels cannot take it (FSDP2 shards, tensor learning
     rates, tensors without a kernel); then ``fused=True`` raises
     :class:`~steadystep._kernels.FusedUnsupportedError`."""
@@ -494,12 +491,7 @@ def fused_alera_(
             # the kernel decides on this rank's gradients; under torch.distributed every rank
             # must decide alike (a NaN in one rank's p.grad after DDP's all-reduce)
             found_finite=grads_finite(gathered.grads) if is_distributed() else None,
-            alpha=alpha,
-            C=C,
-            norm_eps=norm_eps,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
+            **hyper,
         )
     if not supported and fused:
         needs = ", float learning rates and no FSDP2 sharding"

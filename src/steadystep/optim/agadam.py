@@ -191,19 +191,9 @@ class AgAdam(ALeRA):
             return
         step = self._layout(gathered, skip)
         hyper = self._hyper()
-        adapt_multipliers_(
-            step.grads,
-            step.unit_norm,
-            step.relaxed_paths,
-            step.multipliers,
-            step.units,
-            step.unit_steps,
-            take_step=step.take_step,
-            foreach=step.foreach,
-            numels=step.numels,
-            sharded=step.sharded,
-            **hyper,
-        )
+        args = step._asdict()
+        del args["params"], args["lrs"]  # for the Adam update below
+        adapt_multipliers_(**args, **hyper)
         per_param_m = param_multipliers(
             step.units, step.multipliers, len(step.params), param_wise=hyper["param_wise"]
         )

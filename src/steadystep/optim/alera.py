@@ -25,9 +25,9 @@ from steadystep._tensors import (
 )
 from steadystep._validation import (
     check_choice,
+    check_foreach_fused,
     check_loss,
     check_nonnegative,
-    check_optional_bool,
     check_param_tensors,
     check_positive,
 )
@@ -148,13 +148,7 @@ class ALeRA(ALeRACheckpoint, Optimizer):
     ) -> None:
         check_positive("lr", lr)
         check_nonnegative("weight_decay", weight_decay)
-        check_optional_bool("foreach", foreach)
-        check_optional_bool("fused", fused)
-        if foreach and fused:
-            raise ValueError(
-                "foreach and fused pick different implementations and cannot both be True, "
-                f"got foreach={foreach!r}, fused={fused!r}"
-            )
+        check_foreach_fused(foreach, fused)
         defaults = dict(
             lr=lr,
             alpha=_check_alpha(alpha),
@@ -396,18 +390,20 @@ class ALeRA(ALeRACheckpoint, Optimizer):
         foreach = self.defaults["foreach"]
         if foreach is None:
             foreach = gathered.params[0].is_cuda
-        groups = self.param_groups
         return layout_step(
-            gathered,
-            [g["step"] for g in groups],
-            [g["lr_multiplier"] for g in groups],
-            [step_lr(g["lr"]) for g in groups],
-            # Optimizer-wide: one tensor shared by every group (add_param_group, load_state_dict).
-            groups[0]["skipped_steps"],
-            granularity=self.granularity,
-            skip=skip,
-            foreach=foreach,
+            gathered, *self._group_state(), granularity=self.granularity, skip=skip, foreach=foreach
         )
+
+    def _group_state(
+        self,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float | torch.Tensor], torch.Tensor]:
+        """The groups' step counts, LR multipliers and learning rates, then the skipped-steps
+        counter (optimizer-wide: one tensor shared by every group, see add_param_group and
+        load_state_dict)."""
+        groups = self.param_groups
+        steps = [g["step"] for g in groups]
+        lrs = [step_lr(g["lr"]) for g in groups]
+        return steps, [g["lr_multiplier"] for g in groups], lrs, groups[0]["skipped_steps"]
 
     def _fused_step(
         self,
@@ -420,25 +416,19 @@ class ALeRA(ALeRACheckpoint, Optimizer):
         fused = self.defaults.get("fused")
         if fused is False or (fused is None and self.defaults["foreach"]):
             return False
-        groups, hyper = self.param_groups, self.defaults
-        betas = hyper.get("betas", (0.0, 0.0))
+        hyper = self.defaults
+        beta1, beta2 = hyper.get("betas", (0.0, 0.0))
+        kernel = dict(alpha=hyper["alpha"], C=hyper["C"], norm_eps=hyper["norm_eps"])
+        kernel.update(beta1=beta1, beta2=beta2, eps=hyper.get("eps", 0.0))
         return fused_alera_(
             gathered,
-            [g["step"] for g in groups],
-            [g["lr_multiplier"] for g in groups],
-            [step_lr(g["lr"]) for g in groups],
-            groups[0]["skipped_steps"],
+            *self._group_state(),
             adam,
             granularity=self.granularity,
             skip=skip,
             fused=fused,
             owner=type(self).__name__,
-            alpha=hyper["alpha"],
-            C=hyper["C"],
-            norm_eps=hyper["norm_eps"],
-            beta1=betas[0],
-            beta2=betas[1],
-            eps=hyper.get("eps", 0.0),
+            **kernel,
         )
 
     def _sync_global(self) -> None:
@@ -464,19 +454,5 @@ class ALeRA(ALeRACheckpoint, Optimizer):
         if not gathered.params or self._fused_step(gathered, skip):
             return
         step = self._layout(gathered, skip)
-        alera(
-            step.params,
-            step.grads,
-            step.unit_norm,
-            step.relaxed_paths,
-            step.multipliers,
-            step.units,
-            step.unit_steps,
-            step.lrs,
-            take_step=step.take_step,
-            foreach=step.foreach,
-            numels=step.numels,
-            sharded=step.sharded,
-            **self._hyper(),
-        )
+        alera(**step._asdict(), **self._hyper())  # AgnosticStep's fields are alera's arguments
         self._sync_global()

@@ -14,9 +14,12 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from steadystep.experiments._common import classification_data, evaluate_classifier
-from steadystep.experiments.datasets import SIZES, ClassificationData
-from steadystep.experiments.estimate import model_flops
+from steadystep.experiments._common import (
+    classification_data,
+    classifier_flops,
+    evaluate_classifier,
+)
+from steadystep.experiments.datasets import ClassificationData
 from steadystep.experiments.models import build_classifier
 from steadystep.experiments.runner import RunContext, RunSpec, Settings
 from steadystep.experiments.scales import CPROP as SCALES
@@ -99,18 +102,7 @@ def plan(settings: Settings) -> list[RunSpec]:
 def flops(spec: RunSpec) -> float:
     """Rough FLOPs of the run (:mod:`steadystep.experiments.estimate`): training steps and the
     evaluations on the training and test sets."""
-    cfg = spec.config
-    n, n_test, shape = SIZES[cfg["dataset"]]
-    if cfg["n_train"]:
-        n, n_test = min(n, cfg["n_train"]), min(n_test, max(cfg["n_train"] // 4, 100))
-
-    def make() -> torch.nn.Module:
-        return build_classifier(cfg["model"], shape, 10)
-
-    key = ("cprop", cfg["model"])
-    train = cfg["epochs"] * (n // BATCH) * model_flops(key, make, shape, BATCH, True)
-    evals = (cfg["epochs"] * cfg["evals_per_epoch"] + 1) * (n + n_test)
-    return float(train + evals * model_flops(key, make, shape, 1, False))
+    return classifier_flops(name, spec.config, lambda n: BATCH, eval_train=True)
 
 
 def _data(cfg: dict[str, Any], ctx: RunContext) -> ClassificationData:

@@ -14,9 +14,12 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from steadystep.experiments._common import classification_data, evaluate_classifier
-from steadystep.experiments.datasets import SIZES, ClassificationData
-from steadystep.experiments.estimate import model_flops
+from steadystep.experiments._common import (
+    classification_data,
+    classifier_flops,
+    evaluate_classifier,
+)
+from steadystep.experiments.datasets import ClassificationData
 from steadystep.experiments.models import build_classifier
 from steadystep.experiments.runner import RunContext, RunSpec, Settings
 from steadystep.experiments.scales import SALERA as SCALES
@@ -144,19 +147,11 @@ def plan(settings: Settings) -> list[RunSpec]:
 def flops(spec: RunSpec) -> float:
     """Rough FLOPs of the run (:mod:`steadystep.experiments.estimate`): training steps and
     test-set evaluations."""
-    cfg = spec.config
-    n, n_test, shape = SIZES[cfg["dataset"]]
-    if cfg["n_train"]:
-        n, n_test = min(n, cfg["n_train"]), min(n_test, max(cfg["n_train"] // 4, 100))
-    bs = max(1, round(0.01 * n))
+    return classifier_flops(name, spec.config, _batch_size, eval_train=False)
 
-    def make() -> torch.nn.Module:
-        return build_classifier(cfg["model"], shape, 10)
 
-    key = ("salera", cfg["model"])
-    train = cfg["epochs"] * (n // bs) * model_flops(key, make, shape, bs, True)
-    evals = (cfg["epochs"] * cfg["evals_per_epoch"] + 1) * n_test
-    return float(train + evals * model_flops(key, make, shape, 1, False))
+def _batch_size(n: int) -> int:
+    return max(1, round(0.01 * n))  # the paper's 1% mini-batches
 
 
 def _data(cfg: dict[str, Any], ctx: RunContext) -> ClassificationData:
@@ -229,7 +224,7 @@ def run(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     x_test, y_test = data.x_test.to(device), data.y_test.to(device)
     n = len(y_train)
-    bs = max(1, round(0.01 * n))  # the paper's 1% mini-batches
+    bs = _batch_size(n)
     steps_per_epoch = n // bs
     model = build_classifier(cfg["model"], data.input_shape, data.n_classes).to(device)
     opt = make_optimizer(cfg["algorithm"], model, cfg["hp"], rho=bs / n)

@@ -150,6 +150,18 @@ def cprop_scales(
     ``s`` is 0 everywhere when ``found_finite`` is False, and 1 at ``t = 1`` or for ``c = inf``.
     """
     cprop = _CPropHyper(beta, c, eps, cdf, method)
+    return _scales(exp_avgs, seconds, state_steps, found_finite, cprop, foreach)
+
+
+def _scales(
+    exp_avgs: list[Tensor],
+    seconds: list[Tensor],
+    state_steps: list[Tensor],
+    found_finite: Tensor,
+    cprop: _CPropHyper,
+    foreach: bool,
+) -> list[Tensor]:
+    """:func:`cprop_scales` with CProp's hyperparameters as one tuple."""
     out: list[Tensor] = [exp_avgs[0]] * len(exp_avgs)
     for (device, dtype), idx in _group_by_dtype(exp_avgs).items():
         keep = found_finite.to(device=device, dtype=dtype)
@@ -171,28 +183,25 @@ def cprop_before_(
     state_steps: list[Tensor],
     *,
     found_finite: Tensor,
-    cprop_beta: float,
-    cprop_c: float,
-    cprop_eps: float,
-    cdf: str,
-    method: str,
+    cprop: _CPropHyper,
     foreach: bool = False,
     fused: bool | None = False,
 ) -> tuple[bool, list[Tensor]]:
     """The CProp wrapper's pass before its base optimizer steps: CProp's statistics from the
     raw gradients (:func:`cprop_update_`) and a snapshot ``p_old`` of ``params``. Returns
     ``(fused, snapshots)``: whether the fused kernel took the pass (then :func:`cprop_after_`
-    must be fused too) and the snapshots. ``fused`` as in :func:`cprop_sgd`."""
+    must be fused too) and the snapshots. ``cprop``: CProp's hyperparameters; ``fused`` as in
+    :func:`cprop_sgd`."""
     if fused is not False:
         # one buffer for the whole group's snapshot: one allocation, not one per tensor
         sizes = [p.numel() for p in params]
         flat = torch.empty(sum(sizes), dtype=params[0].dtype, device=params[0].device)
         olds = [t.view_as(p) for t, p in zip(flat.split(sizes), params, strict=True)]
-        cprop = dict(
-            cprop_beta=cprop_beta, cprop_c=cprop_c, cprop_eps=cprop_eps, cdf=cdf, method=method
-        )
         stats = (cprop_exp_avgs, cprop_exp_avg_sqs, state_steps)
-        if kernels.wrapper_before_(params, grads, olds, *stats, found_finite=found_finite, **cprop):
+        kwargs = cprop_kwargs(cprop)
+        if kernels.wrapper_before_(
+            params, grads, olds, *stats, found_finite=found_finite, cprop=kwargs
+        ):
             return True, olds
         if fused:
             raise FusedUnsupportedError("CProp", params)
@@ -202,8 +211,8 @@ def cprop_before_(
         cprop_exp_avg_sqs,
         state_steps,
         found_finite=found_finite,
-        beta=cprop_beta,
-        method=method,
+        beta=cprop.beta,
+        method=cprop.method,
         foreach=foreach,
     )
     return False, [p.clone() for p in params]
@@ -217,11 +226,7 @@ def cprop_after_(
     state_steps: list[Tensor],
     *,
     found_finite: Tensor,
-    cprop_beta: float,
-    cprop_c: float,
-    cprop_eps: float,
-    cdf: str,
-    method: str,
+    cprop: _CPropHyper,
     foreach: bool = False,
     fused: bool,
 ) -> None:
@@ -230,21 +235,10 @@ def cprop_after_(
     anything there). ``fused``: what :func:`cprop_before_` returned."""
     stats = (cprop_exp_avgs, cprop_exp_avg_sqs, state_steps)
     if fused:
-        cprop = dict(
-            cprop_beta=cprop_beta, cprop_c=cprop_c, cprop_eps=cprop_eps, cdf=cdf, method=method
-        )
-        kernels.wrapper_after_(params, snapshots, *stats, found_finite=found_finite, **cprop)
+        kwargs = cprop_kwargs(cprop)
+        kernels.wrapper_after_(params, snapshots, *stats, found_finite=found_finite, cprop=kwargs)
         return
-    scales = cprop_scales(
-        *stats,
-        found_finite=found_finite,
-        beta=cprop_beta,
-        c=cprop_c,
-        eps=cprop_eps,
-        cdf=cdf,
-        method=method,
-        foreach=foreach,
-    )
+    scales = _scales(*stats, found_finite, cprop, foreach)
     for p, old, s in zip(params, snapshots, scales, strict=True):
         _apply_scale_(p, old, s, found_finite)
 
@@ -389,7 +383,7 @@ def cprop_sgd(
     sgd = _SGDHyper(lr, momentum, dampening, weight_decay, nesterov, lr_multiplier)
     cprop = _CPropHyper(cprop_beta, cprop_c, cprop_eps, cdf, method)
     if fused is not False and kernels.sgd_(
-        *tensors, found_finite=found_finite, **sgd._asdict(), **cprop_kwargs(cprop)
+        *tensors, found_finite=found_finite, cprop=cprop_kwargs(cprop), **sgd._asdict()
     ):
         return
     if fused:
@@ -559,7 +553,7 @@ def cprop_adam(
     )
     cprop = _CPropHyper(cprop_beta, cprop_c, cprop_eps, cdf, method)
     if fused is not False and kernels.adam_(
-        *tensors, found_finite=found_finite, **adam._asdict(), **cprop_kwargs(cprop)
+        *tensors, found_finite=found_finite, cprop=cprop_kwargs(cprop), **adam._asdict()
     ):
         return
     if fused:

@@ -20,9 +20,9 @@ from steadystep._validation import (
     check_betas,
     check_bool,
     check_finite,
+    check_foreach_fused,
     check_loss,
     check_nonnegative,
-    check_optional_bool,
     check_param_tensors,
 )
 from steadystep.checkpoint import (
@@ -91,13 +91,7 @@ class _NativeCPropBase(NativeCheckpoint, Optimizer, Composable):
         fused: bool | None,
     ) -> None:
         """``base``: the base optimizer's defaults; then CProp's and the path's."""
-        check_optional_bool("foreach", foreach)
-        check_optional_bool("fused", fused)
-        if foreach and fused:
-            raise ValueError(
-                "foreach and fused pick different implementations and cannot both be True, "
-                f"got foreach={foreach!r}, fused={fused!r}"
-            )
+        check_foreach_fused(foreach, fused)
         defaults = {**base, **cprop.group_entries(), "foreach": foreach, "fused": fused}
         super().__init__(params, defaults)
 

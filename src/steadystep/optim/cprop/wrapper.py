@@ -27,7 +27,6 @@ from steadystep.optim.cprop._math import (
     _CPropHyper,
     _second_key,
     _stats_dtype,
-    cprop_kwargs,
 )
 from steadystep.optim.cprop._state import (
     _call_closure,
@@ -261,7 +260,7 @@ class CProp(OptimizerWrapper, Composable):
                 shards([p.grad for p in params]),
                 *self._statistics(group, params),
                 found_finite=found_finite,
-                **cprop_kwargs(_cprop_hyper(group)),
+                cprop=_cprop_hyper(group),
                 foreach=_default_foreach(params),
                 fused=self.fused,
             )
@@ -281,7 +280,7 @@ class CProp(OptimizerWrapper, Composable):
                     olds,
                     *self._statistics(group, params),
                     found_finite=found_finite,
-                    **cprop_kwargs(_cprop_hyper(group)),
+                    cprop=_cprop_hyper(group),
                     foreach=_default_foreach(params),
                     fused=fused,
                 )
