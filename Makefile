@@ -35,8 +35,8 @@ demo-docs: install
 test: install-dev
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
-# The benchmarks behind docs/performance.md, docs/alrc.md and docs/clean.md (CPU; bench_clean.py
-# takes ~30 minutes on 2 cores), then their tables.
+# The benchmarks behind docs/performance.md, docs/alrc.md, docs/clean.md and docs/ladder.md (CPU;
+# bench_clean.py takes ~30 minutes on 2 cores), then their tables.
 bench: install-dev
 	$(PY) benchmarks/bench_speed.py --out benchmarks/results
 	$(PY) benchmarks/bench_step.py --out benchmarks/results
@@ -44,6 +44,7 @@ bench: install-dev
 	$(PY) benchmarks/bench_first_step.py --out benchmarks/results
 	$(PY) benchmarks/bench_alrc_early.py --out benchmarks/results
 	$(PY) benchmarks/bench_clean.py --out benchmarks/results
+	$(PY) benchmarks/bench_escalation.py --out benchmarks/results
 	$(PY) tools/render_docs.py
 
 # On a CUDA machine: the CUDA tests, bench_gpu.py and bench_step.py's GPU models (logs in

@@ -149,6 +149,8 @@ def test_persistent_nan_raises_training_diverged_with_the_history():
     assert all(h["skipped"][1] - h["skipped"][0] == 3 for h in history[:2])
     assert history[-1]["restored_to"] is None
     assert "2 escalations" in str(caught.value)
+    # the keys TrainingDiverged's docstring promises, and no others
+    assert all(set(h) == {"step", "loss", "restored_to", "skipped"} for h in history)
 
 
 # -- the ring ------------------------------------------------------------------------------------

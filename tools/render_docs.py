@@ -28,6 +28,8 @@ bench_spikes       benchmarks/results/spikes.json      python benchmarks/bench_s
 clean              benchmarks/results/clean.json       make bench
 clean-headline     benchmarks/results/clean.json       make bench
 spikes-closed      benchmarks/results/spikes.json      python benchmarks/bench_spikes.py
+escalation         benchmarks/results/escalation.json  make bench
+escalation-cost    benchmarks/results/escalation.json  make bench
 =================  ==================================  ==========================================
 
 A block with an ``absent`` text (``step-gpu``) renders that text while its source does not exist
@@ -324,6 +326,171 @@ def spikes_closed(results: dict[str, Any]) -> str:
     return closed_tables(results)
 
 
+def _num(value: float | None, fmt: str = ".3f", none: str = "n/a") -> str:
+    return none if value is None else format(value, fmt)
+
+
+def _count(value: float | None) -> str:
+    """A mean over seeds of a count: an integer as such, else one decimal."""
+    if value is None:
+        return ""
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+
+
+ESCALATION_ARMS = {"none": "no guard", "guard": "one-step guard", "escalation": "+ escalation"}
+
+
+def _in_order(rows: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The arms in ESCALATION_ARMS's order (the JSON's keys are sorted)."""
+    return [(arm, rows[arm]) for arm in ESCALATION_ARMS if arm in rows]
+
+
+def escalation(results: dict[str, Any]) -> str:
+    """bench_escalation.py: slow faults against no guard, the one-step guard and escalation."""
+    settings, summary = results["settings"], results["summary"]
+    ring = settings["escalation"]
+    head = (
+        f"Measured on {_machine(results['machine'])}: {settings['seeds']} seeds per cell, batch "
+        f"{settings['batch']}, `ss.Escalation(every={ring['every']}, keep={ring['keep']}, "
+        f"sampler=sampler)` (`skip_ahead={ring['skip_ahead']}`). Final validation loss: the "
+        "mean over seeds; *vs fault-free*: the mean over seeds of its ratio to the plain run "
+        "of the same seed without the fault. Steps redone: for each escalation, its step minus "
+        "the restored snapshot's, plus the dropped step."
+    )
+    cases = settings["cases"]
+    rows = []
+    for case, spec in cases.items():
+        where = (
+            f", batches {spec['fault_batches'][0]}-{spec['fault_batches'][1]}"
+            if "fault_batches" in spec
+            else f", step {spec['fault_step']}"
+            if "fault_step" in spec
+            else f", warm-up {spec['warmup_steps']} steps"
+        )
+        for arm, row in _in_order(summary[case]["fault"]):
+            guarded = arm != "none"
+            diverged = f" ({row['diverged']} raised TrainingDiverged)" if row["diverged"] else ""
+            rows.append(
+                [
+                    f"`{case}`",
+                    f"{spec['task']}, {spec['optimizer']} {spec['lr']:g}, {spec['steps']} "
+                    f"steps{where}",
+                    ESCALATION_ARMS[arm],
+                    _num(row["val_loss"]) + diverged,
+                    _num(row["vs_fault_free"], ".2f") + "x",
+                    _count(row.get("alarms")) if guarded else "",
+                    _count(row.get("skips")) if guarded else "",
+                    _count(row.get("rollbacks")) if guarded else "",
+                    _count(row.get("level_shifts")) if guarded else "",
+                    _num(row.get("lr_scale"), ".2f") if guarded else "",
+                    _count(row.get("escalations")) if arm == "escalation" else "",
+                    _count(row.get("steps_redone")) if arm == "escalation" else "",
+                    _count(row["batches_skipped"]) if arm == "escalation" else "",
+                ]
+            )
+    header = [
+        "case",
+        "run",
+        "arm",
+        "final val loss",
+        "vs fault-free",
+        "alarms",
+        "skipped steps",
+        "rollbacks",
+        "level shifts",
+        "final lr scale",
+        "escalations",
+        "steps redone",
+        "batches skipped",
+    ]
+    clean_rows = []
+    for case in cases:
+        for arm, row in _in_order(summary[case]["clean"]):
+            clean_rows.append(
+                [
+                    f"`{case}`",
+                    ESCALATION_ARMS[arm],
+                    _num(row["val_loss"]),
+                    _num(row["vs_fault_free"], ".3f") + "x",
+                    "" if arm == "none" else _num(row["vs_guard"], ".3f") + "x",
+                    _count(row.get("alarms")) if arm != "none" else "",
+                    _count(row.get("escalations")) if arm == "escalation" else "",
+                ]
+            )
+    clean_header = [
+        "case (no fault)",
+        "arm",
+        "final val loss",
+        "vs plain",
+        "vs one-step guard",
+        "alarms",
+        "escalations",
+    ]
+    edge = settings.get("edge")
+    tail = ""
+    if edge:
+        grid = ", ".join(
+            f"{lr}: {_num(cell['climb'], '.2f', 'not finite')}" for lr, cell in edge["grid"].items()
+        )
+        tail = (
+            f"\n\nThe slow divergence's lr: the smallest of the grid at which the plain run's "
+            f"training loss (its {edge['window']}-step moving mean) climbs above where it "
+            f"started, on the mean over seeds: **{edge['edge']:g}**; its fault-free run is the "
+            f"grid point below, {edge['stable']:g}. The highest moving mean over the first, per "
+            f"lr: {grid}."
+        )
+    return (
+        head
+        + "\n\n"
+        + _table(header, rows)
+        + "\n\nThe same runs without their fault:\n\n"
+        + _table(clean_header, clean_rows)
+        + tail
+    )
+
+
+def escalation_cost(results: dict[str, Any]) -> str:
+    """bench_escalation.py: the ring's memory and time per snapshot, and per guarded step."""
+    cost = results["ring_cost"]
+    head = (
+        f"Measured on {_machine(results['machine'])}: an MLP of {cost['n_params'] / 1e6:.1f}M "
+        f"parameters (width {cost['width']}) with AdamW, batch {cost['batch']}; a slot holds "
+        f"{cost['live_bytes'] / 2**20:.1f} MiB of parameters, optimizer state and buffers."
+    )
+    where = {"None": "beside each tensor", '"cpu"': "host memory", "a directory": "disk"}
+    take_rows = [
+        [
+            f"`snapshot_device={name}` ({where[name]})"
+            if name != "a directory"
+            else "`snapshot_device=` a directory (disk, a temporary one)",
+            f"{row['bytes_per_snapshot'] / 2**20:.1f}",
+            f"{row['bytes_on_disk_per_snapshot'] / 2**20:.1f}",
+            f"{row['median_seconds'] * 1e3:.1f} (median of {row['repeats']})",
+        ]
+        for name, row in sorted(cost["take"].items(), key=lambda kv: list(where).index(kv[0]))
+    ]
+    steps = cost["step_seconds"]
+    guard = steps["guard"]
+    order = ["guard", "guard + ring, no snapshot due", "guard + ring, a snapshot every step"]
+    step_rows = [
+        [name, f"{steps[name] * 1e3:.2f}", f"{steps[name] / guard:.2f}x"] for name in order
+    ]
+    step_rows.append(
+        [
+            f"guard + ring, `every={cost['amortized_every']}` (amortized)",
+            f"{cost['amortized_step_seconds'] * 1e3:.2f}",
+            f"{cost['amortized_over_guard']:.2f}x",
+        ]
+    )
+    return (
+        head
+        + "\n\n"
+        + _table(["where", "MiB in memory per snapshot", "MiB on disk", "one take, ms"], take_rows)
+        + "\n\n"
+        + _table(["guarded step", "ms/step", "vs guard"], step_rows)
+    )
+
+
 BLOCKS = {
     "demo-claims": Block("README.md", "docs/demo/results.json", "make demo-docs", demo_claims),
     "speed-cpu": Block("docs/performance.md", "benchmarks/results/speed.json", "make bench", speed),
@@ -382,6 +549,12 @@ BLOCKS = {
         "benchmarks/results/spikes.json",
         "python benchmarks/bench_spikes.py",
         spikes_closed,
+    ),
+    "escalation": Block(
+        "docs/ladder.md", "benchmarks/results/escalation.json", "make bench", escalation
+    ),
+    "escalation-cost": Block(
+        "docs/ladder.md", "benchmarks/results/escalation.json", "make bench", escalation_cost
     ),
 }
 

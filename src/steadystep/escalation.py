@@ -63,7 +63,8 @@ class TrainingDiverged(RuntimeError):
     ``history`` lists dicts with at least ``"step"`` and ``"loss"``, oldest first: the guard's
     last alarms (up to 64; ``loss`` is the loss the detector tested, the mean over ranks under
     torch.distributed), or the escalations (with ``"restored_to"``, the step of the snapshot,
-    ``"skipped"``, the window of global batches, and ``"lr_scale"`` after the cut).
+    and ``"skipped"``, the window ``[start, stop)`` of global batches or None without a
+    sampler; the last, refused, with both None).
     """
 
     def __init__(self, message: str, history: list[dict[str, Any]]) -> None:

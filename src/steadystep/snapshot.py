@@ -8,8 +8,8 @@ Note [full rollback]
     the last update, every tensor of ``optimizer.state`` (moments, step counts, CProp's
     statistics) and, when the guard is given the model, its buffers (BatchNorm's running
     statistics), beside the parameters; ``rollback="params"`` keeps only the parameters (the
-    cost measured in docs/ladder.md). The optimizer's state is created lazily by its first step,
-    so its snapshot starts with the second step.
+    cost measured in docs/performance.md). The optimizer's state is created lazily by its first
+    step, so its snapshot starts with the second step.
 
 Every tensor goes through one masked copy (``steadystep._kernels.rollback_``: where
 ``restore``, live <- snapshot; else, unless ``hold``, snapshot <- live), bitwise for every dtype,
