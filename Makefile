@@ -84,6 +84,7 @@ mutation: install-dev
 	$(MUTATE) --module src/steadystep/detectors/spike.py --tests tests/test_detectors.py \
 		--out mutation-results/spike.json
 	$(MUTATE) --module src/steadystep/guard.py --tests tests/test_guard.py \
+		--tests tests/test_ladder.py --tests tests/test_escalation.py \
 		--out mutation-results/guard.json
 	$(PY) tools/mutation.py --fail-under $(MUTATION_FAIL_UNDER) --summary \
 		mutation-results/alrc.json mutation-results/agnostic.json mutation-results/detect.json \

@@ -607,3 +607,50 @@ def test_moment_update_weight_switches_at_one_over_one_minus_beta():
         if not same:  # the plain average: the k observations held and this one
             expected = (k * mu1 + mean) / (k + 1)
             torch.testing.assert_close(warm[0], expected, rtol=1e-6, atol=0)
+
+
+# -- the moments a skipped step takes back, and the load checks (survivors of make mutation) -----
+
+
+def test_restore_moments_puts_back_the_saved_statistics_only_where_told():
+    alrc = ss.ALRC()
+    alrc(torch.tensor([1.0, 2.0, 3.0]))
+    saved = alrc.moments()
+    assert set(saved) >= {"mu1", "mu2"}
+    before = {k: v.clone() for k, v in saved.items()}
+    alrc(torch.tensor([5.0, 6.0, 7.0]))
+    after = {k: v.clone() for k, v in alrc.moments().items()}
+    assert not torch.equal(after["mu1"], before["mu1"])
+    alrc.restore_moments_(saved, torch.tensor(False))
+    assert all(torch.equal(v, after[k]) for k, v in alrc.moments().items())
+    alrc.restore_moments_(saved, torch.tensor(True))
+    assert all(torch.equal(v, before[k]) for k, v in alrc.moments().items())
+
+
+@pytest.mark.parametrize("name", ["mu2", "num_updates"])
+def test_a_negative_second_moment_or_count_is_refused_on_load(name):
+    alrc = ss.ALRC()
+    alrc(torch.tensor([1.0, 2.0]))
+    saved = alrc.state_dict()
+    saved[name] = -saved[name].abs() - 1
+    with pytest.raises(ValueError, match=name):
+        ss.ALRC().load_state_dict(saved)
+
+
+def test_a_negative_first_moment_loads():
+    """The mean of the losses may be negative (a log-likelihood); only mu2 and counts may not."""
+    alrc = ss.ALRC()
+    alrc(torch.tensor([-3.0, -2.0]))
+    saved = alrc.state_dict()
+    assert float(saved["mu1"]) < 0
+    fresh = ss.ALRC()
+    fresh.load_state_dict(saved)
+    assert torch.equal(fresh.mu1, saved["mu1"])
+
+
+def test_a_wrong_dtype_in_a_saved_buffer_is_refused_and_a_non_tensor_left_to_torch():
+    saved = ss.ALRC().state_dict()
+    with pytest.raises(ValueError, match="mu1"):
+        ss.ALRC().load_state_dict({**saved, "mu1": saved["mu1"].double()})
+    with pytest.raises(RuntimeError):  # not a tensor: nn.Module's own report
+        ss.ALRC().load_state_dict({**saved, "mu1": 1.0})
