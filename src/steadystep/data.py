@@ -153,6 +153,12 @@ class SkippableSampler(_SkipWindows, Sampler[list[int]]):
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
+        if isinstance(dataset_size, Sampler):  # Lightning injecting a DistributedSampler
+            raise TypeError(
+                "SkippableSampler takes dataset_size, not a sampler: it shards every global "
+                "batch over the ranks itself; in Lightning set "
+                "Trainer(use_distributed_sampler=False)"
+            )
         self.dataset_size = check_count("dataset_size", dataset_size, low=1)
         self.batch_size = check_count("batch_size", batch_size, low=1)
         if not isinstance(shuffle, bool) or not isinstance(drop_last, bool):
