@@ -390,7 +390,7 @@ class _Indexed(torch.utils.data.Dataset):
         return self.x[index] * scale[:, None], self.y[index], index
 
 
-def _loader(**kwargs):
+def _indexed_loader(**kwargs):
     return torch.utils.data.DataLoader(_Indexed(), collate_fn=_whole_batches, **kwargs)
 
 
@@ -407,9 +407,9 @@ class Skipping(L.LightningModule):
         )
         if source == "sampler":
             self.sampler = ss.SkippableSampler(400 * 32, batch_size=32, shuffle=False)
-            self.loader = _loader(batch_sampler=self.sampler)
+            self.loader = _indexed_loader(batch_sampler=self.sampler)
         else:
-            self.sampler = self.loader = ss.SkippableIterable(_loader(batch_size=32))
+            self.sampler = self.loader = ss.SkippableIterable(_indexed_loader(batch_size=32))
         self.escalate = escalate
         self.trained = []  # the global batch of each training step
 
