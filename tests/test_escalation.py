@@ -278,6 +278,58 @@ def test_bad_arguments_name_themselves(kwargs, match):
         ss.Escalation(**kwargs)
 
 
+def test_stabilize_builds_its_guard_with_the_escalation():
+    """ss.stabilize(..., escalation=...) hands the rung to the guard it builds: the stretch of
+    bad data is recovered as with CatastropheGuard(..., escalation=...), through clip()."""
+    model, _, sampler, data = _setup("none")
+    opt = ss.stabilize(
+        torch.optim.AdamW(model.parameters(), lr=1e-2),
+        model=model,
+        escalation=ss.Escalation(every=25, keep=2, sampler=sampler),
+    )
+    step = 0
+    while step < STEPS:
+        for x, y in DataLoader(data, batch_sampler=sampler):
+            if sampler.position - 1 in FAULT:
+                x = x * 100.0
+            loss = opt.clip(F.cross_entropy(model(x), y, reduction="none")).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            if step >= STEPS:
+                break
+    assert opt.guard is not None and opt.guard.escalation is not None
+    (record,) = opt.guard.escalation.history
+    assert record["restored_to"] == FAULT[0]
+    assert record["skipped"][0] <= FAULT[-1] < record["skipped"][1]
+    assert sampler.windows == [tuple(record["skipped"])]
+    clean, _ = _final("none", fault=())
+    assert _val_loss(model) <= 1.05 * clean
+    # the same through guard={...}
+    ring = ss.Escalation()
+    settings = ss.stabilize(torch.optim.SGD(model.parameters(), lr=0.1), guard={"escalation": ring})
+    assert settings.guard is not None and settings.guard.escalation is ring
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"guard": False}, ValueError, "guard must not be off, got guard=False"),
+        ({"guard": {"escalation": ss.Escalation()}}, ValueError, "escalation given twice"),
+        ({"escalation": "yes"}, TypeError, "escalation must be an ss.Escalation"),
+    ],
+)
+def test_stabilize_refuses_an_escalation_it_cannot_place(kwargs, error, match):
+    model = torch.nn.Linear(2, 1)
+    kwargs = {"escalation": ss.Escalation(), **kwargs}
+    with pytest.raises(error, match=match):
+        ss.stabilize(torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+    guarded = ss.CatastropheGuard(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="already a CatastropheGuard; build it with escalation"):
+        ss.stabilize(guarded, escalation=ss.Escalation())
+
+
 def test_the_guard_refuses_something_else_as_escalation():
     with pytest.raises(TypeError, match="escalation"):
         ss.CatastropheGuard(

@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 import steadystep as ss
-from steadystep.integrations.lightning import LossFeeder, StatsLogger
+from steadystep.integrations.lightning import DataPosition, LossFeeder, StatsLogger
 
 SPIKE_STEP = 12
 
@@ -354,3 +354,155 @@ def test_logged_names_are_the_stats_keys_under_one_prefix(tmp_path):
     keys = trainer.optimizers[0].stats()
     names = {k for m in logger.metrics for k in m if k.startswith("steadystep/")}
     assert names == {f"steadystep/{k}" for k in keys}
+
+
+# -- skipping data: a SkippableSampler, an escalation, a real Trainer ----------------------------
+
+BAD = range(60, 75)  # global batches whose inputs are corrupted (x100): a stretch of bad data
+SKIP_STEPS = 100
+
+
+def _whole_batches(batch):
+    return batch  # _Indexed.__getitems__ builds the batch itself
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """test_escalation's teacher task, 400 batches of 32 (the runs stay in epoch 0), fetched a
+    batch at a time; each batch carries its samples' indices, so the global batch trained on is
+    known; the inputs of the batches in BAD are x100."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(400 * 32, 20, generator=g)
+        torch.manual_seed(123)
+        teacher = torch.nn.Sequential(
+            torch.nn.Linear(20, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10)
+        )
+        with torch.no_grad():
+            self.y = teacher(2 * self.x).argmax(1)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitems__(self, indices):
+        index = torch.tensor(indices)
+        scale = torch.where((index // 32 >= BAD[0]) & (index // 32 <= BAD[-1]), 100.0, 1.0)
+        return self.x[index] * scale[:, None], self.y[index], index
+
+
+def _indexed_loader(**kwargs):
+    return torch.utils.data.DataLoader(_Indexed(), collate_fn=_whole_batches, **kwargs)
+
+
+class Skipping(L.LightningModule):
+    """A teacher-student MLP trained through ss.stabilize with an escalation whose sampler is
+    the train dataloader's: a SkippableSampler (its batch_sampler) or a SkippableIterable (the
+    loader itself, around a plain DataLoader)."""
+
+    def __init__(self, seed=0, source="sampler", escalate=True):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)
+        )
+        if source == "sampler":
+            self.sampler = ss.SkippableSampler(400 * 32, batch_size=32, shuffle=False)
+            self.loader = _indexed_loader(batch_sampler=self.sampler)
+        else:
+            self.sampler = self.loader = ss.SkippableIterable(_indexed_loader(batch_size=32))
+        self.escalate = escalate
+        self.trained = []  # the global batch of each training step
+
+    def train_dataloader(self):
+        return self.loader
+
+    def training_step(self, batch, batch_idx):
+        x, y, index = batch
+        self.trained.append(int(index[0]) // 32)
+        per_sample = torch.nn.functional.cross_entropy(self.net(x), y, reduction="none")
+        return self.optimizers().clip(per_sample).mean()
+
+    def configure_optimizers(self):
+        ring = ss.Escalation(every=10, keep=2, sampler=self.sampler) if self.escalate else None
+        return ss.stabilize(
+            torch.optim.AdamW(self.parameters(), lr=1e-2), model=self, escalation=ring
+        )
+
+
+def _skip_trainer(tmp_path, callbacks, max_steps=SKIP_STEPS):
+    return L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+    )
+
+
+@pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before")
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+@pytest.mark.filterwarnings("ignore:.*does not have many workers")
+@pytest.mark.parametrize(
+    "source,resume_at", [("sampler", (50, 90)), ("iterable", (90,))], ids=["sampler", "iterable"]
+)
+def test_an_escalation_skips_the_bad_stretch_and_a_checkpoint_resumes_it_bitwise(
+    source, resume_at, tmp_path
+):
+    """A real Trainer: the stretch of bad batches escalates, the source skips the rest of it,
+    training finishes; resumed from a checkpoint before the stretch (the escalation happens in
+    the resumed run) or after it (the window comes back with the optimizer's state), the run is
+    the uninterrupted one: the same batches, the same weights to the last bit."""
+    checkpoints = tmp_path / "ckpt"
+    saver = ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=10, save_top_k=-1)
+    whole = Skipping(source=source)
+    trainer = _skip_trainer(tmp_path, [DataPosition(), saver])
+    trainer.fit(whole)
+    assert trainer.global_step == SKIP_STEPS
+    if source == "sampler":  # Lightning kept the batch_sampler
+        assert trainer.train_dataloader.batch_sampler is whole.sampler
+    (record,) = trainer.optimizers[0].guard.escalation.history
+    assert record["restored_to"] == BAD[0]
+    start, stop = record["skipped"]
+    assert start <= BAD[-1] < stop and whole.sampler.windows == [(start, stop)]
+    assert whole.trained == [b for b in range(SKIP_STEPS + stop - start) if not start <= b < stop]
+    for at in resume_at:
+        (ckpt,) = checkpoints.glob(f"*step={at}.ckpt")
+        resumed = Skipping(seed=1, source=source)  # other weights: they come from the checkpoint
+        _skip_trainer(tmp_path, [DataPosition()]).fit(resumed, ckpt_path=ckpt)
+        assert resumed.sampler.windows == [(start, stop)]
+        assert resumed.trained == whole.trained[at:], at
+        for p, q in zip(whole.parameters(), resumed.parameters(), strict=True):
+            assert torch.equal(p, q), at
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+@pytest.mark.filterwarnings("ignore:.*does not have many workers")
+@pytest.mark.parametrize("mark", [True, False], ids=["DataPosition", "no-callback"])
+def test_data_position_keeps_the_batch_lightning_prefetched(mark, tmp_path):
+    """Lightning draws one batch ahead of an unsized loader (a SkippableIterable): with
+    DataPosition the checkpoint resumes at the batch in flight; without it that batch is lost."""
+    checkpoints = tmp_path / "ckpt"
+    saver = ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=5, save_top_k=-1)
+    callbacks = [DataPosition()] if mark else []
+    whole = Skipping(source="iterable")
+    _skip_trainer(tmp_path, [*callbacks, saver], max_steps=10).fit(whole)
+    (ckpt,) = checkpoints.glob("*step=5.ckpt")
+    resumed = Skipping(source="iterable")
+    _skip_trainer(tmp_path, callbacks, max_steps=10).fit(resumed, ckpt_path=ckpt)
+    assert whole.trained == list(range(10))
+    assert resumed.trained == (list(range(5, 10)) if mark else list(range(6, 11)))
+
+
+def test_a_distributed_sampler_is_not_injected_into_a_skippable_sampler():
+    """Under DDP Lightning (use_distributed_sampler=True) rebuilds a batch sampler around a
+    DistributedSampler; SkippableSampler shards by itself and says what to set."""
+    from lightning.pytorch.utilities.data import _update_dataloader
+
+    data = torch.utils.data.TensorDataset(torch.arange(40.0))
+    loader = torch.utils.data.DataLoader(data, batch_sampler=ss.SkippableSampler(40, batch_size=4))
+    sampler = torch.utils.data.DistributedSampler(data, num_replicas=2, rank=0)
+    with pytest.raises(TypeError, match=r"Trainer\(use_distributed_sampler=False\)"):
+        _update_dataloader(loader, sampler)

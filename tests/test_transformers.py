@@ -286,3 +286,126 @@ def test_alrc_twice_is_refused(tmp_path):
     )
     with pytest.raises(ValueError, match="drop alrc="):
         trainer.train()
+
+
+# -- skipping data: escalation=, a SkippableSampler the Trainer builds -----------------------
+
+BAD = range(30, 38)  # global batches whose labels are corrupted (100 instead of about +-1)
+ESC_STEPS = 60
+
+
+def _regression_model():
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=1,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertForSequenceClassification(config)
+
+
+def _regression_data(n=8 * 120):
+    """A learnable target (the mean of the first four ids); the items of BAD's batches (in the
+    sequential order) carry a corrupted label."""
+    g = torch.Generator().manual_seed(0)
+    items = []
+    for i in range(n):
+        ids = torch.randint(0, 50, (8,), generator=g)
+        y = 100.0 if i // 8 in BAD else float(ids[:4].float().mean() / 25 - 1)
+        items.append({"input_ids": ids, "labels": torch.tensor(y)})
+    return items
+
+
+class _Recording:
+    """The default per-sample loss; records the global batch of each training call."""
+
+    def __init__(self):
+        self.trainer, self.trained = None, []
+
+    def __call__(self, outputs, labels):
+        if outputs.logits.requires_grad:
+            self.trained.append(self.trainer.skippable.position - 1)
+        return default_per_sample_loss(outputs, labels)
+
+
+def _escalating_trainer(out, max_steps=ESC_STEPS, save_steps=None):
+    esc = ss.Escalation(every=5, keep=2, skip_ahead=10)
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=max_steps,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        report_to=[],
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        train_sampling_strategy="sequential",
+    )
+    loss = _Recording()
+    trainer = SteadystepTrainer(
+        model=_regression_model(),
+        args=args,
+        train_dataset=_regression_data(),
+        per_sample_loss=loss,
+        escalation=esc,
+        optimizer_factory=lambda m: ss.stabilize(
+            torch.optim.AdamW(m.parameters(), lr=1e-3), model=m, escalation=esc
+        ),
+    )
+    loss.trainer = trainer
+    return trainer, esc, loss
+
+
+def test_an_escalation_skips_the_bad_stretch_and_resumes_from_a_checkpoint(tmp_path):
+    trainer, esc, loss = _escalating_trainer(tmp_path / "a", save_steps=20)
+    trainer.train()
+    assert trainer.state.global_step == ESC_STEPS
+    assert isinstance(trainer.skippable, ss.SkippableSampler) and esc.sampler is trainer.skippable
+    (record,) = esc.history
+    assert record["restored_to"] == BAD[0]
+    start, stop = record["skipped"]
+    assert start <= BAD[-1] < stop and trainer.skippable.windows == [(start, stop)]
+    assert loss.trained == [b for b in range(ESC_STEPS + stop - start) if not start <= b < stop]
+    # resumed after the escalation: the window and the position come with optimizer.pt, the
+    # Trainer does not fast-forward on its own, and the run ends as the uninterrupted one
+    resumed, esc_b, loss_b = _escalating_trainer(tmp_path / "b")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-40"))
+    assert resumed.skippable.windows == [(start, stop)]
+    assert loss_b.trained == loss.trained[40:]
+    assert [h["step"] for h in esc_b.history] == [record["step"]]
+    for p, q in zip(trainer.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_escalation_needs_the_guard_it_is_in_and_max_steps(tmp_path):
+    args = TrainingArguments(str(tmp_path), max_steps=2, report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="without a sampler"):
+        SteadystepTrainer(model=_model(), args=args, escalation=ss.Escalation())
+    esc = ss.Escalation()
+    trainer = SteadystepTrainer(
+        model=_model(),
+        args=args,
+        train_dataset=_data(16),
+        escalation=esc,
+        optimizer_factory=lambda m: ss.stabilize(torch.optim.AdamW(m.parameters())),
+    )
+    with pytest.raises(ValueError, match="with another escalation"):
+        trainer.train()
+    epochs = TrainingArguments(str(tmp_path), num_train_epochs=1, report_to=[], use_cpu=True)
+    trainer = SteadystepTrainer(
+        model=_model(),
+        args=epochs,
+        train_dataset=_data(16),
+        escalation=ss.Escalation(),
+        optimizer_factory=lambda m: m,
+    )
+    with pytest.raises(ValueError, match=r"set TrainingArguments\(max_steps=...\)"):
+        trainer.train()

@@ -57,6 +57,7 @@ _EXPORTS = {
     "Stabilized": "steadystep.stabilize",
     "stabilize": "steadystep.stabilize",
     "Monitor": "steadystep.telemetry",
+    "SkippableIterable": "steadystep.data",
     "SkippableSampler": "steadystep.data",
     "Escalation": "steadystep.escalation",
 }
@@ -64,7 +65,7 @@ _EXPORTS = {
 if TYPE_CHECKING:
     from steadystep import agnostic
     from steadystep.alrc import ALRC, alrc_clip
-    from steadystep.data import SkippableSampler
+    from steadystep.data import SkippableIterable, SkippableSampler
     from steadystep.detectors import (
         EWMRatio,
         PageHinkley,
@@ -99,6 +100,7 @@ __all__ = [
     "RollingZScore",
     "SALeRA",
     "SPALeRA",
+    "SkippableIterable",
     "SkippableSampler",
     "SpikeDetector",
     "Stabilized",

@@ -11,12 +11,14 @@ import torch
 from torch import Tensor
 
 from steadystep.alrc import ALRC
+from steadystep.escalation import Escalation
 from steadystep.guard import CatastropheGuard
 
 __all__ = [
     "CPROP_KEYS",
     "GUARD_KEYS",
     "build_alrc",
+    "build_guard",
     "check_device",
     "check_keys",
     "check_sizes",
@@ -40,6 +42,7 @@ GUARD_KEYS = (
     "recover_every",
     "rollback",
     "accept_after",
+    "escalation",
 )
 
 
@@ -121,10 +124,31 @@ def build_alrc(alrc: Any, params: list[Tensor], devices: list[torch.device]) -> 
 
 
 def guard_kwargs(
-    guard: Any, given: CatastropheGuard | None, batch_size: int | None, devices: list[torch.device]
+    guard: Any,
+    given: CatastropheGuard | None,
+    batch_size: int | None,
+    devices: list[torch.device],
+    model: torch.nn.Module | None = None,
+    escalation: Escalation | None = None,
 ) -> dict[str, Any] | None:
-    """CatastropheGuard's arguments for ``guard=`` (checked), or None when none is to be built."""
+    """CatastropheGuard's arguments for ``guard=`` with stabilize's ``model=`` and
+    ``escalation=`` (checked), or None when none is to be built."""
     kind = setting_kind(guard, "guard", "CatastropheGuard's settings")
+    if escalation is not None:
+        if not isinstance(escalation, Escalation):
+            raise TypeError(f"escalation must be an ss.Escalation, got {escalation!r}")
+        if given is not None or kind == "off":
+            raise ValueError(
+                "escalation is a rung of the guard that stabilize builds: "
+                + (
+                    f"optimizer is already a {type(given).__name__}; build it with "
+                    "escalation=... instead"
+                    if given is not None
+                    else f"guard must not be off, got guard={guard!r}"
+                )
+            )
+        if kind == "settings" and "escalation" in guard:
+            raise ValueError("escalation given twice: as escalation= and in guard={...}")
     if given is not None:
         if kind != "on":
             raise ValueError(
@@ -155,7 +179,22 @@ def guard_kwargs(
                 f"{type(detector).__name__}"
             )
         check_device("guard's detector", detector_devices(detector), devices)
+    if model is not None:
+        kwargs["model"] = model
+    if escalation is not None:
+        kwargs["escalation"] = escalation
     return kwargs
+
+
+def build_guard(
+    optimizer: Any, settings: dict[str, Any], batch_size: int | None, dataset_size: int | None
+) -> CatastropheGuard:
+    """The guard around ``optimizer`` with :func:`guard_kwargs`'s settings, its detector
+    configured from the sizes when given."""
+    guard = CatastropheGuard(optimizer, **settings)
+    if batch_size is not None and dataset_size is not None:
+        configure_detector(guard.detector, batch_size=batch_size, dataset_size=dataset_size)
+    return guard
 
 
 def setting_kind(value: Any, name: str, what: str) -> str:

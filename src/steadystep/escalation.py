@@ -104,7 +104,8 @@ class Escalation:
         snapshot_device: where the snapshots live: None (default: beside each tensor), a
             device (``"cpu"``: host memory, pinned for CUDA tensors, copied without waiting),
             or a directory (a ``pathlib.Path``: one file per slot, written synchronously).
-        sampler: told which global batches to skip (``skip(start, stop)``, ``position``);
+        sampler: told which global batches to skip (``skip(start, stop)``, ``position``):
+            :class:`~steadystep.SkippableSampler`, :class:`~steadystep.SkippableIterable`;
             its ``state_dict`` is saved with the guard's. None: nothing is skipped.
         skip_ahead: global batches skipped after an escalation (default 20).
         within: a second rollback within this many steps of the last escalates (default 20).
@@ -392,7 +393,11 @@ class Escalation:
         if missing:
             raise ValueError(f"Escalation.load_state_dict: the checkpoint lacks {missing}")
         if self.sampler is not None and "sampler" in state:
-            copy.deepcopy(self.sampler).load_state_dict(state["sampler"])
+            check = getattr(self.sampler, "check_state_dict", None)
+            if callable(check):  # ss.SkippableIterable: no copy of the stream it wraps
+                check(state["sampler"])
+            else:
+                copy.deepcopy(self.sampler).load_state_dict(state["sampler"])
 
     def load_state_dict(self, state: dict[str, Any], live: list[Tensor]) -> None:
         """Restore :meth:`state_dict` (``live``: the tensors a slot holds, for their devices;

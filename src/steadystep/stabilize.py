@@ -52,6 +52,7 @@ from torch.optim import Optimizer
 from steadystep._stabilize_args import (
     CPROP_KEYS,
     build_alrc,
+    build_guard,
     check_keys,
     check_sizes,
     configure_detector,
@@ -64,6 +65,7 @@ from steadystep.alrc import ALRC
 from steadystep.checkpoint import check_format, check_optimizer_state
 from steadystep.compose.order import Composable, layers
 from steadystep.compose.wrapper import OptimizerWrapper
+from steadystep.escalation import Escalation
 from steadystep.guard import CatastropheGuard
 from steadystep.optim.cprop import CProp
 from steadystep.optim.cprop.convert import can_convert, is_native, native_for
@@ -161,6 +163,7 @@ class Stabilized(OptimizerWrapper, Composable):
         per_sample: bool | None = None,
         native: bool = True,
         model: torch.nn.Module | None = None,
+        escalation: Escalation | None = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -204,7 +207,7 @@ class Stabilized(OptimizerWrapper, Composable):
         # Everything is checked before anything is built: a refused call leaves the caller's
         # optimizer as it was (building the native class takes over its param-group dicts).
         alrc_module = build_alrc(alrc, params, devices)
-        guard_settings = guard_kwargs(guard, given_guard, batch_size, devices)
+        guard_settings = guard_kwargs(guard, given_guard, batch_size, devices, model, escalation)
         # Note [the recipe's defaults]: CProp is opt-in (None: off, unless the optimizer given
         # applies it already, which is then used as built)
         cprop_kind = "on" if cprop is None and given_cprop is not None else None
@@ -255,13 +258,7 @@ class Stabilized(OptimizerWrapper, Composable):
         # -- the guard, outermost -------------------------------------------------------------
         self.guard: CatastropheGuard | None = given_guard
         if guard_settings is not None:
-            if model is not None:
-                guard_settings = {**guard_settings, "model": model}
-            self.guard = CatastropheGuard(middle, **guard_settings)
-            if batch_size is not None and dataset_size is not None:
-                configure_detector(
-                    self.guard.detector, batch_size=batch_size, dataset_size=dataset_size
-                )
+            self.guard = build_guard(middle, guard_settings, batch_size, dataset_size)
 
         # -- ALRC, on the loss ------------------------------------------------------------------
         self.alrc: ALRC | None = alrc_module
@@ -516,6 +513,7 @@ def stabilize(
     per_sample: bool | None = None,
     native: bool = True,
     model: torch.nn.Module | None = None,
+    escalation: Escalation | None = None,
 ) -> Stabilized:
     """Compose ALRC, the catastrophe guard and CProp around ``optimizer``, in the right order.
 
@@ -536,7 +534,7 @@ def stabilize(
             whose rate is too high to tune (Note [the recipe's defaults]).
         guard: True (default: a :class:`~steadystep.CatastropheGuard` with its default
             detector), False, a dict of its settings (``detector``, ``lr_factor``, ``backtrack``,
-            ``min_lr``, ``snapshot_device``, ``check_every``), or a detector
+            ``min_lr``, ``snapshot_device``, ``check_every``, ...), or a detector
             (e.g. ``ss.PageHinkley(ph_lambda=0.5)``). Must be True when ``optimizer`` is a guard.
         batch_size, dataset_size: samples per optimizer step (over all ranks) and in the
             training set, given together; they set what the guard's detector derives from them
@@ -562,6 +560,8 @@ def stabilize(
         model: the module being trained: the guard's full rollback restores its buffers
             (BatchNorm's running statistics) with the parameters and the optimizer's state
             (default None: no buffers).
+        escalation: the guard's rung above the ladder (:class:`~steadystep.Escalation`: a ring
+            of snapshots, and a sampler told which batches to skip), or None (default).
 
     Returns:
         a :class:`Stabilized` optimizer.
@@ -596,4 +596,5 @@ def stabilize(
         per_sample=per_sample,
         native=native,
         model=model,
+        escalation=escalation,
     )

@@ -32,6 +32,30 @@ and ``trainer.fit(..., ckpt_path=...)`` resumes it bitwise.
   submodule of the LightningModule that has one (ALRC) with a :class:`~steadystep.Monitor`, and
   sends them to the trainer's loggers every ``log_every_n_steps`` steps (one host read then).
 
+* :class:`DataPosition` tells a :class:`~steadystep.SkippableSampler` (a DataLoader's
+  ``batch_sampler``) or a :class:`~steadystep.SkippableIterable` (the train dataloader itself)
+  which batches were trained on: Lightning draws one batch ahead of ``training_step``, and
+  without it a checkpoint would resume after the batch in flight (Note [batches drawn ahead] in
+  :mod:`steadystep.data`).
+
+Skipping data (``ss.Escalation(sampler=...)``, Note [escalation]): build the DataLoader with
+``batch_sampler=ss.SkippableSampler(...)`` and hand the same sampler to the escalation of the
+optimizer ``configure_optimizers`` returns; add :class:`DataPosition`. Lightning keeps a custom
+``batch_sampler`` in a single process; under DDP set ``Trainer(use_distributed_sampler=False)``
+(the sampler takes each rank's share of every global batch itself; Lightning would try to build
+it around a DistributedSampler, which it refuses). The sampler's position and skip windows are
+saved in the optimizer's state, so ``trainer.fit(..., ckpt_path=...)`` resumes them, with the
+batches (Lightning warns that the DataLoader is not resumable: it does not see that state).
+The batches and the weights of the resumed run are the uninterrupted run's, to the last bit
+(``tests/test_lightning.py``). Lightning's *epoch* bookkeeping is not: after a resume from a
+checkpoint taken mid-epoch, Lightning reads ``len(loader)`` once, as the batches left in the
+sampler's epoch, while it counts the batches already trained in that epoch too, so its epochs
+end before the sampler's and ``current_epoch``, epoch-end hooks, validation at epoch ends and
+per-epoch schedulers fall at other batches than in the uninterrupted run. Resume from
+end-of-epoch checkpoints, or train by steps, when that matters. A
+:class:`~steadystep.SkippableIterable` is saved by Lightning itself too (it is a stateful
+loader); both copies hold the same state.
+
 With ``accumulate_grad_batches = k`` the loss fed is the mean over the k micro-batches of the step
 (Lightning hands ``on_before_backward`` each micro-batch loss divided by k; their sum is fed).
 
@@ -70,7 +94,7 @@ from steadystep.integrations.amp import skip_aware
 from steadystep.stabilize import Stabilized
 from steadystep.telemetry import Monitor, component_name
 
-__all__ = ["LossFeeder", "StatsLogger"]
+__all__ = ["DataPosition", "LossFeeder", "StatsLogger"]
 
 
 def _scaler(trainer: pl.Trainer) -> Any:
@@ -158,6 +182,37 @@ class LossFeeder(Callback):
             if self._guard is not None:
                 self._guard.end()
                 self._guard = None
+
+
+def _skippable_sources(trainer: pl.Trainer) -> list[Any]:
+    """The train dataloaders' skippable sources: a loader that is one (``SkippableIterable``),
+    or its ``batch_sampler`` (``SkippableSampler``), each once."""
+    found: dict[int, Any] = {}
+    stack = [trainer.train_dataloader]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif item is not None:
+            for source in (item, getattr(item, "batch_sampler", None)):
+                if callable(getattr(source, "mark_consumed", None)):
+                    found[id(source)] = source
+    return list(found.values())
+
+
+class DataPosition(Callback):
+    """Mark each batch ``training_step`` takes as consumed on the train dataloaders'
+    :class:`~steadystep.SkippableSampler` / :class:`~steadystep.SkippableIterable`, so their
+    checkpointed position is that of the batches trained on, not of the one Lightning has
+    prefetched (Note [batches drawn ahead] in :mod:`steadystep.data`)."""
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        for source in _skippable_sources(trainer):
+            source.mark_consumed()
 
 
 class StatsLogger(Callback):

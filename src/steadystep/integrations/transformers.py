@@ -20,6 +20,19 @@
   :class:`SkipAwareScheduler`, which also keeps the guard's LR cut when the schedule recomputes
   ``lr`` from its base values (the Trainer's default linear schedule does).
 
+* ``escalation=ss.Escalation(...)`` (Note [escalation]) makes the Trainer draw its training
+  batches through a :class:`~steadystep.SkippableSampler` it builds (seeded by ``data_seed`` or
+  ``seed``, shuffled unless ``train_sampling_strategy="sequential"``, sharded over the ranks
+  itself; a :class:`~steadystep.SkippableIterable` around the Trainer's own loader for an
+  ``IterableDataset``) and hands it to the escalation, which must be the one in the guard
+  ``optimizer_factory`` builds (``ss.stabilize(..., escalation=esc)``).
+  Its epochs follow one another without a restart, so the run is sized by
+  ``TrainingArguments(max_steps=...)`` (required); the sampler's position and skip windows are
+  saved with the optimizer and ``train(resume_from_checkpoint=...)`` resumes them instead of the
+  Trainer's fast-forward of the epoch. Each batch the Trainer trains on is marked consumed, so
+  batches that loader workers drew ahead are drawn again on resume (Note [batches drawn ahead]
+  in :mod:`steadystep.data`); the window an escalation skips starts after them.
+
 Steadystep statistics are added to the Trainer's logs (``steadystep/<component>/<stat>``, named
 as in a Monitor and in Lightning: Note [one naming] in :mod:`steadystep.telemetry`) every
 ``logging_steps``, and a :class:`~steadystep.Monitor` passed as ``monitor=`` records every step.
@@ -55,9 +68,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset, Sampler
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import has_length
 
 from steadystep.alrc import ALRC
+from steadystep.data import SkippableIterable, SkippableSampler
+from steadystep.escalation import Escalation
+from steadystep.guard import CatastropheGuard
 from steadystep.integrations import loss_needing, unwrap_optimizer
 from steadystep.integrations.scheduler import SkipAwareScheduler  # also exported here
 from steadystep.stabilize import Stabilized
@@ -84,6 +102,25 @@ def default_per_sample_loss(outputs: Any, labels: Tensor) -> Tensor:
             f"{tuple(logits.shape)}; pass per_sample_loss=fn(outputs, labels) -> [batch] losses"
         )
     return F.cross_entropy(logits.float(), labels, reduction="none")
+
+
+class _Endless(Sampler[list[int]]):
+    """A :class:`~steadystep.SkippableSampler`'s epochs one after another, unsized: the Trainer
+    runs by ``max_steps`` and never restarts an epoch (the sampler's position is the truth)."""
+
+    def __init__(self, sampler: SkippableSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Any:
+        while True:
+            yield from self.sampler
+
+
+def _guard_of(optimizer: Any) -> CatastropheGuard | None:
+    opt = unwrap_optimizer(optimizer)
+    if isinstance(opt, Stabilized):
+        return opt.guard
+    return opt if isinstance(opt, CatastropheGuard) else None
 
 
 class _StepBoundary(TrainerCallback):
@@ -121,6 +158,9 @@ class SteadystepTrainer(Trainer):
         optimizer_factory: ``fn(model) -> optimizer`` (default None: the Trainer's optimizer,
             or the one passed as ``optimizers=(opt, sched)``).
         monitor: a :class:`~steadystep.Monitor` to step once per optimizer step (default None).
+        escalation: the :class:`~steadystep.Escalation` of the guard that ``optimizer_factory``
+            builds, without a sampler: the Trainer draws its batches through a skippable one
+            and gives it to the escalation (default None: the Trainer's own loader).
 
     Under gradient accumulation the loss fed to the optimizer is the mean of the micro-batch
     losses of the step.
@@ -133,9 +173,21 @@ class SteadystepTrainer(Trainer):
         per_sample_loss: Callable[[Any, Tensor], Tensor] | None = None,
         optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
         monitor: Monitor | None = None,
+        escalation: Escalation | None = None,
         **kwargs: Any,
     ) -> None:
+        if escalation is not None:
+            if not isinstance(escalation, Escalation):
+                raise TypeError(f"escalation must be an ss.Escalation, got {escalation!r}")
+            if escalation.sampler is not None or optimizer_factory is None:
+                raise ValueError(
+                    "escalation= is the Escalation of the guard optimizer_factory builds "
+                    "(optimizer_factory=lambda m: ss.stabilize(..., escalation=esc)), without a "
+                    "sampler: the Trainer builds the sampler its batches are drawn through"
+                )
         super().__init__(*args, **kwargs)
+        self.escalation = escalation
+        self.skippable: SkippableSampler | SkippableIterable[Any] | None = None
         self.alrc = alrc
         self.per_sample_loss = per_sample_loss or default_per_sample_loss
         self.optimizer_factory = optimizer_factory
@@ -160,7 +212,81 @@ class SteadystepTrainer(Trainer):
                     "alrc= and an optimizer from ss.stabilize(...) would both handle the "
                     "per-sample losses; drop alrc= (pass ALRC's settings to stabilize, alrc={...})"
                 )
+            guard = _guard_of(self.optimizer)
+            if self.escalation is not None and (
+                guard is None or guard.escalation is not self.escalation
+            ):
+                raise ValueError(
+                    "escalation= must be the Escalation of the guard optimizer_factory builds "
+                    "(ss.stabilize(..., escalation=esc) or CatastropheGuard(..., "
+                    f"escalation=esc)); the factory built {type(self.optimizer).__name__} "
+                    + ("with another escalation" if guard is not None else "without a guard")
+                )
         return super().create_optimizer(model) if self.optimizer is None else self.optimizer
+
+    # -- skipping data (Note [escalation]) --------------------------------------------------------
+    def get_train_dataloader(self) -> Any:
+        """The Trainer's loader, or with ``escalation=`` one drawing through a skippable source
+        handed to the escalation (the module docstring)."""
+        if self.escalation is None:
+            return super().get_train_dataloader()
+        if self.args.max_steps <= 0:
+            raise ValueError(
+                "escalation= runs the sampler's epochs one after another: set "
+                f"TrainingArguments(max_steps=...) (got max_steps={self.args.max_steps})"
+            )
+        strategy = self.args.train_sampling_strategy
+        if strategy not in ("random", "sequential"):
+            raise ValueError(
+                f"escalation= draws batches through ss.SkippableSampler, which shuffles or not: "
+                f"train_sampling_strategy must be 'random' or 'sequential', got {strategy!r}"
+            )
+        dataset = self.train_dataset
+        if dataset is None or isinstance(dataset, IterableDataset) or not has_length(dataset):
+            source: Any = SkippableIterable(super().get_train_dataloader())
+            loader = source
+        else:
+            collator = self._get_collator_with_removed_columns(
+                self.data_collator, description="Training"
+            )
+            source = SkippableSampler(
+                len(dataset),
+                batch_size=self._train_batch_size,
+                shuffle=strategy == "random",
+                seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+                drop_last=self.args.dataloader_drop_last,
+                rank=self.args.process_index,
+                world_size=self.args.world_size,
+            )
+            workers = self.args.dataloader_num_workers
+            loader = DataLoader(
+                dataset,
+                batch_sampler=_Endless(source),
+                collate_fn=collator,
+                num_workers=workers,
+                pin_memory=self.args.dataloader_pin_memory,
+                persistent_workers=self.args.dataloader_persistent_workers and workers > 0,
+                prefetch_factor=self.args.dataloader_prefetch_factor if workers > 0 else None,
+            )
+        self.skippable = source
+        self.escalation.sampler = source
+        return loader
+
+    def get_resumed_dataloader(self, dataloader: Any, num_batches: int) -> Any:
+        """With ``escalation=`` the sampler resumes from the optimizer's state: no fast-forward."""
+        if self.skippable is not None:
+            return dataloader
+        return super().get_resumed_dataloader(dataloader, num_batches)
+
+    def training_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        num_items_in_batch: Tensor | int | None = None,
+    ) -> Tensor:
+        if self.skippable is not None:
+            self.skippable.mark_consumed()  # Note [batches drawn ahead]
+        return super().training_step(model, inputs, num_items_in_batch)
 
     def create_scheduler(
         self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
