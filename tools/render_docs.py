@@ -151,7 +151,7 @@ def launch_shapes(results: dict[str, Any]) -> str:
     return _table(header, rows)
 
 
-def _count(n: int) -> str:
+def _size(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
 
 
@@ -178,7 +178,7 @@ def step(results: dict[str, Any]) -> str:
             host = "-" if row["host_us"] is None else f"{row['host_us']:.0f}"
             rows.append([arm, f"{row['ms']:.2f}", f"{row['ratio']:.2f}x", target, met, host])
         out.append(
-            f"**{result['model']}** ({result['description']}; {_count(result['n_params'])} "
+            f"**{result['model']}** ({result['description']}; {_size(result['n_params'])} "
             f"parameters in {result['tensors']} tensors): {result['baseline']} "
             f"{result['plain_ms']:.2f} ms/step.\n\n" + _table(header, rows)
         )
