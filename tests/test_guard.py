@@ -935,6 +935,21 @@ def test_documented_defaults():
     opt = ss.CatastropheGuard(torch.optim.SGD(make_model().parameters(), lr=0.1))
     assert (opt.lr_factor, opt.backtrack, opt.min_lr, opt.check_every) == (0.5, True, 1e-15, 100)
     assert type(opt.detector) is ss.SpikeDetector and opt.snapshot_device is None
+    assert (opt.response, opt.recover_every, opt.rollback, opt.accept_after) == (
+        "ladder",
+        100,
+        "full",
+        4,
+    )
+    assert opt.escalation is None
+    # Note [collective decisions]: the guard reduces over ranks; its detector does not again
+    assert opt.detector.reduce_over_ranks is False
+
+
+@pytest.mark.parametrize("bad", [True, 1.5, ["cpu"]])
+def test_snapshot_device_must_be_a_device(bad):
+    with pytest.raises(TypeError, match="snapshot_device"):
+        ss.CatastropheGuard(torch.optim.SGD(make_model().parameters(), lr=0.1), snapshot_device=bad)
 
 
 @pytest.mark.parametrize("kind", ["adam", "cpropadamw"])
