@@ -91,3 +91,44 @@ def test_two_ranks_escalate_alike():
     assert results[0]["windows"] == results[1]["windows"]
     assert results[0]["drawn"] == results[1]["drawn"]
     assert all(map(torch.equal, results[0]["params"], results[1]["params"]))
+
+
+def _fsdp2_escalating_rank(rank: int, world: int) -> dict[str, Any]:
+    """FSDP2 shards (gloo, CPU): a stretch of steps whose loss on rank 1 alone is x100 (the
+    guard decides on the rank mean); both ranks escalate at the same step and restore their
+    shards of the same snapshot."""
+    import steadystep as ss
+    from tests.test_distributed import _batch, _fsdp_model
+
+    def full(t: torch.Tensor) -> torch.Tensor:
+        return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+    model = _fsdp_model()
+    ring = ss.Escalation(every=5, keep=2)
+    opt = ss.CatastropheGuard(torch.optim.AdamW(model.parameters(), lr=1e-2), escalation=ring)
+    g = torch.Generator().manual_seed(500 + rank)
+    at: dict[int, list[torch.Tensor]] = {}
+    after: dict[int, list[torch.Tensor]] = {}
+    for step in range(40):
+        at[step] = [full(p).detach().clone() for p in model.parameters()]
+        x, y = _batch(g, rank)
+        loss = (model(x) - y).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        bad = rank == 1 and 20 <= step < 35
+        opt.step(loss=loss.detach() * (100.0 if bad else 1.0))
+        after[step] = [full(p).detach().clone() for p in model.parameters()]
+    (record,) = ring.history
+    return {
+        "history": ring.history,
+        "restored": all(map(torch.equal, after[record["step"]], at[record["restored_to"]])),
+        "params": [full(p).detach().clone() for p in model.parameters()],
+    }
+
+
+def test_fsdp2_shards_escalate_alike():
+    results = run_distributed(_fsdp2_escalating_rank, world=2)
+    assert results[0]["history"] == results[1]["history"]
+    assert results[0]["history"][0]["restored_to"] == 20
+    assert results[0]["restored"] and results[1]["restored"]
+    assert all(map(torch.equal, results[0]["params"], results[1]["params"]))
