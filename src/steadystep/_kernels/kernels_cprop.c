@@ -77,7 +77,12 @@ static inline stat_t confidence_normal(stat_t x) {
     poly = poly * x + 0.0092705272f;
     poly = poly * x + 0.0422820123f;
     poly = poly * x + 0.0705230784f;
-    stat_t r = 1.0f / (poly * x + 1.0f);
+    /* d <= 3.06 at x <= 4, so the clamp changes nothing there; but a compiler that vectorizes
+     * the clamp of x above as a select may evaluate the polynomial at the unclamped x for the
+     * lanes it discards, where 1 / d and r^16 would underflow to subnormals (a microcode assist
+     * each, CPropAdamW's CPU step several times slower) */
+    stat_t d = poly * x + 1.0f;
+    stat_t r = 1.0f / (d < 4.0f ? d : 4.0f);
     r = r * r;
     r = r * r;
     r = r * r;
