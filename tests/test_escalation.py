@@ -335,3 +335,78 @@ def test_the_guard_refuses_something_else_as_escalation():
         ss.CatastropheGuard(
             torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), escalation={"every": 10}
         )
+
+
+# -- the dropped step ------------------------------------------------------------------------------
+
+
+def _scripted(make_opt: Any, *, closure_at: int | None = None, jump: int = 20) -> dict[str, Any]:
+    """A 4-8-2 model on a fixed batch, its guard fed a scripted loss: 1.0 before step ``jump``,
+    then 100.0 for good (a new level). The ladder skips (20), rolls back (21), waits (22-24) and
+    would accept at 25: the escalation is decided there and done at 26, the step dropped (with
+    ``jump=20``)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    opt = make_opt(model)
+    after: list[list[torch.Tensor]] = []
+    out: dict[str, Any] = {"opt": opt, "after": after}
+    for step in range(jump + 7):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        scripted = torch.tensor(1.0 if step < jump else 100.0)
+        if step == jump + 5:
+            out["scale_before"] = float(opt.lr_scale)
+        if step == closure_at:
+            out["returned"] = opt.step(lambda: "the closure's result", loss=scripted)
+        else:
+            out["returned"] = opt.step(loss=scripted)
+        after.append([p.detach().clone() for p in model.parameters()])
+    out["params"] = [p.detach() for p in model.parameters()]
+    return out
+
+
+def _guard(base: Any, **kwargs: Any) -> Any:
+    return lambda model: ss.CatastropheGuard(
+        base(model.parameters()), escalation=ss.Escalation(every=5, **kwargs)
+    )
+
+
+@pytest.mark.parametrize(
+    "base",
+    [lambda ps: torch.optim.AdamW(ps, lr=1e-2), lambda ps: ss.CPropAdamW(ps, lr=1e-2)],
+    ids=["AdamW", "CPropAdamW"],
+)
+def test_the_dropped_step_restores_the_slot_cuts_once_and_restarts_the_episode(base):
+    run = _scripted(_guard(base))
+    opt, after = run["opt"], run["after"]
+    (record,) = opt.escalation.history
+    assert (record["step"], record["restored_to"]) == (26, 20)
+    assert float(run["returned"]) == 100.0  # the dropped step returns the loss, as any step
+    # the weights and the one-step snapshot are the slot's: the weights after 20 steps
+    assert all(map(torch.equal, run["params"], after[19]))
+    assert all(map(torch.equal, opt.snapshot.param_copies, after[19]))
+    assert float(opt.lr_scale) == run["scale_before"] * 0.5
+    assert torch.allclose(opt.stats()["lr"], torch.tensor(1e-2 * float(opt.lr_scale)).double())
+    assert (int(opt.phase), int(opt.waited), int(opt.calm)) == (2, 0, 0)  # ROLLED_BACK
+    assert int(opt.stats()["steps"]) == 27  # the dropped step counts
+    assert bool(opt.last_step_skipped)  # ALRC's moments take it back (Stabilized)
+    assert int(opt.stats()["escalations"]) == 1
+
+
+def test_the_dropped_step_returns_the_closures_result():
+    run = _scripted(_guard(lambda ps: torch.optim.AdamW(ps, lr=1e-2)), closure_at=26)
+    assert len(run["opt"].escalation.history) == 1
+    assert run["returned"] == "the closure's result"
+
+
+def test_an_older_slot_than_the_one_step_snapshot_is_what_is_restored():
+    """The loss jumps at step 22: slots at 5, 10, 15, 20 (and 25) when the escalation is done
+    at 28; the episode began at 22, so the slot of step 20 (the weights after 20 steps) is
+    restored, not the one-step snapshot (the weights after 22)."""
+    run = _scripted(_guard(lambda ps: torch.optim.SGD(ps, lr=0.5, momentum=0.9)), jump=22)
+    opt, after = run["opt"], run["after"]
+    assert opt.escalation.history[0]["restored_to"] == 20
+    assert not all(map(torch.equal, after[19], after[21]))
+    assert all(map(torch.equal, run["params"], after[19]))
+    assert all(map(torch.equal, opt.snapshot.param_copies, after[19]))

@@ -1250,3 +1250,15 @@ def test_a_guarded_native_cprop_step_reuses_the_guards_gradient_check(make, monk
     alone = run(False)
     assert calls == [2, 2, 2, 2]
     assert all(torch.equal(a, b) for a, b in zip(guarded, alone, strict=True))
+
+
+def test_a_first_step_at_lr_zero_with_zero_gradients_and_a_loss_is_a_step():
+    """Only a step without a loss can be torch.distributed.checkpoint's state-creating step;
+    one with a loss is watched and counted like any other."""
+    model = make_model()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt = ss.CatastropheGuard(torch.optim.AdamW(model.parameters(), lr=0.0))
+    assert opt.step(loss=torch.tensor(1.5)) == torch.tensor(1.5)
+    assert int(opt.stats()["steps"]) == 1
+    assert float(opt.detector.last_loss) == 1.5

@@ -398,3 +398,17 @@ def test_state_dict_resumes_mid_episode_bitwise():
     assert all(map(torch.equal, model.parameters(), model2.parameters()))
     for key, value in opt.stats().items():
         assert torch.equal(value, opt2.stats()[key]), key
+
+
+def test_an_accepted_level_returns_the_scale_of_before_its_episode_not_of_the_run():
+    """A cut from an earlier episode stays (recover_every=None); a later change of level,
+    accepted, undoes that episode's cut only: the scale returns to 0.5, not 1."""
+    model = _mlp()
+    opt = ss.CatastropheGuard(torch.optim.AdamW(model.parameters(), lr=1e-2), recover_every=None)
+    _train(model, opt, range(40))
+    _train(model, opt, range(40, 42), corrupt=lambda s: 1e3)  # skip, then roll back and cut
+    assert float(opt.lr_scale) == 0.5
+    _train(model, opt, range(42, 60))  # calm again: the cut stays
+    _train(model, opt, range(60, 80), task_at=lambda s: 1)  # a new level, accepted
+    assert int(opt.level_shifts) == 1
+    assert float(opt.lr_scale) == 0.5
