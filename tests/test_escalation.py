@@ -410,3 +410,17 @@ def test_an_older_slot_than_the_one_step_snapshot_is_what_is_restored():
     assert not all(map(torch.equal, after[19], after[21]))
     assert all(map(torch.equal, run["params"], after[19]))
     assert all(map(torch.equal, opt.snapshot.param_copies, after[19]))
+
+
+def test_the_escalations_cut_is_checked_against_min_lr():
+    """The rollback's cut leaves 5e-3 (above min_lr=3e-3), the escalation's 2.5e-3: the dropped
+    step raises TrainingDiverged, on the host path too (where only a cut is checked)."""
+    make = _guard(lambda ps: torch.optim.AdamW(ps, lr=1e-2))
+
+    def with_min_lr(model: torch.nn.Module) -> Any:
+        opt = make(model)
+        opt.min_lr = 3e-3
+        return opt
+
+    with pytest.raises(ss.TrainingDiverged, match="min_lr"):
+        _scripted(with_min_lr)

@@ -1262,3 +1262,34 @@ def test_a_first_step_at_lr_zero_with_zero_gradients_and_a_loss_is_a_step():
     assert opt.step(loss=torch.tensor(1.5)) == torch.tensor(1.5)
     assert int(opt.stats()["steps"]) == 1
     assert float(opt.detector.last_loss) == 1.5
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["SGD", "CPropSGD-host"])
+def test_host_path_checks_min_lr_at_a_cut_only(native):
+    """After an alarm that cut nothing (a skipped batch), the schedule's own decay below min_lr
+    is not checked on the host path's update steps: only a cut is (the sync-free path checks
+    every check_every steps instead)."""
+
+    class Above:  # a detector of one's own: the loss above 100 alarms
+        def update(self, loss: torch.Tensor) -> torch.Tensor:
+            return torch.as_tensor(loss) > 100
+
+    model = make_model()
+    if native:  # a MaskableOptimizer, on the host path through a host snapshot
+        base = ss.CPropSGD(model.parameters(), lr=1.0)
+        opt = ss.CatastropheGuard(base, Above(), min_lr=0.5, snapshot_device="cpu")
+    else:
+        opt = ss.CatastropheGuard(torch.optim.SGD(model.parameters(), lr=1.0), Above(), min_lr=0.5)
+    assert not opt._device_side
+    for step in range(12):
+        backward(model, step)
+        opt.step(loss=torch.tensor(1.0))
+    backward(model, 12)
+    opt.step(loss=torch.tensor(1e6))  # the first rung: skipped, no cut
+    assert int(opt.skips) == 1 and float(opt.lr_scale) == 1.0
+    for group in opt.param_groups:
+        group["lr"] = 0.1  # a schedule's decay, below min_lr
+    for step in range(13, 20):
+        backward(model, step)
+        opt.step(loss=torch.tensor(1.0))
+    assert int(opt.stats()["steps"]) == 20
