@@ -82,7 +82,7 @@ from steadystep.compose.wrapper import (
 from steadystep.detectors import SpikeDetector
 from steadystep.detectors.protocol import ChangeDetector, as_detector
 from steadystep.escalation import Escalation, TrainingDiverged
-from steadystep.ladder import NORMAL, RESPONSES, ROLLED_BACK, Decision, decide, rescale
+from steadystep.ladder import NORMAL, RESPONSES, Decision, decide, rescale
 from steadystep.snapshot import ROLLBACKS, Snapshot, state_tensors
 
 __all__ = ["CatastropheGuard", "TrainingDiverged"]
@@ -500,8 +500,7 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
         self.lr_scale.mul_(factor)
         if self._scales_itself:
             self._maskable.scale_lr_(factor)
-        for counter, value in ((self.phase, ROLLED_BACK), (self.waited, 0), (self.calm, 0)):
-            counter.fill_(value)
+        # the decision's step left the phase ROLLED_BACK and the wait and calm counts at 0
         self.steps.add_(1)
         _bookkeeping(self, cut=True)
 
