@@ -147,10 +147,7 @@ def backend(
                         return None
                 elif dtypes == "kernel" and t.dtype not in PARAM_CODE:
                     return None
-                if on_cpu:
-                    if not t.is_cpu:
-                        return None
-                elif not t.is_cuda or t.get_device() != index:
+                if not (t.is_cpu if on_cpu else (t.is_cuda and t.get_device() == index)):
                     return None
     return kind
 
@@ -170,10 +167,7 @@ def steps_ok(steps: Sequence[Tensor], device: torch.device) -> bool:
     for t in steps:
         if t.dtype is not f32 or t.numel() != 1:
             return False
-        if on_cpu:
-            if not t.is_cpu:
-                return False
-        elif not t.is_cuda or t.get_device() != index:
+        if not (t.is_cpu if on_cpu else (t.is_cuda and t.get_device() == index)):
             return False
     return True
 

@@ -413,17 +413,6 @@ class _SGDHyper(NamedTuple):
     lr_multiplier: Tensor | None = None  # 0-d; the step is taken at lr * lr_multiplier
 
 
-class _SGDTensors(NamedTuple):
-    """One entry per parameter (this rank's shards under FSDP2)."""
-
-    params: list[Tensor]
-    grads: list[Tensor]  # raw gradients, never written
-    momentum_buffers: list[Tensor | None]  # None entries without momentum
-    cprop_exp_avgs: list[Tensor]  # CProp's m
-    cprop_exp_avg_sqs: list[Tensor]  # CProp's v (the EMA of |g| for method="relative")
-    state_steps: list[Tensor]  # 0-d float32 t
-
-
 class _AdamHyper(NamedTuple):
     lr: float
     beta1: float
@@ -433,6 +422,17 @@ class _AdamHyper(NamedTuple):
     amsgrad: bool
     decoupled_weight_decay: bool
     lr_multiplier: Tensor | None = None  # 0-d; the step is taken at lr * lr_multiplier
+
+
+class _SGDTensors(NamedTuple):
+    """One entry per parameter (this rank's shards under FSDP2)."""
+
+    params: list[Tensor]
+    grads: list[Tensor]  # raw gradients, never written
+    momentum_buffers: list[Tensor | None]  # None entries without momentum
+    cprop_exp_avgs: list[Tensor]  # CProp's m
+    cprop_exp_avg_sqs: list[Tensor]  # CProp's v (the EMA of |g| for method="relative")
+    state_steps: list[Tensor]  # 0-d float32 t
 
 
 class _AdamTensors(NamedTuple):
