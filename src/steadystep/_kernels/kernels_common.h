@@ -107,6 +107,18 @@ static inline void store_p(param_t *x, int64_t i, stat_t v) { x[i] = v; }
 static inline stat_t s_max(stat_t a, stat_t b) { return a > b ? a : b; }
 static inline stat_t s_min(stat_t a, stat_t b) { return a < b ? a : b; }
 
+/* The gradient the base optimizer sees: the raw one, plus weight_decay * p with SS_L2 (L2 weight
+   decay added to the gradient, as torch.optim's weight_decay without decoupling). */
+static inline stat_t l2_grad(stat_t raw, stat_t p, stat_t weight_decay) {
+#if SS_L2
+    return raw + weight_decay * p;
+#else
+    (void)p;
+    (void)weight_decay;
+    return raw;
+#endif
+}
+
 /* ---------------------------------------------------------------------------------------- */
 /* running a per-range function over all elements of all tensors, on several threads        */
 /* ---------------------------------------------------------------------------------------- */

@@ -209,11 +209,7 @@ static void adam_loop(param_t *restrict P, const param_t *restrict G, stat_t *re
     for (int64_t i = lo; i < hi; i++) {
         stat_t raw = load_p(G, i);
         stat_t p = load_p(P, i);
-#if SS_L2
-        stat_t g = raw + k.weight_decay * p;
-#else
-        stat_t g = raw;
-#endif
+        stat_t g = l2_grad(raw, p, k.weight_decay);
         stat_t m = M[i] * k.beta1 + k.one_minus_beta1 * g;
         stat_t v = V[i] * k.beta2 + k.one_minus_beta2 * (g * g);
 #if SS_AMSGRAD
@@ -298,11 +294,7 @@ static void sgd_range(const void *vctx, int thread, int64_t t, int64_t lo, int64
     for (int64_t i = lo; i < hi; i++) {
         stat_t raw = load_p(G, i);
         stat_t p = load_p(P, i);
-#if SS_L2
-        stat_t d = raw + k.weight_decay * p;
-#else
-        stat_t d = raw;
-#endif
+        stat_t d = l2_grad(raw, p, k.weight_decay);
         stat_t cm = CM[i] * k.cprop_beta + k.one_minus_cprop_beta * raw;
 #if SS_METHOD == 1
         stat_t cv = CV[i] * k.cprop_beta + k.one_minus_cprop_beta * FABS(raw);
