@@ -324,3 +324,19 @@ def test_cuda_kernels_match_the_reference():
     finally:
         sys.path.pop(0)
     kernel_parity.run("cuda")
+
+
+def test_the_cpu_kernels_leave_the_threads_floating_point_mode_as_they_found_it():
+    """Note [subnormals in the kernels]: each thread flushes subnormals while it runs its range
+    and restores its mode; torch's own ops on the calling thread still see subnormals after."""
+    torch.set_flush_denormal(False)
+    sub = torch.tensor([1e-39], dtype=torch.float32)
+    assert float(sub * 1.0) > 0  # a subnormal survives a multiply before the step
+    params = [torch.nn.Parameter(torch.randn(4096)) for _ in range(3)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    from steadystep._kernels._common import backend
+
+    assert backend(params, [p.grad for p in params]) == "cpu"  # the C kernels take this step
+    ss.CPropAdamW(params, lr=1e-3).step()
+    assert float(sub * 1.0) > 0  # and after it

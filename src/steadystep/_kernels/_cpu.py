@@ -45,11 +45,9 @@ _FLAGS = (
     "-pthread",
     "-fno-math-errno",
     # -fno-trapping-math lets GCC turn the loops' selects (clamps, max/min) into blends and
-    # vectorize them; without it CPropAdamW's step stays scalar, with a branch per clamp that
-    # mispredicts on real data (6-7x torch's fused AdamW here, 3-4x with it). A blend evaluates
-    # both sides, e.g. the erf polynomial at the unclamped x of lanes it discards, so the code
-    # keeps every such side clear of subnormals (a microcode assist each): see
-    # confidence_normal in kernels_cprop.c.
+    # vectorize them; without it CPropAdamW's step stays scalar, with a branch per clamp. A
+    # blend evaluates both sides, so the kernels flush subnormals (Note [subnormals in the
+    # kernels] in kernels_common.h).
     "-fno-trapping-math",
     "-fopenmp-simd",
 )

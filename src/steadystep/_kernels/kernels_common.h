@@ -9,10 +9,18 @@
  *
  * The file is compiled once per configuration: the SS_* macros below select the parameter dtype
  * and the structural choices (method, cdf, amsgrad, ...), so each inner loop is straight-line
- * code that the compiler vectorises. Built with -O3 -fno-math-errno (IEEE semantics of NaN and
- * inf are kept). Not -fno-trapping-math: with it the compiler speculates floating-point work
- * past selects (a polynomial evaluated at an unclamped argument whose lanes are then thrown
- * away), and the subnormals that speculation produces cost a microcode assist each.
+ * code that the compiler vectorises. Built with -O3 -fno-math-errno -fno-trapping-math (IEEE
+ * semantics of NaN and inf are kept; without -fno-trapping-math GCC keeps every clamp and max
+ * as a branch, and the loops stay scalar).
+ *
+ * Note [subnormals in the kernels]
+ *    A vectorised select evaluates both sides: GCC rewrites erf(min(x, 4)) as x < 4 ? erf(x) :
+ *    erf(4), evaluating the polynomial at the unclamped x of the lanes it then throws away, where
+ *    1/d and its powers underflow to subnormals, a microcode assist each (CPropAdamW's step ran
+ *    about 1.7x slower). Each thread therefore runs its range with subnormals flushed to zero
+ *    (FTZ and DAZ on x86-64, FZ on AArch64) and restores its mode afterwards: a value below
+ *    1.2e-38 in float32 (a moment decayed that far) reads and writes as 0 in these kernels, as
+ *    in the GPU kernels' fast math; nothing else changes.
  */
 #include <math.h>
 #include <pthread.h>
@@ -134,7 +142,32 @@ typedef struct {
     int64_t start, end; /* in the concatenated index space */
 } job_t;
 
+#if defined(__x86_64__) || defined(__SSE2__)
+#include <xmmintrin.h>
+static unsigned flush_subnormals(void) { /* Note [subnormals in the kernels] */
+    unsigned mode = _mm_getcsr();
+    _mm_setcsr(mode | 0x8040u); /* FTZ (bit 15) and DAZ (bit 6) */
+    return mode;
+}
+static void restore_mode(unsigned mode) { _mm_setcsr(mode); }
+#elif defined(__aarch64__)
+static unsigned flush_subnormals(void) {
+    uint64_t mode;
+    __asm__ volatile("mrs %0, fpcr" : "=r"(mode));
+    __asm__ volatile("msr fpcr, %0" : : "r"(mode | (1ull << 24))); /* FZ */
+    return (unsigned)mode;
+}
+static void restore_mode(unsigned mode) {
+    uint64_t m = mode;
+    __asm__ volatile("msr fpcr, %0" : : "r"(m));
+}
+#else
+static unsigned flush_subnormals(void) { return 0; }
+static void restore_mode(unsigned mode) { (void)mode; }
+#endif
+
 static void run_job(const job_t *job) {
+    unsigned mode = flush_subnormals();
     int64_t offset = 0;
     for (int64_t t = 0; t < job->n; t++) {
         int64_t lo = offset, hi = offset + job->numel[t];
@@ -145,6 +178,7 @@ static void run_job(const job_t *job) {
         int64_t b = (job->end < hi ? job->end : hi) - lo;
         if (b > a) job->fn(job->ctx, job->thread, t, a, b);
     }
+    restore_mode(mode);
 }
 
 static void *run_job_thread(void *arg) {

@@ -71,18 +71,15 @@ static inline stat_t confidence_normal(stat_t x) { return erf(x); }
  * error below 3e-7, 2e-6 after float32 rounding); the argument is scaled into the polynomial's
  * coefficients by the host (the 1/sqrt(2) factor is folded into the scale's coefficients). */
 static inline stat_t confidence_normal(stat_t x) {
-    x = x < 4.0f ? x : 4.0f; /* erf(4) = 1 in float32; also keeps r^16 clear of subnormals */
+    x = x < 4.0f ? x : 4.0f; /* erf(4) = 1 in float32 */
     stat_t poly = x * 0.0000430638f + 0.0002765672f;
     poly = poly * x + 0.0001520143f;
     poly = poly * x + 0.0092705272f;
     poly = poly * x + 0.0422820123f;
     poly = poly * x + 0.0705230784f;
-    /* d <= 3.06 at x <= 4, so the clamp changes nothing there; but a compiler that vectorizes
-     * the clamp of x above as a select may evaluate the polynomial at the unclamped x for the
-     * lanes it discards, where 1 / d and r^16 would underflow to subnormals (a microcode assist
-     * each, CPropAdamW's CPU step several times slower) */
-    stat_t d = poly * x + 1.0f;
-    stat_t r = 1.0f / (d < 4.0f ? d : 4.0f);
+    /* vectorised, the lanes above 4 may be evaluated unclamped and thrown away: Note
+     * [subnormals in the kernels] */
+    stat_t r = 1.0f / (poly * x + 1.0f);
     r = r * r;
     r = r * r;
     r = r * r;
