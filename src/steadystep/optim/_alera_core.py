@@ -318,7 +318,7 @@ def adapt_multipliers_(
     norm_eps: float,
     param_wise: bool,
     take_step: torch.Tensor,
-    foreach: bool = False,
+    foreach: bool,
     numels: list[int] | None = None,
     sharded: list[bool] | None = None,
 ) -> None:
@@ -373,7 +373,7 @@ def alera(
     norm_eps: float,
     param_wise: bool,
     take_step: torch.Tensor,
-    foreach: bool = False,
+    foreach: bool,
     numels: list[int] | None = None,
     sharded: list[bool] | None = None,
 ) -> None:
