@@ -409,3 +409,28 @@ def test_escalation_needs_the_guard_it_is_in_and_max_steps(tmp_path):
     )
     with pytest.raises(ValueError, match=r"set TrainingArguments\(max_steps=...\)"):
         trainer.train()
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """The same items as an iterable dataset (one pass in order, the same on every pass)."""
+
+    def __init__(self) -> None:
+        self.items = _regression_data()
+
+    def __iter__(self):
+        return iter(self.items)
+
+
+def test_an_escalation_on_an_iterable_dataset_skips_through_a_skippable_iterable(tmp_path):
+    """An IterableDataset: the Trainer's own loader is wrapped in a SkippableIterable, which the
+    escalation tells what to skip, as the sampler of a map-style dataset."""
+    trainer, esc, loss = _escalating_trainer(tmp_path)
+    trainer.train_dataset = _Stream()
+    trainer.train()
+    assert trainer.state.global_step == ESC_STEPS
+    assert isinstance(trainer.skippable, ss.SkippableIterable) and esc.sampler is trainer.skippable
+    (record,) = esc.history
+    assert record["restored_to"] == BAD[0]
+    start, stop = record["skipped"]
+    assert start <= BAD[-1] < stop
+    assert not set(loss.trained) & set(range(start, stop))
