@@ -5,6 +5,7 @@ advance on the skipped step and keeps the cut, stats in the logs, ALRC state in 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -33,16 +34,20 @@ def _stabilize(*args, **kwargs):
     return ss.stabilize(*args, **{"alrc": True, **kwargs})
 
 
-def _model():
+def _model(**config: Any):
+    """A two-layer BERT of width 16 (``config`` overrides: ``num_labels=1`` for regression)."""
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-        num_labels=2,
+        **{
+            "vocab_size": 50,
+            "hidden_size": 16,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 32,
+            "max_position_embeddings": 16,
+            "num_labels": 2,
+            **config,
+        }
     )
     return BertForSequenceClassification(config)
 
@@ -295,19 +300,7 @@ ESC_STEPS = 60
 
 
 def _regression_model():
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-        num_labels=1,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return BertForSequenceClassification(config)
+    return _model(num_labels=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def _regression_data(n=8 * 120):
