@@ -231,21 +231,21 @@ def test_amend_escalates_a_repeated_rollback_and_an_untested_acceptance_only():
     first = ring.amend(
         _decision(rollback=True, cut=True), alarm, phase, torch.tensor(10), torch.tensor(1.0)
     )
-    assert bool(first.rollback) and not bool(ring.escalate)
+    assert bool(first.rollback) and not ring._peek()
     late = ring.amend(
         _decision(rollback=True, cut=True), alarm, phase, torch.tensor(16), torch.tensor(1.0)
     )
-    assert bool(late.rollback) and not bool(ring.escalate)  # 6 > within steps later
+    assert bool(late.rollback) and not ring._peek()  # 6 > within steps later
     again = ring.amend(
         _decision(rollback=True, cut=True), alarm, phase, torch.tensor(20), torch.tensor(1.0)
     )
-    assert bool(ring.escalate) and ring.due() and not ring.due()  # read once
+    assert ring._peek() and ring.due() and not ring.due()  # read once
     assert not bool(again.rollback | again.cut | again.update | again.accept)
     assert int(again.phase) == ROLLED_BACK and int(again.waited) == 0
     accept = ring.amend(
         _decision(update=True, accept=True), alarm, phase, torch.tensor(25), torch.tensor(1.0)
     )
-    assert bool(accept.accept) and not bool(ring.escalate)  # this episode was tested already
+    assert bool(accept.accept) and not ring._peek()  # this episode was tested already
 
 
 def test_no_snapshot_yet_means_no_escalation():

@@ -97,6 +97,20 @@ class _SkipWindows:
         """What a checkpoint resumes at: the oldest batch drawn and not taken, else ``here``."""
         return self._ahead[0] if self._tracking and self._ahead else here
 
+    def _checked(self, state_dict: Any) -> tuple[Any, ...]:
+        raise NotImplementedError
+
+    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The checks of :meth:`load_state_dict`, nothing loaded."""
+        self._checked(state_dict)
+
+    def _check_format(self, state_dict: Any) -> None:
+        if not isinstance(state_dict, dict) or state_dict.get("format") != _FORMAT:
+            found = state_dict.get("format") if isinstance(state_dict, dict) else state_dict
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: expected format {_FORMAT}, found {found!r}"
+            )
+
     @staticmethod
     def _check_windows(owner: str, windows: Any) -> list[tuple[int, int]]:
         if not isinstance(windows, list) or not all(
@@ -247,16 +261,8 @@ class SkippableSampler(_SkipWindows, Sampler[list[int]]):
             "drop_last": self.drop_last,
         }
 
-    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """The checks of :meth:`load_state_dict`, nothing loaded."""
-        self._checked(state_dict)
-
     def _checked(self, state_dict: Any) -> tuple[int, list[tuple[int, int]]]:
-        if not isinstance(state_dict, dict) or state_dict.get("format") != _FORMAT:
-            found = state_dict.get("format") if isinstance(state_dict, dict) else state_dict
-            raise ValueError(
-                f"SkippableSampler.load_state_dict: expected format {_FORMAT}, found {found!r}"
-            )
+        self._check_format(state_dict)
         for key in ("seed", "shuffle", "dataset_size", "batch_size", "world_size", "drop_last"):
             if state_dict.get(key) != getattr(self, key):
                 raise ValueError(
@@ -375,16 +381,8 @@ class SkippableIterable(_SkipWindows, Generic[T]):
             "windows": [list(w) for w in self.windows],
         }
 
-    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """The checks of :meth:`load_state_dict`, nothing loaded."""
-        self._checked(state_dict)
-
     def _checked(self, state_dict: Any) -> tuple[int, int, int, list[tuple[int, int]]]:
-        if not isinstance(state_dict, dict) or state_dict.get("format") != _FORMAT:
-            found = state_dict.get("format") if isinstance(state_dict, dict) else state_dict
-            raise ValueError(
-                f"SkippableIterable.load_state_dict: expected format {_FORMAT}, found {found!r}"
-            )
+        self._check_format(state_dict)
         position = check_count("position", state_dict.get("position"), low=0)
         epoch = check_count("epoch", state_dict.get("epoch"), low=0)
         offset = check_count("offset", state_dict.get("offset"), low=0)

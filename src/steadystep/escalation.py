@@ -31,8 +31,11 @@ Note [escalation]
 Note [the escalation flag]
     The decision is a 0-d tensor on the device, like the ladder's; the host needs it to copy a
     slot back and to tell the sampler. It is posted to host memory without waiting (on CUDA a
-    non-blocking copy into pinned memory and an event) and read at the start of the *next* step,
-    when the event has long passed: no host sync on an ordinary step. So an escalation acts one
+    non-blocking copy into pinned memory and an event) and read at the start of the *next* step:
+    no host read of the current step's work. On CUDA the host waits there for the previous
+    step's event, which the device has usually passed while the host queued this step's forward
+    and backward; a host running more than a step ahead of the device waits, so the ring bounds
+    the host's lead to one step (not yet measured on a GPU). So an escalation acts one
     step late, on every device alike (and so on every rank alike): the step after the decision is
     dropped whole (its gradient was taken at the weights being abandoned), the slot restored in
     its place.
@@ -166,7 +169,6 @@ class Escalation:
         self.episode_start = torch.zeros((), dtype=torch.int64, device=device)
         self.last_rollback = torch.full((), _NEVER, dtype=torch.int64, device=device)
         self.tried = torch.zeros((), dtype=torch.bool, device=device)
-        self.escalate = torch.zeros((), dtype=torch.bool, device=device)
         self.loss = torch.zeros((), dtype=torch.float32, device=device)  # tested at the decision
         self._pinned = device.type == "cuda"
         self._flag = torch.zeros((), dtype=torch.bool, pin_memory=self._pinned)
@@ -176,7 +178,6 @@ class Escalation:
             "episode_start": self.episode_start,
             "last_rollback": self.last_rollback,
             "tried": self.tried,
-            "escalate": self.escalate,
             "loss": self.loss,
         }
 
@@ -195,7 +196,6 @@ class Escalation:
         self.last_rollback.copy_(torch.where(rolled, step, self.last_rollback))
         over = (decision.phase == NORMAL) & ~alarm  # the episode ended calm
         self.tried.copy_((self.tried | escalate) & ~over)
-        self.escalate.copy_(escalate)
         self.loss.copy_(torch.where(escalate, loss.to(self.loss), self.loss))
         self._post(escalate)
         return Decision(
@@ -218,15 +218,16 @@ class Escalation:
             self._event.record()
 
     def due(self) -> bool:
-        """Did the last step decide to escalate? (Note [the escalation flag]: its event has
-        passed by now; on the CPU a read of host memory.)"""
+        """Did the last step decide to escalate? (Note [the escalation flag]: on CUDA a wait for
+        the last step's event; on the CPU a read of host memory.)"""
         if self._flag is None:
             return False
         if self._event is not None:
             self._event.synchronize()
             self._event = None
         due = bool(self._flag)
-        self._flag.fill_(False)  # read once: the dropped step posts nothing
+        if due:
+            self._flag.fill_(False)  # read once: the dropped step posts nothing
         return due
 
     def _peek(self) -> bool:
