@@ -1,6 +1,7 @@
-"""What the CProp classes share: per-parameter state, the step's parameters and
-``found_finite``, checkpoint copies and telemetry (used by :mod:`~steadystep.optim.cprop.native`
-and :mod:`~steadystep.optim.cprop.wrapper`)."""
+"""What the CProp classes share: the base optimizers' hyperparameters (with the plain twins
+of :mod:`~steadystep.optim.cprop.reference` too), per-parameter state, the step's parameters
+and ``found_finite``, checkpoint copies and telemetry (used by
+:mod:`~steadystep.optim.cprop.native` and :mod:`~steadystep.optim.cprop.wrapper`)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,41 @@ from steadystep.optim.cprop._math import (
     _second_key,
     _stats_dtype,
 )
+
+
+def _sgd_defaults(
+    lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool
+) -> dict[str, Any]:
+    """``torch.optim.SGD``'s hyperparameters by name, as :class:`CPropSGD` keeps them in its
+    param groups' defaults and its plain twin (:mod:`~steadystep.optim.cprop.reference`) in
+    ``base``."""
+    return {
+        "lr": lr,
+        "momentum": momentum,
+        "dampening": dampening,
+        "weight_decay": weight_decay,
+        "nesterov": nesterov,
+    }
+
+
+def _adam_defaults(
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    decoupled: bool,
+) -> dict[str, Any]:
+    """``torch.optim.Adam``'s (``AdamW``'s where ``decoupled``) hyperparameters by name, as
+    :class:`CPropAdam` and its plain twin keep them (``betas`` as a tuple)."""
+    return {
+        "lr": lr,
+        "betas": tuple(betas),
+        "eps": eps,
+        "weight_decay": weight_decay,
+        "amsgrad": amsgrad,
+        "decoupled_weight_decay": decoupled,
+    }
 
 
 def _validate_group(group: dict[str, Any]) -> None:

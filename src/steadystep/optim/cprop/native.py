@@ -41,6 +41,7 @@ from steadystep.optim.cprop._math import (
     cprop_kwargs,
 )
 from steadystep.optim.cprop._state import (
+    _adam_defaults,
     _call_closure,
     _collect,
     _cprop_state_spec,
@@ -48,6 +49,7 @@ from steadystep.optim.cprop._state import (
     _group_stats,
     _init_cprop_state,
     _scales,
+    _sgd_defaults,
     _validate_group,
     _zeros_stat,
 )
@@ -277,13 +279,7 @@ class CPropSGD(_NativeCPropBase):
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
-        base = {
-            "lr": lr,
-            "momentum": momentum,
-            "dampening": dampening,
-            "weight_decay": weight_decay,
-            "nesterov": nesterov,
-        }
+        base = _sgd_defaults(lr, momentum, dampening, weight_decay, nesterov)
         cprop = _CPropHyper(cprop_beta, cprop_c, cprop_eps, cdf, method)
         super().__init__(params, base, cprop, foreach=foreach, fused=fused)
 
@@ -396,15 +392,25 @@ class CPropAdam(_NativeCPropBase):
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
-        base = {
-            "lr": lr,
-            "betas": tuple(check_betas("betas", betas)),
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "amsgrad": amsgrad,
-            "decoupled_weight_decay": self._decoupled,
-        }
         cprop = _CPropHyper(cprop_beta, cprop_c, cprop_eps, cdf, method)
+        self._init_adam(params, lr, betas, eps, weight_decay, amsgrad, cprop, foreach, fused)
+
+    def _init_adam(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float,
+        betas: tuple[float, float],
+        eps: float,
+        weight_decay: float,
+        amsgrad: bool,
+        cprop: _CPropHyper,
+        foreach: bool | None,
+        fused: bool | None,
+    ) -> None:
+        """The constructor's work, :class:`CPropAdamW`'s too (only its default ``weight_decay``
+        differs)."""
+        betas = check_betas("betas", betas)
+        base = _adam_defaults(lr, betas, eps, weight_decay, amsgrad, self._decoupled)
         super().__init__(params, base, cprop, foreach=foreach, fused=fused)
 
     def _validate_base_group(self, group: dict[str, Any]) -> None:
@@ -532,21 +538,8 @@ class CPropAdamW(CPropAdam):
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
-        super().__init__(
-            params,
-            lr,
-            betas,
-            eps,
-            weight_decay,
-            amsgrad,
-            cprop_beta=cprop_beta,
-            cprop_c=cprop_c,
-            cprop_eps=cprop_eps,
-            cdf=cdf,
-            method=method,
-            foreach=foreach,
-            fused=fused,
-        )
+        cprop = _CPropHyper(cprop_beta, cprop_c, cprop_eps, cdf, method)
+        self._init_adam(params, lr, betas, eps, weight_decay, amsgrad, cprop, foreach, fused)
 
 
 for _cls in (CPropSGD, CPropAdam):

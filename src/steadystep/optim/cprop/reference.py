@@ -62,6 +62,7 @@ Examples:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -70,6 +71,7 @@ from torch import Tensor
 from steadystep._kernels import gradient_limit, stats_dtype
 from steadystep._validation import check_choice
 from steadystep.optim.cprop import CDFS, METHODS
+from steadystep.optim.cprop._state import _adam_defaults, _sgd_defaults
 
 __all__ = [
     "PlainCProp",
@@ -220,7 +222,9 @@ def _settings(beta: float, c: float, eps: float, cdf: str, method: str) -> dict[
 class _PlainNative:
     """Algorithm 1 with a built-in base optimizer: ``theta <- theta + s * g_hat``."""
 
-    def __init__(self, params: Any, base: dict[str, Any], cprop: dict[str, Any]) -> None:
+    def __init__(
+        self, params: Iterable[Tensor], base: dict[str, Any], cprop: dict[str, Any]
+    ) -> None:
         """``base``: the base optimizer's hyperparameters; ``cprop``: CProp's (``_settings``)."""
         self.params: list[Tensor] = list(params)
         self.base = base
@@ -254,7 +258,7 @@ class PlainCPropSGD(_PlainNative):
 
     def __init__(
         self,
-        params: Any,
+        params: Iterable[Tensor],
         lr: float = 1e-3,
         momentum: float = 0.0,
         dampening: float = 0.0,
@@ -267,13 +271,7 @@ class PlainCPropSGD(_PlainNative):
         cdf: str = "normal",
         method: str = "conformity",
     ) -> None:
-        base = dict(
-            lr=lr,
-            momentum=momentum,
-            dampening=dampening,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-        )
+        base = _sgd_defaults(lr, momentum, dampening, weight_decay, nesterov)
         super().__init__(params, base, _settings(cprop_beta, cprop_c, cprop_eps, cdf, method))
 
     def _update(self, theta: Tensor, g: Tensor, state: dict[str, Any]) -> Tensor:
@@ -287,7 +285,7 @@ class PlainCPropAdam(_PlainNative):
 
     def __init__(
         self,
-        params: Any,
+        params: Iterable[Tensor],
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
@@ -302,14 +300,7 @@ class PlainCPropAdam(_PlainNative):
     ) -> None:
         if weight_decay is None:  # the classes' defaults: 0 for Adam, 1e-2 for AdamW
             weight_decay = 1e-2 if self.decoupled_weight_decay else 0.0
-        base = dict(
-            lr=lr,
-            betas=tuple(betas),
-            eps=eps,
-            weight_decay=weight_decay,
-            amsgrad=amsgrad,
-            decoupled_weight_decay=self.decoupled_weight_decay,
-        )
+        base = _adam_defaults(lr, betas, eps, weight_decay, amsgrad, self.decoupled_weight_decay)
         super().__init__(params, base, _settings(cprop_beta, cprop_c, cprop_eps, cdf, method))
 
     def _new_state(self, theta: Tensor) -> dict[str, Any]:
