@@ -28,7 +28,7 @@ from steadystep._kernels._common import (
     stats_dtype,
 )
 from steadystep._kernels.alera import alera_
-from steadystep._kernels.cprop import adam_, sgd_, wrapper_after_, wrapper_before_
+from steadystep._kernels.cprop import adam_, sgd_, wrapper_pass_
 from steadystep._kernels.rollback import rollback_
 
 __all__ = [
@@ -43,6 +43,5 @@ __all__ = [
     "rollback_",
     "sgd_",
     "stats_dtype",
-    "wrapper_after_",
-    "wrapper_before_",
+    "wrapper_pass_",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor
 
@@ -30,7 +30,7 @@ from steadystep._kernels._common import (
     triton,
 )
 
-__all__ = ["adam_", "sgd_", "wrapper_after_", "wrapper_before_"]
+__all__ = ["adam_", "sgd_", "wrapper_pass_"]
 
 _Lists = dict[str, Sequence[Tensor | None] | None]
 
@@ -204,35 +204,20 @@ def sgd_(
     return _step("sgd", "SGD", arrays, found_finite, cprop, config, hyper, lr_multiplier)
 
 
-def wrapper_before_(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    snapshots: Sequence[Tensor],
-    cprop_exp_avgs: Sequence[Tensor],
-    cprop_exp_avg_sqs: Sequence[Tensor],
-    state_steps: Sequence[Tensor],
+def wrapper_pass_(
+    name: Literal["wrap_before", "wrap_after"],
+    arrays: Sequence[Sequence[Tensor]],
     *,
     found_finite: Tensor,
     cprop: Mapping[str, Any],
 ) -> bool:
-    """The CProp wrapper's pass before the base step: ``snapshot <- p`` always, and where
-    ``found_finite`` CProp's statistics from the raw gradient and the step counts + 1
-    (``cprop`` as in :func:`adam_`)."""
-    arrays = (params, grads, snapshots, cprop_exp_avgs, cprop_exp_avg_sqs, state_steps)
-    return _step("wrap_before", "CProp", arrays, found_finite, cprop)
+    """One of the CProp wrapper's two passes over ``arrays`` (the lists :data:`_ARRAYS` names
+    for ``name``, ``state_steps`` last; ``cprop`` as in :func:`adam_`), in place; False when
+    unsupported.
 
-
-def wrapper_after_(
-    params: Sequence[Tensor],
-    snapshots: Sequence[Tensor],
-    cprop_exp_avgs: Sequence[Tensor],
-    cprop_exp_avg_sqs: Sequence[Tensor],
-    state_steps: Sequence[Tensor],
-    *,
-    found_finite: Tensor,
-    cprop: Mapping[str, Any],
-) -> bool:
-    """After the base step: ``p <- lerp(snapshot, p, s)`` (exactly ``p`` at ``s = 1``), or
-    ``snapshot`` on a skipped step (the base may have written anything there)."""
-    arrays = (params, snapshots, cprop_exp_avgs, cprop_exp_avg_sqs, state_steps)
-    return _step("wrap_after", "CProp", arrays, found_finite, cprop)
+    ``"wrap_before"`` (``params, grads, snapshots, cprop_exp_avgs, cprop_exp_avg_sqs,
+    state_steps``), before the base step: ``snapshot <- p`` always, and where ``found_finite``
+    CProp's statistics from the raw gradient and the step counts + 1. ``"wrap_after"`` (the
+    same lists but ``grads``), after it: ``p <- lerp(snapshot, p, s)`` (exactly ``p`` at
+    ``s = 1``), or ``snapshot`` on a skipped step (the base may have written anything there)."""
+    return _step(name, "CProp", arrays, found_finite, cprop)

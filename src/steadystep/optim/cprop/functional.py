@@ -197,11 +197,9 @@ def cprop_before_(
         sizes = [p.numel() for p in params]
         flat = torch.empty(sum(sizes), dtype=params[0].dtype, device=params[0].device)
         olds = [t.view_as(p) for t, p in zip(flat.split(sizes), params, strict=True)]
-        stats = (cprop_exp_avgs, cprop_exp_avg_sqs, state_steps)
+        arrays = (params, grads, olds, cprop_exp_avgs, cprop_exp_avg_sqs, state_steps)
         kwargs = cprop_kwargs(cprop)
-        if kernels.wrapper_before_(
-            params, grads, olds, *stats, found_finite=found_finite, cprop=kwargs
-        ):
+        if kernels.wrapper_pass_("wrap_before", arrays, found_finite=found_finite, cprop=kwargs):
             return True, olds
         if fused:
             raise FusedUnsupportedError("CProp", params)
@@ -236,7 +234,8 @@ def cprop_after_(
     stats = (cprop_exp_avgs, cprop_exp_avg_sqs, state_steps)
     if fused:
         kwargs = cprop_kwargs(cprop)
-        kernels.wrapper_after_(params, snapshots, *stats, found_finite=found_finite, cprop=kwargs)
+        arrays = (params, snapshots, *stats)
+        kernels.wrapper_pass_("wrap_after", arrays, found_finite=found_finite, cprop=kwargs)
         return
     scales = _scales(*stats, found_finite, cprop, foreach)
     for p, old, s in zip(params, snapshots, scales, strict=True):
