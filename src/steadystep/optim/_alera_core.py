@@ -4,10 +4,10 @@ section 2.1; the math is in :class:`~steadystep.ALeRA`'s docstring).
 
 :func:`layout_step` turns the parameters with a gradient into a :class:`AgnosticStep` (weight
 decay, norms, finiteness, step counts, multipliers and learning rates per unit);
-:func:`adapt_multipliers_` advances the relaxed paths and the multipliers; :func:`alera` is the
-whole ALeRA step and :class:`~steadystep.AgAdam` takes Adam's step after
-:func:`adapt_multipliers_` instead. Every function has a readable per-tensor path and a
-``torch._foreach`` path that tests hold equal.
+:func:`agnostic_update` advances the relaxed paths and gives the multipliers' log changes;
+:func:`alera` is the whole ALeRA step (those, the multipliers, the update) and
+:class:`~steadystep.AgAdam` takes Adam's step for the update. Every function has a readable
+per-tensor path and a ``torch._foreach`` path that tests hold equal.
 
 Note [units]: a "unit" is the set of elements that share one learning-rate multiplier and one
 normalisation ``g / ||g||``: all parameters ("global"), one param group ("group", a layer with
@@ -30,13 +30,14 @@ __all__ = [
     "GRANULARITIES",
     "AgnosticStep",
     "Gathered",
-    "adapt_multipliers_",
+    "GroupState",
     "agnostic_update",
     "alera",
     "fused_alera_",
     "grad_norms",
     "layout_step",
     "param_multipliers",
+    "unit_counts",
     "unit_layout",
     "unit_norms",
 ]
@@ -78,12 +79,19 @@ class AgnosticStep(NamedTuple):
     sharded: list[bool]
 
 
+class GroupState(NamedTuple):
+    """What a step reads of the param groups: per group its step count, LR multiplier and
+    learning rate, then the skipped-steps counter."""
+
+    steps: list[torch.Tensor]  # group["step"]
+    multipliers: list[torch.Tensor]  # group["lr_multiplier"]
+    lrs: list[float | torch.Tensor]  # group["lr"]
+    skipped_steps: torch.Tensor  # optimizer-wide: one tensor that every group holds
+
+
 def layout_step(
     gathered: Gathered,
-    group_steps: list[torch.Tensor],
-    group_multipliers: list[torch.Tensor],
-    group_lrs: list[float | torch.Tensor],
-    skipped_steps: torch.Tensor,
+    groups: GroupState,
     *,
     granularity: str,
     skip: torch.Tensor | None,
@@ -95,11 +103,8 @@ def layout_step(
     for ``r`` and the update alike). ``found_finite`` (every ``||d_u||`` finite, Note [finite
     from norms], and every raw gradient element within the limit of Note [huge gradients] in
     :mod:`steadystep._kernels`) and ``skip`` (a guard's mask) give ``take_step``; the step
-    counts of the units (``group_steps``, the groups' ``"step"``, or ``gathered.tensor_steps``
-    for ``"tensor"``)
-    advance by ``take_step`` and ``skipped_steps`` counts the steps skipped for a non-finite
-    gradient that the guard did not mask. ``group_multipliers`` and ``group_lrs`` are the
-    groups' ``lr_multiplier`` and ``lr``.
+    counts (:func:`unit_counts`) advance by ``take_step`` and ``groups.skipped_steps`` counts
+    the steps skipped for a non-finite gradient that the guard did not mask.
     """
     params = gathered.params
     # Weight decay enters once, into the gradient that both r and the update see.
@@ -112,7 +117,7 @@ def layout_step(
     # Whole-tensor norms on every rank, so every rank decides alike (skip included).
     norms = reduce_square_norms(norms, gathered.sharded)
 
-    units, owners, active = unit_layout(gathered.members, gathered.group_index, granularity)
+    units, owners, unit_steps, counters = unit_counts(gathered, groups.steps, granularity)
     norm_u = unit_norms(norms, units, dtypes)
     # Note [finite from norms]: a NaN or inf anywhere makes its unit's norm non-finite; the
     # gradient limit (Note [huge gradients] in steadystep._kernels) takes a pass of its own.
@@ -132,24 +137,18 @@ def layout_step(
         _mask_nonfinite(d, owned=d is not g) for d, g in zip(grads, gathered.grads, strict=True)
     ]
     increment = take_step.to(torch.float32)
-    for gi in range(len(group_steps)) if granularity == "global" else active:
-        group_steps[gi].add_(increment)
-    if granularity == "tensor":
-        unit_steps = gathered.tensor_steps
-        for t in unit_steps:
-            t.add_(increment.to(t.device))
-    else:
-        unit_steps = [group_steps[gi] for gi in owners]
-    skipped_steps.add_(nonfinite_skip.to(skipped_steps.device))
+    for t in counters:
+        t.add_(increment.to(t.device))
+    groups.skipped_steps.add_(nonfinite_skip.to(groups.skipped_steps.device))
 
     group_index = gathered.group_index
     if granularity in ("global", "group"):
         # The group multiplier is the adapted rate; the update uses lr times it.
-        multipliers = [group_multipliers[gi] for gi in owners]
-        lrs = [group_lrs[gi] for gi in group_index]
+        multipliers = [groups.multipliers[gi] for gi in owners]
+        lrs = [groups.lrs[gi] for gi in group_index]
     else:
         # Per-tensor/element rates, times the group factor (1 unless a guard cut it).
-        cut_lrs = {gi: group_multipliers[gi] * group_lrs[gi] for gi in set(group_index)}
+        cut_lrs = {gi: groups.multipliers[gi] * groups.lrs[gi] for gi in set(group_index)}
         multipliers = [m for m in gathered.param_multipliers if m is not None]
         lrs = [cut_lrs[gi] for gi in group_index]
     return AgnosticStep(
@@ -187,6 +186,23 @@ def unit_layout(
         units = [[i] for i in range(len(group_index))]
         owners = list(group_index)
     return units, owners, active
+
+
+def unit_counts(
+    gathered: Gathered, group_steps: list[torch.Tensor], granularity: str
+) -> tuple[list[list[int]], list[int], list[torch.Tensor], list[torch.Tensor]]:
+    """``(units, owners, unit_steps, counters)`` of a step: :func:`unit_layout`'s units and
+    owners, the step count ``t`` of each unit's ``E_t`` (its owner group's ``"step"``; for
+    ``"tensor"`` the tensor's own, Note [unit step] of :class:`~steadystep.ALeRA`), and the
+    counts that a step taken advances by one: every group's for ``"global"`` (each group keeps
+    the one count), else those of the groups with a gradient, and for ``"tensor"`` the
+    tensors' own."""
+    units, owners, active = unit_layout(gathered.members, gathered.group_index, granularity)
+    counted = range(len(group_steps)) if granularity == "global" else active
+    counters = [group_steps[gi] for gi in counted]
+    if granularity == "tensor":
+        return units, owners, gathered.tensor_steps, counters + gathered.tensor_steps
+    return units, owners, [group_steps[gi] for gi in owners], counters
 
 
 def grad_norms(
@@ -305,45 +321,6 @@ def agnostic_update(
     return log_changes
 
 
-def adapt_multipliers_(
-    grads: list[torch.Tensor],
-    unit_norm: list[torch.Tensor],
-    relaxed_paths: list[torch.Tensor],
-    multipliers: list[torch.Tensor],
-    units: list[list[int]],
-    unit_steps: list[torch.Tensor],
-    *,
-    alpha: float,
-    C: float,
-    norm_eps: float,
-    param_wise: bool,
-    take_step: torch.Tensor,
-    foreach: bool,
-    numels: list[int] | None = None,
-    sharded: list[bool] | None = None,
-) -> None:
-    """Advance the relaxed paths and the multipliers in place (:func:`agnostic_update`, then
-    ``m <- m exp(log_change)`` clipped, :func:`~steadystep.agnostic.apply_log_change_`); where
-    ``take_step`` is False nothing changes."""
-    log_changes = agnostic_update(
-        grads,
-        unit_norm,
-        relaxed_paths,
-        units,
-        unit_steps,
-        alpha=alpha,
-        C=C,
-        norm_eps=norm_eps,
-        param_wise=param_wise,
-        take_step=take_step,
-        foreach=foreach,
-        numels=numels,
-        sharded=sharded,
-    )
-    for m, change in zip(multipliers, log_changes, strict=True):
-        apply_log_change_(m, change, take_step)
-
-
 def param_multipliers(
     units: list[list[int]], multipliers: list[torch.Tensor], n: int, *, param_wise: bool
 ) -> list[torch.Tensor]:
@@ -389,11 +366,10 @@ def alera(
     With ``foreach`` the per-parameter update is one ``torch._foreach_addcmul_`` with 0-d
     tensor coefficients; without, the readable loop below (same ops, same bits on CPU).
     """
-    adapt_multipliers_(
+    log_changes = agnostic_update(
         grads,
         unit_norm,
         relaxed_paths,
-        multipliers,
         units,
         unit_steps,
         alpha=alpha,
@@ -405,6 +381,8 @@ def alera(
         numels=numels,
         sharded=sharded,
     )
+    for m, change in zip(multipliers, log_changes, strict=True):
+        apply_log_change_(m, change, take_step)  # m <- m exp(change), clipped; kept if skipped
     # theta <- theta + coef * d with coef = -lr * m, and coef = 0 on a skipped step.
     per_param = param_multipliers(units, multipliers, len(params), param_wise=param_wise)
     if param_wise:
@@ -426,10 +404,7 @@ def alera(
 
 def fused_alera_(
     gathered: Gathered,
-    group_steps: list[torch.Tensor],
-    group_multipliers: list[torch.Tensor],
-    group_lrs: list[float | torch.Tensor],
-    skipped_steps: torch.Tensor,
+    groups: GroupState,
     adam: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None,
     *,
     granularity: str,
@@ -445,28 +420,21 @@ def fused_alera_(
     having changed nothing, where the kernels cannot take it (FSDP2 shards, tensor learning
     rates, tensors without a kernel); then ``fused=True`` raises
     :class:`~steadystep._kernels.FusedUnsupportedError`."""
-    lrs = [group_lrs[gi] for gi in gathered.group_index]
+    lrs = [groups.lrs[gi] for gi in gathered.group_index]
     supported = not any(gathered.sharded) and not any(isinstance(x, torch.Tensor) for x in lrs)
     if supported:
-        units, owners, active = unit_layout(gathered.members, gathered.group_index, granularity)
+        units, owners, unit_steps, counters = unit_counts(gathered, groups.steps, granularity)
         tensor_unit = [0] * len(gathered.params)
         for u, members in enumerate(units):
             for i in members:
                 tensor_unit[i] = u
-        counted = range(len(group_steps)) if granularity == "global" else active
-        counters = [group_steps[gi] for gi in counted]
-        if granularity == "tensor":
-            unit_steps = gathered.tensor_steps
-            counters = counters + unit_steps
-        else:
-            unit_steps = [group_steps[gi] for gi in owners]
         if granularity in ("global", "group"):
-            unit_multipliers = [group_multipliers[gi] for gi in owners]
+            unit_multipliers = [groups.multipliers[gi] for gi in owners]
             lr_scales: list[torch.Tensor | None] = [None] * len(gathered.params)
         else:
             param_wise = granularity == "param"
             unit_multipliers = None if param_wise else list(gathered.param_multipliers)
-            lr_scales = [group_multipliers[gi] for gi in gathered.group_index]
+            lr_scales = [groups.multipliers[gi] for gi in gathered.group_index]
         exp_avgs, exp_avg_sqs, adam_steps = adam if adam is not None else (None, None, None)
         global_ = granularity == "global"
         supported = kernels.alera_(
@@ -485,8 +453,8 @@ def fused_alera_(
             unit_steps=unit_steps,
             unit_numels=[sum(gathered.numels[i] for i in unit) for unit in units],
             counters=counters,
-            mirrors=list(group_multipliers[1:]) if global_ else [],
-            skipped=skipped_steps,
+            mirrors=list(groups.multipliers[1:]) if global_ else [],
+            skipped=groups.skipped_steps,
             skip=skip,
             # the kernel decides on this rank's gradients; under torch.distributed every rank
             # must decide alike (a NaN in one rank's p.grad after DDP's all-reduce)

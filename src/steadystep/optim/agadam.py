@@ -9,8 +9,9 @@ import torch
 
 from steadystep._tensors import shards
 from steadystep._validation import check_betas, check_positive
+from steadystep.agnostic import apply_log_change_
 from steadystep.checkpoint import Kind
-from steadystep.optim._alera_core import Gathered, adapt_multipliers_, param_multipliers
+from steadystep.optim._alera_core import Gathered, agnostic_update, param_multipliers
 from steadystep.optim.alera import ALeRA
 
 __all__ = ["AgAdam", "agadam"]
@@ -192,8 +193,9 @@ class AgAdam(ALeRA):
         step = self._layout(gathered, skip)
         hyper = self._hyper()
         args = step._asdict()
-        del args["params"], args["lrs"]  # for the Adam update below
-        adapt_multipliers_(**args, **hyper)
+        del args["params"], args["multipliers"], args["lrs"]  # for the Adam update below
+        for m, change in zip(step.multipliers, agnostic_update(**args, **hyper), strict=True):
+            apply_log_change_(m, change, step.take_step)  # as in alera()
         per_param_m = param_multipliers(
             step.units, step.multipliers, len(step.params), param_wise=hyper["param_wise"]
         )

@@ -37,6 +37,7 @@ from steadystep.optim._alera_core import (
     GRANULARITIES,
     AgnosticStep,
     Gathered,
+    GroupState,
     agnostic_update,
     alera,
     fused_alera_,
@@ -391,19 +392,20 @@ class ALeRA(ALeRACheckpoint, Optimizer):
         if foreach is None:
             foreach = gathered.params[0].is_cuda
         return layout_step(
-            gathered, *self._group_state(), granularity=self.granularity, skip=skip, foreach=foreach
+            gathered, self._group_state(), granularity=self.granularity, skip=skip, foreach=foreach
         )
 
-    def _group_state(
-        self,
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float | torch.Tensor], torch.Tensor]:
+    def _group_state(self) -> GroupState:
         """The groups' step counts, LR multipliers and learning rates, then the skipped-steps
         counter (optimizer-wide: one tensor shared by every group, see add_param_group and
         load_state_dict)."""
         groups = self.param_groups
-        steps = [g["step"] for g in groups]
-        lrs = [step_lr(g["lr"]) for g in groups]
-        return steps, [g["lr_multiplier"] for g in groups], lrs, groups[0]["skipped_steps"]
+        return GroupState(
+            steps=[g["step"] for g in groups],
+            multipliers=[g["lr_multiplier"] for g in groups],
+            lrs=[step_lr(g["lr"]) for g in groups],
+            skipped_steps=groups[0]["skipped_steps"],
+        )
 
     def _fused_step(
         self,
@@ -422,7 +424,7 @@ class ALeRA(ALeRACheckpoint, Optimizer):
         kernel.update(beta1=beta1, beta2=beta2, eps=hyper.get("eps", 0.0))
         return fused_alera_(
             gathered,
-            *self._group_state(),
+            self._group_state(),
             adam,
             granularity=self.granularity,
             skip=skip,

@@ -57,6 +57,7 @@ Examples:
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -66,8 +67,17 @@ from torch import Tensor
 from steadystep._kernels import gradient_limit, stats_dtype
 from steadystep._validation import check_choice
 from steadystep.agnostic import apply_log_change, random_walk_mean
+from steadystep.optim.agadam import AgAdam
+from steadystep.optim.alera import ALeRA
 
-__all__ = ["GRANULARITIES", "PlainALeRA", "PlainAgAdam", "log_rate_change", "relaxed_path"]
+__all__ = [
+    "GRANULARITIES",
+    "PlainALeRA",
+    "PlainAgAdam",
+    "log_rate_change",
+    "public_arguments",
+    "relaxed_path",
+]
 
 GRANULARITIES = ("global", "group", "tensor", "param")
 
@@ -86,27 +96,33 @@ def log_rate_change(r_sq: Tensor, t: int, *, alpha: float, C: float, n: int) -> 
     return C * (r_sq - E_t) / (alpha / math.sqrt(n))
 
 
+def public_arguments(cls: type, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Every argument of the call ``cls(*args, **kwargs)``, by name, with ``cls``'s defaults
+    for those not given (a TypeError, as the call's, for an argument ``cls`` does not take):
+    each twin takes the arguments and defaults of the class it restates."""
+    bound = inspect.signature(cls).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
 class PlainALeRA:
     """:class:`~steadystep.ALeRA`: SGD whose learning rates follow the agnostic rule.
 
-    ``params`` are tensors or param groups (dicts with ``"params"`` and optionally ``"lr"``
-    and ``"weight_decay"``); state lives where :class:`~steadystep.ALeRA` keeps it
+    It takes :class:`~steadystep.ALeRA`'s arguments, with its defaults (:func:`public_arguments`;
+    ``foreach`` and ``fused`` choose nothing here: the twin has one path). ``params`` are
+    tensors or param groups (dicts with ``"params"`` and optionally ``"lr"`` and
+    ``"weight_decay"``); state lives where :class:`~steadystep.ALeRA` keeps it
     (``param_groups[i]["lr_multiplier"]``, ``["step"]``, ``state[p]``), and
     ``skipped_steps`` counts the steps skipped for a non-finite gradient.
     """
 
-    def __init__(
-        self,
-        params: Any,
-        lr: float,
-        *,
-        alpha: float = 0.01,
-        C: float = 3e-6,
-        granularity: str = "group",
-        weight_decay: float = 0.0,
-        norm_eps: float = 1e-6,
-    ) -> None:
-        params = list(params)
+    restates: type = ALeRA  # the class whose arguments and defaults this twin takes
+
+    def __init__(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        # lr, alpha, C, granularity, norm_eps, weight_decay (Ag-Adam: none, so 0), ...
+        hyper = self.hyper = public_arguments(self.restates, params, *args, **kwargs)
+        lr, weight_decay = hyper["lr"], hyper.get("weight_decay", 0.0)
+        params = list(hyper.pop("params"))
         groups = params if isinstance(params[0], dict) else [{"params": params}]
         self.param_groups: list[dict[str, Any]] = []
         for group in groups:
@@ -123,8 +139,8 @@ class PlainALeRA:
                     "step": 0,
                 }
             )
-        self.alpha, self.C, self.norm_eps = alpha, C, norm_eps
-        self.granularity = check_choice("granularity", granularity, GRANULARITIES)
+        self.alpha, self.C, self.norm_eps = hyper["alpha"], hyper["C"], hyper["norm_eps"]
+        self.granularity = check_choice("granularity", hyper["granularity"], GRANULARITIES)
         self.state: dict[Tensor, dict[str, Any]] = {}
         self.skipped_steps = 0
 
@@ -240,31 +256,15 @@ class PlainAgAdam(PlainALeRA):
 
     with ``m1, m2`` in ``state[p]["exp_avg"], ["exp_avg_sq"]`` and ``k = state[p]["step"]``,
     the steps this parameter took (as torch.optim.Adam counts them; ``E_t`` keeps the unit's
-    ``t``, Note [two step counts] of :mod:`steadystep.optim.agadam`).
+    ``t``, Note [two step counts] of :mod:`steadystep.optim.agadam`). It takes
+    :class:`~steadystep.AgAdam`'s arguments, with its defaults.
     """
 
-    def __init__(
-        self,
-        params: Any,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        *,
-        alpha: float = 0.001,
-        C: float = 3e-6,
-        granularity: str = "group",
-        norm_eps: float = 1e-6,
-    ) -> None:
-        super().__init__(
-            params,
-            lr,
-            alpha=alpha,
-            C=C,
-            granularity=granularity,
-            weight_decay=0.0,
-            norm_eps=norm_eps,
-        )
-        self.betas, self.eps = tuple(betas), eps
+    restates = AgAdam
+
+    def __init__(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(params, *args, **kwargs)
+        self.betas, self.eps = tuple(self.hyper["betas"]), self.hyper["eps"]
 
     def _new_state(self, p: Tensor) -> dict[str, Any]:
         state = super()._new_state(p)
