@@ -33,6 +33,8 @@ __all__ = [
     "classification_data",
     "classifier_flops",
     "evaluate_classifier",
+    "figure_markdown",
+    "finish_panel",
     "finite_or_none",
     "fmt",
     "mark_overlaps",
@@ -268,6 +270,56 @@ def mark_overlaps(ax: Any, curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> 
         ax.text(0.02, 0.03 + 0.07 * k, note, transform=ax.transAxes, fontsize=6.5, va="bottom")
         notes.append(note)
     return notes
+
+
+def finish_panel(
+    ax: Any,
+    drawn: dict[str, tuple[np.ndarray, np.ndarray]],
+    note: str,
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    legend: dict[str, Any],
+    log: bool = False,
+) -> list[str]:
+    """Label a panel of curves the reports' way (title, axis labels and ticks in their font
+    sizes, a log y axis with ``log``, the legend with ``legend``'s keywords when a curve was
+    drawn) after :func:`mark_overlaps` on ``drawn``; returns its notes, each after ``note``."""
+    notes = [f"{note}: {n}" for n in mark_overlaps(ax, drawn)]
+    if log:
+        ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    if drawn:  # a partial run may have no curve in a panel yet
+        ax.legend(**legend)
+    ax.tick_params(labelsize=7)
+    return notes
+
+
+def figure_markdown(
+    summary: dict[str, Any],
+    figs: list[str],
+    run_dir: Path,
+    *,
+    alt: str | None = None,
+    captions: dict[str, str] | None = None,
+) -> list[str]:
+    """The lines of ``report.md`` that show the figures ``figs`` (files under ``run_dir``):
+    each image (``alt`` its text, else the file's stem), then the notes on its overlapping
+    curves (``summary["figure_notes"]`` under the stem, from :func:`finish_panel` or
+    :func:`mark_overlaps`) and its caption in ``captions`` (by stem), if any."""
+    lines: list[str] = []
+    for fpath in figs:
+        stem, link = Path(fpath).stem, Path(fpath).relative_to(run_dir).as_posix()
+        lines += [f"![{stem if alt is None else alt}]({link})", ""]
+        notes = summary.get("figure_notes", {}).get(stem)
+        if notes:
+            lines += ["*Overlapping curves: " + "; ".join(notes) + ".*", ""]
+        if captions and stem in captions:
+            lines += [captions[stem], ""]
+    return lines
 
 
 def fmt(x: float | None, digits: int = 3) -> str:
