@@ -9,9 +9,17 @@ import pytest
 import torch
 
 import steadystep as ss
-from steadystep.experiments._common import boxcar, finite_or_none, mean_std
+from steadystep.experiments._common import (
+    boxcar,
+    classification_config,
+    figure_markdown,
+    finite_or_none,
+    mean_std,
+    minibatch_steps,
+)
 from steadystep.experiments.alrc import reporting as alrc_report
 from steadystep.experiments.alrc import running as alrc_run
+from steadystep.experiments.datasets import ClassificationData
 from steadystep.experiments.models import SupersamplingNet, build_classifier
 from steadystep.experiments.runner import RunContext, Settings
 from steadystep.experiments.salera import reporting as salera_report
@@ -60,6 +68,51 @@ def _cell(by_seed):
         "n_runs": n,
         "by_seed_x100": {k: 100 * v for k, v in by_seed.items()},
     }
+
+
+def test_minibatch_steps_trains_whole_batches_and_reports_progress():
+    data = ClassificationData(
+        "toy",
+        torch.randn(70, 1, 4),
+        torch.arange(70) % 3,
+        torch.randn(5, 1, 4),
+        torch.zeros(5),
+        3,
+        "",
+    )
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    advanced: list[int] = []
+    ctx = RunContext(Settings(), torch.device("cpu"), advance=advanced.append)
+    gen = torch.Generator().manual_seed(0)
+    steps = [step for step, _ in minibatch_steps(model, opt, data, ctx, 8, 4, gen)]
+    assert steps == list(range(1, 4 * (70 // 8) + 1))  # the partial batch of each epoch is left out
+    assert advanced == [25, 7]  # 32 steps
+
+
+def test_classification_config_and_figure_markdown(tmp_path):
+    scale = {"n_train": 100, "epochs": 3, "evals": 2}
+    assert classification_config("x", Settings(scale="paper"), scale, "mnist") == {
+        "dataset": "mnist",
+        "n_train": 100,
+        "epochs": 3,
+        "evals_per_epoch": 2,
+    }
+    assert classification_config("x", Settings(), scale, "mnist")["dataset"] == "mnist1d"
+    with pytest.raises(ValueError, match="the x experiment needs a classification dataset"):
+        classification_config("x", Settings(dataset="crops"), scale, "mnist")
+    summary = {"figure_notes": {"a": ["A is under B"]}}
+    figs = [str(tmp_path / "figures" / "a.png"), str(tmp_path / "figures" / "b.png")]
+    assert figure_markdown(summary, figs, tmp_path, captions={"b": "*B.*"}) == [
+        "![a](figures/a.png)",
+        "",
+        "*Overlapping curves: A is under B.*",
+        "",
+        "![b](figures/b.png)",
+        "",
+        "*B.*",
+        "",
+    ]
 
 
 def test_alrc_verdicts_are_paired_over_seeds():

@@ -1,11 +1,12 @@
-"""Small helpers shared by the experiments: statistics, verdicts, plotting, markdown."""
+"""Small helpers shared by the experiments: the classification runs (dataset, data, training
+loop, evaluation), statistics, verdicts, plotting, markdown."""
 
 from __future__ import annotations
 
 import math
 import textwrap
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from steadystep.experiments._files import atomic_write
 from steadystep.experiments.datasets import SIZES, ClassificationData, load_classification
 from steadystep.experiments.estimate import model_flops
 from steadystep.experiments.models import build_classifier
-from steadystep.experiments.runner import RunContext
+from steadystep.experiments.runner import RunContext, Settings
 from steadystep.telemetry import read_csv
 
 __all__ = [
@@ -28,14 +29,18 @@ __all__ = [
     "band_plot",
     "boxcar",
     "claim",
+    "classification_config",
     "classification_data",
     "classifier_flops",
     "evaluate_classifier",
+    "figure_markdown",
+    "finish_panel",
     "finite_or_none",
     "fmt",
     "mark_overlaps",
     "markdown_table",
     "mean_std",
+    "minibatch_steps",
     "overlaps",
     "plt",
     "read_log",
@@ -50,6 +55,26 @@ def plt() -> Any:
     matplotlib is not installed."""
     require("matplotlib", "the figures").use("Agg", force=True)
     return require("matplotlib.pyplot", "the figures")
+
+
+def classification_config(
+    experiment: str, settings: Settings, scale: dict[str, Any], paper_dataset: str
+) -> dict[str, Any]:
+    """The configuration every run of the classification experiment ``experiment`` shares at
+    ``settings``, the keys :func:`classification_data` and :func:`classifier_flops` read: the
+    dataset (the one asked for, else ``paper_dataset`` at the paper's scale and ``mnist1d``
+    below it; ValueError for ``crops``, the images of the supersampling task), then the number
+    of training examples, epochs and evaluations per epoch of ``scale`` (the experiment's row of
+    :mod:`steadystep.experiments.scales` at ``settings.scale``)."""
+    dataset = settings.dataset or (paper_dataset if settings.scale == "paper" else "mnist1d")
+    if dataset == "crops":
+        raise ValueError(f"the {experiment} experiment needs a classification dataset, not 'crops'")
+    return dict(
+        dataset=dataset,
+        n_train=scale["n_train"],
+        epochs=scale["epochs"],
+        evals_per_epoch=scale["evals"],
+    )
 
 
 def classification_data(
@@ -247,6 +272,56 @@ def mark_overlaps(ax: Any, curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> 
     return notes
 
 
+def finish_panel(
+    ax: Any,
+    drawn: dict[str, tuple[np.ndarray, np.ndarray]],
+    note: str,
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    legend: dict[str, Any],
+    log: bool = False,
+) -> list[str]:
+    """Label a panel of curves the reports' way (title, axis labels and ticks in their font
+    sizes, a log y axis with ``log``, the legend with ``legend``'s keywords when a curve was
+    drawn) after :func:`mark_overlaps` on ``drawn``; returns its notes, each after ``note``."""
+    notes = [f"{note}: {n}" for n in mark_overlaps(ax, drawn)]
+    if log:
+        ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    if drawn:  # a partial run may have no curve in a panel yet
+        ax.legend(**legend)
+    ax.tick_params(labelsize=7)
+    return notes
+
+
+def figure_markdown(
+    summary: dict[str, Any],
+    figs: list[str],
+    run_dir: Path,
+    *,
+    alt: str | None = None,
+    captions: dict[str, str] | None = None,
+) -> list[str]:
+    """The lines of ``report.md`` that show the figures ``figs`` (files under ``run_dir``):
+    each image (``alt`` its text, else the file's stem), then the notes on its overlapping
+    curves (``summary["figure_notes"]`` under the stem, from :func:`finish_panel` or
+    :func:`mark_overlaps`) and its caption in ``captions`` (by stem), if any."""
+    lines: list[str] = []
+    for fpath in figs:
+        stem, link = Path(fpath).stem, Path(fpath).relative_to(run_dir).as_posix()
+        lines += [f"![{stem if alt is None else alt}]({link})", ""]
+        notes = summary.get("figure_notes", {}).get(stem)
+        if notes:
+            lines += ["*Overlapping curves: " + "; ".join(notes) + ".*", ""]
+        if captions and stem in captions:
+            lines += [captions[stem], ""]
+    return lines
+
+
 def fmt(x: float | None, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "—"
@@ -277,3 +352,41 @@ def evaluate_classifier(
     model.train()
     n = len(y)
     return float(torch.stack(losses).sum()) / n, float(torch.stack(errors).sum()) / n
+
+
+def minibatch_steps(
+    model: torch.nn.Module,
+    opt: Any,
+    data: ClassificationData,
+    ctx: RunContext,
+    batch: int,
+    epochs: int,
+    generator: torch.Generator,
+    *,
+    pass_loss: bool = False,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Train ``model`` with ``opt`` on the cross-entropy of ``data``'s training set (on
+    ``ctx.device``): ``epochs`` epochs of ``n // batch`` mini-batches (the last partial one left
+    out), each epoch in a new order drawn from ``generator``; ``opt.step(loss=...)`` with
+    ``pass_loss`` (steadystep's optimizers), else ``opt.step()``. Yields ``(step, loss)`` after
+    each step (steps count from 1); the progress of ``ctx`` advances every 25 steps and by the
+    rest at the end."""
+    x, y = data.x_train, data.y_train
+    n = len(y)
+    step = 0
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=generator).to(ctx.device)
+        for b in range(n // batch):
+            idx = perm[b * batch : (b + 1) * batch]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if pass_loss:
+                opt.step(loss=loss.detach())
+            else:
+                opt.step()
+            step += 1
+            yield step, loss
+            if step % 25 == 0:
+                ctx.advance(25)
+    ctx.advance(step % 25)

@@ -28,7 +28,7 @@ import importlib
 import pickle
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +113,16 @@ class ClassificationData:
             self.y_test[:n_test],
             self.n_classes,
             self.source,
+        )
+
+    def to(self, device: torch.device) -> ClassificationData:
+        """The same examples on ``device`` (the loaders return them on the CPU)."""
+        return replace(
+            self,
+            x_train=self.x_train.to(device),
+            y_train=self.y_train.to(device),
+            x_test=self.x_test.to(device),
+            y_test=self.y_test.to(device),
         )
 
     def standardized(self, per: str = "coordinate") -> ClassificationData:

@@ -23,7 +23,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -57,17 +57,11 @@ class Settings:
     dataset: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "scale": self.scale,
-            "seeds": self.seeds,
-            "device": self.device,
-            "data_dir": self.data_dir,
-            "dataset": self.dataset,
-        }
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Settings:
-        return cls(**{k: d.get(k) for k in ("scale", "seeds", "device", "data_dir", "dataset")})
+        return cls(**{f.name: d.get(f.name) for f in fields(cls)})
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,9 @@ from steadystep.experiments._common import (
     band_plot,
     boxcar,
     claim,
+    figure_markdown,
+    finish_panel,
     fmt,
-    mark_overlaps,
     markdown_table,
     mean_std,
     plt,
@@ -183,14 +184,16 @@ def figures(summary: dict[str, Any], records: list[dict[str, Any]], run_dir: Pat
                 label = "no ALRC" if thr == "inf" else f"ALRC {thr}σ"
                 drawn[label] = band_plot(ax, np.arange(steps), smooth, label, colors.get(thr, "k"))
             # ALRC that clips nothing leaves the curve of the unclipped run: say so on the panel
-            notes += [f"{loss} errors, batch {bs}: {n}" for n in mark_overlaps(ax, drawn)]
-            ax.set_yscale("log")
-            ax.set_title(f"{loss} error, batch {bs}", fontsize=9)
-            ax.set_xlabel("iteration", fontsize=8)
-            ax.set_ylabel("training loss (boxcar mean)", fontsize=8)
-            if drawn:  # a partial run may have no curve in a panel yet
-                ax.legend(fontsize=7, loc="upper right")
-            ax.tick_params(labelsize=7)
+            notes += finish_panel(
+                ax,
+                drawn,
+                f"{loss} errors, batch {bs}",
+                title=f"{loss} error, batch {bs}",
+                xlabel="iteration",
+                ylabel="training loss (boxcar mean)",
+                legend={"fontsize": 7, "loc": "upper right"},
+                log=True,
+            )
     fig.suptitle("ALRC: unclipped learning curves, mean ± std over seeds", fontsize=10)
     fig.tight_layout()
     summary.setdefault("figure_notes", {})["alrc_learning_curves"] = notes
@@ -233,11 +236,7 @@ def markdown(summary: dict[str, Any], figs: list[str], run_dir: Path) -> str:
             continue
         header, rows = _table_rows(summary, loss, paper=True)
         lines += [f"**{loss.capitalize()} errors (x100)**", "", markdown_table(header, rows), ""]
-    for f in figs:
-        lines += [f"![ALRC learning curves]({Path(f).relative_to(run_dir).as_posix()})", ""]
-        notes = summary.get("figure_notes", {}).get(Path(f).stem)
-        if notes:
-            lines += ["*Overlapping curves: " + "; ".join(notes) + ".*", ""]
+    lines += figure_markdown(summary, figs, run_dir, alt="ALRC learning curves")
     return "\n".join(lines)
 
 

@@ -13,6 +13,8 @@ import numpy as np
 from steadystep.experiments._common import (
     band_plot,
     claim,
+    figure_markdown,
+    finish_panel,
     fmt,
     mark_overlaps,
     markdown_table,
@@ -269,14 +271,16 @@ def figures(summary: dict[str, Any], records: list[dict[str, Any]], run_dir: Pat
                     ok = np.isfinite(d["train_loss"])
                     x, curves = d["step"][ok], [*curves, d["train_loss"][ok]]
                 drawn[label] = band_plot(ax, x, curves, label, color)
-            notes += [f"{model}, {opt}: {n}" for n in mark_overlaps(ax, drawn)]
-            ax.set_yscale("log")
-            ax.set_title(f"{model}, {opt}, lr {lr}", fontsize=9)
-            ax.set_xlabel("iteration", fontsize=8)
-            ax.set_ylabel("training loss (whole training set)", fontsize=8)
-            if drawn:  # a partial run may have no curve in a panel yet
-                ax.legend(fontsize=7)
-            ax.tick_params(labelsize=7)
+            notes += finish_panel(
+                ax,
+                drawn,
+                f"{model}, {opt}",
+                title=f"{model}, {opt}, lr {lr}",
+                xlabel="iteration",
+                ylabel="training loss (whole training set)",
+                legend={"fontsize": 7},
+                log=True,
+            )
     fig.suptitle(
         "CProp: training loss at the lr that trains the plain optimizer fastest, mean ± std "
         "over seeds (cf. the paper's Fig. 2)",
@@ -413,14 +417,8 @@ def markdown(summary: dict[str, Any], figs: list[str], run_dir: Path) -> str:
         markdown_table(_HEADER, _rows(summary)),
         "",
     ]
-    for fpath in figs:
-        stem = Path(fpath).stem
-        lines += [f"![{stem}]({Path(fpath).relative_to(run_dir).as_posix()})", ""]
-        notes = summary.get("figure_notes", {}).get(stem)
-        if notes:
-            lines += ["*Overlapping curves: " + "; ".join(notes) + ".*", ""]
-        if stem == "cprop_scale_histogram":
-            lines += [HISTOGRAM_CAPTION, ""]
+    captions = {"cprop_scale_histogram": HISTOGRAM_CAPTION}
+    lines += figure_markdown(summary, figs, run_dir, captions=captions)
     return "\n".join(lines)
 
 

@@ -12,12 +12,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from steadystep.experiments._common import (
+    classification_config,
     classification_data,
     classifier_flops,
     evaluate_classifier,
+    minibatch_steps,
 )
 from steadystep.experiments.datasets import ClassificationData
 from steadystep.experiments.models import build_classifier
@@ -55,9 +56,7 @@ HIST_BINS = 40
 
 def plan(settings: Settings) -> list[RunSpec]:
     s = SCALES[settings.scale]
-    dataset = settings.dataset or ("fashion-mnist" if settings.scale == "paper" else "mnist1d")
-    if dataset == "crops":
-        raise ValueError("the cprop experiment needs a classification dataset, not 'crops'")
+    shared = classification_config(name, settings, s, "fashion-mnist")
     seeds = settings.seeds or s["seeds"]
     n_steps = s["epochs"] * 125  # MNIST-1D: 4000 / 32; only used for progress
     specs = []
@@ -65,15 +64,12 @@ def plan(settings: Settings) -> list[RunSpec]:
     def add(model: str, opt: str, factor: float, c: float | None, seed: int) -> None:
         lr = float(f"{LRS[model][opt] * factor:.3g}")
         config = dict(
+            **shared,
             model=model,
             optimizer=opt,
             lr=lr,
             lr_factor=factor,
             cprop_c=c,
-            epochs=s["epochs"],
-            dataset=dataset,
-            n_train=s["n_train"],
-            evals_per_epoch=s["evals"],
             # Fig. 8: the histogram of scales of the first seed's Adam+CProp run at the paper's lr.
             histogram=opt == "Adam" and c == 1.0 and seed == 0 and factor == 1.0,
         )
@@ -149,13 +145,9 @@ def _scales_of(opt: Any) -> torch.Tensor | None:
 
 def run(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
     cfg = spec.config
-    data = _data(cfg, ctx)
-    device = ctx.device
-    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
-    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
-    n = len(y_train)
-    steps_per_epoch = n // BATCH
-    model = build_classifier(cfg["model"], data.input_shape, data.n_classes).to(device)
+    data = _data(cfg, ctx).to(ctx.device)
+    steps_per_epoch = len(data.y_train) // BATCH
+    model = build_classifier(cfg["model"], data.input_shape, data.n_classes).to(ctx.device)
     opt = make_optimizer(cfg, model.parameters())
     gen = torch.Generator().manual_seed(3000 + spec.seed)  # same batches with and without CProp
     eval_every = max(1, steps_per_epoch // cfg["evals_per_epoch"])
@@ -166,8 +158,8 @@ def run(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
 
     def snapshot() -> dict[str, float]:
         row: dict[str, float] = {}
-        row["train_loss"], _ = evaluate_classifier(model, x_train, y_train)
-        row["test_loss"], row["test_error"] = evaluate_classifier(model, x_test, y_test)
+        row["train_loss"], _ = evaluate_classifier(model, data.x_train, data.y_train)
+        row["test_loss"], row["test_error"] = evaluate_classifier(model, data.x_test, data.y_test)
         scales = _scales_of(opt)
         if scales is not None and scales.numel():
             row["mean_scale"] = float(scales.mean())
@@ -187,25 +179,13 @@ def run(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
             log.step(step=step, **{**dict.fromkeys(columns, math.nan), **values})
 
         record(0, epoch=0.0, **snapshot())
-        step = 0
-        for _ in range(cfg["epochs"]):
-            perm = torch.randperm(n, generator=gen).to(device)
-            for b in range(steps_per_epoch):
-                idx = perm[b * BATCH : (b + 1) * BATCH]
-                loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                values = {"epoch": step / steps_per_epoch, "loss": float(loss.detach())}
-                if step % eval_every == 0:
-                    values.update(snapshot())
-                if cfg["histogram"] and step % hist_every == 0:
-                    histogram(step)
-                record(step, **values)
-                if step % 25 == 0:
-                    ctx.advance(25)
-        ctx.advance(step % 25)
+        for step, loss in minibatch_steps(model, opt, data, ctx, BATCH, cfg["epochs"], gen):
+            values = {"epoch": step / steps_per_epoch, "loss": float(loss.detach())}
+            if step % eval_every == 0:
+                values.update(snapshot())
+            if cfg["histogram"] and step % hist_every == 0:
+                histogram(step)
+            record(step, **values)
     rows = log.history
     last = [r for r in rows if math.isfinite(r["train_loss"])][-1]  # the last evaluation
     losses = np.asarray([r["loss"] for r in rows][1:])

@@ -15,8 +15,9 @@ from steadystep.experiments._common import (
     band_plot,
     boxcar,
     claim,
+    figure_markdown,
+    finish_panel,
     fmt,
-    mark_overlaps,
     markdown_table,
     mean_std,
     plt,
@@ -364,13 +365,15 @@ def figures(summary: dict[str, Any], records: list[dict[str, Any]], run_dir: Pat
             if curves and x is not None:
                 drawn[alg] = band_plot(ax, x, curves, alg, cmap(k))
         # SALeRA without an alarm runs exactly as ALeRA: say so where one hides the other
-        notes += [f"{model}: {n}" for n in mark_overlaps(ax, drawn)]
-        ax.set_title(f"{model}: best setting per algorithm", fontsize=9)
-        ax.set_xlabel("epoch", fontsize=8)
-        ax.set_ylabel("test error (%)", fontsize=8)
-        ax.tick_params(labelsize=7)
-        if drawn:  # a partial run may have no curve in a panel yet
-            ax.legend(fontsize=6, loc="upper right")
+        notes += finish_panel(
+            ax,
+            drawn,
+            model,
+            title=f"{model}: best setting per algorithm",
+            xlabel="epoch",
+            ylabel="test error (%)",
+            legend={"fontsize": 6, "loc": "upper right"},
+        )
     summary.setdefault("figure_notes", {})["salera_test_error"] = notes
     fig.tight_layout()
     out.append(save(fig, run_dir / "figures" / "salera_test_error.png"))
@@ -454,11 +457,7 @@ def markdown(summary: dict[str, Any], figs: list[str], run_dir: Path) -> str:
             ),
             "",
         ]
-    for fpath in figs:
-        lines += [f"![{Path(fpath).stem}]({Path(fpath).relative_to(run_dir).as_posix()})", ""]
-        notes = summary.get("figure_notes", {}).get(Path(fpath).stem)
-        if notes:
-            lines += ["*Overlapping curves: " + "; ".join(notes) + ".*", ""]
+    lines += figure_markdown(summary, figs, run_dir)
     return "\n".join(lines)
 
 

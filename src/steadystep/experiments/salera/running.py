@@ -12,12 +12,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from steadystep.experiments._common import (
+    classification_config,
     classification_data,
     classifier_flops,
     evaluate_classifier,
+    minibatch_steps,
 )
 from steadystep.experiments.datasets import ClassificationData
 from steadystep.experiments.models import build_classifier
@@ -117,9 +118,7 @@ def hp_id(hp: dict[str, Any]) -> str:
 
 def plan(settings: Settings) -> list[RunSpec]:
     s = SCALES[settings.scale]
-    dataset = settings.dataset or ("mnist" if settings.scale == "paper" else "mnist1d")
-    if dataset == "crops":
-        raise ValueError("the salera experiment needs a classification dataset, not 'crops'")
+    shared = classification_config(name, settings, s, "mnist") | {"early_epoch": s["early"]}
     seeds = settings.seeds or s["seeds"]
     grid = _grid(settings.scale)
     specs = []
@@ -127,16 +126,7 @@ def plan(settings: Settings) -> list[RunSpec]:
         for alg in ALGORITHMS:
             for hp in grid[alg]:
                 for seed in range(seeds):
-                    config = dict(
-                        model=model,
-                        algorithm=alg,
-                        hp=hp,
-                        epochs=s["epochs"],
-                        early_epoch=s["early"],
-                        dataset=dataset,
-                        n_train=s["n_train"],
-                        evals_per_epoch=s["evals"],
-                    )
+                    config = dict(**shared, model=model, algorithm=alg, hp=hp)
                     run_id = f"{model}-{alg}-{hp_id(hp)}-s{seed}"
                     weight = {"M0": 0.3, "M2": 1.0, "M2b": 1.3, "M4": 3.0}[model]
                     steps = s["epochs"] * 100  # 1% mini-batches: 100 steps per epoch
@@ -219,14 +209,11 @@ def _alarms(opt: Any) -> float:
 
 def run(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
     cfg = spec.config
-    data = _data(cfg, ctx)
-    device = ctx.device
-    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
-    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
-    n = len(y_train)
+    data = _data(cfg, ctx).to(ctx.device)
+    n = len(data.y_train)
     bs = _batch_size(n)
     steps_per_epoch = n // bs
-    model = build_classifier(cfg["model"], data.input_shape, data.n_classes).to(device)
+    model = build_classifier(cfg["model"], data.input_shape, data.n_classes).to(ctx.device)
     opt = make_optimizer(cfg["algorithm"], model, cfg["hp"], rho=bs / n)
     is_ss = type(opt).__module__.startswith("steadystep")
     gen = torch.Generator().manual_seed(2000 + spec.seed)  # same batches for every algorithm
@@ -243,30 +230,18 @@ def run(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
             log.step(step=step, **row)
             return row
 
-        tl0, err0 = evaluate_classifier(model, x_test, y_test)
+        tl0, err0 = evaluate_classifier(model, data.x_test, data.y_test)
         record(0, epoch=0.0, test_error=err0, test_loss=tl0)
-        step = 0
-        for epoch in range(cfg["epochs"]):
-            perm = torch.randperm(n, generator=gen).to(device)
-            for b in range(steps_per_epoch):
-                idx = perm[b * bs : (b + 1) * bs]
-                loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if is_ss:
-                    opt.step(loss=loss.detach())
-                else:
-                    opt.step()
-                step += 1
-                values = {"epoch": step / steps_per_epoch, "loss": float(loss.detach())}
-                if step % eval_every == 0 or b == steps_per_epoch - 1:
-                    test_loss, test_error = evaluate_classifier(model, x_test, y_test)
-                    values.update(test_loss=test_loss, test_error=test_error, alarms=_alarms(opt))
-                row = record(step, **values)
-                if step % 25 == 0:
-                    ctx.advance(25)
-            errors_at[epoch + 1] = row["test_error"]
-        ctx.advance(step % 25)
+        steps = minibatch_steps(model, opt, data, ctx, bs, cfg["epochs"], gen, pass_loss=is_ss)
+        for step, loss in steps:
+            epoch_end = step % steps_per_epoch == 0
+            values = {"epoch": step / steps_per_epoch, "loss": float(loss.detach())}
+            if step % eval_every == 0 or epoch_end:
+                test_loss, test_error = evaluate_classifier(model, data.x_test, data.y_test)
+                values.update(test_loss=test_loss, test_error=test_error, alarms=_alarms(opt))
+            row = record(step, **values)
+            if epoch_end:
+                errors_at[step // steps_per_epoch] = row["test_error"]
     rows = log.history
     final_epoch = cfg["epochs"]
     early = min(cfg["early_epoch"], final_epoch)
