@@ -257,8 +257,11 @@ class _HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("fused", ["1", "0"], ids=["kernel", "torch"])
 @pytest.mark.parametrize("name", NAMES)
-def test_update_reads_nothing_on_the_host(name):
+def test_update_reads_nothing_on_the_host(name, fused, monkeypatch):
+    # fused=0: the torch path of the window detectors (the CUDA path) on the CPU too
+    monkeypatch.setenv("STEADYSTEP_FUSED", fused)
     det = PAIRS[name][0](torch.float32)
     seq = sequence("spiky", n=60, seed=3)
     losses = [torch.tensor(x) for x, _ in seq]
@@ -274,6 +277,62 @@ def test_update_reads_nothing_on_the_host(name):
         grads = [torch.randn(3, 4), torch.randn(5)]
         global_grad_norm(grads)
     assert reads.count == 0
+
+
+WINDOW_NAMES = [n for n in NAMES if n.startswith(("rolling", "spike"))]
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _window_state(det) -> dict[str, torch.Tensor]:
+    return {**det._tensors(), **{f"before.{k}": v for k, v in det._before.items()}}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["random", "spiky", "diverging"])
+@pytest.mark.parametrize("name", WINDOW_NAMES)
+def test_the_cpu_kernel_updates_like_the_torch_reference(name, kind, dtype, monkeypatch):
+    """Note [the detector kernel]: the window detectors' C update, revert and reset against
+    their torch code (``STEADYSTEP_FUSED=0``), on losses of three dtypes, with and without the
+    gradient norm and ``skip``: the same alarms and counters, statistics within the order of
+    a sum (an ulp), and the kernel's update one dispatched op (its alarm tensor)."""
+    fast, slow = PAIRS[name][0](dtype), PAIRS[name][0](dtype)
+    rng = random.Random(WINDOW_NAMES.index(name))
+    loss_dtypes = (torch.float32, torch.float64, torch.bfloat16)
+    alarms = []
+    for step, (loss, norm) in enumerate(sequence(kind, n=300, seed=5)):
+        x = torch.tensor(loss, dtype=loss_dtypes[step % 3])
+        g = None if step % 5 == 0 else torch.tensor(norm, dtype=loss_dtypes[step % 2])
+        skip = torch.tensor(rng.random() < 0.1) if step % 2 else None
+        mask = torch.tensor(rng.random() < 0.5)
+        for det, fused in ((fast, "1"), (slow, "0")):
+            monkeypatch.setenv("STEADYSTEP_FUSED", fused)
+            with _Ops() as ops:
+                alarm = det.update(x, grad_norm=g, skip=skip)
+            if fused == "1" and step:  # past the first step's buffers
+                assert ops.count == 1
+            alarms.append(alarm)
+            if step % 7 == 3:
+                det.revert(mask)
+            if step % 23 == 11:
+                det.reset(mask)
+        assert torch.equal(alarms[-2], alarms[-1]), step
+        a, b = _window_state(fast), _window_state(slow)
+        for key, value in a.items():
+            if value.is_floating_point():
+                torch.testing.assert_close(value, b[key], rtol=1e-6, atol=0, equal_nan=True)
+            else:
+                assert torch.equal(value, b[key]), (step, key)
+    if kind == "spiky":
+        assert any(bool(a) for a in alarms)
 
 
 # --------------------------------------------------------------------------------------------

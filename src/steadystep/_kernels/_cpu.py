@@ -36,7 +36,13 @@ from steadystep._kernels.layout import ALERA_HYPER_FIELDS, CPROP_HYPER_FIELDS
 __all__ = ["AleraHyper", "Hyper", "cache_dir", "library"]
 
 _HERE = Path(__file__).resolve().parent
-_SOURCES = (_HERE / "kernels_cprop.c", _HERE / "kernels_alera.c", _HERE / "kernels_rollback.c")
+_SOURCES = (
+    _HERE / "kernels_cprop.c",
+    _HERE / "kernels_alera.c",
+    _HERE / "kernels_rollback.c",
+    _HERE / "kernels_detect.c",
+    _HERE / "kernels_ladder.c",
+)
 _HEADERS = (_HERE / "kernels_common.h",)
 _FLAGS = (
     "-O3",
@@ -209,7 +215,14 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         c_int,
     ]
     lib.ss_rollback.argtypes = [i64, p, p, p, p, p, c_int]
+    # the state, the copies revert() restores, the counters, loss, grad_norm, skip, hyper, alarm
+    window = [*[p] * 11, p, c_int, p, c_int, p, p, p]
+    lib.ss_window_update_float.argtypes = window
+    lib.ss_window_update_double.argtypes = window
     exported = ("ss_grads_ok", "ss_adam", "ss_sgd", "ss_wrap_before", "ss_wrap_after", "ss_alera")
-    for name in (*exported, "ss_rollback"):
+    windows = ("ss_window_update_float", "ss_window_update_double")
+    # the flags, the two values with their dtype codes, the 12 state tensors, hyper, 5 outputs
+    lib.ss_ladder_step.argtypes = [p, p, p, c_int, p, c_int, *[p] * 12, p, *[p] * 5]
+    for name in (*exported, "ss_rollback", *windows, "ss_ladder_step"):
         getattr(lib, name).restype = c_int
     return lib

@@ -13,6 +13,8 @@ __all__ = ["gradient_limit", "stats_dtype"]
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of statistics kept for parameters of ``dtype``: float32 for 16-bit floats (a
     multiplier step of ``exp(3e-6)`` or an EMA increment vanishes in bfloat16)."""
+    if dtype is torch.float32 or dtype is torch.bfloat16 or dtype is torch.float16:
+        return torch.float32  # without a dispatch: this runs for every tensor list every step
     return torch.promote_types(dtype, torch.float32)
 
 

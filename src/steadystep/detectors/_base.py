@@ -77,6 +77,13 @@ class Detector:
         """``(change, new_state)`` for one finite observation, without writing ``self``."""
         raise NotImplementedError
 
+    def _fused_update(
+        self, loss: Any, grad_norm: Any, skip: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The whole :meth:`update` in one kernel call where a subclass has one for these
+        inputs (its alarm), else None: the torch code below runs."""
+        return None
+
     def _observes(self, loss: torch.Tensor) -> torch.Tensor | None:
         """Where False (0-d bool), a finite ``loss`` is tested but not observed: no alarm, no
         statistic or counter changes (PageHinkleyPaper: a 0 before its threshold is set).
@@ -204,6 +211,9 @@ class Detector:
         detectors that do not watch it); ``skip`` (0-d bool) makes the observation of a finite
         loss a no-op where True (see the module docstring).
         """
+        fused = self._fused_update(loss, grad_norm, skip)
+        if fused is not None:
+            return fused
         if isinstance(loss, torch.Tensor) and loss.device != self.device:
             self._to(loss.device)
         x = self._scalar(loss, "loss")

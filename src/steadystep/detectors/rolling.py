@@ -26,6 +26,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from steadystep._distributed import is_distributed
+from steadystep._kernels.decision import WindowSettings, masked_copy_, settings, window_update
 from steadystep._validation import check_positive
 from steadystep.detectors._base import Detector
 
@@ -96,6 +98,78 @@ class WindowPair(Detector):
             new.update(grad_norm_window=g_window, grad_norm_count=g_count + 1)
         return change, new
 
+    # -- the CPU kernel (Note [the detector kernel] in _kernels/kernels_detect.c) ---------------
+    def _kernel_hyper(self) -> WindowSettings | None:
+        """The kernel's settings for this detector's test, or None: a subclass with a test of
+        its own takes the torch path."""
+        return None
+
+    def _fused_update(
+        self, loss: Any, grad_norm: Any, skip: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """:meth:`Detector.update` in one kernel call on the CPU (Note [the detector kernel])."""
+        hyper = self._kernel_hyper()
+        if (
+            hyper is None
+            or not isinstance(loss, torch.Tensor)
+            or loss.numel() != 1
+            or not (grad_norm is None or isinstance(grad_norm, torch.Tensor))
+            or (grad_norm is not None and grad_norm.numel() != 1)
+            or (skip is not None and skip.numel() != 1)
+            or self.device.type != "cpu"
+            or (self.reduce_over_ranks and is_distributed())
+        ):
+            return None
+        state = [getattr(self, name) for name in self._STATE]
+        return window_update(
+            state,
+            self._kernel_before(state),
+            (self.observations, self.alarms, self.last_loss),
+            loss,  # read by the kernel, never written: no detach needed
+            grad_norm,
+            skip,
+            hyper,
+        )
+
+    def _kernel_before(self, state: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The tensors the kernel copies the state into before an update (what :meth:`revert`
+        restores), made once per set of state tensors rather than cloned every step."""
+        key = tuple((t.shape, t.dtype, t.device) for t in state)
+        kept = getattr(self, "_kept_before", None)
+        if kept is None or kept[0] != key:
+            kept = (key, {n: torch.empty_like(t) for n, t in zip(self._STATE, state, strict=True)})
+            self._kept_before = kept
+        self._before = kept[1]
+        return list(kept[1].values())
+
+    def revert(self, mask: torch.Tensor) -> None:
+        before = getattr(self, "_before", None)
+        if before is not None:
+            live = [getattr(self, name) for name in before]
+            if masked_copy_(live, list(before.values()), mask.to(live[0].device)):
+                return
+        super().revert(mask)
+
+    def reset(self, mask: torch.Tensor | None = None) -> None:
+        if mask is not None:
+            live = [getattr(self, name) for name in self._RESET]
+            zeros = self._kernel_zeros(live)
+            if zeros is not None and masked_copy_(live, zeros, mask.to(live[0].device)):
+                return
+        super().reset(mask)
+
+    def _kernel_zeros(self, live: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """The fresh state :meth:`reset` restores (zeros), kept for the kernel's masked copy."""
+        if type(self)._init_state is not WindowPair._init_state:
+            return None  # a subclass whose fresh state may not be zeros
+        key = tuple((t.shape, t.dtype, t.device) for t in live)
+        kept = getattr(self, "_kept_zeros", None)
+        if kept is None or kept[0] != key:
+            fresh = self._init_state(live[0].device)
+            kept = (key, [fresh[name] for name in self._RESET])
+            self._kept_zeros = kept
+        return kept[1]
+
     def _signal_stats(self) -> Iterator[tuple[str, torch.Tensor, tuple[torch.Tensor, ...]]]:
         """``(signal, count, statistics)`` of each signal: what :meth:`_test` says besides the
         change, for the value at the window's first slot."""
@@ -156,6 +230,12 @@ class RollingZScore(WindowPair):
         self, signal: str, window: torch.Tensor, count: torch.Tensor, x: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
         return window_test(window, count, x, sigma=self.sigma, warmup=self.warmup)
+
+    def _kernel_hyper(self) -> WindowSettings | None:
+        if type(self)._test is not RollingZScore._test:
+            return None
+        # sigma, warmup_factor (none), scale_floor (none), size, warmup, clip
+        return settings(WindowSettings, self.sigma, 0.0, 0.0, self.window, self.warmup, False)
 
     def stats(self) -> dict[str, torch.Tensor]:
         """0-d tensors: mean and std of each window, the counts, alarms."""

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from steadystep._kernels.decision import WindowSettings, settings
 from steadystep._validation import check_positive
 from steadystep.detectors.rolling import WindowPair, _check_int
 
@@ -146,6 +147,12 @@ class SpikeDetector(WindowPair):
         return clipped_window_test(
             window, count, x, sigma=self.sigma, warmup=self.warmup, warmup_factor=factor
         )
+
+    def _kernel_hyper(self) -> WindowSettings | None:
+        if type(self)._test is not SpikeDetector._test:
+            return None
+        hp = (self.sigma, self.warmup_factor, SCALE_FLOOR, self.window, self.warmup, True)
+        return settings(WindowSettings, *hp)
 
     def stats(self) -> dict[str, torch.Tensor]:
         """0-d tensors: the threshold each signal's next value is tested against, the counts,
