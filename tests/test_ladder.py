@@ -15,8 +15,10 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import steadystep as ss
+from steadystep._guard_decision import decide_step, reference_step
 from steadystep.ladder import NORMAL, PlainLadder, decide, rescale
 
 # -- the functional core against its plain restatement ---------------------------------------
@@ -114,6 +116,70 @@ def _train(
             opt.step()
         if scheduler is not None:
             scheduler.step()
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _guard_state(guard: ss.CatastropheGuard) -> dict[str, torch.Tensor]:
+    names = ("phase", "waited", "lr_scale", "episode_scale", "calm", "alarms", "rollbacks")
+    names += ("skips", "level_shifts", "steps", "history_step", "history_loss")
+    return {name: getattr(guard, name) for name in names}
+
+
+@pytest.mark.parametrize("loss_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"response": "rollback", "recover_every": None},
+        {"backtrack": False, "accept_after": 1, "recover_every": 3},
+        {"lr_factor": 0.3, "accept_after": 2, "recover_every": 4},
+    ],
+    ids=["defaults", "rollback", "no-backtrack", "short"],
+)
+def test_the_cpu_ladder_kernel_decides_like_the_torch_reference(settings, loss_dtype):
+    """Note [the ladder kernel]: random alarms (bursts, non-finite losses, skipped non-finite
+    gradients, calm stretches that give cuts back, more than 64 alarms so the history ring
+    wraps): the kernel's decision, factor and the guard state it writes equal the torch
+    reference's bitwise, and the kernel dispatches no torch operation."""
+    settings = {"recover_every": 5, **settings}
+    rng = random.Random(len(settings))
+    model = torch.nn.Linear(2, 1)
+    fast = ss.CatastropheGuard(torch.optim.SGD(model.parameters(), lr=0.1), **settings)
+    slow = copy.deepcopy(fast)
+    for det in (fast.detector, slow.detector):
+        det.last_loss = det.last_loss.to(loss_dtype)
+    for step in range(600):
+        burst = step % 40 < 6
+        alarm = torch.tensor(rng.random() < (0.8 if burst else 0.03))
+        bad_grads = torch.tensor(rng.random() < 0.05)
+        value = math.nan if rng.random() < 0.05 else rng.uniform(0.1, 3.0) * 10 ** (step % 7)
+        observed = torch.tensor(value, dtype=loss_dtype)
+        fast.detector.last_loss.fill_(value)
+        slow.detector.last_loss.fill_(value)
+        with _Ops() as ops:
+            got = decide_step(fast, alarm, observed, bad_grads)
+        if step:  # past the first step's scratch tensors
+            assert ops.count == 0
+        want = reference_step(slow, alarm, observed, bad_grads, slow.detector.last_loss)
+        (decision, factor, revert), (ref_decision, ref_factor, ref_revert) = got, want
+        for name in ("update", "rollback", "cut", "accept"):
+            assert torch.equal(getattr(decision, name), getattr(ref_decision, name)), (step, name)
+        assert torch.equal(factor, ref_factor) and torch.equal(revert, ref_revert), step
+        for name, value in _guard_state(fast).items():
+            torch.testing.assert_close(
+                value, getattr(slow, name), rtol=0, atol=0, equal_nan=True, msg=(step, name)
+            )
+    stats = fast.stats()
+    assert int(stats["alarms"]) > 64 and int(stats["level_shifts"]) + int(stats["rollbacks"]) > 0
 
 
 def test_a_task_switch_is_accepted_as_a_change_of_level():

@@ -61,6 +61,7 @@ from torch.optim import Optimizer
 
 from steadystep._distributed import mean_over_ranks
 from steadystep._guard_checkpoint import GuardCheckpoint
+from steadystep._guard_decision import HISTORY, decide_step
 from steadystep._guard_report import check_min_lr, report
 from steadystep._tensors import gradient_stats, stored_real_values
 from steadystep._validation import (
@@ -82,12 +83,15 @@ from steadystep.compose.wrapper import (
 from steadystep.detectors import SpikeDetector
 from steadystep.detectors.protocol import ChangeDetector, as_detector
 from steadystep.escalation import Escalation, TrainingDiverged
-from steadystep.ladder import NORMAL, RESPONSES, Decision, decide, rescale
+from steadystep.ladder import RESPONSES, Decision
 from steadystep.snapshot import ROLLBACKS, Snapshot, state_tensors
 
 __all__ = ["CatastropheGuard", "TrainingDiverged"]
 
-_HISTORY = 64  # alarms remembered for TrainingDiverged (a ring buffer on the device)
+# The guard's evolving tensors besides the detector's and the snapshot's, in its state_dict
+_COUNTERS = ("alarms", "rollbacks", "skips", "level_shifts", "steps", "lr_scale")
+_COUNTERS += ("nonfinite_grads", "phase", "calm", "waited", "episode_scale")
+_COUNTERS += ("history_step", "history_loss")
 
 
 def _missing_loss(owner: str) -> RuntimeError:
@@ -268,8 +272,8 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
         self.lr_scale = torch.ones((), dtype=torch.float64, device=device)
         self.phase, self.calm, self.waited = zeros(), zeros(), zeros()  # Note [the ladder]
         self.episode_scale = torch.ones((), dtype=torch.float64, device=device)
-        self.history_step = torch.full((_HISTORY,), -1, dtype=torch.int64, device=device)
-        self.history_loss = torch.full((_HISTORY,), math.nan, dtype=torch.float32, device=device)
+        self.history_step = torch.full((HISTORY,), -1, dtype=torch.int64, device=device)
+        self.history_loss = torch.full((HISTORY,), math.nan, dtype=torch.float32, device=device)
         buffers = list(model.buffers()) if model is not None else []
         self.snapshot = Snapshot(
             device=self.snapshot_device, full=rollback == "full", buffers=buffers
@@ -297,21 +301,7 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
 
     # -- state ------------------------------------------------------------------------------
     def _counters(self) -> dict[str, torch.Tensor]:
-        return {
-            "alarms": self.alarms,
-            "rollbacks": self.rollbacks,
-            "skips": self.skips,
-            "level_shifts": self.level_shifts,
-            "steps": self.steps,
-            "lr_scale": self.lr_scale,
-            "nonfinite_grads": self.nonfinite_grads,
-            "phase": self.phase,
-            "calm": self.calm,
-            "waited": self.waited,
-            "episode_scale": self.episode_scale,
-            "history_step": self.history_step,
-            "history_loss": self.history_loss,
-        }
+        return {name: getattr(self, name) for name in _COUNTERS}
 
     def stats(self, *, include_optimizer: bool = True) -> dict[str, torch.Tensor]:
         """Telemetry as 0-d tensors, no host sync (a Monitor writes ``<component>/<key>``):
@@ -416,57 +406,27 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
         alarm = self.detector.update(
             observed, grad_norm=grad_norm if self.detector.needs_grad_norm else None, skip=bad_grads
         ).to(self.alarms.device)
-        # History records the loss the detector tested: under torch.distributed the rank mean.
-        loss_t = self.detector.last_loss
-        finite = torch.isfinite(torch.as_tensor(observed)).to(alarm.device)
-        decision = decide(
-            alarm,
-            finite,
-            self.phase,
-            self.waited,
-            response=self.response,
-            accept_after=self.accept_after,
-        )
-        if self.escalation is not None:  # Note [escalation]
-            decision = self.escalation.amend(decision, alarm, self.phase, self.steps, loss_t)
         bad_grads = bad_grads.to(alarm.device)
         self.last_step_skipped = bad_grads  # read by Stabilized (ALRC's moments)
-        factor, episode_scale, calm = rescale(
-            decision,
-            starts=alarm & (self.phase == NORMAL),
-            lr_scale=self.lr_scale,
-            episode_scale=self.episode_scale,
-            calm=self.calm,
-            lr_factor=self.lr_factor,
-            recover_every=self.recover_every,
-        )
-        # A step the detector did not observe (non-finite gradients) is no evidence: the
-        # episode, the calm count and the scale stay as they were.
-        unseen = bad_grads & ~alarm
-        phase = torch.where(unseen, self.phase, decision.phase)
-        calm = torch.where(unseen, self.calm, calm)
-        factor = torch.where(unseen, torch.ones_like(factor), factor)
+        # The ladder's decision, the scale's factor (applied to lr_scale), and the phase, counts
+        # and history written; the history keeps the loss the detector tested (under
+        # torch.distributed the rank mean). One C call on the CPU (Note [the ladder kernel]).
+        decision, factor, revert = decide_step(self, alarm, observed, bad_grads)
         if self.backtrack:
             self.snapshot.track(params, self.optimizer)
-        self.lr_scale.mul_(factor)
         if self._scales_itself:
             self._maskable.scale_lr_(factor)  # Note [the learning-rate scale]
         if self.response == "ladder":
             # A skipped batch or rolled-back weights are not the run's level: the next loss is
             # tested against the band from before the trouble. The last rung accepts the new
             # level: the detector restarts from it.
-            self.detector.revert(alarm & ~decision.accept)
+            self.detector.revert(revert)
             self.detector.reset(decision.accept)
         cut = False
         if self._device_side:
             self._device_step(decision, bad_grads, found_finite)
         else:
             cut = self._host_step(decision, bad_grads)
-        self.phase.copy_(phase)
-        self.waited.copy_(torch.where(unseen, self.waited, decision.waited))
-        self.episode_scale.copy_(episode_scale)
-        self.calm.copy_(calm)
-        self._record(alarm, loss_t, decision)
         _bookkeeping(self, cut)
         return loss if closure is None else result
 
@@ -563,21 +523,6 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
         with applied_lr(self.optimizer, scale):
             self.optimizer.step()
         return False
-
-    def _record(self, alarm: torch.Tensor, loss: torch.Tensor, decision: Decision) -> None:
-        """Counters and the alarm ring buffer, written with masks (no host sync)."""
-        index = (self.alarms % _HISTORY).view(1)
-        old_step = self.history_step.gather(0, index)
-        old_loss = self.history_loss.gather(0, index)
-        loss = loss.to(device=old_loss.device, dtype=old_loss.dtype).reshape(1)
-        self.history_step.scatter_(0, index, torch.where(alarm, self.steps, old_step))
-        self.history_loss.scatter_(0, index, torch.where(alarm, loss, old_loss))
-        self.alarms.add_(alarm.long())
-        if self.backtrack:
-            self.rollbacks.add_(decision.rollback.long())
-        self.skips.add_((alarm & ~decision.rollback & ~decision.accept).long())
-        self.level_shifts.add_(decision.accept.long())
-        self.steps.add_(1)
 
     def _applied_max_lr(self) -> torch.Tensor:
         """The largest applied learning rate (0-d, on the device; no host read)."""
