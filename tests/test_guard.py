@@ -310,8 +310,11 @@ def test_guard_delegates_and_composes_with_a_scheduler():
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in stats.values())
 
 
-def test_device_path_makes_no_host_read(monkeypatch):
+@pytest.mark.parametrize("fused", ["1", "0"], ids=["kernels", "torch"])
+def test_device_path_makes_no_host_read(monkeypatch, fused):
     # CPU stand-in for the CUDA sync check: any host read in a steady-state step raises.
+    # fused=0: the torch paths (the CUDA path of the detector and the ladder) on the CPU too.
+    monkeypatch.setenv("STEADYSTEP_FUSED", fused)
     model = make_model()
     for kind in ("salera", "spalera", "agadam", "cpropadamw", "adam_fused"):
         opt = build(kind, model)
