@@ -125,6 +125,8 @@ def test_guard_rolls_back_the_spike_and_alrc_clips_it(trained):
     rows = {r["step"]: r for r in trainer.monitor.history}
     assert rows[SPIKE_STEP + 1]["alrc/clipped_fraction"] == 1.0  # Monitor steps are 1-based
     assert rows[SPIKE_STEP]["alrc/clipped_fraction"] < 1.0
+    # the guard watched the raw loss (the spike of +100 per sample), not ALRC's clipped one
+    assert guard.history()[0]["loss"] > 100.0
 
 
 def test_scheduler_did_not_advance_on_the_skipped_step_and_kept_the_cut(trained):

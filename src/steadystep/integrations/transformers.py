@@ -323,7 +323,8 @@ class SteadystepTrainer(Trainer):
             self.alrc.train(model.training)  # eval: identity, and the moments stay put
             loss = self.alrc(per_sample).mean()
             if model.training:
-                self._feed(loss)
+                # the guard watches the raw loss (Note [the guard watches the raw loss])
+                self._feed(per_sample.detach().mean())
         return (loss, outputs) if return_outputs else loss
 
     def _feed(self, loss: Tensor) -> None:
