@@ -89,6 +89,35 @@ def basin(
     return best
 
 
+def past_the_edge(
+    results: dict[str, Any], key: str, entry: dict[str, Any], arm: str = "stabilize"
+) -> dict[str, Any] | None:
+    """``arm``'s runs at the grid's next lr above plain's best (x3.2 on the half-decade grid),
+    where plain's basin ends on these runs: how many raised no alarm (a quiet guarded run is
+    the plain run, bitwise) and how far those quiet runs ended from the best any arm reached
+    (relative, signed so that + is better; None when none of them has a metric)."""
+    task, opt, schedule, event = _key(key)
+    best, top = entry["plain_best_lr"], entry["best_any_arm"]
+    higher = results["tasks"][task]["higher_is_better"]
+    grid = sorted(float(lr) for lr in entry["arms"].get(arm, {}).get("lrs", {}))
+    above = [lr for lr in grid if best is not None and lr > best * 1.0001]
+    if not above or top is None:
+        return None
+    lr = above[0]
+    runs = [
+        r
+        for r in results["runs"]
+        if (r["task"], r["optimizer"], r["schedule"], r["event"], r["arm"])
+        == (task, opt, schedule, event, arm)
+        and math.isclose(r["lr"], lr, rel_tol=1e-6)
+    ]
+    quiet = [r for r in runs if r["stats"].get("alarms", 0.0) == 0]
+    metrics = [r["metric"] for r in quiet if r["metric"] is not None]
+    sign = 1.0 if higher else -1.0
+    gap = sign * (statistics.fmean(metrics) - top) / abs(top) if metrics else None
+    return {"lr": lr, "factor": lr / best, "runs": len(runs), "quiet": len(quiet), "gap": gap}
+
+
 def relative_gain(
     arm: dict[int, Any], plain: dict[int, Any], higher: bool
 ) -> tuple[float | None, float | None, int]:
@@ -269,6 +298,7 @@ def tables(results: dict[str, Any]) -> str:
     ]
 
     header = ["task", "optimizer", "schedule", "plain", *arms, "recipe / plain"]
+    header.append("recipe at the next lr: quiet runs, their gap")
     rows = []
     for key, entry in clean:
         task, opt, schedule, _ = _key(key)
@@ -277,12 +307,22 @@ def tables(results: dict[str, Any]) -> str:
         if b.get("stabilize") is not None and b.get("plain"):
             r = b["stabilize"] / b["plain"]
             ratio = f"{r:.1f}" + (" (>= 3)" if r >= TARGET_BASIN else "")
-        rows.append([labels[task], opt, schedule, *[_basin(b[a]) for a in ["plain", *arms]], ratio])
+        edge = past_the_edge(results, key, entry) if "stabilize" in arms else None
+        past = "-"
+        if edge is not None:
+            gap = "-" if edge["gap"] is None else f"{100 * edge['gap']:+.1f}%"
+            past = f"x{edge['factor']:.2g}: {edge['quiet']}/{edge['runs']}, {gap}"
+        rows.append(
+            [labels[task], opt, schedule, *[_basin(b[a]) for a in ["plain", *arms]], ratio, past]
+        )
     out += [
         "",
         f"**Basin**: the widest range (max lr / min lr) of consecutive lrs on the grid whose "
         f"mean final metric is within {100 * TOLERANCE:.0f}% (relative) of the best any arm "
-        "reached on that task, optimizer and schedule (1.0x: a single lr; none: no lr):",
+        "reached on that task, optimizer and schedule (1.0x: a single lr; none: no lr). The "
+        "last column takes the recipe's runs at the next lr above plain's best: how many "
+        "raised no alarm (a quiet guarded run is the plain run, bitwise) and how far those "
+        "ended from the best (relative, + is better):",
         "",
         _table(header, rows),
     ]
@@ -465,10 +505,24 @@ def headline(results: dict[str, Any]) -> str:
             f"{at_best['runs']} runs."
         )
     if n:
+        edges = [
+            e
+            for key, entry in summary.items()
+            if _key(key)[3] == "none"
+            for e in [past_the_edge(results, key, entry)]
+            if e is not None
+        ]
+        quiet = sum(e["quiet"] for e in edges)
+        total = sum(e["runs"] for e in edges)
+        outside = sum(e["gap"] is not None and e["gap"] < -TOLERANCE for e in edges)
         text += (
             f" Its basin (the learning rates within {100 * TOLERANCE:.0f}% of the best) is at "
-            f"least {TARGET_BASIN:.0f}x as wide as plain's in {wider} of {n} cells: on runs "
-            "that do not break, the protection is about costing nothing, not about a wider "
-            "basin ([docs/clean.md](docs/clean.md))."
+            f"least {TARGET_BASIN:.0f}x as wide as plain's in {wider} of {n} cells. At the "
+            f"next learning rate above plain's best, {quiet} of the recipe's {total} runs "
+            f"raised no alarm (a quiet guarded run is the plain run, bitwise), and those quiet "
+            f"runs ended more than {100 * TOLERANCE:.0f}% below the best in {outside} of "
+            f"{len(edges)} cells: runs that do not break but train worse are outside any "
+            "guard's reach, so the protection is about costing nothing there, not about a "
+            "wider basin ([docs/clean.md](docs/clean.md))."
         )
     return text + "\n"
