@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import steadystep as ss
 from steadystep.detectors import global_grad_norm
 from steadystep.detectors import reference as ref
+from tests.dispatch import CountOps
 from tests.dist_utils import run_distributed
 
 # (tensor detector, plain restatement) factories with small windows, so every phase (warm-up,
@@ -282,16 +283,6 @@ def test_update_reads_nothing_on_the_host(name, fused, monkeypatch):
 WINDOW_NAMES = [n for n in NAMES if n.startswith(("rolling", "spike"))]
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _window_state(det) -> dict[str, torch.Tensor]:
     return {**det._tensors(), **{f"before.{k}": v for k, v in det._before.items()}}
 
@@ -315,7 +306,7 @@ def test_the_cpu_kernel_updates_like_the_torch_reference(name, kind, dtype, monk
         mask = torch.tensor(rng.random() < 0.5)
         for det, fused in ((fast, "1"), (slow, "0")):
             monkeypatch.setenv("STEADYSTEP_FUSED", fused)
-            with _Ops() as ops:
+            with CountOps() as ops:
                 alarm = det.update(x, grad_norm=g, skip=skip)
             if fused == "1" and step:  # past the first step's buffers
                 assert ops.count == 1

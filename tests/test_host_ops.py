@@ -10,19 +10,9 @@ from typing import Any
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import steadystep as ss
-
-
-class _Count(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        self.calls[str(func)] += 1
-        return func(*args, **(kwargs or {}))
+from tests.dispatch import CountOps
 
 
 def _ops_per_step(layers: int, make: Callable[[torch.nn.Module], Any]) -> Counter[str]:
@@ -38,7 +28,7 @@ def _ops_per_step(layers: int, make: Callable[[torch.nn.Module], Any]) -> Counte
         backward()
         opt.step(loss=torch.tensor(1.0))
     backward()
-    with _Count() as count:
+    with CountOps() as count:
         opt.step(loss=torch.tensor(1.0))
     return count.calls
 

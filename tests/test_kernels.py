@@ -340,3 +340,69 @@ def test_the_cpu_kernels_leave_the_threads_floating_point_mode_as_they_found_it(
     assert backend(params, [p.grad for p in params]) == "cpu"  # the C kernels take this step
     ss.CPropAdamW(params, lr=1e-3).step()
     assert float(sub * 1.0) > 0  # and after it
+
+
+def test_a_copy_plan_follows_new_memory_and_starts_empty_in_a_copy():
+    """Note [copy plans]: the kept C arguments are reused only for the same tensors at the same
+    memory; new memory behind a parameter, another list or a resized tensor is checked afresh
+    (a size mismatch refuses, touching nothing), and a deepcopy's plan starts empty."""
+    import copy
+
+    from steadystep._kernels.rollback import CopyPlan, rollback_
+
+    no, yes = torch.tensor(False), torch.tensor(True)
+    live = [torch.randn(4), torch.randn(3, dtype=torch.float64)]
+    copies = [torch.empty(4), torch.empty(3, dtype=torch.float64)]
+    plan = CopyPlan()
+    assert rollback_(live, copies, no, plan=plan)  # refresh: copies <- live
+    assert all(torch.equal(c, t) for c, t in zip(copies, live, strict=True))
+    assert plan.args(live, copies) is not None
+    live[0].data = torch.randn(4)  # the same object, new memory
+    assert plan.args(live, copies) is None
+    assert rollback_(live, copies, no, plan=plan)
+    assert torch.equal(copies[0], live[0])
+    other = [torch.randn(4), torch.randn(3, dtype=torch.float64)]
+    assert rollback_(other, copies, no, plan=plan)
+    assert torch.equal(copies[1], other[1])
+    copies[0].fill_(7.0)
+    assert rollback_(other, copies, yes, plan=plan)  # restore: live <- copies
+    assert torch.equal(other[0], torch.full((4,), 7.0))
+    before = [c.clone() for c in copies]
+    other[1].data = torch.randn(5, dtype=torch.float64)  # resized: the sizes no longer match
+    assert not rollback_(other, copies, no, plan=plan)
+    assert all(torch.equal(c, b) for c, b in zip(copies, before, strict=True))
+    assert copy.deepcopy(plan).args(other, copies) is None
+
+
+def test_the_threaded_kernels_match_one_thread():
+    """Above half a million elements the C kernels split the work over threads (SS_MIN_WORK in
+    kernels_common.h): every elementwise result is bitwise what one thread computes, and the
+    gradient check's sum of squares agrees to the order of a sum."""
+    from steadystep._kernels._common import grad_stats
+    from steadystep._kernels.rollback import rollback_
+
+    threads = torch.get_num_threads()
+    shapes = [(1200, 1000), (1000,), (300, 700)]  # 1.4M elements, 5.6 MB: two ranges each
+    torch.manual_seed(0)
+    start = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
+    results = {}
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            params = [torch.nn.Parameter(t.clone()) for t in start]
+            opt = ss.CPropAdamW(params, lr=1e-2, fused=True)
+            for gs in grads:
+                for p, g in zip(params, gs, strict=True):
+                    p.grad = g.clone()
+                opt.step()
+            copies = [torch.empty_like(p) for p in params]
+            assert rollback_([p.detach() for p in params], copies, torch.tensor(False))
+            ok, sumsq = grad_stats(grads[0])
+            results[n] = ([p.detach().clone() for p in params], copies, bool(ok), float(sumsq))
+    finally:
+        torch.set_num_threads(threads)
+    (p1, c1, ok1, s1), (p2, c2, ok2, s2) = results[1], results[2]
+    assert all(torch.equal(a, b) for a, b in zip(p1, p2, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(c1, c2, strict=True))
+    assert ok1 and ok2 and s1 == pytest.approx(s2, rel=1e-12)

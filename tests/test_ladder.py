@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import steadystep as ss
 from steadystep._guard_decision import decide_step, reference_step
 from steadystep.ladder import NORMAL, PlainLadder, decide, rescale
+from tests.dispatch import CountOps
 
 # -- the functional core against its plain restatement ---------------------------------------
 
@@ -118,16 +118,6 @@ def _train(
             scheduler.step()
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _guard_state(guard: ss.CatastropheGuard) -> dict[str, torch.Tensor]:
     names = ("phase", "waited", "lr_scale", "episode_scale", "calm", "alarms", "rollbacks")
     names += ("skips", "level_shifts", "steps", "history_step", "history_loss")
@@ -165,7 +155,7 @@ def test_the_cpu_ladder_kernel_decides_like_the_torch_reference(settings, loss_d
         observed = torch.tensor(value, dtype=loss_dtype)
         fast.detector.last_loss.fill_(value)
         slow.detector.last_loss.fill_(value)
-        with _Ops() as ops:
+        with CountOps() as ops:
             got = decide_step(fast, alarm, observed, bad_grads)
         if step:  # past the first step's scratch tensors
             assert ops.count == 0

@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from steadystep import _kernels as kernels
+from steadystep._kernels.rollback import CopyPlan
 from steadystep._tensors import shards
 
 __all__ = ["ROLLBACKS", "Snapshot", "state_tensors"]
@@ -73,6 +74,7 @@ class Snapshot:
         self.state_owners: list[tuple[int, str]] = []  # (parameter index, key) of each
         self.buffer_copies = [self._copy(b) for b in self.buffers]
         self._state_size = -1  # len(optimizer.state) when self.state was gathered
+        self._plan = CopyPlan()  # the refresh's checked C arguments (Note [copy plans])
 
     def _copy(self, t: Tensor) -> Tensor:
         device = t.device if self.device is None else self.device
@@ -112,7 +114,7 @@ class Snapshot:
         """Where ``restore``: live <- copy; else, unless ``hold``: copy <- live (0-d bools, on
         the device, no host read)."""
         live, copies = self._pairs()
-        if kernels.rollback_(live, copies, restore, hold=hold):
+        if kernels.rollback_(live, copies, restore, hold=hold, plan=self._plan):
             return
         for t, c in zip(live, copies, strict=True):
             # A copy where restore, bitwise even when t holds inf/NaN (lerp-style arithmetic

@@ -17,9 +17,11 @@ import torch
 from torch import Tensor
 
 from steadystep._kernels import _cpu
-from steadystep._kernels._common import _compiling, enabled, int64s, pointers
+from steadystep._kernels._common import _compiling, enabled
+from steadystep._kernels.rollback import CopyPlan, rollback_
 
 __all__ = [
+    "CopyPlan",
     "LadderSettings",
     "WindowSettings",
     "ladder_step",
@@ -104,24 +106,18 @@ def window_update(
     return alarm
 
 
-def masked_copy_(dst: Sequence[Tensor], src: Sequence[Tensor], mask: Tensor) -> bool:
+def masked_copy_(
+    dst: Sequence[Tensor], src: Sequence[Tensor], mask: Tensor, plan: CopyPlan | None = None
+) -> bool:
     """``d <- s`` for each pair where ``mask`` (a 0-d bool CPU tensor) is True, bitwise, in one
     call (kernels_rollback.c's ``ss_rollback`` with ``hold`` set) and without reading ``mask``
-    on the host: a detector's ``revert`` and ``reset``."""
-    if mask.dtype is not torch.bool or mask.numel() != 1:
+    on the host: a detector's ``revert`` and ``reset``. ``plan`` keeps the lists' checked C
+    arguments between calls (Note [copy plans])."""
+    if mask.dtype is not torch.bool or mask.numel() != 1 or not mask.is_cpu:
         return False
-    sizes = [d.nbytes for d in dst]
-    if sizes != [s.nbytes for s in src] or any(
-        d.dtype is not s.dtype for d, s in zip(dst, src, strict=True)
-    ):
+    if not dst or not dst[0].is_cpu or _usable([]) is None:
         return False
-    lib = _usable([*dst, *src, mask])
-    if lib is None:
-        return False
-    lib.ss_rollback(
-        len(dst), pointers(dst), pointers(src), int64s(sizes), mask.data_ptr(), _TRUE.data_ptr(), 1
-    )
-    return True
+    return rollback_(dst, src, mask.reshape(()), hold=_TRUE, plan=plan)
 
 
 def ladder_step(

@@ -26,6 +26,6 @@ int ss_rollback(int64_t n, void *const *params, void *const *snapshots, const in
                 const uint8_t *alarm, const uint8_t *hold, int nthreads) {
     if (!alarm[0] && hold && hold[0]) return 0;
     rollback_ctx ctx = {params, snapshots, alarm[0] != 0};
-    parallel_over(&ctx, rollback_range, n, nbytes, nthreads);
+    parallel_over_grain(&ctx, rollback_range, n, nbytes, nthreads, SS_MIN_COPY_BYTES);
     return 0;
 }

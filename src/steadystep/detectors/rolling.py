@@ -27,7 +27,13 @@ from typing import Any, ClassVar
 import torch
 
 from steadystep._distributed import is_distributed
-from steadystep._kernels.decision import WindowSettings, masked_copy_, settings, window_update
+from steadystep._kernels.decision import (
+    CopyPlan,
+    WindowSettings,
+    masked_copy_,
+    settings,
+    window_update,
+)
 from steadystep._validation import check_positive
 from steadystep.detectors._base import Detector
 
@@ -146,7 +152,8 @@ class WindowPair(Detector):
         before = getattr(self, "_before", None)
         if before is not None:
             live = [getattr(self, name) for name in before]
-            if masked_copy_(live, list(before.values()), mask.to(live[0].device)):
+            plan = self.__dict__.setdefault("_revert_plan", CopyPlan())
+            if masked_copy_(live, list(before.values()), mask.to(live[0].device), plan):
                 return
         super().revert(mask)
 
@@ -154,7 +161,8 @@ class WindowPair(Detector):
         if mask is not None:
             live = [getattr(self, name) for name in self._RESET]
             zeros = self._kernel_zeros(live)
-            if zeros is not None and masked_copy_(live, zeros, mask.to(live[0].device)):
+            plan = self.__dict__.setdefault("_reset_plan", CopyPlan())
+            if zeros is not None and masked_copy_(live, zeros, mask.to(live[0].device), plan):
                 return
         super().reset(mask)
 
