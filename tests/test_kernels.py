@@ -406,3 +406,34 @@ def test_the_threaded_kernels_match_one_thread():
     assert all(torch.equal(a, b) for a, b in zip(p1, p2, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(c1, c2, strict=True))
     assert ok1 and ok2 and s1 == pytest.approx(s2, rel=1e-12)
+
+
+def test_a_large_rollback_copies_bitwise_with_streaming_stores():
+    """Note [streaming copies]: a call that copies 16 MB or more streams its stores; the copies
+    are bitwise in both directions, from and to tensors that do not start on a 16-byte line,
+    with sizes that are no multiple of the 64-byte block, NaN and inf included."""
+    from steadystep._kernels.rollback import rollback_
+
+    torch.manual_seed(0)
+    base = torch.randn(3_000_001)
+    live = [
+        base[1:],
+        torch.randn(2_000_003, dtype=torch.float64),
+        torch.randn(7, dtype=torch.bfloat16),
+    ]
+    live[1][5], live[1][6] = math.nan, math.inf
+    copies = [torch.empty_like(t) for t in live]
+    assert sum(t.nbytes for t in live) >= 16 << 20 and live[0].data_ptr() % 16
+    assert rollback_(live, copies, torch.tensor(False))  # refresh: copies <- live
+    assert all(
+        torch.equal(c.view(torch.uint8), t.view(torch.uint8))
+        for c, t in zip(copies, live, strict=True)
+    )
+    saved = [t.clone() for t in live]
+    for t in live:
+        t.zero_()
+    assert rollback_(live, copies, torch.tensor(True))  # restore: live <- copies
+    assert all(
+        torch.equal(t.view(torch.uint8), s.view(torch.uint8))
+        for t, s in zip(live, saved, strict=True)
+    )
