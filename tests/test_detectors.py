@@ -326,6 +326,53 @@ def test_the_cpu_kernel_updates_like_the_torch_reference(name, kind, dtype, monk
         assert any(bool(a) for a in alarms)
 
 
+def test_the_cpu_kernel_takes_only_what_it_can_index_and_the_exact_classes(monkeypatch):
+    """The kernel indexes the tensors it is given: a ``window`` setting that disagrees with the
+    windows (set by hand), a negative count from a checkpoint, or a subclass that may change
+    any hook of the shell take the torch path or its semantics, never memory outside the
+    windows."""
+    det = ss.SpikeDetector(window=4, warmup=3)
+    det.window = 64  # the setting no longer matches the tensors: the kernel reads the tensors
+    slow = copy.deepcopy(det)
+    for i in range(70):
+        x = torch.tensor(1.0 + 0.01 * i)
+        monkeypatch.setenv("STEADYSTEP_FUSED", "1")
+        a = det.update(x)
+        monkeypatch.setenv("STEADYSTEP_FUSED", "0")
+        assert torch.equal(a, slow.update(x))
+    monkeypatch.setenv("STEADYSTEP_FUSED", "1")
+    state = ss.RollingZScore(window=4, warmup=3).state_dict()
+    state["loss_count"] = torch.tensor(-3)  # a corrupted checkpoint: torch's remainder, no crash
+    fast, ref_ = ss.RollingZScore(window=4, warmup=3), ss.RollingZScore(window=4, warmup=3)
+    fast.load_state_dict(state)
+    ref_.load_state_dict(state)
+    for i in range(6):
+        x = torch.tensor(1.0 + i)
+        monkeypatch.setenv("STEADYSTEP_FUSED", "1")
+        fast.update(x)
+        monkeypatch.setenv("STEADYSTEP_FUSED", "0")
+        ref_.update(x)
+    torch.testing.assert_close(fast.loss_window, ref_.loss_window, rtol=1e-6, atol=0)
+
+    class Zeroless(ss.SpikeDetector):
+        def _observes(self, loss):
+            return loss != 0
+
+    assert Zeroless()._kernel_hyper() is None and ss.SpikeDetector()._kernel_hyper() is not None
+
+
+def test_load_state_dict_forgets_the_last_observation():
+    """A revert after a load takes back nothing from before the load."""
+    det = ss.SpikeDetector(window=8, warmup=3)
+    for x in (1.0, 1.1, 0.9, 1.0):
+        det.update(torch.tensor(x))
+    saved = det.state_dict()
+    det.update(torch.tensor(1.2))
+    det.load_state_dict(saved)
+    det.revert(torch.tensor(True))
+    _assert_same_state(saved, det.state_dict())
+
+
 # --------------------------------------------------------------------------------------------
 # State: resume, reset, copies, validation
 # --------------------------------------------------------------------------------------------

@@ -52,7 +52,9 @@ def test_nothing_outside_optim_imports_a_private_optim_module():
     assert offenders == []
 
 
-@pytest.mark.parametrize("module", ["guard", "salera", "detectors", "compose"])
+@pytest.mark.parametrize(
+    "module", ["guard", "_guard_decision", "_guard_checkpoint", "salera", "detectors", "compose"]
+)
 def test_the_guard_side_stands_on_the_contract_layer_not_on_optim_internals(module):
     """guard.py and the detectors import the contract layer (steadystep.compose), never an
     optimizer's module (SALeRA composes ALeRA by its public class)."""

@@ -182,6 +182,8 @@ class CatastropheGuard(GuardCheckpoint, OptimizerWrapper, Composable):
     optimizer run when it steps: on the host path only on steps it takes (not on alarms or
     skipped non-finite gradients); on the sync-free path every step, with ``args=()`` and
     ``kwargs={}`` (their return values are ignored there), since a masked step is still a step.
+    The guard's counters, phase and history are written at the decision, before the wrapped
+    optimizer steps: such a hook already sees this step counted in ``stats()["steps"]``.
 
     Examples:
         >>> import torch, steadystep as ss

@@ -81,9 +81,23 @@ def window_update(
     ``counters`` = (observations, alarms, last_loss); ``loss`` and ``grad_norm`` one-element
     tensors, ``skip`` a one-element bool tensor or None. Returns the alarm (a new 0-d bool
     tensor)."""
-    kind = _STATE_TYPE.get(state[0].dtype)
+    window, count, g_window, g_count = state
+    kind = _STATE_TYPE.get(window.dtype)
     values = [loss] if grad_norm is None else [loss, grad_norm]
     if kind is None or any(v.dtype not in _VALUE_CODE for v in values):
+        return None
+    # what the kernel indexes: two windows of hyper.size values of one dtype, int64 counts
+    size = hyper.size
+    if window.shape != (size,) or g_window.shape != (size,) or counters[2].numel() != 1:
+        return None
+    if g_window.dtype is not window.dtype or counters[2].dtype is not window.dtype:
+        return None
+    ints = (count, g_count, counters[0], counters[1])
+    if any(t.dtype is not torch.int64 or t.numel() != 1 for t in ints):
+        return None
+    if any(
+        b.shape != t.shape or b.dtype is not t.dtype for b, t in zip(before, state, strict=True)
+    ):
         return None
     if skip is not None and skip.dtype is not torch.bool:
         return None

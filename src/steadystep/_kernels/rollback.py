@@ -6,8 +6,8 @@ Note [copy plans]
     their copies), and checking each tensor's dtype, device and layout, then building the C
     pointer tables, cost more on the host than a small model's copy itself. A
     :class:`CopyPlan` keeps the checked tables of one pair of lists and reuses them while both
-    lists hold the same tensor objects at the same memory (each tensor's data pointer and byte
-    count); anything else (a parameter given new memory with ``p.data = ...``, a resized
+    lists hold the same tensor objects at the same memory (each tensor's data pointer, byte
+    count and dtype); anything else (a parameter given new memory with ``p.data = ...``, a resized
     tensor, a new optimizer state after a load, another list) checks and builds them afresh.
 """
 
@@ -39,7 +39,7 @@ class CopyPlan:
 
     def __init__(self) -> None:
         self._lists: tuple[tuple[Tensor, ...], tuple[Tensor, ...]] | None = None
-        self._memory: list[tuple[int, int]] = []
+        self._memory: list[tuple[int, int, Any]] = []
         self._args: tuple[Any, ...] = ()
 
     def args(self, dst: Sequence[Tensor], src: Sequence[Tensor]) -> tuple[Any, ...] | None:
@@ -49,7 +49,7 @@ class CopyPlan:
             return None
         if not all(map(operator.is_, dst, lists[0])) or not all(map(operator.is_, src, lists[1])):
             return None
-        if [(t.data_ptr(), t.nbytes) for ts in (dst, src) for t in ts] != self._memory:
+        if [(t.data_ptr(), t.nbytes, t.dtype) for ts in (dst, src) for t in ts] != self._memory:
             return None
         return self._args
 
@@ -61,7 +61,7 @@ class CopyPlan:
 
     def keep(self, dst: Sequence[Tensor], src: Sequence[Tensor], args: tuple[Any, ...]) -> None:
         self._lists = (tuple(dst), tuple(src))
-        self._memory = [(t.data_ptr(), t.nbytes) for ts in (dst, src) for t in ts]
+        self._memory = [(t.data_ptr(), t.nbytes, t.dtype) for ts in (dst, src) for t in ts]
         self._args = args
 
 

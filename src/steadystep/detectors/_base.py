@@ -160,6 +160,7 @@ class Detector:
             setattr(self, key, value)
         for key, value in loaded.items():
             setattr(self, key, value)
+        self.__dict__.pop("_before", None)  # revert() takes back no observation of before the load
 
     def revert(self, mask: torch.Tensor) -> None:
         """Where ``mask`` (0-d bool) is True, take back the last :meth:`update`'s observation:

@@ -106,8 +106,8 @@ class WindowPair(Detector):
 
     # -- the CPU kernel (Note [the detector kernel] in _kernels/kernels_detect.c) ---------------
     def _kernel_hyper(self) -> WindowSettings | None:
-        """The kernel's settings for this detector's test, or None: a subclass with a test of
-        its own takes the torch path."""
+        """The kernel's settings for this detector's test, or None: the torch path (a subclass
+        of RollingZScore or SpikeDetector takes it, whatever hooks of the shell it changes)."""
         return None
 
     def _fused_update(
@@ -240,10 +240,11 @@ class RollingZScore(WindowPair):
         return window_test(window, count, x, sigma=self.sigma, warmup=self.warmup)
 
     def _kernel_hyper(self) -> WindowSettings | None:
-        if type(self)._test is not RollingZScore._test:
+        if type(self) is not RollingZScore:  # a subclass may change any hook of the shell
             return None
+        size = self.loss_window.numel()  # the tensors' size: the kernel indexes them
         # sigma, warmup_factor (none), scale_floor (none), size, warmup, clip
-        return settings(WindowSettings, self.sigma, 0.0, 0.0, self.window, self.warmup, False)
+        return settings(WindowSettings, self.sigma, 0.0, 0.0, size, self.warmup, False)
 
     def stats(self) -> dict[str, torch.Tensor]:
         """0-d tensors: mean and std of each window, the counts, alarms."""

@@ -149,9 +149,10 @@ class SpikeDetector(WindowPair):
         )
 
     def _kernel_hyper(self) -> WindowSettings | None:
-        if type(self)._test is not SpikeDetector._test:
+        if type(self) is not SpikeDetector:  # a subclass may change any hook of the shell
             return None
-        hp = (self.sigma, self.warmup_factor, SCALE_FLOOR, self.window, self.warmup, True)
+        size = self.loss_window.numel()  # the tensors' size: the kernel indexes them
+        hp = (self.sigma, self.warmup_factor, SCALE_FLOOR, size, self.warmup, True)
         return settings(WindowSettings, *hp)
 
     def stats(self) -> dict[str, torch.Tensor]:
