@@ -9,8 +9,9 @@ over rounds of the per-round ratio. Parameter sets (CPU):
 * ``many``: 21M parameters in 292 tensors (24 transformer blocks, d=256).
 
 Each row gives the byte floor (bytes moved per parameter by the ideal fused step, over the
-baseline's), the target (1.1x the floor) and whether it is met. The floors are explained in
-docs/performance.md.
+baseline's), the target (1.1x the floor) and whether it is met; the ratio is the median over
+rounds, with the quartiles of the per-round ratios beside it (the run's spread). The floors
+are explained in docs/performance.md.
 
     PYTHONPATH=src python benchmarks/bench_speed.py            # writes results/speed.json
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -159,11 +161,14 @@ def run_set(name: str, device: torch.device, dtype: torch.dtype, repeats: int) -
     rows = {}
     for variant, base in BASELINE.items():
         ratio = paired_ratios({variant: samples[variant], base: samples[base]}, base)[variant]
+        per_round = [t / b for t, b in zip(samples[variant], samples[base], strict=True)]
+        q1, _, q3 = statistics.quantiles(per_round, n=4)
         floor = BYTES[variant] / BYTES[base]
         target = TARGET[device.type][variant]
         rows[variant] = {
             "baseline": base,
             "ratio": ratio,
+            "ratio_quartiles": [q1, q3],  # of the per-round ratios: the run's spread
             "target": target,
             "met": ratio <= target,
             "byte_floor": floor,
@@ -190,8 +195,10 @@ def table(result: dict[str, Any]) -> str:
     for variant, row in result["rows"].items():
         ms = result["median_seconds"][variant] * 1e3
         met = "yes" if row["met"] else f"no (+{row['ratio'] - row['target']:.2f}x)"
+        q1, q3 = row["ratio_quartiles"]
         lines.append(
-            f"| {variant} | {row['baseline']} | {ms:.2f} | {row['ratio']:.2f}x | "
+            f"| {variant} | {row['baseline']} | {ms:.2f} | {row['ratio']:.2f}x "
+            f"({q1:.2f}-{q3:.2f}) | "
             f"<= {row['target']}x | {met} | {row['byte_floor']:.2f}x |"
         )
     return "\n".join(lines)

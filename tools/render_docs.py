@@ -100,6 +100,12 @@ def demo_claims(results: dict[str, Any]) -> str:
     return head + "\n\n" + _table(["method", "the paper's claim", "measured", "verdict"], rows)
 
 
+def _quartiles(row: dict[str, Any]) -> str:
+    """`` (q1-q3)``: the quartiles of a ratio's per-round values, where the run kept them."""
+    quartiles = row.get("ratio_quartiles")
+    return "" if not quartiles else f" ({quartiles[0]:.2f}-{quartiles[1]:.2f})"
+
+
 def speed(results: dict[str, Any]) -> str:
     """One table per parameter set of bench_speed.py / bench_gpu.py."""
     out = [f"Measured on {_machine(results['machine'])}."]
@@ -118,7 +124,7 @@ def speed(results: dict[str, Any]) -> str:
                 variant,
                 row["baseline"],
                 f"{ms:.2f}",
-                f"{row['ratio']:.2f}x",
+                f"{row['ratio']:.2f}x" + _quartiles(row),
                 f"<= {row['target']}x",
                 "yes" if row["met"] else f"no (+{row['ratio'] - row['target']:.2f}x)",
                 f"{row['byte_floor']:.2f}x",
