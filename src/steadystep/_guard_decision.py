@@ -19,14 +19,14 @@ from steadystep._kernels.decision import LadderSettings, ladder_step, settings
 from steadystep.ladder import NORMAL, Decision, decide, rescale
 
 # ``guard`` below is a CatastropheGuard, typed Any: guard.py imports this module (no circle)
-CatastropheGuard = Any
+Guard = Any
 
 __all__ = ["HISTORY", "decide_step", "reference_step"]
 
 HISTORY = 64  # alarms remembered for TrainingDiverged (a ring buffer on the device)
 
 
-def _state(guard: CatastropheGuard) -> tuple[Tensor, ...]:
+def _state(guard: Guard) -> tuple[Tensor, ...]:
     return (
         guard.phase,
         guard.waited,
@@ -44,7 +44,7 @@ def _state(guard: CatastropheGuard) -> tuple[Tensor, ...]:
 
 
 def decide_step(
-    guard: CatastropheGuard, alarm: Tensor, observed: Tensor | float, bad_grads: Tensor
+    guard: Guard, alarm: Tensor, observed: Tensor | float, bad_grads: Tensor
 ) -> tuple[Decision, Tensor, Tensor]:
     """``(decision, factor, revert)``: what the guard does this step, what multiplies its
     learning-rate scale (already applied to ``guard.lr_scale``) and where the detector takes
@@ -59,7 +59,8 @@ def decide_step(
             guard._decision_out = out
         recover = -1 if guard.recover_every is None else guard.recover_every
         rollback_only = guard.response == "rollback"
-        hp = (guard.lr_factor, guard.accept_after, recover, HISTORY, rollback_only, guard.backtrack)
+        history = guard.history_step.numel()  # the ring the kernel indexes
+        hp = (guard.lr_factor, guard.accept_after, recover, history, rollback_only, guard.backtrack)
         hyper = settings(LadderSettings, *hp)
         if ladder_step((alarm, bad_grads), (observed, loss), _state(guard), hyper, out):
             update, rollback, accept, revert, factor = out
@@ -70,7 +71,7 @@ def decide_step(
 
 
 def reference_step(
-    guard: CatastropheGuard,
+    guard: Guard,
     alarm: Tensor,
     observed: Tensor | float,
     bad_grads: Tensor,
@@ -110,7 +111,7 @@ def reference_step(
     return decision, factor, alarm & ~decision.accept
 
 
-def _record(guard: CatastropheGuard, alarm: Tensor, loss: Tensor, decision: Decision) -> None:
+def _record(guard: Guard, alarm: Tensor, loss: Tensor, decision: Decision) -> None:
     """Counters and the alarm ring buffer, written with masks (no host sync)."""
     index = (guard.alarms % HISTORY).view(1)
     old_step = guard.history_step.gather(0, index)

@@ -35,6 +35,11 @@ _VALUE_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
 _STATE_TYPE = {torch.float32: "float", torch.float64: "double"}
 _TRUE = torch.ones((), dtype=torch.bool)
 _D, _I64, _INT = ctypes.c_double, ctypes.c_int64, ctypes.c_int
+# the dtypes of ladder_step's state (phase, waited, lr_scale, episode_scale, calm, alarms,
+# rollbacks, skips, level_shifts, steps, history_step, history_loss) and outputs
+_I, _F = torch.int64, torch.float64
+_LADDER_STATE = (_I, _I, _F, _F, _I, _I, _I, _I, _I, _I, _I, torch.float32)
+_LADDER_OUT = (torch.bool,) * 4 + (_F,)
 
 
 class WindowSettings(ctypes.Structure):
@@ -131,7 +136,8 @@ def masked_copy_(
         return False
     if not dst or not dst[0].is_cpu or _usable([]) is None:
         return False
-    return rollback_(dst, src, mask.reshape(()), hold=_TRUE, plan=plan)
+    mask = mask if mask.dim() == 0 else mask.reshape(())
+    return rollback_(dst, src, mask, hold=_TRUE, plan=plan)
 
 
 def ladder_step(
@@ -146,9 +152,20 @@ def ladder_step(
     keeps); ``state`` = the guard's (phase, waited, lr_scale, episode_scale, calm, alarms,
     rollbacks, skips, level_shifts, steps, history_step, history_loss), written in place;
     ``out`` = (update, rollback, accept, revert: 0-d bools; factor: 0-d float64), written."""
-    if any(v.dtype not in _VALUE_CODE for v in values):
+    if any(v.dtype not in _VALUE_CODE or v.numel() != 1 for v in values):
         return False
     if any(f.dtype is not torch.bool or f.numel() != 1 for f in flags):
+        return False
+    # what the kernel reads and writes: ten 0-d counters and a ring of hyper.history slots
+    sizes = (1,) * 10 + (hyper.history, hyper.history)
+    if any(
+        t.dtype is not dtype or t.numel() != n
+        for t, dtype, n in zip(state, _LADDER_STATE, sizes, strict=True)
+    ):
+        return False
+    if any(
+        t.dtype is not dtype or t.numel() != 1 for t, dtype in zip(out, _LADDER_OUT, strict=True)
+    ):
         return False
     lib = _usable([*flags, *values, *state, *out])
     if lib is None:
