@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 import steadystep as ss  # noqa: E402
 from common import (  # noqa: E402
     machine_info,
-    paired_ratios,
+    round_ratios,
     time_interleaved_samples,
     write_result,
 )
@@ -160,8 +160,8 @@ def run_set(name: str, device: torch.device, dtype: torch.dtype, repeats: int) -
     medians = {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
     rows = {}
     for variant, base in BASELINE.items():
-        ratio = paired_ratios({variant: samples[variant], base: samples[base]}, base)[variant]
-        per_round = [t / b for t, b in zip(samples[variant], samples[base], strict=True)]
+        per_round = round_ratios(samples[variant], samples[base])
+        ratio = statistics.median(per_round)  # paired_ratios' figure
         q1, _, q3 = statistics.quantiles(per_round, n=4)
         floor = BYTES[variant] / BYTES[base]
         target = TARGET[device.type][variant]

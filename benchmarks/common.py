@@ -108,7 +108,9 @@ def paired_ratios(samples: dict[str, list[float]], baseline: str) -> dict[str, f
     (the calls are seconds apart) cancels that drift, where a ratio of two medians does not.
     """
     base = samples[baseline]
-    return {
-        name: statistics.median(t / b for t, b in zip(s, base, strict=True))
-        for name, s in samples.items()
-    }
+    return {name: statistics.median(round_ratios(s, base)) for name, s in samples.items()}
+
+
+def round_ratios(times: list[float], base: list[float]) -> list[float]:
+    """Each round's time over the baseline's in the same round (:func:`paired_ratios`' values)."""
+    return [t / b for t, b in zip(times, base, strict=True)]

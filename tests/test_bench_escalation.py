@@ -3,26 +3,14 @@ shape, the summary recomputed from the runs, and docs/ladder.md's tables rendere
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
-from typing import Any
+
+from tests.tool_modules import render_docs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-
-
-def _render_docs() -> Any:
-    spec = importlib.util.spec_from_file_location("render_docs", ROOT / "tools" / "render_docs.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        del sys.modules[spec.name]
-    return module
 
 
 def test_the_quick_benchmark_writes_every_case_arm_and_the_ring_cost(tmp_path):
@@ -66,7 +54,7 @@ def test_the_quick_benchmark_writes_every_case_arm_and_the_ring_cost(tmp_path):
     assert all(row["median_seconds"] > 0 for row in cost["take"].values())
     assert cost["amortized_over_guard"] > 0
 
-    render = _render_docs()
+    render = render_docs()
     table = render.escalation(saved)
     assert all(f"`{case}`" in table for case in bench.CASES)
     assert "+ escalation" in table and "steps redone" in table

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tool_modules import render_docs
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
@@ -39,27 +41,14 @@ def test_readme_starts_with_the_two_commands():
     assert "make demo" in first_block and "make test" in first_block
 
 
-def _render_docs():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("render_docs", ROOT / "tools" / "render_docs.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        del sys.modules[spec.name]
-    return module
-
-
 def test_generated_blocks_match_their_result_files(capsys):
     """Every table rendered from a result file (tools/render_docs.py) is what that file renders
     today: a number in the README or docs that drifts from its JSON fails here."""
-    assert _render_docs().main(["--check"]) == 0, capsys.readouterr().err
+    assert render_docs().main(["--check"]) == 0, capsys.readouterr().err
 
 
 def test_a_drifted_number_is_caught(tmp_path, capsys):
-    render = _render_docs()
+    render = render_docs()
     for block in render.BLOCKS.values():
         for rel in (block.page, block.source):
             if not (ROOT / rel).is_file() and block.absent is not None:
@@ -82,7 +71,6 @@ def test_docs_site_builds_without_warnings(tmp_path):
     """`make docs`: the mkdocs site with the API reference from the docstrings, strict (a
     broken link, an unknown cross-reference or a docstring griffe cannot read fails)."""
     import subprocess
-    import sys
 
     proc = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],

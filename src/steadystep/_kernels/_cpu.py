@@ -43,7 +43,7 @@ _SOURCES = (
     _HERE / "kernels_detect.c",
     _HERE / "kernels_ladder.c",
 )
-_HEADERS = (_HERE / "kernels_common.h",)
+_HEADERS = (_HERE / "kernels_common.h", _HERE / "kernels_values.h")
 _FLAGS = (
     "-O3",
     "-fPIC",

@@ -134,7 +134,7 @@ def masked_copy_(
     arguments between calls (Note [copy plans])."""
     if mask.dtype is not torch.bool or mask.numel() != 1 or not mask.is_cpu:
         return False
-    if not dst or not dst[0].is_cpu or _usable([]) is None:
+    if not dst or not dst[0].is_cpu:  # rollback_ checks the rest
         return False
     mask = mask if mask.dim() == 0 else mask.reshape(())
     return rollback_(dst, src, mask, hold=_TRUE, plan=plan)

@@ -26,6 +26,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "kernels_values.h"
+
 typedef struct {
     double sigma;         /* the threshold in spreads */
     double warmup_factor; /* the spike detector's warm-up factor on the loss; 0: none */
@@ -34,17 +36,6 @@ typedef struct {
     int64_t warmup;       /* values (the current one included) before the z-test */
     int clip;             /* 1: the spike detector's winsorized test; 0: the rolling z-score */
 } window_hyper_t;
-
-/* x as T from a 0-d tensor of dtype code 0 float32, 1 float64, 2 bfloat16 (as torch's .to()) */
-#define READ_SCALAR(T)                                                                          \
-    static T read_##T(const void *ptr, int code) {                                              \
-        if (code == 0) return (T)(*(const float *)ptr);                                         \
-        if (code == 1) return (T)(*(const double *)ptr);                                        \
-        uint32_t bits = (uint32_t)(*(const uint16_t *)ptr) << 16;                               \
-        float f;                                                                                \
-        memcpy(&f, &bits, sizeof f);                                                            \
-        return (T)f;                                                                            \
-    }
 
 /* One value x (finite) against a window whose first min(count, size) slots hold the last stored
  * values: the change flag, and in *stored what enters the window (detectors/spike.py's
@@ -100,8 +91,8 @@ typedef struct {
                              int gcode, const uint8_t *skip, const window_hyper_t *h,           \
                              uint8_t *alarm_out) {                                              \
         int64_t size = h->size;                                                                 \
-        T x = read_##T(xp, xcode);                                                              \
-        T g = gp ? read_##T(gp, gcode) : (T)0;                                                  \
+        T x = (T)read_value(xp, xcode);                                                         \
+        T g = gp ? (T)read_value(gp, gcode) : (T)0;                                             \
         int finite = isfinite(x) && (!gp || isfinite(g));                                       \
         memcpy(blw, lw, (size_t)size * sizeof(T));                                              \
         memcpy(bgw, gw, (size_t)size * sizeof(T));                                              \
@@ -135,8 +126,6 @@ typedef struct {
         return 0;                                                                               \
     }
 
-READ_SCALAR(float)
-READ_SCALAR(double)
 WINDOW_TEST(float, sqrtf, fabsf)
 WINDOW_TEST(double, sqrt, fabs)
 WINDOW_UPDATE(float)

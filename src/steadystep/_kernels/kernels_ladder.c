@@ -17,6 +17,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "kernels_values.h"
+
 enum { PHASE_NORMAL = 0, PHASE_SUSPECT = 1, PHASE_ROLLED_BACK = 2 };
 
 typedef struct {
@@ -27,16 +29,6 @@ typedef struct {
     int rollback_only;     /* response="rollback": every alarm rolls back and cuts */
     int backtrack;         /* the guard rolls back (counts its rollbacks) */
 } ladder_hyper_t;
-
-/* a 0-d tensor of dtype code 0 float32, 1 float64, 2 bfloat16, as a double */
-static double read_value(const void *ptr, int code) {
-    if (code == 0) return (double)(*(const float *)ptr);
-    if (code == 1) return *(const double *)ptr;
-    uint32_t bits = (uint32_t)(*(const uint16_t *)ptr) << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return (double)f;
-}
 
 /* torch.minimum: NaN-propagating */
 static double minimum(double a, double b) {

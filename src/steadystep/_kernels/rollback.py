@@ -91,20 +91,18 @@ def rollback_(
             s.nbytes for s in snapshots
         ]:
             return False
-        if kind == "cuda":
-            alarm = check_flag(alarm, params[0].device, "alarm")
-            if hold is not None:
-                hold = check_flag(hold, params[0].device, "hold")
-            triton().rollback(params, snapshots, alarm, hold)
-            return True
-        args = (len(params), pointers(params), pointers(snapshots), int64s(sizes))
-        if plan is not None:
-            plan.keep(params, snapshots, args)
-    lib = _cpu.library({"SS_PARAM": 0})
-    if lib is None:
-        return False
+        if kind == "cpu":
+            args = (len(params), pointers(params), pointers(snapshots), int64s(sizes))
+            if plan is not None:
+                plan.keep(params, snapshots, args)
     alarm = check_flag(alarm, params[0].device, "alarm")
     if hold is not None:
         hold = check_flag(hold, params[0].device, "hold")
+    if args is None:  # CUDA
+        triton().rollback(params, snapshots, alarm, hold)
+        return True
+    lib = _cpu.library({"SS_PARAM": 0})
+    if lib is None:
+        return False
     lib.ss_rollback(*args, alarm.data_ptr(), None if hold is None else hold.data_ptr(), threads())
     return True

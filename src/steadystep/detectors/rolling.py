@@ -152,7 +152,7 @@ class WindowPair(Detector):
         before = getattr(self, "_before", None)
         if before is not None:
             live = [getattr(self, name) for name in before]
-            plan = self.__dict__.setdefault("_revert_plan", CopyPlan())
+            plan = self._copy_plan("_revert_plan")
             if masked_copy_(live, list(before.values()), mask.to(live[0].device), plan):
                 return
         super().revert(mask)
@@ -161,10 +161,17 @@ class WindowPair(Detector):
         if mask is not None:
             live = [getattr(self, name) for name in self._RESET]
             zeros = self._kernel_zeros(live)
-            plan = self.__dict__.setdefault("_reset_plan", CopyPlan())
+            plan = self._copy_plan("_reset_plan")
             if zeros is not None and masked_copy_(live, zeros, mask.to(live[0].device), plan):
                 return
         super().reset(mask)
+
+    def _copy_plan(self, name: str) -> CopyPlan:
+        """The masked copy's kept C arguments (Note [copy plans]), made at the first use."""
+        plan = self.__dict__.get(name)
+        if plan is None:
+            plan = self.__dict__[name] = CopyPlan()
+        return plan
 
     def _kernel_zeros(self, live: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """The fresh state :meth:`reset` restores (zeros), kept for the kernel's masked copy."""
